@@ -1,0 +1,3 @@
+from simsiam_kit.cli import main
+
+main()

@@ -1,0 +1,289 @@
+"""Typed, frozen configuration.
+
+YAML files in ``configs/pretrain/`` load into the dataclasses below. Unknown keys and values of the
+wrong type fail with a :class:`UserError` naming the key and the file. ``--set a.b=c`` overrides are
+parsed as YAML scalars (``--set optim.epochs=3``, ``--set model.predictor=false``).
+The config is never mutated during a run; the resolved one is written to ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from simsiam_kit.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIRS = [Path.cwd() / "configs", REPO_ROOT / "configs"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # Dataset spec (see docs/datasets.md / README): demo, path.npz, ImageFolder dir, cifar10, ...,
+    # optionally followed by a slice such as "[:2000]".
+    train: str = "demo:train"
+    # Labelled set used as kNN-monitor queries (the train set, without augmentation, is the bank).
+    val: Optional[str] = "demo:val"
+    root: str = "~/.cache/simsiam-kit/data"  # where torchvision datasets live / are downloaded
+    download: bool = False  # explicit switch: nothing is downloaded unless this is true
+    image_size: int = 32
+    crop_min_scale: float = 0.2  # RandomResizedCrop scale=(0.2, 1.0)
+    color_jitter_prob: float = 0.8
+    color_jitter: tuple = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.0  # 0.5 for ImageNet (sigma in [0.1, 2.0]); CIFAR recipe has no blur
+    blur_sigma: tuple = (0.1, 2.0)
+    flip_prob: float = 0.5
+    mean: tuple = (0.485, 0.456, 0.406)
+    std: tuple = (0.229, 0.224, 0.225)
+    workers: int = 2  # DataLoader workers for file-based datasets (in-memory sets need none)
+    skip_bad_images: bool = False  # skip and count unreadable images instead of failing
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "resnet18"
+    stem: str = "cifar"  # "cifar" (3x3 conv, no max-pool) or "imagenet" (7x7/2 conv + max-pool)
+    zero_init_residual: bool = True
+    proj_dim: int = 2048
+    proj_hidden: int = 2048  # paper: hidden fc 2048-d (official code uses the backbone width)
+    proj_layers: int = 2  # 3 for ImageNet, 2 for CIFAR (paper appendix D)
+    pred_hidden: int = 512
+    predictor: bool = True  # ablation (paper Table 1): no predictor -> collapse
+    stop_gradient: bool = True  # ablation (paper Fig. 2): no stop-gradient -> collapse
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    symmetric: bool = True  # D(p1, sg(z2))/2 + D(p2, sg(z1))/2; False: D(p1, sg(z2)) only
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    epochs: int = 800
+    batch_size: int = 512  # global batch (split over processes)
+    base_lr: float = 0.03  # lr = base_lr * batch_size / 256
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    fix_pred_lr: bool = False  # keep the predictor at the initial lr (paper Sec. 4.4 / official code)
+    warmup_epochs: float = 0.0  # linear warm-up (not in the paper's recipe; 0 = off)
+    schedule: str = "cosine"  # "cosine" (paper) or "constant"
+    lr_per_step: bool = False  # official code updates the cosine lr once per epoch
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 when the hardware supports it) | fp32 | bf16 | fp16
+    channels_last: Optional[bool] = None  # null/auto = on where it helps (CPU with bf16, CUDA)
+    seed: int = 0
+    deterministic: bool = False
+    sync_bn: bool = True  # SyncBatchNorm when running under torchrun with >1 process
+    checkpoint_every: int = 1  # epochs; a checkpoint is always written at the end
+    knn_every: int = 1  # epochs between kNN monitor evaluations (0 = off)
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    knn_bank_limit: int = 0  # use at most this many train images as the kNN bank (0 = all)
+    collapse_warn_std: float = 0.1  # warn when std * sqrt(d) falls below this (healthy ~1)
+    log_every: int = 10  # steps between metrics.jsonl lines
+    progress: bool = True
+    max_steps_per_epoch: int = 0  # 0 = full epochs; >0 truncates (for quick experiments)
+    plots: bool = True
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    name: str = "demo"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# building dataclasses from dicts, with strict checking
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        args = typing.get_args(tp)
+        if (value is None or value == "auto") and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            return _coerce(value, a, key, source)
+    if is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"{source}: key '{key}' must be a mapping, got {value!r}")
+        return _from_dict(tp, value, source, prefix=key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{source}: key '{key}' must be true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{source}: key '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{source}: key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise UserError(f"{source}: key '{key}' must be a string, got {value!r}")
+        return value
+    if tp is tuple:
+        if not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+        ):
+            raise UserError(f"{source}: key '{key}' must be a list of numbers, got {value!r}")
+        return tuple(float(v) for v in value)
+    raise UserError(f"{source}: key '{key}' has unsupported type {_type_name(tp)}")
+
+
+def _from_dict(cls, d: dict, source: str, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    for k in d:
+        if k not in names:
+            raise UserError(
+                f"{source}: unknown config key '{prefix}{k}' (valid keys under "
+                f"'{prefix.rstrip('.') or '<top>'}': {', '.join(sorted(names))})"
+            )
+    kwargs = {k: _coerce(v, hints[k], prefix + k, source) for k, v in d.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    def conv(v):
+        if is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in fields(v)}
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(cfg)
+
+
+def resolve_config_path(name_or_path: str, group: str = "pretrain") -> Path:
+    p = Path(name_or_path).expanduser()
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise UserError(f"config file not found: {p}")
+        return p
+    for d in CONFIG_DIRS:
+        cand = d / group / f"{name_or_path}.yaml"
+        if cand.is_file():
+            return cand
+    avail = sorted({c.stem for d in CONFIG_DIRS if (d / group).is_dir() for c in (d / group).glob("*.yaml")})
+    raise UserError(f"unknown {group} config '{name_or_path}' (available: {', '.join(avail) or 'none'})")
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise UserError(f"--set '{item}': expected key=value (for example optim.epochs=10)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise UserError(f"--set '{item}': empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def merge_overrides(raw: dict, overrides: list[str] | None) -> dict:
+    out = _deepcopy(raw)
+    for item in overrides or []:
+        path, value = _parse_override(item)
+        node = out
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise UserError(f"--set {item}: '{part}' is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return out
+
+
+def _deepcopy(d):
+    if isinstance(d, dict):
+        return {k: _deepcopy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deepcopy(v) for v in d]
+    return d
+
+
+def load_yaml(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: top level must be a mapping")
+    return raw
+
+
+def load_config(cls, name_or_path: str | None, overrides: list[str] | None = None, group: str = "pretrain"):
+    """Load a config by name (``configs/<group>/<name>.yaml``) or path, apply overrides, validate."""
+    if name_or_path is None:
+        raw, source = {}, "<defaults>"
+    else:
+        path = resolve_config_path(name_or_path, group)
+        raw, source = load_yaml(path), str(path)
+    if overrides:
+        raw = merge_overrides(raw, overrides)
+        source += " (with --set overrides)"
+    cfg = _from_dict(cls, raw, source)
+    validate(cfg, source)
+    return cfg
+
+
+def load_pretrain_config(name_or_path: str | None = "demo", overrides: list[str] | None = None) -> PretrainConfig:
+    return load_config(PretrainConfig, name_or_path, overrides)
+
+
+def validate(cfg, source: str) -> None:
+    if not isinstance(cfg, PretrainConfig):
+        return
+    checks = [
+        (cfg.model.stem in ("cifar", "imagenet"), "model.stem", cfg.model.stem, "cifar or imagenet"),
+        (cfg.model.proj_layers in (2, 3), "model.proj_layers", cfg.model.proj_layers, "2 or 3"),
+        (cfg.optim.epochs >= 1, "optim.epochs", cfg.optim.epochs, ">= 1"),
+        (cfg.optim.batch_size >= 2, "optim.batch_size", cfg.optim.batch_size, ">= 2"),
+        (cfg.optim.base_lr > 0, "optim.base_lr", cfg.optim.base_lr, "> 0"),
+        (cfg.optim.schedule in ("cosine", "constant"), "optim.schedule", cfg.optim.schedule, "cosine or constant"),
+        (cfg.train.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision", cfg.train.precision,
+         "auto, fp32, bf16 or fp16"),
+        (cfg.data.image_size >= 8, "data.image_size", cfg.data.image_size, ">= 8"),
+        (0 < cfg.data.crop_min_scale <= 1, "data.crop_min_scale", cfg.data.crop_min_scale, "in (0, 1]"),
+        (len(cfg.data.color_jitter) == 4, "data.color_jitter", cfg.data.color_jitter, "4 numbers"),
+        (len(cfg.data.mean) == 3 and len(cfg.data.std) == 3, "data.mean/std", cfg.data.mean, "3 numbers each"),
+        (cfg.train.knn_k >= 1, "train.knn_k", cfg.train.knn_k, ">= 1"),
+        (cfg.train.checkpoint_every >= 1, "train.checkpoint_every", cfg.train.checkpoint_every, ">= 1"),
+    ]
+    for ok, key, value, want in checks:
+        if not ok:
+            raise UserError(f"{source}: bad value for '{key}': {value!r} (expected {want})")
+
+
+def save_config(cfg, path: Path) -> None:
+    from simsiam_kit.utils.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

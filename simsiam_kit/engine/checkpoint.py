@@ -1,0 +1,95 @@
+"""Checkpoints: atomic writes, unwrapped state dicts, ``weights_only=True`` loads."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from simsiam_kit.errors import UserError
+from simsiam_kit.utils.io import atomic_torch_save
+
+CHECKPOINT_FORMAT = "simsiam-kit-checkpoint"
+BACKBONE_FORMAT = "simsiam-kit-backbone"
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def clean_state_dict(sd: dict) -> dict:
+    """Drop DDP / torch.compile prefixes, move to CPU."""
+    out = {}
+    for k, v in sd.items():
+        for pre in ("module.", "_orig_mod."):
+            if k.startswith(pre):
+                k = k[len(pre):]
+        out[k] = v.detach().cpu() if torch.is_tensor(v) else v
+    return out
+
+
+def get_rng_state(aug_gen: torch.Generator | None = None) -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "python": list(_py_state_to_list(random.getstate())),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if aug_gen is not None:
+        state["aug"] = aug_gen.get_state()
+    return state
+
+
+def _py_state_to_list(st):
+    version, internal, gauss = st
+    return [version, list(internal), gauss]
+
+
+def set_rng_state(state: dict, aug_gen: torch.Generator | None = None) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if aug_gen is not None and "aug" in state:
+        aug_gen.set_state(state["aug"])
+
+
+def save_checkpoint(path: Path, **payload: Any) -> None:
+    atomic_torch_save({"format": CHECKPOINT_FORMAT, "version": 1, **payload}, path)
+
+
+def backbone_payload(backbone: torch.nn.Module, arch: str, stem: str, extra: dict | None = None) -> dict:
+    return {
+        "format": BACKBONE_FORMAT,
+        "version": 1,
+        "arch": arch,
+        "stem": stem,
+        "feature_dim": int(getattr(unwrap(backbone), "feature_dim", 0)),
+        "state_dict": clean_state_dict(unwrap(backbone).state_dict()),
+        **(extra or {}),
+    }
+
+
+def save_backbone(path: Path, backbone: torch.nn.Module, arch: str, stem: str, extra: dict | None = None) -> None:
+    atomic_torch_save(backbone_payload(backbone, arch, stem, extra), path)
+
+
+def load_file(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` with one-line errors for missing/corrupt/foreign files."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot load {path}: not a readable PyTorch checkpoint ({msg[:200]})") from None

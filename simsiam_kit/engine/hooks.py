@@ -1,0 +1,227 @@
+"""Hooks for :class:`simsiam_kit.engine.Trainer`: LR schedule, metrics, progress, checkpoints,
+collapse and kNN monitors, plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from simsiam_kit.engine.trainer import Hook
+from simsiam_kit.utils import dist
+
+
+def _f(v):
+    return float(v.item()) if torch.is_tensor(v) else float(v)
+
+
+class LRSchedule(Hook):
+    """Cosine (or constant) learning rate with optional linear warm-up.
+
+    Official SimSiam code: ``lr = init_lr * 0.5 * (1 + cos(pi * epoch / epochs))`` set once per epoch;
+    ``lr_per_step=True`` evaluates it at fractional epochs. Param groups with ``fix_lr=True`` (the
+    predictor under ``fix_pred_lr``) stay at the initial lr, as in the official code.
+    """
+
+    priority = 10
+
+    def __init__(self, optimizer, init_lr: float, epochs: int, warmup_epochs: float = 0.0,
+                 schedule: str = "cosine", per_step: bool = False):
+        self.opt, self.init_lr, self.epochs = optimizer, init_lr, epochs
+        self.warmup, self.schedule, self.per_step = warmup_epochs, schedule, per_step
+
+    def lr_at(self, epoch_float: float) -> float:
+        if self.warmup > 0 and epoch_float < self.warmup:
+            return self.init_lr * epoch_float / self.warmup
+        if self.schedule == "constant":
+            return self.init_lr
+        return self.init_lr * 0.5 * (1.0 + math.cos(math.pi * epoch_float / self.epochs))
+
+    def before_step(self, trainer) -> None:
+        e = trainer.epoch
+        if self.per_step or self.warmup > 0:
+            e = trainer.epoch + trainer.step_in_epoch / max(1, trainer.steps_per_epoch)
+        lr = self.lr_at(e)
+        for g in self.opt.param_groups:
+            g["lr"] = self.init_lr if g.get("fix_lr", False) else lr
+        trainer.state["lr"] = lr
+
+
+class Throughput(Hook):
+    """Images per second over the steps of each epoch (excluding the first step: warm-up)."""
+
+    priority = 20
+
+    def before_epoch(self, trainer) -> None:
+        self.images, self.time, self.count = 0, 0.0, 0
+
+    def after_step(self, trainer) -> None:
+        self.count += 1
+        if self.count > 1 or trainer.steps_per_epoch == 1:
+            self.images += int(trainer.outputs.get("images", 0)) * dist.get_world_size()
+            self.time += trainer.step_time
+        trainer.state["images_per_s"] = self.images / self.time if self.time > 0 else 0.0
+
+    def after_epoch(self, trainer) -> None:
+        trainer.epoch_metrics["images_per_s"] = self.images / self.time if self.time > 0 else 0.0
+
+
+class EpochAverages(Hook):
+    """Mean of each step output over the epoch (loss, std, ...), reduced over ranks."""
+
+    priority = 21
+
+    def before_epoch(self, trainer) -> None:
+        self.sums: dict = {}
+        self.n = 0
+
+    def after_step(self, trainer) -> None:
+        self.n += 1
+        for k, v in trainer.outputs.items():
+            if k in ("images",):
+                continue
+            self.sums[k] = self.sums.get(k, 0.0) + _f(v)
+
+    def after_epoch(self, trainer) -> None:
+        for k, v in self.sums.items():
+            t = dist.all_reduce_mean(torch.tensor(v / max(1, self.n), dtype=torch.float64))
+            trainer.epoch_metrics[k] = float(t)
+
+
+class CollapseMonitor(Hook):
+    """Warn when the std of the l2-normalised projector output falls toward 0 (paper Fig. 2)."""
+
+    priority = 30
+
+    def __init__(self, dim: int, warn_ratio: float = 0.1, log: Callable[[str], None] = print):
+        self.dim, self.ratio, self.log = dim, warn_ratio, log
+        self.warned = False
+
+    def after_epoch(self, trainer) -> None:
+        std = trainer.epoch_metrics.get("std")
+        if std is None:
+            return
+        trainer.epoch_metrics["std_x_sqrt_d"] = std * math.sqrt(self.dim)
+        if std * math.sqrt(self.dim) < self.ratio and dist.is_main():
+            self.log(
+                f"warning: output std {std:.4f} is below {self.ratio:g}/sqrt(d) = {self.ratio / math.sqrt(self.dim):.4f} "
+                "(healthy is about 1/sqrt(d)): the representation may be collapsing"
+            )
+            self.warned = True
+
+
+class KNNMonitor(Hook):
+    """Weighted kNN accuracy of backbone features every ``every`` epochs (and at the end), rank 0."""
+
+    priority = 35
+
+    def __init__(self, evaluate: Callable[[], float], every: int):
+        self.evaluate, self.every = evaluate, every
+
+    def after_epoch(self, trainer) -> None:
+        last = trainer.epoch == trainer.epochs
+        if self.every <= 0 or not (trainer.epoch % self.every == 0 or last):
+            return
+        acc = None
+        if dist.is_main():
+            acc = self.evaluate()
+            trainer.epoch_metrics["knn_top1"] = acc
+        dist.barrier()
+
+
+class Checkpointer(Hook):
+    """Save ``checkpoints/last.pt`` atomically every ``every`` epochs and at the end.
+
+    ``save`` is called on every rank (it may gather per-rank state) and writes on rank 0 only."""
+
+    priority = 40
+
+    def __init__(self, save: Callable[[object], None], every: int):
+        self.save, self.every = save, every
+
+    def after_epoch(self, trainer) -> None:
+        if trainer.epoch % self.every == 0 or trainer.epoch == trainer.epochs:
+            self.save(trainer)
+            dist.barrier()
+
+
+class ProgressBar(Hook):
+    priority = 45
+
+    def __init__(self, enabled: bool = True, desc: str = "train"):
+        self.enabled = enabled and dist.is_main()
+        self.desc = desc
+        self.bar = None
+
+    def before_epoch(self, trainer) -> None:
+        if self.enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=trainer.steps_per_epoch, desc=f"{self.desc} {trainer.epoch + 1}/{trainer.epochs}",
+                            leave=True, dynamic_ncols=True)
+
+    def after_step(self, trainer) -> None:
+        if self.bar is not None:
+            o = trainer.outputs
+            post = {}
+            for k in ("loss", "std", "acc"):
+                if k in o:
+                    post[k] = f"{_f(o[k]):.4f}"
+            post["img/s"] = f"{trainer.state.get('images_per_s', 0):.1f}"
+            self.bar.set_postfix(post, refresh=False)
+            self.bar.update(1)
+
+    def after_epoch(self, trainer) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class MetricsWriter(Hook):
+    """One JSON object per line in ``metrics.jsonl``: step lines every ``every`` steps and one epoch line."""
+
+    priority = 90
+
+    def __init__(self, path: Path, every: int = 10, extra_step: Optional[Callable[[object], dict]] = None):
+        self.path, self.every = Path(path), every
+        self.t0 = time.time()
+
+    def _write(self, obj: dict) -> None:
+        if not dist.is_main():
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(obj) + "\n")
+
+    def after_step(self, trainer) -> None:
+        if self.every > 0 and trainer.global_step % self.every == 0:
+            rec = {"type": "step", "epoch": trainer.epoch, "step": trainer.global_step}
+            rec.update({k: _f(v) for k, v in trainer.outputs.items() if k != "images"})
+            rec["lr"] = trainer.state.get("lr")
+            rec["images_per_s"] = round(trainer.state.get("images_per_s", 0.0), 2)
+            self._write(rec)
+
+    def after_epoch(self, trainer) -> None:
+        rec = {"type": "epoch", "epoch": trainer.epoch, "step": trainer.global_step,
+               "lr": trainer.state.get("lr"), "time_s": round(time.time() - self.t0, 2)}
+        rec.update(trainer.epoch_metrics)
+        self._write(rec)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    out = []
+    p = Path(path)
+    if not p.is_file():
+        return out
+    for line in p.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill: ignore it
+                continue
+    return out

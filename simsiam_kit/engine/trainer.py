@@ -1,0 +1,92 @@
+"""One small training core; everything else is a hook (cf. detectron2 ``engine/train_loop.py``).
+
+Pretraining and the linear probe both run :class:`Trainer` with their own step function.
+A step function takes ``(batch, trainer)`` and returns a dict of scalars (floats or 0-d tensors),
+which hooks read from ``trainer.outputs``; hooks add per-epoch values to ``trainer.epoch_metrics``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable, Optional
+
+
+class Hook:
+    priority = 50  # lower runs first; the metrics writer runs last so it sees everything
+
+    def before_train(self, trainer: "Trainer") -> None: ...
+
+    def before_epoch(self, trainer: "Trainer") -> None: ...
+
+    def before_step(self, trainer: "Trainer") -> None: ...
+
+    def after_step(self, trainer: "Trainer") -> None: ...
+
+    def after_epoch(self, trainer: "Trainer") -> None: ...
+
+    def after_train(self, trainer: "Trainer") -> None: ...
+
+
+class Trainer:
+    def __init__(
+        self,
+        step_fn: Callable,
+        loader,
+        epochs: int,
+        hooks: Iterable[Hook] = (),
+        start_epoch: int = 0,
+        global_step: int = 0,
+        max_steps_per_epoch: int = 0,
+    ):
+        self.step_fn = step_fn
+        self.loader = loader
+        self.epochs = epochs
+        self.hooks = sorted(hooks, key=lambda h: h.priority)
+        self.epoch = start_epoch
+        self.start_epoch = start_epoch
+        self.global_step = global_step
+        self.max_steps_per_epoch = max_steps_per_epoch
+        self.outputs: dict = {}
+        self.epoch_metrics: dict = {}
+        self.step_in_epoch = 0
+        self.step_time = 0.0
+        self.state: dict = {}  # free-form shared state between hooks
+
+    @property
+    def steps_per_epoch(self) -> int:
+        n = len(self.loader)
+        return min(n, self.max_steps_per_epoch) if self.max_steps_per_epoch > 0 else n
+
+    def _call(self, name: str) -> None:
+        for h in self.hooks:
+            getattr(h, name)(self)
+
+    def train(self) -> None:
+        self._call("before_train")
+        for epoch in range(self.start_epoch, self.epochs):
+            self.epoch = epoch
+            self.epoch_metrics = {}
+            if hasattr(self.loader, "set_epoch"):
+                self.loader.set_epoch(epoch)
+            self._call("before_epoch")
+            steps = self.steps_per_epoch
+            it = iter(self.loader)
+            for i in range(steps):
+                self.step_in_epoch = i
+                t0 = time.perf_counter()
+                batch = next(it)
+                self._call("before_step")
+                self.outputs = self.step_fn(batch, self)
+                self.step_time = time.perf_counter() - t0
+                self.global_step += 1
+                self._call("after_step")
+            del it
+            self.epoch = epoch + 1  # number of completed epochs from here on
+            self._call("after_epoch")
+        self._call("after_train")
+
+    def find_hook(self, cls) -> Optional[Hook]:
+        for h in self.hooks:
+            if isinstance(h, cls):
+                return h
+        return None

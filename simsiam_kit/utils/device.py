@@ -1,0 +1,74 @@
+"""Device and precision selection. AMP is a value (an autocast context), never an if-branch per step."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from simsiam_kit.errors import UserError
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 matmul (AVX512-BF16 or AMX), where bf16 autocast pays off."""
+    try:
+        caps = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # pragma: no cover
+        caps = ""
+    if "AVX512" not in str(caps).upper():
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:  # pragma: no cover - non-Linux
+        return False
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"bad device '{name}' (expected auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device '{name}' requested but CUDA is not available")
+    return dev
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str  # fp32 | bf16 | fp16
+    device_type: str
+
+    @property
+    def dtype(self):
+        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.name]
+
+    def autocast(self):
+        if self.name == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+    @property
+    def needs_scaler(self) -> bool:
+        return self.name == "fp16" and self.device_type == "cuda"
+
+
+def resolve_precision(name: str, device: torch.device) -> Precision:
+    if name == "auto":
+        if device.type == "cuda":
+            name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            name = "bf16" if cpu_supports_bf16() else "fp32"
+    if name == "fp16" and device.type == "cpu":
+        raise UserError("train.precision=fp16 is not supported on CPU (use bf16 or fp32)")
+    return Precision(name, device.type)
+
+
+def resolve_channels_last(flag, device: torch.device, precision: Precision) -> bool:
+    if flag is None:
+        return device.type == "cuda" or precision.name == "bf16" or cpu_supports_bf16()
+    return bool(flag)

@@ -1,0 +1,73 @@
+"""Distributed helpers that also work without a process group (rank 0, world size 1).
+
+Launch with ``torchrun --nproc_per_node N -m simsiam_kit.cli pretrain ...`` (or the
+``simsiam-kit`` script). gloo is used on CPU, NCCL on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main() -> bool:
+    return get_rank() == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+
+
+def init_from_env(device_type: str) -> None:
+    """Initialise the process group when started by torchrun; no-op otherwise."""
+    if is_dist() or not launched_by_torchrun():
+        return
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend=backend)
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    if not is_dist():
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / get_world_size()
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate a tensor from all ranks along dim 0 (equal sizes required)."""
+    if not is_dist():
+        return t
+    out = [torch.empty_like(t) for _ in range(get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out)
+
+
+def cleanup() -> None:
+    if is_dist():
+        dist.destroy_process_group()
