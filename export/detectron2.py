@@ -1,0 +1,209 @@
+"""Convert a simsiam-kit ResNet backbone into a Detectron2 checkpoint (``.pkl``).
+
+Detectron2 reads a pickle ``{"model": {name: numpy array}, "__author__": str,
+"matching_heuristics": True}``. With ``matching_heuristics`` each checkpoint key is matched to the
+model key that ends with it on a ``.`` boundary (the longest such key wins), so ``res5.0.conv1.weight``
+lands in ``backbone.res5...`` of an FPN model under ``backbone.bottom_up`` and in ``roi_heads.res5`` of
+a C4 model. A key whose shape differs is skipped with only a warning, so this module checks names
+itself, with an explicit key map (MoCo/SimSiam's detection converter) and a list of every key it
+leaves unconverted, instead of dropping keys without a word.
+
+Key map (torchvision ResNet -> detectron2 ResNet)::
+
+    conv1.weight               -> stem.conv1.weight
+    bn1.*                      -> stem.conv1.norm.*
+    layer{N}.{b}.conv{K}.weight -> res{N+1}.{b}.conv{K}.weight
+    layer{N}.{b}.bn{K}.*        -> res{N+1}.{b}.conv{K}.norm.*
+    layer{N}.{b}.downsample.0.* -> res{N+1}.{b}.shortcut.*
+    layer{N}.{b}.downsample.1.* -> res{N+1}.{b}.shortcut.norm.*
+
+BatchNorm ``num_batches_tracked`` counters are not converted (detectron2's FrozenBN has no such
+buffer, and BN/SyncBN with a fixed momentum never reads it); heads (``fc``, projector, predictor) are
+dropped. Both are reported.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+import torch
+
+from simsiam_kit.errors import UserError
+
+AUTHOR = "simsiam-kit"
+_BN_FIELDS = r"(weight|bias|running_mean|running_var)"
+_STEM_CONV = re.compile(r"^conv1\.weight$")
+_STEM_BN = re.compile(rf"^bn1\.{_BN_FIELDS}$")
+_BLOCK = re.compile(r"^layer([1-4])\.(\d+)\.(.+)$")
+_BLOCK_CONV = re.compile(r"^conv([1-3])\.weight$")
+_BLOCK_BN = re.compile(rf"^bn([1-3])\.{_BN_FIELDS}$")
+_SHORTCUT_CONV = re.compile(r"^downsample\.0\.weight$")
+_SHORTCUT_BN = re.compile(rf"^downsample\.1\.{_BN_FIELDS}$")
+
+
+def convert_key(key: str) -> Optional[str]:
+    """Detectron2 name for one torchvision ResNet key, or None when the key has no counterpart."""
+    if _STEM_CONV.match(key):
+        return "stem.conv1.weight"
+    m = _STEM_BN.match(key)
+    if m:
+        return f"stem.conv1.norm.{m.group(1)}"
+    m = _BLOCK.match(key)
+    if not m:
+        return None
+    stage, block, rest = int(m.group(1)) + 1, m.group(2), m.group(3)
+    prefix = f"res{stage}.{block}"
+    if _BLOCK_CONV.match(rest):
+        return f"{prefix}.{rest}"
+    b = _BLOCK_BN.match(rest)
+    if b:
+        return f"{prefix}.conv{b.group(1)}.norm.{b.group(2)}"
+    if _SHORTCUT_CONV.match(rest):
+        return f"{prefix}.shortcut.weight"
+    s = _SHORTCUT_BN.match(rest)
+    if s:
+        return f"{prefix}.shortcut.norm.{s.group(1)}"
+    return None
+
+
+def check_detectron2_stem(state_dict: dict, source: str = "weights") -> None:
+    """Refuse backbones whose stem cannot map onto detectron2's 7x7/2 conv + max-pool stem."""
+    w = state_dict.get("conv1.weight")
+    if w is None:
+        raise UserError(f"{source}: no 'conv1.weight': not a ResNet backbone")
+    if tuple(w.shape[-2:]) != (7, 7):
+        raise UserError(
+            f"{source}: the backbone has a {w.shape[-2]}x{w.shape[-1]} stem conv (the CIFAR stem: 3x3/1, no max-pool); "
+            "detectron2's ResNet stem is a 7x7/2 conv plus max-pool, so these weights cannot be converted. "
+            "Pretrain with model.stem=imagenet for detection transfer"
+        )
+
+
+@dataclass
+class Conversion:
+    """Result of :func:`convert_state_dict`."""
+
+    model: dict  # detectron2 name -> numpy array
+    mapping: dict  # source key -> detectron2 name
+    unconverted: list = field(default_factory=list)  # source keys with no counterpart (heads, counters, ...)
+
+
+def convert_state_dict(state_dict: dict, source: str = "weights") -> Conversion:
+    """Convert a torchvision-style ResNet state dict (BasicBlock or Bottleneck) to detectron2 names."""
+    check_detectron2_stem(state_dict, source)
+    out, mapping, unconverted = {}, {}, []
+    for k, v in state_dict.items():
+        new = convert_key(k)
+        if new is None:
+            unconverted.append(k)
+            continue
+        if new in out:  # cannot happen with the map above; guard against future edits
+            raise UserError(f"{source}: keys {mapping_inv(mapping)[new]} and {k} both map to {new}")
+        arr = v.detach().cpu().numpy() if torch.is_tensor(v) else np.asarray(v)
+        out[new] = np.ascontiguousarray(arr)
+        mapping[k] = new
+    if "stem.conv1.weight" not in out or not any(n.startswith("res5.") for n in out):
+        raise UserError(f"{source}: no ResNet stem/res5 weights found; not a ResNet backbone")
+    return Conversion(out, mapping, unconverted)
+
+
+def mapping_inv(mapping: dict) -> dict:
+    return {v: k for k, v in mapping.items()}
+
+
+def checkpoint_payload(conv: Conversion) -> dict:
+    return {"model": conv.model, "__author__": AUTHOR, "matching_heuristics": True}
+
+
+def _head_keys(path: Path) -> list[str]:
+    """Keys of a simsiam-kit checkpoint / state dict that are not backbone weights (dropped heads)."""
+    from simsiam_kit.engine.checkpoint import CHECKPOINT_FORMAT, load_file
+
+    obj = load_file(path)
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        obj = obj.get("model", {})
+    if not isinstance(obj, dict) or obj.get("format") is not None:
+        return []
+    keys = [k for k in obj if isinstance(k, str)]
+    if any(k.startswith("backbone.") for k in keys):
+        return [k for k in keys if not k.startswith("backbone.")]
+    return [k for k in keys if k.startswith("fc.")]
+
+
+def convert_weights(weights: str, output: Path, log: Callable[[str], None] = print) -> Conversion:
+    """Load ``weights`` (run dir / checkpoint / backbone.pt / ResNet state dict), write ``output`` (.pkl).
+
+    Prints and returns every key left unconverted (``Conversion.unconverted``), including dropped heads.
+    """
+    from simsiam_kit.utils.io import atomic_write_bytes
+    from simsiam_kit.weights import load_backbone
+
+    output = Path(output)
+    if output.suffix != ".pkl":
+        raise UserError(f"--output {output}: detectron2 reads converted weights from a .pkl file")
+    loaded = load_backbone(weights)
+    if loaded.stem != "imagenet":
+        check_detectron2_stem(loaded.model.state_dict(), loaded.source)
+    conv = convert_state_dict(loaded.model.state_dict(), loaded.source)
+    heads = _head_keys(Path(loaded.source))
+    conv.unconverted = heads + conv.unconverted
+    atomic_write_bytes(output, pickle.dumps(checkpoint_payload(conv), protocol=pickle.HIGHEST_PROTOCOL))
+    log(f"{loaded.source}: {loaded.arch} backbone, {len(conv.model)} tensors converted -> {output}")
+    if conv.unconverted:
+        log(f"left unconverted ({len(conv.unconverted)}):")
+        for k in conv.unconverted:
+            why = "head, not part of the backbone" if k in heads else (
+                "BatchNorm step counter, unused by detectron2" if k.endswith("num_batches_tracked") else "no detectron2 counterpart")
+            log(f"  {k}  ({why})")
+    return conv
+
+
+# ----------------------------------------------------------------------------------------------
+# detectron2's loading rule, re-implemented for checking (detectron2 itself need not be installed)
+
+
+def suffix_match(model_keys: Iterable[str], ckpt_keys: Iterable[str]) -> dict:
+    """Which checkpoint key each model key loads from under detectron2's ``matching_heuristics``.
+
+    A checkpoint key ``c`` matches a model key ``m`` when ``m == c`` or ``m`` ends with ``"." + c``;
+    each model key takes its longest matching checkpoint key. Returns ``{model_key: ckpt_key}``.
+    """
+    ckpt_keys = list(ckpt_keys)
+    out = {}
+    for m in model_keys:
+        best = None
+        for c in ckpt_keys:
+            if (m == c or m.endswith("." + c)) and (best is None or len(c) > len(best)):
+                best = c
+        if best is not None:
+            out[m] = best
+    return out
+
+
+def check_against_model(ckpt_shapes: dict, model_shapes: dict) -> dict:
+    """Check converted weights against a detectron2 model's ``{key: shape}`` the way detectron2 loads.
+
+    Returns ``{"loaded": {model_key: ckpt_key}, "unused": [ckpt keys matching nothing],
+    "ambiguous": {ckpt_key: [model keys]}, "shape_mismatch": [(ckpt_key, model_key, ckpt, model)]}``.
+    """
+    matched = suffix_match(model_shapes, ckpt_shapes)
+    by_ckpt: dict = {}
+    mismatch = []
+    loaded = {}
+    for m, c in matched.items():
+        if tuple(ckpt_shapes[c]) != tuple(model_shapes[m]):
+            mismatch.append((c, m, tuple(ckpt_shapes[c]), tuple(model_shapes[m])))
+            continue
+        by_ckpt.setdefault(c, []).append(m)
+        loaded[m] = c
+    return {
+        "loaded": loaded,
+        "unused": sorted(c for c in ckpt_shapes if c not in by_ckpt and c not in {x[0] for x in mismatch}),
+        "ambiguous": {c: ms for c, ms in by_ckpt.items() if len(ms) > 1},
+        "shape_mismatch": mismatch,
+    }
