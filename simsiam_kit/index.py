@@ -5,9 +5,16 @@ One class serves the kNN evaluation (``simsiam-kit eval knn``) and embedding sea
 
 * ``faiss``: ``IndexFlatIP`` (exact), ``IndexIVFFlat`` (``kind="ivf"``) or ``IndexHNSWFlat``
   (``kind="hnsw"``); moved to the GPU when faiss-gpu sees one. faiss is imported lazily.
-* ``torch``: exact chunked matmul + top-k (:func:`simsiam_kit.knn.knn_search_torch`).
-* ``auto``: exact search picks torch on CPU (a BLAS matmul beats faiss-cpu's flat scan on these
-  machines; see ``benchmarks/knn_eval.py``), faiss on GPU and for ``ivf``/``hnsw``.
+* ``torch``: exact chunked matmul + top-k (:func:`simsiam_kit.knn.knn_search_torch`), on the GPU
+  when torch sees one (``use_gpu`` decides), else on the CPU.
+* ``auto`` (a fixed, documented rule, backed by ``benchmarks/knn_eval.py``):
+
+  - ``ivf`` / ``hnsw``: faiss (torch has no approximate index);
+  - ``flat`` with faiss-gpu and a visible GPU: faiss on the GPU;
+  - ``flat`` otherwise: torch (on the GPU when CUDA is available). On the reference CPUs
+    (2 cores, MKL sgemm) a chunked torch matmul + top-k beats faiss-cpu's ``IndexFlatIP`` search at
+    k=200 (see ``benchmarks/results/knn_eval.json``), and a CUDA torch matmul beats faiss-cpu by
+    far when faiss has no GPU support.
 
 Exact backends return the same neighbours: similarities descending, equal similarities ordered by
 increasing index.
@@ -45,13 +52,26 @@ class EmbeddingIndex:
         if kind != "flat" and backend == "torch":
             raise UserError(f"index kind '{kind}' needs the faiss backend (torch does exact search only)")
         self.dim, self.kind, self.nlist, self.nprobe, self.hnsw_m = int(dim), kind, nlist, nprobe, hnsw_m
-        if backend == "auto":
-            backend = "torch" if kind == "flat" and not (use_gpu or (use_gpu is None and torch.cuda.is_available())) else "faiss"
-        self.backend = backend
         self.use_gpu = use_gpu
+        self.backend = self.auto_backend(kind, use_gpu) if backend == "auto" else backend
+        cuda = torch.cuda.is_available() and use_gpu is not False
+        self.device = torch.device("cuda" if self.backend == "torch" and cuda else "cpu")
         self._vectors: list[np.ndarray] = []  # torch backend storage
         self._bank: Optional[torch.Tensor] = None
         self._faiss = None
+
+    @staticmethod
+    def auto_backend(kind: str, use_gpu: Optional[bool] = None) -> str:
+        """The ``auto`` rule of the module docstring."""
+        if kind != "flat":
+            return "faiss"
+        if use_gpu is not False and torch.cuda.is_available():
+            try:
+                import faiss  # noqa: F401  (only probed when a GPU is there)
+            except ImportError:
+                return "torch"
+            return "faiss" if faiss_has_gpu(faiss) else "torch"
+        return "torch"
 
     # ---------------------------------------------------------------- building
     @property
@@ -110,9 +130,9 @@ class EmbeddingIndex:
             from simsiam_kit.knn import knn_search_torch
 
             if self._bank is None:
-                self._bank = torch.from_numpy(np.concatenate(self._vectors))
-            s, i = knn_search_torch(self._bank, torch.from_numpy(q), k)
-            return s.numpy().astype(np.float32), i.numpy().astype(np.int64)
+                self._bank = torch.from_numpy(np.concatenate(self._vectors)).to(self.device)
+            s, i = knn_search_torch(self._bank, torch.from_numpy(q).to(self.device), k)
+            return s.cpu().numpy().astype(np.float32), i.cpu().numpy().astype(np.int64)
         s, i = self._faiss.search(q, k)
         if self.kind == "flat":
             s, i = _tie_order(s, i)

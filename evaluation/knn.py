@@ -1,0 +1,304 @@
+"""kNN evaluation: weighted kNN classification and retrieval metrics from one nearest-neighbour search.
+
+Protocol (InstDisc, Wu et al. 2018; DINO ``eval_knn.py``): backbone features (eval mode, no_grad,
+batched, AMP on GPU) are l2-normalised; each test image takes its k most similar training images
+(cosine similarity s_i) and class c scores ``sum_i exp(s_i / T) [y_i == c]``; the prediction is the
+arg-max, equal scores going to the lowest class index. Defaults k=200, T=0.1 (InstDisc); DINO uses
+k=20, T=0.07. Several k come from one search of depth max(k, 10): the search returns neighbours
+sorted by decreasing similarity (equal similarities by increasing bank index), so the k nearest are
+a prefix of the deeper list.
+
+Retrieval metrics on the same search (the test image is the query, the training set the database):
+
+* recall@K: share of queries with at least one neighbour of their own class among the K nearest
+  (the metric-learning "Recall@K").
+* mAP@R (Musgrave et al., "A Metric Learning Reality Check", 2020): with R the number of training
+  images of the query's class, ``AP@R = (1/R) sum_{i<=R} P(i) rel(i)``. Because it comes from the
+  same search, R is capped at the search depth (``map_at_r_depth`` in results.json); with the
+  default k=200 and CIFAR-10 (4,500 images per class) it is mAP@200.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from simsiam_kit.errors import UserError
+from simsiam_kit.knn import topk_accuracy, weighted_vote
+
+RECALL_KS = (1, 5, 10)
+
+
+# ------------------------------------------------------------------------------------------ metrics
+def knn_vote_scores(sims: torch.Tensor, neighbour_labels: torch.Tensor, ks: Sequence[int], temperature: float,
+                    num_classes: int) -> dict:
+    """Class scores (Q, C) for each k, from neighbours sorted by decreasing similarity (Q, depth)."""
+    depth = sims.shape[1]
+    out = {}
+    for k in ks:
+        if k > depth:
+            raise ValueError(f"k={k} exceeds the search depth {depth}")
+        out[int(k)] = weighted_vote(sims[:, :k], neighbour_labels[:, :k], num_classes, temperature)
+    return out
+
+
+def retrieval_metrics(neighbour_labels: torch.Tensor, query_labels: torch.Tensor, class_counts: torch.Tensor,
+                      recall_ks: Sequence[int] = RECALL_KS) -> dict:
+    """recall@K and mAP@R (R capped at the search depth) in percent."""
+    rel = (neighbour_labels == query_labels.view(-1, 1)).float()  # (Q, depth)
+    depth = rel.shape[1]
+    out = {}
+    for k in recall_ks:
+        if k <= depth:
+            out[f"recall@{k}"] = 100.0 * rel[:, :k].amax(1).mean().item()
+    r = class_counts[query_labels].clamp(max=depth).float()  # (Q,)
+    pos = torch.arange(1, depth + 1, dtype=torch.float32).view(1, -1)
+    in_r = (pos <= r.view(-1, 1)).float()
+    precision_at = rel.cumsum(1) / pos
+    ap = (precision_at * rel * in_r).sum(1) / r.clamp(min=1)
+    out["map_at_r"] = 100.0 * ap.mean().item()
+    return out
+
+
+def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> np.ndarray:
+    """(C, C) counts, rows = true class, columns = predicted class."""
+    idx = labels.long() * num_classes + pred.long()
+    return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes).numpy()
+
+
+def search_neighbours(bank: np.ndarray, queries: np.ndarray, depth: int, backend: str = "auto", kind: str = "flat",
+                      save_dir: Optional[Path] = None):
+    """(similarities (Q, depth), bank ids (Q, depth), the EmbeddingIndex) for l2-normalised features."""
+    from simsiam_kit.index import EmbeddingIndex
+
+    index = EmbeddingIndex(bank.shape[1], kind=kind, backend=backend)
+    index.add(bank)
+    sims, ids = index.search(queries, depth)
+    if save_dir is not None:
+        index.save(save_dir)
+    return torch.from_numpy(sims), torch.from_numpy(ids), index
+
+
+def classify(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
+             ks: Sequence[int] = (200,), temperature: float = 0.1, num_classes: Optional[int] = None,
+             backend: str = "auto", kind: str = "flat", recall_ks: Sequence[int] = RECALL_KS) -> dict:
+    """One search, every k, the retrieval metrics. Features must be l2-normalised float32."""
+    n = bank.shape[0]
+    if n == 0 or queries.shape[0] == 0:
+        raise UserError("kNN needs a non-empty bank and query set")
+    ks = sorted({int(k) for k in ks})
+    if ks[0] < 1:
+        raise UserError(f"--k must be at least 1, got {ks[0]}")
+    if ks[-1] > n:
+        raise UserError(f"--k {ks[-1]} is larger than the kNN bank ({n} training images)")
+    num_classes = num_classes or int(max(bank_labels.max(), query_labels.max())) + 1
+    depth = min(n, max(ks[-1], max(recall_ks)))
+    t0 = time.perf_counter()
+    sims, ids, index = search_neighbours(bank.numpy(), queries.numpy(), depth, backend, kind)
+    search_s = time.perf_counter() - t0
+    nbr_labels = bank_labels[ids]
+    scores = knn_vote_scores(sims, nbr_labels, ks, temperature, num_classes)
+    per_k = {}
+    for k, sc in scores.items():
+        acc = topk_accuracy(sc, query_labels, (1, 5))
+        per_k[k] = {"top1": acc["top1"], "top5": acc["top5"], "pred": sc.argmax(1)}
+    counts = torch.bincount(bank_labels.long(), minlength=num_classes)
+    retr = retrieval_metrics(nbr_labels, query_labels, counts, recall_ks)
+    return {"per_k": per_k, "retrieval": retr, "ids": ids, "sims": sims, "depth": depth, "backend": index.backend,
+            "index": index, "search_s": search_s}
+
+
+# ------------------------------------------------------------------------------------------ plots
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path, title: str) -> Path:
+    plt = _plt()
+    c = len(classes)
+    size = min(12, 2.5 + 0.45 * c)
+    fig, ax = plt.subplots(figsize=(size, size * 0.9), dpi=110)
+    rows = cm.sum(1, keepdims=True).clip(min=1)
+    im = ax.imshow(cm / rows, cmap="Blues", vmin=0, vmax=1)
+    if c <= 30:
+        ax.set_xticks(range(c), [str(x) for x in classes], rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(c), [str(x) for x in classes], fontsize=7)
+        if c <= 15:
+            for i in range(c):
+                for j in range(c):
+                    if cm[i, j]:
+                        ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=6,
+                                color="white" if cm[i, j] / rows[i, 0] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_neighbour_grid(query_ds, query_pos: Sequence[int], bank_ds, neighbour_pos: np.ndarray,
+                        sims: np.ndarray, query_labels: Sequence[int], neighbour_labels: np.ndarray,
+                        classes: Sequence[str], path: Path) -> Path:
+    """One row per query: the query image, then its nearest training images (green frame: same class)."""
+    plt = _plt()
+    nq, nn_ = neighbour_pos.shape
+    fig, axes = plt.subplots(nq, nn_ + 1, figsize=(1.2 * (nn_ + 1), 1.35 * nq), dpi=110, squeeze=False)
+    for r in range(nq):
+        ax = axes[r, 0]
+        ax.imshow(query_ds.load_pil(int(query_pos[r])))
+        ax.set_title(f"query: {classes[int(query_labels[r])]}"[:18], fontsize=6)
+        for c in range(nn_):
+            ax = axes[r, c + 1]
+            img = bank_ds.load_pil(int(neighbour_pos[r, c]))
+            if img is not None:
+                ax.imshow(img)
+            same = int(neighbour_labels[r, c]) == int(query_labels[r])
+            for sp in ax.spines.values():
+                sp.set_edgecolor("tab:green" if same else "tab:red")
+                sp.set_linewidth(2)
+            ax.set_title(f"{sims[r, c]:.3f}", fontsize=6)
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[0, 0].spines["left"].set_linewidth(0)
+    fig.tight_layout(pad=0.3)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ command
+@dataclass(frozen=True)
+class KNNSettings:
+    weights: str
+    train_data: str
+    test_data: str
+    ks: tuple = (200,)
+    temperature: float = 0.1
+    arch: Optional[str] = None
+    stem: Optional[str] = None
+    backend: str = "auto"
+    index: str = "flat"
+    batch_size: int = 256
+    device: str = "auto"
+    precision: str = "auto"
+    image_size: Optional[int] = None
+    mean: Optional[tuple] = None
+    std: Optional[tuple] = None
+    workers: int = 2
+    root: str = "~/.cache/simsiam-kit/data"
+    plots: bool = True
+    save_index: bool = False
+    grid_queries: int = 8
+    grid_neighbours: int = 8
+
+
+def run_knn_eval(s: KNNSettings, output: Path, log: Callable[[str], None] = print) -> dict:
+    """Extract features, search, classify; write features, results.json and plots under ``output``."""
+    from evaluation.common import check_same_classes, load_eval_backbone, load_labelled, resolve_image_settings
+    from simsiam_kit.features import extract_features, save_features
+    from simsiam_kit.utils.device import resolve_channels_last, resolve_device, resolve_precision
+    from simsiam_kit.utils.io import atomic_write_json
+
+    from simsiam_kit.index import BACKENDS, KINDS
+
+    if s.backend not in BACKENDS:
+        raise UserError(f"unknown --backend '{s.backend}' (available: {', '.join(BACKENDS)})")
+    if s.index not in KINDS:
+        raise UserError(f"unknown --index '{s.index}' (available: {', '.join(KINDS)})")
+    if s.index != "flat" and s.backend == "torch":
+        raise UserError(f"--index {s.index} needs --backend faiss or auto (torch does exact search only)")
+    if s.temperature <= 0:
+        raise UserError(f"--temperature must be positive, got {s.temperature}")
+    if not s.ks or min(s.ks) < 1:
+        raise UserError(f"--k must be at least 1, got {list(s.ks)}")
+    train = load_labelled(s.train_data, "train", s.root)
+    test = load_labelled(s.test_data, "test", s.root)
+    classes = check_same_classes(train, test, s.train_data, s.test_data)
+    if max(s.ks) > len(train):
+        raise UserError(f"--k {max(s.ks)} is larger than the kNN bank ({len(train)} training images in '{s.train_data}')")
+    loaded = load_eval_backbone(s.weights, s.arch, s.stem)
+    img = resolve_image_settings(loaded, train, s.image_size, s.mean, s.std)
+    device = resolve_device(s.device)
+    precision = resolve_precision(s.precision, device)
+    channels_last = resolve_channels_last(None, device, precision)
+    backbone = loaded.model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+
+    kw = dict(device=device, batch_size=s.batch_size, precision=precision, mean=img.mean, std=img.std,
+              image_size=img.image_size, workers=s.workers, channels_last=channels_last)
+    t0 = time.perf_counter()
+    fb, lb, ib = extract_features(backbone, train, **kw)
+    fq, lq, iq = extract_features(backbone, test, **kw)
+    extract_s = time.perf_counter() - t0
+    if len(fb) == 0 or len(fq) == 0:
+        raise UserError("no readable images left after skipping unreadable ones")
+    if max(s.ks) > len(fb):
+        raise UserError(f"--k {max(s.ks)} is larger than the kNN bank ({len(fb)} readable training images)")
+    save_features(output / "features" / "train", fb, lb, [train.ids[i] for i in ib.tolist()])
+    save_features(output / "features" / "test", fq, lq, [test.ids[i] for i in iq.tolist()])
+
+    res = classify(fb, lb, fq, lq, s.ks, s.temperature, len(classes), s.backend, s.index)
+    if s.save_index:
+        res["index"].save(output / "index")
+    ks = sorted(res["per_k"])
+    main_k = int(s.ks[0])
+    main = res["per_k"][main_k]
+    settings = asdict(s)
+    settings.update(ks=list(s.ks), mean=list(img.mean), std=list(img.std), image_size=img.image_size,
+                    image_settings_from=img.source, arch=loaded.arch, stem=loaded.stem, weights_source=loaded.source,
+                    device=str(device), precision=precision.name, backend=res["backend"],
+                    bank_size=int(len(fb)), queries=int(len(fq)), feature_dim=int(fb.shape[1]),
+                    search_depth=res["depth"], num_classes=len(classes))
+    results = {
+        "top1": main["top1"], "top5": main["top5"], "k": main_k, "temperature": s.temperature,
+        "per_k": {str(k): {"top1": res["per_k"][k]["top1"], "top5": res["per_k"][k]["top5"]} for k in ks},
+        **res["retrieval"],
+        "map_at_r_depth": res["depth"],
+        "settings": settings,
+        "timing_s": {"features": round(extract_s, 3), "search": round(res["search_s"], 3)},
+        "classes": [str(c) for c in classes],
+    }
+    cm = confusion_matrix(main["pred"], lq, len(classes))
+    np.save(output / "confusion_matrix.npy", cm)
+    if s.plots:
+        plots = output / "plots"
+        plots.mkdir(exist_ok=True)
+        plot_confusion(cm, classes, plots / "confusion_matrix.png",
+                       f"kNN k={main_k} T={s.temperature}: top-1 {main['top1']:.2f}%")
+        nq = min(s.grid_queries, len(fq))
+        rows = np.linspace(0, len(fq) - 1, nq).round().astype(int)
+        nn_ = min(s.grid_neighbours, res["depth"])
+        ids = res["ids"][rows, :nn_].numpy()
+        plot_neighbour_grid(test, iq[rows].numpy(), train, ib.numpy()[ids], res["sims"][rows, :nn_].numpy(),
+                            lq[rows].tolist(), lb.numpy()[ids], [str(c) for c in classes],
+                            plots / "neighbours.png")
+        results["plots"] = ["plots/confusion_matrix.png", "plots/neighbours.png"]
+    atomic_write_json(output / "results.json", results)
+    return results
+
+
+def results_table(results: dict) -> str:
+    from evaluation.common import format_table
+
+    st = results["settings"]
+    rows = [[k, v["top1"], v["top5"]] for k, v in results["per_k"].items()]
+    head = (f"kNN (T={results['temperature']}) {st['arch']}/{st['stem']} on {st['queries']} queries, "
+            f"bank {st['bank_size']} x {st['feature_dim']}, backend {st['backend']} ({st['index']})")
+    retr = "  ".join(f"{k} {results[k]:.2f}" for k in ("recall@1", "recall@5", "recall@10") if k in results)
+    return (head + "\n" + format_table(["k", "top-1 %", "top-5 %"], rows) + "\n"
+            + f"retrieval: {retr}  mAP@R {results['map_at_r']:.2f} (R <= {results['map_at_r_depth']})")

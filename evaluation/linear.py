@@ -1,0 +1,422 @@
+"""Linear probe, following the official protocol (facebookresearch/simsiam ``main_lincls.py``).
+
+Protocol rules, each with its reason:
+
+* The backbone is frozen (``requires_grad=False``) and kept in ``eval()`` for the whole run, so
+  BatchNorm uses and keeps its running statistics: the probe measures the pretrained features, not
+  features re-normalised to the probe's data.
+* The head is one ``Linear(feature_dim, classes)`` initialised N(0, 0.01) with zero bias; it sees the
+  raw pooled features (no l2 normalisation), as in the official code.
+* SGD, momentum 0.9, weight decay 0, lr = base_lr x batch / 256 (base 0.1) with a cosine decay
+  evaluated once per epoch; LARS (apex ``LARC`` with trust coefficient 0.001, no clipping, the
+  official ``--lars`` option for batch 4096) is selectable.
+* Training images: RandomResizedCrop(scale 0.08-1) + horizontal flip; evaluation images: resize +
+  center crop (file datasets; 224 px from 256 px for ImageNet) or the image itself (32 px CIFAR
+  arrays). No colour augmentation.
+* After training, every backbone tensor (weights and BatchNorm buffers) is compared with its value
+  before training; any change raises :class:`BackboneChanged` (the official ``sanity_check``).
+
+Training runs :class:`simsiam_kit.engine.Trainer` (the pretraining loop) with a
+:class:`LinearStep`. The test set is evaluated after every epoch; since the backbone is frozen and
+in eval mode, its features are extracted once and the head is evaluated on them (identical to
+re-running the backbone each epoch, minus the cost).
+
+``--cached-features`` is a fast approximation of the protocol: training features are extracted once
+without augmentation (center crop) and the head trains on those tensors, seconds instead of hours.
+It usually lands close to, but not exactly at, the full protocol's accuracy (no crop augmentation).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from simsiam_kit.engine import Trainer
+from simsiam_kit.engine.hooks import EpochAverages, Hook, LRSchedule, MetricsWriter, ProgressBar, Throughput
+from simsiam_kit.errors import UserError
+
+HEAD_FORMAT = "simsiam-kit-linear-head"
+
+
+class BackboneChanged(RuntimeError):
+    """A backbone tensor changed during the linear probe (the protocol's sanity check failed)."""
+
+
+# ------------------------------------------------------------------------------------------ pieces
+def make_head(feature_dim: int, num_classes: int) -> torch.nn.Linear:
+    """Linear classifier initialised as in ``main_lincls.py``: weight ~ N(0, 0.01), bias = 0."""
+    head = torch.nn.Linear(feature_dim, num_classes)
+    torch.nn.init.normal_(head.weight, mean=0.0, std=0.01)
+    torch.nn.init.zeros_(head.bias)
+    return head
+
+
+def freeze(backbone: torch.nn.Module) -> torch.nn.Module:
+    """No gradients and eval mode (BatchNorm statistics frozen)."""
+    backbone.requires_grad_(False)
+    backbone.eval()
+    return backbone
+
+
+def snapshot_state(module: torch.nn.Module) -> dict:
+    return {k: v.detach().clone().cpu() for k, v in module.state_dict().items()}
+
+
+def check_backbone_unchanged(backbone: torch.nn.Module, reference: dict) -> None:
+    """Raise :class:`BackboneChanged` naming every tensor that differs from ``reference``."""
+    now = backbone.state_dict()
+    changed = [k for k, v in reference.items() if k not in now or not torch.equal(now[k].detach().cpu(), v)]
+    changed += [k for k in now if k not in reference]
+    if changed:
+        raise BackboneChanged(f"backbone changed during the linear probe ({len(changed)} tensors: "
+                              f"{', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}); the probe must "
+                              "keep the backbone frozen and in eval mode")
+
+
+class LARS:
+    """Layer-wise adaptive rate scaling around an SGD optimizer, as apex ``LARC(clip=False)`` used by
+    the official ``main_lincls.py --lars``: each tensor's gradient (plus weight decay) is scaled by
+    ``trust * ||w|| / (||g|| + wd ||w|| + eps)`` before the wrapped step; tensors with a zero norm
+    (the zero-initialised bias at the first step) are left unscaled."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, trust_coefficient: float = 0.001, eps: float = 1e-8):
+        self.optim, self.trust, self.eps = optimizer, trust_coefficient, eps
+
+    @property
+    def param_groups(self):
+        return self.optim.param_groups
+
+    def state_dict(self):
+        return self.optim.state_dict()
+
+    def load_state_dict(self, sd):
+        self.optim.load_state_dict(sd)
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.optim.zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def step(self):
+        saved_wd = []
+        for group in self.optim.param_groups:
+            wd = group.get("weight_decay", 0.0)
+            saved_wd.append(wd)
+            group["weight_decay"] = 0.0
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                p_norm, g_norm = torch.norm(p), torch.norm(p.grad)
+                if p_norm != 0 and g_norm != 0:
+                    rate = self.trust * p_norm / (g_norm + p_norm * wd + self.eps)
+                    p.grad.add_(p, alpha=wd).mul_(rate)
+        self.optim.step()
+        for group, wd in zip(self.optim.param_groups, saved_wd):
+            group["weight_decay"] = wd
+
+
+class TensorLoader:
+    """Mini-batches of cached features: dict(features (B,D), labels (B,), index (B,)), reshuffled each
+    epoch with a seeded generator (``set_epoch``), last partial batch kept (as the official loader)."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool = True,
+                 seed: int = 0):
+        self.features, self.labels = features, labels
+        self.batch_size, self.shuffle, self.seed, self.epoch = int(batch_size), shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def __iter__(self):
+        n = len(self.labels)
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 10007 + self.epoch))
+        else:
+            order = torch.arange(n)
+        for s in range(0, n, self.batch_size):
+            idx = order[s : s + self.batch_size]
+            yield {"features": self.features[idx], "labels": self.labels[idx], "index": idx}
+
+
+class LinearStep:
+    """One probe step: features from the frozen backbone (or the cache), head forward, cross-entropy,
+    backward into the head only, optimizer step."""
+
+    def __init__(self, head: torch.nn.Module, optimizer, features_fn: Callable[[dict], torch.Tensor],
+                 device: torch.device, backbone: Optional[torch.nn.Module] = None):
+        self.head, self.opt, self.features, self.device, self.backbone = head, optimizer, features_fn, device, backbone
+
+    def __call__(self, batch, trainer):
+        if self.backbone is not None and self.backbone.training:
+            raise BackboneChanged("the backbone was switched to train mode; the linear probe keeps it in eval()")
+        if batch.get("labels") is None:
+            raise UserError("a whole batch of images was unreadable and skipped; check the dataset")
+        x = self.features(batch)
+        y = batch["labels"].to(self.device, non_blocking=True)
+        logits = self.head(x)
+        loss = F.cross_entropy(logits, y)
+        if not torch.isfinite(loss):
+            raise UserError(f"linear probe loss became {loss.item()} at epoch {trainer.epoch + 1}; lower --lr")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        acc = (logits.detach().argmax(1) == y).float().mean() * 100
+        return {"loss": loss.detach(), "acc": acc, "images": int(y.shape[0])}
+
+
+@torch.no_grad()
+def evaluate_head(head: torch.nn.Module, features: torch.Tensor, labels: torch.Tensor, batch: int = 4096) -> dict:
+    """top-1 / top-5 (percent) of the head on (features, labels); top-5 is top-k when classes < 5."""
+    was = head.training
+    head.eval()
+    dev = next(head.parameters()).device
+    c1 = c5 = 0
+    k5 = min(5, head.out_features)
+    for s in range(0, len(labels), batch):
+        logits = head(features[s : s + batch].to(dev))
+        y = labels[s : s + batch].to(dev)
+        top = logits.topk(k5, dim=1).indices
+        c1 += (top[:, 0] == y).sum().item()
+        c5 += (top == y.view(-1, 1)).any(1).sum().item()
+    head.train(was)
+    n = max(1, len(labels))
+    return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n}
+
+
+class HeadEvaluation(Hook):
+    """Test top-1/top-5 after every epoch, on features extracted once (the backbone is frozen)."""
+
+    priority = 60
+
+    def __init__(self, head, features: torch.Tensor, labels: torch.Tensor):
+        self.head, self.features, self.labels = head, features, labels
+        self.history: list[dict] = []
+
+    def after_epoch(self, trainer) -> None:
+        r = evaluate_head(self.head, self.features, self.labels)
+        trainer.epoch_metrics["test_top1"] = r["top1"]
+        trainer.epoch_metrics["test_top5"] = r["top5"]
+        self.history.append({"epoch": trainer.epoch, **trainer.epoch_metrics})
+
+
+def train_linear_head(head: torch.nn.Module, loader, features_fn: Callable[[dict], torch.Tensor], epochs: int,
+                      base_lr: float = 0.1, batch_size: int = 256, optimizer: str = "sgd", momentum: float = 0.9,
+                      weight_decay: float = 0.0, eval_features: Optional[torch.Tensor] = None,
+                      eval_labels: Optional[torch.Tensor] = None, metrics_path: Optional[Path] = None,
+                      progress: bool = False, backbone: Optional[torch.nn.Module] = None,
+                      device: Optional[torch.device] = None, log_every: int = 10) -> list[dict]:
+    """Train ``head`` with the shared :class:`Trainer`; returns one record per epoch."""
+    if optimizer not in ("sgd", "lars"):
+        raise UserError(f"unknown --optimizer '{optimizer}' (available: sgd, lars)")
+    device = device or next(head.parameters()).device
+    init_lr = base_lr * batch_size / 256
+    opt = torch.optim.SGD(head.parameters(), init_lr, momentum=momentum, weight_decay=weight_decay)
+    if optimizer == "lars":
+        opt = LARS(opt)
+    hooks: list[Hook] = [LRSchedule(opt, init_lr, epochs), Throughput(), EpochAverages(),
+                         ProgressBar(progress, desc="linear")]
+    ev = None
+    if eval_features is not None:
+        ev = HeadEvaluation(head, eval_features, eval_labels)
+        hooks.append(ev)
+    if metrics_path is not None:
+        Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(metrics_path).write_text("")
+        hooks.append(MetricsWriter(metrics_path, log_every))
+    history: list[dict] = []
+
+    class _Record(Hook):
+        priority = 80
+
+        def after_epoch(self, trainer) -> None:
+            history.append({"epoch": trainer.epoch, "lr": trainer.state.get("lr"), **trainer.epoch_metrics})
+
+    hooks.append(_Record())
+    head.train()
+    Trainer(LinearStep(head, opt, features_fn, device, backbone), loader, epochs, hooks).train()
+    return history
+
+
+# ------------------------------------------------------------------------------------------ command
+@dataclass(frozen=True)
+class LinearSettings:
+    weights: str
+    train_data: str
+    test_data: str
+    epochs: int = 90
+    cached_features: bool = False
+    batch_size: int = 256
+    lr: float = 0.1  # base lr; the lr used is lr x batch / 256
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    crop_min_scale: float = 0.08
+    arch: Optional[str] = None
+    stem: Optional[str] = None
+    device: str = "auto"
+    precision: str = "auto"
+    image_size: Optional[int] = None
+    mean: Optional[tuple] = None
+    std: Optional[tuple] = None
+    workers: int = 2
+    seed: int = 0
+    root: str = "~/.cache/simsiam-kit/data"
+    progress: bool = False
+    plots: bool = True
+
+
+def run_linear_probe(s: LinearSettings, output: Path, log: Callable[[str], None] = print) -> dict:
+    from evaluation.common import check_same_classes, load_eval_backbone, load_labelled, resolve_image_settings
+    from simsiam_kit.config import DataConfig
+    from simsiam_kit.data.loaders import make_loader
+    from simsiam_kit.data.transforms import BatchAugment
+    from simsiam_kit.features import extract_features
+    from simsiam_kit.utils.device import resolve_channels_last, resolve_device, resolve_precision
+    from simsiam_kit.utils.io import atomic_torch_save, atomic_write_json
+
+    if s.epochs < 1:
+        raise UserError(f"--epochs must be at least 1, got {s.epochs}")
+    if s.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {s.batch_size}")
+    if s.lr <= 0:
+        raise UserError(f"--lr must be positive, got {s.lr}")
+    if s.optimizer not in ("sgd", "lars"):
+        raise UserError(f"unknown --optimizer '{s.optimizer}' (available: sgd, lars)")
+    train = load_labelled(s.train_data, "train", s.root)
+    test = load_labelled(s.test_data, "test", s.root)
+    classes = check_same_classes(train, test, s.train_data, s.test_data)
+    loaded = load_eval_backbone(s.weights, s.arch, s.stem, seed=s.seed)
+    img = resolve_image_settings(loaded, train, s.image_size, s.mean, s.std)
+    device = resolve_device(s.device)
+    precision = resolve_precision(s.precision, device)
+    channels_last = resolve_channels_last(None, device, precision)
+    backbone = freeze(loaded.model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format))
+    reference = snapshot_state(backbone)
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(s.seed)
+
+    kw = dict(device=device, batch_size=max(s.batch_size, 64), precision=precision, mean=img.mean, std=img.std,
+              image_size=img.image_size, workers=s.workers, channels_last=channels_last, normalize=False)
+    t0 = time.perf_counter()
+    fq, lq, _ = extract_features(backbone, test, **kw)
+    bs = min(s.batch_size, len(train))
+    if s.cached_features:
+        ft, lt, _ = extract_features(backbone, train, **kw)
+        if len(ft) == 0:
+            raise UserError(f"no readable images in train dataset '{s.train_data}'")
+        loader = TensorLoader(ft, lt, bs, shuffle=True, seed=s.seed)
+
+        def features_fn(batch):
+            return batch["features"].to(device, non_blocking=True)
+    else:
+        loader = make_loader(train, bs, train=True, seed=s.seed, mode="train_crop", image_size=img.image_size,
+                             workers=s.workers, crop_scale=(s.crop_min_scale, 1.0), flip_p=0.5)
+        data_cfg = DataConfig(image_size=img.image_size, mean=img.mean, std=img.std, flip_prob=0.5)
+        # in-memory arrays: crop + flip here, batched; image files: the loader's workers cropped and flipped
+        augment = BatchAugment(data_cfg, crop=train.in_memory, crop_scale=(s.crop_min_scale, 1.0), color=False)
+        gen = torch.Generator().manual_seed(s.seed * 1000 + 1)
+
+        @torch.no_grad()
+        def features_fn(batch):
+            x = augment(batch["images"].to(device, non_blocking=True), gen)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with precision.autocast():
+                f = backbone(x)
+            return f.float()
+    if len(fq) == 0:
+        raise UserError(f"no readable images in test dataset '{s.test_data}'")
+    prep_s = time.perf_counter() - t0
+
+    head = make_head(int(fq.shape[1]), len(classes)).to(device)
+    t1 = time.perf_counter()
+    history = train_linear_head(
+        head, loader, features_fn, s.epochs, base_lr=s.lr, batch_size=bs, optimizer=s.optimizer,
+        momentum=s.momentum, weight_decay=s.weight_decay, eval_features=fq, eval_labels=lq,
+        metrics_path=output / "metrics.jsonl", progress=s.progress, backbone=backbone, device=device,
+    )
+    train_s = time.perf_counter() - t1
+    check_backbone_unchanged(backbone, reference)  # the official sanity check: raises if anything moved
+
+    final = evaluate_head(head, fq, lq)
+    best = max(history, key=lambda r: r.get("test_top1", -1))
+    settings = asdict(s)
+    settings.update(mean=list(img.mean), std=list(img.std), image_size=img.image_size, image_settings_from=img.source,
+                    arch=loaded.arch, stem=loaded.stem, weights_source=loaded.source, device=str(device),
+                    precision=precision.name, batch_size=bs, init_lr=s.lr * bs / 256,
+                    protocol="cached-features" if s.cached_features else "full",
+                    train_images=len(train), test_images=int(len(fq)), feature_dim=int(fq.shape[1]),
+                    num_classes=len(classes))
+    results = {
+        "top1": final["top1"], "top5": final["top5"],
+        "best_top1": best.get("test_top1"), "best_epoch": best.get("epoch"),
+        "settings": settings,
+        "epochs": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in history],
+        "timing_s": {"features": round(prep_s, 3), "train": round(train_s, 3), "total": round(prep_s + train_s, 3)},
+        "backbone_unchanged": True,
+        "classes": [str(c) for c in classes],
+    }
+    atomic_torch_save({"format": HEAD_FORMAT, "version": 1, "state_dict": {k: v.cpu() for k, v in head.state_dict().items()},
+                       "arch": loaded.arch, "stem": loaded.stem, "feature_dim": int(fq.shape[1]),
+                       "classes": [str(c) for c in classes], "weights": loaded.source,
+                       "image_size": img.image_size, "mean": list(img.mean), "std": list(img.std)},
+                      output / "head.pt")
+    if s.plots:
+        plot_curves(history, output / "plots" / "linear_curves.png",
+                    f"linear probe ({settings['protocol']}), {loaded.arch}/{loaded.stem}")
+        results["plots"] = ["plots/linear_curves.png"]
+    atomic_write_json(output / "results.json", results)
+    return results
+
+
+def plot_curves(history: Sequence[dict], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ep = [r["epoch"] for r in history]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=110)
+    a1.plot(ep, [r.get("loss") for r in history], marker="o" if len(ep) < 30 else None, ms=3)
+    a1.set_xlabel("epoch")
+    a1.set_ylabel("train loss")
+    a1.grid(alpha=0.3)
+    a2.plot(ep, [r.get("acc") for r in history], label="train (augmented) top-1", marker="o" if len(ep) < 30 else None, ms=3)
+    a2.plot(ep, [r.get("test_top1") for r in history], label="test top-1", marker="o" if len(ep) < 30 else None, ms=3)
+    a2.plot(ep, [r.get("test_top5") for r in history], label="test top-5", ls="--")
+    a2.set_xlabel("epoch")
+    a2.set_ylabel("accuracy (%)")
+    a2.legend(fontsize=7, loc="best")
+    a2.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def results_table(results: dict) -> str:
+    from evaluation.common import format_table
+
+    st = results["settings"]
+    rows = [[r["epoch"], f"{r.get('loss', float('nan')):.4f}", r.get("acc", float("nan")), r.get("test_top1", float("nan")),
+             r.get("test_top5", float("nan"))] for r in results["epochs"]]
+    if len(rows) > 12:  # keep the printout small: first 3, last 9
+        rows = rows[:3] + [["...", "", "", "", ""]] + rows[-8:]
+    head = (f"linear probe ({st['protocol']}) {st['arch']}/{st['stem']}: {st['train_images']} train / "
+            f"{st['test_images']} test images, batch {st['batch_size']}, lr {st['init_lr']:g} ({st['optimizer']}), "
+            f"{st['epochs']} epochs")
+    return (head + "\n" + format_table(["epoch", "loss", "train acc %", "test top-1 %", "test top-5 %"], rows) + "\n"
+            + f"final: top-1 {results['top1']:.2f} %  top-5 {results['top5']:.2f} %  (best top-1 "
+            f"{results['best_top1']:.2f} % at epoch {results['best_epoch']}); backbone unchanged")
