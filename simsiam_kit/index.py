@@ -133,10 +133,29 @@ class EmbeddingIndex:
                 self._bank = torch.from_numpy(np.concatenate(self._vectors)).to(self.device)
             s, i = knn_search_torch(self._bank, torch.from_numpy(q).to(self.device), k)
             return s.cpu().numpy().astype(np.float32), i.cpu().numpy().astype(np.int64)
-        s, i = self._faiss.search(q, k)
-        if self.kind == "flat":
-            s, i = _tie_order(s, i)
+        if self.kind != "flat":
+            s, i = self._faiss.search(q, k)
+            return s.astype(np.float32), i.astype(np.int64)
+        kk = min(k + 1, n)  # one extra: a tie across the cut shows as s[k] == s[k-1]
+        s, i = self._faiss.search(q, kk)
+        if kk > k:
+            straddle = np.flatnonzero(s[:, k] == s[:, k - 1])
+            s, i = s[:, :k].copy(), i[:, :k].copy()
+            for r in straddle:
+                s[r], i[r] = self._faiss_row_lowest_index(q[r : r + 1], s[r, k - 1], k)
+        s, i = _tie_order(s, i)
         return s.astype(np.float32), i.astype(np.int64)
+
+    def _faiss_row_lowest_index(self, q: np.ndarray, kth: float, k: int):
+        """All stored vectors at least as similar as the k-th one (a range search), then the k best
+        with ties at the cut going to the lowest ids, as the torch backend does."""
+        idx = self._faiss
+        if not hasattr(idx, "range_search") or type(idx).__name__.startswith("Gpu"):
+            s, i = idx.search(q, k)  # GPU flat indexes have no range search: keep faiss's choice
+            return s[0], i[0]
+        lims, s, i = idx.range_search(q, float(np.nextafter(np.float32(kth), np.float32(-np.inf))))
+        o = np.lexsort((i, -s))[:k]
+        return s[o], i[o]
 
     # ---------------------------------------------------------------- persistence
     def save(self, directory) -> Path:

@@ -27,12 +27,31 @@ def knn_search_torch(bank: torch.Tensor, queries: torch.Tensor, k: int, chunk: i
 
 
 def _stable_topk(sim: torch.Tensor, k: int):
-    v, i = torch.topk(sim, k, dim=1)
-    # deterministic order among equal similarities: by bank index (so backends can agree exactly)
+    """Top-k of each row, similarities descending, equal similarities by increasing column index,
+    including at the cut: when several columns tie with the k-th value, the lowest indices are kept
+    (``torch.topk`` alone picks an arbitrary subset of them). Backends can then agree exactly."""
+    n = sim.shape[1]
+    kk = min(k + 1, n)  # one extra: a tie across the cut shows as v[k] == v[k-1]
+    v, i = torch.topk(sim, kk, dim=1)
+    if kk > k:
+        straddle = torch.nonzero(v[:, k] == v[:, k - 1]).flatten()
+        v, i = v[:, :k].clone(), i[:, :k].clone()
+        for r in straddle.tolist():
+            v[r], i[r] = _row_topk_lowest_index(sim[r], k)
+    # deterministic order among equal similarities: by bank index
     order = torch.argsort(i, dim=1, stable=True)
     v2, i2 = torch.gather(v, 1, order), torch.gather(i, 1, order)
     order = torch.argsort(-v2, dim=1, stable=True)
     return torch.gather(v2, 1, order), torch.gather(i2, 1, order)
+
+
+def _row_topk_lowest_index(row: torch.Tensor, k: int):
+    """Exact top-k of one row where ties at the k-th value keep the lowest indices."""
+    kth = torch.topk(row, k).values[-1]
+    above = torch.nonzero(row > kth).flatten()
+    equal = torch.nonzero(row == kth).flatten()[: k - above.numel()]
+    idx = torch.cat([above, equal])
+    return row[idx], idx
 
 
 def weighted_vote(sims: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: int, temperature: float):

@@ -1,0 +1,242 @@
+"""kNN evaluation: hand-worked votes, weights, ties and retrieval metrics; faiss == torch; the CLI on
+real CIFAR-10 images; bad input. The slow test checks a short SimSiam run beats random init."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from evaluation.knn import classify, confusion_matrix, knn_vote_scores, retrieval_metrics
+from simsiam_kit.cli import app
+from simsiam_kit.engine.checkpoint import save_backbone
+from simsiam_kit.index import EmbeddingIndex
+from simsiam_kit.knn import knn_classify
+from simsiam_kit.models import build_backbone
+
+runner = CliRunner()
+
+# bank on the unit circle; the query (1, 0) has similarities 1, 0.8, 0.6, 0, -1
+BANK = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8], [0.0, 1.0], [-1.0, 0.0]])
+BANK_LABELS = torch.tensor([0, 1, 1, 2, 0])
+QUERY = torch.tensor([[1.0, 0.0]])
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_weighted_votes_by_hand(backend):
+    pytest.importorskip("faiss") if backend == "faiss" else None
+    res = classify(BANK, BANK_LABELS, QUERY, torch.tensor([1]), ks=(1, 3), temperature=0.1, num_classes=3,
+                   backend=backend, recall_ks=(1, 3))
+    assert res["ids"][0, :3].tolist() == [0, 1, 2]
+    assert res["sims"][0, :3].tolist() == pytest.approx([1.0, 0.8, 0.6], abs=1e-6)
+    # k=3, T=0.1: class 0 gets e^10 = 22026.5, class 1 gets e^8 + e^6 = 3384.4 -> class 0, despite 2 votes to 1
+    sc = knn_vote_scores(res["sims"], BANK_LABELS[res["ids"]], [3], 0.1, 3)[3][0]
+    assert sc.tolist() == pytest.approx([math.exp(10), math.exp(8) + math.exp(6), 0.0], rel=1e-5)
+    assert res["per_k"][3]["pred"].item() == 0
+    assert res["per_k"][3]["top1"] == 0.0 and res["per_k"][3]["top5"] == 100.0
+    # T=1 flattens the weights: class 1 wins, e^0.8 + e^0.6 = 4.048 > e^1 = 2.718
+    res1 = classify(BANK, BANK_LABELS, QUERY, torch.tensor([1]), ks=(3,), temperature=1.0, num_classes=3,
+                    backend=backend, recall_ks=(1,))
+    assert res1["per_k"][3]["pred"].item() == 1 and res1["per_k"][3]["top1"] == 100.0
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_ties_lowest_index_and_lowest_class(backend):
+    pytest.importorskip("faiss") if backend == "faiss" else None
+    bank = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    labels = torch.tensor([0, 2, 1, 0])
+    res = classify(bank, labels, QUERY, torch.tensor([1]), ks=(1, 2), temperature=0.1, num_classes=3,
+                   backend=backend, recall_ks=(1,))
+    # three bank vectors tie with the query; depth 2 keeps the two lowest indices, in order
+    assert res["ids"][0].tolist() == [1, 2]
+    assert res["per_k"][1]["pred"].item() == 2  # nearest (lowest index among the tied) has label 2
+    # k=2: classes 2 and 1 tie with exp(10) each -> the lowest class index wins
+    assert res["per_k"][2]["pred"].item() == 1
+
+
+def test_several_k_match_separate_monitor_searches():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 16, generator=g) * 2
+    lb = torch.arange(300) % 4
+    lq = torch.arange(60) % 4
+    fb = torch.nn.functional.normalize(centres[lb] + torch.randn(300, 16, generator=g), dim=1)
+    fq = torch.nn.functional.normalize(centres[lq] + torch.randn(60, 16, generator=g), dim=1)
+    res = classify(fb, lb, fq, lq, ks=(5, 20, 200), temperature=0.07, num_classes=4, backend="torch")
+    assert res["depth"] == 200
+    for k in (5, 20, 200):
+        pred, _ = knn_classify(fb, lb, fq, k=k, temperature=0.07, num_classes=4)
+        assert torch.equal(res["per_k"][k]["pred"], pred)
+    assert res["per_k"][20]["top1"] > 60  # real signal, not chance (25 %)
+
+
+def test_retrieval_metrics_by_hand():
+    nbr = torch.tensor([[1, 0, 1, 1], [1, 1, 0, 0]])
+    q = torch.tensor([1, 0])
+    counts = torch.tensor([2, 3])  # R = 2 for class 0, 3 for class 1
+    m = retrieval_metrics(nbr, q, counts, recall_ks=(1, 3, 10))
+    assert m["recall@1"] == pytest.approx(50.0)
+    assert m["recall@3"] == pytest.approx(100.0)
+    assert "recall@10" not in m  # deeper than the search
+    # query 0: R=3, rel 1,0,1 -> (1/1 + 2/3) / 3 = 5/9; query 1: R=2, rel 0,0 -> 0
+    assert m["map_at_r"] == pytest.approx(100 * (5 / 9) / 2, abs=1e-4)
+    # R larger than the search depth is capped at the depth: R=4, rel 1,0,1,1 -> (1 + 2/3 + 3/4) / 4
+    m2 = retrieval_metrics(nbr[:1], q[:1], torch.tensor([0, 10]), recall_ks=(1,))
+    assert m2["map_at_r"] == pytest.approx(100 * (1 + 2 / 3 + 3 / 4) / 4, abs=1e-4)
+
+
+def test_confusion_matrix():
+    cm = confusion_matrix(torch.tensor([0, 1, 1, 2]), torch.tensor([0, 1, 2, 2]), 3)
+    assert cm.tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
+
+
+def test_faiss_and_torch_agree_exactly_with_many_ties(tmp_path):
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(0)
+    bank = rng.integers(0, 3, size=(400, 8)).astype(np.float32)  # small integers: exact dot products, many ties
+    queries = rng.integers(0, 3, size=(50, 8)).astype(np.float32)
+    out = {}
+    for backend in ("torch", "faiss"):
+        idx = EmbeddingIndex(8, "flat", backend).add(bank)
+        out[backend] = idx.search(queries, 25)
+        loaded = EmbeddingIndex.load(idx.save(tmp_path / backend))
+        s2, i2 = loaded.search(queries, 25)
+        assert np.array_equal(i2, out[backend][1]) and np.array_equal(s2, out[backend][0])
+    assert np.array_equal(out["torch"][1], out["faiss"][1])
+    assert np.array_equal(out["torch"][0], out["faiss"][0])
+    # and the whole classification (every k, recall, mAP@R) is identical
+    labels = torch.from_numpy(rng.integers(0, 5, size=400))
+    ql = torch.from_numpy(rng.integers(0, 5, size=50))
+    fb, fq = torch.from_numpy(bank), torch.from_numpy(queries)
+    a = classify(fb, labels, fq, ql, ks=(1, 7, 25), num_classes=5, backend="torch")
+    b = classify(fb, labels, fq, ql, ks=(1, 7, 25), num_classes=5, backend="faiss")
+    assert a["retrieval"] == b["retrieval"]
+    for k in (1, 7, 25):
+        assert torch.equal(a["per_k"][k]["pred"], b["per_k"][k]["pred"])
+
+
+def test_hnsw_and_ivf_find_clustered_neighbours():
+    pytest.importorskip("faiss")
+    g = torch.Generator().manual_seed(1)
+    centres = torch.randn(5, 32, generator=g) * 3
+    lb, lq = torch.arange(1000) % 5, torch.arange(100) % 5
+    fb = torch.nn.functional.normalize(centres[lb] + torch.randn(1000, 32, generator=g), dim=1)
+    fq = torch.nn.functional.normalize(centres[lq] + torch.randn(100, 32, generator=g), dim=1)
+    exact = classify(fb, lb, fq, lq, ks=(20,), num_classes=5, backend="torch")["per_k"][20]["top1"]
+    for kind in ("hnsw", "ivf"):
+        res = classify(fb, lb, fq, lq, ks=(20,), num_classes=5, backend="auto", kind=kind)
+        assert res["backend"] == "faiss"
+        assert abs(res["per_k"][20]["top1"] - exact) <= 2.0
+
+
+# ------------------------------------------------------------------------------------------ CLI
+@pytest.fixture
+def slice_specs(cifar_val):
+    return f"{cifar_val}[:200]", f"{cifar_val}[4900:]"
+
+
+def test_cli_knn_random_resnet18(tmp_path, slice_specs):
+    pytest.importorskip("matplotlib")
+    train, test = slice_specs
+    out = tmp_path / "knn"
+    r = runner.invoke(app, ["eval", "knn", "--weights", "random", "--arch", "resnet18", "--train-data", train,
+                            "--test-data", test, "--k", "20", "--k", "5", "--output", str(out), "--precision", "fp32"])
+    assert r.exit_code == 0, r.output
+    assert "top-1" in r.output and "mAP@R" in r.output
+    res = json.loads((out / "results.json").read_text())
+    assert res["k"] == 20 and set(res["per_k"]) == {"5", "20"}
+    for key in ("top1", "top5", "recall@1", "recall@5", "recall@10", "map_at_r"):
+        assert 0.0 <= res[key] <= 100.0
+    assert res["settings"]["arch"] == "resnet18" and res["settings"]["temperature"] == 0.1
+    assert res["settings"]["bank_size"] == 200 and res["settings"]["queries"] == 100
+    fb = np.load(out / "features" / "train" / "features.npy")
+    fq = np.load(out / "features" / "test" / "features.npy")
+    lb = np.load(out / "features" / "train" / "labels.npy")
+    lq = np.load(out / "features" / "test" / "labels.npy")
+    assert fb.shape == (200, 512) and fq.shape == (100, 512)
+    assert np.allclose(np.linalg.norm(fb, axis=1), 1.0, atol=1e-5)
+    assert json.loads((out / "features" / "test" / "ids.json").read_text())[:2] == [4900, 4901]
+    # the saved features reproduce the reported accuracy with the training monitor's classifier
+    pred, _ = knn_classify(torch.from_numpy(fb), torch.from_numpy(lb), torch.from_numpy(fq), k=20, temperature=0.1,
+                           num_classes=10)
+    assert res["top1"] == pytest.approx(100.0 * (pred.numpy() == lq).mean(), abs=1e-4)
+    assert np.load(out / "confusion_matrix.npy").sum() == 100
+    for png in ("confusion_matrix.png", "neighbours.png"):
+        assert (out / "plots" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def _bad(args) -> str:
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.output
+    return lines[0]
+
+
+def test_cli_knn_k_larger_than_bank(tmp_path, slice_specs):
+    train, test = slice_specs
+    msg = _bad(["eval", "knn", "--weights", "random", "--arch", "resnet18", "--train-data", train, "--test-data", test,
+                "--k", "201", "--output", str(tmp_path / "o")])
+    assert "201" in msg and "200" in msg
+
+
+def test_cli_knn_empty_dataset(tmp_path, cifar_val):
+    msg = _bad(["eval", "knn", "--weights", "random", "--arch", "resnet18", "--train-data", f"{cifar_val}[5:5]",
+                "--test-data", f"{cifar_val}[:10]", "--output", str(tmp_path / "o")])
+    assert "empty" in msg
+
+
+def test_cli_knn_different_class_lists(tmp_path, tiny_npz):
+    with np.load(tiny_npz) as d:
+        np.savez(tmp_path / "other.npz", images=d["images"], labels=d["labels"],
+                 class_names=np.array(["airplane", "automobile", "cat"]))
+    msg = _bad(["eval", "knn", "--weights", "random", "--arch", "resnet18", "--train-data", str(tiny_npz),
+                "--test-data", str(tmp_path / "other.npz"), "--k", "5", "--output", str(tmp_path / "o")])
+    assert "different class lists" in msg and "bird" in msg and "cat" in msg
+
+
+def test_cli_knn_weights_of_another_architecture(tmp_path, tiny_npz):
+    save_backbone(tmp_path / "backbone.pt", build_backbone("resnet18", "cifar"), "resnet18", "cifar")
+    msg = _bad(["eval", "knn", "--weights", str(tmp_path / "backbone.pt"), "--arch", "resnet34",
+                "--train-data", str(tiny_npz), "--test-data", str(tiny_npz), "--k", "5", "--output", str(tmp_path / "o")])
+    assert "missing: layer1.2." in msg and "resnet18" in msg and "resnet34" in msg
+    msg = _bad(["eval", "knn", "--weights", str(tmp_path / "backbone.pt"), "--stem", "imagenet",
+                "--train-data", str(tiny_npz), "--test-data", str(tiny_npz), "--k", "5", "--output", str(tmp_path / "o")])
+    assert "conv1.weight" in msg and "shape mismatch" in msg
+
+
+def test_cli_knn_not_a_simsiam_kit_checkpoint(tmp_path, tiny_npz):
+    torch.save({"epoch": 3, "arch": "something else"}, tmp_path / "foreign.pt")
+    msg = _bad(["eval", "knn", "--weights", str(tmp_path / "foreign.pt"), "--train-data", str(tiny_npz),
+                "--test-data", str(tiny_npz), "--k", "5", "--output", str(tmp_path / "o")])
+    assert "foreign.pt" in msg and "not a simsiam-kit" in msg
+    (tmp_path / "text.pt").write_text("hello")
+    msg = _bad(["eval", "knn", "--weights", str(tmp_path / "text.pt"), "--train-data", str(tiny_npz),
+                "--test-data", str(tiny_npz), "--k", "5", "--output", str(tmp_path / "o")])
+    assert "text.pt" in msg
+
+
+# ------------------------------------------------------------------------------------------ slow
+@pytest.mark.slow
+def test_short_simsiam_run_beats_random_init(tmp_path, cifar_val):
+    """A few minutes of SimSiam on 4,000 real CIFAR-10 images gives a higher kNN top-1 than the same
+    network randomly initialised (same arch, stem and normalisation)."""
+    run = tmp_path / "run"
+    r = runner.invoke(app, ["pretrain", "--config", "cifar10_resnet18",
+                            "--set", f"data.train={cifar_val}[:4000]", "--set", "data.val=null",
+                            "--set", "optim.epochs=6", "--set", "optim.batch_size=256", "--set", "optim.base_lr=0.06",
+                            "--set", "train.progress=false", "--set", "train.plots=false", "--output", str(run)])
+    assert r.exit_code == 0, r.output
+    acc = {}
+    for name, w in (("simsiam", [str(run)]), ("random", ["random", "--arch", "resnet18", "--stem", "cifar"])):
+        out = tmp_path / name
+        r = runner.invoke(app, ["eval", "knn", "--weights", *w, "--train-data", f"{cifar_val}[:4000]",
+                                "--test-data", f"{cifar_val}[4000:]", "--k", "200", "--output", str(out),
+                                "--mean", "0.4914,0.4822,0.4465", "--std", "0.2470,0.2435,0.2616", "--no-plots"])
+        assert r.exit_code == 0, r.output
+        acc[name] = json.loads((out / "results.json").read_text())["top1"]
+    assert acc["simsiam"] > acc["random"] + 2.0, acc
