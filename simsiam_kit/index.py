@@ -59,6 +59,7 @@ class EmbeddingIndex:
         self._vectors: list[np.ndarray] = []  # torch backend storage
         self._bank: Optional[torch.Tensor] = None
         self._faiss = None
+        self._xb = None  # stored vectors, reconstructed only to settle ties at the cut (faiss flat)
 
     @staticmethod
     def auto_backend(kind: str, use_gpu: Optional[bool] = None) -> str:
@@ -143,19 +144,20 @@ class EmbeddingIndex:
             s, i = s[:, :k].copy(), i[:, :k].copy()
             for r in straddle:
                 s[r], i[r] = self._faiss_row_lowest_index(q[r : r + 1], s[r, k - 1], k)
+            self._xb = None
         s, i = _tie_order(s, i)
         return s.astype(np.float32), i.astype(np.int64)
 
     def _faiss_row_lowest_index(self, q: np.ndarray, kth: float, k: int):
-        """All stored vectors at least as similar as the k-th one (a range search), then the k best
-        with ties at the cut going to the lowest ids, as the torch backend does."""
-        idx = self._faiss
-        if not hasattr(idx, "range_search") or type(idx).__name__.startswith("Gpu"):
-            s, i = idx.search(q, k)  # GPU flat indexes have no range search: keep faiss's choice
-            return s[0], i[0]
-        lims, s, i = idx.range_search(q, float(np.nextafter(np.float32(kth), np.float32(-np.inf))))
-        o = np.lexsort((i, -s))[:k]
-        return s[o], i[o]
+        """Rows where the k-th similarity ties across the cut: rescored against the stored vectors
+        (float64, rounded to float32), and the k best kept with ties going to the lowest ids, as the
+        torch backend does. (A faiss re-search cannot do this: its kernel, and so the last bit of a
+        similarity, depends on the number of queries.)"""
+        if getattr(self, "_xb", None) is None or len(self._xb) != self.ntotal:
+            self._xb = self._faiss.reconstruct_n(0, self.ntotal).astype(np.float64)
+        row = (self._xb @ q[0].astype(np.float64)).astype(np.float32)
+        o = np.lexsort((np.arange(len(row)), -row))[:k]
+        return row[o], o
 
     # ---------------------------------------------------------------- persistence
     def save(self, directory) -> Path:

@@ -17,7 +17,7 @@ def knn_search_torch(bank: torch.Tensor, queries: torch.Tensor, k: int, chunk: i
     sorted by decreasing similarity; equal similarities are ordered by increasing bank index."""
     k = min(k, bank.shape[0])
     sims, idxs = [], []
-    bank_t = bank.t().contiguous()
+    bank_t = bank.t()  # a transposed view: the GEMM reads it in place (no copy of the bank per call)
     for s in range(0, queries.shape[0], chunk):
         sim = queries[s : s + chunk] @ bank_t
         v, i = _stable_topk(sim, k)
@@ -36,8 +36,8 @@ def _stable_topk(sim: torch.Tensor, k: int):
     if kk > k:
         straddle = torch.nonzero(v[:, k] == v[:, k - 1]).flatten()
         v, i = v[:, :k].clone(), i[:, :k].clone()
-        for r in straddle.tolist():
-            v[r], i[r] = _row_topk_lowest_index(sim[r], k)
+        if straddle.numel():
+            v[straddle], i[straddle] = _topk_lowest_index(sim[straddle], v[straddle, k - 1], k)
     # deterministic order among equal similarities: by bank index
     order = torch.argsort(i, dim=1, stable=True)
     v2, i2 = torch.gather(v, 1, order), torch.gather(i, 1, order)
@@ -45,13 +45,16 @@ def _stable_topk(sim: torch.Tensor, k: int):
     return torch.gather(v2, 1, order), torch.gather(i2, 1, order)
 
 
-def _row_topk_lowest_index(row: torch.Tensor, k: int):
-    """Exact top-k of one row where ties at the k-th value keep the lowest indices."""
-    kth = torch.topk(row, k).values[-1]
-    above = torch.nonzero(row > kth).flatten()
-    equal = torch.nonzero(row == kth).flatten()[: k - above.numel()]
-    idx = torch.cat([above, equal])
-    return row[idx], idx
+def _topk_lowest_index(rows: torch.Tensor, kth: torch.Tensor, k: int):
+    """Exact top-k of each row given its k-th value: everything above it, then the lowest-index
+    columns equal to it (one vectorised pass; the result is in column order, sorted by the caller)."""
+    kth = kth.view(-1, 1)
+    above = rows > kth
+    equal = rows == kth
+    need = k - above.sum(1, keepdim=True)
+    keep = above | (equal & (equal.cumsum(1) <= need))
+    idx = torch.nonzero(keep)[:, 1].view(rows.shape[0], k)
+    return torch.gather(rows, 1, idx), idx
 
 
 def weighted_vote(sims: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: int, temperature: float):
