@@ -137,6 +137,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             raise UserError(f"{source}: key '{key}' must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{source}: key '{key}' must be a number, got {value!r}")
         return float(value)

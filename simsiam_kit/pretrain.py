@@ -45,6 +45,7 @@ from simsiam_kit.models import build_backbone, build_simsiam
 from simsiam_kit.utils import dist
 from simsiam_kit.utils.device import resolve_channels_last, resolve_device, resolve_precision
 from simsiam_kit.utils.io import atomic_write_json
+from simsiam_kit.utils.syncbn import convert_sync_batchnorm
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -188,7 +189,7 @@ def run_pretrain(
     # ---- model
     model = build_simsiam(cfg.model)
     if dist.is_dist() and cfg.train.sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = convert_sync_batchnorm(model, device.type)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     init_lr = cfg.optim.base_lr * cfg.optim.batch_size / 256
     optimizer = build_optimizer(model, cfg, init_lr)

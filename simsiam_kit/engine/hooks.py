@@ -183,9 +183,12 @@ class ProgressBar(Hook):
 
 
 class MetricsWriter(Hook):
-    """One JSON object per line in ``metrics.jsonl``: step lines every ``every`` steps and one epoch line."""
+    """One JSON object per line in ``metrics.jsonl``: step lines every ``every`` steps and one epoch line.
 
-    priority = 90
+    Runs after the monitors (so the epoch line has their values) and before the checkpointer: a run killed
+    between the two has an epoch line newer than its checkpoint, which resuming trims and writes again."""
+
+    priority = 38
 
     def __init__(self, path: Path, every: int = 10, extra_step: Optional[Callable[[object], dict]] = None):
         self.path, self.every = Path(path), every

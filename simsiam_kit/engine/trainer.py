@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Optional
 
 
 class Hook:
-    priority = 50  # lower runs first; the metrics writer runs last so it sees everything
+    priority = 50  # lower runs first
 
     def before_train(self, trainer: "Trainer") -> None: ...
 

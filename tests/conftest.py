@@ -1,0 +1,45 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+DATA = SHARED / "data"
+CIFAR_VAL = DATA / "cifar10" / "val.npz"
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"shared data not available: {path}")
+    return path
+
+
+@pytest.fixture
+def cifar_val() -> Path:
+    return need(CIFAR_VAL)
+
+
+@pytest.fixture
+def tiny_npz(tmp_path) -> Path:
+    """48 real CIFAR images (16 px crops of val.npz), 3 classes, written as a .npz."""
+    with np.load(need(CIFAR_VAL)) as d:
+        keep = np.flatnonzero(d["labels"] < 3)[:48]
+        images = np.ascontiguousarray(d["images"][keep][:, 8:24, 8:24])
+        labels = d["labels"][keep]
+    p = tmp_path / "tiny.npz"
+    np.savez(p, images=images, labels=labels, class_names=np.array(["airplane", "automobile", "bird"]))
+    return p
+
+
+def tiny_overrides(train: str, val: str | None = None, epochs: int = 1, batch: int = 16) -> list[str]:
+    """--set overrides for a seconds-long run: small heads, 16 px, fp32, no plots."""
+    return [
+        f"data.train={train}", f"data.val={val if val else 'null'}", "data.image_size=16",
+        "model.proj_dim=64", "model.proj_hidden=64", "model.pred_hidden=16",
+        f"optim.epochs={epochs}", f"optim.batch_size={batch}", "train.progress=false",
+        "train.precision=fp32", "train.knn_every=1", "train.knn_k=5", "train.log_every=1", "train.plots=false",
+    ]

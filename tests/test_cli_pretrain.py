@@ -1,0 +1,117 @@
+"""Pretraining through the CLI (Typer's CliRunner): a tiny real run and every bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from simsiam_kit.cli import app
+from conftest import tiny_overrides
+
+runner = CliRunner()
+
+
+def invoke(args):
+    return runner.invoke(app, args, catch_exceptions=False)
+
+
+def sets(overrides):
+    out = []
+    for o in overrides:
+        out += ["--set", o]
+    return out
+
+
+def test_help_lists_commands():
+    r = invoke(["--help"])
+    assert r.exit_code == 0
+    for cmd in ("pretrain", "eval", "export"):
+        assert cmd in r.output
+    assert invoke(["pretrain", "--help"]).exit_code == 0
+
+
+def test_tiny_pretrain_writes_run_directory(tmp_path, tiny_npz):
+    out = tmp_path / "run"
+    r = invoke(["pretrain", "--output", str(out)] + sets(tiny_overrides(str(tiny_npz), str(tiny_npz), epochs=2)))
+    assert r.exit_code == 0, r.output
+    assert "random-init backbone" in r.output
+    for f in ("config.yaml", "checkpoints/last.pt", "backbone.pt", "metrics.jsonl", "results/pretrain.json"):
+        assert (out / f).is_file(), f
+    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in recs if r["type"] == "epoch"]
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    for k in ("loss", "lr", "images_per_s", "std", "knn_top1"):
+        assert k in epochs[-1]
+    assert all(r["type"] == "step" and "loss" in r for r in recs if r["type"] != "epoch")
+    ck = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert ck["epoch"] == 2 and not any(k.startswith("module.") for k in ck["model"])
+    bb = torch.load(out / "backbone.pt", weights_only=True)
+    assert bb["arch"] == "resnet18" and set(bb["state_dict"]) == {
+        k[len("backbone."):] for k in ck["model"] if k.startswith("backbone.")}
+    summary = json.loads((out / "results" / "pretrain.json").read_text())
+    assert summary["knn_top1"] is not None and summary["knn_top1_random_init"] is not None
+    assert "optim:" in (out / "config.yaml").read_text()
+
+
+def test_plots_written(tmp_path, tiny_npz):
+    out = tmp_path / "run"
+    o = [x for x in tiny_overrides(str(tiny_npz), str(tiny_npz)) if not x.startswith("train.plots")]
+    assert invoke(["pretrain", "--output", str(out)] + sets(o)).exit_code == 0
+    for p in ("loss.png", "std.png", "knn.png", "lr.png"):
+        assert (out / "plots" / p).stat().st_size > 1000
+
+
+def _expect_error(args, *needles, code=2):
+    r = runner.invoke(app, args)
+    assert r.exit_code == code, r.output
+    assert "Traceback" not in r.output
+    for n in needles:
+        assert n in r.output, (n, r.output)
+    return r
+
+
+def test_bad_inputs(tmp_path, tiny_npz):
+    base = ["pretrain", "--output", str(tmp_path / "r")]
+    _expect_error(base + sets(tiny_overrides(str(tmp_path / "missing.npz"))), "dataset not found", "missing.npz")
+    (tmp_path / "empty").mkdir()
+    _expect_error(base + sets(tiny_overrides(str(tmp_path / "empty"))), "no images found")
+    _expect_error(base + ["--set", "optim.epocs=2"], "unknown config key 'optim.epocs'")
+    _expect_error(base + ["--set", "optim.epochs=many"], "optim.epochs", "integer")
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("model:\n  stem: vit\n")
+    _expect_error(["pretrain", "--config", str(bad_yaml)], "model.stem", str(bad_yaml))
+    _expect_error(base + sets(tiny_overrides(str(tiny_npz), batch=512)), "larger than the dataset")
+    _expect_error(["pretrain", "--resume", "--output", str(tmp_path / "nothing")], "--resume", "no checkpoint")
+
+
+def test_corrupt_image_named_or_skipped(tmp_path):
+    root = tmp_path / "imgs"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(9):
+            Image.fromarray(np.random.default_rng(i).integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(
+                root / c / f"{i}.png")
+    (root / "b" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00truncated")
+    o = tiny_overrides(str(root), None, batch=8) + ["data.workers=0"]
+    _expect_error(["pretrain", "--output", str(tmp_path / "r1")] + sets(o), "cannot read image", "3.png")
+    r = invoke(["pretrain", "--output", str(tmp_path / "r2")] + sets(o + ["data.skip_bad_images=true"]))
+    assert r.exit_code == 0, r.output
+    recs = [json.loads(l) for l in (tmp_path / "r2" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r.get("skipped", 0) for r in recs if r["type"] == "step") == 1
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_npz):
+    out = tmp_path / "run"
+    o = tiny_overrides(str(tiny_npz), None, epochs=1)
+    assert invoke(["pretrain", "--output", str(out)] + sets(o)).exit_code == 0
+    good = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    # continue for a second epoch with an absurd lr: the weights blow up and the loss turns NaN
+    r = _expect_error(["pretrain", "--resume", "--output", str(out), "--set", "optim.epochs=2",
+                       "--set", "optim.base_lr=1e30"], "loss became nan", "last good checkpoint")
+    after = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert after["epoch"] == 1
+    assert all(torch.equal(good["model"][k], after["model"][k]) for k in good["model"])
+    assert r.exit_code == 2

@@ -1,0 +1,155 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from simsiam_kit.config import DataConfig
+from simsiam_kit.data import load_dataset, parse_spec
+from simsiam_kit.data.loaders import make_loader
+from simsiam_kit.data.transforms import (
+    BatchAugment, adjust_hue, gaussian_blur, resized_crop_flip, sample_resized_crops,
+)
+from simsiam_kit.errors import UserError
+
+
+def test_parse_spec_slices():
+    assert parse_spec("a/b.npz[:100]") == ("a/b.npz", slice(None, 100))
+    assert parse_spec("cifar10:test[10:20]") == ("cifar10:test", slice(10, 20))
+    assert parse_spec("demo") == ("demo", None)
+
+
+def test_npz_and_slice(cifar_val):
+    ds = load_dataset(f"{cifar_val}[:10]")
+    assert len(ds) == 10 and ds.images.shape == (10, 32, 32, 3) and ds.classes[0] == "airplane"
+    full = np.load(cifar_val)
+    assert np.array_equal(ds.labels, full["labels"][:10])
+
+
+def test_demo_dataset_is_real_digits():
+    tr, va = load_dataset("demo:train"), load_dataset("demo:val")
+    assert len(tr) == 4000 and len(va) == 1000
+    assert np.bincount(va.labels).tolist() == [100] * 10
+    assert not set(tr.ids) & set(va.ids)
+    # real digits: dark background, bright strokes, a 2-pixel zero border from the 28->32 padding
+    assert tr.images[:, :2].max() == 0 and tr.images.mean() < 60 and tr.images.max() == 255
+
+
+def test_image_folder_and_corrupt_file(tmp_path):
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(3):
+            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / c / f"{i}.png")
+    ds = load_dataset(str(tmp_path))
+    assert ds.classes == ["a", "b"] and ds.labels.tolist() == [0, 0, 0, 1, 1, 1] and ds.ids[0] == "a/0.png"
+    bad = tmp_path / "b" / "9.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage")
+    ds = load_dataset(str(tmp_path))
+    with pytest.raises(UserError, match="9.png"):
+        [ds.load_pil(i) for i in range(len(ds))]
+    ds = load_dataset(str(tmp_path), skip_bad_images=True)
+    batches = list(make_loader(ds, 7, train=False, workers=0, image_size=8))
+    assert batches[0]["skipped"] == 1 and batches[0]["images"].shape[0] == 6
+
+
+def test_missing_and_empty(tmp_path):
+    with pytest.raises(UserError, match="dataset not found"):
+        load_dataset(str(tmp_path / "nope.npz"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no images found"):
+        load_dataset(str(tmp_path / "empty"))
+    with pytest.raises(UserError, match="is empty"):
+        load_dataset("demo:val[5:5]")
+
+
+def _fake_cifar10(root):
+    base = root / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(base / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 255, (4, 3072), dtype=np.uint8), "labels": [0, 1, 2, 3]}, f)
+    with open(base / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+
+
+def test_torchvision_cifar_without_network(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+
+    # no files and no download switch: a clear error, and no download is attempted
+    calls = []
+    monkeypatch.setattr(tvd.utils, "download_and_extract_archive", lambda *a, **k: calls.append(a))
+    with pytest.raises(UserError, match="data.download=true"):
+        load_dataset("cifar10", root=str(tmp_path))
+    assert calls == []
+    # with the switch, torchvision's real download path is taken (network call stubbed out)
+    monkeypatch.setattr(tvd.cifar, "check_integrity", lambda *a, **k: bool(calls))  # md5 of the real files
+    monkeypatch.setattr(tvd.cifar, "download_and_extract_archive",
+                        lambda url, root, **k: (calls.append(url), _fake_cifar10(tmp_path)))
+    ds = load_dataset("cifar10:test", root=str(tmp_path), download=True)
+    assert calls and "cifar-10-python.tar.gz" in calls[0]
+    assert len(ds) == 4 and ds.images.shape == (4, 32, 32, 3) and ds.classes[1] == "c1"
+
+
+def test_array_loader_shards_cover_dataset(cifar_val):
+    ds = load_dataset(f"{cifar_val}[:100]")
+    ld = make_loader(ds, 32, train=True, seed=1)
+    assert len(ld) == 3  # drop_last
+    ld.set_epoch(0)
+    a = torch.cat([b["index"] for b in ld])
+    ld.set_epoch(1)
+    b = torch.cat([b["index"] for b in ld])
+    assert len(set(a.tolist())) == 96 and not torch.equal(a, b)
+    with pytest.raises(UserError, match="larger than the dataset"):
+        make_loader(ds, 128, train=True)
+
+
+def test_crop_sampler_respects_scale_and_ratio():
+    g = torch.Generator().manual_seed(0)
+    boxes = sample_resized_crops(5000, 32, 32, (0.2, 1.0), gen=g)
+    top, left, h, w = boxes.unbind(1)
+    area = h * w / 1024
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 32).all() and (left + w <= 32).all()
+    assert area.min() >= 0.2 - 0.05 and area.max() <= 1.0
+    ratio = w / h
+    assert ratio.min() >= 3 / 4 - 0.1 and ratio.max() <= 4 / 3 + 0.1
+
+
+def test_resized_crop_flip_exact_on_identity_and_half():
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
+    out = resized_crop_flip(x, torch.tensor([[0, 0, 4, 4], [0, 0, 4, 4]]), 4, torch.tensor([False, True]))
+    assert torch.equal(out[0], x[0]) and torch.equal(out[1], x[1].flip(-1))
+    # crop the top-left 2x2 block and keep it at 2x2: exact pixels
+    out = resized_crop_flip(x[:1], torch.tensor([[0, 0, 2, 2]]), 2, torch.tensor([False]))
+    assert torch.allclose(out[0], x[0, :, :2, :2])
+
+
+def test_hue_matches_torchvision():
+    import torchvision.transforms.functional as TF
+
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 8, 8)
+    f = torch.tensor([0.1, -0.05, 0.0])
+    ours = adjust_hue(x.clone(), f)
+    ref = torch.stack([TF.adjust_hue(x[i], float(f[i])) for i in range(3)])
+    assert torch.allclose(ours, ref, atol=1e-5)
+
+
+def test_blur_preserves_constant_and_mean():
+    x = torch.full((2, 3, 16, 16), 0.5)
+    y = gaussian_blur(x, torch.tensor([0.5, 2.0]), 2.0)
+    assert torch.allclose(y, x, atol=1e-6)
+
+
+def test_batch_augment_shapes_and_statistics(cifar_val):
+    ds = load_dataset(f"{cifar_val}[:64]")
+    imgs = torch.from_numpy(ds.images).permute(0, 3, 1, 2).contiguous()
+    cfg = DataConfig(image_size=24, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    g = torch.Generator().manual_seed(0)
+    v = BatchAugment(cfg)(imgs, g)
+    assert v.shape == (64, 3, 24, 24) and v.min() >= 0 and v.max() <= 1
+    gray = (v[:, 0] == v[:, 1]).flatten(1).all(1) & (v[:, 1] == v[:, 2]).flatten(1).all(1)
+    assert 0 < gray.sum() < 40  # ~20% grayscale
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(BatchAugment(cfg)(imgs, g1), BatchAugment(cfg)(imgs, g2))  # seeded: reproducible
