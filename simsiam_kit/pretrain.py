@@ -27,6 +27,7 @@ import torch
 
 from simsiam_kit.config import PretrainConfig, load_yaml, save_config, to_dict, _from_dict, merge_overrides, validate
 from simsiam_kit.data import load_dataset
+from simsiam_kit.data.datasets import resize_in_memory
 from simsiam_kit.data.loaders import make_loader
 from simsiam_kit.data.transforms import BatchAugment
 from simsiam_kit.engine import Trainer
@@ -173,6 +174,7 @@ def run_pretrain(
 
     # ---- data
     train_ds = load_dataset(cfg.data.train, cfg.data.root, cfg.data.download, cfg.data.skip_bad_images)
+    train_ds = resize_in_memory(train_ds, cfg.data.image_size)
     if cfg.optim.batch_size % world:
         raise UserError(f"optim.batch_size {cfg.optim.batch_size} is not divisible by the {world} processes")
     per_rank_bs = cfg.optim.batch_size // world
@@ -182,7 +184,8 @@ def run_pretrain(
     augment = BatchAugment(cfg.data, crop=not loader.two_views_in_loader)
     val_ds = None
     if cfg.train.knn_every > 0 and cfg.data.val and train_ds.has_labels:
-        val_ds = load_dataset(cfg.data.val, cfg.data.root, cfg.data.download, cfg.data.skip_bad_images)
+        val_ds = resize_in_memory(
+            load_dataset(cfg.data.val, cfg.data.root, cfg.data.download, cfg.data.skip_bad_images), cfg.data.image_size)
         if not val_ds.has_labels:
             val_ds = None
 

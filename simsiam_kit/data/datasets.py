@@ -99,6 +99,26 @@ class ImageDataset:
         )
 
 
+def resize_in_memory(ds: ImageDataset, size: int) -> ImageDataset:
+    """Resize an in-memory dataset once (antialiased bilinear) so batched crops start at the train size.
+
+    RandomResizedCrop of the resized image equals, up to resampling, the crop of the original resized
+    to ``size``; doing the resize once keeps small-resolution runs (demo, budget experiments) cheap and
+    free of aliasing."""
+    if not ds.in_memory or (ds.images.shape[1] == size and ds.images.shape[2] == size):
+        return ds
+    import torch
+    import torch.nn.functional as F
+
+    out = []
+    for s in range(0, len(ds), 2048):
+        x = torch.from_numpy(ds.images[s : s + 2048]).permute(0, 3, 1, 2).float()
+        y = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        out.append(y.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    return ImageDataset(name=ds.name, labels=ds.labels, ids=ds.ids, classes=ds.classes,
+                        images=np.ascontiguousarray(np.concatenate(out)), skip_bad_images=ds.skip_bad_images)
+
+
 def parse_spec(spec: str) -> tuple[str, Optional[slice]]:
     m = _SLICE_RE.match(spec.strip())
     if not m:
