@@ -128,10 +128,10 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print()
-    print(f"| init | AP | AP50 | AP75 | s/iter (median) | final loss |")
-    print(f"| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| init | AP (%) | AP50 (%) | AP75 (%) | s/iter (median) | final loss |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for k, v in rows.items():
-        print(f"| {k} | {v['AP']:.2f} | {v['AP50']:.2f} | {v['AP75']:.2f} | {v['seconds_per_iter']:.3f} | "
+        print(f"| {k} | {v['AP']:.4f} | {v['AP50']:.4f} | {v['AP75']:.4f} | {v['seconds_per_iter']:.3f} | "
               f"{v['final_loss']:.3f} |")
     q = result["ratio_simsiam_over_random"]
     print(f"ratio simsiam / random: AP {q['AP']}, AP50 {q['AP50']}, s/iter {q['seconds_per_iter']}")
