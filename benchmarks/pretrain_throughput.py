@@ -27,14 +27,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHARED_DATA, print_table, write_json  # noqa: E402
+from _common import SHARED_DATA, median_time, print_table, write_json  # noqa: E402
 
 from simsiam_kit.config import PretrainConfig, load_pretrain_config  # noqa: E402
 
@@ -44,15 +43,9 @@ def cifar_cfg(precision: str, channels_last) -> PretrainConfig:
     return load_pretrain_config("cifar10_resnet18", o)
 
 
-def time_steps(step_fn, steps: int, warmup: int = 2) -> list[float]:
-    for _ in range(warmup):
-        step_fn()
-    out = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step_fn()
-        out.append(time.perf_counter() - t0)
-    return out
+def time_steps(step_fn, steps: int) -> list[float]:
+    """Per-step seconds of ``steps`` steps after 2 untimed warm-up steps."""
+    return median_time(step_fn, steps, warmup=2)[1]
 
 
 def ours(images: np.ndarray, batch: int, steps: int, precision: str, channels_last):
