@@ -115,7 +115,8 @@ def plot_runs(runs: list[dict], out: Path, title: str) -> Path:
     axes[0].set(xlabel="training step", ylabel="loss", title="SimSiam loss (minimum -1)")
     axes[1].axhline(1 / math.sqrt(dim), ls="--", c="gray", lw=1, label=f"1/sqrt({dim})")
     axes[1].set(xlabel="training step", ylabel="std of l2-normalised z", title="output std")
-    axes[1].set_ylim(bottom=0)
+    top = max([s["std"] for r in runs for s in r["steps"] if s.get("std") is not None] + [1 / math.sqrt(dim)])
+    axes[1].set_ylim(0, top * 1.15)
     axes[2].axhline(10, ls=":", c="gray", lw=1, label="chance (10%)")
     axes[2].set(xlabel="epoch (0 = random init)", ylabel="kNN top-1 (%)", title="kNN accuracy (k=200, T=0.1)")
     for ax in axes:
