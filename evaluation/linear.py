@@ -193,9 +193,11 @@ def evaluate_head(head: torch.nn.Module, features: torch.Tensor, labels: torch.T
 
 
 class HeadEvaluation(Hook):
-    """Test top-1/top-5 after every epoch, on features extracted once (the backbone is frozen)."""
+    """Test top-1/top-5 after every epoch, on features extracted once (the backbone is frozen).
 
-    priority = 60
+    Runs before the metrics writer (priority 38) so the epoch line of metrics.jsonl carries the scores."""
+
+    priority = 35
 
     def __init__(self, head, features: torch.Tensor, labels: torch.Tensor):
         self.head, self.features, self.labels = head, features, labels
