@@ -131,7 +131,8 @@ class EmbeddingIndex:
             from simsiam_kit.knn import knn_search_torch
 
             if self._bank is None:
-                self._bank = torch.from_numpy(np.concatenate(self._vectors)).to(self.device)
+                vecs = self._vectors[0] if len(self._vectors) == 1 else np.concatenate(self._vectors)
+                self._bank = torch.from_numpy(vecs).to(self.device)  # no copy of a single added array on the CPU
             s, i = knn_search_torch(self._bank, torch.from_numpy(q).to(self.device), k)
             return s.cpu().numpy().astype(np.float32), i.cpu().numpy().astype(np.int64)
         if self.kind != "flat":

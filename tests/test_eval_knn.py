@@ -119,6 +119,33 @@ def test_faiss_and_torch_agree_exactly_with_many_ties(tmp_path):
         assert torch.equal(a["per_k"][k]["pred"], b["per_k"][k]["pred"])
 
 
+@pytest.mark.parametrize("data", ["ties", "random"])
+def test_torch_search_matches_a_full_sort_reference(data):
+    """The fast tie handling (numpy, only on rows that hold a tie or straddle the cut) gives exactly the
+    order of a full sort by (similarity descending, bank index ascending), across query chunks."""
+    from simsiam_kit.knn import knn_search_torch
+
+    g = torch.Generator().manual_seed(3)
+    if data == "ties":  # small integers: exact dot products, ties inside the top-k and across the cut
+        bank, queries = torch.randint(0, 3, (300, 6), generator=g).float(), torch.randint(0, 3, (70, 6), generator=g).float()
+    else:
+        bank = torch.nn.functional.normalize(torch.randn(300, 16, generator=g), dim=1)
+        queries = torch.nn.functional.normalize(torch.randn(70, 16, generator=g), dim=1)
+        bank[150] = bank[7]  # one duplicated bank vector: an exact tie
+    for k in (1, 17, 300):
+        s, i = knn_search_torch(bank, queries, k, chunk=32)
+        # the same GEMM shapes as the search (the last bit of a similarity can depend on them)
+        full = torch.cat([queries[a : a + 32] @ bank.t() for a in range(0, len(queries), 32)]).numpy()
+        for r in range(len(queries)):
+            sim = full[r]
+            o = np.lexsort((np.arange(len(sim)), -sim))[:k]
+            assert i[r].tolist() == o.tolist(), (k, r)
+            assert np.array_equal(s[r].numpy(), sim[o])
+    if data == "ties":
+        v = torch.stack([knn_search_torch(bank, queries, 17)[0][:, j] for j in (15, 16)], 1)
+        assert (v[:, 0] == v[:, 1]).any()  # the data does exercise ties at the cut
+
+
 def test_hnsw_and_ivf_find_clustered_neighbours():
     pytest.importorskip("faiss")
     g = torch.Generator().manual_seed(1)
