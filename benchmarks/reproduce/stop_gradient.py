@@ -1,6 +1,6 @@
 """Stop-gradient ablation (SimSiam paper, Figure 2): the same config with and without the stop-gradient.
 
-    python benchmarks/reproduce/stop_gradient.py [--epochs 5] [--train-images 1024] [--set key=value ...]
+    python benchmarks/reproduce/stop_gradient.py [--epochs 8] [--train-images 2048] [--set key=value ...]
 
 Runs ``configs/pretrain/reproduce_cpu.yaml`` (ResNet-18, ImageNet stem at 32 px, CIFAR-10 (JPEG copy)
 subset; see the YAML for every setting) twice through ``simsiam_kit.pretrain.run_pretrain``: once as is
@@ -23,8 +23,8 @@ from _repro import IMG, RESULTS, collapse_figure, data_overrides, load_info, plo
 def parse(argv=None, description=__doc__):
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="reproduce_cpu")
-    ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--train-images", type=int, default=1024, help="first N of cifar10/train.npz (kNN bank too)")
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--train-images", type=int, default=2048, help="first N of cifar10/train.npz (kNN bank too)")
     ap.add_argument("--val-images", type=int, default=500, help="first N of cifar10/val.npz (kNN queries)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override")
     ap.add_argument("--work", default="runs/reproduce", help="where the run directories go")
