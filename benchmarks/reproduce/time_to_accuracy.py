@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _repro import CIFAR, IMG, RESULTS, _plt, load_info, write_json
+from _repro import CIFAR, IMG, RESULTS, _plt, load_info, read_json, write_json
 
 from simsiam_kit.data import load_dataset
 from simsiam_kit.features import extract_features
@@ -91,7 +91,7 @@ def cycle(loader, set_epoch=True):
         epoch += 1
 
 
-def run_ours(train_ds, batch, stem, evaluate, budget_s, checkpoints, precision="auto"):
+def run_ours(train_ds, batch, stem, evaluate, budget_s, checkpoints, precision="auto", overrides=(), label=None):
     from simsiam_kit.config import load_pretrain_config
     from simsiam_kit.data.loaders import make_loader
     from simsiam_kit.data.transforms import BatchAugment
@@ -100,7 +100,7 @@ def run_ours(train_ds, batch, stem, evaluate, budget_s, checkpoints, precision="
     from simsiam_kit.utils.device import resolve_channels_last, resolve_precision
 
     cfg = load_pretrain_config("cifar10_resnet18", [f"model.stem={stem}", f"optim.batch_size={batch}",
-                                                    f"train.precision={precision}"])
+                                                    f"train.precision={precision}"] + list(overrides))
     dev = torch.device("cpu")
     prec = resolve_precision(cfg.train.precision, dev)
     cl = resolve_channels_last(cfg.train.channels_last, dev, prec)
@@ -127,9 +127,9 @@ def run_ours(train_ds, batch, stem, evaluate, budget_s, checkpoints, precision="
         out = step_fn(next(it), T)
         return out["images"], float(out["loss"])
 
-    res = budget_loop("simsiam-kit", step, model.backbone, evaluate, budget_s, checkpoints, set_lr)
+    res = budget_loop(label or "simsiam-kit", step, model.backbone, evaluate, budget_s, checkpoints, set_lr)
     res.update({"precision": prec.name, "channels_last": cl, "lr": init_lr, "schedule": "cosine over the budget",
-                "momentum": cfg.optim.momentum, "weight_decay": cfg.optim.weight_decay})
+                "momentum": cfg.optim.momentum, "weight_decay": cfg.optim.weight_decay, "overrides": list(overrides)})
     return res
 
 
@@ -199,7 +199,7 @@ def run_lightly(images: np.ndarray, batch, stem, evaluate, budget_s, checkpoints
 def plot(results, out: Path, title: str) -> Path:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
-    for r, c in zip(results, ["tab:blue", "tab:green"]):
+    for r, c in zip(results, ["tab:blue", "tab:green", "tab:purple", "tab:orange"]):
         cur = r["curve"]
         axes[0].plot([p["train_s"] / 60 for p in cur], [p["knn_top1"] for p in cur], marker="o", c=c, label=r["name"])
         axes[1].plot([p["images"] for p in cur], [p["knn_top1"] for p in cur], marker="o", c=c, label=r["name"])
@@ -229,6 +229,9 @@ def main(argv=None):
     ap.add_argument("--stem", default="imagenet", choices=["imagenet", "cifar"])
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers for lightly's PIL pipeline")
     ap.add_argument("--tools", default="ours,lightly")
+    ap.add_argument("--ours-set", action="append", default=[], help="config override for the simsiam-kit run")
+    ap.add_argument("--name", default="time_to_accuracy", help="file name of the JSON and PNG")
+    ap.add_argument("--also", help="an earlier time_to_accuracy JSON whose curves are drawn in the same plot")
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--img", default=str(IMG))
     args = ap.parse_args(argv)
@@ -242,7 +245,9 @@ def main(argv=None):
     results, loads = [], {"start": load_info()}
     for tool in args.tools.split(","):
         if tool == "ours":
-            results.append(run_ours(train_ds, args.batch, args.stem, evaluate, budget_s, args.checkpoints))
+            label = "simsiam-kit" + (f" ({', '.join(args.ours_set)})" if args.ours_set else "")
+            results.append(run_ours(train_ds, args.batch, args.stem, evaluate, budget_s, args.checkpoints,
+                                    overrides=args.ours_set, label=label))
         elif tool == "lightly":
             results.append(run_lightly(train_ds.images, args.batch, args.stem, evaluate, budget_s, args.checkpoints,
                                        args.workers))
@@ -257,17 +262,20 @@ def main(argv=None):
         print(f"{r['name']:<24} {r['steps']:>6} {r['images']:>8} {r['images_per_s']:>7.1f} "
               f"{r['curve'][0]['knn_top1']:>9.2f} {r['final_knn_top1']:>10.2f}")
     margin = None
-    if len(results) == 2:
+    if len(results) == 2 and args.tools == "ours,lightly":
         margin = results[0]["final_knn_top1"] - results[1]["final_knn_top1"]
         print(f"simsiam-kit - lightly: {margin:+.2f} kNN points (target >= +5); images/s ratio "
               f"{results[0]['images_per_s'] / results[1]['images_per_s']:.2f}x")
     setting = {"arch": "resnet18", "stem": args.stem, "image_size": 32, "batch": args.batch,
                "train": spec, "bank": args.bank, "queries": args.queries, "budget_minutes": args.budget_minutes,
                "checkpoints": args.checkpoints, "knn": {"k": 200, "temperature": 0.1}}
-    write_json(Path(args.results) / "time_to_accuracy.json",
+    write_json(Path(args.results) / f"{args.name}.json",
                {"experiment": "time-to-accuracy at equal wall-clock budget", "setting": setting, "loads": loads,
                 "results": results, "knn_margin_points": margin})
-    plot(results, Path(args.img) / "time_to_accuracy.png",
+    shown = results
+    if args.also:
+        shown = read_json(Path(args.also))["results"] + results
+    plot(shown, Path(args.img) / f"{args.name}.png",
          f"SimSiam kNN accuracy at equal budget: ResNet-18 {args.stem} stem 32 px, batch {args.batch}, "
          f"CIFAR-10 (JPEG copy) [:{args.train_images}], {args.budget_minutes:g} min each, 2 shared CPU cores")
 
