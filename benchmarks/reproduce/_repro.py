@@ -25,7 +25,7 @@ LABELS = {"baseline": "SimSiam (stop-grad + predictor)", "no_stop_gradient": "no
 
 
 def load_info() -> dict:
-    """Load average and the busiest other processes: the machine is shared, timings depend on it."""
+    """Load average and core count: the machine is shared, timings depend on it."""
     la = os.getloadavg()
     return {"loadavg_1_5_15": [round(x, 2) for x in la], "cores": os.cpu_count(), "at": time.strftime("%H:%M:%S")}
 
