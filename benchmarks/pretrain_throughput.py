@@ -108,56 +108,21 @@ def ceiling(model, batch: int, steps: int, precision: str, channels_last: bool):
 
 
 def lightly_run(images: np.ndarray, batch: int, steps: int, workers: int):
-    import torch.nn as nn
-    from lightly.loss import NegativeCosineSimilarity
-    from lightly.models.modules import SimSiamPredictionHead, SimSiamProjectionHead
-    from lightly.transforms import SimSiamTransform
-    from PIL import Image
+    from _lightly_peer import lightly_example
 
     from simsiam_kit.models import build_backbone
 
-    class SimSiamLightly(nn.Module):  # lightly's example module
-        def __init__(self, backbone):
-            super().__init__()
-            self.backbone = backbone
-            self.projection_head = SimSiamProjectionHead(512, 2048, 2048)
-            self.prediction_head = SimSiamPredictionHead(2048, 512, 2048)
-
-        def forward(self, x):
-            f = self.backbone(x).flatten(start_dim=1)
-            z = self.projection_head(f)
-            p = self.prediction_head(z)
-            return z.detach(), p
-
-    transform = SimSiamTransform(input_size=32)
-
-    class DS(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(images)
-
-        def __getitem__(self, i):
-            return transform(Image.fromarray(images[i])), 0
-
     torch.manual_seed(0)
-    model = SimSiamLightly(build_backbone("resnet18", "cifar"))
-    crit = NegativeCosineSimilarity()
-    opt = torch.optim.SGD(model.parameters(), lr=0.06)  # lightly's example optimizer
-    dl = torch.utils.data.DataLoader(DS(), batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
-                                     persistent_workers=workers > 0)
+    _, dl, step = lightly_example(images, build_backbone("resnet18", "cifar"), batch, workers)
     state = {"it": iter(dl)}
 
     def one():
         try:
-            (x0, x1), _ = next(state["it"])
+            views, _ = next(state["it"])
         except StopIteration:
             state["it"] = iter(dl)
-            (x0, x1), _ = next(state["it"])
-        z0, p0 = model(x0)
-        z1, p1 = model(x1)
-        loss = 0.5 * (crit(z0, p1) + crit(z1, p0))
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+            views, _ = next(state["it"])
+        step(views)
 
     return time_steps(one, steps)
 

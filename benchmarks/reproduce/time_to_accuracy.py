@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared lightly peer
 from _repro import CIFAR, IMG, RESULTS, _plt, load_info, read_json, write_json
 
 from simsiam_kit.data import load_dataset
@@ -136,10 +138,7 @@ def run_ours(train_ds, batch, stem, evaluate, budget_s, checkpoints, precision="
 def run_lightly(images: np.ndarray, batch, stem, evaluate, budget_s, checkpoints, workers):
     import torch.nn as nn
     import torchvision
-    from lightly.loss import NegativeCosineSimilarity
-    from lightly.models.modules import SimSiamPredictionHead, SimSiamProjectionHead
-    from lightly.transforms import SimSiamTransform
-    from PIL import Image
+    from _lightly_peer import lightly_example
 
     from simsiam_kit.models import build_backbone
 
@@ -149,46 +148,12 @@ def run_lightly(images: np.ndarray, batch, stem, evaluate, budget_s, checkpoints
         backbone = nn.Sequential(*list(resnet.children())[:-1], nn.Flatten(1))
     else:
         backbone = build_backbone("resnet18", "cifar", zero_init_residual=False)
-
-    class SimSiam(nn.Module):  # lightly's example module
-        def __init__(self, backbone):
-            super().__init__()
-            self.backbone = backbone
-            self.projection_head = SimSiamProjectionHead(512, 2048, 2048)
-            self.prediction_head = SimSiamPredictionHead(2048, 512, 2048)
-
-        def forward(self, x):
-            f = self.backbone(x).flatten(start_dim=1)
-            z = self.projection_head(f)
-            p = self.prediction_head(z)
-            return z.detach(), p
-
-    transform = SimSiamTransform(input_size=32)
-
-    class DS(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(images)
-
-        def __getitem__(self, i):
-            return transform(Image.fromarray(images[i])), 0
-
-    model = SimSiam(backbone)
-    crit = NegativeCosineSimilarity()
-    opt = torch.optim.SGD(model.parameters(), lr=0.06)
-    dl = torch.utils.data.DataLoader(DS(), batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
-                                     persistent_workers=workers > 0)
+    _, dl, lightly_step = lightly_example(images, backbone, batch, workers)
     it = cycle(dl, set_epoch=False)
 
     def step():
-        model.train()
-        (x0, x1), _ = next(it)
-        z0, p0 = model(x0)
-        z1, p1 = model(x1)
-        loss = 0.5 * (crit(z0, p1) + crit(z1, p0))
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return x0.shape[0], loss.item()
+        views, _ = next(it)
+        return lightly_step(views)
 
     res = budget_loop("lightly 1.6.0 example", step, backbone, evaluate, budget_s, checkpoints)
     res.update({"precision": "fp32", "lr": 0.06, "schedule": "constant", "momentum": 0.0, "weight_decay": 0.0,
