@@ -47,6 +47,8 @@ def test_linear_probe_reaches_100_percent_on_separable_toy_set(tmp_path):
     assert [h["lr"] for h in hist] == pytest.approx([init * 0.5 * (1 + math.cos(math.pi * e / 8)) for e in range(8)])
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines if r["type"] == "epoch"] == list(range(1, 9))
+    # the epoch lines carry the test scores (the head is scored before the metrics writer runs)
+    assert [r["test_top1"] for r in lines if r["type"] == "epoch"] == [h["test_top1"] for h in hist]
 
 
 def test_head_init_follows_main_lincls():
