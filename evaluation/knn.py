@@ -21,7 +21,7 @@ Retrieval metrics on the same search (the test image is the query, the training 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 

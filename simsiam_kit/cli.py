@@ -7,7 +7,6 @@ the commands, so ``simsiam-kit --help`` is instant. User errors print one line a
 from __future__ import annotations
 
 import functools
-import sys
 from pathlib import Path
 from typing import List, Optional
 

@@ -14,11 +14,8 @@ Run directory layout::
 from __future__ import annotations
 
 import json
-import math
-import os
 import random
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 

@@ -88,12 +88,11 @@ class _FileSampler(torch.utils.data.Sampler):
     def __init__(self, sharder: _Sharder):
         self.sharder = sharder
 
-    def __iter__(self):
-        return iter(self.sharder.indices()[: len(self.sharder) * self.sharder.batch_size].tolist()
-                    if self.sharder.drop_last else self.sharder.indices().tolist())
+    def __iter__(self):  # the DataLoader's own drop_last cuts the last partial batch
+        return iter(self.sharder.indices().tolist())
 
     def __len__(self):
-        return len(self.sharder.indices())
+        return self.sharder.per_rank
 
 
 class _FileDataset(torch.utils.data.Dataset):
@@ -101,10 +100,7 @@ class _FileDataset(torch.utils.data.Dataset):
         self.ds, self.mode, self.size = ds, mode, size
         from torchvision.transforms import v2 as T
 
-        if mode == "two_view":
-            self.tf = T.Compose([T.RandomResizedCrop(size, scale=crop_scale, antialias=True),
-                                 T.RandomHorizontalFlip(flip_p)])
-        elif mode == "train_crop":
+        if mode in ("two_view", "train_crop"):
             self.tf = T.Compose([T.RandomResizedCrop(size, scale=crop_scale, antialias=True),
                                  T.RandomHorizontalFlip(flip_p)])
         else:

@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 import math
 import time
-import warnings
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -127,7 +126,6 @@ class KNNMonitor(Hook):
         last = trainer.epoch == trainer.epochs
         if self.every <= 0 or not (trainer.epoch % self.every == 0 or last):
             return
-        acc = None
         if dist.is_main():
             acc = self.evaluate()
             trainer.epoch_metrics["knn_top1"] = acc
@@ -190,7 +188,7 @@ class MetricsWriter(Hook):
 
     priority = 38
 
-    def __init__(self, path: Path, every: int = 10, extra_step: Optional[Callable[[object], dict]] = None):
+    def __init__(self, path: Path, every: int = 10):
         self.path, self.every = Path(path), every
         self.t0 = time.time()
 
