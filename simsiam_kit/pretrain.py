@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from simsiam_kit.config import PretrainConfig, load_yaml, save_config, to_dict, _from_dict, merge_overrides, validate
+from simsiam_kit.config import PretrainConfig, load_config, save_config, to_dict
 from simsiam_kit.data import load_dataset
 from simsiam_kit.data.datasets import resize_in_memory
 from simsiam_kit.data.loaders import make_loader
@@ -42,7 +42,7 @@ from simsiam_kit.losses import output_std, simsiam_loss
 from simsiam_kit.models import build_backbone, build_simsiam
 from simsiam_kit.utils import dist
 from simsiam_kit.utils.device import resolve_channels_last, resolve_device, resolve_precision
-from simsiam_kit.utils.io import atomic_write_json
+from simsiam_kit.utils.io import atomic_write_json, atomic_write_text
 from simsiam_kit.utils.syncbn import convert_sync_batchnorm
 
 
@@ -127,10 +127,7 @@ def load_run_config(run_dir: Path, overrides: list[str] | None) -> PretrainConfi
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise UserError(f"{run_dir}: no config.yaml, not a simsiam-kit run directory")
-    raw = merge_overrides(load_yaml(path), overrides)
-    cfg = _from_dict(PretrainConfig, raw, str(path))
-    validate(cfg, str(path))
-    return cfg
+    return load_config(PretrainConfig, str(path), overrides)
 
 
 def _trim_metrics(path: Path, completed_epochs: int) -> None:
@@ -138,8 +135,6 @@ def _trim_metrics(path: Path, completed_epochs: int) -> None:
     recs = read_metrics(path)
     keep = [r for r in recs if (r.get("type") == "epoch" and r["epoch"] <= completed_epochs)
             or (r.get("type") != "epoch" and r.get("epoch", 0) < completed_epochs)]
-    from simsiam_kit.utils.io import atomic_write_text
-
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
