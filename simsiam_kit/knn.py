@@ -33,7 +33,7 @@ def _stable_topk(sim: torch.Tensor, k: int):
     (``torch.topk`` alone picks an arbitrary subset of them). Backends can then agree exactly."""
     n = sim.shape[1]
     kk = min(k + 1, n)  # one extra: a tie across the cut shows as v[k] == v[k-1]
-    v, i = torch.topk(sim, kk, dim=1)
+    v, i = _select_topk(sim, kk) if sim.device.type == "cpu" else torch.topk(sim, kk, dim=1)
     if sim.device.type == "cpu":
         return _fix_ties_numpy(sim, v, i, k)
     redo = torch.zeros(v.shape[0], dtype=torch.bool, device=v.device)
@@ -58,6 +58,38 @@ def _stable_topk(sim: torch.Tensor, k: int):
         order = torch.argsort(-vt, dim=1, stable=True)
         v[tied], i[tied] = torch.gather(vt, 1, order), torch.gather(it, 1, order)
     return v, i
+
+
+BLOCK = 16
+
+
+def _select_topk(sim: torch.Tensor, kk: int, block: int = BLOCK):
+    """``torch.topk(sim, kk, dim=1)`` (the same values; equal values at the cut may come from other
+    columns, which the caller settles) in two exact stages, about twice as fast on the CPU for
+    kk << columns:
+
+    1. the columns are grouped into ``nb = n // block`` blocks, block j holding columns j, j + nb,
+       j + 2 nb, ... (a strided grouping: the block maxima are ``block`` element-wise maxima of
+       contiguous rows, one pass over the matrix at memory speed);
+    2. the kk blocks with the largest maxima are kept; m is the smallest kept maximum. Every entry
+       > m lies in a kept block (its block's maximum is > m). The row's top kk holds e entries > m and
+       kk - e entries equal to m (if any); the kept blocks hold those e entries, and at least one
+       entry equal to m per kept block whose maximum is m, i.e. kk - (blocks with maximum > m) >=
+       kk - e of them. So the candidates' top-kk values are the row's, ties among blocks included;
+    3. ``torch.topk`` over the kept blocks' kk x block entries plus the n - nb x block tail columns.
+    """
+    rows, n = sim.shape
+    nb = n // block
+    if nb < 4 * kk:  # too few blocks to gain anything
+        return torch.topk(sim, kk, dim=1)
+    head = sim.as_strided((rows, block, nb), (sim.stride(0), nb * sim.stride(1), sim.stride(1)))
+    bmax = head.amax(1)  # (rows, nb)
+    ib = torch.topk(bmax, kk, dim=1, sorted=False).indices
+    cols = (ib.unsqueeze(1) + torch.arange(0, block * nb, nb).view(1, block, 1)).view(rows, -1)
+    if n > nb * block:
+        cols = torch.cat([cols, torch.arange(nb * block, n).expand(rows, -1)], 1)
+    v, j = torch.topk(torch.gather(sim, 1, cols), kk, dim=1)
+    return v, torch.gather(cols, 1, j)
 
 
 def _fix_ties_numpy(sim: torch.Tensor, v: torch.Tensor, i: torch.Tensor, k: int):

@@ -145,6 +145,40 @@ def test_torch_search_matches_a_full_sort_reference(data):
         assert (v[:, 0] == v[:, 1]).any()  # the data does exercise ties at the cut
 
 
+@pytest.mark.parametrize("n", [3000, 3007])
+def test_two_stage_selection_equals_topk(n):
+    """The block-maximum preselection of the CPU search returns exactly torch.topk's values (and indices
+    holding them), on continuous data, on data full of ties (many block maxima equal at the cut), and
+    with a tail of columns outside the blocks."""
+    from simsiam_kit.knn import _select_topk
+
+    g = torch.Generator().manual_seed(5)
+    cont = torch.randn(40, n, generator=g)
+    ties = torch.randint(0, 6, (40, n), generator=g).float()  # every block maximum is 5: all rows tie
+    mixed = torch.randn(40, n, generator=g)
+    mixed[:, n - 5 :] += 10.0  # the best entries sit in the tail columns
+    mixed[::2, 100:400] = 7.0  # 300 equal entries spread over many blocks
+    for sim in (cont, ties, mixed):
+        for kk in (1, 2, 11, 46):
+            v, i = _select_topk(sim, kk)
+            ref = torch.topk(sim, kk, dim=1).values
+            assert torch.equal(v, ref), kk
+            assert torch.equal(torch.gather(sim, 1, i), v)
+            assert all(len(set(row)) == kk for row in i.tolist())
+    # the full search on a bank large enough for the two-stage path: same order as a full sort
+    from simsiam_kit.knn import knn_search_torch
+
+    bank = torch.nn.functional.normalize(torch.randn(n, 8, generator=g), dim=1)
+    bank[2500] = bank[3]  # an exact duplicate: a tie
+    queries = torch.nn.functional.normalize(torch.randn(30, 8, generator=g), dim=1)
+    s, i = knn_search_torch(bank, queries, 40)
+    full = (queries @ bank.t()).numpy()
+    for r in range(len(queries)):
+        o = np.lexsort((np.arange(n), -full[r]))[:40]
+        assert i[r].tolist() == o.tolist()
+        assert np.array_equal(s[r].numpy(), full[r][o])
+
+
 def test_hnsw_and_ivf_find_clustered_neighbours():
     pytest.importorskip("faiss")
     g = torch.Generator().manual_seed(1)
