@@ -1,6 +1,6 @@
 """Predictor ablation (SimSiam paper, Table 1a): the same config without the predictor (p = z).
 
-    python benchmarks/reproduce/predictor.py [--epochs 8] [--train-images 2048] [--set key=value ...]
+    python benchmarks/reproduce/predictor.py [--epochs 4] [--train-images 3200] [--set key=value ...]
 
 Runs ``configs/pretrain/reproduce_cpu.yaml`` with ``model.predictor=false`` through
 ``simsiam_kit.pretrain.run_pretrain``. The baseline (the same config with the predictor) is taken from

@@ -1,8 +1,8 @@
 """Stop-gradient ablation (SimSiam paper, Figure 2): the same config with and without the stop-gradient.
 
-    python benchmarks/reproduce/stop_gradient.py [--epochs 8] [--train-images 2048] [--set key=value ...]
+    python benchmarks/reproduce/stop_gradient.py [--epochs 4] [--train-images 3200] [--set key=value ...]
 
-Runs ``configs/pretrain/reproduce_cpu.yaml`` (ResNet-18, ImageNet stem at 32 px, CIFAR-10 (JPEG copy)
+Runs ``configs/pretrain/reproduce_cpu.yaml`` (ResNet-18, CIFAR stem at 32 px, CIFAR-10 (JPEG copy)
 subset; see the YAML for every setting) twice through ``simsiam_kit.pretrain.run_pretrain``: once as is
 and once with ``model.stop_gradient=false``. Writes ``benchmarks/results/reproduce/stop_gradient.json``,
 ``docs/img/stop_gradient.png`` (loss, std of the l2-normalised projector output with the 1/sqrt(d) line,
@@ -23,9 +23,9 @@ from _repro import IMG, RESULTS, collapse_figure, data_overrides, load_info, plo
 def parse(argv=None, description=__doc__):
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="reproduce_cpu")
-    ap.add_argument("--epochs", type=int, default=8)
-    ap.add_argument("--train-images", type=int, default=2048, help="first N of cifar10/train.npz (kNN bank too)")
-    ap.add_argument("--val-images", type=int, default=500, help="first N of cifar10/val.npz (kNN queries)")
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--train-images", type=int, default=3200, help="first N of cifar10/train.npz (kNN bank too)")
+    ap.add_argument("--val-images", type=int, default=1000, help="first N of cifar10/val.npz (kNN queries)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override")
     ap.add_argument("--work", default="runs/reproduce", help="where the run directories go")
     ap.add_argument("--results", default=str(RESULTS))
