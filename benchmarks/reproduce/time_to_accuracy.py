@@ -98,7 +98,8 @@ def cycle(loader, set_epoch=True):
         epoch += 1
 
 
-def run_ours(train_ds, batch, stem, evaluate, budget_s, checkpoints, precision="auto", overrides=(), label=None):
+def run_ours(train_ds, batch, stem, evaluate, budget_s, checkpoints, precision="auto", overrides=(), label=None,
+             seed=0):
     from simsiam_kit.config import load_pretrain_config
     from simsiam_kit.data.loaders import make_loader
     from simsiam_kit.data.transforms import BatchAugment
@@ -111,14 +112,14 @@ def run_ours(train_ds, batch, stem, evaluate, budget_s, checkpoints, precision="
     dev = torch.device("cpu")
     prec = resolve_precision(cfg.train.precision, dev)
     cl = resolve_channels_last(cfg.train.channels_last, dev, prec)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = build_simsiam(cfg.model).to(memory_format=torch.channels_last if cl else torch.contiguous_format)
     init_lr = cfg.optim.base_lr * batch / 256
     opt = build_optimizer(model, cfg, init_lr)
-    loader = make_loader(train_ds, batch, train=True, seed=0, mode="two_view", image_size=32,
+    loader = make_loader(train_ds, batch, train=True, seed=seed, mode="two_view", image_size=32,
                          crop_scale=(cfg.data.crop_min_scale, 1.0), flip_p=cfg.data.flip_prob)
     augment = BatchAugment(cfg.data, crop=not loader.two_views_in_loader)
-    step_fn = PretrainStep(model, opt, augment, prec, None, dev, cl, torch.Generator().manual_seed(0), cfg)
+    step_fn = PretrainStep(model, opt, augment, prec, None, dev, cl, torch.Generator().manual_seed(seed), cfg)
     it = cycle(loader)
 
     class T:  # the two attributes PretrainStep reads from the trainer (for its error message)
@@ -140,14 +141,14 @@ def run_ours(train_ds, batch, stem, evaluate, budget_s, checkpoints, precision="
     return res
 
 
-def run_lightly(images: np.ndarray, batch, stem, evaluate, budget_s, checkpoints, workers):
+def run_lightly(images: np.ndarray, batch, stem, evaluate, budget_s, checkpoints, workers, seed=0):
     import torch.nn as nn
     import torchvision
     from _lightly_peer import lightly_example
 
     from simsiam_kit.models import build_backbone
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)  # init and the DataLoader's shuffling and augmentation
     if stem == "imagenet":  # lightly's example: resnet18 children without fc
         resnet = torchvision.models.resnet18()
         backbone = nn.Sequential(*list(resnet.children())[:-1], nn.Flatten(1))
@@ -199,6 +200,7 @@ def main(argv=None):
     ap.add_argument("--stem", default="cifar", choices=["imagenet", "cifar"])
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers for lightly's PIL pipeline")
     ap.add_argument("--tools", default="ours,lightly")
+    ap.add_argument("--seed", type=int, default=0, help="init, data order and augmentation seed of both tools")
     ap.add_argument("--ours-set", action="append", default=None,
                     help=f"config override for the simsiam-kit run (default: {' '.join(BUDGET_OVERRIDES)})")
     ap.add_argument("--name", default="time_to_accuracy", help="file name of the JSON and PNG")
@@ -220,10 +222,10 @@ def main(argv=None):
         if tool == "ours":
             label = "simsiam-kit" + (f" ({', '.join(args.ours_set)})" if args.ours_set else "")
             results.append(run_ours(train_ds, args.batch, args.stem, evaluate, budget_s, args.checkpoints,
-                                    overrides=args.ours_set, label=label))
+                                    overrides=args.ours_set, label=label, seed=args.seed))
         elif tool == "lightly":
             results.append(run_lightly(train_ds.images, args.batch, args.stem, evaluate, budget_s, args.checkpoints,
-                                       args.workers))
+                                       args.workers, args.seed))
         else:
             raise SystemExit(f"--tools: unknown tool {tool!r} (ours, lightly)")
         loads[tool] = load_info()
@@ -241,7 +243,7 @@ def main(argv=None):
               f"{results[0]['images_per_s'] / results[1]['images_per_s']:.2f}x")
     setting = {"arch": "resnet18", "stem": args.stem, "image_size": 32, "batch": args.batch,
                "train": spec, "bank": args.bank, "queries": args.queries, "budget_minutes": args.budget_minutes,
-               "checkpoints": args.checkpoints, "knn": {"k": 200, "temperature": 0.1}}
+               "checkpoints": args.checkpoints, "seed": args.seed, "knn": {"k": 200, "temperature": 0.1}}
     write_json(Path(args.results) / f"{args.name}.json",
                {"experiment": "time-to-accuracy at equal wall-clock budget", "setting": setting, "loads": loads,
                 "results": results, "knn_margin_points": margin})
