@@ -76,6 +76,23 @@ def run_variant(name: str, config: str, overrides: list[str], work: Path, log=pr
     return res
 
 
+def report(runs: list[dict], args, name: str, experiment: str, title: str) -> None:
+    """Print the runs' summary table, write ``<results>/<name>.json`` and ``<img>/<name>.png``, and
+    redraw the collapse figure (drawn once both ablations' results exist)."""
+    print(f"\n{'run':<18} {'final loss':>10} {'std*sqrt(d)':>12} {'kNN top-1':>10} {'kNN init':>9} {'img/s':>7}")
+    for r in runs:
+        e = r["epochs"][-1]
+        print(f"{r['name']:<18} {e['loss']:>10.4f} {e['std_x_sqrt_d']:>12.3f} {e['knn_top1']:>10.2f} "
+              f"{r['epochs'][0]['knn_top1']:>9.2f} {e['images_per_s']:>7.1f}")
+    res_dir, img_dir = Path(args.results), Path(args.img)
+    write_json(res_dir / f"{name}.json", {"experiment": experiment, "load_end": load_info(), "runs": runs})
+    s = runs[0]["setting"]
+    plot_runs(runs, img_dir / f"{name}.png",
+              f"{title}, CIFAR-10 (JPEG copy) [:{args.train_images}], {s['arch']} {s['stem']} stem "
+              f"{s['image_size']} px, batch {s['batch']}, {args.epochs} epochs")
+    collapse_figure(res_dir, img_dir / "collapse.png")
+
+
 def write_json(path: Path, payload: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

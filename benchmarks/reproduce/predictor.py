@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from _repro import collapse_figure, load_info, plot_runs, read_json, run_variant, write_json
+from _repro import read_json, report, run_variant
 from stop_gradient import base_overrides, parse
 
 
@@ -36,7 +36,7 @@ def main(argv=None):
         del argv[i:i + 2]
     args = parse(argv, __doc__)
     base = base_overrides(args)
-    res_dir, img_dir = Path(args.results), Path(args.img)
+    res_dir = Path(args.results)
     runs = [run_variant("no_predictor", args.config, base + ["model.predictor=false"], Path(args.work))]
     baseline, t_end = None, time.time() + wait
     while not train_baseline:
@@ -52,18 +52,7 @@ def main(argv=None):
     if baseline is None:
         baseline = run_variant("baseline", args.config, base, Path(args.work))
     runs = [baseline] + runs
-    s = runs[0]["setting"]
-    print(f"\n{'run':<14} {'final loss':>10} {'std*sqrt(d)':>12} {'kNN top-1':>10} {'kNN init':>9}")
-    for r in runs:
-        e = r["epochs"][-1]
-        print(f"{r['name']:<14} {e['loss']:>10.4f} {e['std_x_sqrt_d']:>12.3f} {e['knn_top1']:>10.2f} "
-              f"{r['epochs'][0]['knn_top1']:>9.2f}")
-    write_json(res_dir / "predictor.json", {"experiment": "predictor ablation (paper Table 1a)",
-                                            "load_end": load_info(), "runs": runs})
-    plot_runs(runs, img_dir / "predictor.png",
-              f"Predictor ablation, CIFAR-10 (JPEG copy) [:{args.train_images}], {s['arch']} {s['stem']} stem "
-              f"{s['image_size']} px, batch {s['batch']}, {args.epochs} epochs")
-    collapse_figure(res_dir, img_dir / "collapse.png")
+    report(runs, args, "predictor", "predictor ablation (paper Table 1a)", "Predictor ablation")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from _repro import IMG, RESULTS, collapse_figure, data_overrides, load_info, plot_runs, run_variant, write_json
+from _repro import IMG, RESULTS, data_overrides, report, run_variant
 
 
 def parse(argv=None, description=__doc__):
@@ -43,19 +43,7 @@ def main(argv=None):
     base = base_overrides(args)
     runs = [run_variant("baseline", args.config, base, Path(args.work)),
             run_variant("no_stop_gradient", args.config, base + ["model.stop_gradient=false"], Path(args.work))]
-    s = runs[0]["setting"]
-    print(f"\n{'run':<18} {'final loss':>10} {'std*sqrt(d)':>12} {'kNN top-1':>10} {'kNN init':>9} {'img/s':>7}")
-    for r in runs:
-        e = r["epochs"][-1]
-        print(f"{r['name']:<18} {e['loss']:>10.4f} {e['std_x_sqrt_d']:>12.3f} {e['knn_top1']:>10.2f} "
-              f"{r['epochs'][0]['knn_top1']:>9.2f} {e['images_per_s']:>7.1f}")
-    res_dir, img_dir = Path(args.results), Path(args.img)
-    write_json(res_dir / "stop_gradient.json", {"experiment": "stop-gradient ablation (paper Fig. 2)",
-                                                "load_end": load_info(), "runs": runs})
-    plot_runs(runs, img_dir / "stop_gradient.png",
-              f"Stop-gradient ablation, CIFAR-10 (JPEG copy) [:{args.train_images}], {s['arch']} {s['stem']} stem "
-              f"{s['image_size']} px, batch {s['batch']}, {args.epochs} epochs")
-    collapse_figure(res_dir, img_dir / "collapse.png")
+    report(runs, args, "stop_gradient", "stop-gradient ablation (paper Fig. 2)", "Stop-gradient ablation")
 
 
 if __name__ == "__main__":
