@@ -33,9 +33,10 @@ def _stable_topk(sim: torch.Tensor, k: int):
     (``torch.topk`` alone picks an arbitrary subset of them). Backends can then agree exactly."""
     n = sim.shape[1]
     kk = min(k + 1, n)  # one extra: a tie across the cut shows as v[k] == v[k-1]
-    v, i = _select_topk(sim, kk) if sim.device.type == "cpu" else torch.topk(sim, kk, dim=1)
     if sim.device.type == "cpu":
+        v, i = _select_topk(sim, kk)
         return _fix_ties_numpy(sim, v, i, k)
+    v, i = torch.topk(sim, kk, dim=1)
     redo = torch.zeros(v.shape[0], dtype=torch.bool, device=v.device)
     if kk > k:
         straddle = torch.nonzero(v[:, k] == v[:, k - 1]).flatten().tolist()
@@ -65,8 +66,8 @@ BLOCK = 16
 
 def _select_topk(sim: torch.Tensor, kk: int, block: int = BLOCK):
     """``torch.topk(sim, kk, dim=1)`` (the same values; equal values at the cut may come from other
-    columns, which the caller settles) in two exact stages, about twice as fast on the CPU for
-    kk << columns:
+    columns, which the caller settles) in two exact stages, faster on the CPU for kk << columns
+    (measured 58 vs 74 ms for 1,024 x 45,000 at kk=201 on 2 cores):
 
     1. the columns are grouped into ``nb = n // block`` blocks, block j holding columns j, j + nb,
        j + 2 nb, ... (a strided grouping: the block maxima are ``block`` element-wise maxima of
