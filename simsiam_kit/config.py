@@ -42,6 +42,9 @@ class DataConfig:
     mean: tuple = (0.485, 0.456, 0.406)
     std: tuple = (0.229, 0.224, 0.225)
     workers: int = 2  # DataLoader workers for file-based datasets (in-memory sets need none)
+    # Keep an in-memory dataset (npz, CIFAR, STL-10, demo) on the GPU as one uint8 tensor and gather
+    # batches there. null/auto = on for CUDA when it takes at most a quarter of the GPU's memory.
+    device_resident: Optional[bool] = None
     skip_bad_images: bool = False  # skip and count unreadable images instead of failing
 
 
@@ -81,6 +84,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 when the hardware supports it) | fp32 | bf16 | fp16
     channels_last: Optional[bool] = None  # null/auto = on where it helps (CPU with bf16, CUDA)
+    # torch.compile the model and the GPU augmentation. null/auto = the measured default per device
+    # (simsiam_kit.utils.device.COMPILE_AUTO; benchmarks/results/gpu_check.json).
+    compile: Optional[bool] = None
     seed: int = 0
     deterministic: bool = False
     sync_bn: bool = True  # SyncBatchNorm when running under torchrun with >1 process

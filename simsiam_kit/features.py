@@ -24,8 +24,10 @@ def extract_features(
     workers: int = 2,
     channels_last: bool = False,
     normalize: bool = True,
+    out_device="cpu",
 ):
-    """Return (features float32 (N, D) l2-normalised unless ``normalize=False``, labels (N,), indices (N,)).
+    """Return (features float32 (N, D) l2-normalised unless ``normalize=False``, labels (N,), indices (N,)),
+    on ``out_device`` (the training device keeps the pretraining kNN monitor's search there).
 
     The backbone is put in ``eval()`` (BatchNorm uses running statistics) and restored afterwards.
     """
@@ -50,9 +52,9 @@ def extract_features(
             f = f.float()
             if normalize:
                 f = torch.nn.functional.normalize(f, dim=1)
-            feats.append(f.cpu())
-            labels.append(batch["labels"])
-            index.append(batch["index"])
+            feats.append(f.to(out_device))
+            labels.append(batch["labels"].to(out_device))
+            index.append(batch["index"].to(out_device))
     finally:
         backbone.train(was_training)
     return torch.cat(feats), torch.cat(labels), torch.cat(index)

@@ -25,7 +25,7 @@ import torch
 from simsiam_kit.config import PretrainConfig, load_config, save_config, to_dict
 from simsiam_kit.data import load_dataset
 from simsiam_kit.data.datasets import resize_in_memory
-from simsiam_kit.data.loaders import make_loader
+from simsiam_kit.data.loaders import make_loader, resolve_device_resident
 from simsiam_kit.data.transforms import BatchAugment
 from simsiam_kit.engine import Trainer
 from simsiam_kit.engine.checkpoint import (
@@ -41,7 +41,7 @@ from simsiam_kit.knn import knn_classify
 from simsiam_kit.losses import output_std, simsiam_loss
 from simsiam_kit.models import build_backbone, build_simsiam
 from simsiam_kit.utils import dist
-from simsiam_kit.utils.device import resolve_channels_last, resolve_device, resolve_precision
+from simsiam_kit.utils.device import resolve_channels_last, resolve_compile, resolve_device, resolve_precision
 from simsiam_kit.utils.io import atomic_write_json, atomic_write_text
 from simsiam_kit.utils.syncbn import convert_sync_batchnorm
 
@@ -58,6 +58,7 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def build_optimizer(model, cfg: PretrainConfig, init_lr: float) -> torch.optim.Optimizer:
+    """SGD as in the official code; on CUDA the fused kernel (one launch for all parameters)."""
     m = unwrap(model)
     if cfg.optim.fix_pred_lr and m.has_predictor:
         groups = [
@@ -66,17 +67,39 @@ def build_optimizer(model, cfg: PretrainConfig, init_lr: float) -> torch.optim.O
         ]
     else:
         groups = [{"params": [p for p in m.parameters()], "fix_lr": False}]
-    return torch.optim.SGD(groups, lr=init_lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+    fused = next(m.parameters()).device.type == "cuda"
+    return torch.optim.SGD(groups, lr=init_lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
+                           fused=fused or None)
 
 
 class PretrainStep:
-    """One SimSiam step: two augmented views, forward, symmetric loss, backward, SGD step."""
+    """One SimSiam step: two augmented views, forward, symmetric loss, backward, SGD step.
 
-    def __init__(self, model, optimizer, augment, precision, scaler, device, channels_last, gen, cfg):
+    Nothing here waits for the device: on an accelerator a non-finite loss is recorded on the device and
+    checked every ``check_every`` steps (and by :meth:`check` before a checkpoint is written), so the host
+    can queue the next steps; on the CPU it is checked at every step, which costs nothing there.
+    """
+
+    def __init__(self, model, optimizer, augment, precision, scaler, device, channels_last, gen, cfg,
+                 check_every: int | None = None):
         self.model, self.opt, self.augment = model, optimizer, augment
         self.precision, self.scaler, self.device = precision, scaler, device
         self.channels_last, self.gen = channels_last, gen
         self.stop_gradient, self.symmetric = cfg.model.stop_gradient, cfg.loss.symmetric
+        if check_every is None:
+            check_every = 1 if torch.device(device).type == "cpu" else max(1, cfg.train.log_every)
+        self.check_every = check_every
+        self._nonfinite = None  # device bool: a non-finite loss since the last check
+
+    def check(self, trainer) -> None:
+        """Raise :class:`TrainingDiverged` if a loss since the last check was not finite (a host sync)."""
+        bad, self._nonfinite = self._nonfinite, None
+        if bad is not None and bool(bad):
+            raise TrainingDiverged(
+                f"loss became non-finite (nan or inf) at or before epoch {trainer.epoch + 1}, step "
+                f"{trainer.global_step + 1}; training stopped, the last good checkpoint is kept "
+                "(try a lower optim.base_lr or train.precision=fp32)"
+            )
 
     def views(self, batch):
         imgs = batch["images"]
@@ -96,11 +119,17 @@ class PretrainStep:
         with self.precision.autocast():
             p1, p2, z1, z2 = self.model(x1, x2)
             loss = simsiam_loss(p1, p2, z1, z2, stop_gradient=self.stop_gradient, symmetric=self.symmetric)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(
-                f"loss became {loss.item()} at epoch {trainer.epoch + 1}, step {trainer.global_step + 1}; "
-                "training stopped, the last good checkpoint is kept (try a lower optim.base_lr or train.precision=fp32)"
-            )
+        if self.check_every <= 1:
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"loss became {loss.item()} at epoch {trainer.epoch + 1}, step {trainer.global_step + 1}; training "
+                    "stopped, the last good checkpoint is kept (try a lower optim.base_lr or train.precision=fp32)"
+                )
+        else:
+            bad = ~torch.isfinite(loss.detach())
+            self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+            if (trainer.global_step + 1) % self.check_every == 0:
+                self.check(trainer)
         self.opt.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -170,10 +199,13 @@ def run_pretrain(
     if cfg.optim.batch_size % world:
         raise UserError(f"optim.batch_size {cfg.optim.batch_size} is not divisible by the {world} processes")
     per_rank_bs = cfg.optim.batch_size // world
+    resident = resolve_device_resident(cfg.data.device_resident, train_ds, device)
     loader = make_loader(train_ds, per_rank_bs, train=True, seed=cfg.train.seed, mode="two_view",
                          image_size=cfg.data.image_size, workers=cfg.data.workers,
-                         crop_scale=(cfg.data.crop_min_scale, 1.0), flip_p=cfg.data.flip_prob)
+                         crop_scale=(cfg.data.crop_min_scale, 1.0), flip_p=cfg.data.flip_prob,
+                         device=device if resident else None)
     augment = BatchAugment(cfg.data, crop=not loader.two_views_in_loader)
+    compiled = resolve_compile(cfg.train.compile, device)
     val_ds = None
     if cfg.train.knn_every > 0 and cfg.data.val and train_ds.has_labels:
         val_ds = resize_in_memory(
@@ -189,7 +221,9 @@ def run_pretrain(
     init_lr = cfg.optim.base_lr * cfg.optim.batch_size / 256
     optimizer = build_optimizer(model, cfg, init_lr)
     scaler = torch.amp.GradScaler("cuda") if precision.needs_scaler else None
-    aug_gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + dist.get_rank())
+    # augmentation draws its parameters where it runs: a CUDA generator keeps the step free of host syncs
+    aug_gen = torch.Generator(device=device if device.type == "cuda" else "cpu")
+    aug_gen.manual_seed(cfg.train.seed * 1000 + dist.get_rank())
     start_epoch, global_step = 0, 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -206,6 +240,10 @@ def run_pretrain(
     if dist.is_dist():
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compiled:
+        ddp_model = torch.compile(ddp_model)  # shares the parameters; checkpoints save the plain module
+        if device.type == "cuda":
+            augment.compile()
 
     # ---- run directory
     if dist.is_main():
@@ -230,14 +268,16 @@ def run_pretrain(
         if cfg.train.knn_bank_limit and len(bank) > cfg.train.knn_bank_limit:
             bank = bank.subset(slice(0, cfg.train.knn_bank_limit))
         kw = dict(device=device, batch_size=bs_eval, precision=precision, mean=cfg.data.mean, std=cfg.data.std,
-                  image_size=cfg.data.image_size, workers=cfg.data.workers, channels_last=channels_last)
+                  image_size=cfg.data.image_size, workers=cfg.data.workers, channels_last=channels_last,
+                  out_device=device)  # features stay on the device: the search runs there too
         fb, lb, _ = extract_features(bb, bank, **kw)
         fq, lq, _ = extract_features(bb, val_ds, **kw)
         pred, _ = knn_classify(fb, lb, fq, k=min(cfg.train.knn_k, len(fb)), temperature=cfg.train.knn_temperature,
                                num_classes=max(train_ds.num_classes, val_ds.num_classes))
-        return 100.0 * (pred == lq).float().mean().item()
+        return 100.0 * (pred == lq.to(pred.device)).float().mean().item()
 
     def save(trainer) -> None:
+        step.check(trainer)  # never write weights from a step whose loss was not finite
         rng = _gather_rng(aug_gen)
         if not dist.is_main():
             return
@@ -273,7 +313,8 @@ def run_pretrain(
     if dist.is_main():
         log(f"run directory: {run_dir}")
         log(f"device {device} ({world} process{'es' if world > 1 else ''}), precision {precision.name}, "
-            f"channels_last {channels_last}; {len(train_ds)} train images, batch {cfg.optim.batch_size}, "
+            f"channels_last {channels_last}, compile {compiled}, data on device {resident}; "
+            f"{len(train_ds)} train images, batch {cfg.optim.batch_size}, "
             f"lr {init_lr:g}, {trainer.steps_per_epoch} steps/epoch"
             + (f"; resuming after epoch {start_epoch}" if ckpt is not None else ""))
     t0 = time.time()
@@ -288,7 +329,8 @@ def run_pretrain(
             "run_dir": str(run_dir), "epochs": cfg.optim.epochs, "final_loss": last.get("loss"),
             "final_std": last.get("std"), "std_x_sqrt_d": last.get("std_x_sqrt_d"),
             "images_per_s": last.get("images_per_s"), "train_seconds": round(elapsed, 1),
-            "precision": precision.name, "channels_last": channels_last, "device": str(device), "world_size": world,
+            "precision": precision.name, "channels_last": channels_last, "compile": compiled,
+            "device_resident": resident, "device": str(device), "world_size": world,
         }
         if val_ds is not None:
             summary["knn_top1"] = last.get("knn_top1")

@@ -77,7 +77,7 @@ def budget_loop(name, step, backbone, evaluate, budget_s, checkpoints, set_lr=No
         n, loss = step()
         train_s += time.perf_counter() - t0
         steps, images = steps + 1, images + n
-        losses.append(loss)
+        losses.append(float(loss))
         if train_s >= marks[0]:
             marks.pop(0)
             acc = evaluate(backbone)

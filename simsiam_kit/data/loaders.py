@@ -1,7 +1,9 @@
 """Batch loaders yielding uint8 image batches; augmentation runs batched afterwards.
 
 * In-memory datasets (npz, CIFAR, STL-10, demo): :class:`ArrayLoader` indexes the uint8 tensor
-  directly: no worker processes, no per-image Python.
+  directly: no worker processes, no per-image Python. With ``device`` set (pretraining on a GPU, see
+  :func:`resolve_device_resident`) the whole uint8 array lives on that device: each epoch's order is
+  copied once, and a batch is an index gather there, with no host-to-device copy per step.
 * File datasets (ImageFolder): a ``torch.utils.data.DataLoader`` decodes images in workers. For
   pretraining each worker takes the two random resized crops + flips per image (they need the
   full-resolution image); colour ops run batched afterwards. For evaluation it resizes (shorter side
@@ -14,7 +16,7 @@ like ``DistributedSampler``); evaluation loaders are not sharded. Both expose ``
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -55,20 +57,38 @@ class _Sharder:
         mine = order[self.rank :: self.world][: self.per_rank]
         return mine
 
-    def batches(self) -> Iterator[np.ndarray]:
-        idx = self.indices()
-        for s in range(len(self)):
-            yield idx[s * self.batch_size : (s + 1) * self.batch_size]
+
+def resolve_device_resident(flag: Optional[bool], ds: ImageDataset, device: torch.device,
+                            max_fraction: float = 0.25) -> bool:
+    """Keep an in-memory dataset on the training device? ``flag`` (``data.device_resident``) wins; auto
+    (None) = yes on an accelerator when the uint8 array takes at most ``max_fraction`` of its memory."""
+    if not ds.in_memory:
+        if flag:
+            raise UserError("data.device_resident=true needs an in-memory dataset (npz, CIFAR, STL-10, demo); "
+                            f"{ds.name} is read from files")
+        return False
+    if flag is not None:
+        return bool(flag)
+    if device.type != "cuda":
+        return False
+    total = torch.cuda.get_device_properties(device).total_memory
+    return ds.images.nbytes <= max_fraction * total
 
 
 class ArrayLoader:
-    """Batches of an in-memory dataset: dict(images=uint8 (B,3,H,W), labels=int64 (B,), index=(B,))."""
+    """Batches of an in-memory dataset: dict(images=uint8 (B,3,H,W), labels=int64 (B,), index=(B,)),
+    on ``device`` when given (the array is copied there once), else on the host."""
 
-    def __init__(self, ds: ImageDataset, batch_size: int, shuffle: bool, drop_last: bool, seed: int = 0):
+    def __init__(self, ds: ImageDataset, batch_size: int, shuffle: bool, drop_last: bool, seed: int = 0,
+                 device: Optional[torch.device] = None):
         if not ds.in_memory:
             raise ValueError("ArrayLoader needs an in-memory dataset")
-        self.images = torch.from_numpy(ds.images).permute(0, 3, 1, 2)  # view: N,3,H,W (channels-last memory)
-        self.labels = torch.from_numpy(ds.labels)
+        self.device = device
+        images, labels = torch.from_numpy(ds.images), torch.from_numpy(ds.labels)
+        if device is not None:
+            images, labels = images.to(device), labels.to(device)
+        self.images = images.permute(0, 3, 1, 2)  # view: N,3,H,W (channels-last memory)
+        self.labels = labels
         self.sharder = _Sharder(len(ds), batch_size, shuffle, drop_last, seed, shard=shuffle)
         self.two_views_in_loader = False
 
@@ -79,8 +99,12 @@ class ArrayLoader:
         return len(self.sharder)
 
     def __iter__(self):
-        for b in self.sharder.batches():
-            idx = torch.from_numpy(b)
+        order = torch.from_numpy(self.sharder.indices())
+        if self.device is not None:
+            order = order.to(self.device)  # one copy per epoch
+        bs = self.sharder.batch_size
+        for s in range(len(self)):
+            idx = order[s * bs : (s + 1) * bs]
             yield {"images": self.images[idx].contiguous(), "labels": self.labels[idx], "index": idx, "skipped": 0}
 
 
@@ -158,9 +182,11 @@ class FileLoader:
 
 
 def make_loader(ds: ImageDataset, batch_size: int, *, train: bool, seed: int = 0, mode: str = "eval",
-                image_size: Optional[int] = None, workers: int = 2, crop_scale=(0.2, 1.0), flip_p: float = 0.5):
-    """A loader of uint8 batches. ``mode``: "two_view" (pretraining), "train_crop" (linear probe), "eval"."""
+                image_size: Optional[int] = None, workers: int = 2, crop_scale=(0.2, 1.0), flip_p: float = 0.5,
+                device: Optional[torch.device] = None):
+    """A loader of uint8 batches. ``mode``: "two_view" (pretraining), "train_crop" (linear probe), "eval".
+    ``device``: keep an in-memory dataset there (see :class:`ArrayLoader`); ignored for file datasets."""
     if ds.in_memory:
-        return ArrayLoader(ds, batch_size, shuffle=train, drop_last=train, seed=seed)
+        return ArrayLoader(ds, batch_size, shuffle=train, drop_last=train, seed=seed, device=device)
     return FileLoader(ds, batch_size, shuffle=train, drop_last=train, seed=seed, mode=mode,
                       size=image_size or 224, workers=workers, crop_scale=crop_scale, flip_p=flip_p)

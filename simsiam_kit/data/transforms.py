@@ -16,6 +16,13 @@ so two CPU cores are not starved by per-image PIL work. Differences from the PIL
 the crop is resampled bilinearly with ``grid_sample`` (no antialias; crops of a 32 px image are only
 ever upsampled), and the blur is a separable Gaussian with a 6-sigma support instead of PIL's box
 approximation.
+
+Random parameters are drawn first, all from one generator (on the generator's device: a CUDA
+generator keeps the whole pipeline on the GPU), then applied. Two ways to apply them compute the same
+function: on the CPU each op runs on the images that drew it (index subsets: least arithmetic); on a
+GPU every op runs on the whole batch and ``torch.where`` keeps the images that drew it, so nothing
+waits for the host (no ``nonzero``, no ``.any()``, no host RNG) and the launches do not depend on the
+data. ``tests/test_data.py`` checks that both give the same images.
 """
 
 from __future__ import annotations
@@ -29,23 +36,33 @@ import torch.nn.functional as F
 _GRAY = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
 
 
-def _rand(gen, n, lo, hi, device="cpu"):
-    return torch.rand(n, generator=gen, device=device) * (hi - lo) + lo
+def _rand(gen, n, lo, hi, device=None):
+    return torch.rand(n, generator=gen, device=_rng_device(gen, device)) * (hi - lo) + lo
+
+
+def _rng_device(gen: Optional[torch.Generator], device=None) -> torch.device:
+    """Random numbers are drawn where the generator lives (a generator only draws on its own device)."""
+    if gen is not None:
+        return gen.device
+    return torch.device(device) if device is not None else torch.device("cpu")
 
 
 def sample_resized_crops(
-    n: int, height: int, width: int, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), gen: Optional[torch.Generator] = None
+    n: int, height: int, width: int, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), gen: Optional[torch.Generator] = None,
+    device=None,
 ) -> torch.Tensor:
-    """Per-image crop boxes (top, left, h, w) with torchvision ``RandomResizedCrop.get_params``'s law."""
+    """Per-image crop boxes (top, left, h, w) with torchvision ``RandomResizedCrop.get_params``'s law,
+    on the generator's device (no host synchronisation: the 10 attempts are evaluated at once)."""
+    device = _rng_device(gen, device)
     area = height * width
     attempts = 10
-    target_area = area * _rand(gen, (n, attempts), scale[0], scale[1])
-    log_r = _rand(gen, (n, attempts), math.log(ratio[0]), math.log(ratio[1]))
+    target_area = area * _rand(gen, (n, attempts), scale[0], scale[1], device)
+    log_r = _rand(gen, (n, attempts), math.log(ratio[0]), math.log(ratio[1]), device)
     ar = torch.exp(log_r)
     w = torch.round(torch.sqrt(target_area * ar))
     h = torch.round(torch.sqrt(target_area / ar))
     ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1, dtype=torch.long))
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1, dtype=torch.long, device=device))
     # fallback: central crop with the ratio clamped into range (torchvision's behaviour)
     in_ratio = width / height
     if in_ratio < ratio[0]:
@@ -54,13 +71,12 @@ def sample_resized_crops(
         fh, fw = height, int(round(height * ratio[1]))
     else:
         fw, fh = width, height
-    rows = torch.arange(n)
-    sel = first.clamp(min=0)
-    hh = torch.where(first >= 0, h[rows, sel], torch.full((n,), float(fh)))
-    ww = torch.where(first >= 0, w[rows, sel], torch.full((n,), float(fw)))
-    u = torch.rand((n, 2), generator=gen)
-    top = torch.where(first >= 0, torch.floor(u[:, 0] * (height - hh + 1)), torch.full((n,), float((height - fh) // 2)))
-    left = torch.where(first >= 0, torch.floor(u[:, 1] * (width - ww + 1)), torch.full((n,), float((width - fw) // 2)))
+    sel = first.clamp(min=0).unsqueeze(1)
+    hh = torch.where(first >= 0, h.gather(1, sel).squeeze(1), float(fh))
+    ww = torch.where(first >= 0, w.gather(1, sel).squeeze(1), float(fw))
+    u = torch.rand((n, 2), generator=gen, device=device)
+    top = torch.where(first >= 0, torch.floor(u[:, 0] * (height - hh + 1)), float((height - fh) // 2))
+    left = torch.where(first >= 0, torch.floor(u[:, 1] * (width - ww + 1)), float((width - fw) // 2))
     return torch.stack([top, left, hh, ww], 1)
 
 
@@ -166,14 +182,17 @@ class BatchAugment:
     """SimSiam view augmentation for a uint8 batch (B,3,H,W) -> normalised float batch (B,3,S,S).
 
     ``crop=False`` when crops were already taken per image (file datasets, see loaders): then only the
-    photometric ops, flip excluded, run here.
+    photometric ops, flip excluded, run here. ``masked`` chooses how drawn ops are applied (see the
+    module docstring): ``None`` = masked on accelerators, index subsets on the CPU.
     """
 
-    def __init__(self, data_cfg, crop: bool = True, crop_scale=None, color: bool = True):
+    def __init__(self, data_cfg, crop: bool = True, crop_scale=None, color: bool = True,
+                 masked: Optional[bool] = None):
         self.size = data_cfg.image_size
         self.scale = (crop_scale if crop_scale is not None else (data_cfg.crop_min_scale, 1.0))
         self.crop = crop
         self.color = color
+        self.masked = masked
         self.jitter_p = data_cfg.color_jitter_prob
         self.jitter = tuple(data_cfg.color_jitter)
         self.gray_p = data_cfg.grayscale_prob
@@ -182,50 +201,106 @@ class BatchAugment:
         self.flip_p = data_cfg.flip_prob
         self.mean = torch.tensor(data_cfg.mean).view(1, 3, 1, 1)
         self.std = torch.tensor(data_cfg.std).view(1, 3, 1, 1)
+        self._consts: dict = {}
+        self.apply_masked = self._apply_masked  # replaced by a compiled version by ``compile()``
+
+    def compile(self) -> None:
+        """Fuse the masked application (elementwise ops over the batch) with ``torch.compile``."""
+        self.apply_masked = torch.compile(self._apply_masked, dynamic=False)
+
+    def _mean_std(self, device):
+        if device not in self._consts:
+            self._consts[device] = (self.mean.to(device), self.std.to(device))
+        return self._consts[device]
+
+    def sample(self, n: int, height: int, width: int, gen: Optional[torch.Generator], device) -> dict:
+        """Every random parameter of a batch, drawn in a fixed order on the generator's device."""
+        dev = _rng_device(gen, device)
+        p: dict = {}
+        if self.crop:
+            p["boxes"] = sample_resized_crops(n, height, width, self.scale, gen=gen, device=dev)
+            p["flip"] = torch.rand(n, generator=gen, device=dev) < self.flip_p
+        if self.color:
+            bri, con, sat, hue = self.jitter
+            p["jitter"] = torch.rand(n, generator=gen, device=dev) < self.jitter_p
+            p["factors"] = torch.stack([
+                _rand(gen, n, max(0.0, 1 - bri), 1 + bri, dev),
+                _rand(gen, n, max(0.0, 1 - con), 1 + con, dev),
+                _rand(gen, n, max(0.0, 1 - sat), 1 + sat, dev),
+                _rand(gen, n, -hue, hue, dev),
+            ])
+            p["order"] = torch.argsort(torch.rand(n, 4, generator=gen, device=dev), dim=1)  # random op order
+            p["gray"] = torch.rand(n, generator=gen, device=dev) < self.gray_p
+            if self.blur_p > 0:
+                p["blur"] = torch.rand(n, generator=gen, device=dev) < self.blur_p
+                p["sigma"] = _rand(gen, n, *self.blur_sigma, dev)
+        return p
 
     def __call__(self, images: torch.Tensor, gen: Optional[torch.Generator] = None) -> torch.Tensor:
+        dev = images.device
+        p = self.sample(images.shape[0], images.shape[2], images.shape[3], gen, dev)
+        p = {k: v.to(dev, non_blocking=True) for k, v in p.items()}
+        masked = self.masked if self.masked is not None else dev.type != "cpu"
+        if masked:
+            return self.apply_masked(images, p)
         x = images.float().div_(255)
-        n = x.shape[0]
         if self.crop:
-            boxes = sample_resized_crops(n, x.shape[2], x.shape[3], self.scale, gen=gen)
-            flip = torch.rand(n, generator=gen) < self.flip_p
-            x = resized_crop_flip(x, boxes, self.size, flip)
+            x = resized_crop_flip(x, p["boxes"], self.size, p["flip"])
         if self.color:
-            x = self.photometric(x, gen)
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+            x = self._photometric_subsets(x, p)
+        mean, std = self._mean_std(x.device)
+        return (x - mean) / std
 
-    def photometric(self, x: torch.Tensor, gen) -> torch.Tensor:
-        n, dev = x.shape[0], x.device
-        bri, con, sat, hue = self.jitter
-        apply = torch.rand(n, generator=gen) < self.jitter_p
-        factors = [
-            _rand(gen, n, max(0.0, 1 - bri), 1 + bri),
-            _rand(gen, n, max(0.0, 1 - con), 1 + con),
-            _rand(gen, n, max(0.0, 1 - sat), 1 + sat),
-            _rand(gen, n, -hue, hue),
-        ]
-        order = torch.argsort(torch.rand(n, 4, generator=gen), dim=1)  # a random op order per image
+    def _enabled(self, op_id: int) -> bool:
+        return self.jitter[op_id] != 0
+
+    def _photometric_subsets(self, x: torch.Tensor, p: dict) -> torch.Tensor:
         ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
         for step in range(4):
             for op_id, op in enumerate(ops):
-                if (op_id == 3 and hue == 0) or (op_id < 3 and self.jitter[op_id] == 0):
+                if not self._enabled(op_id):
                     continue
-                idx = torch.nonzero(apply & (order[:, step] == op_id)).flatten()
+                idx = torch.nonzero(p["jitter"] & (p["order"][:, step] == op_id)).flatten()
                 if idx.numel():
-                    idx_d = idx.to(dev)
-                    x[idx_d] = op(x[idx_d], factors[op_id][idx].to(dev))
-        gray = torch.rand(n, generator=gen) < self.gray_p
-        if gray.any():
-            g = gray.to(dev)
-            x[g] = _gray(x[g]).expand(-1, 3, -1, -1)
-        if self.blur_p > 0:
-            blur = torch.rand(n, generator=gen) < self.blur_p
-            sigma = _rand(gen, n, *self.blur_sigma)
-            idx = torch.nonzero(blur).flatten()
+                    x[idx] = op(x[idx], p["factors"][op_id][idx])
+        if p["gray"].any():
+            x[p["gray"]] = _gray(x[p["gray"]]).expand(-1, 3, -1, -1)
+        if "blur" in p:
+            idx = torch.nonzero(p["blur"]).flatten()
             if idx.numel():
-                idx_d = idx.to(dev)
-                x[idx_d] = gaussian_blur(x[idx_d], sigma[idx], self.blur_sigma[1])
+                x[idx] = gaussian_blur(x[idx], p["sigma"][idx], self.blur_sigma[1])
         return x
+
+    def _apply_masked(self, images: torch.Tensor, p: dict) -> torch.Tensor:
+        """The same function as the subset path, with no data-dependent control flow. Brightness,
+        contrast and saturation are one blend ``f x + (1 - f) t`` with a per-image target t (0, the
+        mean grey, the grey image), so each of the four jitter steps costs one blend and one hue op."""
+        x = images.float().div_(255)
+        if self.crop:
+            x = resized_crop_flip(x, p["boxes"], self.size, p["flip"])
+        if self.color:
+            one = torch.ones((), device=x.device)
+            zero = torch.zeros((), device=x.device)
+            for step in range(4):
+                op = p["order"][:, step]
+                on = p["jitter"]
+                blend = on & (op < 3)
+                for op_id in range(3):
+                    if not self._enabled(op_id):
+                        blend = blend & (op != op_id)
+                f = torch.where(blend, p["factors"].gather(0, op.clamp(max=2).view(1, -1)).squeeze(0), one)
+                g = _gray(x)
+                target = torch.where((op == 2).view(-1, 1, 1, 1), g,
+                                     torch.where((op == 1).view(-1, 1, 1, 1), g.mean(dim=(1, 2, 3), keepdim=True), zero))
+                y = (f.view(-1, 1, 1, 1) * x + (1 - f.view(-1, 1, 1, 1)) * target).clamp(0, 1)
+                x = torch.where(blend.view(-1, 1, 1, 1), y, x)
+                if self._enabled(3):
+                    x = torch.where((on & (op == 3)).view(-1, 1, 1, 1), adjust_hue(x, p["factors"][3]), x)
+            x = torch.where(p["gray"].view(-1, 1, 1, 1), _gray(x).expand(-1, 3, -1, -1), x)
+            if "blur" in p:
+                x = torch.where(p["blur"].view(-1, 1, 1, 1), gaussian_blur(x, p["sigma"], self.blur_sigma[1]), x)
+        mean, std = self._mean_std(x.device)
+        return (x - mean) / std
 
 
 class EvalTransform:

@@ -60,7 +60,13 @@ def set_rng_state(state: dict, aug_gen: torch.Generator | None = None) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     if aug_gen is not None and "aug" in state:
-        aug_gen.set_state(state["aug"])
+        if state["aug"].numel() == aug_gen.get_state().numel():
+            aug_gen.set_state(state["aug"])
+        else:  # saved by a generator on another device type (a CPU run resumed on a GPU, or back)
+            import warnings
+
+            warnings.warn("the augmentation RNG state was saved on another device type; the resumed run "
+                          "continues with a freshly seeded augmentation stream (not bit-identical)")
 
 
 def save_checkpoint(path: Path, **payload: Any) -> None:

@@ -19,6 +19,12 @@ def _f(v):
     return float(v.item()) if torch.is_tensor(v) else float(v)
 
 
+def _drain() -> None:
+    """Wait for queued GPU work, so a wall-clock reading counts work done, not work queued."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 class LRSchedule(Hook):
     """Cosine (or constant) learning rate with optional linear warm-up.
 
@@ -52,26 +58,41 @@ class LRSchedule(Hook):
 
 
 class Throughput(Hook):
-    """Images per second over the steps of each epoch (excluding the first step: warm-up)."""
+    """Images per second over each epoch's steps after the first (warm-up), by the wall clock from the
+    end of the first step to the end of the last, data loading and per-step hooks included. The GPU
+    queue is drained at both ends only (two syncs per epoch), so steps are counted when they ran, not
+    when they were queued; the mid-epoch value shown by the progress bar is approximate on a GPU."""
 
     priority = 20
 
     def before_epoch(self, trainer) -> None:
-        self.images, self.time, self.count = 0, 0.0, 0
+        self.images, self.t0, self.rate = 0, None, 0.0
 
     def after_step(self, trainer) -> None:
-        self.count += 1
-        if self.count > 1 or trainer.steps_per_epoch == 1:
-            self.images += int(trainer.outputs.get("images", 0)) * dist.get_world_size()
-            self.time += trainer.step_time
-        trainer.state["images_per_s"] = self.images / self.time if self.time > 0 else 0.0
+        n = int(trainer.outputs.get("images", 0)) * dist.get_world_size()
+        if trainer.steps_per_epoch == 1:  # nothing to warm up on: time the only step
+            _drain()
+            dt = time.perf_counter() - trainer.step_start
+            self.rate = n / dt if dt > 0 else 0.0
+        elif self.t0 is None:
+            _drain()
+            self.t0 = time.perf_counter()
+        else:
+            self.images += n
+            dt = time.perf_counter() - self.t0
+            self.rate = self.images / dt if dt > 0 else 0.0
+        trainer.state["images_per_s"] = self.rate
 
     def after_epoch(self, trainer) -> None:
-        trainer.epoch_metrics["images_per_s"] = self.images / self.time if self.time > 0 else 0.0
+        if self.t0 is not None and self.images:
+            _drain()
+            self.rate = self.images / (time.perf_counter() - self.t0)
+        trainer.epoch_metrics["images_per_s"] = self.rate
 
 
 class EpochAverages(Hook):
-    """Mean of each step output over the epoch (loss, std, ...), reduced over ranks."""
+    """Mean of each step output over the epoch (loss, std, ...), reduced over ranks. Tensor outputs are
+    summed where they live (no host sync per step); the sums are read once, at the end of the epoch."""
 
     priority = 21
 
@@ -84,11 +105,12 @@ class EpochAverages(Hook):
         for k, v in trainer.outputs.items():
             if k in ("images",):
                 continue
-            self.sums[k] = self.sums.get(k, 0.0) + _f(v)
+            v = v.detach().double() if torch.is_tensor(v) else float(v)
+            self.sums[k] = v if k not in self.sums else self.sums[k] + v
 
     def after_epoch(self, trainer) -> None:
         for k, v in self.sums.items():
-            t = dist.all_reduce_mean(torch.tensor(v / max(1, self.n), dtype=torch.float64))
+            t = dist.all_reduce_mean(torch.tensor(_f(v) / max(1, self.n), dtype=torch.float64))
             trainer.epoch_metrics[k] = float(t)
 
 
@@ -151,10 +173,12 @@ class Checkpointer(Hook):
 class ProgressBar(Hook):
     priority = 45
 
-    def __init__(self, enabled: bool = True, desc: str = "train"):
+    def __init__(self, enabled: bool = True, desc: str = "train", postfix_every_s: float = 1.0):
         self.enabled = enabled and dist.is_main()
         self.desc = desc
         self.bar = None
+        self.postfix_every_s = postfix_every_s  # reading a GPU value waits for the GPU: about once a second
+        self._last = 0.0
 
     def before_epoch(self, trainer) -> None:
         if self.enabled:
@@ -165,13 +189,16 @@ class ProgressBar(Hook):
 
     def after_step(self, trainer) -> None:
         if self.bar is not None:
-            o = trainer.outputs
-            post = {}
-            for k in ("loss", "std", "acc"):
-                if k in o:
-                    post[k] = f"{_f(o[k]):.4f}"
-            post["img/s"] = f"{trainer.state.get('images_per_s', 0):.1f}"
-            self.bar.set_postfix(post, refresh=False)
+            now = time.monotonic()
+            if now - self._last >= self.postfix_every_s or trainer.step_in_epoch + 1 == trainer.steps_per_epoch:
+                self._last = now
+                o = trainer.outputs
+                post = {}
+                for k in ("loss", "std", "acc"):
+                    if k in o:
+                        post[k] = f"{_f(o[k]):.4f}"
+                post["img/s"] = f"{trainer.state.get('images_per_s', 0):.1f}"
+                self.bar.set_postfix(post, refresh=False)
             self.bar.update(1)
 
     def after_epoch(self, trainer) -> None:

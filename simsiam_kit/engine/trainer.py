@@ -49,7 +49,8 @@ class Trainer:
         self.outputs: dict = {}
         self.epoch_metrics: dict = {}
         self.step_in_epoch = 0
-        self.step_time = 0.0
+        self.step_time = 0.0  # host time of the last step (on a GPU: the time to queue it, see Throughput)
+        self.step_start = 0.0
         self.state: dict = {}  # free-form shared state between hooks
 
     @property
@@ -73,7 +74,7 @@ class Trainer:
             it = iter(self.loader)
             for i in range(steps):
                 self.step_in_epoch = i
-                t0 = time.perf_counter()
+                t0 = self.step_start = time.perf_counter()
                 batch = next(it)
                 self._call("before_step")
                 self.outputs = self.step_fn(batch, self)

@@ -72,3 +72,21 @@ def resolve_channels_last(flag, device: torch.device, precision: Precision) -> b
     if flag is None:
         return device.type == "cuda" or precision.name == "bf16" or cpu_supports_bf16()
     return bool(flag)
+
+
+# ``train.compile=auto`` per device type, chosen by measurement (benchmarks/gpu_check.py on an H200,
+# results in benchmarks/results/gpu_check.json; on the 2-core reference CPUs compiling costs minutes
+# and the CPU path is not launch-bound).
+COMPILE_AUTO = {"cuda": False, "cpu": False}
+
+
+def resolve_compile(flag, device: torch.device) -> bool:
+    if flag is None:
+        return COMPILE_AUTO.get(device.type, False)
+    return bool(flag)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU): for wall-clock timing only."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
