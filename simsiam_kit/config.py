@@ -41,7 +41,10 @@ class DataConfig:
     flip_prob: float = 0.5
     mean: tuple = (0.485, 0.456, 0.406)
     std: tuple = (0.229, 0.224, 0.225)
-    workers: int = 2  # DataLoader workers for file-based datasets (in-memory sets need none)
+    # DataLoader workers for file datasets (in-memory sets need none). null/auto: 2 on the CPU (the
+    # training threads need the cores); on CUDA the cores this process may use, shared among the
+    # processes of the node, less one for the training loop, at most 16 (utils.device.resolve_workers).
+    workers: Optional[int] = None
     # Keep an in-memory dataset (npz, CIFAR, STL-10, demo) on the GPU as one uint8 tensor and gather
     # batches there. null/auto = on for CUDA when it takes at most a quarter of the GPU's memory.
     device_resident: Optional[bool] = None

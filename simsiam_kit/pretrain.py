@@ -41,7 +41,9 @@ from simsiam_kit.knn import knn_classify
 from simsiam_kit.losses import output_std, simsiam_loss
 from simsiam_kit.models import build_backbone, build_simsiam
 from simsiam_kit.utils import dist
-from simsiam_kit.utils.device import resolve_channels_last, resolve_compile, resolve_device, resolve_precision
+from simsiam_kit.utils.device import (
+    resolve_channels_last, resolve_compile, resolve_device, resolve_precision, resolve_workers,
+)
 from simsiam_kit.utils.io import atomic_write_json, atomic_write_text
 from simsiam_kit.utils.syncbn import convert_sync_batchnorm
 
@@ -200,8 +202,9 @@ def run_pretrain(
         raise UserError(f"optim.batch_size {cfg.optim.batch_size} is not divisible by the {world} processes")
     per_rank_bs = cfg.optim.batch_size // world
     resident = resolve_device_resident(cfg.data.device_resident, train_ds, device)
+    workers = resolve_workers(cfg.data.workers, device, dist.local_world_size())
     loader = make_loader(train_ds, per_rank_bs, train=True, seed=cfg.train.seed, mode="two_view",
-                         image_size=cfg.data.image_size, workers=cfg.data.workers,
+                         image_size=cfg.data.image_size, workers=workers,
                          crop_scale=(cfg.data.crop_min_scale, 1.0), flip_p=cfg.data.flip_prob,
                          device=device if resident else None)
     augment = BatchAugment(cfg.data, crop=not loader.two_views_in_loader)
@@ -268,7 +271,7 @@ def run_pretrain(
         if cfg.train.knn_bank_limit and len(bank) > cfg.train.knn_bank_limit:
             bank = bank.subset(slice(0, cfg.train.knn_bank_limit))
         kw = dict(device=device, batch_size=bs_eval, precision=precision, mean=cfg.data.mean, std=cfg.data.std,
-                  image_size=cfg.data.image_size, workers=cfg.data.workers, channels_last=channels_last,
+                  image_size=cfg.data.image_size, workers=workers, channels_last=channels_last,
                   out_device=device)  # features stay on the device: the search runs there too
         fb, lb, _ = extract_features(bb, bank, **kw)
         fq, lq, _ = extract_features(bb, val_ds, **kw)
@@ -313,7 +316,8 @@ def run_pretrain(
     if dist.is_main():
         log(f"run directory: {run_dir}")
         log(f"device {device} ({world} process{'es' if world > 1 else ''}), precision {precision.name}, "
-            f"channels_last {channels_last}, compile {compiled}, data on device {resident}; "
+            f"channels_last {channels_last}, compile {compiled}, data on device {resident}"
+            + ("" if train_ds.in_memory else f", {workers} loader workers") + "; "
             f"{len(train_ds)} train images, batch {cfg.optim.batch_size}, "
             f"lr {init_lr:g}, {trainer.steps_per_epoch} steps/epoch"
             + (f"; resuming after epoch {start_epoch}" if ckpt is not None else ""))
@@ -330,7 +334,8 @@ def run_pretrain(
             "final_std": last.get("std"), "std_x_sqrt_d": last.get("std_x_sqrt_d"),
             "images_per_s": last.get("images_per_s"), "train_seconds": round(elapsed, 1),
             "precision": precision.name, "channels_last": channels_last, "compile": compiled,
-            "device_resident": resident, "device": str(device), "world_size": world,
+            "device_resident": resident, "loader_workers": 0 if train_ds.in_memory else workers,
+            "device": str(device), "world_size": world,
         }
         if val_ds is not None:
             summary["knn_top1"] = last.get("knn_top1")

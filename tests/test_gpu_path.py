@@ -193,3 +193,19 @@ def test_gpu_check_smoke(tmp_path, cifar_val):
     ep = rep["sections"]["epoch"]
     assert "error" not in ep and 0 <= ep["knn_top1"] <= 100 and ep["knn_monitor_s"] > 0
     assert math.isfinite(rep["projected_800_epochs_min"])
+
+
+def test_resolve_workers(monkeypatch):
+    import simsiam_kit.utils.device as d
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert d.resolve_workers(5, cuda) == 5 and d.resolve_workers(0, cpu) == 0
+    assert d.resolve_workers(None, cpu) == 2  # CPU training: the cores belong to the training threads
+    monkeypatch.setattr(d, "usable_cores", lambda: 16)
+    assert d.resolve_workers(None, cuda) == 15  # one core left for the training loop
+    assert d.resolve_workers(None, cuda, local_processes=8) == 2  # 16 cores / 8 GPUs - 1 = 1 -> at least 2
+    monkeypatch.setattr(d, "usable_cores", lambda: 96)
+    assert d.resolve_workers(None, cuda) == 16 and d.resolve_workers(None, cuda, local_processes=4) == 16
+    assert d.resolve_workers(None, cuda, local_processes=8) == 11
+    with pytest.raises(UserError, match="data.workers must be >= 0"):
+        d.resolve_workers(-1, cpu)

@@ -90,3 +90,25 @@ def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (a no-op on the CPU): for wall-clock timing only."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a container's cpuset), else os.cpu_count()."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+def resolve_workers(flag, device: torch.device, local_processes: int = 1) -> int:
+    """``data.workers``: an explicit number wins; auto = 2 on the CPU, on CUDA the usable cores split among
+    the node's processes, one left for the training loop, between 2 and 16."""
+    if flag is not None:
+        if int(flag) < 0:
+            raise UserError(f"data.workers must be >= 0 (or auto), got {flag}")
+        return int(flag)
+    if device.type != "cuda":
+        return 2
+    return max(2, min(16, usable_cores() // max(1, local_processes) - 1))

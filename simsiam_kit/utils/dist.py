@@ -46,6 +46,11 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
+def local_world_size() -> int:
+    """Processes on this node (torchrun sets LOCAL_WORLD_SIZE), 1 without torchrun."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
 def barrier() -> None:
     if is_dist():
         dist.barrier()
