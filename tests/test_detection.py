@@ -4,6 +4,7 @@ real coco128 images, the detectron2 configs, and (when installed) the detectron2
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -27,6 +28,12 @@ from simsiam_kit.weights import load_backbone
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128_det"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "detection"
 needs_data = pytest.mark.skipif(not (DATA / "instances_train.json").is_file(), reason="shared/data/coco128_det missing")
+
+
+def _umask() -> int:
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
 
 
 def _subset_json(src: Path, dst: Path, n_images: int) -> Path:
@@ -68,6 +75,44 @@ def test_metrics_iou_062_counts_at_three_of_ten_thresholds():
     assert res["AP"] == pytest.approx(30.0)
     assert set(METRIC_KEYS) <= set(res)
     assert coco_evaluate(gt, [])["AP"] == 0.0
+
+
+def test_format_results_prints_null_nan_voc_and_mask_rows():
+    from evaluation.detection.metrics import format_results
+
+    # results.json written before NaN metrics became 0.0 held null: printed as '-', not a TypeError
+    old = {"engine": "detectron2", "AP": None, "AP50": float("nan"), "AP75": 1.5, "APs": 0.0, "APm": 0.0, "APl": 0.0,
+           "per_class": {"a": None, "b": 2.0}}
+    text = format_results(old)
+    assert "|      - |      - |   1.50 |" in text and "b 2.0" in text
+    voc = format_results({"engine": "detectron2", "metric": "voc2007_11point", "AP": 50.0, "AP50": 80.0, "AP75": 55.0})
+    assert "VOC2007 11-point" in voc and "APs" not in voc and "|  50.00 |  80.00 |  55.00 |" in voc
+    segm = {k: 10.0 + i for i, k in enumerate(METRIC_KEYS)}
+    both = format_results({**{k: 1.0 for k in METRIC_KEYS}, "segm": segm})
+    assert "|    box |   1.00 |" in both and "|   mask |  10.00 |  11.00 |" in both
+
+
+def test_summarize_detectron2_results_nan_as_torchvision_engine():
+    from evaluation.detection.detectron2_engine import summarize_results
+
+    nan = float("nan")
+    # COCOEvaluator with no detection above the score threshold: every metric NaN, no per-class keys
+    res = summarize_results({"bbox": {k: nan for k in METRIC_KEYS}}, ["a", "b", "c"], ["a", "c"])
+    assert res["metric"] == "coco" and all(res[k] == 0.0 for k in METRIC_KEYS)
+    assert res["per_class"] == {"a": 0.0, "b": None, "c": 0.0}  # as coco_evaluate([]) in the torchvision engine
+    gt = _gt([(1, [10, 10, 50, 50])])
+    tv = coco_evaluate(gt, [])
+    assert {k: tv[k] for k in METRIC_KEYS} == {k: res[k] for k in METRIC_KEYS}
+    json.dumps(res, allow_nan=False)  # strict JSON: no NaN, no crash when printed
+    # Mask R-CNN: segm with the same keys; a class with no ground truth stays None however it scored
+    r = summarize_results({"bbox": {"AP": 12.5, "AP-a": 25.0, "AP-b": nan}, "segm": {"AP": 7.0, "AP-a": nan}},
+                          ["a", "b"], ["a"])
+    assert r["AP"] == 12.5 and r["APs"] == 0.0 and r["per_class"] == {"a": 25.0, "b": None}
+    assert r["segm"]["AP"] == 7.0 and r["segm"]["per_class"] == {"a": 0.0, "b": None}
+    # PascalVOCDetectionEvaluator: AP, AP50, AP75 only, named as the VOC2007 metric
+    v = summarize_results({"bbox": {"AP": 40.0, "AP50": 70.0, "AP75": 41.0, "AP-a": 33.0}}, ["a", "b"], ["a"], 2007)
+    assert v["metric"] == "voc2007_11point" and "APs" not in v and v["AP50"] == 70.0
+    assert v["per_class"] == {"a": 33.0, "b": None}
 
 
 def test_warmup_multistep_lr_by_hand():
@@ -131,8 +176,12 @@ def test_pascal_voc_layout(tmp_path):
     rec = ds.records[0]
     np.testing.assert_allclose(rec["boxes"][0], [10, 20, 110, 220])  # 1-based -> 0-based corners
     assert ds.class_names[rec["labels"][0] - 1] == "dog"
-    assert list(rec["iscrowd"]) == [0, 1]  # 'difficult' is ignored by the COCO evaluation
+    # 'difficult' objects are trained on, as detectron2's pascal_voc loader does (the paper's protocol) ...
+    assert list(rec["iscrowd"]) == [0, 0] and list(rec["difficult"]) == [0, 1]
+    # ... and ignored by the evaluation: crowd in the COCO ground truth, which pycocotools skips
+    assert [a["iscrowd"] for a in ds.coco["annotations"]] == [0, 1]
     assert ds.coco["annotations"][0]["bbox"] == [10.0, 20.0, 100.0, 200.0]
+    assert ds.voc_splits == [("2007", "trainval")]
     data = resolve_data(None, None, None, None, tmp_path / "VOCdevkit", "2007/trainval", "2007/trainval")
     assert data.train.num_classes == 20
     (root / "ImageSets" / "Main" / "test.txt").write_text("000001\n000002\n")
@@ -202,6 +251,8 @@ def test_torchvision_engine_trains_and_writes_results(tmp_path):
     assert steps[-1]["type"] == "epoch" and np.isfinite(steps[-1]["loss"])
     assert (out / "predictions.png").stat().st_size > 1000
     assert yaml.safe_load((out / "config.yaml").read_text())["solver"]["iters"] == 2
+    for name in ("results.json", "coco_detections.json", "config.yaml"):  # not mkstemp's 0600
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~_umask(), name
     # the same output directory is not overwritten
     r = CliRunner().invoke(app, args + sum((["--set", s] for s in small), []))
     assert r.exit_code == 2 and "already holds" in r.output
@@ -235,6 +286,13 @@ def test_cli_bad_inputs_exit_2(tmp_path):
 # ---------------------------------------------------------------------------------------------- detectron2
 
 
+D2_CONFIGS = ("Base-RCNN-C4-BN.yaml", "d2_coco_R_18_FPN_quick.yaml", "d2_coco_R_50_C4_1x.yaml",
+              "d2_voc0712_R_50_C4_24k.yaml")
+# (SOLVER.STEPS, SOLVER.MAX_ITER) of each config; the base inherits detectron2's defaults (30000,) / 40000
+D2_SCHEDULES = {"Base-RCNN-C4-BN.yaml": ((30000,), 40000), "d2_coco_R_18_FPN_quick.yaml": ((3000, 3600), 4000),
+                "d2_coco_R_50_C4_1x.yaml": ((60000, 80000), 90000), "d2_voc0712_R_50_C4_24k.yaml": ((18000, 22000), 24000)}
+
+
 def _d2_yaml(name: str) -> dict:
     return yaml.safe_load((CONFIGS / name).read_text())
 
@@ -256,6 +314,8 @@ def test_detectron2_configs_follow_the_paper_protocol():
     r18 = _d2_yaml("d2_coco_R_18_FPN_quick.yaml")["MODEL"]
     assert r18["RESNETS"]["DEPTH"] == 18 and r18["RESNETS"]["RES2_OUT_CHANNELS"] == 64  # as the R18 fixture
     assert r18["PIXEL_MEAN"] == m["PIXEL_MEAN"] and r18["RESNETS"]["STRIDE_IN_1X1"] is False
+    for name in D2_CONFIGS:  # without VERSION, detectron2 warns at every run
+        assert _d2_yaml(name)["VERSION"] == 2, name
 
 
 def test_detectron2_engine_without_detectron2_says_how_to_install(monkeypatch):
@@ -275,24 +335,374 @@ def test_detectron2_engine_without_detectron2_says_how_to_install(monkeypatch):
         require_detectron2()
 
 
-@needs_data
-def test_detectron2_engine_r18_fpn_two_iterations(tmp_path):
-    pytest.importorskip("detectron2")
-    from evaluation.detection.detectron2_engine import run_detectron2_detection
+def test_scale_steps_fit_detectron2_scheduler_for_every_short_run():
+    """fvcore's MultiStepParamScheduler (behind detectron2's build_lr_scheduler) needs steps strictly
+    increasing and strictly inside (0, iters); the old proportional rounding gave (2, 2) for --iters 2."""
+    from evaluation.detection.detectron2_engine import scale_steps
 
+    for name, (steps, max_iter) in D2_SCHEDULES.items():
+        yaml_solver = _d2_yaml(name).get("SOLVER", {})
+        assert tuple(yaml_solver.get("STEPS", steps)) == steps and yaml_solver.get("MAX_ITER", max_iter) == max_iter
+        for iters in list(range(1, 501)) + [max_iter // 10, max_iter, 2 * max_iter]:
+            got = scale_steps(steps, max_iter, iters)
+            assert all(0 < s < iters for s in got), (name, iters, got)
+            assert all(a < b for a, b in zip(got, got[1:])), (name, iters, got)
+            assert len(got) + 1 <= iters  # fvcore: num_updates >= number of values
+            if iters >= 50:  # long enough: every decay kept, at its fraction of the run
+                assert got == tuple(int(s * iters / max_iter + 0.5) for s in steps), (name, iters, got)
+    voc = D2_SCHEDULES["d2_voc0712_R_50_C4_24k.yaml"]
+    assert scale_steps(*voc, 1) == () and scale_steps(*voc, 2) == (1,) and scale_steps(*voc, 3) == (2,)
+    assert scale_steps(*voc, 10) == (8, 9) and scale_steps(*voc, 2400) == (1800, 2200)
+    assert scale_steps(*voc, 24000) == (18000, 22000)
+    assert scale_steps((100, 200, 300), 300, 30) == (10, 20)  # a step at the old end never acts: dropped
+
+
+def test_launcher_options_refused_up_front():
+    from evaluation.detection.detectron2_engine import check_launch
+
+    check_launch(1, 1, 0, "auto", visible_gpus=0)  # CPU: one process
+    check_launch(8, 2, 1, "tcp://10.0.0.1:29500", visible_gpus=8)
+    cases = [((2, 1, 0, "auto", 0), "--num-gpus 2: this machine has 0 visible CUDA GPU"),
+             ((4, 1, 0, "auto", 2), "--num-gpus 4: this machine has 2 visible CUDA GPU"),
+             ((0, 1, 0, "auto", 2), "--num-gpus 0"),
+             ((1, 2, 0, "auto", 1), "needs --dist-url tcp://HOST:PORT"),
+             ((1, 2, 2, "tcp://h:1", 1), "--machine-rank 2: expected 0..1"),
+             ((1, 2, 0, "tcp://h:1", 0), "no visible CUDA GPU")]
+    for args, msg in cases:
+        with pytest.raises(UserError, match=msg.replace("(", r"\(")):
+            check_launch(*args[:4], visible_gpus=args[4])
+
+
+@needs_data
+def test_cli_refuses_gpus_the_machine_lacks(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    base = ["eval", "detection", "--weights", "random", "--arch", "resnet18", "--train-json",
+            str(DATA / "instances_train.json"), "--train-images", str(DATA / "images"), "--val-json",
+            str(DATA / "instances_val.json"), "--val-images", str(DATA / "images"), "--output", str(tmp_path / "o")]
+    r = CliRunner().invoke(app, base + ["--engine", "detectron2", "--num-gpus", "2"])
+    assert r.exit_code == 2 and "--num-gpus 2: this machine has 0 visible CUDA GPU" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    r = CliRunner().invoke(app, base + ["--engine", "torchvision", "--num-machines", "2"])
+    assert r.exit_code == 2 and "torchvision engine runs one process" in r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    from evaluation.detection.outputs import write_bytes, write_json
+
+    old = os.umask(0o027)
+    try:
+        assert write_json(tmp_path / "r.json", {"a": 1}).stat().st_mode & 0o777 == 0o640
+        assert write_bytes(tmp_path / "w.pkl", b"x").stat().st_mode & 0o777 == 0o640
+        os.umask(0o022)
+        assert write_json(tmp_path / "r.json", {"a": 2}).stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old)
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": 2}
+
+
+def _write_voc_devkit(root: Path, splits: dict, difficult_every: int = 3) -> Path:
+    """A VOCdevkit (VOC2007) from coco128 images: COCO classes that exist in VOC, integer 1-based corners,
+    every ``difficult_every``-th object difficult, <pose>/<truncated> as detectron2's evaluator reads them."""
+    coco_to_voc = {"airplane": "aeroplane", "bicycle": "bicycle", "bird": "bird", "boat": "boat", "bottle": "bottle",
+                   "bus": "bus", "car": "car", "cat": "cat", "chair": "chair", "cow": "cow", "dining table": "diningtable",
+                   "dog": "dog", "horse": "horse", "motorcycle": "motorbike", "person": "person",
+                   "potted plant": "pottedplant", "sheep": "sheep", "couch": "sofa", "train": "train", "tv": "tvmonitor"}
+    d = json.loads((DATA / "instances_train.json").read_text())
+    cat_name = {c["id"]: c["name"] for c in d["categories"]}
+    per_image: dict = {}
+    for a in d["annotations"]:
+        if cat_name[a["category_id"]] in coco_to_voc and a["bbox"][2] >= 2 and a["bbox"][3] >= 2:
+            per_image.setdefault(a["image_id"], []).append(a)
+    images = [im for im in d["images"] if im["id"] in per_image]
+    base = root / "VOC2007"
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    k, n_obj = 0, 0
+    for split, n in splits.items():
+        ids = []
+        for im in images[k:k + n]:
+            stem = f"{im['id']:06d}"
+            shutil.copy(DATA / "images" / im["file_name"], base / "JPEGImages" / f"{stem}.jpg")
+            objs = ""
+            for a in per_image[im["id"]]:
+                x, y, w, h = a["bbox"]
+                x1, y1 = int(x) + 1, int(y) + 1
+                x2, y2 = min(int(x + w), im["width"]), min(int(y + h), im["height"])
+                n_obj += 1
+                objs += (f"<object><name>{coco_to_voc[cat_name[a['category_id']]]}</name><pose>Unspecified</pose>"
+                         f"<truncated>0</truncated><difficult>{int(n_obj % difficult_every == 0)}</difficult><bndbox>"
+                         f"<xmin>{x1}</xmin><ymin>{y1}</ymin><xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>")
+            (base / "Annotations" / f"{stem}.xml").write_text(
+                f"<annotation><filename>{stem}.jpg</filename><size><width>{im['width']}</width><height>{im['height']}"
+                f"</height><depth>3</depth></size>{objs}</annotation>")
+            ids.append(stem)
+        (base / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+        k += n
+    return root
+
+
+D2_SMALL = ["SOLVER.IMS_PER_BATCH=2", "INPUT.MIN_SIZE_TRAIN=(96,)", "INPUT.MAX_SIZE_TRAIN=160", "INPUT.MIN_SIZE_TEST=96",
+            "INPUT.MAX_SIZE_TEST=160", "DATALOADER.NUM_WORKERS=0", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE=16",
+            "MODEL.RPN.POST_NMS_TOPK_TRAIN=32", "MODEL.RPN.POST_NMS_TOPK_TEST=8"]
+
+
+def _sets(items) -> list:
+    return sum((["--set", s] for s in items), [])
+
+
+@pytest.fixture(autouse=True)
+def _fresh_detectron2_logging():
+    """detectron2's setup_logger (cached) binds its handlers to the stdout of the first run; under CliRunner
+    that stream is closed afterwards. Drop them after each test so the next run sets up its own."""
+    yield
+    import logging
+    import sys
+
+    if "detectron2.utils.logger" not in sys.modules:
+        return
+    from detectron2.utils.logger import setup_logger
+
+    setup_logger.cache_clear()
+    for name in ("detectron2", "d2", "fvcore"):
+        logging.getLogger(name).handlers.clear()
+
+
+def _d2_job(config: str, iters=None, overrides=()):
+    from evaluation.detection.detectron2_engine import D2Data, D2Job
+
+    return D2Job(str(CONFIGS / config), "", [D2Data("coco", "x.json", "img")], D2Data("coco", "y.json", "img"), 80,
+                 [f"c{i}" for i in range(80)], [], "/tmp/unused", list(overrides), iters, 1)
+
+
+def test_detectron2_lr_scheduler_accepts_every_short_run():
+    """detectron2's own build_lr_scheduler on the configs as the engine builds them, --iters 1..300."""
+    pytest.importorskip("detectron2")
+    from detectron2.solver import build_lr_scheduler
+
+    from evaluation.detection.detectron2_engine import build_cfg
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.02)
+    for name in D2_CONFIGS:
+        for iters in list(range(1, 301)) + [D2_SCHEDULES[name][1]]:
+            cfg = build_cfg(_d2_job(name, iters))
+            assert cfg.SOLVER.MAX_ITER == iters
+            sched = build_lr_scheduler(cfg, opt)  # raised ValueError for --iters 1-6 before
+            assert sched is not None
+            assert cfg.TEST.PRECISE_BN.NUM_ITER == min(200, iters)  # precise BN capped at the run
+        assert tuple(cfg.SOLVER.STEPS) == D2_SCHEDULES[name][0]  # the full schedule is the config's own
+
+
+def test_detectron2_cfg_explicit_overrides_and_bad_steps():
+    pytest.importorskip("detectron2")
+    from evaluation.detection.detectron2_engine import build_cfg
+
+    cfg = build_cfg(_d2_job("d2_voc0712_R_50_C4_24k.yaml", 1000, ["TEST.PRECISE_BN.NUM_ITER=7", "SOLVER.STEPS=(300,)"]))
+    assert cfg.TEST.PRECISE_BN.NUM_ITER == 7 and tuple(cfg.SOLVER.STEPS) == (300,)  # --set wins over --iters
+    assert build_cfg(_d2_job("d2_voc0712_R_50_C4_24k.yaml")).TEST.PRECISE_BN.NUM_ITER == 200  # full run: default
+    for bad in (["SOLVER.STEPS=(5,5)"], ["SOLVER.STEPS=(6,4)"], ["SOLVER.STEPS=(0,)"], ["SOLVER.STEPS=(10,)"]):
+        with pytest.raises(UserError, match="must be strictly increasing and inside"):
+            build_cfg(_d2_job("d2_coco_R_18_FPN_quick.yaml", 10, bad))
+
+
+def test_detectron2_writers_without_tensorboard(tmp_path, monkeypatch):
+    pytest.importorskip("detectron2")
+    import importlib.util
+
+    from detectron2.utils.events import TensorboardXWriter
+
+    from evaluation.detection.detectron2_engine import training_writers
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    writers = training_writers(str(tmp_path), 10)
+    assert writers and not any(isinstance(w, TensorboardXWriter) for w in writers)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "tensorboard" else real(name, *a))
+    assert any(isinstance(w, TensorboardXWriter) for w in training_writers(str(tmp_path), 10))
+
+
+@needs_data
+@pytest.mark.parametrize("iters", [1, 2])
+def test_detectron2_engine_r18_fpn_short_runs_through_cli(tmp_path, iters):
+    """R18-FPN quick from a backbone file through the CLI: the short schedules train (LR steps), precise BN
+    runs capped at the run, and a run without any detection above the threshold (COCOEvaluator: NaN AP)
+    writes 0.0 like the torchvision engine and prints its table."""
+    pytest.importorskip("detectron2")
     torch.manual_seed(0)
     save_backbone(tmp_path / "bb.pt", build_backbone("resnet18", "imagenet"), "resnet18", "imagenet")
     train = _subset_json(DATA / "instances_train.json", tmp_path / "train.json", 4)
     val = _subset_json(DATA / "instances_val.json", tmp_path / "val.json", 2)
-    data = resolve_data(train, DATA / "images", val, DATA / "images", None, "", "")
-    res = run_detectron2_detection(
-        "d2_coco_R_18_FPN_quick", str(tmp_path / "bb.pt"), data, tmp_path / "out", iters=2,
-        overrides=["SOLVER.IMS_PER_BATCH=2", "INPUT.MIN_SIZE_TRAIN=(128,)", "INPUT.MIN_SIZE_TEST=128",
-                   "DATALOADER.NUM_WORKERS=0", "TEST.PRECISE_BN.ENABLED=False"], log=lambda s: None)
-    for k in METRIC_KEYS:
-        assert k in res
-    assert res["engine"] == "detectron2" and res["iters"] == 2
-    assert (tmp_path / "out" / "backbone_detectron2.pkl").is_file()
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, [
+        "eval", "detection", "--weights", str(tmp_path / "bb.pt"), "--engine", "detectron2", "--config",
+        "d2_coco_R_18_FPN_quick", "--train-json", str(train), "--train-images", str(DATA / "images"), "--val-json",
+        str(val), "--val-images", str(DATA / "images"), "--iters", str(iters), "--output", str(out),
+        *_sets(D2_SMALL + ["MODEL.ROI_HEADS.SCORE_THRESH_TEST=1.0"])])  # no score reaches 1.0: no detection
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    assert res["engine"] == "detectron2" and res["iters"] == iters and res["metric"] == "coco"
+    assert res["lr_steps"] == ([] if iters == 1 else [1]) and res["precise_bn_iters"] == iters
+    assert all(res[k] == 0.0 for k in METRIC_KEYS)
+    with_gt = {n for n, v in res["per_class"].items() if v is not None}
+    assert with_gt and all(res["per_class"][n] == 0.0 for n in with_gt) and len(res["per_class"]) == 80
+    assert "|   0.00 |   0.00 |" in r.output and "results:" in r.output
+    assert (out / "backbone_detectron2.pkl").is_file()
+    for name in ("results.json", "backbone_detectron2.pkl"):
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~_umask(), name
+
+
+@needs_data
+def test_detectron2_voc_trains_on_difficult_and_scores_with_voc_evaluator(tmp_path):
+    pytest.importorskip("detectron2")
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.datasets.pascal_voc import load_voc_instances
+
+    from evaluation.detection.data import VOC_CLASSES
+    from evaluation.detection.detectron2_engine import D2Data, register_datasets
+
+    root = _write_voc_devkit(tmp_path / "VOCdevkit", {"trainval": 4, "test": 3})
+    # the engine registers VOC with detectron2's own loader: difficult objects are in the training set
+    names = register_datasets([D2Data("voc", devkit=str(root), year=2007, split="trainval")],
+                              D2Data("voc", devkit=str(root), year=2007, split="test"))
+    dicts = DatasetCatalog.get(names[0])
+    ours = load_voc(root, "2007/trainval")
+    n_difficult = int(sum(r["difficult"].sum() for r in ours.records))
+    assert n_difficult > 0
+    assert sum(len(d["annotations"]) for d in dicts) == ours.num_boxes
+    assert sum(int((r["iscrowd"] == 0).sum()) for r in ours.records) == ours.num_boxes  # torchvision engine too
+    ref = load_voc_instances(str(root / "VOC2007"), "trainval", VOC_CLASSES)
+    assert [len(d["annotations"]) for d in dicts] == [len(d["annotations"]) for d in ref]
+
+    torch.manual_seed(0)
+    save_backbone(tmp_path / "bb.pt", build_backbone("resnet50", "imagenet"), "resnet50", "imagenet")
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, [
+        "eval", "detection", "--weights", str(tmp_path / "bb.pt"), "--engine", "detectron2", "--config",
+        "d2_voc0712_R_50_C4_24k", "--voc-root", str(root), "--voc-train", "2007/trainval", "--voc-val", "2007/test",
+        "--iters", "2", "--output", str(out), *_sets(D2_SMALL + ["MODEL.ROI_HEADS.SCORE_THRESH_TEST=0.0"])])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    assert res["metric"] == "voc2007_11point" and "PascalVOCDetectionEvaluator" in r.output
+    assert set(METRIC_KEYS[:3]) <= set(res) and "APs" not in res
+    assert all(0.0 <= res[k] <= 100.0 for k in METRIC_KEYS[:3])
+    assert len(res["per_class"]) == 20 and any(v is not None for v in res["per_class"].values())
+    assert res["norm"] == "SyncBN" and res["precise_bn_iters"] == 2
+
+
+@needs_data
+def test_detectron2_voc_refusals(tmp_path):
+    pytest.importorskip("detectron2")
+    root = _write_voc_devkit(tmp_path / "VOCdevkit", {"trainval": 2, "test": 2, "one": 1})
+    base = ["eval", "detection", "--weights", "random", "--engine", "detectron2", "--voc-root", str(root),
+            "--voc-train", "2007/trainval", "--output", str(tmp_path / "o"), "--iters", "1", *_sets(D2_SMALL)]
+    xml = next((root / "VOC2007" / "Annotations").glob("*.xml"))
+    cases = [(["--voc-val", "2007/test,2007/trainval"], "scores one YEAR/SPLIT"),
+             (["--voc-val", "2007/one"], "needs at least 2 images"),
+             (["--voc-val", "2007/test", "--config", "d2_coco_R_50_C4_1x"], "Pascal VOC (--voc-train / --train-json) "
+              "has boxes only")]
+    for extra, msg in cases:
+        r = CliRunner().invoke(app, base + extra)
+        assert r.exit_code == 2 and msg in r.output, (extra, r.output)
+        assert len(r.output.strip().splitlines()) == 1
+    test_ids = (root / "VOC2007" / "ImageSets" / "Main" / "test.txt").read_text().split()
+    xml = root / "VOC2007" / "Annotations" / f"{test_ids[0]}.xml"
+    xml.write_text(xml.read_text().replace("<pose>Unspecified</pose>", ""))
+    r = CliRunner().invoke(app, base + ["--voc-val", "2007/test"])
+    assert r.exit_code == 2 and "PascalVOCDetectionEvaluator cannot read it" in r.output and xml.name in r.output
+    assert not (tmp_path / "o").exists()
+
+
+@needs_data
+def test_detectron2_mask_rcnn_refused_on_boxes_and_mask_ap_printed(tmp_path):
+    pytest.importorskip("detectron2")
+    base = ["eval", "detection", "--weights", "random", "--engine", "detectron2", "--config", "d2_coco_R_50_C4_1x",
+            "--train-images", str(DATA / "images"), "--val-images", str(DATA / "images")]
+    r = CliRunner().invoke(app, base + ["--train-json", str(DATA / "instances_train.json"), "--val-json",
+                                        str(DATA / "instances_val.json"), "--output", str(tmp_path / "o"),
+                                        "--iters", "1", *_sets(D2_SMALL)])
+    assert r.exit_code == 2, r.output
+    assert "trains Mask R-CNN (MODEL.MASK_ON True), but" in r.output and "without a 'segmentation' mask" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+    def with_masks(src, dst, n):  # rectangle polygons from the boxes
+        _subset_json(src, dst, n)
+        d = json.loads(dst.read_text())
+        for a in d["annotations"]:
+            x, y, w, h = a["bbox"]
+            a["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+        dst.write_text(json.dumps(d))
+        return dst
+
+    torch.manual_seed(0)
+    save_backbone(tmp_path / "bb.pt", build_backbone("resnet50", "imagenet"), "resnet50", "imagenet")
+    train = with_masks(DATA / "instances_train.json", tmp_path / "train.json", 2)
+    val = with_masks(DATA / "instances_val.json", tmp_path / "val.json", 2)
+    out = tmp_path / "out"
+    args = base + ["--train-json", str(train), "--val-json", str(val), "--iters", "1", "--output", str(out)]
+    args[args.index("random")] = str(tmp_path / "bb.pt")
+    r = CliRunner().invoke(app, args + _sets(D2_SMALL + ["MODEL.ROI_HEADS.SCORE_THRESH_TEST=0.0"]))
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    assert set(METRIC_KEYS) <= set(res["segm"]) and len(res["segm"]["per_class"]) == 80
+    assert "|    box |" in r.output and "|   mask |" in r.output
+
+
+def test_detectron2_launch_gets_multi_machine_options(tmp_path, monkeypatch):
+    pytest.importorskip("detectron2")
+    import detectron2.engine
+
+    from evaluation.detection.detectron2_engine import run_detectron2_detection
+
+    calls = []
+    monkeypatch.setattr(detectron2.engine, "launch", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    data = resolve_data(DATA / "instances_train.json", DATA / "images", DATA / "instances_val.json", DATA / "images",
+                        None, "", "")
+    res = run_detectron2_detection("d2_coco_R_18_FPN_quick", "random", data, tmp_path / "o", iters=10, num_gpus=4,
+                                   num_machines=2, machine_rank=1, dist_url="tcp://10.0.0.1:29500", log=lambda s: None)
+    assert res is None  # machine 0 writes the results
+    (fn, num_gpus), kw = calls[0]
+    assert num_gpus == 4 and kw["num_machines"] == 2 and kw["machine_rank"] == 1
+    assert kw["dist_url"] == "tcp://10.0.0.1:29500"
+    job = kw["args"][0]
+    assert (job.num_machines, job.machine_rank, job.iters) == (2, 1, 10)
+    with pytest.raises(UserError, match="not divisible by the 12 processes"):  # 8 images over 6 GPUs x 2 machines
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 6)
+        run_detectron2_detection("d2_coco_R_18_FPN_quick", "random", data, tmp_path / "o2", num_gpus=6,
+                                 num_machines=2, dist_url="tcp://10.0.0.1:29500", log=lambda s: None)
+
+
+def test_detectron2_converted_weights_load_with_nothing_missing(tmp_path):
+    """detectron2's DetectionCheckpointer on the converter's .pkl: no ResNet weight of the R50-C4 model
+    (backbone stem/res2-4 and roi_heads.res5) is missing, nothing is unexpected."""
+    pytest.importorskip("detectron2")
+    import re
+
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    from evaluation.detection.detectron2_engine import build_cfg, register_res5_extra_norm
+    from export.detectron2 import convert_weights
+
+    torch.manual_seed(0)
+    bb = build_backbone("resnet50", "imagenet")
+    save_backbone(tmp_path / "bb.pt", bb, "resnet50", "imagenet")
+    convert_weights(str(tmp_path / "bb.pt"), tmp_path / "w.pkl", log=lambda s: None)
+    register_res5_extra_norm()
+    cfg = build_cfg(_d2_job("d2_voc0712_R_50_C4_24k.yaml", 10, ["MODEL.RESNETS.NORM=BN"]))
+    model = build_model(cfg)
+    ckpt = DetectionCheckpointer(model)
+    # what DetectionCheckpointer.load logs as incompatible keys (load = _load_file + _load_model + that log)
+    inc = ckpt._load_model(ckpt._load_file(str(tmp_path / "w.pkl")))
+    resnet = re.compile(r"(^|\.)(stem|res[2-5])\.")
+    # the only res* weights left to initialise: MoCo's extra norm after res5, which a ResNet does not have
+    assert {k for k in inc.missing_keys if resnet.search(k)} == {
+        f"roi_heads.res5.norm.{n}" for n in ("weight", "bias", "running_mean", "running_var")}
+    assert inc.unexpected_keys == [] and inc.incorrect_shapes == []
+    sd = model.state_dict()
+    torch.testing.assert_close(sd["roi_heads.res5.2.conv3.weight"], bb.layer4[2].conv3.weight)
+    torch.testing.assert_close(sd["backbone.stem.conv1.norm.running_var"], bb.bn1.running_var)
 
 
 def test_detectron2_extra_norm_head_builds():

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 from pathlib import Path
@@ -103,6 +104,9 @@ def test_cli_converts_checkpoint_and_reports_dropped_heads(tmp_path):
     assert r.exit_code == 0, r.output
     assert "projector.0.weight" in r.output and "predictor.0.weight" in r.output
     assert "layer1.0.bn1.num_batches_tracked" in r.output
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would create it, not mkstemp's 0600
     with open(out, "rb") as f:
         obj = pickle.load(f)
     assert obj["__author__"] == "simsiam-kit" and obj["matching_heuristics"] is True

@@ -28,11 +28,14 @@ VOC_CLASSES = (
 class DetectionSet:
     name: str
     images_dir: Path
-    records: list  # dicts: image_id, file (Path), width, height, boxes (N,4 float32 xyxy), labels (N int64 1..K), iscrowd (N)
+    # dicts: image_id, file (Path), width, height, boxes (N,4 float32 xyxy), labels (N int64 1..K), iscrowd (N)
+    # (1 = not trained on), and for Pascal VOC difficult (N; trained on, ignored by the evaluation)
+    records: list
     categories: list  # COCO category dicts (id, name, ...), in label order: label k+1 <-> categories[k]
     coco: dict = field(repr=False, default_factory=dict)  # COCO-format ground truth (images, annotations, categories)
     json_path: Optional[Path] = None  # a COCO JSON file holding ``coco`` (written for VOC)
     dropped_boxes: int = 0  # degenerate boxes (zero width/height) skipped
+    voc_splits: Optional[list] = None  # Pascal VOC: [(year, split), ...] under images_dir (the VOCdevkit)
 
     @property
     def num_classes(self) -> int:
@@ -57,12 +60,13 @@ class DetectionSet:
         coco = dict(self.coco)
         coco["images"] = [im for im in self.coco["images"] if im["id"] in ids]
         coco["annotations"] = [a for a in self.coco["annotations"] if a["image_id"] in ids]
-        return DetectionSet(self.name, self.images_dir, recs, self.categories, coco, None, self.dropped_boxes)
+        return DetectionSet(self.name, self.images_dir, recs, self.categories, coco, None, self.dropped_boxes,
+                            self.voc_splits)
 
     def write_json(self, path: Path) -> Path:
-        from simsiam_kit.utils.io import atomic_write_json
+        from evaluation.detection.outputs import write_json
 
-        atomic_write_json(path, self.coco)
+        write_json(path, self.coco)
         self.json_path = Path(path)
         return self.json_path
 
@@ -168,7 +172,9 @@ def _parse_splits(spec: str, flag: str) -> list:
 def load_voc(voc_root: Path, splits: str, name: str = "voc", flag: str = "--voc-train") -> DetectionSet:
     """Pascal VOC from a VOCdevkit tree (``VOC{year}/ImageSets/Main/{split}.txt``, ``Annotations/``,
     ``JPEGImages/``). Boxes are converted from VOC's 1-based inclusive pixels to 0-based ``xyxy`` (as
-    detectron2 does); ``difficult`` objects become ``iscrowd=1``, i.e. ignored by COCO evaluation."""
+    detectron2 does). ``difficult`` objects are handled like detectron2's ``pascal_voc`` loader and the VOC
+    evaluation: they are trained on (``iscrowd`` 0 in the records, ``difficult`` 1) and ignored when scoring
+    (``iscrowd=1`` in the COCO ground truth, which pycocotools skips like VOC's evaluation does)."""
     voc_root = Path(voc_root).expanduser()
     if not voc_root.is_dir():
         raise UserError(f"VOC root not found: {voc_root}")
@@ -194,7 +200,7 @@ def load_voc(voc_root: Path, splits: str, name: str = "voc", flag: str = "--voc-
                 raise UserError(f"{xml_path}: not valid XML ({e})") from None
             size = root.find("size")
             w, h = int(size.find("width").text), int(size.find("height").text)
-            boxes, labels, crowd = [], [], []
+            boxes, labels, difficult = [], [], []
             for obj in root.findall("object"):
                 cls = obj.find("name").text.strip()
                 if cls not in label_of:
@@ -204,7 +210,7 @@ def load_voc(voc_root: Path, splits: str, name: str = "voc", flag: str = "--voc-
                 x1, y1 = x1 - 1.0, y1 - 1.0  # 1-based inclusive -> 0-based, as detectron2's VOC loader
                 diff = obj.find("difficult")
                 is_diff = int(diff.text) if diff is not None and diff.text else 0
-                boxes.append([x1, y1, x2, y2]); labels.append(label_of[cls]); crowd.append(is_diff)
+                boxes.append([x1, y1, x2, y2]); labels.append(label_of[cls]); difficult.append(is_diff)
                 anns.append({"id": next_ann, "image_id": next_img, "category_id": label_of[cls],
                              "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": is_diff})
                 next_ann += 1
@@ -212,14 +218,15 @@ def load_voc(voc_root: Path, splits: str, name: str = "voc", flag: str = "--voc-
             images.append({"id": next_img, "file_name": rel, "width": w, "height": h})
             records.append({"image_id": next_img, "file": jpg, "width": w, "height": h,
                             "boxes": np.array(boxes, dtype=np.float32).reshape(-1, 4),
-                            "labels": np.array(labels, dtype=np.int64), "iscrowd": np.array(crowd, dtype=np.int64)})
+                            "labels": np.array(labels, dtype=np.int64), "iscrowd": np.zeros(len(labels), dtype=np.int64),
+                            "difficult": np.array(difficult, dtype=np.int64)})
             next_img += 1
     if missing:
         raise UserError(f"VOC {splits}: " + _names_missing(missing, voc_root))
     if not anns:
         raise UserError(f"VOC {splits} under {voc_root}: no objects annotated")
     coco = {"images": images, "annotations": anns, "categories": cats}
-    return DetectionSet(name, voc_root, records, cats, coco, None, 0)
+    return DetectionSet(name, voc_root, records, cats, coco, None, 0, _parse_splits(splits, flag))
 
 
 @dataclass

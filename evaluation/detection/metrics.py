@@ -67,16 +67,38 @@ def _pct(v: float) -> float:
     return 0.0 if v < 0 or math.isnan(v) else v * 100.0  # pycocotools uses -1 for "no ground truth"
 
 
+def _cell(v) -> str:
+    """One table cell: a number with two decimals, ``-`` for a metric that is absent, null or NaN."""
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return f"{'-':>6}"
+    return f"{'-':>6}" if math.isnan(v) else f"{v:6.2f}"
+
+
+METRIC_NAMES = {"coco": "COCO AP", "voc2007_11point": "VOC2007 11-point AP (PascalVOCDetectionEvaluator)",
+                "voc_area": "VOC area-under-curve AP (PascalVOCDetectionEvaluator)"}
+
+
 def format_results(res: dict, top_classes: int = 10) -> str:
-    """The AP table (and the best classes) as text."""
-    head = "| " + " | ".join(f"{k:>6}" for k in METRIC_KEYS) + " |"
-    sep = "|" + "|".join("-" * 8 for _ in METRIC_KEYS) + "|"
-    row = "| " + " | ".join(f"{res.get(k, float('nan')):6.2f}" for k in METRIC_KEYS) + " |"
+    """The AP table (box AP, and mask AP under it when ``res`` has ``segm``) and the best classes, as text.
+
+    Columns are the metrics ``res`` carries (VOC results have AP, AP50, AP75 only); a metric stored as
+    null or NaN prints as ``-`` rather than failing."""
+    keys = [k for k in METRIC_KEYS if k in res] or list(METRIC_KEYS)
+    segm = res.get("segm") if isinstance(res.get("segm"), dict) else None
+    label = " " * 6 + " | " if segm else ""
+    head = "| " + label + " | ".join(f"{k:>6}" for k in keys) + " |"
+    sep = "|" + ("--------|" if segm else "") + "|".join("-" * 8 for _ in keys) + "|"
+    rows = ["| " + (f"{'box':>6} | " if segm else "") + " | ".join(_cell(res.get(k)) for k in keys) + " |"]
+    if segm:
+        rows.append(f"| {'mask':>6} | " + " | ".join(_cell(segm.get(k)) for k in keys) + " |")
     lines = []
     if res.get("engine"):
-        lines.append(f"{res['engine']} engine, {res.get('iters', '?')} iterations, weights {res.get('weights', '?')}")
-    lines += [head, sep, row]
-    pc = {k: v for k, v in (res.get("per_class") or {}).items() if v is not None}
+        lines.append(f"{res['engine']} engine, {res.get('iters', '?')} iterations, weights {res.get('weights', '?')}"
+                     + (f"; {METRIC_NAMES.get(res['metric'], res['metric'])}" if res.get("metric") else ""))
+    lines += [head, sep, *rows]
+    pc = {k: float(v) for k, v in (res.get("per_class") or {}).items() if _cell(v).strip() != "-"}
     if pc:
         best = sorted(pc.items(), key=lambda kv: -kv[1])[:top_classes]
         lines.append(f"per-class AP ({len(pc)} classes with boxes; top {len(best)}): "

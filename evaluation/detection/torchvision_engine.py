@@ -29,10 +29,10 @@ from simsiam_kit.engine import Hook, Trainer
 from simsiam_kit.engine.hooks import EpochAverages, MetricsWriter, ProgressBar, Throughput
 from simsiam_kit.errors import TrainingDiverged, UserError
 from simsiam_kit.utils.device import resolve_device, resolve_precision
-from simsiam_kit.utils.io import atomic_write_json
 
 from evaluation.detection.data import DetectionData, DetectionSet
 from evaluation.detection.metrics import coco_evaluate, to_coco_detections
+from evaluation.detection.outputs import make_readable, write_json
 
 NORMS = ("bn", "syncbn", "frozen_bn")
 
@@ -410,6 +410,7 @@ def run_torchvision_detection(cfg: TorchvisionDetectionConfig, weights: str, dat
                              cfg.solver.iters, cfg.data.workers, cfg.train.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
+    make_readable(out_dir / "config.yaml")
     (out_dir / "metrics.jsonl").write_text("")
     steps = [max(1, int(round(f * cfg.solver.iters))) for f in cfg.solver.steps if f < 1]
     timer = StepTimes()
@@ -448,8 +449,8 @@ def run_torchvision_detection(cfg: TorchvisionDetectionConfig, weights: str, dat
         "train_images": len(train_set.records), "val_images": len(data.val.records),
         "final_loss": trainer.epoch_metrics.get("loss"),
     }
-    atomic_write_json(out_dir / "coco_detections.json", dets)
-    atomic_write_json(out_dir / "results.json", results)
+    write_json(out_dir / "coco_detections.json", dets)
+    write_json(out_dir / "results.json", results)
     if cfg.test.vis_images > 0:
         from evaluation.detection.visualize import save_predictions_png
 
@@ -460,4 +461,5 @@ def run_torchvision_detection(cfg: TorchvisionDetectionConfig, weights: str, dat
 
         atomic_torch_save({"model": model.state_dict(), "config": to_dict(cfg), "classes": data.train.class_names},
                           out_dir / "model_final.pt")
+        make_readable(out_dir / "model_final.pt")
     return results

@@ -39,7 +39,14 @@ def register(app, eval_app, export_app, user_errors) -> None:
         set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Config override: solver.base_lr=0.01 (torchvision) or "
                                                  "SOLVER.BASE_LR=0.01 (detectron2)."),
         arch: Optional[str] = typer.Option(None, "--arch", help="Architecture for --weights random (e.g. resnet50)."),
-        num_gpus: int = typer.Option(1, "--num-gpus", help="detectron2 engine: GPUs to launch on (detectron2's launcher)."),
+        num_gpus: int = typer.Option(1, "--num-gpus", help="detectron2 engine: processes (GPUs) per machine, at most the "
+                                     "visible GPUs (1 on a CPU-only machine)."),
+        num_machines: int = typer.Option(1, "--num-machines", help="detectron2 engine: machines taking part "
+                                         "(detectron2's launch; run the same command on each)."),
+        machine_rank: int = typer.Option(0, "--machine-rank", help="detectron2 engine: this machine's rank, 0..N-1 "
+                                         "(machine 0 writes the results)."),
+        dist_url: str = typer.Option("auto", "--dist-url", help="detectron2 engine: tcp://HOST:PORT of machine 0 "
+                                     "(required with --num-machines > 1; 'auto' = a free local port)."),
     ):
         """Fine-tune a detector on a backbone and report COCO AP (results.json, table, predictions PNG)."""
         import time
@@ -51,6 +58,9 @@ def register(app, eval_app, export_app, user_errors) -> None:
             raise UserError(f"--engine {engine!r}: expected torchvision or detectron2")
         if iters is not None and iters < 1:
             raise UserError(f"--iters {iters}: expected >= 1")
+        if engine == "torchvision" and (num_gpus, num_machines, machine_rank, dist_url) != (1, 1, 0, "auto"):
+            raise UserError("--num-gpus/--num-machines/--machine-rank/--dist-url launch detectron2's workers; the "
+                            "torchvision engine runs one process (use --engine detectron2)")
         out_dir = output or Path("runs") / f"detection-{engine}-{time.strftime('%Y%m%d-%H%M%S')}"
         data = resolve_data(train_json, train_images, val_json, val_images, voc_root, voc_train, voc_val)
         if engine == "torchvision":
@@ -64,7 +74,8 @@ def register(app, eval_app, export_app, user_errors) -> None:
             from evaluation.detection.metrics import format_results
 
             res = run_detectron2_detection(config or "d2_voc0712_R_50_C4_24k", weights, data, out_dir, iters=iters,
-                                           overrides=set_, num_gpus=num_gpus, arch=arch, log=typer.echo)
+                                           overrides=set_, num_gpus=num_gpus, arch=arch, log=typer.echo,
+                                           num_machines=num_machines, machine_rank=machine_rank, dist_url=dist_url)
         if res:
             typer.echo("")
             typer.echo(format_results(res))
