@@ -11,7 +11,6 @@ Writes benchmarks/results/bf16_vs_fp32.json and docs/img/bf16_vs_fp32.png.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 from pathlib import Path
 
@@ -22,29 +21,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import SHARED_DATA, write_json  # noqa: E402
 
 
-def run(model, cfg, images, steps, batch, precision, channels_last):
+def run(size, images, steps, batch, precision, channels_last):
+    """``steps`` steps of what ``simsiam-kit pretrain`` runs (same builder), from the seed-0 initial weights."""
+    from simsiam_kit.config import load_pretrain_config
     from simsiam_kit.data.datasets import ImageDataset
-    from simsiam_kit.data.loaders import make_loader
-    from simsiam_kit.data.transforms import BatchAugment
-    from simsiam_kit.pretrain import PretrainStep, build_optimizer
-    from simsiam_kit.utils.device import Precision
+    from simsiam_kit.pretrain import build_pretraining
 
-    torch.manual_seed(0)
-    model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    opt = build_optimizer(model, cfg, cfg.optim.base_lr * batch / 256)
+    cfg = load_pretrain_config("cifar10_resnet18", [
+        f"data.image_size={size}", "optim.base_lr=0.06", f"train.precision={precision}",
+        f"train.channels_last={str(channels_last).lower()}", f"optim.batch_size={batch}", "train.device=cpu",
+        "data.val=null"])
+    torch.manual_seed(0)  # the same initial weights for both precisions
     ds = ImageDataset("bench", np.zeros(len(images), np.int64), list(range(len(images))), images=images)
-    loader = make_loader(ds, batch, train=True, mode="two_view", image_size=cfg.data.image_size)
-    step = PretrainStep(model, opt, BatchAugment(cfg.data), Precision(precision, "cpu"), None,
-                        torch.device("cpu"), channels_last, torch.Generator().manual_seed(0), cfg)
+    p = build_pretraining(cfg, torch.device("cpu"), dataset=ds)
+    p.aug_gen.manual_seed(0)  # the same augmentations too
 
     class T:
         epoch, global_step = 0, 0
 
     losses, stds, epoch = [], [], 0
     while len(losses) < steps:
-        loader.set_epoch(epoch)
-        for b in loader:
-            out = step(b, T)
+        p.data.loader.set_epoch(epoch)
+        for b in p.data.loader:
+            out = p.step(b, T)
             losses.append(float(out["loss"]))
             stds.append(float(out["std"]))
             if len(losses) == steps:
@@ -65,16 +64,10 @@ def main():
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--images", type=int, default=2048)
     args = ap.parse_args()
-    from simsiam_kit.config import load_pretrain_config
-    from simsiam_kit.models import build_simsiam
-
-    cfg = load_pretrain_config("cifar10_resnet18", [f"data.image_size={args.size}", "optim.base_lr=0.06"])
     with np.load(SHARED_DATA / "cifar10" / "train.npz") as d:
         images = np.ascontiguousarray(d["images"][: args.images])
-    torch.manual_seed(0)
-    base = build_simsiam(cfg.model)
-    l16, s16 = run(copy.deepcopy(base), cfg, images, args.steps, args.batch, "bf16", True)
-    l32, s32 = run(copy.deepcopy(base), cfg, images, args.steps, args.batch, "fp32", False)
+    l16, s16 = run(args.size, images, args.steps, args.batch, "bf16", True)
+    l32, s32 = run(args.size, images, args.steps, args.batch, "fp32", False)
     d_raw = np.abs(np.array(l16) - np.array(l32))
     d_smooth = np.abs(smooth(l16) - smooth(l32))
     res = {"steps": args.steps, "batch": args.batch, "image_size": args.size,

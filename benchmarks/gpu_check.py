@@ -10,9 +10,8 @@ priority; each is skipped, and says so, when the time budget is spent, and the J
 each one, so a run cut short keeps what it measured:
 
 1. ``pretrain``: the ``cifar10_resnet18`` recipe (ResNet-18 CIFAR stem, batch 512, bf16 autocast +
-   channels_last) step by step through the library's own parts (``build_simsiam``, ``build_optimizer``,
-   ``make_loader``, ``BatchAugment``, ``PretrainStep``): device-resident data vs host data copied per
-   step, eager vs ``torch.compile``. Images/s is the median over windows of steps timed with the GPU
+   channels_last) step by step through the builder ``simsiam-kit pretrain`` uses (``build_pretraining``;
+   hooks left out): device-resident data vs host data copied per step, eager vs ``torch.compile``. Images/s is the median over windows of steps timed with the GPU
    queue drained at both ends of each window, after warm-up steps. Projected 800-epoch time = 800 x 87
    steps at that rate + 80 kNN-monitor evaluations (the recipe's ``knn_every: 10``) at the measured cost.
    The eager device-resident run also records its loss at every step from the seeded initial weights,
@@ -207,39 +206,22 @@ def cycling(loader):
 # --------------------------------------------------------------------------------------------- 1. pretrain
 def pretrain_variant(train_npz: Path, dev, batch: int, resident: bool, compiled: bool, warmup: int, n_windows: int,
                      per_window: int, record_losses: int = 0) -> dict:
+    """Steps of exactly what ``simsiam-kit pretrain`` runs (``build_pretraining``), without the hooks."""
     from simsiam_kit.config import load_pretrain_config
-    from simsiam_kit.data import load_dataset
-    from simsiam_kit.data.loaders import make_loader
-    from simsiam_kit.data.transforms import BatchAugment
-    from simsiam_kit.models import build_simsiam
-    from simsiam_kit.pretrain import PretrainStep, build_optimizer
-    from simsiam_kit.utils.device import resolve_channels_last, resolve_precision
+    from simsiam_kit.pretrain import build_pretraining
 
-    cfg = load_pretrain_config("cifar10_resnet18", [f"data.train={train_npz}", "data.val=null",
-                                                    f"optim.batch_size={batch}"])
-    prec = resolve_precision(cfg.train.precision, dev)
-    cl = resolve_channels_last(cfg.train.channels_last, dev, prec)
+    cfg = load_pretrain_config("cifar10_resnet18", [
+        f"data.train={train_npz}", "data.val=null", f"optim.batch_size={batch}", f"train.device={dev}",
+        f"train.compile={str(compiled).lower()}", f"data.device_resident={str(resident).lower()}"])
     torch.manual_seed(cfg.train.seed)
-    model = build_simsiam(cfg.model).to(dev, memory_format=torch.channels_last if cl else torch.contiguous_format)
-    opt = build_optimizer(model, cfg, cfg.optim.base_lr * batch / 256)
-    ds = load_dataset(str(train_npz))
-    loader = make_loader(ds, batch, train=True, seed=cfg.train.seed, mode="two_view", image_size=32,
-                         device=dev if resident else None)
-    aug = BatchAugment(cfg.data)
-    gen = torch.Generator(device=dev if dev.type == "cuda" else "cpu")
-    gen.manual_seed(cfg.train.seed * 1000)
-    net = model
+    p = build_pretraining(cfg, dev)
+    prec, cl, step_fn = p.precision, p.channels_last, p.step
     t_compile = None
-    if compiled:
-        net = torch.compile(model)
-        if dev.type == "cuda":
-            aug.compile()
-    step_fn = PretrainStep(net, opt, aug, prec, None, dev, cl, gen, cfg)
 
     class T:  # the attributes PretrainStep reads from the trainer
         epoch, global_step = 0, 0
 
-    it = cycling(loader)
+    it = cycling(p.data.loader)
     losses = []
 
     def step():
@@ -461,25 +443,21 @@ def gpu_decode_rate(folder: Path, dev, batch: int, size: int, batches: int) -> d
 
 def section_imagenet(work: Path, dev, a) -> dict:
     from simsiam_kit.config import load_pretrain_config
-    from simsiam_kit.data import load_dataset
     from simsiam_kit.data.loaders import make_loader
-    from simsiam_kit.data.transforms import BatchAugment
     from simsiam_kit.losses import simsiam_loss
-    from simsiam_kit.models import build_simsiam
-    from simsiam_kit.pretrain import PretrainStep, build_optimizer
-    from simsiam_kit.utils.device import resolve_channels_last, resolve_precision
+    from simsiam_kit.pretrain import build_pretraining
 
     folder = make_jpeg_folder(work / "jpegs", a.r50_files)
     bs, size = a.r50_batch, a.r50_size
-    cfg = load_pretrain_config("imagenet_resnet50", [f"data.train={folder}", "data.val=null",
+    cores = os.cpu_count() or 1
+    cfg = load_pretrain_config("imagenet_resnet50", [f"data.train={folder}", "data.val=null", f"train.device={dev}",
                                                      f"optim.batch_size={bs}", f"data.image_size={size}"])
-    prec = resolve_precision("auto", dev)
-    cl = resolve_channels_last(None, dev, prec)
-    mf = torch.channels_last if cl else torch.contiguous_format
-    out = {"batch": bs, "image_size": size, "files": a.r50_files, "precision": prec.name}
     torch.manual_seed(0)
-    model = build_simsiam(cfg.model).to(dev, memory_format=mf)
-    opt = build_optimizer(model, cfg, cfg.optim.base_lr * bs / 256)
+    p = build_pretraining(cfg, dev)  # what `simsiam-kit pretrain --config imagenet_resnet50` runs
+    prec, cl, model, opt, ds = p.precision, p.channels_last, p.model, p.optimizer, p.data.train
+    mf = torch.channels_last if cl else torch.contiguous_format
+    out = {"batch": bs, "image_size": size, "files": a.r50_files, "precision": prec.name,
+           "auto_workers": p.data.workers}
 
     # (a) compute ceiling: the step on random normalised tensors already on the device
     x1 = torch.randn(bs, 3, size, size, device=dev).contiguous(memory_format=mf)
@@ -497,8 +475,6 @@ def section_imagenet(work: Path, dev, a) -> dict:
     print(f"  R50 ceiling: {out['ceiling']['images_per_s']} img/s", flush=True)
 
     # (b) the file pipeline alone, at several worker counts
-    ds = load_dataset(str(folder))
-    cores = os.cpu_count() or 1
     for w in sorted({max(1, cores // 2), cores}):
         loader = make_loader(ds, bs, train=True, mode="two_view", image_size=size, workers=w)
         it = cycling(loader)
@@ -520,24 +496,21 @@ def section_imagenet(work: Path, dev, a) -> dict:
         except Exception as e:
             out["gpu_decode"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
 
-    # (d) training steps fed by the file pipeline (all cores)
-    loader = make_loader(ds, bs, train=True, mode="two_view", image_size=size, workers=cores)
-    aug = BatchAugment(cfg.data, crop=False)
-    gen = torch.Generator(device=dev if dev.type == "cuda" else "cpu").manual_seed(0)
-    step_fn = PretrainStep(model, opt, aug, prec, None, dev, cl, gen, cfg)
+    # (d) training steps fed by the file pipeline (data.workers auto), as `simsiam-kit pretrain` runs them
+    step_fn = p.step
 
     class T:
         epoch, global_step = 0, 0
 
-    it = cycling(loader)
+    it = cycling(p.data.loader)
 
     def step():
         step_fn(next(it), T)
         T.global_step += 1
 
     # warm-up drains the batches the workers prefetched while the model was idle
-    out["file_fed_training"] = windows(step, dev, cores + 2, a.r50_windows, a.r50_per_window, bs)
-    out["file_fed_training"]["workers"] = cores
+    out["file_fed_training"] = windows(step, dev, p.data.workers + 2, a.r50_windows, a.r50_per_window, bs)
+    out["file_fed_training"]["workers"] = p.data.workers
     print(f"  R50 fed by files: {out['file_fed_training']['images_per_s']} img/s", flush=True)
     if dev.type == "cuda":
         out["max_memory_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)

@@ -35,12 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import SHARED_DATA, median_time, print_table, write_json  # noqa: E402
 
-from simsiam_kit.config import PretrainConfig, load_pretrain_config  # noqa: E402
-
-
-def cifar_cfg(precision: str, channels_last) -> PretrainConfig:
-    o = [f"train.precision={precision}", f"train.channels_last={'null' if channels_last is None else channels_last}"]
-    return load_pretrain_config("cifar10_resnet18", o)
+from simsiam_kit.config import load_pretrain_config  # noqa: E402
 
 
 def time_steps(step_fn, steps: int) -> list[float]:
@@ -49,41 +44,33 @@ def time_steps(step_fn, steps: int) -> list[float]:
 
 
 def ours(images: np.ndarray, batch: int, steps: int, precision: str, channels_last):
+    """What ``simsiam-kit pretrain`` runs, built by the same builder (:func:`build_pretraining`)."""
     from simsiam_kit.data.datasets import ImageDataset
-    from simsiam_kit.data.loaders import make_loader
-    from simsiam_kit.data.transforms import BatchAugment
-    from simsiam_kit.models import build_simsiam
-    from simsiam_kit.pretrain import PretrainStep, build_optimizer
-    from simsiam_kit.utils.device import resolve_channels_last, resolve_precision
+    from simsiam_kit.pretrain import build_pretraining
 
-    cfg = cifar_cfg(precision, channels_last)
-    dev = torch.device("cpu")
-    prec = resolve_precision(cfg.train.precision, dev)
-    cl = resolve_channels_last(cfg.train.channels_last, dev, prec)
+    cfg = load_pretrain_config("cifar10_resnet18", [f"train.precision={precision}", f"optim.batch_size={batch}",
+                                                    f"train.channels_last={'null' if channels_last is None else channels_last}",
+                                                    "train.device=cpu", "data.val=null"])
     torch.manual_seed(0)
-    model = build_simsiam(cfg.model).to(memory_format=torch.channels_last if cl else torch.contiguous_format)
-    opt = build_optimizer(model, cfg, cfg.optim.base_lr * batch / 256)
     ds = ImageDataset("bench", np.zeros(len(images), np.int64), list(range(len(images))), images=images)
-    loader = make_loader(ds, batch, train=True, mode="two_view", image_size=32)
-    step = PretrainStep(model, opt, BatchAugment(cfg.data), prec, None, dev, cl, torch.Generator().manual_seed(0), cfg)
+    p = build_pretraining(cfg, torch.device("cpu"), dataset=ds)
 
     class T:  # minimal trainer stand-in for the step function
         epoch, global_step = 0, 0
 
-    it = iter(loader)
-    state = {"it": it, "epoch": 0}
+    state = {"it": iter(p.data.loader), "epoch": 0}
 
     def one():
         try:
             b = next(state["it"])
         except StopIteration:
             state["epoch"] += 1
-            loader.set_epoch(state["epoch"])
-            state["it"] = iter(loader)
+            p.data.loader.set_epoch(state["epoch"])
+            state["it"] = iter(p.data.loader)
             b = next(state["it"])
-        step(b, T)
+        p.step(b, T)
 
-    return time_steps(one, steps), prec.name, cl, model
+    return time_steps(one, steps), p.precision.name, p.channels_last, p.model
 
 
 def ceiling(model, batch: int, steps: int, precision: str, channels_last: bool):

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from simsiam_kit.engine import Trainer
+from simsiam_kit.engine.step import OptimStep
 from simsiam_kit.engine.hooks import EpochAverages, Hook, LRSchedule, MetricsWriter, ProgressBar, Throughput
 from simsiam_kit.errors import UserError
 
@@ -152,7 +153,8 @@ class LinearStep:
 
     def __init__(self, head: torch.nn.Module, optimizer, features_fn: Callable[[dict], torch.Tensor],
                  device: torch.device, backbone: Optional[torch.nn.Module] = None):
-        self.head, self.opt, self.features, self.device, self.backbone = head, optimizer, features_fn, device, backbone
+        self.head, self.features, self.device, self.backbone = head, features_fn, device, backbone
+        self.update = OptimStep(optimizer)  # the head trains in fp32 (features may come from a bf16 backbone)
 
     def __call__(self, batch, trainer):
         if self.backbone is not None and self.backbone.training:
@@ -165,9 +167,7 @@ class LinearStep:
         loss = F.cross_entropy(logits, y)
         if not torch.isfinite(loss):
             raise UserError(f"linear probe loss became {loss.item()} at epoch {trainer.epoch + 1}; lower --lr")
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        self.update(loss)
         acc = (logits.detach().argmax(1) == y).float().mean() * 100
         return {"loss": loss.detach(), "acc": acc, "images": int(y.shape[0])}
 
@@ -200,13 +200,11 @@ class HeadEvaluation(Hook):
 
     def __init__(self, head, features: torch.Tensor, labels: torch.Tensor):
         self.head, self.features, self.labels = head, features, labels
-        self.history: list[dict] = []
 
     def after_epoch(self, trainer) -> None:
         r = evaluate_head(self.head, self.features, self.labels)
         trainer.epoch_metrics["test_top1"] = r["top1"]
         trainer.epoch_metrics["test_top5"] = r["top5"]
-        self.history.append({"epoch": trainer.epoch, **trainer.epoch_metrics})
 
 
 def train_linear_head(head: torch.nn.Module, loader, features_fn: Callable[[dict], torch.Tensor], epochs: int,

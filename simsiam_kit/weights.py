@@ -71,8 +71,7 @@ def resolve_weights_path(spec: str) -> Path:
     return p
 
 
-def load_backbone(spec: str, arch: Optional[str] = None, stem: Optional[str] = None, strict: bool = True,
-                  seed: int = 0) -> LoadedBackbone:
+def load_backbone(spec: str, arch: Optional[str] = None, stem: Optional[str] = None, seed: int = 0) -> LoadedBackbone:
     if spec == "random":
         if arch is None:
             raise UserError("--weights random needs --arch (for example --arch resnet18)")

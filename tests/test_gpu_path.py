@@ -157,7 +157,7 @@ def test_deferred_nonfinite_check_raises_at_the_check():
     model = _NaNAfter(bad=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     aug = BatchAugment(DataConfig(image_size=8), color=False)
-    step = PretrainStep(model, opt, aug, Precision("fp32", "cpu"), None, torch.device("cpu"), False,
+    step = PretrainStep(model, opt, aug, Precision("fp32", "cpu"), torch.device("cpu"), False,
                         torch.Generator().manual_seed(0), cfg, check_every=3)
     t = _FakeTrainer(10)
     batch = {"images": torch.randint(0, 255, (4, 3, 8, 8), dtype=torch.uint8)}

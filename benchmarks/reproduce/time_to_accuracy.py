@@ -101,26 +101,17 @@ def cycle(loader, set_epoch=True):
 def run_ours(train_ds, batch, stem, evaluate, budget_s, checkpoints, precision="auto", overrides=(), label=None,
              seed=0):
     from simsiam_kit.config import load_pretrain_config
-    from simsiam_kit.data.loaders import make_loader
-    from simsiam_kit.data.transforms import BatchAugment
-    from simsiam_kit.models import build_simsiam
-    from simsiam_kit.pretrain import PretrainStep, build_optimizer
-    from simsiam_kit.utils.device import resolve_channels_last, resolve_precision
+    from simsiam_kit.pretrain import build_pretraining
 
     cfg = load_pretrain_config("cifar10_resnet18", [f"model.stem={stem}", f"optim.batch_size={batch}",
-                                                    f"train.precision={precision}"] + list(overrides))
-    dev = torch.device("cpu")
-    prec = resolve_precision(cfg.train.precision, dev)
-    cl = resolve_channels_last(cfg.train.channels_last, dev, prec)
+                                                    f"train.precision={precision}", "train.device=cpu",
+                                                    f"train.seed={seed}", "data.val=null"] + list(overrides))
     torch.manual_seed(seed)
-    model = build_simsiam(cfg.model).to(memory_format=torch.channels_last if cl else torch.contiguous_format)
-    init_lr = cfg.optim.base_lr * batch / 256
-    opt = build_optimizer(model, cfg, init_lr)
-    loader = make_loader(train_ds, batch, train=True, seed=seed, mode="two_view", image_size=32,
-                         crop_scale=(cfg.data.crop_min_scale, 1.0), flip_p=cfg.data.flip_prob)
-    augment = BatchAugment(cfg.data, crop=not loader.two_views_in_loader)
-    step_fn = PretrainStep(model, opt, augment, prec, None, dev, cl, torch.Generator().manual_seed(seed), cfg)
-    it = cycle(loader)
+    p = build_pretraining(cfg, torch.device("cpu"), dataset=train_ds)  # what `simsiam-kit pretrain` runs
+    p.aug_gen.manual_seed(seed)
+    model, opt, init_lr, step_fn = p.model, p.optimizer, p.init_lr, p.step
+    prec, cl = p.precision, p.channels_last
+    it = cycle(p.data.loader)
 
     class T:  # the two attributes PretrainStep reads from the trainer (for its error message)
         epoch, global_step = 0, 0

@@ -70,7 +70,63 @@ def set_rng_state(state: dict, aug_gen: torch.Generator | None = None) -> None:
 
 
 def save_checkpoint(path: Path, **payload: Any) -> None:
-    atomic_torch_save({"format": CHECKPOINT_FORMAT, "version": 1, **payload}, path)
+    atomic_torch_save({"format": CHECKPOINT_FORMAT, "version": 2, **payload}, path)
+
+
+class ModelState:
+    """A model as a checkpointable: saved unwrapped (no DDP / compile prefixes), on the CPU."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = unwrap(model)
+
+    def state_dict(self) -> dict:
+        return clean_state_dict(self.model.state_dict())
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.model.load_state_dict(sd)
+
+
+class RNGState:
+    """Every process's RNG streams (torch, numpy, python, CUDA, the augmentation generator) as a
+    checkpointable. ``state_dict`` is collective under DDP (each rank's state is gathered to all)."""
+
+    def __init__(self, aug_gen: torch.Generator | None = None):
+        self.aug_gen = aug_gen
+
+    def state_dict(self):
+        from simsiam_kit.utils import dist
+
+        state = get_rng_state(self.aug_gen)
+        if not dist.is_dist():
+            return state
+        import torch.distributed as tdist
+
+        states = [None] * dist.get_world_size()
+        tdist.all_gather_object(states, state)
+        return states
+
+    def load_state_dict(self, state) -> None:
+        from simsiam_kit.utils import dist
+
+        set_rng_state(state[dist.get_rank()] if isinstance(state, list) else state, self.aug_gen)
+
+
+class Checkpointables:
+    """Named objects with ``state_dict``/``load_state_dict`` saved and restored in one call (detectron2's
+    ``Checkpointer(model, **checkpointables)``), so resuming is never written out per object. ``None``
+    entries (a GradScaler that does not exist in bf16) are left out."""
+
+    def __init__(self, **objects: Any):
+        self.objects = {k: v for k, v in objects.items() if v is not None}
+
+    def state_dict(self) -> dict:
+        return {k: v.state_dict() for k, v in self.objects.items()}
+
+    def load_state_dict(self, payload: dict, source: str = "checkpoint") -> None:
+        for name, obj in self.objects.items():
+            if payload.get(name) is None:
+                raise UserError(f"{source}: the checkpoint has no '{name}' state")
+            obj.load_state_dict(payload[name])
 
 
 def backbone_payload(backbone: torch.nn.Module, arch: str, stem: str, extra: dict | None = None) -> dict:

@@ -121,7 +121,6 @@ class CollapseMonitor(Hook):
 
     def __init__(self, dim: int, warn_ratio: float = 0.1, log: Callable[[str], None] = print):
         self.dim, self.ratio, self.log = dim, warn_ratio, log
-        self.warned = False
 
     def after_epoch(self, trainer) -> None:
         std = trainer.epoch_metrics.get("std")
@@ -133,7 +132,6 @@ class CollapseMonitor(Hook):
                 f"warning: output std {std:.4f} is below {self.ratio:g}/sqrt(d) = {self.ratio / math.sqrt(self.dim):.4f} "
                 "(healthy is about 1/sqrt(d)): the representation may be collapsing"
             )
-            self.warned = True
 
 
 class KNNMonitor(Hook):

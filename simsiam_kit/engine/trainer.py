@@ -26,6 +26,12 @@ class Hook:
 
     def after_train(self, trainer: "Trainer") -> None: ...
 
+    def state_dict(self) -> Optional[dict]:
+        """State to checkpoint (None: the hook has none); restored by :meth:`load_state_dict`."""
+        return None
+
+    def load_state_dict(self, state: dict) -> None: ...
+
 
 class Trainer:
     def __init__(
@@ -86,8 +92,16 @@ class Trainer:
             self._call("after_epoch")
         self._call("after_train")
 
-    def find_hook(self, cls) -> Optional[Hook]:
+    def state_dict(self) -> dict:
+        """Progress and the state of every hook that has one, keyed by hook class."""
+        hooks = {type(h).__name__: h.state_dict() for h in self.hooks}
+        return {"epoch": self.epoch, "global_step": self.global_step,
+                "hooks": {k: v for k, v in hooks.items() if v is not None}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue after the checkpointed epoch (``epoch`` = completed epochs)."""
+        self.epoch = self.start_epoch = int(state["epoch"])
+        self.global_step = int(state["global_step"])
         for h in self.hooks:
-            if isinstance(h, cls):
-                return h
-        return None
+            if type(h).__name__ in state.get("hooks", {}):
+                h.load_state_dict(state["hooks"][type(h).__name__])

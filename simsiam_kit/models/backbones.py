@@ -46,10 +46,6 @@ def build_backbone(arch: str = "resnet18", stem: str = "imagenet", zero_init_res
     return net
 
 
-def feature_dim(arch: str) -> int:
-    return {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}[arch]
-
-
 def infer_stem(state_dict) -> str:
     """'cifar' when conv1 is 3x3, 'imagenet' when 7x7."""
     w = state_dict.get("conv1.weight")

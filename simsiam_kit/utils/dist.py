@@ -64,14 +64,6 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t / get_world_size()
 
 
-def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate a tensor from all ranks along dim 0 (equal sizes required)."""
-    if not is_dist():
-        return t
-    out = [torch.empty_like(t) for _ in range(get_world_size())]
-    dist.all_gather(out, t.contiguous())
-    return torch.cat(out)
-
 
 def cleanup() -> None:
     if is_dist():
