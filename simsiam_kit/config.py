@@ -18,6 +18,8 @@ import yaml
 
 from simsiam_kit.errors import UserError
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # checked by utils.device.resolve_precision too
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIRS = [Path.cwd() / "configs", REPO_ROOT / "configs"]
 
@@ -283,7 +285,7 @@ def validate(cfg, source: str) -> None:
         (cfg.optim.batch_size >= 2, "optim.batch_size", cfg.optim.batch_size, ">= 2"),
         (cfg.optim.base_lr > 0, "optim.base_lr", cfg.optim.base_lr, "> 0"),
         (cfg.optim.schedule in ("cosine", "constant"), "optim.schedule", cfg.optim.schedule, "cosine or constant"),
-        (cfg.train.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision", cfg.train.precision,
+        (cfg.train.precision in PRECISIONS, "train.precision", cfg.train.precision,
          "auto, fp32, bf16 or fp16"),
         (cfg.data.image_size >= 8, "data.image_size", cfg.data.image_size, ">= 8"),
         (0 < cfg.data.crop_min_scale <= 1, "data.crop_min_scale", cfg.data.crop_min_scale, "in (0, 1]"),

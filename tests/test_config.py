@@ -50,3 +50,15 @@ def test_defaults_are_paper_values():
     c = PretrainConfig()
     assert c.model.proj_dim == 2048 and c.model.pred_hidden == 512 and c.optim.momentum == 0.9
     assert c.model.stop_gradient and c.model.predictor and c.loss.symmetric
+
+
+def test_precision_names_checked_in_one_place():
+    import torch
+
+    from simsiam_kit.utils.device import resolve_precision
+
+    with pytest.raises(UserError, match="unknown precision 'fp8'"):
+        resolve_precision("fp8", torch.device("cpu"))
+    assert resolve_precision("fp32", torch.device("cpu")).name == "fp32"
+    with pytest.raises(UserError, match="train.precision"):
+        load_pretrain_config("demo", ["train.precision=fp8"])

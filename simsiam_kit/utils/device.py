@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from simsiam_kit.config import PRECISIONS
 from simsiam_kit.errors import UserError
 
 
@@ -58,6 +59,9 @@ class Precision:
 
 
 def resolve_precision(name: str, device: torch.device) -> Precision:
+    """The one place precision names are checked: ``auto`` picks bf16 where the hardware has it."""
+    if name not in PRECISIONS:
+        raise UserError(f"unknown precision '{name}' (expected {', '.join(PRECISIONS)})")
     if name == "auto":
         if device.type == "cuda":
             name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
