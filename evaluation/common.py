@@ -12,6 +12,7 @@ import numpy as np
 
 from simsiam_kit.data import load_dataset
 from simsiam_kit.data.datasets import ImageDataset
+from simsiam_kit.config import DEFAULT_DATA_ROOT
 from simsiam_kit.errors import UserError
 from simsiam_kit.weights import LoadedBackbone, load_backbone, load_state_dict_checked
 
@@ -76,7 +77,7 @@ def parse_floats(text: Optional[str], name: str) -> Optional[tuple]:
         raise UserError(f"--{name}: expected comma-separated numbers such as 0.485,0.456,0.406, got '{text}'") from None
 
 
-def load_labelled(spec: str, role: str, root: str = "~/.cache/simsiam-kit/data", download: bool = False,
+def load_labelled(spec: str, role: str, root: str = DEFAULT_DATA_ROOT, download: bool = False,
                   skip_bad_images: bool = False) -> ImageDataset:
     ds = load_dataset(spec, root, download, skip_bad_images)
     if len(ds) == 0:

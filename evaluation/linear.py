@@ -37,6 +37,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from simsiam_kit.config import DEFAULT_DATA_ROOT
 from simsiam_kit.engine import Trainer
 from simsiam_kit.engine.step import OptimStep
 from simsiam_kit.engine.hooks import EpochAverages, Hook, LRSchedule, MetricsWriter, ProgressBar, Throughput
@@ -268,7 +269,8 @@ class LinearSettings:
     std: Optional[tuple] = None
     workers: int = 2
     seed: int = 0
-    root: str = "~/.cache/simsiam-kit/data"
+    root: str = DEFAULT_DATA_ROOT
+    download: bool = False
     progress: bool = False
     plots: bool = True
 
@@ -290,8 +292,8 @@ def run_linear_probe(s: LinearSettings, output: Path, log: Callable[[str], None]
         raise UserError(f"--lr must be positive, got {s.lr}")
     if s.optimizer not in ("sgd", "lars"):
         raise UserError(f"unknown --optimizer '{s.optimizer}' (available: sgd, lars)")
-    train = load_labelled(s.train_data, "train", s.root)
-    test = load_labelled(s.test_data, "test", s.root)
+    train = load_labelled(s.train_data, "train", s.root, s.download)
+    test = load_labelled(s.test_data, "test", s.root, s.download)
     classes = check_same_classes(train, test, s.train_data, s.test_data)
     loaded = load_eval_backbone(s.weights, s.arch, s.stem, seed=s.seed)
     img = resolve_image_settings(loaded, train, s.image_size, s.mean, s.std)

@@ -21,6 +21,7 @@ from simsiam_kit.errors import UserError
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # checked by utils.device.resolve_precision too
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA_ROOT = "~/.cache/simsiam-kit/data"  # torchvision datasets live / are downloaded here
 CONFIG_DIRS = [Path.cwd() / "configs", REPO_ROOT / "configs"]
 
 
@@ -31,7 +32,7 @@ class DataConfig:
     train: str = "demo:train"
     # Labelled set used as kNN-monitor queries (the train set, without augmentation, is the bank).
     val: Optional[str] = "demo:val"
-    root: str = "~/.cache/simsiam-kit/data"  # where torchvision datasets live / are downloaded
+    root: str = DEFAULT_DATA_ROOT  # where torchvision datasets live / are downloaded
     download: bool = False  # explicit switch: nothing is downloaded unless this is true
     image_size: int = 32
     crop_min_scale: float = 0.2  # RandomResizedCrop scale=(0.2, 1.0)

@@ -23,6 +23,7 @@ from typing import Optional
 
 import numpy as np
 
+from simsiam_kit.config import DEFAULT_DATA_ROOT
 from simsiam_kit.errors import UserError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -129,7 +130,7 @@ def parse_spec(spec: str) -> tuple[str, Optional[slice]]:
 
 def load_dataset(
     spec: str,
-    root: str = "~/.cache/simsiam-kit/data",
+    root: str = DEFAULT_DATA_ROOT,
     download: bool = False,
     skip_bad_images: bool = False,
 ) -> ImageDataset:

@@ -1,0 +1,60 @@
+"""``simsiam-kit eval linear``: linear probe with the official protocol (evaluation/linear.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from simsiam_kit.cli.common import user_errors
+from simsiam_kit.cli.options import (
+    Arch, BatchSize, DataRoot, Device, Download, ImageSize, Mean, Output, Precision, Std, Stem, TestData, TrainData,
+    Weights, Workers,
+)
+from simsiam_kit.config import DEFAULT_DATA_ROOT
+
+app = typer.Typer()
+
+
+@app.command("linear")
+@user_errors
+def linear(
+    weights: Weights,
+    train_data: TrainData,
+    test_data: TestData,
+    epochs: int = typer.Option(90, "--epochs", help="Training epochs (official ImageNet protocol: 90)."),
+    cached_features: bool = typer.Option(False, "--cached-features", help="Extract features once (no augmentation) and train the head on them: a fast approximation of the protocol."),
+    output: Output = None,
+    batch_size: BatchSize = 256,
+    lr: float = typer.Option(0.1, "--lr", help="Base learning rate; the rate used is lr x batch / 256, cosine-decayed."),
+    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd (momentum 0.9) | lars (LARC around the same SGD)."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="Weight decay (protocol: 0)."),
+    arch: Arch = None,
+    stem: Stem = None,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    image_size: ImageSize = None,
+    mean: Mean = None,
+    std: Std = None,
+    workers: Workers = 2,
+    data_root: DataRoot = DEFAULT_DATA_ROOT,
+    download: Download = False,
+    seed: int = typer.Option(0, "--seed"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar."),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="Per-epoch curves PNG."),
+):
+    """Linear probe on a frozen backbone (official main_lincls.py protocol); writes results.json, head.pt, curves."""
+    from evaluation.common import default_output, parse_floats
+    from evaluation.linear import LinearSettings, results_table, run_linear_probe
+
+    settings = LinearSettings(
+        weights=weights, train_data=train_data, test_data=test_data, epochs=epochs,
+        cached_features=cached_features, batch_size=batch_size, lr=lr, optimizer=optimizer,
+        weight_decay=weight_decay, arch=arch, stem=stem, device=device, precision=precision,
+        image_size=image_size, mean=parse_floats(mean, "mean"), std=parse_floats(std, "std"), workers=workers,
+        root=data_root, download=download, seed=seed, progress=progress, plots=plots,
+    )
+    out = output or default_output(weights, "linear")
+    results = run_linear_probe(settings, out, log=typer.echo)
+    typer.echo(results_table(results))
+    typer.echo(f"results: {Path(out) / 'results.json'}")
