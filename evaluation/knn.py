@@ -1,5 +1,12 @@
 """kNN evaluation: weighted kNN classification and retrieval metrics from one nearest-neighbour search.
 
+The search and the vote are the core's (:class:`simsiam_kit.retrieval.knn.KNNClassifier`, the same
+object as the pretraining kNN monitor's); this module adds what the ``eval knn`` protocol reports on
+its neighbours (retrieval metrics, confusion matrix, plots) and the command's settings and outputs.
+Where a change goes: a new option in :class:`KNNSettings` and ``simsiam_kit/commands/knn.py``; a new
+metric on the neighbours next to :func:`retrieval_metrics`; the vote or the search in
+``simsiam_kit/retrieval/``.
+
 Protocol (InstDisc, Wu et al. 2018; DINO ``eval_knn.py``): backbone features (eval mode, no_grad,
 batched, AMP on GPU) are l2-normalised; each test image takes its k most similar training images
 (cosine similarity s_i) and class c scores ``sum_i exp(s_i / T) [y_i == c]``; the prediction is the
@@ -29,24 +36,12 @@ import numpy as np
 import torch
 
 from simsiam_kit.errors import UserError
-from simsiam_kit.knn import topk_accuracy, weighted_vote
+from simsiam_kit.retrieval.knn import KNNClassifier
 
 RECALL_KS = (1, 5, 10)
 
 
 # ------------------------------------------------------------------------------------------ metrics
-def knn_vote_scores(sims: torch.Tensor, neighbour_labels: torch.Tensor, ks: Sequence[int], temperature: float,
-                    num_classes: int) -> dict:
-    """Class scores (Q, C) for each k, from neighbours sorted by decreasing similarity (Q, depth)."""
-    depth = sims.shape[1]
-    out = {}
-    for k in ks:
-        if k > depth:
-            raise ValueError(f"k={k} exceeds the search depth {depth}")
-        out[int(k)] = weighted_vote(sims[:, :k], neighbour_labels[:, :k], num_classes, temperature)
-    return out
-
-
 def retrieval_metrics(neighbour_labels: torch.Tensor, query_labels: torch.Tensor, class_counts: torch.Tensor,
                       recall_ks: Sequence[int] = RECALL_KS) -> dict:
     """recall@K and mAP@R (R capped at the search depth) in percent."""
@@ -71,23 +66,11 @@ def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int)
     return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes).numpy()
 
 
-def search_neighbours(bank: np.ndarray, queries: np.ndarray, depth: int, backend: str = "auto", kind: str = "flat",
-                      save_dir: Optional[Path] = None):
-    """(similarities (Q, depth), bank ids (Q, depth), the EmbeddingIndex) for l2-normalised features."""
-    from simsiam_kit.index import EmbeddingIndex
-
-    index = EmbeddingIndex(bank.shape[1], kind=kind, backend=backend)
-    index.add(bank)
-    sims, ids = index.search(queries, depth)
-    if save_dir is not None:
-        index.save(save_dir)
-    return torch.from_numpy(sims), torch.from_numpy(ids), index
-
-
 def classify(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
              ks: Sequence[int] = (200,), temperature: float = 0.1, num_classes: Optional[int] = None,
              backend: str = "auto", kind: str = "flat", recall_ks: Sequence[int] = RECALL_KS) -> dict:
-    """One search, every k, the retrieval metrics. Features must be l2-normalised float32."""
+    """One search (the core's :class:`~simsiam_kit.retrieval.knn.KNNClassifier`), every k, and the
+    retrieval metrics on its neighbours. Features must be l2-normalised float32 (as extracted)."""
     n = bank.shape[0]
     if n == 0 or queries.shape[0] == 0:
         raise UserError("kNN needs a non-empty bank and query set")
@@ -97,20 +80,19 @@ def classify(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tenso
     if ks[-1] > n:
         raise UserError(f"--k {ks[-1]} is larger than the kNN bank ({n} training images)")
     num_classes = num_classes or int(max(bank_labels.max(), query_labels.max())) + 1
-    depth = min(n, max(ks[-1], max(recall_ks)))
     t0 = time.perf_counter()
-    sims, ids, index = search_neighbours(bank.numpy(), queries.numpy(), depth, backend, kind)
-    search_s = time.perf_counter() - t0
-    nbr_labels = bank_labels[ids]
-    scores = knn_vote_scores(sims, nbr_labels, ks, temperature, num_classes)
+    knn = KNNClassifier(ks, temperature, num_classes, backend=backend, kind=kind, normalize=False,
+                        min_depth=max(recall_ks))
+    out = knn.update(bank, bank_labels).compute(queries, query_labels)
+    search_s = time.perf_counter() - t0  # index build + search + votes
     per_k = {}
-    for k, sc in scores.items():
-        acc = topk_accuracy(sc, query_labels, (1, 5))
-        per_k[k] = {"top1": acc["top1"], "top5": acc["top5"], "pred": sc.argmax(1)}
+    for k in ks:
+        acc = out.accuracy[(k, float(temperature))]
+        per_k[k] = {"top1": acc["top1"], "top5": acc["top5"], "pred": out.pred(k)}
     counts = torch.bincount(bank_labels.long(), minlength=num_classes)
-    retr = retrieval_metrics(nbr_labels, query_labels, counts, recall_ks)
-    return {"per_k": per_k, "retrieval": retr, "ids": ids, "sims": sims, "depth": depth, "backend": index.backend,
-            "index": index, "search_s": search_s}
+    retr = retrieval_metrics(out.neighbour_labels, query_labels, counts, recall_ks)
+    return {"per_k": per_k, "retrieval": retr, "ids": out.ids, "sims": out.sims, "depth": out.depth,
+            "backend": out.backend, "index": knn.index, "search_s": search_s}
 
 
 # ------------------------------------------------------------------------------------------ plots
@@ -210,10 +192,9 @@ def run_knn_eval(s: KNNSettings, output: Path, log: Callable[[str], None] = prin
     """Extract features, search, classify; write features, results.json and plots under ``output``."""
     from evaluation.common import check_same_classes, load_eval_backbone, load_labelled, resolve_image_settings
     from simsiam_kit.features import extract_features, save_features
+    from simsiam_kit.retrieval.index import BACKENDS, KINDS
     from simsiam_kit.utils.device import resolve_channels_last, resolve_device, resolve_precision
     from simsiam_kit.utils.io import atomic_write_json
-
-    from simsiam_kit.index import BACKENDS, KINDS
 
     if s.backend not in BACKENDS:
         raise UserError(f"unknown --backend '{s.backend}' (available: {', '.join(BACKENDS)})")

@@ -19,6 +19,12 @@ Preprocessing (identical for every input type):
 
 onnxruntime runs on CUDA when onnxruntime-gpu sees a GPU, else on the CPU; :attr:`OnnxEmbedder.provider`
 says which one ran (it is also logged).
+
+This module is the runtime of an exported model only: sessions, preprocessing, metadata, the
+embedder. Embedding a dataset into a directory and searching it (``simsiam-kit embed`` / ``search``)
+is the core's application, :mod:`simsiam_kit.retrieval.embed_search`, which takes an ``OnnxEmbedder``
+as its model. A new input type or preprocessing step goes in ``preprocess``; a new metadata key in
+``export/onnx.py`` (which writes it) and ``decode_metadata`` (which reads it).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -249,194 +255,3 @@ class OnnxEmbedder:
         outs = [self.run(self.preprocess(images[s:s + self.batch_size])) for s in range(0, n, self.batch_size)]
         z = np.concatenate(outs)
         return l2_normalize(z) if (self.normalize if normalize is None else normalize) else z
-
-    def embed_dataset(self, ds, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Embeddings of an :class:`~simsiam_kit.data.datasets.ImageDataset` and the row indices kept
-        (unreadable files are skipped when the dataset has ``skip_bad_images``)."""
-        rows = np.arange(len(ds))
-        chunks = range(0, len(ds), self.batch_size)
-        if progress:
-            from tqdm import tqdm
-
-            chunks = tqdm(chunks, desc="embed", unit="batch")
-        outs, kept = [], []
-        for s in chunks:
-            idx = rows[s:s + self.batch_size]
-            if ds.in_memory:
-                imgs = ds.images[idx]
-            else:
-                loaded = [(i, ds.load_pil(int(i))) for i in idx]
-                loaded = [(i, im) for i, im in loaded if im is not None]
-                if not loaded:
-                    continue
-                idx = np.asarray([i for i, _ in loaded])
-                imgs = [im for _, im in loaded]
-            outs.append(self.embed(imgs))
-            kept.append(idx)
-        if not outs:
-            raise UserError(f"dataset '{ds.name}': no readable images")
-        return np.concatenate(outs), np.concatenate(kept)
-
-
-def list_images(path) -> list[Path]:
-    """An image file, or the image files under a directory (recursive, sorted)."""
-    from simsiam_kit.data.datasets import IMG_EXTENSIONS
-
-    p = Path(path).expanduser()
-    if p.is_file():
-        return [p]
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMG_EXTENSIONS)
-        if not files:
-            raise UserError(f"no images found under {p} ({', '.join(IMG_EXTENSIONS)})")
-        return files
-    raise UserError(f"query not found: {p} (expected an image file or a directory of images)")
-
-
-def chunked(seq: Sequence, n: int) -> Iterable[Sequence]:
-    for s in range(0, len(seq), n):
-        yield seq[s:s + n]
-
-
-# --------------------------------------------------------------------------- embed a dataset / search
-MANIFEST = "embed.json"
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def embed_dataset_to_dir(model, data: str, output, batch_size: int = 64, index_kind: str = "flat",
-                         backend: str = "faiss", device: str = "auto", skip_bad_images: bool = False,
-                         progress: bool = False, log=None) -> dict:
-    """Embed a dataset spec with an exported encoder; write ``embeddings.npy``, ``ids.json``,
-    ``labels.npy`` (when labelled), the index (``index.json`` + ``index.faiss``) and ``embed.json``."""
-    import time
-
-    from simsiam_kit.data.datasets import load_dataset
-    from simsiam_kit.index import EmbeddingIndex
-    from simsiam_kit.utils.io import atomic_write_json
-
-    say = log or (lambda s: None)
-    out = Path(output).expanduser()
-    if out.is_file():
-        raise UserError(f"--output {out} is a file; give a directory")
-    emb = OnnxEmbedder(model, device=device, batch_size=batch_size)
-    # validate the index settings before spending time on the embeddings
-    EmbeddingIndex(emb.dim, index_kind, backend)
-    ds = load_dataset(data, skip_bad_images=skip_bad_images)
-    say(f"embedding {len(ds)} images of {ds.name} with {emb.path.name} ({emb.meta.get('arch')} {emb.meta.get('head')}, "
-        f"{emb.dim}-d, {emb.image_size}px) on onnxruntime {emb.provider}")
-    t0 = time.perf_counter()
-    z, rows = emb.embed_dataset(ds, progress=progress)
-    secs = time.perf_counter() - t0
-    index = EmbeddingIndex(emb.dim, index_kind, backend).add(z)
-    out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "embeddings.npy", z)
-    ids = [ds.ids[int(i)] for i in rows]
-    atomic_write_json(out / "ids.json", [i if isinstance(i, (int, str)) else str(i) for i in ids])
-    labels = ds.labels[rows]
-    has_labels = len(labels) > 0 and bool((labels >= 0).all())
-    if has_labels:
-        np.save(out / "labels.npy", labels.astype(np.int64))
-    elif (out / "labels.npy").exists():
-        (out / "labels.npy").unlink()  # stale labels of an earlier run would misalign
-    index.save(out)
-    manifest = {
-        "format": "simsiam-kit-embeddings", "model": str(emb.path.resolve()), "model_sha256": _sha256(emb.path),
-        "model_metadata": {k: emb.meta.get(k) for k in ("arch", "stem", "head", "embedding_dim", "image_size",
-                                                        "precision")},
-        "data": data, "count": int(len(z)), "skipped": int(len(ds) - len(z)), "dim": emb.dim, "normalized": True,
-        "labels": bool(has_labels), "classes": ds.classes if has_labels else None,
-        "index": {"kind": index.kind, "backend": index.backend}, "provider": emb.provider,
-        "seconds": round(secs, 3), "images_per_s": round(len(z) / max(secs, 1e-9), 1),
-    }
-    atomic_write_json(out / MANIFEST, manifest)
-    say(f"wrote {len(z)} embeddings ({secs:.1f} s, {manifest['images_per_s']:.0f} images/s) and a "
-        f"{index.kind} index ({index.backend}) to {out}")
-    return manifest
-
-
-def load_embeddings_dir(index_dir) -> dict:
-    """The manifest, ids, labels and index written by :func:`embed_dataset_to_dir`."""
-    from simsiam_kit.index import EmbeddingIndex
-
-    d = Path(index_dir).expanduser()
-    mp = d / MANIFEST
-    if not mp.is_file():
-        raise UserError(f"{d}: no {MANIFEST}; build the index with `simsiam-kit embed --output {d}`")
-    try:
-        manifest = json.loads(mp.read_text())
-        ids = json.loads((d / "ids.json").read_text())
-    except FileNotFoundError as e:
-        raise UserError(f"{d}: missing {Path(e.filename).name}") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{d}: invalid JSON ({e})") from None
-    labels = np.load(d / "labels.npy") if (d / "labels.npy").is_file() else None
-    index = EmbeddingIndex.load(d)
-    if index.ntotal != len(ids):
-        raise UserError(f"{d}: index holds {index.ntotal} vectors but ids.json lists {len(ids)}")
-    return {"dir": d, "manifest": manifest, "ids": ids, "labels": labels, "index": index}
-
-
-def search_images(index_dir, query, k: int = 10, model=None, device: str = "auto", output=None, log=None) -> dict:
-    """k nearest indexed images (cosine similarity) of an image file or every image under a directory."""
-    from simsiam_kit.utils.io import atomic_write_json
-
-    say = log or (lambda s: None)
-    if k < 1:
-        raise UserError(f"--k must be >= 1 (got {k})")
-    store = load_embeddings_dir(index_dir)
-    manifest, index = store["manifest"], store["index"]
-    model_path = Path(model).expanduser() if model else Path(manifest.get("model", ""))
-    if not model_path.is_file():
-        raise UserError(f"model {model_path} (recorded in {store['dir'] / MANIFEST}) not found; pass --model FILE.onnx")
-    files = list_images(query)
-    emb = OnnxEmbedder(model_path, device=device)
-    if emb.dim != index.dim:
-        raise UserError(f"index {store['dir']} was built with a {index.dim}-d model, but {model_path} gives "
-                        f"{emb.dim}-d embeddings: rebuild it with `simsiam-kit embed --model {model_path}`")
-    if manifest.get("model_sha256") and _sha256(model_path) != manifest["model_sha256"]:
-        say(f"warning: {model_path} is not the model that built this index ({manifest.get('model')}); "
-            "scores compare embeddings of two different encoders")
-    k_eff = min(k, index.ntotal)
-    q = emb.embed([str(f) for f in files])
-    sims, rows = index.search(q, k_eff)
-    classes = manifest.get("classes")
-    results = []
-    for f, srow, irow in zip(files, sims, rows):
-        neigh = []
-        for rank, (s, r) in enumerate(zip(srow.tolist(), irow.tolist()), 1):
-            if r < 0:  # faiss pads with -1 when an approximate index finds fewer than k
-                continue
-            item = {"rank": rank, "row": int(r), "id": store["ids"][r], "score": round(float(s), 6)}
-            if store["labels"] is not None:
-                lab = int(store["labels"][r])
-                item["label"] = lab
-                if classes and 0 <= lab < len(classes):
-                    item["class"] = classes[lab]
-            neigh.append(item)
-        results.append({"query": str(f), "neighbours": neigh})
-    report = {"index": str(store["dir"]), "model": str(model_path), "provider": emb.provider, "k": k_eff,
-              "index_kind": index.kind, "results": results}
-    if output is not None:
-        atomic_write_json(Path(output).expanduser(), report)
-        report["output"] = str(output)
-    return report
-
-
-def format_search_table(report: dict) -> str:
-    lines = [f"{'query':<32} {'rank':>4} {'score':>8}  {'id':<28} label"]
-    for r in report["results"]:
-        q = Path(r["query"]).name
-        for n in r["neighbours"]:
-            lab = n.get("class", n.get("label", ""))
-            lines.append(f"{q[-32:]:<32} {n['rank']:>4} {n['score']:>8.4f}  {str(n['id'])[-28:]:<28} {lab}")
-            q = ""
-    return "\n".join(lines)

@@ -184,7 +184,7 @@ def test_embed_image_folder_hnsw_ids_are_file_names(encoder, tmp_path):
 @pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
 def test_index_save_load_round_trip(tmp_path, kind):
     pytest.importorskip("faiss")
-    from simsiam_kit.index import EmbeddingIndex
+    from simsiam_kit.retrieval.index import EmbeddingIndex
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((300, 16)).astype(np.float32)

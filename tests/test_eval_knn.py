@@ -12,12 +12,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from evaluation.knn import classify, confusion_matrix, knn_vote_scores, retrieval_metrics
+from evaluation.knn import classify, confusion_matrix, retrieval_metrics
 from simsiam_kit.cli import app
 from simsiam_kit.engine.checkpoint import save_backbone
-from simsiam_kit.index import EmbeddingIndex
-from simsiam_kit.knn import knn_classify
 from simsiam_kit.models import build_backbone
+from simsiam_kit.retrieval.index import EmbeddingIndex, _select_topk, knn_search_torch
+from simsiam_kit.retrieval.knn import knn_classify, weighted_vote
 
 runner = CliRunner()
 
@@ -35,7 +35,7 @@ def test_weighted_votes_by_hand(backend):
     assert res["ids"][0, :3].tolist() == [0, 1, 2]
     assert res["sims"][0, :3].tolist() == pytest.approx([1.0, 0.8, 0.6], abs=1e-6)
     # k=3, T=0.1: class 0 gets e^10 = 22026.5, class 1 gets e^8 + e^6 = 3384.4 -> class 0, despite 2 votes to 1
-    sc = knn_vote_scores(res["sims"], BANK_LABELS[res["ids"]], [3], 0.1, 3)[3][0]
+    sc = weighted_vote(res["sims"][:, :3], BANK_LABELS[res["ids"][:, :3]], 3, 0.1)[0]
     assert sc.tolist() == pytest.approx([math.exp(10), math.exp(8) + math.exp(6), 0.0], rel=1e-5)
     assert res["per_k"][3]["pred"].item() == 0
     assert res["per_k"][3]["top1"] == 0.0 and res["per_k"][3]["top5"] == 100.0
@@ -123,8 +123,6 @@ def test_faiss_and_torch_agree_exactly_with_many_ties(tmp_path):
 def test_torch_search_matches_a_full_sort_reference(data):
     """The fast tie handling (numpy, only on rows that hold a tie or straddle the cut) gives exactly the
     order of a full sort by (similarity descending, bank index ascending), across query chunks."""
-    from simsiam_kit.knn import knn_search_torch
-
     g = torch.Generator().manual_seed(3)
     if data == "ties":  # small integers: exact dot products, ties inside the top-k and across the cut
         bank, queries = torch.randint(0, 3, (300, 6), generator=g).float(), torch.randint(0, 3, (70, 6), generator=g).float()
@@ -151,8 +149,6 @@ def test_two_stage_selection_equals_topk(n):
     """The block-maximum preselection of the CPU search returns exactly torch.topk's values (and indices
     holding them), on continuous data, on data full of ties (many block maxima equal at the cut), and
     with a tail of columns outside the blocks."""
-    from simsiam_kit.knn import _select_topk
-
     g = torch.Generator().manual_seed(5)
     cont = torch.randn(40, n, generator=g)
     ties = torch.randint(0, 6, (40, n), generator=g).float()  # every block maximum is 5: all rows tie
@@ -167,8 +163,6 @@ def test_two_stage_selection_equals_topk(n):
             assert torch.equal(torch.gather(sim, 1, i), v)
             assert all(len(set(row)) == kk for row in i.tolist())
     # the full search on a bank large enough for the two-stage path: same order as a full sort
-    from simsiam_kit.knn import knn_search_torch
-
     bank = torch.nn.functional.normalize(torch.randn(n, 8, generator=g), dim=1)
     bank[2500] = bank[3]  # an exact duplicate: a tie
     queries = torch.nn.functional.normalize(torch.randn(30, 8, generator=g), dim=1)

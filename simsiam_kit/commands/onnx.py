@@ -1,4 +1,5 @@
-"""``simsiam-kit export onnx``, ``simsiam-kit embed`` and ``simsiam-kit search`` (export/ does the work)."""
+"""``simsiam-kit export onnx`` (export/onnx.py), ``simsiam-kit embed`` and ``simsiam-kit search``
+(simsiam_kit/retrieval/embed_search.py, with export's ``OnnxEmbedder`` passed in as the model)."""
 
 from __future__ import annotations
 
@@ -43,10 +44,12 @@ def register(app, eval_app, export_app, user_errors) -> None:
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     ):
         """Embed a dataset with an exported encoder (onnxruntime) and build a nearest-neighbour index."""
-        from export.embedder import embed_dataset_to_dir
+        from export.embedder import OnnxEmbedder
+        from simsiam_kit.retrieval.embed_search import embed_dataset_to_dir
 
-        embed_dataset_to_dir(model, data, output, batch_size=batch_size, index_kind=index, backend=backend,
-                             device=device, skip_bad_images=skip_bad_images, progress=progress, log=typer.echo)
+        embed_dataset_to_dir(OnnxEmbedder(model, device=device, batch_size=batch_size), data, output,
+                             index_kind=index, backend=backend, skip_bad_images=skip_bad_images, progress=progress,
+                             log=typer.echo)
 
     @app.command("search")
     @user_errors
@@ -59,11 +62,12 @@ def register(app, eval_app, export_app, user_errors) -> None:
         device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     ):
         """Nearest indexed images of each query, with cosine similarities: a table, and JSON."""
-        from export.embedder import format_search_table, search_images
+        from export.embedder import OnnxEmbedder
+        from simsiam_kit.retrieval.embed_search import format_search_table, search_images
 
         out = output if output is not None else index / "search.json"
-        report = search_images(index, query, k=k, model=model, device=device, output=out,
-                               log=lambda s: typer.echo(s, err=True))
+        report = search_images(index, query, lambda path: OnnxEmbedder(path, device=device), k=k, model=model,
+                               output=out, log=lambda s: typer.echo(s, err=True))
         typer.echo(f"onnxruntime provider: {report['provider']}; {len(report['results'])} queries, k={report['k']}")
         typer.echo(format_search_table(report))
         typer.echo(f"wrote {out}")

@@ -1,0 +1,334 @@
+"""The index: the only code in simsiam-kit that searches, and the one place of the tie rule.
+
+``EmbeddingIndex(dim, kind, backend)`` stores l2-normalised vectors (inner product = cosine
+similarity) and returns the k nearest of each query: ``search(queries, k) -> (similarities, ids)``,
+each (Q, k). numpy in, numpy out; a torch tensor in, tensors out on the queries' device. It serves
+the kNN classifier (:mod:`simsiam_kit.retrieval.knn`: the pretraining monitor and ``eval knn``) and
+embedding search (:mod:`simsiam_kit.retrieval.embed_search`: ``simsiam-kit embed`` / ``search``).
+
+Backends:
+
+* ``torch``: exact chunked matmul + top-k (:func:`knn_search_torch`; on the CPU a two-stage
+  selection through block maxima, :func:`_select_topk`), on ``device`` when given, else on the GPU
+  when torch sees one (``use_gpu`` decides), else on the CPU.
+* ``faiss``: ``IndexFlatIP`` (exact), ``IndexIVFFlat`` (``kind="ivf"``) or ``IndexHNSWFlat``
+  (``kind="hnsw"``); moved to the GPU when faiss-gpu sees one. faiss is imported lazily.
+* ``auto`` (a fixed, documented rule, backed by ``benchmarks/knn_eval.py``):
+
+  - ``ivf`` / ``hnsw``: faiss (torch has no approximate index);
+  - ``flat`` with faiss-gpu and a visible GPU: faiss on the GPU;
+  - ``flat`` otherwise: torch (on the GPU when CUDA is available). On the reference CPUs a chunked
+    torch matmul + top-k beats faiss-cpu's ``IndexFlatIP`` search at k=200 (see
+    ``benchmarks/results/knn_eval.json``), and a CUDA torch matmul beats faiss-cpu by far when
+    faiss has no GPU support.
+
+The tie rule (:func:`settle_ties`, applied to what every backend returns): similarities
+descending, equal similarities ordered by increasing index, including at the k-th place (when
+several vectors tie with the k-th similarity, the lowest indices are kept). Exact backends therefore
+return the same neighbours.
+
+Where a change goes: a new backend is a branch of :meth:`EmbeddingIndex.add` / ``search`` / ``save``
+/ ``load`` that hands its k + 1 best (exact) or k best (approximate) to :func:`settle_ties`; the order
+of neighbours changes in :func:`settle_ties` only; what is done with neighbours (votes, accuracy,
+retrieval metrics, search tables) lives with their consumers, never here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from simsiam_kit.errors import UserError, require_extra
+
+KINDS = ("flat", "ivf", "hnsw")
+BACKENDS = ("auto", "faiss", "torch")
+
+
+# ------------------------------------------------------------------------------------ the tie rule
+def settle_ties(v: np.ndarray, i: np.ndarray, k: int, row: Optional[Callable[[int], np.ndarray]] = None):
+    """The tie rule, for every backend: ``(similarities, ids)`` (Q, k), similarities descending, equal
+    similarities by increasing id, and at the cut the lowest ids among those tying with the k-th.
+
+    ``v``, ``i``: (Q, kk) what a backend returned, similarities descending (any order among equal
+    ones). An exact backend searches one deeper, kk = k + 1, so that a tie across the cut shows as
+    ``v[:, k] == v[:, k - 1]``; for those rows (few, on real features) ``row(r)`` gives row r's
+    similarities to every stored vector, and its k best are rebuilt from them. An approximate backend
+    passes kk = k and no ``row``: the ties inside its lists are ordered, its cut stays as found.
+
+    numpy on purpose: the work is small (Q x k) and on a busy 2-core machine small multi-threaded
+    torch ops stall on the OpenMP barrier (measured 10-40 ms for a 45,000-element compare + nonzero,
+    vs 0.05 ms single-threaded).
+    """
+    redo = np.zeros(len(v), dtype=bool)
+    if v.shape[1] > k:
+        straddle = np.flatnonzero(v[:, k] == v[:, k - 1])
+        v, i = v[:, :k].copy(), i[:, :k].copy()
+        for r in straddle:
+            x = row(r)
+            kth = np.partition(x, len(x) - k)[len(x) - k]  # the row's k-th largest similarity
+            above = np.flatnonzero(x > kth)  # fewer than k of them
+            eq = np.flatnonzero(x == kth)[: k - len(above)]  # lowest ids first
+            i[r] = np.concatenate([above, eq])
+            v[r] = x[i[r]]
+        redo[straddle] = True  # rebuilt rows are ordered below
+    # equal similarities by increasing id: only rows that hold a tie (or were rebuilt) need the sort
+    tied = np.flatnonzero(redo | (v[:, 1:] == v[:, :-1]).any(1))
+    if len(tied):
+        o = np.lexsort((i[tied], -v[tied]), axis=-1)
+        v[tied] = np.take_along_axis(v[tied], o, -1)
+        i[tied] = np.take_along_axis(i[tied], o, -1)
+    return v, i
+
+
+# ------------------------------------------------------------------------------------ torch backend
+@torch.no_grad()
+def knn_search_torch(bank: torch.Tensor, queries: torch.Tensor, k: int, chunk: int = 1024):
+    """Exact inner-product top-k by chunked matmul on the bank's device: (similarities, indices),
+    each (Q, k), in the order of :func:`settle_ties`."""
+    n = bank.shape[0]
+    k = min(k, n)
+    kk = min(k + 1, n)  # one extra: a tie across the cut shows as v[k] == v[k-1]
+    sims, idxs = [], []
+    bank_t = bank.t()  # a transposed view: the GEMM reads it in place (no copy of the bank per call)
+    for s in range(0, queries.shape[0], chunk):
+        sim = queries[s : s + chunk] @ bank_t
+        v, i = _select_topk(sim, kk) if sim.device.type == "cpu" else torch.topk(sim, kk, dim=1)
+        v, i = settle_ties(v.cpu().numpy(), i.cpu().numpy(), k, lambda r, sim=sim: sim[r].cpu().numpy())
+        sims.append(v)
+        idxs.append(i)
+    if not sims:
+        return bank.new_zeros((0, k)), torch.zeros((0, k), dtype=torch.int64, device=bank.device)
+    v = torch.from_numpy(sims[0] if len(sims) == 1 else np.concatenate(sims))
+    i = torch.from_numpy(idxs[0] if len(idxs) == 1 else np.concatenate(idxs))
+    return v.to(bank.device), i.to(bank.device)
+
+
+BLOCK = 16
+
+
+def _select_topk(sim: torch.Tensor, kk: int, block: int = BLOCK):
+    """``torch.topk(sim, kk, dim=1)`` (the same values; equal values at the cut may come from other
+    columns, which :func:`settle_ties` settles) in two exact stages, faster on the CPU for kk << columns
+    (measured 58 vs 74 ms for 1,024 x 45,000 at kk=201 on 2 cores):
+
+    1. the columns are grouped into ``nb = n // block`` blocks, block j holding columns j, j + nb,
+       j + 2 nb, ... (a strided grouping: the block maxima are ``block`` element-wise maxima of
+       contiguous rows, one pass over the matrix at memory speed);
+    2. the kk blocks with the largest maxima are kept; m is the smallest kept maximum. Every entry
+       > m lies in a kept block (its block's maximum is > m). The row's top kk holds e entries > m and
+       kk - e entries equal to m (if any); the kept blocks hold those e entries, and at least one
+       entry equal to m per kept block whose maximum is m, i.e. kk - (blocks with maximum > m) >=
+       kk - e of them. So the candidates' top-kk values are the row's, ties among blocks included;
+    3. ``torch.topk`` over the kept blocks' kk x block entries plus the n - nb x block tail columns.
+    """
+    rows, n = sim.shape
+    nb = n // block
+    if nb < 4 * kk:  # too few blocks to gain anything
+        return torch.topk(sim, kk, dim=1)
+    head = sim.as_strided((rows, block, nb), (sim.stride(0), nb * sim.stride(1), sim.stride(1)))
+    bmax = head.amax(1)  # (rows, nb)
+    ib = torch.topk(bmax, kk, dim=1, sorted=False).indices
+    cols = (ib.unsqueeze(1) + torch.arange(0, block * nb, nb).view(1, block, 1)).view(rows, -1)
+    if n > nb * block:
+        cols = torch.cat([cols, torch.arange(nb * block, n).expand(rows, -1)], 1)
+    v, j = torch.topk(torch.gather(sim, 1, cols), kk, dim=1)
+    return v, torch.gather(cols, 1, j)
+
+
+# ------------------------------------------------------------------------------------ the index
+def faiss_has_gpu(faiss) -> bool:
+    try:
+        return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    except Exception:
+        return False
+
+
+class EmbeddingIndex:
+    """Nearest-neighbour index over l2-normalised vectors; see the module docstring.
+
+    ``device`` (torch backend only): where the vectors are kept and searched; default the GPU when
+    torch sees one (unless ``use_gpu=False``), else the CPU.
+    """
+
+    def __init__(self, dim: int, kind: str = "flat", backend: str = "auto", nlist: int = 0, nprobe: int = 16,
+                 hnsw_m: int = 32, use_gpu: Optional[bool] = None, device=None):
+        if kind not in KINDS:
+            raise UserError(f"unknown index kind '{kind}' (available: {', '.join(KINDS)})")
+        if backend not in BACKENDS:
+            raise UserError(f"unknown kNN backend '{backend}' (available: {', '.join(BACKENDS)})")
+        if kind != "flat" and backend == "torch":
+            raise UserError(f"index kind '{kind}' needs the faiss backend (torch does exact search only)")
+        self.dim, self.kind, self.nlist, self.nprobe, self.hnsw_m = int(dim), kind, nlist, nprobe, hnsw_m
+        self.use_gpu = use_gpu
+        self.backend = self.auto_backend(kind, use_gpu) if backend == "auto" else backend
+        if device is not None:
+            self.device = torch.device(device)
+        else:
+            cuda = torch.cuda.is_available() and use_gpu is not False
+            self.device = torch.device("cuda" if self.backend == "torch" and cuda else "cpu")
+        self._parts: list[torch.Tensor] = []  # torch backend storage (zero-copy views of numpy input)
+        self._bank: Optional[torch.Tensor] = None
+        self._faiss = None
+        self._xb = None  # stored vectors, reconstructed only to settle ties at the cut (faiss flat)
+
+    @staticmethod
+    def auto_backend(kind: str, use_gpu: Optional[bool] = None) -> str:
+        """The ``auto`` rule of the module docstring."""
+        if kind != "flat":
+            return "faiss"
+        if use_gpu is not False and torch.cuda.is_available():
+            try:
+                import faiss  # noqa: F401  (only probed when a GPU is there)
+            except ImportError:
+                return "torch"
+            return "faiss" if faiss_has_gpu(faiss) else "torch"
+        return "torch"
+
+    # ---------------------------------------------------------------- building
+    @property
+    def ntotal(self) -> int:
+        if self.backend == "torch":
+            return sum(len(v) for v in self._parts)
+        return 0 if self._faiss is None else int(self._faiss.ntotal)
+
+    def _check(self, x):
+        """A float32 (N, dim) matrix: a tensor stays a tensor (on its device), anything else becomes numpy."""
+        if isinstance(x, torch.Tensor):
+            x = x.detach()
+            x = x if x.dtype == torch.float32 else x.float()
+        else:
+            x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise UserError(f"embedding dimension mismatch: index has dim {self.dim}, got array of shape {tuple(x.shape)}")
+        return x
+
+    @staticmethod
+    def _numpy(x) -> np.ndarray:
+        return np.ascontiguousarray(x.cpu().numpy()) if isinstance(x, torch.Tensor) else x
+
+    def _make_faiss(self, train: Optional[np.ndarray]):
+        faiss = require_extra("faiss", "cpu")
+        if self.kind == "flat":
+            idx = faiss.IndexFlatIP(self.dim)
+        elif self.kind == "hnsw":
+            idx = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        else:
+            n = len(train)
+            nlist = self.nlist or max(1, min(int(4 * np.sqrt(n)), n // 39 if n >= 39 else 1))
+            quant = faiss.IndexFlatIP(self.dim)
+            idx = faiss.IndexIVFFlat(quant, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            idx.train(train)
+            idx.nprobe = min(self.nprobe, nlist)
+            self.nlist = nlist
+        want_gpu = self.use_gpu if self.use_gpu is not None else True
+        if want_gpu and self.kind != "hnsw" and faiss_has_gpu(faiss):
+            self._gpu_res = faiss.StandardGpuResources()
+            idx = faiss.index_cpu_to_gpu(self._gpu_res, 0, idx)
+        return idx
+
+    def add(self, x) -> "EmbeddingIndex":
+        x = self._check(x)
+        if self.backend == "torch":
+            self._parts.append(x if isinstance(x, torch.Tensor) else torch.from_numpy(x))
+            self._bank = None
+        else:
+            x = self._numpy(x)
+            if self._faiss is None:
+                self._faiss = self._make_faiss(x)
+            self._faiss.add(x)
+        return self
+
+    def _torch_bank(self) -> torch.Tensor:
+        if self._bank is None:
+            bank = self._parts[0] if len(self._parts) == 1 else torch.cat([p.to(self.device) for p in self._parts])
+            self._bank = bank.to(self.device)  # no copy of a single part already on the device
+        return self._bank
+
+    # ---------------------------------------------------------------- search
+    def search(self, queries, k: int):
+        """(similarities float32 (Q, k), ids int64 (Q, k)) of the k nearest stored vectors, in the order
+        of :func:`settle_ties`: numpy arrays, or tensors on the queries' device when ``queries`` is one."""
+        q = self._check(queries)
+        n = self.ntotal
+        if n == 0:
+            raise UserError("the index is empty")
+        if k > n:
+            raise UserError(f"k={k} is larger than the number of indexed vectors ({n})")
+        if k < 1:
+            raise UserError(f"k must be at least 1, got {k}")
+        if self.backend == "torch":
+            qt = q if isinstance(q, torch.Tensor) else torch.from_numpy(q)
+            s, i = knn_search_torch(self._torch_bank(), qt.to(self.device), k)
+        else:
+            s, i = self._faiss_search(self._numpy(q), k)
+            s, i = torch.from_numpy(s), torch.from_numpy(i)
+        if isinstance(queries, torch.Tensor):
+            return s.to(queries.device), i.to(queries.device)
+        return s.cpu().numpy(), i.cpu().numpy()
+
+    def _faiss_search(self, q: np.ndarray, k: int):
+        if self.kind != "flat":  # approximate: the ties inside each list are ordered, the cut stays
+            s, i = self._faiss.search(q, k)
+            return settle_ties(s.astype(np.float32), i.astype(np.int64), k)
+        kk = min(k + 1, self.ntotal)  # one extra: a tie across the cut shows as s[k] == s[k-1]
+        s, i = self._faiss.search(q, kk)
+        s, i = settle_ties(s.astype(np.float32), i.astype(np.int64), k, lambda r: self._faiss_row(q[r]))
+        self._xb = None
+        return s, i
+
+    def _faiss_row(self, q: np.ndarray) -> np.ndarray:
+        """A query's similarities to every stored vector, for rows whose k-th similarity ties across the
+        cut: rescored against the stored vectors (float64, rounded to float32). (A faiss re-search cannot
+        do this: its kernel, and so the last bit of a similarity, depends on the number of queries.)"""
+        if self._xb is None or len(self._xb) != self.ntotal:
+            self._xb = self._faiss.reconstruct_n(0, self.ntotal).astype(np.float64)
+        return (self._xb @ q.astype(np.float64)).astype(np.float32)
+
+    # ---------------------------------------------------------------- persistence
+    def save(self, directory) -> Path:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        meta = {"dim": self.dim, "kind": self.kind, "backend": self.backend, "nlist": self.nlist,
+                "nprobe": self.nprobe, "hnsw_m": self.hnsw_m, "ntotal": self.ntotal}
+        if self.backend == "torch":
+            vec = self._torch_bank().cpu().numpy() if self._parts else np.zeros((0, self.dim), np.float32)
+            np.save(d / "index_vectors.npy", vec)
+        else:
+            faiss = require_extra("faiss", "cpu")
+            idx = self._faiss
+            if hasattr(faiss, "index_gpu_to_cpu") and type(idx).__name__.startswith("Gpu"):
+                idx = faiss.index_gpu_to_cpu(idx)
+            faiss.write_index(idx, str(d / "index.faiss"))
+        (d / "index.json").write_text(json.dumps(meta, indent=2))
+        return d
+
+    @classmethod
+    def load(cls, directory, use_gpu: Optional[bool] = None) -> "EmbeddingIndex":
+        d = Path(directory)
+        meta_p = d / "index.json"
+        if not meta_p.is_file():
+            raise UserError(f"{d}: no index.json, not a saved index")
+        try:
+            meta = json.loads(meta_p.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{meta_p}: invalid JSON ({e})") from None
+        self = cls(meta["dim"], meta["kind"], meta["backend"], meta["nlist"], meta["nprobe"], meta["hnsw_m"], use_gpu)
+        if self.backend == "torch":
+            vec = np.load(d / "index_vectors.npy")
+            if len(vec):
+                self.add(vec)
+        else:
+            faiss = require_extra("faiss", "cpu")
+            try:
+                idx = faiss.read_index(str(d / "index.faiss"))
+            except Exception as e:
+                raise UserError(f"{d / 'index.faiss'}: cannot read FAISS index ({e})") from None
+            if (use_gpu if use_gpu is not None else True) and self.kind != "hnsw" and faiss_has_gpu(faiss):
+                self._gpu_res = faiss.StandardGpuResources()
+                idx = faiss.index_cpu_to_gpu(self._gpu_res, 0, idx)
+            self._faiss = idx
+        return self
