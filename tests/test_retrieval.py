@@ -93,7 +93,8 @@ def test_classifier_votes_by_hand(backend):
     knn = KNNClassifier(k=(1, 2, 3, 4), temperature=(0.1, 1.0), backend=backend)
     knn.update(torch.from_numpy(BANK[:3]), torch.from_numpy(LABELS[:3]))  # the bank in two parts
     out = knn.update(torch.from_numpy(BANK[3:]), torch.from_numpy(LABELS[3:])).compute(
-        torch.from_numpy(QUERIES), torch.tensor([2, 2]))
+        torch.from_numpy(QUERIES), torch.tensor([2, 2])
+    )
     assert out.depth == 4 and out.ids.tolist() == RANKING
     assert out.neighbour_labels.tolist() == [[1, 2, 2, 0], [0, 2, 1, 2]]
     e = math.exp
@@ -152,8 +153,12 @@ def test_embed_and_search_take_the_model_as_an_argument(tmp_path):
 
     colours = np.array([[200, 0, 0], [0, 200, 0], [0, 0, 200], [100, 0, 0]], np.uint8)  # rows 0 and 3: both pure red
     images = np.repeat(np.repeat(colours[:, None, None, :], 4, 1), 4, 2)
-    np.savez(tmp_path / "colours.npz", images=images, labels=np.array([0, 1, 2, 0]),
-             class_names=np.array(["red", "green", "blue"]))
+    np.savez(
+        tmp_path / "colours.npz",
+        images=images,
+        labels=np.array([0, 1, 2, 0]),
+        class_names=np.array(["red", "green", "blue"]),
+    )
     model = tmp_path / "model.bin"
     model.write_bytes(b"weights")
     emb = _ColourEmbedder(model)

@@ -15,5 +15,14 @@ The core layer: imports only the core (never ``evaluation`` or ``export``).
 from simsiam_kit.retrieval.index import BACKENDS, KINDS, EmbeddingIndex, settle_ties
 from simsiam_kit.retrieval.knn import KNNClassifier, KNNResult, knn_classify, topk_accuracy, weighted_vote
 
-__all__ = ["BACKENDS", "KINDS", "EmbeddingIndex", "settle_ties", "KNNClassifier", "KNNResult", "knn_classify",
-           "topk_accuracy", "weighted_vote"]
+__all__ = [
+    "BACKENDS",
+    "KINDS",
+    "EmbeddingIndex",
+    "settle_ties",
+    "KNNClassifier",
+    "KNNResult",
+    "knn_classify",
+    "topk_accuracy",
+    "weighted_vote",
+]

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Callable, Optional, Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -74,7 +74,7 @@ def embed_dataset(embedder: Embedder, ds, progress: bool = False) -> tuple[np.nd
         chunks = tqdm(chunks, desc="embed", unit="batch")
     outs, kept = [], []
     for s in chunks:
-        idx = rows[s:s + bs]
+        idx = rows[s : s + bs]
         if ds.in_memory:
             imgs = ds.images[idx]
         else:
@@ -101,8 +101,16 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def embed_dataset_to_dir(embedder: Embedder, data: str, output, index_kind: str = "flat", backend: str = "faiss",
-                         skip_bad_images: bool = False, progress: bool = False, log=None) -> dict:
+def embed_dataset_to_dir(
+    embedder: Embedder,
+    data: str,
+    output,
+    index_kind: str = "flat",
+    backend: str = "faiss",
+    skip_bad_images: bool = False,
+    progress: bool = False,
+    log=None,
+) -> dict:
     """Embed a dataset spec with ``embedder``; write ``embeddings.npy``, ``ids.json``, ``labels.npy``
     (when labelled), the index (``index.json`` + ``index.faiss``) and ``embed.json``; return the manifest."""
     from simsiam_kit.data.datasets import load_dataset
@@ -117,8 +125,10 @@ def embed_dataset_to_dir(embedder: Embedder, data: str, output, index_kind: str 
     # validate the index settings before spending time on the embeddings
     EmbeddingIndex(emb.dim, index_kind, backend)
     ds = load_dataset(data, skip_bad_images=skip_bad_images)
-    say(f"embedding {len(ds)} images of {ds.name} with {emb.path.name} ({emb.meta.get('arch')} {emb.meta.get('head')}, "
-        f"{emb.dim}-d, {emb.meta.get('image_size')}px) on {emb.provider}")
+    say(
+        f"embedding {len(ds)} images of {ds.name} with {emb.path.name} ({emb.meta.get('arch')} {emb.meta.get('head')}, "
+        f"{emb.dim}-d, {emb.meta.get('image_size')}px) on {emb.provider}"
+    )
     t0 = time.perf_counter()
     z, rows = embed_dataset(emb, ds, progress=progress)
     secs = time.perf_counter() - t0
@@ -135,17 +145,29 @@ def embed_dataset_to_dir(embedder: Embedder, data: str, output, index_kind: str 
         (out / "labels.npy").unlink()  # stale labels of an earlier run would misalign
     index.save(out)
     manifest = {
-        "format": "simsiam-kit-embeddings", "model": str(emb.path.resolve()), "model_sha256": _sha256(emb.path),
-        "model_metadata": {k: emb.meta.get(k) for k in ("arch", "stem", "head", "embedding_dim", "image_size",
-                                                        "precision")},
-        "data": data, "count": int(len(z)), "skipped": int(len(ds) - len(z)), "dim": emb.dim, "normalized": True,
-        "labels": bool(has_labels), "classes": ds.classes if has_labels else None,
-        "index": {"kind": index.kind, "backend": index.backend}, "provider": emb.provider,
-        "seconds": round(secs, 3), "images_per_s": round(len(z) / max(secs, 1e-9), 1),
+        "format": "simsiam-kit-embeddings",
+        "model": str(emb.path.resolve()),
+        "model_sha256": _sha256(emb.path),
+        "model_metadata": {
+            k: emb.meta.get(k) for k in ("arch", "stem", "head", "embedding_dim", "image_size", "precision")
+        },
+        "data": data,
+        "count": int(len(z)),
+        "skipped": int(len(ds) - len(z)),
+        "dim": emb.dim,
+        "normalized": True,
+        "labels": bool(has_labels),
+        "classes": ds.classes if has_labels else None,
+        "index": {"kind": index.kind, "backend": index.backend},
+        "provider": emb.provider,
+        "seconds": round(secs, 3),
+        "images_per_s": round(len(z) / max(secs, 1e-9), 1),
     }
     atomic_write_json(out / MANIFEST, manifest)
-    say(f"wrote {len(z)} embeddings ({secs:.1f} s, {manifest['images_per_s']:.0f} images/s) and a "
-        f"{index.kind} index ({index.backend}) to {out}")
+    say(
+        f"wrote {len(z)} embeddings ({secs:.1f} s, {manifest['images_per_s']:.0f} images/s) and a "
+        f"{index.kind} index ({index.backend}) to {out}"
+    )
     return manifest
 
 
@@ -171,8 +193,9 @@ def load_embeddings_dir(index_dir) -> dict:
     return {"dir": d, "manifest": manifest, "ids": ids, "labels": labels, "index": index}
 
 
-def search_images(index_dir, query, open_embedder: Callable[[Path], Embedder], k: int = 10, model=None,
-                  output=None, log=None) -> dict:
+def search_images(
+    index_dir, query, open_embedder: Callable[[Path], Embedder], k: int = 10, model=None, output=None, log=None
+) -> dict:
     """k nearest indexed images (cosine similarity) of an image file or every image under a directory.
 
     ``open_embedder(path)`` opens the model: ``model`` when given, else the one recorded in the
@@ -190,11 +213,15 @@ def search_images(index_dir, query, open_embedder: Callable[[Path], Embedder], k
     files = list_images(query)
     emb = open_embedder(model_path)
     if emb.dim != index.dim:
-        raise UserError(f"index {store['dir']} was built with a {index.dim}-d model, but {model_path} gives "
-                        f"{emb.dim}-d embeddings: rebuild it with `simsiam-kit embed --model {model_path}`")
+        raise UserError(
+            f"index {store['dir']} was built with a {index.dim}-d model, but {model_path} gives "
+            f"{emb.dim}-d embeddings: rebuild it with `simsiam-kit embed --model {model_path}`"
+        )
     if manifest.get("model_sha256") and _sha256(model_path) != manifest["model_sha256"]:
-        say(f"warning: {model_path} is not the model that built this index ({manifest.get('model')}); "
-            "scores compare embeddings of two different encoders")
+        say(
+            f"warning: {model_path} is not the model that built this index ({manifest.get('model')}); "
+            "scores compare embeddings of two different encoders"
+        )
     k_eff = min(k, index.ntotal)
     q = emb.embed([str(f) for f in files])
     sims, rows = index.search(q, k_eff)
@@ -213,8 +240,14 @@ def search_images(index_dir, query, open_embedder: Callable[[Path], Embedder], k
                     item["class"] = classes[lab]
             neigh.append(item)
         results.append({"query": str(f), "neighbours": neigh})
-    report = {"index": str(store["dir"]), "model": str(model_path), "provider": emb.provider, "k": k_eff,
-              "index_kind": index.kind, "results": results}
+    report = {
+        "index": str(store["dir"]),
+        "model": str(model_path),
+        "provider": emb.provider,
+        "k": k_eff,
+        "index_kind": index.kind,
+        "results": results,
+    }
     if output is not None:
         atomic_write_json(Path(output).expanduser(), report)
         report["output"] = str(output)

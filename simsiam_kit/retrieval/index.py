@@ -154,8 +154,17 @@ class EmbeddingIndex:
     torch sees one (unless ``use_gpu=False``), else the CPU.
     """
 
-    def __init__(self, dim: int, kind: str = "flat", backend: str = "auto", nlist: int = 0, nprobe: int = 16,
-                 hnsw_m: int = 32, use_gpu: Optional[bool] = None, device=None):
+    def __init__(
+        self,
+        dim: int,
+        kind: str = "flat",
+        backend: str = "auto",
+        nlist: int = 0,
+        nprobe: int = 16,
+        hnsw_m: int = 32,
+        use_gpu: Optional[bool] = None,
+        device=None,
+    ):
         if kind not in KINDS:
             raise UserError(f"unknown index kind '{kind}' (available: {', '.join(KINDS)})")
         if backend not in BACKENDS:
@@ -203,7 +212,9 @@ class EmbeddingIndex:
         else:
             x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
         if x.ndim != 2 or x.shape[1] != self.dim:
-            raise UserError(f"embedding dimension mismatch: index has dim {self.dim}, got array of shape {tuple(x.shape)}")
+            raise UserError(
+                f"embedding dimension mismatch: index has dim {self.dim}, got array of shape {tuple(x.shape)}"
+            )
         return x
 
     @staticmethod
@@ -292,8 +303,15 @@ class EmbeddingIndex:
     def save(self, directory) -> Path:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        meta = {"dim": self.dim, "kind": self.kind, "backend": self.backend, "nlist": self.nlist,
-                "nprobe": self.nprobe, "hnsw_m": self.hnsw_m, "ntotal": self.ntotal}
+        meta = {
+            "dim": self.dim,
+            "kind": self.kind,
+            "backend": self.backend,
+            "nlist": self.nlist,
+            "nprobe": self.nprobe,
+            "hnsw_m": self.hnsw_m,
+            "ntotal": self.ntotal,
+        }
         if self.backend == "torch":
             vec = self._torch_bank().cpu().numpy() if self._parts else np.zeros((0, self.dim), np.float32)
             np.save(d / "index_vectors.npy", vec)

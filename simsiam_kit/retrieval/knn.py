@@ -75,7 +75,10 @@ class KNNResult:
 
     def pred(self, k: Optional[int] = None, temperature: Optional[float] = None) -> torch.Tensor:
         """Predicted classes (Q,) for one (k, T), by default the first of each."""
-        key = (int(k if k is not None else self.ks[0]), float(temperature if temperature is not None else self.temperatures[0]))
+        key = (
+            int(k if k is not None else self.ks[0]),
+            float(temperature if temperature is not None else self.temperatures[0]),
+        )
         return self.scores[key].argmax(1)
 
 
@@ -90,9 +93,18 @@ class KNNClassifier:
     (retrieval metrics on the same search).
     """
 
-    def __init__(self, k: Union[int, Sequence[int]] = 200, temperature: Union[float, Sequence[float]] = 0.1,
-                 num_classes: Optional[int] = None, *, backend: str = "auto", kind: str = "flat", device=None,
-                 normalize: bool = True, min_depth: int = 0):
+    def __init__(
+        self,
+        k: Union[int, Sequence[int]] = 200,
+        temperature: Union[float, Sequence[float]] = 0.1,
+        num_classes: Optional[int] = None,
+        *,
+        backend: str = "auto",
+        kind: str = "flat",
+        device=None,
+        normalize: bool = True,
+        min_depth: int = 0,
+    ):
         self.ks = tuple(dict.fromkeys(int(x) for x in _tuple(k)))
         self.temperatures = tuple(dict.fromkeys(float(t) for t in _tuple(temperature)))
         if not self.ks or min(self.ks) < 1:
@@ -143,14 +155,23 @@ class KNNClassifier:
             if test_labels is not None and len(test_labels):
                 top = max(top, int(torch.as_tensor(test_labels).max()))
             num_classes = top + 1
-        scores = {(k, t): weighted_vote(sims[:, :k], nbr[:, :k], num_classes, t)
-                  for k in self.ks for t in self.temperatures}
+        scores = {
+            (k, t): weighted_vote(sims[:, :k], nbr[:, :k], num_classes, t) for k in self.ks for t in self.temperatures
+        }
         accuracy = {}
         if test_labels is not None:
             labels = torch.as_tensor(test_labels).to(sims.device)
             accuracy = {key: topk_accuracy(sc, labels, (1, 5)) for key, sc in scores.items()}
-        return KNNResult(sims=sims, ids=ids, neighbour_labels=nbr, scores=scores, accuracy=accuracy, ks=self.ks,
-                         temperatures=self.temperatures, backend=self.index.backend)
+        return KNNResult(
+            sims=sims,
+            ids=ids,
+            neighbour_labels=nbr,
+            scores=scores,
+            accuracy=accuracy,
+            ks=self.ks,
+            temperatures=self.temperatures,
+            backend=self.index.backend,
+        )
 
 
 @torch.no_grad()
@@ -160,6 +181,9 @@ def knn_classify(bank, bank_labels, queries, k: int = 200, temperature: float = 
     the pretraining monitor keeps its features). Features are l2-normalised here; k is capped at the
     bank size."""
     k = min(int(k), len(bank))
-    out = (KNNClassifier(k, temperature, num_classes, backend="torch", device=bank.device)
-           .update(bank, bank_labels).compute(queries))
+    out = (
+        KNNClassifier(k, temperature, num_classes, backend="torch", device=bank.device)
+        .update(bank, bank_labels)
+        .compute(queries)
+    )
     return out.pred(), out.scores[(k, float(temperature))]
