@@ -331,7 +331,8 @@ def test_detectron2_engine_without_detectron2_says_how_to_install(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     from evaluation.detection.detectron2_engine import require_detectron2
 
-    with pytest.raises(UserError, match="not published on PyPI.*git\\+https://github.com/facebookresearch/detectron2"):
+    with pytest.raises(UserError, match="not published on PyPI.*setuptools<81.*git clone "
+                       "https://github.com/facebookresearch/detectron2.git && pip install --no-build-isolation"):
         require_detectron2()
 
 

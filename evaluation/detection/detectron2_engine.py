@@ -37,13 +37,24 @@ from evaluation.detection.metrics import METRIC_KEYS
 TRAIN_NAME = "simsiam_kit_det_train"
 VAL_NAME = "simsiam_kit_det_val"
 INSTALL_HINT = (
-    "detectron2 is not installed (it is not published on PyPI). Build it from source against your torch: "
-    "pip install 'setuptools<81' && pip install --no-build-isolation --use-pep517 "
-    "'git+https://github.com/facebookresearch/detectron2.git' (see docs/detection.md), or use --engine torchvision"
+    "detectron2 is not installed (it is not published on PyPI). Build it from source against your torch, with "
+    "its dependencies and 'setuptools<81' installed first (docs/detection.md lists them): git clone "
+    "https://github.com/facebookresearch/detectron2.git && pip install --no-build-isolation --no-deps --use-pep517 "
+    "-e detectron2; or use --engine torchvision"
 )
 
 
+def quiet_detectron2_import_warnings() -> None:
+    """detectron2 compiles a few helpers with ``torch.jit.script``, which torch 2.14 deprecates with a
+    FutureWarning at import time; nothing a user of this engine can act on, so it is not shown (that one
+    message only)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+
+
 def require_detectron2():
+    quiet_detectron2_import_warnings()
     try:
         import detectron2  # noqa: F401
     except ImportError as e:
@@ -367,6 +378,7 @@ def training_writers(output_dir: str, max_iter: int) -> list:
 
 def _d2_main(job: D2Job) -> None:
     """Runs in every process started by ``detectron2.engine.launch``."""
+    quiet_detectron2_import_warnings()
     from detectron2.engine import default_setup
     from detectron2.utils import comm
 
