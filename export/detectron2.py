@@ -158,8 +158,12 @@ def convert_weights(weights: str, output: Path, log: Callable[[str], None] = pri
     if conv.unconverted:
         log(f"left unconverted ({len(conv.unconverted)}):")
         for k in conv.unconverted:
-            why = "head, not part of the backbone" if k in heads else (
-                "BatchNorm step counter, unused by detectron2" if k.endswith("num_batches_tracked") else "no detectron2 counterpart")
+            if k in heads:
+                why = "head, not part of the backbone"
+            elif k.endswith("num_batches_tracked"):
+                why = "BatchNorm step counter, unused by detectron2"
+            else:
+                why = "no detectron2 counterpart"
             log(f"  {k}  ({why})")
     return conv
 

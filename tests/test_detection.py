@@ -17,7 +17,9 @@ from typer.testing import CliRunner
 from evaluation.detection.data import check_same_categories, load_coco_json, load_voc, resolve_data
 from evaluation.detection.metrics import METRIC_KEYS, coco_evaluate
 from evaluation.detection.torchvision_engine import (
-    WarmupMultiStepLR, build_fpn_backbone, load_detection_config,
+    WarmupMultiStepLR,
+    build_fpn_backbone,
+    load_detection_config,
 )
 from simsiam_kit.cli import app
 from simsiam_kit.engine.checkpoint import save_backbone, save_checkpoint
@@ -266,12 +268,13 @@ def test_cli_bad_inputs_exit_2(tmp_path):
     d["categories"] = d["categories"][:79]
     d["annotations"] = [a for a in d["annotations"] if a["category_id"] != 90]
     (tmp_path / "val79.json").write_text(json.dumps(d))
-    base = ["eval", "detection", "--train-json", str(DATA / "instances_train.json"), "--train-images", str(DATA / "images"),
-            "--val-images", str(DATA / "images"), "--output", str(tmp_path / "o")]
+    base = ["eval", "detection", "--train-json", str(DATA / "instances_train.json"), "--train-images",
+            str(DATA / "images"), "--val-images", str(DATA / "images"), "--output", str(tmp_path / "o")]
     cases = [
         (["--weights", str(tmp_path / "c.pt"), "--val-json", str(DATA / "instances_val.json")], "CIFAR stem"),
         (["--weights", str(tmp_path / "heads.pt"), "--val-json", str(DATA / "instances_val.json")], "no backbone"),
-        (["--weights", "random", "--arch", "resnet18", "--val-json", str(tmp_path / "val79.json")], "categories differ"),
+        (["--weights", "random", "--arch", "resnet18", "--val-json", str(tmp_path / "val79.json")],
+         "categories differ"),
         (["--weights", "random", "--arch", "resnet18", "--val-json", str(tmp_path / "none.json")], "not found"),
         (["--weights", "random", "--arch", "resnet18", "--val-json", str(DATA / "instances_val.json"),
           "--engine", "mmdet"], "--engine"),
@@ -290,7 +293,8 @@ D2_CONFIGS = ("Base-RCNN-C4-BN.yaml", "d2_coco_R_18_FPN_quick.yaml", "d2_coco_R_
               "d2_voc0712_R_50_C4_24k.yaml")
 # (SOLVER.STEPS, SOLVER.MAX_ITER) of each config; the base inherits detectron2's defaults (30000,) / 40000
 D2_SCHEDULES = {"Base-RCNN-C4-BN.yaml": ((30000,), 40000), "d2_coco_R_18_FPN_quick.yaml": ((3000, 3600), 4000),
-                "d2_coco_R_50_C4_1x.yaml": ((60000, 80000), 90000), "d2_voc0712_R_50_C4_24k.yaml": ((18000, 22000), 24000)}
+                "d2_coco_R_50_C4_1x.yaml": ((60000, 80000), 90000),
+                "d2_voc0712_R_50_C4_24k.yaml": ((18000, 22000), 24000)}
 
 
 def _d2_yaml(name: str) -> dict:
@@ -406,9 +410,10 @@ def _write_voc_devkit(root: Path, splits: dict, difficult_every: int = 3) -> Pat
     """A VOCdevkit (VOC2007) from coco128 images: COCO classes that exist in VOC, integer 1-based corners,
     every ``difficult_every``-th object difficult, <pose>/<truncated> as detectron2's evaluator reads them."""
     coco_to_voc = {"airplane": "aeroplane", "bicycle": "bicycle", "bird": "bird", "boat": "boat", "bottle": "bottle",
-                   "bus": "bus", "car": "car", "cat": "cat", "chair": "chair", "cow": "cow", "dining table": "diningtable",
-                   "dog": "dog", "horse": "horse", "motorcycle": "motorbike", "person": "person",
-                   "potted plant": "pottedplant", "sheep": "sheep", "couch": "sofa", "train": "train", "tv": "tvmonitor"}
+                   "bus": "bus", "car": "car", "cat": "cat", "chair": "chair", "cow": "cow",
+                   "dining table": "diningtable", "dog": "dog", "horse": "horse", "motorcycle": "motorbike",
+                   "person": "person", "potted plant": "pottedplant", "sheep": "sheep", "couch": "sofa",
+                   "train": "train", "tv": "tvmonitor"}
     d = json.loads((DATA / "instances_train.json").read_text())
     cat_name = {c["id"]: c["name"] for c in d["categories"]}
     per_image: dict = {}
@@ -443,8 +448,9 @@ def _write_voc_devkit(root: Path, splits: dict, difficult_every: int = 3) -> Pat
     return root
 
 
-D2_SMALL = ["SOLVER.IMS_PER_BATCH=2", "INPUT.MIN_SIZE_TRAIN=(96,)", "INPUT.MAX_SIZE_TRAIN=160", "INPUT.MIN_SIZE_TEST=96",
-            "INPUT.MAX_SIZE_TEST=160", "DATALOADER.NUM_WORKERS=0", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE=16",
+D2_SMALL = ["SOLVER.IMS_PER_BATCH=2", "INPUT.MIN_SIZE_TRAIN=(96,)", "INPUT.MAX_SIZE_TRAIN=160",
+            "INPUT.MIN_SIZE_TEST=96", "INPUT.MAX_SIZE_TEST=160", "DATALOADER.NUM_WORKERS=0",
+            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE=16",
             "MODEL.RPN.POST_NMS_TOPK_TRAIN=32", "MODEL.RPN.POST_NMS_TOPK_TEST=8"]
 
 
@@ -515,10 +521,13 @@ def test_detectron2_writers_without_tensorboard(tmp_path, monkeypatch):
     from evaluation.detection.detectron2_engine import training_writers
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    def find_spec(tensorboard_spec):
+        return lambda name, *a: tensorboard_spec if name == "tensorboard" else real(name, *a)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec(None))
     writers = training_writers(str(tmp_path), 10)
     assert writers and not any(isinstance(w, TensorboardXWriter) for w in writers)
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "tensorboard" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec(object()))
     assert any(isinstance(w, TensorboardXWriter) for w in training_writers(str(tmp_path), 10))
 
 

@@ -111,7 +111,8 @@ def test_cli_converts_checkpoint_and_reports_dropped_heads(tmp_path):
         obj = pickle.load(f)
     assert obj["__author__"] == "simsiam-kit" and obj["matching_heuristics"] is True
     assert len(obj["model"]) == 100  # resnet18: 20 convs + 20 BNs x 4 tensors
-    np.testing.assert_array_equal(obj["model"]["res3.0.shortcut.weight"], bb.layer2[0].downsample[0].weight.detach().numpy())
+    np.testing.assert_array_equal(obj["model"]["res3.0.shortcut.weight"],
+                                  bb.layer2[0].downsample[0].weight.detach().numpy())
 
 
 def test_cli_bad_inputs_exit_2(tmp_path):

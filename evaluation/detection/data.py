@@ -210,7 +210,9 @@ def load_voc(voc_root: Path, splits: str, name: str = "voc", flag: str = "--voc-
                 x1, y1 = x1 - 1.0, y1 - 1.0  # 1-based inclusive -> 0-based, as detectron2's VOC loader
                 diff = obj.find("difficult")
                 is_diff = int(diff.text) if diff is not None and diff.text else 0
-                boxes.append([x1, y1, x2, y2]); labels.append(label_of[cls]); difficult.append(is_diff)
+                boxes.append([x1, y1, x2, y2])
+                labels.append(label_of[cls])
+                difficult.append(is_diff)
                 anns.append({"id": next_ann, "image_id": next_img, "category_id": label_of[cls],
                              "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": is_diff})
                 next_ann += 1
@@ -218,7 +220,8 @@ def load_voc(voc_root: Path, splits: str, name: str = "voc", flag: str = "--voc-
             images.append({"id": next_img, "file_name": rel, "width": w, "height": h})
             records.append({"image_id": next_img, "file": jpg, "width": w, "height": h,
                             "boxes": np.array(boxes, dtype=np.float32).reshape(-1, 4),
-                            "labels": np.array(labels, dtype=np.int64), "iscrowd": np.zeros(len(labels), dtype=np.int64),
+                            "labels": np.array(labels, dtype=np.int64),
+                            "iscrowd": np.zeros(len(labels), dtype=np.int64),
                             "difficult": np.array(difficult, dtype=np.int64)})
             next_img += 1
     if missing:
@@ -235,7 +238,8 @@ class DetectionData:
     val: DetectionSet
 
 
-def resolve_data(train_json, train_images, val_json, val_images, voc_root, voc_train: str, voc_val: str) -> DetectionData:
+def resolve_data(train_json, train_images, val_json, val_images, voc_root, voc_train: str,
+                 voc_val: str) -> DetectionData:
     """Build train/val sets from the CLI's COCO-JSON or VOC options, validated."""
     coco_given = any(x is not None for x in (train_json, train_images, val_json, val_images))
     if voc_root is not None:
@@ -244,7 +248,8 @@ def resolve_data(train_json, train_images, val_json, val_images, voc_root, voc_t
         train = load_voc(voc_root, voc_train, "voc_train", "--voc-train")
         val = load_voc(voc_root, voc_val, "voc_val", "--voc-val")
     else:
-        names = {"--train-json": train_json, "--train-images": train_images, "--val-json": val_json, "--val-images": val_images}
+        names = {"--train-json": train_json, "--train-images": train_images, "--val-json": val_json,
+                 "--val-images": val_images}
         absent = [k for k, v in names.items() if v is None]
         if absent:
             raise UserError(f"missing {', '.join(absent)} (or use --voc-root for Pascal VOC)")

@@ -28,11 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from simsiam_kit.config import resolve_config_path
-from simsiam_kit.errors import UserError
-
 from evaluation.detection.data import DetectionData, DetectionSet
 from evaluation.detection.metrics import METRIC_KEYS
+from simsiam_kit.config import resolve_config_path
+from simsiam_kit.errors import UserError
 
 TRAIN_NAME = "simsiam_kit_det_train"
 VAL_NAME = "simsiam_kit_det_val"
@@ -496,7 +495,8 @@ def check_launch(num_gpus: int, num_machines: int, machine_rank: int, dist_url: 
     if num_machines < 1:
         raise UserError(f"--num-machines {num_machines}: expected >= 1")
     if not 0 <= machine_rank < num_machines:
-        raise UserError(f"--machine-rank {machine_rank}: expected 0..{num_machines - 1} for --num-machines {num_machines}")
+        raise UserError(f"--machine-rank {machine_rank}: expected 0..{num_machines - 1} "
+                        f"for --num-machines {num_machines}")
     if num_machines > 1 and dist_url == "auto":
         raise UserError(f"--num-machines {num_machines} needs --dist-url tcp://HOST:PORT, the address of machine 0 "
                         "(the same on every machine); 'auto' picks a local port and works on one machine only")

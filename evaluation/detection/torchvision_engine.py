@@ -24,15 +24,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from evaluation.detection.data import DetectionData, DetectionSet
+from evaluation.detection.metrics import coco_evaluate, to_coco_detections
+from evaluation.detection.outputs import make_readable, write_json
 from simsiam_kit.config import load_config, load_yaml, resolve_config_path, save_config, to_dict
 from simsiam_kit.engine import Hook, Trainer
 from simsiam_kit.engine.hooks import EpochAverages, MetricsWriter, ProgressBar, Throughput
 from simsiam_kit.errors import TrainingDiverged, UserError
 from simsiam_kit.utils.device import resolve_device, resolve_precision
-
-from evaluation.detection.data import DetectionData, DetectionSet
-from evaluation.detection.metrics import coco_evaluate, to_coco_detections
-from evaluation.detection.outputs import make_readable, write_json
 
 NORMS = ("bn", "syncbn", "frozen_bn")
 
@@ -122,8 +121,10 @@ def load_detection_config(name_or_path: str, overrides=None) -> TorchvisionDetec
         (cfg.solver.batch_size >= 1, "solver.batch_size", cfg.solver.batch_size, ">= 1"),
         (cfg.solver.base_lr > 0, "solver.base_lr", cfg.solver.base_lr, "> 0"),
         (all(0 < s <= 1 for s in cfg.solver.steps), "solver.steps", cfg.solver.steps, "fractions in (0, 1]"),
-        (cfg.model.image_mean is None or len(cfg.model.image_mean) == 3, "model.image_mean", cfg.model.image_mean, "3 numbers"),
-        (cfg.model.image_std is None or len(cfg.model.image_std) == 3, "model.image_std", cfg.model.image_std, "3 numbers"),
+        (cfg.model.image_mean is None or len(cfg.model.image_mean) == 3, "model.image_mean", cfg.model.image_mean,
+         "3 numbers"),
+        (cfg.model.image_std is None or len(cfg.model.image_std) == 3, "model.image_std", cfg.model.image_std,
+         "3 numbers"),
     ]
     for ok, key, value, want in checks:
         if not ok:
@@ -387,7 +388,8 @@ def run_torchvision_detection(cfg: TorchvisionDetectionConfig, weights: str, dat
     np.random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
 
-    loaded = load_backbone(weights, arch=arch if weights == "random" else None, stem="imagenet" if weights == "random" else None,
+    random_init = weights == "random"
+    loaded = load_backbone(weights, arch=arch if random_init else None, stem="imagenet" if random_init else None,
                            seed=cfg.train.seed)
     train_set = data.train
     if cfg.data.filter_empty:

@@ -33,7 +33,8 @@ def save_predictions_png(records: list, predictions: list, class_names: list, pa
         for b in rec["boxes"]:
             ax.add_patch(plt.Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, ec="lime", lw=1.2, ls="--"))
         keep = np.asarray(pred["scores"]) >= score_thresh
-        for b, s, l in zip(np.asarray(pred["boxes"])[keep], np.asarray(pred["scores"])[keep], np.asarray(pred["labels"])[keep]):
+        boxes, scores, labels = (np.asarray(pred[k])[keep] for k in ("boxes", "scores", "labels"))
+        for b, s, l in zip(boxes, scores, labels):
             ax.add_patch(plt.Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, ec="red", lw=1.5))
             ax.text(b[0], b[1], f"{class_names[int(l) - 1]} {s:.2f}", color="white", fontsize=7,
                     bbox=dict(facecolor="red", alpha=0.6, pad=1, lw=0))
