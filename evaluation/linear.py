@@ -273,6 +273,7 @@ class LinearSettings:
     download: bool = False
     progress: bool = False
     plots: bool = True
+    lr_sweep: bool = False  # cached features only: one head per (lr, wd), chosen on held-out training images
 
 
 def run_linear_probe(s: LinearSettings, output: Path, log: Callable[[str], None] = print) -> dict:
@@ -292,6 +293,10 @@ def run_linear_probe(s: LinearSettings, output: Path, log: Callable[[str], None]
         raise UserError(f"--lr must be positive, got {s.lr}")
     if s.optimizer not in ("sgd", "lars"):
         raise UserError(f"unknown --optimizer '{s.optimizer}' (available: sgd, lars)")
+    if s.lr_sweep and not s.cached_features:
+        raise UserError("--lr-sweep trains its heads on cached features: add --cached-features")
+    if s.lr_sweep and s.optimizer != "sgd":
+        raise UserError("--lr-sweep sweeps SGD learning rates: use --optimizer sgd")
     train = load_labelled(s.train_data, "train", s.root, s.download)
     test = load_labelled(s.test_data, "test", s.root, s.download)
     classes = check_same_classes(train, test, s.train_data, s.test_data)
@@ -339,6 +344,9 @@ def run_linear_probe(s: LinearSettings, output: Path, log: Callable[[str], None]
         raise UserError(f"no readable images in test dataset '{s.test_data}'")
     prep_s = time.perf_counter() - t0
 
+    if s.lr_sweep:
+        return _run_sweep(s, ft, lt, fq, lq, classes, bs, device, backbone, reference, loaded, img, precision,
+                          len(train), prep_s, output, log)
     head = make_head(int(fq.shape[1]), len(classes)).to(device)
     t1 = time.perf_counter()
     history = train_linear_head(
@@ -380,6 +388,51 @@ def run_linear_probe(s: LinearSettings, output: Path, log: Callable[[str], None]
     return results
 
 
+def _run_sweep(s, ft, lt, fq, lq, classes, bs, device, backbone, reference, loaded, img, precision, n_train,
+               prep_s, output: Path, log) -> dict:
+    """``--lr-sweep``: all heads in one pass (evaluation/linear_sweep.py); the chosen head is scored on test."""
+    from evaluation.linear_sweep import plot_sweep, run_sweep, sweep_table
+    from simsiam_kit.utils.io import atomic_torch_save, atomic_write_json
+
+    t1 = time.perf_counter()
+    res = run_sweep(ft, lt, len(classes), s.epochs, bs, device, momentum=s.momentum, seed=s.seed,
+                    metrics_path=output / "metrics.jsonl", progress=s.progress)
+    train_s = time.perf_counter() - t1
+    check_backbone_unchanged(backbone, reference)
+    head = res.bank.head(res.selected).to(device)
+    final = evaluate_head(head, fq, lq)
+    chosen = res.grid[res.selected]
+    settings = asdict(s)
+    settings.update(mean=list(img.mean), std=list(img.std), image_size=img.image_size, image_settings_from=img.source,
+                    arch=loaded.arch, stem=loaded.stem, weights_source=loaded.source, device=str(device),
+                    precision=precision.name, batch_size=bs, init_lr=chosen["lr"] * bs / 256, lr=chosen["lr"],
+                    weight_decay=chosen["weight_decay"], protocol="cached-features, lr sweep",
+                    train_images=n_train, test_images=int(len(fq)), feature_dim=int(fq.shape[1]),
+                    num_classes=len(classes))
+    results = {
+        "top1": final["top1"], "top5": final["top5"], "selected": {**chosen, "test_top1": final["top1"],
+                                                                    "test_top5": final["top5"]},
+        "sweep": res.grid, "selection": "held-out 10% of the training features (seeded), never the test set",
+        "settings": settings,
+        "epochs": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in res.history],
+        "timing_s": {"features": round(prep_s, 3), "train": round(train_s, 3), "total": round(prep_s + train_s, 3)},
+        "backbone_unchanged": True, "classes": [str(c) for c in classes],
+    }
+    atomic_torch_save({"format": HEAD_FORMAT, "version": 1, "state_dict": {k: v.cpu() for k, v in head.state_dict().items()},
+                       "arch": loaded.arch, "stem": loaded.stem, "feature_dim": int(fq.shape[1]),
+                       "classes": [str(c) for c in classes], "weights": loaded.source,
+                       "image_size": img.image_size, "mean": list(img.mean), "std": list(img.std),
+                       "lr": chosen["lr"], "weight_decay": chosen["weight_decay"]},
+                      output / "head.pt")
+    if s.plots:
+        plot_sweep(res.grid, res.selected, output / "plots" / "lr_sweep.png",
+                   f"linear probe lr sweep, {loaded.arch}/{loaded.stem}")
+        results["plots"] = ["plots/lr_sweep.png"]
+    log(sweep_table(res.grid, res.selected))
+    atomic_write_json(output / "results.json", results)
+    return results
+
+
 def plot_curves(history: Sequence[dict], path: Path, title: str) -> Path:
     import matplotlib
 
@@ -411,6 +464,12 @@ def results_table(results: dict) -> str:
     from evaluation.common import format_table
 
     st = results["settings"]
+    if "sweep" in results:
+        sel = results["selected"]
+        return (f"linear probe lr sweep {st['arch']}/{st['stem']}: {len(results['sweep'])} heads, {st['epochs']} epochs, "
+                f"batch {st['batch_size']}; selected on held-out training images: base lr {sel['lr']:g}, weight decay "
+                f"{sel['weight_decay']:g} (held-out top-1 {sel['holdout_top1']:.2f} %)\n"
+                f"test: top-1 {results['top1']:.2f} %  top-5 {results['top5']:.2f} %; backbone unchanged")
     rows = [[r["epoch"], f"{r.get('loss', float('nan')):.4f}", r.get("acc", float("nan")), r.get("test_top1", float("nan")),
              r.get("test_top5", float("nan"))] for r in results["epochs"]]
     if len(rows) > 12:  # keep the printout small: first 3, last 9

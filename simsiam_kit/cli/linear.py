@@ -42,6 +42,9 @@ def linear(
     seed: int = typer.Option(0, "--seed"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Per-epoch curves PNG."),
+    lr_sweep: bool = typer.Option(False, "--lr-sweep", help="With --cached-features: train one head per base lr "
+                                  "(1e-3 ... 30) x weight decay (0, 1e-4) in one pass, choose on held-out training "
+                                  "images, report that head on the test set."),
 ):
     """Linear probe on a frozen backbone (official main_lincls.py protocol); writes results.json, head.pt, curves."""
     from evaluation.common import default_output, parse_floats
@@ -52,7 +55,7 @@ def linear(
         cached_features=cached_features, batch_size=batch_size, lr=lr, optimizer=optimizer,
         weight_decay=weight_decay, arch=arch, stem=stem, device=device, precision=precision,
         image_size=image_size, mean=parse_floats(mean, "mean"), std=parse_floats(std, "std"), workers=workers,
-        root=data_root, download=download, seed=seed, progress=progress, plots=plots,
+        root=data_root, download=download, seed=seed, progress=progress, plots=plots, lr_sweep=lr_sweep,
     )
     out = output or default_output(weights, "linear")
     results = run_linear_probe(settings, out, log=typer.echo)
