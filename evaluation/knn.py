@@ -3,7 +3,7 @@
 The search and the vote are the core's (:class:`simsiam_kit.retrieval.knn.KNNClassifier`, the same
 object as the pretraining kNN monitor's); this module adds what the ``eval knn`` protocol reports on
 its neighbours (retrieval metrics, confusion matrix, plots) and the command's settings and outputs.
-Where a change goes: a new option in :class:`KNNSettings` and ``simsiam_kit/commands/knn.py``; a new
+Where a change goes: a new option in :class:`KNNSettings` and ``simsiam_kit/cli/knn.py``; a new
 metric on the neighbours next to :func:`retrieval_metrics`; the vote or the search in
 ``simsiam_kit/retrieval/``.
 
@@ -35,6 +35,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from simsiam_kit.config import DEFAULT_DATA_ROOT
 from simsiam_kit.errors import UserError
 from simsiam_kit.retrieval.knn import KNNClassifier
 
@@ -181,7 +182,8 @@ class KNNSettings:
     mean: Optional[tuple] = None
     std: Optional[tuple] = None
     workers: int = 2
-    root: str = "~/.cache/simsiam-kit/data"
+    root: str = DEFAULT_DATA_ROOT
+    download: bool = False
     plots: bool = True
     save_index: bool = False
     grid_queries: int = 8
@@ -206,8 +208,8 @@ def run_knn_eval(s: KNNSettings, output: Path, log: Callable[[str], None] = prin
         raise UserError(f"--temperature must be positive, got {s.temperature}")
     if not s.ks or min(s.ks) < 1:
         raise UserError(f"--k must be at least 1, got {list(s.ks)}")
-    train = load_labelled(s.train_data, "train", s.root)
-    test = load_labelled(s.test_data, "test", s.root)
+    train = load_labelled(s.train_data, "train", s.root, s.download)
+    test = load_labelled(s.test_data, "test", s.root, s.download)
     classes = check_same_classes(train, test, s.train_data, s.test_data)
     if max(s.ks) > len(train):
         raise UserError(f"--k {max(s.ks)} is larger than the kNN bank ({len(train)} training images in '{s.train_data}')")

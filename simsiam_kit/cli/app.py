@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from simsiam_kit.cli import detection, linear, pretrain
-from simsiam_kit.cli.common import user_errors
+from simsiam_kit.cli import detection, knn, linear, onnx, pretrain
 
 app = typer.Typer(
     help="SimSiam self-supervised pretraining, evaluation, detection transfer and export.",
@@ -15,19 +14,15 @@ eval_app = typer.Typer(help="Evaluate pretrained backbones: linear probe, kNN, d
                        no_args_is_help=True)
 export_app = typer.Typer(help="Export weights: ONNX encoders, Detectron2 checkpoints.", no_args_is_help=True)
 
-app.add_typer(pretrain.app)
-eval_app.add_typer(linear.app)
-eval_app.add_typer(detection.eval_app)
-export_app.add_typer(detection.export_app)
-
-# TODO(issue 10): knn and onnx move to simsiam_kit/cli/ like the others once the retrieval refactor lands
-from simsiam_kit.commands import knn as _knn, onnx as _onnx  # noqa: E402
-
-for _m in (_knn, _onnx):
-    _m.register(app, eval_app, export_app, user_errors)
-
+app.add_typer(pretrain.app)  # simsiam-kit pretrain
+eval_app.add_typer(knn.app)  # simsiam-kit eval knn
+eval_app.add_typer(linear.app)  # simsiam-kit eval linear
+eval_app.add_typer(detection.eval_app)  # simsiam-kit eval detection
+export_app.add_typer(onnx.export_app)  # simsiam-kit export onnx
+export_app.add_typer(detection.export_app)  # simsiam-kit export detectron2
 app.add_typer(eval_app, name="eval")
 app.add_typer(export_app, name="export")
+app.add_typer(onnx.app)  # simsiam-kit embed, simsiam-kit search
 
 
 def main() -> None:

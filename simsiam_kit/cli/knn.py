@@ -1,0 +1,59 @@
+"""``simsiam-kit eval knn``: weighted kNN classification and retrieval metrics (evaluation/knn.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from simsiam_kit.cli.common import user_errors
+from simsiam_kit.cli.options import (
+    Arch, BatchSize, DataRoot, Device, Download, ImageSize, Mean, Output, Precision, Std, Stem, TestData, TrainData,
+    Weights, Workers,
+)
+from simsiam_kit.config import DEFAULT_DATA_ROOT
+
+app = typer.Typer()  # simsiam-kit eval knn
+
+
+@app.command("knn")
+@user_errors
+def knn(
+    weights: Weights,
+    train_data: TrainData,
+    test_data: TestData,
+    k: Optional[List[int]] = typer.Option(None, "--k", help="Neighbours; repeat for several k from one search (--k 20 --k 200). Default 200."),
+    temperature: float = typer.Option(0.1, "--temperature", "-t", help="Vote weight exp(sim / T)."),
+    output: Output = None,
+    arch: Arch = None,
+    stem: Stem = None,
+    backend: str = typer.Option("auto", "--backend", help="auto | faiss | torch (see docs/evaluation.md for the auto rule)."),
+    index: str = typer.Option("flat", "--index", help="flat (exact) | ivf | hnsw (approximate, faiss)."),
+    batch_size: BatchSize = 256,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    image_size: ImageSize = None,
+    mean: Mean = None,
+    std: Std = None,
+    workers: Workers = 2,
+    data_root: DataRoot = DEFAULT_DATA_ROOT,
+    download: Download = False,
+    save_index: bool = typer.Option(False, "--save-index", help="Also write the search index under OUTPUT/index."),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="Confusion matrix and neighbour grid PNGs."),
+):
+    """Weighted kNN (InstDisc/DINO protocol, k=200 T=0.1) plus recall@1/5/10 and mAP@R from one search."""
+    from evaluation.common import default_output, parse_floats
+    from evaluation.knn import KNNSettings, results_table, run_knn_eval
+
+    settings = KNNSettings(
+        weights=weights, train_data=train_data, test_data=test_data, ks=tuple(k or [200]),
+        temperature=temperature, arch=arch, stem=stem, backend=backend, index=index, batch_size=batch_size,
+        device=device, precision=precision, image_size=image_size, mean=parse_floats(mean, "mean"),
+        std=parse_floats(std, "std"), workers=workers, plots=plots, save_index=save_index, root=data_root,
+        download=download,
+    )
+    out = output or default_output(weights, "knn")
+    results = run_knn_eval(settings, out, log=typer.echo)
+    typer.echo(results_table(results))
+    typer.echo(f"results: {Path(out) / 'results.json'}")

@@ -1,1 +1,0 @@
-"""Being moved to :mod:`simsiam_kit.cli` (issue 10)."""
