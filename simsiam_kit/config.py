@@ -19,6 +19,7 @@ import yaml
 from simsiam_kit.errors import UserError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # checked by utils.device.resolve_precision too
+FLOAT32_MAX = 3.4028234663852886e38
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_ROOT = "~/.cache/simsiam-kit/data"  # torchvision datasets live / are downloaded here
@@ -106,6 +107,9 @@ class TrainConfig:
     progress: bool = True
     max_steps_per_epoch: int = 0  # 0 = full epochs; >0 truncates (for quick experiments)
     plots: bool = True
+    # DDP: how long a collective waits for a peer that hangs without dying (a dead one is torn down by
+    # torchrun at once). Must exceed the longest rank-0-only phase (the kNN monitor, a checkpoint write).
+    dist_timeout_s: float = 1800.0
 
 
 @dataclass(frozen=True)
@@ -276,24 +280,72 @@ def load_pretrain_config(name_or_path: str | None = "demo", overrides: list[str]
     return load_config(PretrainConfig, name_or_path, overrides)
 
 
+def _finite_floats(cfg, prefix: str = ""):
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        key = prefix + f.name
+        if is_dataclass(v):
+            yield from _finite_floats(v, key + ".")
+        elif isinstance(v, float):
+            yield key, v
+        elif isinstance(v, tuple):
+            yield from ((key, x) for x in v if isinstance(x, float))
+
+
 def validate(cfg, source: str) -> None:
+    """Value ranges (the types are checked while building the dataclasses): one line naming the first
+    bad key, its value and what is expected."""
     if not isinstance(cfg, PretrainConfig):
         return
+    import math
+
+    for key, value in _finite_floats(cfg):
+        if not math.isfinite(value):
+            raise UserError(f"{source}: bad value for '{key}': {value!r} (expected a finite number)")
+    d, m, o, t = cfg.data, cfg.model, cfg.optim, cfg.train
+    jitter = d.color_jitter
     checks = [
-        (cfg.model.stem in ("cifar", "imagenet"), "model.stem", cfg.model.stem, "cifar or imagenet"),
-        (cfg.model.proj_layers in (2, 3), "model.proj_layers", cfg.model.proj_layers, "2 or 3"),
-        (cfg.optim.epochs >= 1, "optim.epochs", cfg.optim.epochs, ">= 1"),
-        (cfg.optim.batch_size >= 2, "optim.batch_size", cfg.optim.batch_size, ">= 2"),
-        (cfg.optim.base_lr > 0, "optim.base_lr", cfg.optim.base_lr, "> 0"),
-        (cfg.optim.schedule in ("cosine", "constant"), "optim.schedule", cfg.optim.schedule, "cosine or constant"),
-        (cfg.train.precision in PRECISIONS, "train.precision", cfg.train.precision,
-         "auto, fp32, bf16 or fp16"),
-        (cfg.data.image_size >= 8, "data.image_size", cfg.data.image_size, ">= 8"),
-        (0 < cfg.data.crop_min_scale <= 1, "data.crop_min_scale", cfg.data.crop_min_scale, "in (0, 1]"),
-        (len(cfg.data.color_jitter) == 4, "data.color_jitter", cfg.data.color_jitter, "4 numbers"),
-        (len(cfg.data.mean) == 3 and len(cfg.data.std) == 3, "data.mean/std", cfg.data.mean, "3 numbers each"),
-        (cfg.train.knn_k >= 1, "train.knn_k", cfg.train.knn_k, ">= 1"),
-        (cfg.train.checkpoint_every >= 1, "train.checkpoint_every", cfg.train.checkpoint_every, ">= 1"),
+        (m.stem in ("cifar", "imagenet"), "model.stem", m.stem, "cifar or imagenet"),
+        (m.proj_layers in (2, 3), "model.proj_layers", m.proj_layers, "2 or 3"),
+        (m.proj_dim >= 1, "model.proj_dim", m.proj_dim, ">= 1"),
+        (m.proj_hidden >= 1, "model.proj_hidden", m.proj_hidden, ">= 1"),
+        (m.pred_hidden >= 1, "model.pred_hidden", m.pred_hidden, ">= 1"),
+        (o.epochs >= 1, "optim.epochs", o.epochs, ">= 1"),
+        (o.batch_size >= 2, "optim.batch_size", o.batch_size, ">= 2"),
+        (o.base_lr > 0, "optim.base_lr", o.base_lr, "> 0"),
+        # the optimizer holds lr and weight decay as float32 scalars: larger values cannot even be set
+        (o.base_lr * o.batch_size / 256 <= FLOAT32_MAX, "optim.base_lr", o.base_lr,
+         f"base_lr x batch_size / 256 <= {FLOAT32_MAX:.3g}, the float32 range"),
+        (0 <= o.momentum < 1, "optim.momentum", o.momentum, "in [0, 1)"),
+        (0 <= o.weight_decay <= FLOAT32_MAX, "optim.weight_decay", o.weight_decay, f">= 0 and <= {FLOAT32_MAX:.3g}"),
+        (o.warmup_epochs >= 0, "optim.warmup_epochs", o.warmup_epochs, ">= 0"),
+        (o.schedule in ("cosine", "constant"), "optim.schedule", o.schedule, "cosine or constant"),
+        (t.precision in PRECISIONS, "train.precision", t.precision, "auto, fp32, bf16 or fp16"),
+        (0 <= t.seed <= 2**32 - 1, "train.seed", t.seed, "in [0, 2**32-1]"),
+        (t.knn_k >= 1, "train.knn_k", t.knn_k, ">= 1"),
+        (t.knn_temperature > 0, "train.knn_temperature", t.knn_temperature, "> 0"),
+        (t.knn_every >= 0, "train.knn_every", t.knn_every, ">= 0 (0 = off)"),
+        (t.knn_bank_limit >= 0, "train.knn_bank_limit", t.knn_bank_limit, ">= 0 (0 = all)"),
+        (t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, ">= 1"),
+        (t.log_every >= 0, "train.log_every", t.log_every, ">= 0"),
+        (t.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", t.max_steps_per_epoch, ">= 0 (0 = full epochs)"),
+        (t.collapse_warn_std >= 0, "train.collapse_warn_std", t.collapse_warn_std, ">= 0"),
+        (t.dist_timeout_s > 0, "train.dist_timeout_s", t.dist_timeout_s, "> 0 seconds"),
+        (d.image_size >= 8, "data.image_size", d.image_size, ">= 8"),
+        (0 < d.crop_min_scale <= 1, "data.crop_min_scale", d.crop_min_scale, "in (0, 1]"),
+        (d.workers is None or d.workers >= 0, "data.workers", d.workers, ">= 0 or null (auto)"),
+        (0 <= d.flip_prob <= 1, "data.flip_prob", d.flip_prob, "a probability in [0, 1]"),
+        (0 <= d.color_jitter_prob <= 1, "data.color_jitter_prob", d.color_jitter_prob, "a probability in [0, 1]"),
+        (0 <= d.grayscale_prob <= 1, "data.grayscale_prob", d.grayscale_prob, "a probability in [0, 1]"),
+        (0 <= d.blur_prob <= 1, "data.blur_prob", d.blur_prob, "a probability in [0, 1]"),
+        (len(jitter) == 4, "data.color_jitter", list(jitter), "4 numbers: brightness, contrast, saturation, hue"),
+        (len(jitter) != 4 or all(x >= 0 for x in jitter[:3]), "data.color_jitter", list(jitter),
+         "brightness, contrast and saturation strengths >= 0"),
+        (len(jitter) != 4 or 0 <= jitter[3] <= 0.5, "data.color_jitter", list(jitter), "hue (4th number) in [0, 0.5]"),
+        (len(d.blur_sigma) == 2 and 0 < d.blur_sigma[0] <= d.blur_sigma[1], "data.blur_sigma", list(d.blur_sigma),
+         "2 numbers 0 < min <= max"),
+        (len(d.mean) == 3, "data.mean", list(d.mean), "3 numbers"),
+        (len(d.std) == 3 and all(x > 0 for x in d.std), "data.std", list(d.std), "3 numbers > 0"),
     ]
     for ok, key, value, want in checks:
         if not ok:

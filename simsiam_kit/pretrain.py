@@ -9,6 +9,12 @@
   checkpoints named objects in one call (:class:`~simsiam_kit.engine.checkpoint.Checkpointables`), trains,
   and writes ``results/pretrain.json`` and the plots.
 
+What a run directory guarantees (docs/reliability.md): one process trains in it at a time (a lock);
+a directory that holds something else is not overwritten unless asked; ``backbone.pt`` and
+``checkpoints/last.pt`` are written atomically, backbone first, from finite weights only; a resumed run
+takes the same steps as an uninterrupted one and keeps ``config.yaml`` as written (the changes
+:data:`RESUME_MAY_CHANGE` allows are recorded in ``config.amendments.yaml``).
+
 Where a change goes: a new augmentation op -> ``data/transforms.py``; a new backbone -> ``models/backbones.py``;
 a new per-epoch measurement -> a hook in ``engine/hooks.py`` added in :func:`build_hooks`; a new config key ->
 ``config.py`` (one dataclass field, read where it is used).
@@ -32,10 +38,27 @@ from simsiam_kit.data.datasets import ImageDataset, resize_in_memory
 from simsiam_kit.data.loaders import make_loader, resolve_device_resident
 from simsiam_kit.data.transforms import BatchAugment
 from simsiam_kit.engine import Trainer
-from simsiam_kit.engine.checkpoint import Checkpointables, ModelState, RNGState, load_file, save_backbone, save_checkpoint
+from simsiam_kit.engine.checkpoint import (
+    Checkpointables,
+    ModelState,
+    RNGState,
+    describe_nonfinite,
+    load_file,
+    nonfinite_tensors,
+    save_backbone,
+    save_checkpoint,
+)
 from simsiam_kit.engine.hooks import (
-    Checkpointer, CollapseMonitor, EpochAverages, Hook, KNNMonitor, LRSchedule, MetricsWriter, ProgressBar,
-    Throughput, read_metrics,
+    Checkpointer,
+    CollapseMonitor,
+    EpochAverages,
+    Hook,
+    KNNMonitor,
+    LRSchedule,
+    MetricsWriter,
+    ProgressBar,
+    Throughput,
+    read_metrics,
 )
 from simsiam_kit.engine.run_dir import RunDir
 from simsiam_kit.engine.step import OptimStep
@@ -46,9 +69,14 @@ from simsiam_kit.losses import output_std, simsiam_loss
 from simsiam_kit.models import build_backbone, build_simsiam
 from simsiam_kit.utils import dist
 from simsiam_kit.utils.device import (
-    Precision, resolve_channels_last, resolve_compile, resolve_device, resolve_precision, resolve_workers,
+    Precision,
+    resolve_channels_last,
+    resolve_compile,
+    resolve_device,
+    resolve_precision,
+    resolve_workers,
 )
-from simsiam_kit.utils.io import atomic_write_json, atomic_write_text
+from simsiam_kit.utils.io import atomic_write_json, atomic_write_text, defer_sigint
 from simsiam_kit.utils.syncbn import convert_sync_batchnorm
 
 
@@ -220,7 +248,8 @@ def build_pretraining(cfg: PretrainConfig, device: Optional[torch.device] = None
     aug_gen.manual_seed(cfg.train.seed * 1000 + dist.get_rank())
     net = model
     if dist.is_dist():
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     if compiled:
         net = torch.compile(net)  # shares the parameters; checkpoints save the plain module
         if device.type == "cuda":
@@ -257,11 +286,59 @@ def find_latest_run(name: str) -> Optional[Path]:
     return runs[-1] if runs else None
 
 
+#: config keys ``--resume --set`` may change: they do not alter the weights a run computes (optim.epochs
+#: extends the run; the others are logging, monitoring and the DDP timeout). Changes are recorded in
+#: ``config.amendments.yaml``; ``config.yaml`` stays as first written.
+RESUME_MAY_CHANGE = (
+    "optim.epochs", "train.progress", "train.log_every", "train.plots", "train.collapse_warn_std",
+    "train.knn_every", "train.dist_timeout_s",
+)
+
+
+def read_amendments(run: RunDir) -> list[dict]:
+    if not run.amendments.is_file():
+        return []
+    import yaml
+
+    try:
+        entries = yaml.safe_load(run.amendments.read_text()) or []
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"{run.amendments}: not readable YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("set"), dict) for e in entries):
+        raise UserError(f"{run.amendments}: expected a list of {{after_epoch, set: {{key: value}}}} entries")
+    return entries
+
+
 def load_run_config(run_dir: Path, overrides: list[str] | None) -> PretrainConfig:
+    """A run's config: ``config.yaml``, then its recorded amendments, then ``overrides``."""
     run = RunDir(run_dir)
     if not run.config.is_file():
         raise UserError(f"{run_dir}: no config.yaml, not a simsiam-kit run directory")
-    return load_config(PretrainConfig, str(run.config), overrides)
+    amended = [f"{k}={json.dumps(v)}" for e in read_amendments(run) for k, v in e["set"].items()]
+    return load_config(PretrainConfig, str(run.config), amended + list(overrides or []))
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_changes(cfg: PretrainConfig, saved: dict, source: str) -> dict:
+    """Keys whose value ``cfg`` changes against the config a checkpoint was written with, as
+    ``{key: new value}``; a :class:`UserError` when one of them is not in :data:`RESUME_MAY_CHANGE`."""
+    old, new = _flat(saved or {}), _flat(to_dict(cfg))
+    changed = {k: v for k, v in new.items() if k in old and old[k] != v}
+    for k, v in changed.items():
+        if k not in RESUME_MAY_CHANGE:
+            raise UserError(f"{source}: resuming would change '{k}' from {old[k]!r} to {v!r}; a resumed run keeps its "
+                            f"config (only {', '.join(RESUME_MAY_CHANGE)} may change): start a new run instead")
+    return changed
 
 
 def _trim_metrics(path: Path, completed_epochs: int) -> None:
@@ -270,15 +347,6 @@ def _trim_metrics(path: Path, completed_epochs: int) -> None:
     keep = [r for r in recs if (r.get("type") == "epoch" and r["epoch"] <= completed_epochs)
             or (r.get("type") != "epoch" and r.get("epoch", 0) < completed_epochs)]
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
-
-
-def _load_checkpoint(run: RunDir) -> dict:
-    if not run.has_checkpoint():
-        raise UserError(f"--resume: no checkpoint at {run.checkpoint}")
-    ckpt = load_file(run.checkpoint)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "simsiam-kit-checkpoint":
-        raise UserError(f"{run.checkpoint}: not a simsiam-kit checkpoint")
-    return ckpt
 
 
 def make_knn_eval(p: Pretraining, batch_size: int) -> Optional[Callable]:
@@ -305,19 +373,87 @@ def make_knn_eval(p: Pretraining, batch_size: int) -> Optional[Callable]:
     return knn_eval
 
 
+def _on_main(fn: Callable, *args):
+    """Run ``fn`` on rank 0; every rank returns its result or raises its :class:`UserError`."""
+    outcome = None
+    if dist.is_main():
+        try:
+            outcome = ("ok", fn(*args))
+        except UserError as e:
+            outcome = ("error", str(e))
+    outcome = dist.broadcast_object(outcome)
+    if outcome[0] == "error":
+        raise UserError(outcome[1])
+    return outcome[1]
+
+
+def prepare_run_dir(run: RunDir, resume: bool, overwrite: bool, log: Callable[[str], None]) -> None:
+    """Lock the run directory for this process and check that it may be used (rank 0)."""
+    run.lock()
+    if resume:
+        if not run.has_checkpoint():
+            raise UserError(f"--resume: no checkpoint at {run.checkpoint}")
+    elif not run.is_empty():
+        if not overwrite:
+            if run.has_checkpoint():
+                raise UserError(f"{run} already holds a run; resume it (--resume), replace it (--overwrite) "
+                                "or pick another output directory")
+            raise UserError(f"{run} is not empty and holds no checkpoint to resume; replace its run files "
+                            "(--overwrite) or pick another output directory")
+        run.remove_run_files()
+    n, size = run.remove_stale_temp_files()
+    if n:
+        log(f"removed {n} temp file{'s' if n > 1 else ''} ({size / 1e6:.1f} MB) left by interrupted writes in {run}")
+
+
+def _load_checkpoint(run: RunDir) -> dict:
+    if not run.has_checkpoint():
+        raise UserError(f"--resume: no checkpoint at {run.checkpoint}")
+    ckpt = load_file(run.checkpoint)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "simsiam-kit-checkpoint":
+        raise UserError(f"{run.checkpoint}: not a simsiam-kit checkpoint")
+    bad, total = nonfinite_tensors(ckpt.get("model"))
+    if bad:
+        raise UserError(f"{run.checkpoint}: non-finite weights, {describe_nonfinite(bad, total)}; "
+                        "cannot resume from them")
+    return ckpt
+
+
+def _epoch_line_missing(run: RunDir, epoch: int) -> bool:
+    lines = read_metrics(run.metrics)
+    return epoch > 0 and not any(r.get("type") == "epoch" and r.get("epoch") == epoch for r in lines)
+
+
 def run_pretrain(
     cfg: PretrainConfig,
     output: Optional[Path] = None,
     resume: bool = False,
     log: Callable[[str], None] = print,
+    overwrite: bool = False,
 ) -> dict:
-    """Train SimSiam; return the summary written to ``results/pretrain.json``."""
+    """Train SimSiam; return the summary written to ``results/pretrain.json``.
+
+    ``output``: the run directory (default ``runs/<name>-<time>``); it is locked for this process.
+    ``resume``: continue from its ``checkpoints/last.pt``. ``overwrite``: replace the run files of a
+    directory that is not empty (without it such a directory is refused)."""
+    if resume and overwrite:
+        raise UserError("resume and overwrite exclude each other: resuming continues the run in the directory, "
+                        "overwriting replaces it")
     device = resolve_device(cfg.train.device)
-    dist.init_from_env(device.type)
+    dist.init_from_env(device.type, cfg.train.dist_timeout_s)
     if device.type == "cuda" and dist.is_dist():
         device = torch.device("cuda", dist.local_rank())
     run = RunDir(output if output is not None else default_run_dir(cfg))
+    try:
+        _on_main(prepare_run_dir, run, resume, overwrite, log)
+        return _train(cfg, run, resume, device, log)
+    finally:
+        run.unlock()
+
+
+def _train(cfg: PretrainConfig, run: RunDir, resume: bool, device: torch.device, log: Callable[[str], None]) -> dict:
     ckpt = _load_checkpoint(run) if resume else None
+    amendment = resume_changes(cfg, ckpt.get("config"), f"{run.checkpoint}") if ckpt is not None else {}
     seed_everything(cfg.train.seed + dist.get_rank(), cfg.train.deterministic)
     p = build_pretraining(cfg, device)
     world = dist.get_world_size()
@@ -327,34 +463,53 @@ def run_pretrain(
     def save(trainer) -> None:
         p.step.check(trainer)  # never write weights from a step whose loss was not finite
         state = objects.state_dict()  # collective under DDP (RNG states of every rank)
+        bad, total = nonfinite_tensors(state)
+        if dist.any_rank(bool(bad)):  # never write non-finite weights (an update can diverge with a finite loss)
+            raise TrainingDiverged(
+                f"weights became non-finite in epoch {trainer.epoch} (step {trainer.global_step}): "
+                f"{describe_nonfinite(bad, total) if bad else 'on another process'}; training stopped, the last good "
+                "checkpoint is kept (try a lower optim.base_lr or optim.weight_decay, or train.precision=fp32)")
         if not dist.is_main():
             return
-        save_checkpoint(run.checkpoint, **state, trainer=trainer.state_dict(), epoch=trainer.epoch,
-                        global_step=trainer.global_step, config=to_dict(cfg), metrics=trainer.epoch_metrics)
-        save_backbone(run.backbone, p.model.backbone, cfg.model.arch, cfg.model.stem,
-                      {"image_size": cfg.data.image_size, "mean": list(cfg.data.mean), "std": list(cfg.data.std),
-                       "epoch": trainer.epoch})
+        gen = {"epoch": trainer.epoch, "global_step": trainer.global_step}
+        with defer_sigint():  # Ctrl-C waits for the pair; the backbone goes first, so it is never the older one
+            save_backbone(run.backbone, p.model.backbone, cfg.model.arch, cfg.model.stem,
+                          {"image_size": cfg.data.image_size, "mean": list(cfg.data.mean), "std": list(cfg.data.std),
+                           **gen})
+            save_checkpoint(run.checkpoint, **state, trainer=trainer.state_dict(), **gen, config=to_dict(cfg),
+                            metrics=trainer.epoch_metrics)
 
     knn_eval = make_knn_eval(p, batch_size=min(512, max(64, cfg.optim.batch_size // world)))
     trainer = Trainer(p.step, p.data.loader, cfg.optim.epochs, build_hooks(p, run, save, knn_eval, log),
                       max_steps_per_epoch=cfg.train.max_steps_per_epoch)
+    finishing = False  # resuming a run killed after its last checkpoint: only its summary is left to write
     if ckpt is not None:
         objects.load_state_dict(ckpt, source=str(run.checkpoint))
         trainer.load_state_dict(ckpt.get("trainer") or ckpt)  # version-1 checkpoints keep epoch/global_step on top
         if trainer.start_epoch >= cfg.optim.epochs:
-            raise UserError(f"{run.checkpoint}: run already finished ({trainer.start_epoch}/{cfg.optim.epochs} epochs); "
-                            "raise optim.epochs with --set to train longer")
+            if (run.results / "pretrain.json").is_file():
+                raise UserError(f"{run.checkpoint}: run already finished ({trainer.start_epoch}/{cfg.optim.epochs} "
+                                "epochs); raise optim.epochs with --set to train longer")
+            finishing = True
 
-    if dist.is_main():
+    def write_start() -> bool:
         run.checkpoints.mkdir(parents=True, exist_ok=True)
         if ckpt is None:
-            if run.has_checkpoint():
-                raise UserError(f"{run} already holds a run; use --resume to continue it or pick another --output")
             save_config(cfg, run.config)
-            run.metrics.write_text("")
-        else:
-            save_config(cfg, run.config)
-            _trim_metrics(run.metrics, trainer.start_epoch)
+            atomic_write_text(run.metrics, "")
+            return False
+        if amendment and run.config.is_file():
+            recorded = _flat(to_dict(load_run_config(run.root, None)))  # config.yaml + earlier amendments
+            new = {k: v for k, v in amendment.items() if recorded.get(k) != v}
+            if new:
+                import yaml
+
+                entries = read_amendments(run) + [{"after_epoch": trainer.start_epoch, "set": new}]
+                atomic_write_text(run.amendments, yaml.safe_dump(entries, sort_keys=False))
+        _trim_metrics(run.metrics, trainer.start_epoch)
+        return _epoch_line_missing(run, trainer.start_epoch)
+
+    unfinished_epoch = _on_main(write_start)
     dist.barrier()
 
     if dist.is_main():
@@ -365,9 +520,13 @@ def run_pretrain(
             + ("" if data.train.in_memory else f", {data.workers} loader workers") + "; "
             f"{len(data.train)} train images, batch {cfg.optim.batch_size}, "
             f"lr {p.init_lr:g}, {trainer.steps_per_epoch} steps/epoch"
-            + (f"; resuming after epoch {trainer.start_epoch}" if ckpt is not None else ""))
+            + (f"; resuming after epoch {trainer.start_epoch}" if ckpt is not None else "")
+            + (f" (amended: {', '.join(f'{k}={v}' for k, v in amendment.items())})" if amendment else ""))
+    if unfinished_epoch:  # killed after the checkpoint, before the epoch's monitor and metrics line
+        trainer.finish_epoch(ckpt.get("metrics") or {}, after=Checkpointer)
     t0 = time.time()
-    trainer.train()
+    if not finishing:
+        trainer.train()
     elapsed = time.time() - t0
     summary = summarise(p, run, elapsed, knn_eval) if dist.is_main() else {}
     dist.barrier()

@@ -4,6 +4,10 @@
 ``checkpoints/last.pt``), a full simsiam-kit checkpoint, a ``backbone.pt``, a plain torchvision-style
 ResNet state dict (needs ``arch``), or ``random`` (a randomly initialised backbone, needs ``arch`` and
 ``stem``) for the random-init baseline.
+
+Every load goes through :func:`load_state_dict_checked`, which refuses weights holding NaN or inf.
+In a run directory, ``backbone.pt`` is used unless the checkpoint is newer (a run killed between the
+two writes by a version that wrote the checkpoint first); pretraining now writes the backbone first.
 """
 
 from __future__ import annotations
@@ -14,7 +18,14 @@ from typing import Optional
 
 import torch
 
-from simsiam_kit.engine.checkpoint import BACKBONE_FORMAT, CHECKPOINT_FORMAT, clean_state_dict, load_file
+from simsiam_kit.engine.checkpoint import (
+    BACKBONE_FORMAT,
+    CHECKPOINT_FORMAT,
+    clean_state_dict,
+    describe_nonfinite,
+    load_file,
+    nonfinite_tensors,
+)
 from simsiam_kit.errors import UserError
 from simsiam_kit.models.backbones import build_backbone, infer_arch, infer_stem
 
@@ -59,10 +70,25 @@ def _extract_backbone_sd(obj, path: Path) -> tuple[dict, dict]:
     raise UserError(f"{path}: not a simsiam-kit checkpoint or backbone file")
 
 
+def _saved_epoch(path: Path) -> Optional[int]:
+    """The ``epoch`` a simsiam-kit backbone/checkpoint file records, read through a memory map (the
+    tensors are not read); None when it cannot be told."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(obj["epoch"]) if isinstance(obj, dict) and "epoch" in obj else None
+    except Exception:
+        return None
+
+
 def resolve_weights_path(spec: str) -> Path:
     p = Path(spec).expanduser()
     if p.is_dir():
-        for cand in (p / "backbone.pt", p / "checkpoints" / "last.pt"):
+        backbone, ckpt = p / "backbone.pt", p / "checkpoints" / "last.pt"
+        if backbone.is_file() and ckpt.is_file():
+            b, c = _saved_epoch(backbone), _saved_epoch(ckpt)
+            if b is not None and c is not None and b < c:
+                return ckpt  # backbone.pt is older than the checkpoint: never present stale weights
+        for cand in (backbone, ckpt):
             if cand.is_file():
                 return cand
         raise UserError(f"{p}: no backbone.pt or checkpoints/last.pt in this run directory")
@@ -95,12 +121,22 @@ def load_backbone(spec: str, arch: Optional[str] = None, stem: Optional[str] = N
     )
 
 
+def check_finite(sd: dict, source: str) -> None:
+    """Refuse weights that hold NaN or inf (a diverged run's): one line naming the file."""
+    bad, total = nonfinite_tensors(sd)
+    if bad:
+        raise UserError(f"{source}: non-finite weights, {describe_nonfinite(bad, total)}; "
+                        "these weights come from a diverged run and cannot be used")
+
+
 def load_state_dict_checked(model: torch.nn.Module, sd: dict, source: str) -> None:
-    """Strict load with an error that lists missing, unexpected and mis-shaped keys."""
+    """Strict load with an error that lists missing, unexpected and mis-shaped keys; finite weights only."""
+    check_finite(sd, source)
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    shape = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    shape = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+             for k in own if k in sd and sd[k].shape != own[k].shape]
     if missing or unexpected or shape:
         parts = []
         if shape:
@@ -108,6 +144,7 @@ def load_state_dict_checked(model: torch.nn.Module, sd: dict, source: str) -> No
         if missing:
             parts.append(f"missing: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} ({len(missing)})")
         if unexpected:
-            parts.append(f"unexpected: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)})")
+            more = " ..." if len(unexpected) > 5 else ""
+            parts.append(f"unexpected: {', '.join(unexpected[:5])}{more} ({len(unexpected)})")
         raise UserError(f"{source}: weights do not fit the architecture; " + "; ".join(parts))
     model.load_state_dict(sd, strict=True)

@@ -9,7 +9,11 @@ from simsiam_kit.config import DataConfig
 from simsiam_kit.data import load_dataset, parse_spec
 from simsiam_kit.data.loaders import make_loader
 from simsiam_kit.data.transforms import (
-    BatchAugment, adjust_hue, gaussian_blur, resized_crop_flip, sample_resized_crops,
+    BatchAugment,
+    adjust_hue,
+    gaussian_blur,
+    resized_crop_flip,
+    sample_resized_crops,
 )
 from simsiam_kit.errors import UserError
 
@@ -153,3 +157,75 @@ def test_batch_augment_shapes_and_statistics(cifar_val):
     assert 0 < gray.sum() < 40  # ~20% grayscale
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     assert torch.equal(BatchAugment(cfg)(imgs, g1), BatchAugment(cfg)(imgs, g2))  # seeded: reproducible
+
+
+def _png_folder(root, n=6, size=20):
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            rng = np.random.default_rng(hash((c, i)) % 2**32)
+            Image.fromarray(rng.integers(0, 255, (size, size + 4, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def _epoch_batches(ld, epoch):
+    ld.set_epoch(epoch)
+    return [(b["index"], b["images"][0], b["images"][1]) for b in ld]
+
+
+def test_file_loader_crops_are_a_function_of_seed_epoch_and_index(tmp_path):
+    """Resume exactness for file datasets: a fresh loader (a resumed run) started at epoch 1 gives the same
+    crops as one that went through epoch 0, with 0 or 2 workers."""
+    ds = load_dataset(str(_png_folder(tmp_path / "f")))
+    kw = dict(train=True, seed=7, mode="two_view", image_size=16)
+    two = make_loader(ds, 4, workers=2, **kw)
+    e0, e1 = _epoch_batches(two, 0), _epoch_batches(two, 1)
+    fresh = _epoch_batches(make_loader(ds, 4, workers=0, **kw), 1)
+    for (i, a, b), (j, c, d) in zip(e1, fresh):
+        assert torch.equal(i, j) and torch.equal(a, c) and torch.equal(b, d)
+    assert not all(torch.equal(x[1], y[1]) for x, y in zip(e0, e1))  # another epoch, other crops
+    assert not torch.equal(e0[0][1], e0[0][2])  # the two views differ
+    other_seed = _epoch_batches(make_loader(ds, 4, workers=0, **{**kw, "seed": 8}), 1)
+    assert not all(torch.equal(x[1], y[1]) for x, y in zip(e1, other_seed))
+
+
+def test_unreadable_image_in_a_worker_is_one_line_naming_the_file(tmp_path):
+    root = _png_folder(tmp_path / "f")
+    (root / "b" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00truncated")
+    ds = load_dataset(str(root))
+    with pytest.raises(UserError) as e:
+        list(make_loader(ds, 4, train=False, workers=2, image_size=16))
+    msg = str(e.value)
+    assert "3.png" in msg and "\n" not in msg and "Traceback" not in msg and "worker" not in msg
+
+
+@pytest.mark.parametrize("labels, classes, needle", [
+    (np.zeros(6, np.float32), None, "must be integers"),
+    (np.zeros((6, 2), np.int64), None, "1-D"),
+    (np.zeros(5, np.int64), None, "6 images but 5 labels"),
+    (np.array([0, 1, 2, 7, 0, 1]), ["x", "y", "z"], "label 7 out of range"),
+    (np.array([0, 1, 2**40, 0, 0, 0]), None, f"label {2**40} out of range"),
+    (np.array([0, -5, 1, 0, 0, 0]), None, "label -5 out of range"),
+])
+def test_labels_checked_when_loaded(tmp_path, labels, classes, needle):
+    p = tmp_path / "bad.npz"
+    extra = {"class_names": np.array(classes)} if classes else {}
+    np.savez(p, images=np.zeros((6, 8, 8, 3), np.uint8), labels=labels, **extra)
+    with pytest.raises(UserError, match=needle) as e:
+        load_dataset(str(p))
+    assert str(p) in str(e.value)
+    ok = np.array([0, -1, 1, 2, 0, 1])  # -1 = unlabelled
+    np.savez(p, images=np.zeros((6, 8, 8, 3), np.uint8), labels=ok, class_names=np.array(["x", "y", "z"]))
+    assert load_dataset(str(p)).labels.tolist() == ok.tolist()
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_npz_slice_reads_the_slice(tmp_path, compressed):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (50, 8, 8, 3), dtype=np.uint8)
+    p = tmp_path / "d.npz"
+    (np.savez_compressed if compressed else np.savez)(p, images=images, labels=np.arange(50) % 5)
+    for sl, want in (("[10:20]", np.s_[10:20]), ("[-5:]", np.s_[-5:]), ("[:3]", np.s_[:3]), ("[45:60]", np.s_[45:60])):
+        ds = load_dataset(f"{p}{sl}")
+        assert np.array_equal(ds.images, images[want]) and ds.labels.tolist() == (np.arange(50) % 5)[want].tolist()
+        assert ds.ids == list(range(50))[want]

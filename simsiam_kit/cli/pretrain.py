@@ -19,7 +19,14 @@ def pretrain(
     config: str = typer.Option("demo", "--config", "-c", help="Config name in configs/pretrain/ or a YAML path."),
     set_: Overrides = None,
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run directory (default runs/<name>-<time>)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output (or the latest run of this config) from its last checkpoint."),
+    resume: bool = typer.Option(
+        False, "--resume",
+        help="Continue the run in --output (or the latest run of this config) from its last checkpoint; "
+             "--set may change only optim.epochs and logging keys (recorded in config.amendments.yaml)."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite",
+        help="Replace the run files of a non-empty --output (config, checkpoints, backbone, metrics, plots, "
+             "results, eval); other files stay. Without it a non-empty directory is refused."),
 ):
     """SimSiam pretraining. With no arguments: the built-in demo (MNIST digits, about 4 minutes on 2 CPU cores)."""
     from simsiam_kit.config import load_pretrain_config
@@ -28,23 +35,27 @@ def pretrain(
     from simsiam_kit.pretrain import find_latest_run, load_run_config, run_pretrain
     from simsiam_kit.utils import dist
 
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite exclude each other (continue the run, or replace it)")
     if resume:
         if output is None:
             base = load_pretrain_config(config, None)
             output = find_latest_run(base.name)
             if output is None:
-                raise UserError(f"--resume: no run of config '{base.name}' with a checkpoint under runs/; pass --output RUN_DIR")
+                raise UserError(f"--resume: no run of config '{base.name}' with a checkpoint under runs/; "
+                                "pass --output RUN_DIR")
         if not RunDir(output).has_checkpoint():
             raise UserError(f"--resume: no checkpoint at {RunDir(output).checkpoint}")
         cfg = load_run_config(output, set_)
     else:
         cfg = load_pretrain_config(config, set_)
-    summary = run_pretrain(cfg, output, resume=resume, log=typer.echo)
+    summary = run_pretrain(cfg, output, resume=resume, log=typer.echo, overwrite=overwrite)
     if dist.is_main() and summary:
         typer.echo("")
         typer.echo(f"finished: {summary['run_dir']}  ({summary['train_seconds']:.0f} s, "
                    f"{summary['images_per_s'] or 0:.1f} images/s, {summary['precision']})")
-        typer.echo(f"  final loss {summary['final_loss']:.4f}, output std x sqrt(d) {summary['std_x_sqrt_d']:.3f} (healthy ~1, collapsed ~0)")
+        typer.echo(f"  final loss {summary['final_loss']:.4f}, output std x sqrt(d) {summary['std_x_sqrt_d']:.3f} "
+                   "(healthy ~1, collapsed ~0)")
         if summary.get("knn_top1") is not None:
             k = summary["knn"]["k"]
             typer.echo(f"  kNN top-1 (k={k}) on {summary['knn']['queries']}:")

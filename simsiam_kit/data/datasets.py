@@ -11,6 +11,11 @@ Spec syntax (``data.train``, ``--train-data``, ``--data`` ...)::
 
 Any spec may end with a Python slice, e.g. ``../shared/data/cifar10/val.npz[:2000]`` (quote it in
 the shell). Unlabelled images carry label -1.
+
+Labels are checked when a dataset is built (:func:`check_labels`): integers, one per image, in range
+of the class list when there is one (``-1`` = unlabelled), so nothing downstream (kNN votes, the
+linear head, confusion matrices) meets a label it cannot index. Slicing an uncompressed ``.npz``
+reads only the slice (the array is memory-mapped inside the zip file).
 """
 
 from __future__ import annotations
@@ -34,6 +39,35 @@ TORCHVISION_SETS = {
 }
 DEMO_SPLITS = ("train", "val", "all")
 _SLICE_RE = re.compile(r"^(?P<base>.*?)\[(?P<a>-?\d*):(?P<b>-?\d*)\]$")
+# labels of a dataset without a class list index score/count tables of max(label) + 1 entries
+MAX_CLASSES_WITHOUT_NAMES = 65536
+
+
+def check_labels(labels, n: int, classes: Optional[list], source: str) -> np.ndarray:
+    """``labels`` as int64 after checking them against ``n`` images and the class list; a
+    :class:`UserError` naming ``source`` otherwise."""
+    arr = np.asarray(labels)
+    if arr.size == 0 and n == 0:
+        return arr.astype(np.int64).reshape(0)
+    if arr.ndim != 1:
+        raise UserError(f"{source}: labels must be a 1-D array (one per image), got shape {arr.shape}")
+    if not (np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_):
+        raise UserError(f"{source}: labels must be integers, got dtype {arr.dtype}")
+    if len(arr) != n:
+        raise UserError(f"{source}: {n} images but {len(arr)} labels")
+    if len(arr) == 0:
+        return arr.astype(np.int64)
+    lo, hi = int(arr.min()), int(arr.max())
+    if classes is not None:
+        if lo < -1 or hi >= len(classes):
+            bad = lo if lo < -1 else hi
+            raise UserError(f"{source}: label {bad} out of range for its {len(classes)} class names "
+                            f"(expected 0..{len(classes) - 1}, or -1 for unlabelled)")
+    elif lo < -1 or hi >= MAX_CLASSES_WITHOUT_NAMES:
+        bad = lo if lo < -1 else hi
+        raise UserError(f"{source}: label {bad} out of range (expected 0..{MAX_CLASSES_WITHOUT_NAMES - 1}, or -1 "
+                        "for unlabelled; store 'class_names' with the labels for more classes)")
+    return arr.astype(np.int64, copy=False)
 
 
 @dataclass
@@ -49,7 +83,9 @@ class ImageDataset:
     skip_bad_images: bool = False
 
     def __post_init__(self):
-        self.labels = np.asarray(self.labels, dtype=np.int64)
+        n = len(self.images) if self.images is not None else len(self.files) if self.files is not None else None
+        labels = np.asarray(self.labels)
+        self.labels = check_labels(labels, len(labels) if n is None else n, self.classes, self.name)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -152,7 +188,7 @@ def load_dataset(
         if path.is_file():
             if path.suffix != ".npz":
                 raise UserError(f"unsupported dataset file {path} (expected .npz with 'images' and 'labels')")
-            ds = load_npz(path)
+            ds, sl = load_npz(path, sl), None  # sliced while reading
         else:
             ds = load_image_folder(path, skip_bad_images)
     if sl is not None:
@@ -163,14 +199,73 @@ def load_dataset(
     return ds
 
 
-def load_npz(path: Path) -> ImageDataset:
+def _npz_rows(path: Path, name: str, sl: slice) -> Optional[tuple[np.ndarray, int]]:
+    """Rows ``sl`` of array ``name`` in an ``.npz``, reading no more of the file than needed: a memory map
+    when the member is stored uncompressed (``np.savez``), else a streamed decompression that stops at
+    the slice's end and keeps only its rows (``np.savez_compressed``). Returns (rows, rows in the file);
+    None: not a plain C-order array (the caller reads it the usual way)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        try:
+            info = zf.getinfo(f"{name}.npy")
+        except KeyError:
+            return None
+        with zf.open(info) as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version in ((2, 0), (3, 0)):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                return None
+            header_len = f.tell()
+            if dtype.hasobject or fortran or len(shape) < 1:
+                return None
+            row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+            if header_len + shape[0] * row > info.file_size:
+                return None  # the header promises more bytes than the member holds
+            a, b, _ = sl.indices(shape[0])
+            b = max(a, b)
+            if info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1:
+                with open(path, "rb") as raw:
+                    raw.seek(info.header_offset)
+                    local = raw.read(30)
+                if local[:4] != b"PK\x03\x04":
+                    return None
+                name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+                data = info.header_offset + 30 + name_len + extra_len
+                if b == a:
+                    return np.empty((0, *shape[1:]), dtype), shape[0]
+                mm = np.memmap(path, dtype=dtype, mode="r", offset=data + header_len + a * row,
+                               shape=(b - a, *shape[1:]))
+                return np.array(mm), shape[0]
+            skip = a * row
+            while skip > 0:  # decompress and drop the rows before the slice
+                got = len(f.read(min(skip, 1 << 24)))
+                if not got:
+                    return None
+                skip -= got
+            buf = f.read((b - a) * row)
+            if len(buf) != (b - a) * row:
+                return None
+            return np.frombuffer(buf, dtype=dtype).reshape((b - a, *shape[1:])).copy(), shape[0]
+
+
+def load_npz(path: Path, sl: Optional[slice] = None) -> ImageDataset:
+    """Arrays ``images``, ``labels`` (optional), ``class_names`` (optional) of an ``.npz``. With ``sl``
+    only that slice of the images is read (see :func:`_npz_rows`); the labels are checked in full."""
     try:
         with np.load(path, allow_pickle=False) as d:
             keys = set(d.files)
             if "images" not in keys:
                 raise UserError(f"{path}: missing array 'images' (found: {', '.join(sorted(keys))})")
-            images = d["images"]
-            labels = d["labels"].astype(np.int64) if "labels" in keys else np.full(len(images), -1, np.int64)
+            part = _npz_rows(path, "images", sl) if sl is not None else None
+            if part is None:
+                images, n = d["images"], None
+            else:
+                images, n = part
+            labels = d["labels"] if "labels" in keys else None
             classes = [str(c) for c in d["class_names"]] if "class_names" in keys else None
     except UserError:
         raise
@@ -178,12 +273,19 @@ def load_npz(path: Path) -> ImageDataset:
         raise UserError(f"cannot read {path}: {type(e).__name__}: {e}") from None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise UserError(f"{path}: 'images' must be uint8 (N,H,W,3), got {images.dtype} {images.shape}")
+    if n is None:  # the whole array was read
+        n = len(images)
+        if sl is not None:
+            images = images[sl]
+    labels = np.full(n, -1, np.int64) if labels is None else check_labels(labels, n, classes, str(path))
+    ids = list(range(n))
+    name = str(path)
+    if sl is not None:
+        labels, ids = labels[sl], ids[sl]
+        name = f"{path}[{sl.start or ''}:{sl.stop or ''}]"
     if images.shape[-1] == 1:
         images = np.repeat(images, 3, axis=-1)
-    if len(labels) != len(images):
-        raise UserError(f"{path}: {len(images)} images but {len(labels)} labels")
-    return ImageDataset(name=str(path), labels=labels, ids=list(range(len(images))), classes=classes,
-                        images=np.ascontiguousarray(images))
+    return ImageDataset(name=name, labels=labels, ids=ids, classes=classes, images=np.ascontiguousarray(images))
 
 
 def load_image_folder(path: Path, skip_bad_images: bool = False) -> ImageDataset:
@@ -200,7 +302,8 @@ def load_image_folder(path: Path, skip_bad_images: bool = False) -> ImageDataset
         labels = [-1] * len(files)
         classes = None
     if not files:
-        raise UserError(f"no images found under {path} (expected {path}/<class>/<image>{'|'.join(IMG_EXTENSIONS[:3])}...)")
+        raise UserError(f"no images found under {path} "
+                        f"(expected {path}/<class>/<image>{'|'.join(IMG_EXTENSIONS[:3])}...)")
     root = path
     ids = [str(Path(f).relative_to(root)) for f in files]
     return ImageDataset(name=str(path), labels=np.array(labels), ids=ids, classes=classes, files=files,

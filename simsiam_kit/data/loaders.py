@@ -7,7 +7,10 @@
 * File datasets (ImageFolder): a ``torch.utils.data.DataLoader`` decodes images in workers. For
   pretraining each worker takes the two random resized crops + flips per image (they need the
   full-resolution image); colour ops run batched afterwards. For evaluation it resizes (shorter side
-  to size/0.875) and centre-crops.
+  to size/0.875) and centre-crops. The crops and flips of image ``i`` in epoch ``e`` are drawn from a
+  generator seeded with ``(seed, e, i)`` alone: no worker RNG state exists to lose, so a resumed run
+  takes the same crops as an uninterrupted one for any number of workers. An unreadable image stops
+  the loader with one line naming the file (the worker's traceback is not passed on).
 
 Training loaders shard by rank (every rank sees a disjoint 1/world slice of a seeded permutation,
 like ``DistributedSampler``); evaluation loaders are not sharded. Both expose ``set_epoch``.
@@ -108,27 +111,43 @@ class ArrayLoader:
             yield {"images": self.images[idx].contiguous(), "labels": self.labels[idx], "index": idx, "skipped": 0}
 
 
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The generator of one image's random crops in one epoch: a pure function of its arguments."""
+    state = np.random.SeedSequence([int(seed), int(epoch), int(index)]).generate_state(2, np.uint32)
+    g = torch.Generator()
+    g.manual_seed((int(state[0]) << 32 | int(state[1])) & ((1 << 63) - 1))
+    return g
+
+
 class _FileSampler(torch.utils.data.Sampler):
+    """This rank's indices for the epoch, each as ``(epoch, index)``: the dataset seeds its crops with them."""
+
     def __init__(self, sharder: _Sharder):
         self.sharder = sharder
 
     def __iter__(self):  # the DataLoader's own drop_last cuts the last partial batch
-        return iter(self.sharder.indices().tolist())
+        e = self.sharder.epoch
+        return iter([(e, i) for i in self.sharder.indices().tolist()])
 
     def __len__(self):
         return self.sharder.per_rank
 
 
+class _Unreadable:
+    """What a worker returns for an image it cannot read (the main process raises the error)."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
 class _FileDataset(torch.utils.data.Dataset):
-    def __init__(self, ds: ImageDataset, mode: str, size: int, crop_scale=(0.2, 1.0), flip_p: float = 0.5):
-        self.ds, self.mode, self.size = ds, mode, size
+    def __init__(self, ds: ImageDataset, mode: str, size: int, crop_scale=(0.2, 1.0), flip_p: float = 0.5,
+                 seed: int = 0):
+        self.ds, self.mode, self.size, self.seed = ds, mode, size, seed
+        self.crop_scale, self.flip_p = tuple(crop_scale), flip_p
         from torchvision.transforms import v2 as T
 
-        if mode in ("two_view", "train_crop"):
-            self.tf = T.Compose([T.RandomResizedCrop(size, scale=crop_scale, antialias=True),
-                                 T.RandomHorizontalFlip(flip_p)])
-        else:
-            self.tf = T.Compose([T.Resize(int(round(size / 0.875)), antialias=True), T.CenterCrop(size)])
+        self.eval_tf = T.Compose([T.Resize(int(round(size / 0.875)), antialias=True), T.CenterCrop(size)])
 
     def __len__(self):
         return len(self.ds)
@@ -136,18 +155,42 @@ class _FileDataset(torch.utils.data.Dataset):
     def _to_tensor(self, im) -> torch.Tensor:
         return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
 
-    def __getitem__(self, i):
-        im = self.ds.load_pil(i)
+    def _random_crop(self, im, gen: torch.Generator):
+        """RandomResizedCrop(size, scale) + RandomHorizontalFlip(flip_p) with torchvision's laws, drawn
+        from ``gen`` (torchvision's transforms draw from the worker's global RNG)."""
+        from torchvision.transforms.v2 import functional as F
+
+        from simsiam_kit.data.transforms import sample_resized_crops
+
+        top, left, h, w = (int(v) for v in sample_resized_crops(1, im.height, im.width, self.crop_scale, gen=gen)[0])
+        out = F.resized_crop(im, top, left, h, w, [self.size, self.size], antialias=True)
+        if float(torch.rand(1, generator=gen)) < self.flip_p:
+            out = F.horizontal_flip(out)
+        return out
+
+    def __getitem__(self, key):
+        epoch, i = key if isinstance(key, tuple) else (0, key)
+        try:
+            im = self.ds.load_pil(i)
+        except UserError as e:
+            return _Unreadable(str(e))
         if im is None:
             return None
-        if self.mode == "two_view":
-            out = (self._to_tensor(self.tf(im)), self._to_tensor(self.tf(im)))
+        if self.mode in ("two_view", "train_crop"):
+            gen = sample_generator(self.seed, epoch, i)
+            if self.mode == "two_view":
+                out = (self._to_tensor(self._random_crop(im, gen)), self._to_tensor(self._random_crop(im, gen)))
+            else:
+                out = self._to_tensor(self._random_crop(im, gen))
         else:
-            out = self._to_tensor(self.tf(im))
+            out = self._to_tensor(self.eval_tf(im))
         return out, int(self.ds.labels[i]), i
 
 
 def _collate(items):
+    for it in items:
+        if isinstance(it, _Unreadable):
+            return {"error": it.message}
     good = [it for it in items if it is not None]
     skipped = len(items) - len(good)
     if not good:
@@ -166,9 +209,11 @@ class FileLoader:
         self.sharder = _Sharder(len(ds), batch_size, shuffle, drop_last, seed, shard=shuffle)
         self.two_views_in_loader = mode == "two_view"
         self.dl = torch.utils.data.DataLoader(
-            _FileDataset(ds, mode, size, crop_scale, flip_p), batch_size=batch_size,
+            _FileDataset(ds, mode, size, crop_scale, flip_p, seed), batch_size=batch_size,
             sampler=_FileSampler(self.sharder), num_workers=workers, collate_fn=_collate,
             drop_last=drop_last, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+            # its own generator: creating the workers' base seed must not draw from torch's global RNG
+            generator=torch.Generator().manual_seed(seed),
         )
 
     def set_epoch(self, epoch: int) -> None:
@@ -178,7 +223,10 @@ class FileLoader:
         return len(self.sharder)
 
     def __iter__(self):
-        return iter(self.dl)
+        for batch in self.dl:
+            if "error" in batch:  # raised here, not in the worker: one line, no worker traceback
+                raise UserError(batch["error"])
+            yield batch
 
 
 def make_loader(ds: ImageDataset, batch_size: int, *, train: bool, seed: int = 0, mode: str = "eval",

@@ -1,4 +1,8 @@
-"""Checkpoints: atomic writes, unwrapped state dicts, ``weights_only=True`` loads."""
+"""Checkpoints: atomic writes, unwrapped state dicts, ``weights_only=True`` loads, finite weights only.
+
+:func:`nonfinite_tensors` is the one finiteness test: the pretraining save path refuses to write a state
+that fails it, and ``simsiam_kit.weights`` refuses to load one.
+"""
 
 from __future__ import annotations
 
@@ -66,7 +70,40 @@ def set_rng_state(state: dict, aug_gen: torch.Generator | None = None) -> None:
             import warnings
 
             warnings.warn("the augmentation RNG state was saved on another device type; the resumed run "
-                          "continues with a freshly seeded augmentation stream (not bit-identical)")
+                          "continues with a freshly seeded augmentation stream (not bit-identical)", stacklevel=2)
+
+
+def _floating_tensors(obj, prefix: str = ""):
+    if torch.is_tensor(obj):
+        if obj.is_floating_point() or obj.is_complex():
+            yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _floating_tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _floating_tensors(v, f"{prefix}.{i}" if prefix else str(i))
+
+
+def nonfinite_tensors(state: Any) -> tuple[list[str], int]:
+    """Names of the floating tensors in a (nested) state that hold a NaN or an infinity, and how many
+    floating tensors there are. One reduction per tensor where it lives, one host sync in all."""
+    named = list(_floating_tensors(state))
+    if not named:
+        return [], 0
+    flags = [torch.isfinite(t).all() for _, t in named]
+    by_device: dict = {}
+    for (name, _), f in zip(named, flags):
+        by_device.setdefault(f.device, []).append((name, f))
+    bad = []
+    for items in by_device.values():
+        ok = torch.stack([f for _, f in items]).cpu()
+        bad += [name for (name, _), good in zip(items, ok.tolist()) if not good]
+    return bad, len(named)
+
+
+def describe_nonfinite(bad: list[str], total: int) -> str:
+    return f"{len(bad)} of {total} floating tensors hold nan/inf (first: {', '.join(bad[:3])})"
 
 
 def save_checkpoint(path: Path, **payload: Any) -> None:
@@ -126,7 +163,14 @@ class Checkpointables:
         for name, obj in self.objects.items():
             if payload.get(name) is None:
                 raise UserError(f"{source}: the checkpoint has no '{name}' state")
-            obj.load_state_dict(payload[name])
+            try:
+                obj.load_state_dict(payload[name])
+            except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as e:
+                # e.g. a model shape changed since the checkpoint was written (torch lists every key)
+                first = str(e).strip().splitlines()
+                detail = " ".join(line.strip() for line in first[:3])
+                raise UserError(f"{source}: the saved '{name}' state does not fit this run "
+                                f"({type(e).__name__}: {detail[:300]})") from None
 
 
 def backbone_payload(backbone: torch.nn.Module, arch: str, stem: str, extra: dict | None = None) -> dict:

@@ -1,5 +1,12 @@
 """Hooks for :class:`simsiam_kit.engine.Trainer`: LR schedule, metrics, progress, checkpoints,
-collapse and kNN monitors, plots."""
+collapse and kNN monitors, plots.
+
+Order at the end of an epoch (lower priority first): the schedule, throughput and epoch averages,
+the collapse monitor, then the :class:`Checkpointer` (the epoch's weights are safe on disk before
+anything else runs), then the :class:`KNNMonitor`, then the :class:`MetricsWriter` (its epoch line
+carries the monitor's result). A run killed after its checkpoint but before the epoch line resumes by
+running the hooks after the checkpointer for that epoch again (``Trainer.finish_epoch``).
+"""
 
 from __future__ import annotations
 
@@ -55,6 +62,10 @@ class LRSchedule(Hook):
         for g in self.opt.param_groups:
             g["lr"] = self.init_lr if g.get("fix_lr", False) else lr
         trainer.state["lr"] = lr
+
+    def after_epoch(self, trainer) -> None:
+        if "lr" in trainer.state:  # part of the epoch's record, so a checkpoint carries it too
+            trainer.epoch_metrics["lr"] = trainer.state["lr"]
 
 
 class Throughput(Hook):
@@ -129,13 +140,15 @@ class CollapseMonitor(Hook):
         trainer.epoch_metrics["std_x_sqrt_d"] = std * math.sqrt(self.dim)
         if std * math.sqrt(self.dim) < self.ratio and dist.is_main():
             self.log(
-                f"warning: output std {std:.4f} is below {self.ratio:g}/sqrt(d) = {self.ratio / math.sqrt(self.dim):.4f} "
+                f"warning: output std {std:.4f} is below {self.ratio:g}/sqrt(d) = "
+                f"{self.ratio / math.sqrt(self.dim):.4f} "
                 "(healthy is about 1/sqrt(d)): the representation may be collapsing"
             )
 
 
 class KNNMonitor(Hook):
-    """Weighted kNN accuracy of backbone features every ``every`` epochs (and at the end), rank 0."""
+    """Weighted kNN accuracy of backbone features every ``every`` epochs (and at the end), rank 0.
+    Runs after the :class:`Checkpointer`: whatever happens in it, the epoch's weights are saved."""
 
     priority = 35
 
@@ -153,11 +166,12 @@ class KNNMonitor(Hook):
 
 
 class Checkpointer(Hook):
-    """Save ``checkpoints/last.pt`` atomically every ``every`` epochs and at the end.
+    """Save ``checkpoints/last.pt`` atomically every ``every`` epochs and at the end, before the
+    monitors and the metrics line of the epoch.
 
     ``save`` is called on every rank (it may gather per-rank state) and writes on rank 0 only."""
 
-    priority = 40
+    priority = 33
 
     def __init__(self, save: Callable[[object], None], every: int):
         self.save, self.every = save, every
@@ -208,8 +222,9 @@ class ProgressBar(Hook):
 class MetricsWriter(Hook):
     """One JSON object per line in ``metrics.jsonl``: step lines every ``every`` steps and one epoch line.
 
-    Runs after the monitors (so the epoch line has their values) and before the checkpointer: a run killed
-    between the two has an epoch line newer than its checkpoint, which resuming trims and writes again."""
+    Runs after the checkpointer and the monitors (so the epoch line has their values): every epoch line
+    describes a checkpointed epoch (or one between checkpoints, which resuming trims and writes again).
+    A run killed after a checkpoint and before its epoch line writes that line when it resumes."""
 
     priority = 38
 

@@ -92,6 +92,18 @@ class Trainer:
             self._call("after_epoch")
         self._call("after_train")
 
+    def finish_epoch(self, epoch_metrics: dict, after: type) -> None:
+        """Run ``after_epoch`` again for the hooks ordered after the (first) hook of type ``after``, on the
+        completed epoch ``self.epoch`` with its saved ``epoch_metrics``: the end of an epoch that a killed
+        run checkpointed but did not finish (its kNN monitor, its metrics line)."""
+        cut = next((h.priority for h in self.hooks if isinstance(h, after)), None)
+        if cut is None:
+            return
+        self.epoch_metrics = dict(epoch_metrics)
+        for h in self.hooks:
+            if h.priority > cut:
+                h.after_epoch(self)
+
     def state_dict(self) -> dict:
         """Progress and the state of every hook that has one, keyed by hook class."""
         hooks = {type(h).__name__: h.state_dict() for h in self.hooks}

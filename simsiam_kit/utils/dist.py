@@ -32,14 +32,23 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
 
 
-def init_from_env(device_type: str) -> None:
-    """Initialise the process group when started by torchrun; no-op otherwise."""
+def init_from_env(device_type: str, timeout_s: float | None = None) -> None:
+    """Initialise the process group when started by torchrun; no-op otherwise.
+
+    ``timeout_s`` (``train.dist_timeout_s``) bounds how long a collective waits for a peer that hangs
+    without dying (a dead peer is torn down by torchrun within seconds); a rank that waits longer fails
+    with an error instead of blocking the job forever. ``None``: torch's default."""
     if is_dist() or not launched_by_torchrun():
         return
     backend = "nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend=backend)
+    kw = {}
+    if timeout_s is not None:
+        from datetime import timedelta
+
+        kw["timeout"] = timedelta(seconds=float(timeout_s))
+    dist.init_process_group(backend=backend, **kw)
 
 
 def local_rank() -> int:
@@ -63,6 +72,25 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     dist.all_reduce(t)
     return t / get_world_size()
 
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank (``obj`` itself without a process group)."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on some rank."""
+    if not is_dist():
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0])
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
 
 
 def cleanup() -> None:
