@@ -60,8 +60,8 @@ def pretrain(out: Path, epochs: int, image_size: int, batch_size: int, device: s
 
 
 def finetune(weights: str, out: Path, args) -> dict:
-    from evaluation.detection.data import resolve_data
-    from evaluation.detection.torchvision_engine import load_detection_config, run_torchvision_detection
+    from simsiam_kit.evaluation.detection.data import resolve_data
+    from simsiam_kit.evaluation.detection.torchvision_engine import load_detection_config, run_torchvision_detection
 
     data = resolve_data(DATA / "instances_train.json", DATA / "images", DATA / "instances_val.json", DATA / "images",
                         None, "", "")

@@ -33,8 +33,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from export.embedder import OnnxEmbedder, preprocess  # noqa: E402
-from export.onnx import export_onnx  # noqa: E402
+from simsiam_kit.export.embedder import OnnxEmbedder, preprocess  # noqa: E402
+from simsiam_kit.export.onnx import export_onnx  # noqa: E402
 from simsiam_kit.engine.checkpoint import save_backbone  # noqa: E402
 from simsiam_kit.models import build_backbone  # noqa: E402
 from simsiam_kit.utils.io import atomic_write_json  # noqa: E402

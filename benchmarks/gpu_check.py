@@ -358,7 +358,7 @@ def section_epoch(work: Path, dev, compiled: bool, a) -> dict:
 
 # --------------------------------------------------------------------------------------------- 4. eval knn
 def section_knn_eval(work: Path, dev) -> dict:
-    from evaluation.knn import KNNSettings, run_knn_eval
+    from simsiam_kit.evaluation.knn import KNNSettings, run_knn_eval
 
     w = work / "epoch_run"
     weights = str(w) if (w / "backbone.pt").is_file() else "random"
@@ -519,8 +519,8 @@ def section_imagenet(work: Path, dev, a) -> dict:
 
 # --------------------------------------------------------------------------------------------- 6. embed
 def section_embed(work: Path, dev, a) -> dict:
-    from export.embedder import OnnxEmbedder
-    from export.onnx import export_onnx
+    from simsiam_kit.export.embedder import OnnxEmbedder
+    from simsiam_kit.export.onnx import export_onnx
     from simsiam_kit.data import load_dataset
     from simsiam_kit.engine.checkpoint import save_backbone
     from simsiam_kit.features import extract_features
@@ -572,8 +572,8 @@ def section_embed(work: Path, dev, a) -> dict:
 
 # --------------------------------------------------------------------------------------------- 7. detection
 def section_detection(work: Path, dev, a) -> dict:
-    from evaluation.detection.data import resolve_data
-    from evaluation.detection.torchvision_engine import load_detection_config, run_torchvision_detection
+    from simsiam_kit.evaluation.detection.data import resolve_data
+    from simsiam_kit.evaluation.detection.torchvision_engine import load_detection_config, run_torchvision_detection
 
     c = coco_dir()
     data = resolve_data(c / "instances_train.json", c / "images", c / "instances_val.json", c / "images", None,

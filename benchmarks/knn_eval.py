@@ -46,7 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from evaluation.knn import classify  # noqa: E402
+from simsiam_kit.evaluation.knn import classify  # noqa: E402
 from simsiam_kit.utils.io import atomic_write_json  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "cifar10"
@@ -137,7 +137,7 @@ def bench_knn(fb, lb, fq, lq, reps: int, k=200, t=0.1, c=10, lightly_batch=1000)
 
 
 def bench_linear(weights: str, n_train: int, epochs: int, batch: int) -> dict:
-    from evaluation.linear import LinearSettings, run_linear_probe
+    from simsiam_kit.evaluation.linear import LinearSettings, run_linear_probe
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -168,6 +168,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "knn_eval.json")
     a = ap.parse_args()
 
+    load_before = os.getloadavg()  # 1/5/15-minute load: other processes share the cores with both sides
     fb, lb, fq, lq, extract_s = cifar_features() if a.features == "cifar" else synthetic_features()
     print(f"bank {tuple(fb.shape)}, queries {tuple(fq.shape)} ({a.features} features"
           + (f", extracted in {extract_s:.0f} s" if extract_s else "") + f"); {a.reps} timed reps, medians")
@@ -190,7 +191,9 @@ def main() -> None:
         "benchmark": "knn_eval", "features": a.features, "bank": list(fb.shape), "queries": list(fq.shape),
         "knn": knn, "machine": {"platform": platform.platform(), "processor": platform.processor(),
                                 "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                                "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()},
+                                "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
+                                "load_avg_before": [round(x, 2) for x in load_before],
+                                "load_avg_after_knn": [round(x, 2) for x in os.getloadavg()]},
     }
     if not a.skip_linear:
         lin = bench_linear(a.weights, a.linear_train, a.linear_epochs, a.linear_batch)

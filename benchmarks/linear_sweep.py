@@ -32,8 +32,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args(argv)
 
-    from evaluation.linear import TensorLoader, evaluate_head, make_head, train_linear_head
-    from evaluation.linear_sweep import run_sweep
+    from simsiam_kit.evaluation.linear import TensorLoader, evaluate_head, make_head, train_linear_head
+    from simsiam_kit.evaluation.linear_sweep import run_sweep
     from simsiam_kit.data import load_dataset
     from simsiam_kit.features import extract_features
     from simsiam_kit.models import build_backbone

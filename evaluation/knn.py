@@ -192,7 +192,7 @@ class KNNSettings:
 
 def run_knn_eval(s: KNNSettings, output: Path, log: Callable[[str], None] = print) -> dict:
     """Extract features, search, classify; write features, results.json and plots under ``output``."""
-    from evaluation.common import check_same_classes, load_eval_backbone, load_labelled, resolve_image_settings
+    from simsiam_kit.evaluation.common import check_same_classes, load_eval_backbone, load_labelled, resolve_image_settings
     from simsiam_kit.features import extract_features, save_features
     from simsiam_kit.retrieval.index import BACKENDS, KINDS
     from simsiam_kit.utils.device import resolve_channels_last, resolve_device, resolve_precision
@@ -276,7 +276,7 @@ def run_knn_eval(s: KNNSettings, output: Path, log: Callable[[str], None] = prin
 
 
 def results_table(results: dict) -> str:
-    from evaluation.common import format_table
+    from simsiam_kit.evaluation.common import format_table
 
     st = results["settings"]
     rows = [[k, v["top1"], v["top5"]] for k, v in results["per_k"].items()]

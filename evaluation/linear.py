@@ -277,7 +277,7 @@ class LinearSettings:
 
 
 def run_linear_probe(s: LinearSettings, output: Path, log: Callable[[str], None] = print) -> dict:
-    from evaluation.common import check_same_classes, load_eval_backbone, load_labelled, resolve_image_settings
+    from simsiam_kit.evaluation.common import check_same_classes, load_eval_backbone, load_labelled, resolve_image_settings
     from simsiam_kit.config import DataConfig
     from simsiam_kit.data.loaders import make_loader
     from simsiam_kit.data.transforms import BatchAugment
@@ -391,7 +391,7 @@ def run_linear_probe(s: LinearSettings, output: Path, log: Callable[[str], None]
 def _run_sweep(s, ft, lt, fq, lq, classes, bs, device, backbone, reference, loaded, img, precision, n_train,
                prep_s, output: Path, log) -> dict:
     """``--lr-sweep``: all heads in one pass (evaluation/linear_sweep.py); the chosen head is scored on test."""
-    from evaluation.linear_sweep import plot_sweep, run_sweep, sweep_table
+    from simsiam_kit.evaluation.linear_sweep import plot_sweep, run_sweep, sweep_table
     from simsiam_kit.utils.io import atomic_torch_save, atomic_write_json
 
     t1 = time.perf_counter()
@@ -461,7 +461,7 @@ def plot_curves(history: Sequence[dict], path: Path, title: str) -> Path:
 
 
 def results_table(results: dict) -> str:
-    from evaluation.common import format_table
+    from simsiam_kit.evaluation.common import format_table
 
     st = results["settings"]
     if "sweep" in results:

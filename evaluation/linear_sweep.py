@@ -142,7 +142,7 @@ def run_sweep(features: torch.Tensor, labels: torch.Tensor, num_classes: int, ep
               momentum: float = 0.9, val_fraction: float = 0.1, seed: int = 0, metrics_path=None,
               progress: bool = False, log_every: int = 10) -> SweepResult:
     """Train one head per (lr, wd) on all but a held-out slice of ``features``; pick the best on the slice."""
-    from evaluation.linear import TensorLoader
+    from simsiam_kit.evaluation.linear import TensorLoader
 
     fit, hold = split_holdout(len(labels), val_fraction, seed)
     grid = [(float(lr), wd) for wd in (0.0, float(weight_decay)) for lr in lrs]
@@ -196,7 +196,7 @@ def plot_sweep(grid: list, selected: int, path, title: str) -> None:
 
 
 def sweep_table(grid: list, selected: int) -> str:
-    from evaluation.common import format_table
+    from simsiam_kit.evaluation.common import format_table
 
     rows = [[f"{r['lr']:g}", f"{r['weight_decay']:g}", r["holdout_top1"], "<-" if i == selected else ""]
             for i, r in enumerate(grid)]

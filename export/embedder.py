@@ -4,7 +4,7 @@ The ``.onnx`` file written by :func:`export.onnx.export_onnx` carries its prepro
 ``metadata_props`` (image size, mean, std, channel order, embedding dimension, ...), so the embedder
 needs nothing but the path::
 
-    from export import OnnxEmbedder
+    from simsiam_kit.export import OnnxEmbedder
     emb = OnnxEmbedder("encoder.onnx")
     z = emb.embed([pil_image, "photo.jpg", uint8_array])   # (3, D) float32, l2-normalised
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from export.embedder import FORMAT, decode_metadata, l2_normalize, make_session, preprocess
+from simsiam_kit.export.embedder import FORMAT, decode_metadata, l2_normalize, make_session, preprocess
 from simsiam_kit.errors import UserError
 
 INPUT_NAME, OUTPUT_NAME = "images", "embeddings"

@@ -23,7 +23,20 @@ FLOAT32_MAX = 3.4028234663852886e38
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_ROOT = "~/.cache/simsiam-kit/data"  # torchvision datasets live / are downloaded here
-CONFIG_DIRS = [Path.cwd() / "configs", REPO_ROOT / "configs"]
+
+
+def config_dirs() -> list[Path]:
+    """Where config names are looked up, first match wins: ``./configs`` (a user's own), the installed
+    package data ``simsiam_kit.configs``, then the source tree's ``configs/`` (a checkout without install)."""
+    dirs = [Path.cwd() / "configs"]
+    try:
+        from importlib.resources import files
+
+        dirs.append(Path(str(files("simsiam_kit.configs"))))
+    except (ImportError, ModuleNotFoundError, TypeError):
+        pass
+    dirs.append(REPO_ROOT / "configs")
+    return list(dict.fromkeys(dirs))
 
 
 @dataclass(frozen=True)
@@ -204,11 +217,11 @@ def resolve_config_path(name_or_path: str, group: str = "pretrain") -> Path:
         if not p.is_file():
             raise UserError(f"config file not found: {p}")
         return p
-    for d in CONFIG_DIRS:
+    for d in config_dirs():
         cand = d / group / f"{name_or_path}.yaml"
         if cand.is_file():
             return cand
-    avail = sorted({c.stem for d in CONFIG_DIRS if (d / group).is_dir() for c in (d / group).glob("*.yaml")})
+    avail = sorted({c.stem for d in config_dirs() if (d / group).is_dir() for c in (d / group).glob("*.yaml")})
     raise UserError(f"unknown {group} config '{name_or_path}' (available: {', '.join(avail) or 'none'})")
 
 

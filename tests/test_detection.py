@@ -14,9 +14,9 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from evaluation.detection.data import check_same_categories, load_coco_json, load_voc, resolve_data
-from evaluation.detection.metrics import METRIC_KEYS, coco_evaluate
-from evaluation.detection.torchvision_engine import (
+from simsiam_kit.evaluation.detection.data import check_same_categories, load_coco_json, load_voc, resolve_data
+from simsiam_kit.evaluation.detection.metrics import METRIC_KEYS, coco_evaluate
+from simsiam_kit.evaluation.detection.torchvision_engine import (
     WarmupMultiStepLR,
     build_fpn_backbone,
     load_detection_config,
@@ -80,7 +80,7 @@ def test_metrics_iou_062_counts_at_three_of_ten_thresholds():
 
 
 def test_format_results_prints_null_nan_voc_and_mask_rows():
-    from evaluation.detection.metrics import format_results
+    from simsiam_kit.evaluation.detection.metrics import format_results
 
     # results.json written before NaN metrics became 0.0 held null: printed as '-', not a TypeError
     old = {"engine": "detectron2", "AP": None, "AP50": float("nan"), "AP75": 1.5, "APs": 0.0, "APm": 0.0, "APl": 0.0,
@@ -95,7 +95,7 @@ def test_format_results_prints_null_nan_voc_and_mask_rows():
 
 
 def test_summarize_detectron2_results_nan_as_torchvision_engine():
-    from evaluation.detection.detectron2_engine import summarize_results
+    from simsiam_kit.evaluation.detection.detectron2_engine import summarize_results
 
     nan = float("nan")
     # COCOEvaluator with no detection above the score threshold: every metric NaN, no per-class keys
@@ -333,7 +333,7 @@ def test_detectron2_engine_without_detectron2_says_how_to_install(monkeypatch):
         return real_import(name, *a, **k)
 
     monkeypatch.setattr(builtins, "__import__", fake_import)
-    from evaluation.detection.detectron2_engine import require_detectron2
+    from simsiam_kit.evaluation.detection.detectron2_engine import require_detectron2
 
     with pytest.raises(UserError, match="not published on PyPI.*setuptools<81.*git clone "
                        "https://github.com/facebookresearch/detectron2.git && pip install --no-build-isolation"):
@@ -343,7 +343,7 @@ def test_detectron2_engine_without_detectron2_says_how_to_install(monkeypatch):
 def test_scale_steps_fit_detectron2_scheduler_for_every_short_run():
     """fvcore's MultiStepParamScheduler (behind detectron2's build_lr_scheduler) needs steps strictly
     increasing and strictly inside (0, iters); the old proportional rounding gave (2, 2) for --iters 2."""
-    from evaluation.detection.detectron2_engine import scale_steps
+    from simsiam_kit.evaluation.detection.detectron2_engine import scale_steps
 
     for name, (steps, max_iter) in D2_SCHEDULES.items():
         yaml_solver = _d2_yaml(name).get("SOLVER", {})
@@ -363,7 +363,7 @@ def test_scale_steps_fit_detectron2_scheduler_for_every_short_run():
 
 
 def test_launcher_options_refused_up_front():
-    from evaluation.detection.detectron2_engine import check_launch
+    from simsiam_kit.evaluation.detection.detectron2_engine import check_launch
 
     check_launch(1, 1, 0, "auto", visible_gpus=0)  # CPU: one process
     check_launch(8, 2, 1, "tcp://10.0.0.1:29500", visible_gpus=8)
@@ -393,7 +393,7 @@ def test_cli_refuses_gpus_the_machine_lacks(tmp_path, monkeypatch):
 
 
 def test_outputs_follow_the_umask(tmp_path):
-    from evaluation.detection.outputs import write_bytes, write_json
+    from simsiam_kit.evaluation.detection.outputs import write_bytes, write_json
 
     old = os.umask(0o027)
     try:
@@ -476,7 +476,7 @@ def _fresh_detectron2_logging():
 
 
 def _d2_job(config: str, iters=None, overrides=()):
-    from evaluation.detection.detectron2_engine import D2Data, D2Job
+    from simsiam_kit.evaluation.detection.detectron2_engine import D2Data, D2Job
 
     return D2Job(str(CONFIGS / config), "", [D2Data("coco", "x.json", "img")], D2Data("coco", "y.json", "img"), 80,
                  [f"c{i}" for i in range(80)], [], "/tmp/unused", list(overrides), iters, 1)
@@ -487,7 +487,7 @@ def test_detectron2_lr_scheduler_accepts_every_short_run():
     pytest.importorskip("detectron2")
     from detectron2.solver import build_lr_scheduler
 
-    from evaluation.detection.detectron2_engine import build_cfg
+    from simsiam_kit.evaluation.detection.detectron2_engine import build_cfg
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.02)
     for name in D2_CONFIGS:
@@ -502,7 +502,7 @@ def test_detectron2_lr_scheduler_accepts_every_short_run():
 
 def test_detectron2_cfg_explicit_overrides_and_bad_steps():
     pytest.importorskip("detectron2")
-    from evaluation.detection.detectron2_engine import build_cfg
+    from simsiam_kit.evaluation.detection.detectron2_engine import build_cfg
 
     cfg = build_cfg(_d2_job("d2_voc0712_R_50_C4_24k.yaml", 1000, ["TEST.PRECISE_BN.NUM_ITER=7", "SOLVER.STEPS=(300,)"]))
     assert cfg.TEST.PRECISE_BN.NUM_ITER == 7 and tuple(cfg.SOLVER.STEPS) == (300,)  # --set wins over --iters
@@ -518,7 +518,7 @@ def test_detectron2_writers_without_tensorboard(tmp_path, monkeypatch):
 
     from detectron2.utils.events import TensorboardXWriter
 
-    from evaluation.detection.detectron2_engine import training_writers
+    from simsiam_kit.evaluation.detection.detectron2_engine import training_writers
 
     real = importlib.util.find_spec
     def find_spec(tensorboard_spec):
@@ -567,8 +567,8 @@ def test_detectron2_voc_trains_on_difficult_and_scores_with_voc_evaluator(tmp_pa
     from detectron2.data import DatasetCatalog
     from detectron2.data.datasets.pascal_voc import load_voc_instances
 
-    from evaluation.detection.data import VOC_CLASSES
-    from evaluation.detection.detectron2_engine import D2Data, register_datasets
+    from simsiam_kit.evaluation.detection.data import VOC_CLASSES
+    from simsiam_kit.evaluation.detection.detectron2_engine import D2Data, register_datasets
 
     root = _write_voc_devkit(tmp_path / "VOCdevkit", {"trainval": 4, "test": 3})
     # the engine registers VOC with detectron2's own loader: difficult objects are in the training set
@@ -661,7 +661,7 @@ def test_detectron2_launch_gets_multi_machine_options(tmp_path, monkeypatch):
     pytest.importorskip("detectron2")
     import detectron2.engine
 
-    from evaluation.detection.detectron2_engine import run_detectron2_detection
+    from simsiam_kit.evaluation.detection.detectron2_engine import run_detectron2_detection
 
     calls = []
     monkeypatch.setattr(detectron2.engine, "launch", lambda *a, **k: calls.append((a, k)))
@@ -692,8 +692,8 @@ def test_detectron2_converted_weights_load_with_nothing_missing(tmp_path):
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
-    from evaluation.detection.detectron2_engine import build_cfg, register_res5_extra_norm
-    from export.detectron2 import convert_weights
+    from simsiam_kit.evaluation.detection.detectron2_engine import build_cfg, register_res5_extra_norm
+    from simsiam_kit.detectron2_weights import convert_weights
 
     torch.manual_seed(0)
     bb = build_backbone("resnet50", "imagenet")
@@ -720,7 +720,7 @@ def test_detectron2_extra_norm_head_builds():
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
-    from evaluation.detection.detectron2_engine import register_res5_extra_norm
+    from simsiam_kit.evaluation.detection.detectron2_engine import register_res5_extra_norm
 
     register_res5_extra_norm()
     register_res5_extra_norm()  # idempotent

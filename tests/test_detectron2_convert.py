@@ -14,7 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from export.detectron2 import check_against_model, convert_key, convert_state_dict, suffix_match
+from simsiam_kit.detectron2_weights import check_against_model, convert_key, convert_state_dict, suffix_match
 from simsiam_kit.cli import app
 from simsiam_kit.engine.checkpoint import save_backbone, save_checkpoint
 from simsiam_kit.errors import UserError

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-from export.embedder import OnnxEmbedder, preprocess  # noqa: E402
+from simsiam_kit.export.embedder import OnnxEmbedder, preprocess  # noqa: E402
 from simsiam_kit.cli import app  # noqa: E402
 from simsiam_kit.errors import UserError  # noqa: E402
 
@@ -113,7 +113,7 @@ def test_bad_image_inputs_are_clear_errors(tiny, tmp_path):
 # ----------------------------------------------------------------------------- embed + search
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory):
-    from export.onnx import export_onnx
+    from simsiam_kit.export.onnx import export_onnx
     from simsiam_kit.engine.checkpoint import save_backbone
     from simsiam_kit.models import build_backbone
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from evaluation.knn import classify, confusion_matrix, retrieval_metrics
+from simsiam_kit.evaluation.knn import classify, confusion_matrix, retrieval_metrics
 from simsiam_kit.cli import app
 from simsiam_kit.engine.checkpoint import save_backbone
 from simsiam_kit.models import build_backbone

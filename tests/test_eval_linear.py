@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from evaluation.linear import (
+from simsiam_kit.evaluation.linear import (
     LARS, BackboneChanged, TensorLoader, check_backbone_unchanged, evaluate_head, freeze, make_head, snapshot_state,
     train_linear_head,
 )

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from evaluation.linear import TensorLoader
-from evaluation.linear_sweep import SWEEP_LRS, HeadBank, SweepSGD, run_sweep, split_holdout
+from simsiam_kit.evaluation.linear import TensorLoader
+from simsiam_kit.evaluation.linear_sweep import SWEEP_LRS, HeadBank, SweepSGD, run_sweep, split_holdout
 from simsiam_kit.cli import app
 
 runner = CliRunner()

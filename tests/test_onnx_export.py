@@ -14,8 +14,8 @@ pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 
-from export.embedder import OnnxEmbedder, preprocess, read_metadata  # noqa: E402
-from export.onnx import ParityError, export_onnx  # noqa: E402
+from simsiam_kit.export.embedder import OnnxEmbedder, preprocess, read_metadata  # noqa: E402
+from simsiam_kit.export.onnx import ParityError, export_onnx  # noqa: E402
 from simsiam_kit.cli import app  # noqa: E402
 from simsiam_kit.engine.checkpoint import save_backbone, save_checkpoint  # noqa: E402
 from simsiam_kit.models import build_backbone  # noqa: E402
@@ -158,7 +158,7 @@ def test_fp16_export_meets_cosine_criterion(bb, tmp_path):
 
 def test_parity_failure_fails_loudly_and_writes_nothing(bb, exported, tmp_path, monkeypatch):
     """A graph that does not compute the given weights (here: another network's) must be refused."""
-    import export.onnx as eo
+    import simsiam_kit.export.onnx as eo
 
     other = tmp_path / "other.pt"
     save_backbone(other, _backbone(5), "resnet18", "cifar", {"image_size": 32, "mean": list(MEAN), "std": list(STD)})

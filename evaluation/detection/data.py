@@ -64,7 +64,7 @@ class DetectionSet:
                             self.voc_splits)
 
     def write_json(self, path: Path) -> Path:
-        from evaluation.detection.outputs import write_json
+        from simsiam_kit.evaluation.detection.outputs import write_json
 
         write_json(path, self.coco)
         self.json_path = Path(path)

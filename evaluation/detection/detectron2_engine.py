@@ -8,7 +8,7 @@ detectron2 is not on PyPI; it is imported inside the functions here, so this mod
 Install it from source (``docs/detection.md``).
 
 Flow: check the launcher options and the config against the data up front (exit code 2, one line), convert
-the backbone with :mod:`export.detectron2` (or take a ready ``.pkl``), register the data (COCO JSON with
+the backbone with :mod:`simsiam_kit.detectron2_weights` (or take a ready ``.pkl``), register the data (COCO JSON with
 ``register_coco_instances``; Pascal VOC with detectron2's own ``register_pascal_voc``, one dataset per
 ``YEAR/SPLIT``, as ``voc_2007_trainval`` + ``voc_2012_trainval`` in detectron2's builtin sets), build the
 config (file, then dataset/weights/classes, then ``--set`` overrides, then ``--iters``), train with
@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from evaluation.detection.data import DetectionData, DetectionSet
-from evaluation.detection.metrics import METRIC_KEYS
+from simsiam_kit.evaluation.detection.data import DetectionData, DetectionSet
+from simsiam_kit.evaluation.detection.metrics import METRIC_KEYS
 from simsiam_kit.config import resolve_config_path
 from simsiam_kit.errors import UserError
 
@@ -204,7 +204,7 @@ def register_datasets(train: list, val: D2Data) -> tuple:
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.data.datasets import register_coco_instances, register_pascal_voc
 
-    from evaluation.detection.data import VOC_CLASSES
+    from simsiam_kit.evaluation.detection.data import VOC_CLASSES
 
     names = train_names(train)
     for name, d in list(zip(names, train)) + [(VAL_NAME, val)]:
@@ -432,7 +432,7 @@ def summarize_results(results: dict, class_names: list, classes_with_gt: list, v
 
 
 def _write_results(cfg, job: D2Job, results: dict) -> None:
-    from evaluation.detection.outputs import write_json
+    from simsiam_kit.evaluation.detection.outputs import write_json
 
     out = {"engine": "detectron2", "config": job.config_file, "weights": job.weights_pkl or "random",
            "iters": cfg.SOLVER.MAX_ITER, "batch_size": cfg.SOLVER.IMS_PER_BATCH, "norm": cfg.MODEL.RESNETS.NORM,
@@ -446,7 +446,7 @@ def _write_results(cfg, job: D2Job, results: dict) -> None:
 
 
 def _load_val(job: D2Job) -> DetectionSet:
-    from evaluation.detection.data import load_coco_json, load_voc
+    from simsiam_kit.evaluation.detection.data import load_coco_json, load_voc
 
     if job.val.kind == "voc":
         return load_voc(Path(job.val.devkit), f"{job.val.year}/{job.val.split}", "voc_val", "--voc-val")
@@ -459,7 +459,7 @@ def _save_predictions(cfg, job: D2Job) -> None:
     from detectron2.engine import DefaultPredictor
     from PIL import Image
 
-    from evaluation.detection.visualize import save_predictions_png
+    from simsiam_kit.evaluation.detection.visualize import save_predictions_png
 
     final = Path(cfg.OUTPUT_DIR) / "model_final.pth"
     if not final.is_file():
@@ -554,7 +554,7 @@ def run_detectron2_detection(config: str, weights: str, data: DetectionData, out
             raise UserError(f"weights not found: {weights}")
         pkl = str(Path(weights).resolve())
     else:
-        from export.detectron2 import convert_weights
+        from simsiam_kit.detectron2_weights import convert_weights
 
         pkl_path = out_dir / "backbone_detectron2.pkl"
         convert_weights(weights, pkl_path, log=log)

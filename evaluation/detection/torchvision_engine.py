@@ -24,9 +24,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from evaluation.detection.data import DetectionData, DetectionSet
-from evaluation.detection.metrics import coco_evaluate, to_coco_detections
-from evaluation.detection.outputs import make_readable, write_json
+from simsiam_kit.evaluation.detection.data import DetectionData, DetectionSet
+from simsiam_kit.evaluation.detection.metrics import coco_evaluate, to_coco_detections
+from simsiam_kit.evaluation.detection.outputs import make_readable, write_json
 from simsiam_kit.config import load_config, load_yaml, resolve_config_path, save_config, to_dict
 from simsiam_kit.engine import Hook, Trainer
 from simsiam_kit.engine.hooks import EpochAverages, MetricsWriter, ProgressBar, Throughput
@@ -454,7 +454,7 @@ def run_torchvision_detection(cfg: TorchvisionDetectionConfig, weights: str, dat
     write_json(out_dir / "coco_detections.json", dets)
     write_json(out_dir / "results.json", results)
     if cfg.test.vis_images > 0:
-        from evaluation.detection.visualize import save_predictions_png
+        from simsiam_kit.evaluation.detection.visualize import save_predictions_png
 
         save_predictions_png(data.val.records, preds, data.val.class_names, out_dir / "predictions.png",
                              cfg.test.vis_score, cfg.test.vis_images)

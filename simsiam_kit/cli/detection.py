@@ -21,7 +21,7 @@ def export_detectron2(
     output: Path = typer.Option(..., "--output", "-o", help="Detectron2 checkpoint to write (.pkl)."),
 ):
     """Convert a ResNet backbone (ImageNet stem) to a Detectron2 .pkl (MODEL.WEIGHTS); lists every key left unconverted."""
-    from export.detectron2 import convert_weights
+    from simsiam_kit.detectron2_weights import convert_weights
 
     convert_weights(weights, output, log=typer.echo)
 
@@ -57,7 +57,7 @@ def eval_detection(
     """Fine-tune a detector on a backbone and report COCO AP (results.json, table, predictions PNG)."""
     import time
 
-    from evaluation.detection.data import resolve_data
+    from simsiam_kit.evaluation.detection.data import resolve_data
     from simsiam_kit.errors import UserError
 
     if engine not in ("torchvision", "detectron2"):
@@ -70,14 +70,14 @@ def eval_detection(
     out_dir = output or Path("runs") / f"detection-{engine}-{time.strftime('%Y%m%d-%H%M%S')}"
     data = resolve_data(train_json, train_images, val_json, val_images, voc_root, voc_train, voc_val)
     if engine == "torchvision":
-        from evaluation.detection.torchvision_engine import load_detection_config, run_torchvision_detection
-        from evaluation.detection.metrics import format_results
+        from simsiam_kit.evaluation.detection.torchvision_engine import load_detection_config, run_torchvision_detection
+        from simsiam_kit.evaluation.detection.metrics import format_results
 
         cfg = load_detection_config(config or "torchvision_r50_fpn", set_)
         res = run_torchvision_detection(cfg, weights, data, out_dir, iters=iters, arch=arch, log=typer.echo)
     else:
-        from evaluation.detection.detectron2_engine import run_detectron2_detection
-        from evaluation.detection.metrics import format_results
+        from simsiam_kit.evaluation.detection.detectron2_engine import run_detectron2_detection
+        from simsiam_kit.evaluation.detection.metrics import format_results
 
         res = run_detectron2_detection(config or "d2_voc0712_R_50_C4_24k", weights, data, out_dir, iters=iters,
                                        overrides=set_, num_gpus=num_gpus, arch=arch, log=typer.echo,

@@ -43,8 +43,8 @@ def knn(
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Confusion matrix and neighbour grid PNGs."),
 ):
     """Weighted kNN (InstDisc/DINO protocol, k=200 T=0.1) plus recall@1/5/10 and mAP@R from one search."""
-    from evaluation.common import default_output, parse_floats
-    from evaluation.knn import KNNSettings, results_table, run_knn_eval
+    from simsiam_kit.evaluation.common import default_output, parse_floats
+    from simsiam_kit.evaluation.knn import KNNSettings, results_table, run_knn_eval
 
     settings = KNNSettings(
         weights=weights, train_data=train_data, test_data=test_data, ks=tuple(k or [200]),

@@ -47,8 +47,8 @@ def linear(
                                   "images, report that head on the test set."),
 ):
     """Linear probe on a frozen backbone (official main_lincls.py protocol); writes results.json, head.pt, curves."""
-    from evaluation.common import default_output, parse_floats
-    from evaluation.linear import LinearSettings, results_table, run_linear_probe
+    from simsiam_kit.evaluation.common import default_output, parse_floats
+    from simsiam_kit.evaluation.linear import LinearSettings, results_table, run_linear_probe
 
     settings = LinearSettings(
         weights=weights, train_data=train_data, test_data=test_data, epochs=epochs,

@@ -29,7 +29,7 @@ def export_onnx_cmd(
     device: str = typer.Option("auto", "--device", help="onnxruntime device for the parity check: auto, cpu or cuda."),
 ):
     """Export the encoder to ONNX (dynamic batch, preprocessing in metadata_props) and check it against PyTorch."""
-    from export.onnx import export_onnx
+    from simsiam_kit.export.onnx import export_onnx
 
     export_onnx(weights, output, head=head, image_size=image_size, opset=opset, fp16=fp16, arch=arch,
                 parity_data=parity_data, device=device, log=typer.echo)
@@ -48,7 +48,7 @@ def embed_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ):
     """Embed a dataset with an exported encoder (onnxruntime) and build a nearest-neighbour index."""
-    from export.embedder import OnnxEmbedder
+    from simsiam_kit.export.embedder import OnnxEmbedder
     from simsiam_kit.retrieval.embed_search import embed_dataset_to_dir
 
     embed_dataset_to_dir(OnnxEmbedder(model, device=device, batch_size=batch_size), data, output,
@@ -66,7 +66,7 @@ def search_cmd(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
 ):
     """Nearest indexed images of each query, with cosine similarities: a table, and JSON."""
-    from export.embedder import OnnxEmbedder
+    from simsiam_kit.export.embedder import OnnxEmbedder
     from simsiam_kit.retrieval.embed_search import format_search_table, search_images
 
     out = output if output is not None else index / "search.json"

@@ -4,7 +4,7 @@ index, a manifest), then search it with query images (``simsiam-kit embed`` / ``
 The model is an argument, not an import: anything with the :class:`Embedder` attributes works, and the
 command layer passes ``export.OnnxEmbedder`` (the core never imports ``export``)::
 
-    from export import OnnxEmbedder
+    from simsiam_kit.export import OnnxEmbedder
     embed_dataset_to_dir(OnnxEmbedder("encoder.onnx"), "path/to/images", "emb/")
     report = search_images("emb/", "photo.png", open_embedder=OnnxEmbedder, k=10)
     print(format_search_table(report))

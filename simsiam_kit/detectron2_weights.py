@@ -140,7 +140,7 @@ def convert_weights(weights: str, output: Path, log: Callable[[str], None] = pri
 
     Prints and returns every key left unconverted (``Conversion.unconverted``), including dropped heads.
     """
-    from evaluation.detection.outputs import write_bytes
+    from simsiam_kit.utils.io import atomic_write_bytes
     from simsiam_kit.weights import load_backbone
 
     output = Path(output)
@@ -152,8 +152,8 @@ def convert_weights(weights: str, output: Path, log: Callable[[str], None] = pri
     conv = convert_state_dict(loaded.model.state_dict(), loaded.source)
     heads = _head_keys(Path(loaded.source))
     conv.unconverted = heads + conv.unconverted
-    # written atomically, with the mode a plain open() gives (0644 under umask 022), not mkstemp's 0600
-    write_bytes(output, pickle.dumps(checkpoint_payload(conv), protocol=pickle.HIGHEST_PROTOCOL))
+    # written atomically, with the mode a plain open() gives (0644 under umask 022: simsiam_kit.utils.io)
+    atomic_write_bytes(output, pickle.dumps(checkpoint_payload(conv), protocol=pickle.HIGHEST_PROTOCOL))
     log(f"{loaded.source}: {loaded.arch} backbone, {len(conv.model)} tensors converted -> {output}")
     if conv.unconverted:
         log(f"left unconverted ({len(conv.unconverted)}):")
