@@ -4,7 +4,8 @@
     python benchmarks/gpu_check.py --out DIR [--budget-s 420]   # there: writes DIR/gpu_check.json and a table
     python benchmarks/gpu_check.py --smoke --out /tmp/gc  # the same script end to end at toy size (CPU is fine)
 
-It runs from the source tree with the machine's own torch (``PYTHONPATH=.``; nothing is reinstalled) and
+It runs with the machine's own torch and the project installed without dependencies (an editable install
+here; there, the wheel ``gpu_prepare.py`` builds into ``.whl/``, installed with ``--no-deps --target``), and
 reads only ``.gpu/`` (see ``gpu_prepare.py``; falls back to ``../shared/data``). Sections, in order of
 priority; each is skipped, and says so, when the time budget is spent, and the JSON is rewritten after
 each one, so a run cut short keeps what it measured:
@@ -49,8 +50,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO / "benchmarks"))  # _lightly_peer; simsiam_kit comes from the installed package
 
 import torch  # noqa: E402
 

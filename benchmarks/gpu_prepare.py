@@ -9,8 +9,10 @@ its own Python and torch but no network and no ``../shared``.
   so that the tree stays under the 64 MiB a device call carries. ``gpu_check.py`` decodes it with PIL.
 * ``.gpu/coco128_det/``: the coco128 detection set (5.5 MB) for the detection engine and the
   ImageNet-recipe file pipeline.
-* ``.whl/``: wheels for Python 3.12 that the GPU image lacks: lightly 1.6.0 (the peer) with hydra-core,
-  omegaconf, antlr4 (built locally: its 4.9.3 release is an sdist) and pycocotools.
+* ``.whl/``: the project's own wheel (pure Python, built from this tree: ``simsiam_kit`` with its
+  ``evaluation`` and ``export`` subpackages and the configs), and wheels for Python 3.12 that the GPU image
+  lacks: lightly 1.6.0 (the peer) with hydra-core, omegaconf, antlr4 (built locally: its 4.9.3 release is an
+  sdist) and pycocotools.
 
 Add both folders to ``.git/info/exclude`` (done here) and name them in the device call's ``carry``.
 """
@@ -82,6 +84,10 @@ def wheels() -> None:
     # antlr4-python3-runtime 4.9.3 (omegaconf's pin) is published as an sdist only: build its pure-Python wheel
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(WHL),
                     "antlr4-python3-runtime==4.9.3"], check=True)
+    for old in WHL.glob("simsiam_kit-*.whl"):  # the project itself, rebuilt from the tree every time
+        old.unlink()
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(WHL),
+                    str(REPO)], check=True)
 
 
 def main():
