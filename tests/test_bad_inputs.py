@@ -1,0 +1,351 @@
+"""Bad inputs, one row each (issue 11, part A): the command exits 2 with exactly one line on stderr that
+names the file, key or value, prints no traceback, and loses nothing in the run directory it was pointed
+at (every file there before the command is unchanged after it, unless the row says which may change).
+
+Rows run in-process through Typer's CliRunner, except those that need a resource limit (a subprocess).
+Hostile files (faiss/ONNX/YAML bombs, pickles) are part B's rows.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import resource
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import pytest
+import torch
+from conftest import DATA, REPO, need, tiny_overrides
+from PIL import Image
+from typer.testing import CliRunner
+
+from simsiam_kit.cli import app
+
+runner = CliRunner()
+
+
+def sets(overrides) -> list[str]:
+    out = []
+    for o in overrides:
+        out += ["--set", o]
+    return out
+
+
+@dataclass
+class Case:
+    args: list
+    needles: list  # substrings of the one stderr line (the file/key/value it must name)
+    watch: Optional[Path] = None  # a run directory whose files must survive the command
+    may_change: tuple = ()  # files of ``watch`` the command may rewrite (relative paths)
+    subprocess_limit_fsize: Optional[int] = None  # run as a subprocess under `ulimit -f` (bytes)
+    after: Optional[Callable[[], None]] = None  # extra checks
+    hold_lock: bool = False  # hold the lock of ``watch`` while the command runs
+    env: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory):
+    """Shared inputs: a tiny npz, a finished 1-epoch run, bad-label npz files, a corrupt ImageFolder,
+    a backbone with a NaN."""
+    d = tmp_path_factory.mktemp("bad")
+    with np.load(need(DATA / "cifar10" / "val.npz")) as z:
+        keep = np.flatnonzero(z["labels"] < 3)[:48]
+        images = np.ascontiguousarray(z["images"][keep][:, 8:24, 8:24])
+        labels = z["labels"][keep].astype(np.int64)
+    names = np.array(["airplane", "automobile", "bird"])
+    np.savez(d / "tiny.npz", images=images, labels=labels, class_names=names)
+    bad = {
+        "labels_float": dict(labels=labels.astype(np.float32)),
+        "labels_2d": dict(labels=np.stack([labels, labels], 1)),
+        "labels_short": dict(labels=labels[:40]),
+        "labels_out_of_range": dict(labels=np.where(np.arange(48) == 5, 7, labels), class_names=names),
+        "labels_huge": dict(labels=np.where(np.arange(48) == 5, 2**40, labels)),
+        "labels_negative": dict(labels=np.where(np.arange(48) == 5, -5, labels)),
+    }
+    for k, v in bad.items():
+        np.savez(d / f"{k}.npz", images=images, **v)
+    # a finished run (1 epoch) to resume, to refuse, to copy
+    base = d / "run"
+    r = runner.invoke(app, ["pretrain", "--output", str(base)] + sets(tiny_overrides(str(d / "tiny.npz"), None)))
+    assert r.exit_code == 0, r.output
+    # a backbone.pt with one NaN
+    bb = torch.load(base / "backbone.pt", weights_only=True)
+    bb["state_dict"]["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(bb, d / "nan_backbone.pt")
+    # an ImageFolder with one truncated PNG
+    folder = d / "folder"
+    for c in ("a", "b"):
+        (folder / c).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(np.random.default_rng(i).integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(
+                folder / c / f"{i}.png")
+    (folder / "b" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00truncated")
+    (d / "a_file").write_text("not a directory\n")
+    return d
+
+
+def _copy_run(ctx: Path, name: str) -> Path:
+    dst = ctx / "copies" / name
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(ctx / "run", dst)
+    return dst
+
+
+def _tiny(ctx: Path, **kw) -> list[str]:
+    return tiny_overrides(str(ctx / "tiny.npz"), None, **kw)
+
+
+def _readonly_dir(ctx: Path) -> Path:
+    """A directory this process cannot write in: chmod 555 (root ignores modes: /sys, read-only to all)."""
+    if os.geteuid() == 0:
+        return Path("/sys/simsiam-kit-test")
+    ro = ctx / "readonly"
+    ro.mkdir(exist_ok=True)
+    ro.chmod(0o555)
+    return ro
+
+
+def _poison_checkpoint(run: Path, mutate: Callable[[dict], None]) -> None:
+    ck = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    mutate(ck)
+    torch.save(ck, run / "checkpoints" / "last.pt")
+
+
+def _nan_model(ck):
+    ck["model"]["backbone.conv1.weight"][0, 0, 0, 0] = float("nan")
+
+
+def _reshape_projector(ck):
+    k = next(k for k in ck["model"] if k.startswith("projector.") and k.endswith("weight") and ck["model"][k].ndim == 2)
+    ck["model"][k] = torch.zeros(ck["model"][k].shape[0] + 1, ck["model"][k].shape[1])
+
+
+def _checkpoint_epoch(path: Path, epoch: int) -> Callable[[], None]:
+    def check():
+        ck = torch.load(path / "checkpoints" / "last.pt", weights_only=True)
+        assert ck["epoch"] == epoch
+        assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    return check
+
+
+def _absent(*paths: Path) -> Callable[[], None]:
+    def check():
+        for p in paths:
+            assert not p.exists(), p
+    return check
+
+
+# ---------------------------------------------------------------------------------------------
+# the table
+
+
+def _rows(c: Path, new: Path) -> dict[str, Callable[[], Case]]:
+    """``c``: the shared inputs; ``new``: a fresh output directory of the row's own."""
+
+    def pre(*o):
+        return ["pretrain", "--output", str(new)] + sets(_tiny(c) + list(o))
+
+    def knn(train, test, output=None):
+        return ["eval", "knn", "--weights", "random", "--arch", "resnet18", "--stem", "cifar", "--image-size", "16",
+                "--train-data", train, "--test-data", test, "--k", "5", "--output", str(output or new / "knn"),
+                "--no-plots"]
+
+    tiny = str(c / "tiny.npz")
+    rows: dict[str, Callable[[], Case]] = {
+        # --- config values (defect 10): one line naming the key and the value
+        "seed negative": lambda: Case(pre("train.seed=-1"), ["'train.seed'", "-1"]),
+        "seed above 2**32-1": lambda: Case(pre("train.seed=4294967296"), ["'train.seed'", "4294967296"]),
+        "momentum -5": lambda: Case(pre("optim.momentum=-5"), ["'optim.momentum'", "-5"]),
+        "pred_hidden 0": lambda: Case(pre("model.pred_hidden=0"), ["'model.pred_hidden'", "0"]),
+        "proj_dim 0": lambda: Case(pre("model.proj_dim=0"), ["'model.proj_dim'", "0"]),
+        "flip_prob 7": lambda: Case(pre("data.flip_prob=7"), ["'data.flip_prob'", "7"]),
+        "grayscale_prob 2": lambda: Case(pre("data.grayscale_prob=2"), ["'data.grayscale_prob'", "2"]),
+        "blur_prob -0.5": lambda: Case(pre("data.blur_prob=-0.5"), ["'data.blur_prob'", "-0.5"]),
+        "color_jitter_prob 1.5": lambda: Case(pre("data.color_jitter_prob=1.5"), ["'data.color_jitter_prob'", "1.5"]),
+        "hue 5": lambda: Case(pre("data.color_jitter=[0.4,0.4,0.4,5]"), ["'data.color_jitter'", "5.0", "hue"]),
+        "jitter strength -1": lambda: Case(pre("data.color_jitter=[-1,0.4,0.4,0.1]"), ["'data.color_jitter'", "-1.0"]),
+        "knn_temperature 0": lambda: Case(pre("train.knn_temperature=0"), ["'train.knn_temperature'", "0"]),
+        "workers -1": lambda: Case(pre("data.workers=-1"), ["'data.workers'", "-1"]),
+        "base_lr inf": lambda: Case(pre("optim.base_lr=.inf", "train.max_steps_per_epoch=1"),
+                                    ["'optim.base_lr'", "inf"], after=_absent(new / "checkpoints/last.pt")),
+        "weight_decay nan": lambda: Case(pre("optim.weight_decay=.nan", "train.max_steps_per_epoch=1"),
+                                         ["'optim.weight_decay'", "nan"], after=_absent(new / "checkpoints/last.pt")),
+        "base_lr beyond float32": lambda: Case(pre("optim.base_lr=1e300"), ["'optim.base_lr'", "1e+300"]),
+        "dist_timeout_s 0": lambda: Case(pre("train.dist_timeout_s=0"), ["'train.dist_timeout_s'", "0"]),
+        # --- non-finite weights (defect 1)
+        "update to inf weights, first epoch": lambda: Case(
+            pre("optim.base_lr=1e37", "optim.weight_decay=1e38", "train.max_steps_per_epoch=1"),
+            ["weights became non-finite", "model.backbone.conv1.weight"],
+            after=_absent(new / "checkpoints/last.pt", new / "backbone.pt")),
+        "update to inf weights, second epoch": lambda: Case(
+            pre("optim.base_lr=1e37", "optim.weight_decay=1e38", "train.max_steps_per_epoch=1",
+                "optim.warmup_epochs=1", "optim.epochs=2"),  # epoch 1 at lr 0: its files must stay
+            ["weights became non-finite", "epoch 2", "last good checkpoint"], after=_checkpoint_epoch(new, 1)),
+        "eval knn on nan weights": lambda: Case(
+            ["eval", "knn", "--weights", str(c / "nan_backbone.pt"), "--train-data", tiny, "--test-data", tiny,
+             "--k", "5", "--output", str(new / "knn"), "--no-plots"],
+            [str(c / "nan_backbone.pt"), "non-finite", "layer1.0.conv1.weight"], after=_absent(new / "knn")),
+        "export onnx on nan weights": lambda: Case(
+            ["export", "onnx", "--weights", str(c / "nan_backbone.pt"), "--output", str(new / "nan.onnx")],
+            [str(c / "nan_backbone.pt"), "non-finite"], after=_absent(new / "nan.onnx")),
+        "resume from nan checkpoint": lambda: _resume_case(c, "nan-ckpt", _nan_model, ["optim.epochs=2"],
+                                                           ["last.pt", "non-finite", "backbone.conv1.weight"]),
+        # --- run directory (defects 3, 4, 6, 10, 11)
+        "run directory locked by another run": lambda: Case(
+            ["pretrain", "--output", str(c / "run"), "--resume"] + sets(_tiny(c)),
+            [str(c / "run"), "another simsiam-kit run is using this directory"], watch=c / "run", hold_lock=True),
+        "non-empty directory, not a run": lambda: _nonempty_case(c),
+        "directory holding a run, no --resume": lambda: Case(
+            ["pretrain", "--output", str(c / "run")] + sets(_tiny(c)),
+            [str(c / "run"), "already holds a run", "--resume", "--overwrite"], watch=c / "run"),
+        "--resume on a finished run": lambda: Case(
+            ["pretrain", "--output", str(c / "run"), "--resume"] + sets(_tiny(c)),
+            ["last.pt", "already finished", "1/1 epochs", "optim.epochs"], watch=c / "run"),
+        "--resume with --overwrite": lambda: Case(
+            ["pretrain", "--output", str(c / "run"), "--resume", "--overwrite"], ["--resume", "--overwrite"],
+            watch=c / "run"),
+        "--resume --set that changes the run": lambda: Case(
+            ["pretrain", "--output", str(c / "run"), "--resume"] + sets(_tiny(c) + ["optim.epochs=2",
+                                                                                     "data.image_size=24"]),
+            ["'data.image_size'", "16", "24"], watch=c / "run"),
+        "--resume --set of the model shape": lambda: Case(
+            ["pretrain", "--output", str(c / "run"), "--resume"] + sets(_tiny(c) + ["optim.epochs=2",
+                                                                                     "model.proj_dim=32"]),
+            ["'model.proj_dim'", "64", "32"], watch=c / "run"),
+        "--resume from a checkpoint of another shape": lambda: _resume_case(
+            c, "shape", _reshape_projector, ["optim.epochs=2"], ["last.pt", "'model' state does not fit"]),
+        # --- OS errors (defect 7)
+        "pretrain --output is a file": lambda: Case(
+            ["pretrain", "--output", str(c / "a_file")] + sets(_tiny(c)), [str(c / "a_file"), "not a directory"]),
+        "pretrain --output under a file": lambda: Case(
+            ["pretrain", "--output", str(c / "a_file" / "run")] + sets(_tiny(c)),
+            [str(c / "a_file"), "Not a directory"]),
+        "pretrain --output unusable (/proc)": lambda: Case(
+            ["pretrain", "--output", "/proc/simsiam-kit-run"] + sets(_tiny(c)), ["/proc/simsiam-kit-run"]),
+        "pretrain --output read-only": lambda: Case(
+            ["pretrain", "--output", str(_readonly_dir(c) / "run")] + sets(_tiny(c)), [str(_readonly_dir(c))]),
+        "eval knn --output under a file": lambda: Case(knn(tiny, tiny, c / "a_file" / "knn"), [str(c / "a_file")]),
+        "export onnx --output under a file": lambda: Case(
+            ["export", "onnx", "--weights", str(c / "run"), "--output", str(c / "a_file" / "m.onnx")],
+            [str(c / "a_file")]),
+        "disk full (ulimit -f) while saving": lambda: _disk_full_case(c),
+        # --- labels (defect 5), at load time, for pretraining and for evaluation
+        "pretrain: float labels": lambda: Case(pre(f"data.train={c / 'labels_float.npz'}"),
+                                               ["labels_float.npz", "must be integers", "float32"]),
+        "pretrain: 2-D labels": lambda: Case(pre(f"data.train={c / 'labels_2d.npz'}"),
+                                             ["labels_2d.npz", "1-D", "(48, 2)"]),
+        "pretrain: fewer labels than images": lambda: Case(pre(f"data.train={c / 'labels_short.npz'}"),
+                                                           ["labels_short.npz", "48 images but 40 labels"]),
+        "pretrain: kNN-monitor labels outside the class list": lambda: Case(
+            pre(f"data.val={c / 'labels_out_of_range.npz'}", "train.knn_every=1"),
+            ["labels_out_of_range.npz", "label 7 out of range", "3 class names"]),
+        "pretrain: label 2**40": lambda: Case(pre(f"data.train={c / 'labels_huge.npz'}"),
+                                              ["labels_huge.npz", f"label {2**40} out of range"]),
+        "eval knn: labels outside the class list": lambda: Case(
+            knn(str(c / "labels_out_of_range.npz"), tiny), ["labels_out_of_range.npz", "label 7 out of range"]),
+        "eval knn: label -5": lambda: Case(knn(tiny, str(c / "labels_negative.npz")),
+                                           ["labels_negative.npz", "label -5 out of range"]),
+        "eval linear: float labels": lambda: Case(
+            ["eval", "linear", "--weights", "random", "--arch", "resnet18", "--stem", "cifar", "--train-data",
+             str(c / "labels_float.npz"), "--test-data", tiny, "--epochs", "1", "--output", str(new / "linear")],
+            ["labels_float.npz", "must be integers"]),
+        # --- a corrupt image read by a DataLoader worker (defect 10)
+        "corrupt image in a DataLoader worker": lambda: Case(
+            pre(f"data.train={c / 'folder'}", "data.workers=2", "optim.batch_size=8"), ["cannot read image", "3.png"]),
+    }
+    return rows
+
+
+def _resume_case(c: Path, name: str, mutate, extra_sets, needles) -> Case:
+    run = _copy_run(c, name)
+    _poison_checkpoint(run, mutate)
+    return Case(["pretrain", "--output", str(run), "--resume"] + sets(_tiny(c) + extra_sets),
+                needles, watch=run)
+
+
+def _nonempty_case(c: Path) -> Case:
+    d = c / "copies" / "nonempty"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "notes.txt").write_text("mine\n")
+    (d / "metrics.jsonl").write_text('{"type": "epoch", "epoch": 1}\n')  # a pruned run: no checkpoint left
+    return Case(["pretrain", "--output", str(d)] + sets(_tiny(c)), [str(d), "not empty", "--overwrite"], watch=d)
+
+
+def _disk_full_case(c: Path) -> Case:
+    """Resume a finished run for one more epoch with files limited to 60 MB: backbone.pt (45 MB) fits,
+    last.pt (90 MB) does not: one line naming last.pt; the epoch-1 checkpoint still loads."""
+    run = _copy_run(c, "disk-full")
+    return Case(["pretrain", "--output", str(run), "--resume"] + sets(_tiny(c) + ["optim.epochs=2"]),
+                ["last.pt", "File too large", "unchanged"], watch=run,
+                may_change=("backbone.pt", "metrics.jsonl", "config.amendments.yaml"),
+                subprocess_limit_fsize=60 * 2**20, after=_checkpoint_epoch(run, 1))
+
+
+ROW_IDS = list(_rows(Path("/nonexistent"), Path("/nonexistent")).keys())
+
+
+def _snapshot(d: Optional[Path]) -> dict:
+    if d is None or not d.is_dir():
+        return {}
+    return {str(p.relative_to(d)): (p.stat().st_size, p.stat().st_mtime_ns, p.stat().st_ino)
+            for p in d.rglob("*") if p.is_file() and p.name != ".lock"}
+
+
+def _invoke(case: Case) -> tuple[int, str]:
+    if case.subprocess_limit_fsize is None:
+        r = runner.invoke(app, case.args)
+        assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+        return r.exit_code, r.stderr
+    limit = case.subprocess_limit_fsize
+
+    def preexec():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **case.env)
+    r = subprocess.run([sys.executable, "-m", "simsiam_kit", *case.args], env=env, cwd=REPO, capture_output=True,
+                       text=True, preexec_fn=preexec, timeout=600)
+    return r.returncode, r.stderr
+
+
+@pytest.mark.parametrize("row", ROW_IDS)
+def test_bad_input(row, ctx, tmp_path):
+    case = _rows(ctx, tmp_path / "new")[row]()
+    before = _snapshot(case.watch)
+    lock = None
+    if case.hold_lock:
+        lock = open(case.watch / ".lock", "a")
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        code, err = _invoke(case)
+    finally:
+        if lock is not None:
+            lock.close()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, (code, err[-3000:])
+    assert len(lines) == 1, err[-3000:]
+    assert lines[0].startswith("error: ") and "Traceback" not in err, err
+    for n in case.needles:
+        assert n in lines[0], (n, lines[0])
+    after = _snapshot(case.watch)
+    for f, meta in before.items():
+        assert f in after, f"{f} lost"
+        if f not in case.may_change:
+            assert after[f] == meta, f"{f} changed"
+    if case.after is not None:
+        case.after()
+
+
+def test_table_covers_part_a():
+    """The figure docs/reliability.md states."""
+    assert len(ROW_IDS) >= 40
