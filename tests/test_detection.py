@@ -14,6 +14,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from conftest import needs_shared
 from simsiam_kit.evaluation.detection.data import check_same_categories, load_coco_json, load_voc, resolve_data
 from simsiam_kit.evaluation.detection.metrics import METRIC_KEYS, coco_evaluate
 from simsiam_kit.evaluation.detection.torchvision_engine import (
@@ -29,7 +30,7 @@ from simsiam_kit.weights import load_backbone
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128_det"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "detection"
-needs_data = pytest.mark.skipif(not (DATA / "instances_train.json").is_file(), reason="shared/data/coco128_det missing")
+needs_data = needs_shared(DATA / "instances_train.json")
 
 
 def _umask() -> int:

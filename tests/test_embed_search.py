@@ -10,18 +10,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-pytest.importorskip("onnxruntime")
-onnx = pytest.importorskip("onnx")
+import onnx  # noqa: E402  (a hard dependency)
 
 from simsiam_kit.export.embedder import OnnxEmbedder, preprocess  # noqa: E402
 from simsiam_kit.cli import app  # noqa: E402
 from simsiam_kit.errors import UserError  # noqa: E402
+from conftest import needs_shared  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CIFAR_VAL = SHARED / "cifar10" / "val.npz"
 FOLDER_VAL = SHARED / "cifar10" / "imagefolder_sample" / "val"
-needs_cifar = pytest.mark.skipif(not CIFAR_VAL.is_file() or not FOLDER_VAL.is_dir(),
-                                 reason="shared CIFAR-10 data not present")
+needs_cifar = needs_shared(CIFAR_VAL, FOLDER_VAL)
 runner = CliRunner()
 
 

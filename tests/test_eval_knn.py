@@ -195,7 +195,6 @@ def slice_specs(cifar_val):
 
 
 def test_cli_knn_random_resnet18(tmp_path, slice_specs):
-    pytest.importorskip("matplotlib")
     train, test = slice_specs
     out = tmp_path / "knn"
     r = runner.invoke(app, ["eval", "knn", "--weights", "random", "--arch", "resnet18", "--train-data", train,

@@ -95,7 +95,6 @@ def test_backbone_unchanged_check():
 # ------------------------------------------------------------------------------------------ CLI
 @pytest.mark.parametrize("cached", [False, True])
 def test_cli_linear_random_resnet18(tmp_path, cifar_val, cached):
-    pytest.importorskip("matplotlib")
     out = tmp_path / "lin"
     args = ["eval", "linear", "--weights", "random", "--arch", "resnet18", "--train-data", f"{cifar_val}[:256]",
             "--test-data", f"{cifar_val}[4900:]", "--epochs", "2", "--batch-size", "64", "--output", str(out),

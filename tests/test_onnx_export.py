@@ -10,10 +10,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-pytest.importorskip("onnxruntime")
-onnx = pytest.importorskip("onnx")
-pytest.importorskip("onnxscript")
+pytest.importorskip("onnxruntime")  # the [cpu] or [gpu] extra
+import onnx  # noqa: E402  (onnx and onnxscript are hard dependencies)
 
+from conftest import needs_shared  # noqa: E402
 from simsiam_kit.export.embedder import OnnxEmbedder, preprocess, read_metadata  # noqa: E402
 from simsiam_kit.export.onnx import ParityError, export_onnx  # noqa: E402
 from simsiam_kit.cli import app  # noqa: E402
@@ -97,7 +97,7 @@ def test_parity_with_pytorch_at_batch(exported, bb, batch):
     assert np.abs(ref).max() > 0.1  # the comparison is not between two near-zero arrays
 
 
-@pytest.mark.skipif(not CIFAR_VAL.is_file(), reason="shared CIFAR-10 data not present")
+@needs_shared(CIFAR_VAL)
 def test_embedder_matches_pytorch_feature_extraction(exported, bb):
     from simsiam_kit.data.datasets import load_dataset
     from simsiam_kit.features import extract_features
