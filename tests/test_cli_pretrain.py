@@ -53,6 +53,11 @@ def test_tiny_pretrain_writes_run_directory(tmp_path, tiny_npz):
     summary = json.loads((out / "results" / "pretrain.json").read_text())
     assert summary["knn_top1"] is not None and summary["knn_top1_random_init"] is not None
     assert "optim:" in (out / "config.yaml").read_text()
+    # atomically written files get the mode a plain open() gives (umask), not mkstemp's 0600
+    from simsiam_kit.utils.io import current_umask
+
+    for f in ("config.yaml", "checkpoints/last.pt", "backbone.pt", "metrics.jsonl", "results/pretrain.json"):
+        assert (out / f).stat().st_mode & 0o777 == 0o666 & ~current_umask(), f
 
 
 def test_plots_written(tmp_path, tiny_npz):
@@ -115,3 +120,57 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_npz):
     assert torch.load(out / "backbone.pt", weights_only=True)["epoch"] == 2
     assert all(torch.isfinite(v).all() for v in after["model"].values() if v.is_floating_point())
     assert r.exit_code == 2
+
+
+def test_knn_monitor_runs_after_the_checkpoint(tmp_path, tiny_npz, monkeypatch):
+    """The epoch's checkpoint is on disk before the kNN monitor runs: a monitor that fails loses nothing,
+    and resuming finishes that epoch (monitor + metrics line) before training on."""
+    import simsiam_kit.pretrain as pretrain
+
+    out = tmp_path / "run"
+    o = tiny_overrides(str(tiny_npz), str(tiny_npz), epochs=2)
+    real = pretrain.make_knn_eval
+
+    def failing(p, batch_size):
+        def knn_eval(backbone=None):
+            raise pretrain.UserError("monitor failed")
+        return knn_eval if real(p, batch_size) is not None else None
+
+    monkeypatch.setattr(pretrain, "make_knn_eval", failing)
+    r = runner.invoke(app, ["pretrain", "--output", str(out)] + sets(o))
+    assert r.exit_code == 2 and "monitor failed" in r.output
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
+    assert torch.load(out / "backbone.pt", weights_only=True)["epoch"] == 1
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert not [r for r in lines if r["type"] == "epoch"]  # the line comes after the monitor
+    monkeypatch.setattr(pretrain, "make_knn_eval", real)
+    r = invoke(["pretrain", "--output", str(out), "--resume"] + sets(o))
+    assert r.exit_code == 0, r.output
+    epochs = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "epoch"]
+    assert [e["epoch"] for e in epochs] == [1, 2] and all(e.get("knn_top1") is not None for e in epochs)
+    assert epochs[0]["step"] == 3 and epochs[0]["lr"] is not None and "loss" in epochs[0]
+
+
+def test_run_directory_resolves_to_the_newer_of_backbone_and_checkpoint(tmp_path):
+    from simsiam_kit.engine.checkpoint import BACKBONE_FORMAT, CHECKPOINT_FORMAT
+    from simsiam_kit.weights import resolve_weights_path
+
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"format": CHECKPOINT_FORMAT, "epoch": 2}, tmp_path / "checkpoints" / "last.pt")
+    torch.save({"format": BACKBONE_FORMAT, "epoch": 1}, tmp_path / "backbone.pt")
+    assert resolve_weights_path(str(tmp_path)) == tmp_path / "checkpoints" / "last.pt"  # stale backbone.pt
+    torch.save({"format": BACKBONE_FORMAT, "epoch": 2}, tmp_path / "backbone.pt")
+    assert resolve_weights_path(str(tmp_path)) == tmp_path / "backbone.pt"
+
+
+def test_overwrite_replaces_only_the_run_files(tmp_path, tiny_npz):
+    out = tmp_path / "run"
+    o = tiny_overrides(str(tiny_npz), None)
+    assert invoke(["pretrain", "--output", str(out)] + sets(o)).exit_code == 0
+    (out / "notes.txt").write_text("mine\n")
+    (out / "checkpoints" / ".last.pt.abcd1234.tmp").write_bytes(b"x" * 1000)  # left by a killed write
+    r = invoke(["pretrain", "--output", str(out), "--overwrite"] + sets(o))
+    assert r.exit_code == 0, r.output
+    assert (out / "notes.txt").read_text() == "mine\n"
+    assert not list(out.rglob("*.tmp"))
+    assert len([line for line in (out / "metrics.jsonl").read_text().splitlines() if '"type": "epoch"' in line]) == 1

@@ -50,3 +50,20 @@ def test_ddp_two_processes_gloo(tmp_path, tiny_npz):
     # SyncBN was used and the rank-0 checkpoint is a plain (unwrapped) state dict
     assert "backbone.bn1.running_mean" in ck["model"]
     assert len(list((out / "checkpoints").iterdir())) == 1
+
+
+def test_dist_timeout_reaches_the_process_group(monkeypatch):
+    """train.dist_timeout_s bounds how long a collective waits for a hung (not dead) peer."""
+    from datetime import timedelta
+
+    import torch.distributed as tdist
+
+    from simsiam_kit.utils import dist
+
+    seen = {}
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(tdist, "init_process_group", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(tdist, "is_initialized", lambda: False)
+    dist.init_from_env("cpu", 42.0)
+    assert seen == {"backend": "gloo", "timeout": timedelta(seconds=42)}
