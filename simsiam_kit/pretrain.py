@@ -287,11 +287,12 @@ def find_latest_run(name: str) -> Optional[Path]:
 
 
 #: config keys ``--resume --set`` may change: they do not alter the weights a run computes (optim.epochs
-#: extends the run; the others are logging, monitoring and the DDP timeout). Changes are recorded in
-#: ``config.amendments.yaml``; ``config.yaml`` stays as first written.
+#: extends the run; the others are logging, monitoring, the DDP timeout, and the loader's worker count,
+#: which the crops do not depend on). Changes are recorded in ``config.amendments.yaml``; ``config.yaml``
+#: stays as first written.
 RESUME_MAY_CHANGE = (
     "optim.epochs", "train.progress", "train.log_every", "train.plots", "train.collapse_warn_std",
-    "train.knn_every", "train.dist_timeout_s",
+    "train.knn_every", "train.dist_timeout_s", "data.workers",
 )
 
 

@@ -22,7 +22,8 @@ def pretrain(
     resume: bool = typer.Option(
         False, "--resume",
         help="Continue the run in --output (or the latest run of this config) from its last checkpoint; "
-             "--set may change only optim.epochs and logging keys (recorded in config.amendments.yaml)."),
+             "--set may change only optim.epochs, logging keys and data.workers (recorded in "
+             "config.amendments.yaml; docs/reliability.md)."),
     overwrite: bool = typer.Option(
         False, "--overwrite",
         help="Replace the run files of a non-empty --output (config, checkpoints, backbone, metrics, plots, "
