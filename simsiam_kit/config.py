@@ -23,6 +23,12 @@ FLOAT32_MAX = 3.4028234663852886e38
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_ROOT = "~/.cache/simsiam-kit/data"  # torchvision datasets live / are downloaded here
+# Defaults stated once; every command, config field and library default reads them from here.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # normalisation when neither an option, the weights nor a run config say
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_KNN_K = 200  # kNN neighbours and vote temperature (InstDisc, Wu et al. 2018)
+DEFAULT_KNN_TEMPERATURE = 0.1
+DEFAULT_CROP_PCT = 0.875  # image files: shorter side to size / 0.875, then a centre crop of size
 
 
 def config_dirs() -> list[Path]:
@@ -56,8 +62,8 @@ class DataConfig:
     blur_prob: float = 0.0  # 0.5 for ImageNet (sigma in [0.1, 2.0]); CIFAR recipe has no blur
     blur_sigma: tuple = (0.1, 2.0)
     flip_prob: float = 0.5
-    mean: tuple = (0.485, 0.456, 0.406)
-    std: tuple = (0.229, 0.224, 0.225)
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
     # DataLoader workers for file datasets (in-memory sets need none). null/auto: 2 on the CPU (the
     # training threads need the cores); on CUDA the cores this process may use, shared among the
     # processes of the node, less one for the training loop, at most 16 (utils.device.resolve_workers).
@@ -112,8 +118,8 @@ class TrainConfig:
     sync_bn: bool = True  # SyncBatchNorm when running under torchrun with >1 process
     checkpoint_every: int = 1  # epochs; a checkpoint is always written at the end
     knn_every: int = 1  # epochs between kNN monitor evaluations (0 = off)
-    knn_k: int = 200
-    knn_temperature: float = 0.1
+    knn_k: int = DEFAULT_KNN_K
+    knn_temperature: float = DEFAULT_KNN_TEMPERATURE
     knn_bank_limit: int = 0  # use at most this many train images as the kNN bank (0 = all)
     collapse_warn_std: float = 0.1  # warn when std * sqrt(d) falls below this (healthy ~1)
     log_every: int = 10  # steps between metrics.jsonl lines
