@@ -299,7 +299,7 @@ def knn_monitor_seconds(backbone, bank_npz: Path, query_npz: Path, dev, cfg) -> 
     """The pretraining kNN monitor's work (the same calls as ``run_pretrain``'s ``knn_eval``), timed."""
     from simsiam_kit.data import load_dataset
     from simsiam_kit.features import extract_features
-    from simsiam_kit.knn import knn_classify
+    from simsiam_kit.retrieval.knn import knn_classify
     from simsiam_kit.utils.device import resolve_channels_last, resolve_precision
 
     prec = resolve_precision("auto", dev)

@@ -213,7 +213,7 @@ def train_linear_head(head: torch.nn.Module, loader, features_fn: Callable[[dict
                       weight_decay: float = 0.0, eval_features: Optional[torch.Tensor] = None,
                       eval_labels: Optional[torch.Tensor] = None, metrics_path: Optional[Path] = None,
                       progress: bool = False, backbone: Optional[torch.nn.Module] = None,
-                      device: Optional[torch.device] = None, log_every: int = 10) -> list[dict]:
+                      device: Optional[torch.device] = None, log_every: int = 10, sinks=()) -> list[dict]:
     """Train ``head`` with the shared :class:`Trainer`; returns one record per epoch."""
     if optimizer not in ("sgd", "lars"):
         raise UserError(f"unknown --optimizer '{optimizer}' (available: sgd, lars)")
@@ -231,7 +231,7 @@ def train_linear_head(head: torch.nn.Module, loader, features_fn: Callable[[dict
     if metrics_path is not None:
         Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
         Path(metrics_path).write_text("")
-        hooks.append(MetricsWriter(metrics_path, log_every))
+        hooks.append(MetricsWriter(metrics_path, log_every, sinks))
     history: list[dict] = []
 
     class _Record(Hook):
@@ -274,9 +274,25 @@ class LinearSettings:
     progress: bool = False
     plots: bool = True
     lr_sweep: bool = False  # cached features only: one head per (lr, wd), chosen on held-out training images
+    tensorboard: Optional[bool] = None  # OUTPUT/tensorboard; None = when the tensorboard package is installed
 
 
 def run_linear_probe(s: LinearSettings, output: Path, log: Callable[[str], None] = print) -> dict:
+    """Train and score the head(s); write results.json, head.pt, metrics.jsonl, plots (and TensorBoard)."""
+    from simsiam_kit.engine.loggers import make_sinks
+
+    sinks = make_sinks(Path(output), s.tensorboard)
+    try:
+        res = _run_linear_probe(s, Path(output), log, sinks)
+        for sk in sinks:  # the test scores next to the curves
+            sk.scalars({"type": "eval", "step": s.epochs, "test_top1": res["top1"], "test_top5": res["top5"]})
+        return res
+    finally:
+        for sk in sinks:
+            sk.close()
+
+
+def _run_linear_probe(s: LinearSettings, output: Path, log: Callable[[str], None], sinks) -> dict:
     from simsiam_kit.evaluation.common import check_same_classes, load_eval_backbone, load_labelled, resolve_image_settings
     from simsiam_kit.config import DataConfig
     from simsiam_kit.data.loaders import make_loader
@@ -346,13 +362,13 @@ def run_linear_probe(s: LinearSettings, output: Path, log: Callable[[str], None]
 
     if s.lr_sweep:
         return _run_sweep(s, ft, lt, fq, lq, classes, bs, device, backbone, reference, loaded, img, precision,
-                          len(train), prep_s, output, log)
+                          len(train), prep_s, output, log, sinks)
     head = make_head(int(fq.shape[1]), len(classes)).to(device)
     t1 = time.perf_counter()
     history = train_linear_head(
         head, loader, features_fn, s.epochs, base_lr=s.lr, batch_size=bs, optimizer=s.optimizer,
         momentum=s.momentum, weight_decay=s.weight_decay, eval_features=fq, eval_labels=lq,
-        metrics_path=output / "metrics.jsonl", progress=s.progress, backbone=backbone, device=device,
+        metrics_path=output / "metrics.jsonl", progress=s.progress, backbone=backbone, device=device, sinks=sinks,
     )
     train_s = time.perf_counter() - t1
     check_backbone_unchanged(backbone, reference)  # the official sanity check: raises if anything moved
@@ -389,14 +405,14 @@ def run_linear_probe(s: LinearSettings, output: Path, log: Callable[[str], None]
 
 
 def _run_sweep(s, ft, lt, fq, lq, classes, bs, device, backbone, reference, loaded, img, precision, n_train,
-               prep_s, output: Path, log) -> dict:
+               prep_s, output: Path, log, sinks=()) -> dict:
     """``--lr-sweep``: all heads in one pass (evaluation/linear_sweep.py); the chosen head is scored on test."""
     from simsiam_kit.evaluation.linear_sweep import plot_sweep, run_sweep, sweep_table
     from simsiam_kit.utils.io import atomic_torch_save, atomic_write_json
 
     t1 = time.perf_counter()
     res = run_sweep(ft, lt, len(classes), s.epochs, bs, device, momentum=s.momentum, seed=s.seed,
-                    metrics_path=output / "metrics.jsonl", progress=s.progress)
+                    metrics_path=output / "metrics.jsonl", progress=s.progress, sinks=sinks)
     train_s = time.perf_counter() - t1
     check_backbone_unchanged(backbone, reference)
     head = res.bank.head(res.selected).to(device)

@@ -140,7 +140,7 @@ class SweepResult:
 def run_sweep(features: torch.Tensor, labels: torch.Tensor, num_classes: int, epochs: int, batch_size: int,
               device: torch.device, lrs: Sequence[float] = SWEEP_LRS, weight_decay: float = SWEEP_WD,
               momentum: float = 0.9, val_fraction: float = 0.1, seed: int = 0, metrics_path=None,
-              progress: bool = False, log_every: int = 10) -> SweepResult:
+              progress: bool = False, log_every: int = 10, sinks=()) -> SweepResult:
     """Train one head per (lr, wd) on all but a held-out slice of ``features``; pick the best on the slice."""
     from simsiam_kit.evaluation.linear import TensorLoader
 
@@ -164,7 +164,7 @@ def run_sweep(features: torch.Tensor, labels: torch.Tensor, num_classes: int, ep
     if metrics_path is not None:
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text("")
-        hooks.append(MetricsWriter(metrics_path, log_every))
+        hooks.append(MetricsWriter(metrics_path, log_every, sinks))
     Trainer(SweepStep(bank, opt, device), loader, epochs, hooks).train()
     top1, _ = bank_accuracy(bank, features[hold], labels[hold])
     top1 = torch.nan_to_num(top1, nan=-1.0)

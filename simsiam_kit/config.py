@@ -132,6 +132,15 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    # TensorBoard event files in RUN/tensorboard: null/auto = on when the tensorboard package is installed
+    tensorboard: Optional[bool] = None
+    wandb: bool = False  # Weights & Biases (pip install wandb; WANDB_MODE=offline works without a network)
+    wandb_project: str = "simsiam-kit"
+    view_pairs: int = 8  # augmented view pairs drawn to TensorBoard/W&B at the start of a run (0 = none)
+
+
+@dataclass(frozen=True)
 class PretrainConfig:
     name: str = "demo"
     data: DataConfig = field(default_factory=DataConfig)
@@ -139,6 +148,7 @@ class PretrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,12 +279,51 @@ def _deepcopy(d):
     return d
 
 
+#: A config is a few KB of YAML; a larger file is refused before it is parsed.
+MAX_CONFIG_BYTES = 256 << 10
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses anchors and aliases (``&name``, ``*name``, and so ``<<:`` merges).
+
+    An alias makes two places of a document one object: a few hundred bytes of nested aliases stand for
+    billions of nodes, which any copy of the config (``--set`` merges one) expands until memory runs out.
+    Configs need no aliases, so the first anchor or alias stops the load, before anything is built."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            what = f"alias '*{event.anchor}'" if isinstance(event, yaml.AliasEvent) else f"anchor '&{event.anchor}'"
+            raise UserError(f"{self.name}: YAML {what} at line {event.start_mark.line + 1}: anchors and aliases "
+                            "are not allowed in configs (write the values out)")
+        return super().compose_node(parent, index)
+
+
 def load_yaml(path: Path) -> dict:
+    """The mapping in a YAML config file: UTF-8 text of at most :data:`MAX_CONFIG_BYTES`, without anchors
+    or aliases (:class:`_ConfigLoader`). Anything else is a :class:`UserError` naming the file."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise UserError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes, not a config file")
     try:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not a UTF-8 text file (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                        "a config is YAML text") from None
+    loader = _ConfigLoader(text)
+    loader.name = str(path)
+    try:
+        raw = loader.get_single_data() or {}
     except yaml.YAMLError as e:
         raise UserError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise UserError(f"{path}: YAML nested too deeply, not a config file") from None
+    except (ValueError, OverflowError) as e:  # e.g. an integer of more than 4300 digits
+        raise UserError(f"{path}: invalid YAML value ({str(e).splitlines()[0][:200]})") from None
+    finally:
+        loader.dispose()
     if not isinstance(raw, dict):
         raise UserError(f"{path}: top level must be a mapping")
     return raw

@@ -27,7 +27,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -60,11 +60,12 @@ from simsiam_kit.engine.hooks import (
     Throughput,
     read_metrics,
 )
+from simsiam_kit.engine.loggers import log_images, make_sinks, png_to_array, view_pairs_grid
 from simsiam_kit.engine.run_dir import RunDir
 from simsiam_kit.engine.step import OptimStep
 from simsiam_kit.errors import TrainingDiverged, UserError
 from simsiam_kit.features import extract_features
-from simsiam_kit.knn import knn_classify
+from simsiam_kit.retrieval.knn import knn_classify
 from simsiam_kit.losses import output_std, simsiam_loss
 from simsiam_kit.models import build_backbone, build_simsiam
 from simsiam_kit.utils import dist
@@ -260,7 +261,7 @@ def build_pretraining(cfg: PretrainConfig, device: Optional[torch.device] = None
 
 
 def build_hooks(p: Pretraining, run: RunDir, save: Callable, knn_eval: Optional[Callable],
-                log: Callable[[str], None]) -> list[Hook]:
+                log: Callable[[str], None], sinks: Sequence = ()) -> list[Hook]:
     cfg = p.cfg
     hooks: list[Hook] = [
         LRSchedule(p.optimizer, p.init_lr, cfg.optim.epochs, cfg.optim.warmup_epochs, cfg.optim.schedule,
@@ -269,7 +270,7 @@ def build_hooks(p: Pretraining, run: RunDir, save: Callable, knn_eval: Optional[
         CollapseMonitor(cfg.model.proj_dim, cfg.train.collapse_warn_std, log),
         Checkpointer(save, cfg.train.checkpoint_every),
         ProgressBar(cfg.train.progress, desc=f"pretrain {cfg.name}"),
-        MetricsWriter(run.metrics, cfg.train.log_every),
+        MetricsWriter(run.metrics, cfg.train.log_every, sinks),
     ]
     if knn_eval is not None:
         hooks.append(KNNMonitor(knn_eval, cfg.train.knn_every))
@@ -293,6 +294,7 @@ def find_latest_run(name: str) -> Optional[Path]:
 RESUME_MAY_CHANGE = (
     "optim.epochs", "train.progress", "train.log_every", "train.plots", "train.collapse_warn_std",
     "train.knn_every", "train.dist_timeout_s", "data.workers",
+    "log.tensorboard", "log.wandb", "log.wandb_project", "log.view_pairs",
 )
 
 
@@ -481,8 +483,19 @@ def _train(cfg: PretrainConfig, run: RunDir, resume: bool, device: torch.device,
                             metrics=trainer.epoch_metrics)
 
     knn_eval = make_knn_eval(p, batch_size=min(512, max(64, cfg.optim.batch_size // world)))
-    trainer = Trainer(p.step, p.data.loader, cfg.optim.epochs, build_hooks(p, run, save, knn_eval, log),
+    sinks = make_sinks(run.root, cfg.log.tensorboard, cfg.log.wandb, cfg.log.wandb_project, run.root.name,
+                       to_dict(cfg)) if dist.is_main() else []  # TensorBoard / W&B: rank 0 writes
+    trainer = Trainer(p.step, p.data.loader, cfg.optim.epochs, build_hooks(p, run, save, knn_eval, log, sinks),
                       max_steps_per_epoch=cfg.train.max_steps_per_epoch)
+    try:
+        return _run_loop(cfg, run, p, trainer, ckpt, objects, amendment, knn_eval, sinks, device, log)
+    finally:
+        for s in sinks:
+            s.close()
+
+
+def _run_loop(cfg, run, p, trainer, ckpt, objects, amendment, knn_eval, sinks, device, log) -> dict:
+    world = dist.get_world_size()
     finishing = False  # resuming a run killed after its last checkpoint: only its summary is left to write
     if ckpt is not None:
         objects.load_state_dict(ckpt, source=str(run.checkpoint))
@@ -525,11 +538,18 @@ def _train(cfg: PretrainConfig, run: RunDir, resume: bool, device: torch.device,
             + (f" (amended: {', '.join(f'{k}={v}' for k, v in amendment.items())})" if amendment else ""))
     if unfinished_epoch:  # killed after the checkpoint, before the epoch's monitor and metrics line
         trainer.finish_epoch(ckpt.get("metrics") or {}, after=Checkpointer)
+    if sinks and cfg.log.view_pairs > 0 and p.data.train.in_memory and ckpt is None:
+        grid = view_pairs_grid(p.data.train.images, BatchAugment(cfg.data, masked=False), cfg.data.mean, cfg.data.std,
+                               n=min(cfg.log.view_pairs, len(p.data.train)), seed=cfg.train.seed)
+        log_images(sinks, {"views/image_view1_view2": grid})
     t0 = time.time()
     if not finishing:
         trainer.train()
     elapsed = time.time() - t0
     summary = summarise(p, run, elapsed, knn_eval) if dist.is_main() else {}
+    if sinks and run.plots.is_dir():  # the final plots, next to the scalars
+        log_images(sinks, {f"plots/{f.stem}": png_to_array(f) for f in sorted(run.plots.glob("*.png"))},
+                   step=trainer.global_step)
     dist.barrier()
     return summary
 

@@ -19,7 +19,7 @@ wall-clock budget each, one after the other in this process.
   ``SimSiamProjectionHead(512, 2048, 2048)``, ``SimSiamPredictionHead(2048, 512, 2048)``,
   ``NegativeCosineSimilarity``, ``SGD(lr=0.06)``, its fp32 loop.
 
-kNN accuracy (k=200, T=0.1, ``simsiam_kit.knn.knn_classify`` on l2-normalised backbone features, fp32,
+kNN accuracy (k=200, T=0.1, ``simsiam_kit.retrieval.knn.knn_classify`` on l2-normalised backbone features, fp32,
 bank = first ``--bank`` training images, queries = ``../shared/data/cifar10/val.npz``) is measured at random
 init and after every ``budget / checkpoints`` of training time; evaluation time is not counted in the
 budget. Writes ``benchmarks/results/reproduce/time_to_accuracy.json`` and ``docs/img/time_to_accuracy.png``.
@@ -41,7 +41,7 @@ from _repro import CIFAR, IMG, RESULTS, _plt, load_info, read_json, write_json
 
 from simsiam_kit.data import load_dataset
 from simsiam_kit.features import extract_features
-from simsiam_kit.knn import knn_classify
+from simsiam_kit.retrieval.knn import knn_classify
 from simsiam_kit.utils.device import Precision
 
 # The toolkit's CIFAR recipe, changed for a budget of a few hundred steps (stated in docs/reproduction.md):

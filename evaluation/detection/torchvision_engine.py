@@ -30,6 +30,7 @@ from simsiam_kit.evaluation.detection.outputs import make_readable, write_json
 from simsiam_kit.config import load_config, load_yaml, resolve_config_path, save_config, to_dict
 from simsiam_kit.engine import Hook, Trainer
 from simsiam_kit.engine.hooks import EpochAverages, MetricsWriter, ProgressBar, Throughput
+from simsiam_kit.engine.loggers import make_sinks
 from simsiam_kit.errors import TrainingDiverged, UserError
 from simsiam_kit.utils.device import resolve_device, resolve_precision
 
@@ -414,6 +415,7 @@ def run_torchvision_detection(cfg: TorchvisionDetectionConfig, weights: str, dat
     save_config(cfg, out_dir / "config.yaml")
     make_readable(out_dir / "config.yaml")
     (out_dir / "metrics.jsonl").write_text("")
+    sinks = make_sinks(out_dir)  # TensorBoard in OUTPUT/tensorboard when installed (simsiam_kit.engine.loggers)
     steps = [max(1, int(round(f * cfg.solver.iters))) for f in cfg.solver.steps if f < 1]
     timer = StepTimes()
     hooks = [
@@ -421,7 +423,7 @@ def run_torchvision_detection(cfg: TorchvisionDetectionConfig, weights: str, dat
                           steps, cfg.solver.gamma),
         Throughput(), EpochAverages(), timer,
         ProgressBar(cfg.train.progress, desc="detection"),
-        MetricsWriter(out_dir / "metrics.jsonl", cfg.train.log_every),
+        MetricsWriter(out_dir / "metrics.jsonl", cfg.train.log_every, sinks),
     ]
     step = DetectionStep(model, optimizer, device, precision, scaler, cfg.solver.grad_clip)
     trainer = Trainer(step, loader, epochs=1, hooks=hooks, max_steps_per_epoch=cfg.solver.iters)
@@ -453,6 +455,10 @@ def run_torchvision_detection(cfg: TorchvisionDetectionConfig, weights: str, dat
     }
     write_json(out_dir / "coco_detections.json", dets)
     write_json(out_dir / "results.json", results)
+    for s in sinks:  # the box metrics next to the training curves
+        s.scalars({"type": "eval", "step": cfg.solver.iters,
+                   **{k: results[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl") if k in results}})
+        s.close()
     if cfg.test.vis_images > 0:
         from simsiam_kit.evaluation.detection.visualize import save_predictions_png
 

@@ -14,7 +14,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -228,8 +228,9 @@ class MetricsWriter(Hook):
 
     priority = 38
 
-    def __init__(self, path: Path, every: int = 10):
+    def __init__(self, path: Path, every: int = 10, sinks: Sequence = ()):
         self.path, self.every = Path(path), every
+        self.sinks = list(sinks)  # TensorBoard / W&B (engine/loggers.py): the same records
         self.t0 = time.time()
 
     def _write(self, obj: dict) -> None:
@@ -237,6 +238,12 @@ class MetricsWriter(Hook):
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(obj) + "\n")
+        for s in self.sinks:
+            s.scalars(obj)
+
+    def after_train(self, trainer) -> None:
+        for s in self.sinks:  # the owner closes them (after adding its final plots)
+            s.flush()
 
     def after_step(self, trainer) -> None:
         if self.every > 0 and trainer.global_step % self.every == 0:
