@@ -30,16 +30,22 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from simsiam_kit.config import DEFAULT_DATA_ROOT
+from simsiam_kit.config import DEFAULT_KNN_K, DEFAULT_KNN_TEMPERATURE
+from simsiam_kit.config import DEFAULT_DATA_ROOT, DEFAULT_KNN_K, DEFAULT_KNN_TEMPERATURE
 from simsiam_kit.errors import UserError
+from simsiam_kit.features import FEATURE_BATCH
 from simsiam_kit.retrieval.knn import KNNClassifier
 
 RECALL_KS = (1, 5, 10)
+#: every peer's kNN protocol from one search: DINO and mmpretrain use T=0.07 with k 10/20/100/200;
+#: InstDisc, lightly and solo-learn k=200, T=0.1 (the headline, listed first)
+PROTOCOL_KS = (DEFAULT_KNN_K, 10, 20, 100)
+PROTOCOL_TEMPERATURES = (DEFAULT_KNN_TEMPERATURE, 0.07)
 
 
 # ------------------------------------------------------------------------------------------ metrics
@@ -68,10 +74,13 @@ def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int)
 
 
 def classify(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
-             ks: Sequence[int] = (200,), temperature: float = 0.1, num_classes: Optional[int] = None,
-             backend: str = "auto", kind: str = "flat", recall_ks: Sequence[int] = RECALL_KS) -> dict:
-    """One search (the core's :class:`~simsiam_kit.retrieval.knn.KNNClassifier`), every k, and the
-    retrieval metrics on its neighbours. Features must be l2-normalised float32 (as extracted)."""
+             ks: Sequence[int] = (200,), temperature: Union[float, Sequence[float]] = 0.1,
+             num_classes: Optional[int] = None, backend: str = "auto", kind: str = "flat",
+             recall_ks: Sequence[int] = RECALL_KS) -> dict:
+    """One search (the core's :class:`~simsiam_kit.retrieval.knn.KNNClassifier`), every k x temperature,
+    and the retrieval metrics on its neighbours. Features must be l2-normalised float32 (as extracted).
+    ``per_k`` is at the first temperature; ``grid`` holds every (k, T)."""
+    temps = [float(t) for t in (temperature if isinstance(temperature, (list, tuple)) else (temperature,))]
     n = bank.shape[0]
     if n == 0 or queries.shape[0] == 0:
         raise UserError("kNN needs a non-empty bank and query set")
@@ -82,17 +91,19 @@ def classify(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tenso
         raise UserError(f"--k {ks[-1]} is larger than the kNN bank ({n} training images)")
     num_classes = num_classes or int(max(bank_labels.max(), query_labels.max())) + 1
     t0 = time.perf_counter()
-    knn = KNNClassifier(ks, temperature, num_classes, backend=backend, kind=kind, normalize=False,
+    knn = KNNClassifier(ks, tuple(temps), num_classes, backend=backend, kind=kind, normalize=False,
                         min_depth=max(recall_ks))
     out = knn.update(bank, bank_labels).compute(queries, query_labels)
     search_s = time.perf_counter() - t0  # index build + search + votes
     per_k = {}
     for k in ks:
-        acc = out.accuracy[(k, float(temperature))]
-        per_k[k] = {"top1": acc["top1"], "top5": acc["top5"], "pred": out.pred(k)}
+        acc = out.accuracy[(k, temps[0])]
+        per_k[k] = {"top1": acc["top1"], "top5": acc["top5"], "pred": out.pred(k, temps[0])}
+    grid = {(k, t): {"top1": out.accuracy[(k, t)]["top1"], "top5": out.accuracy[(k, t)]["top5"],
+                     "pred": out.pred(k, t)} for k in ks for t in temps}
     counts = torch.bincount(bank_labels.long(), minlength=num_classes)
     retr = retrieval_metrics(out.neighbour_labels, query_labels, counts, recall_ks)
-    return {"per_k": per_k, "retrieval": retr, "ids": out.ids, "sims": out.sims, "depth": out.depth,
+    return {"per_k": per_k, "grid": grid, "retrieval": retr, "ids": out.ids, "sims": out.sims, "depth": out.depth,
             "backend": out.backend, "index": knn.index, "search_s": search_s}
 
 
@@ -169,21 +180,24 @@ class KNNSettings:
     weights: str
     train_data: str
     test_data: str
-    ks: tuple = (200,)
-    temperature: float = 0.1
+    ks: tuple = (DEFAULT_KNN_K,)
+    temperature: float = DEFAULT_KNN_TEMPERATURE
     arch: Optional[str] = None
     stem: Optional[str] = None
+    like: Optional[str] = None  # with weights "random": the run whose init, arch, stem and image settings to take
     backend: str = "auto"
     index: str = "flat"
-    batch_size: int = 256
+    batch_size: int = FEATURE_BATCH
     device: str = "auto"
-    precision: str = "auto"
+    precision: str = "auto"  # feature extraction: auto = fp32 (simsiam_kit.features.feature_precision)
     image_size: Optional[int] = None
     mean: Optional[tuple] = None
     std: Optional[tuple] = None
     workers: int = 2
     root: str = DEFAULT_DATA_ROOT
     download: bool = False
+    skip_bad_images: bool = False
+    overwrite: bool = False  # replace the results of an earlier evaluation in the output directory
     plots: bool = True
     save_index: bool = False
     grid_queries: int = 8
@@ -191,12 +205,17 @@ class KNNSettings:
 
 
 def run_knn_eval(s: KNNSettings, output: Path, log: Callable[[str], None] = print) -> dict:
-    """Extract features, search, classify; write features, results.json and plots under ``output``."""
-    from simsiam_kit.evaluation.common import check_same_classes, load_eval_backbone, load_labelled, resolve_image_settings
-    from simsiam_kit.features import extract_features, save_features
+    """Extract features, search, classify; write features, results.json and plots under ``output``.
+
+    An output directory that holds an earlier evaluation's results is refused unless ``s.overwrite``."""
+    from simsiam_kit.evaluation.common import (
+        check_output, check_same_classes, eval_image_settings, load_labelled, prepare_output,
+    )
+    from simsiam_kit.features import extract_features, feature_precision, save_features
     from simsiam_kit.retrieval.index import BACKENDS, KINDS
-    from simsiam_kit.utils.device import resolve_channels_last, resolve_device, resolve_precision
+    from simsiam_kit.utils.device import resolve_device
     from simsiam_kit.utils.io import atomic_write_json
+    from simsiam_kit.weights import load_backbone
 
     if s.backend not in BACKENDS:
         raise UserError(f"unknown --backend '{s.backend}' (available: {', '.join(BACKENDS)})")
@@ -208,22 +227,24 @@ def run_knn_eval(s: KNNSettings, output: Path, log: Callable[[str], None] = prin
         raise UserError(f"--temperature must be positive, got {s.temperature}")
     if not s.ks or min(s.ks) < 1:
         raise UserError(f"--k must be at least 1, got {list(s.ks)}")
-    train = load_labelled(s.train_data, "train", s.root, s.download)
-    test = load_labelled(s.test_data, "test", s.root, s.download)
+    output = Path(output)
+    check_output(output, s.overwrite)
+    train = load_labelled(s.train_data, "train", s.root, s.download, s.skip_bad_images)
+    test = load_labelled(s.test_data, "test", s.root, s.download, s.skip_bad_images)
     classes = check_same_classes(train, test, s.train_data, s.test_data)
     if max(s.ks) > len(train):
         raise UserError(f"--k {max(s.ks)} is larger than the kNN bank ({len(train)} training images in '{s.train_data}')")
-    loaded = load_eval_backbone(s.weights, s.arch, s.stem)
-    img = resolve_image_settings(loaded, train, s.image_size, s.mean, s.std)
+    loaded = load_backbone(s.weights, s.arch, s.stem, like=s.like)
+    if loaded.notice():
+        log(loaded.notice())
+    img = eval_image_settings(loaded, train, s.image_size, s.mean, s.std)
     device = resolve_device(s.device)
-    precision = resolve_precision(s.precision, device)
-    channels_last = resolve_channels_last(None, device, precision)
-    backbone = loaded.model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    precision = feature_precision(s.precision, device)
+    backbone = loaded.model.to(device)
+    prepare_output(output, s.overwrite)
 
     kw = dict(device=device, batch_size=s.batch_size, precision=precision, mean=img.mean, std=img.std,
-              image_size=img.image_size, workers=s.workers, channels_last=channels_last)
+              image_size=img.image_size, workers=s.workers)
     t0 = time.perf_counter()
     fb, lb, ib = extract_features(backbone, train, **kw)
     fq, lq, iq = extract_features(backbone, test, **kw)
@@ -243,8 +264,8 @@ def run_knn_eval(s: KNNSettings, output: Path, log: Callable[[str], None] = prin
     main = res["per_k"][main_k]
     settings = asdict(s)
     settings.update(ks=list(s.ks), mean=list(img.mean), std=list(img.std), image_size=img.image_size,
-                    image_settings_from=img.source, arch=loaded.arch, stem=loaded.stem, weights_source=loaded.source,
-                    device=str(device), precision=precision.name, backend=res["backend"],
+                    image_settings_from=dict(img.sources), arch=loaded.arch, stem=loaded.stem,
+                    weights_source=loaded.source, device=str(device), precision=precision.name, backend=res["backend"],
                     bank_size=int(len(fb)), queries=int(len(fq)), feature_dim=int(fb.shape[1]),
                     search_depth=res["depth"], num_classes=len(classes))
     results = {
@@ -252,9 +273,11 @@ def run_knn_eval(s: KNNSettings, output: Path, log: Callable[[str], None] = prin
         "per_k": {str(k): {"top1": res["per_k"][k]["top1"], "top5": res["per_k"][k]["top5"]} for k in ks},
         **res["retrieval"],
         "map_at_r_depth": res["depth"],
+        "weights": loaded.record,
         "settings": settings,
         "timing_s": {"features": round(extract_s, 3), "search": round(res["search_s"], 3)},
         "classes": [str(c) for c in classes],
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     cm = confusion_matrix(main["pred"], lq, len(classes))
     np.save(output / "confusion_matrix.npy", cm)
@@ -279,9 +302,20 @@ def results_table(results: dict) -> str:
     from simsiam_kit.evaluation.common import format_table
 
     st = results["settings"]
-    rows = [[k, v["top1"], v["top5"]] for k, v in results["per_k"].items()]
-    head = (f"kNN (T={results['temperature']}) {st['arch']}/{st['stem']} on {st['queries']} queries, "
-            f"bank {st['bank_size']} x {st['feature_dim']}, backend {st['backend']} ({st['index']})")
+    temps = sorted({g["temperature"] for g in results.get("grid", [])}) or [results["temperature"]]
+    by = {(g["k"], g["temperature"]): g for g in results.get("grid", [])}
+    rows = []
+    for k, v in results["per_k"].items():
+        row = [k]
+        for t in temps:
+            g = by.get((int(k), t), v if t == results["temperature"] else None)
+            mark = " *" if (int(k), t) == (results["k"], results["temperature"]) else ""
+            row.append(f"{g['top1']:.2f}{mark}" if g else "-")
+        row.append(v["top5"])
+        rows.append(row)
+    head = (f"kNN {st['arch']}/{st['stem']} on {st['queries']} queries, bank {st['bank_size']} x {st['feature_dim']}, "
+            f"backend {st['backend']} ({st['index']}); * = headline (k={results['k']}, T={results['temperature']})")
     retr = "  ".join(f"{k} {results[k]:.2f}" for k in ("recall@1", "recall@5", "recall@10") if k in results)
-    return (head + "\n" + format_table(["k", "top-1 %", "top-5 %"], rows) + "\n"
+    cols = ["k"] + [f"top-1 % T={t:g}" for t in temps] + [f"top-5 % T={results['temperature']:g}"]
+    return (head + "\n" + format_table(cols, rows) + "\n"
             + f"retrieval: {retr}  mAP@R {results['map_at_r']:.2f} (R <= {results['map_at_r_depth']})")

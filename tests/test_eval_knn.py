@@ -205,7 +205,7 @@ def test_cli_knn_random_resnet18(tmp_path, slice_specs):
     assert res["k"] == 20 and set(res["per_k"]) == {"5", "20"}
     for key in ("top1", "top5", "recall@1", "recall@5", "recall@10", "map_at_r"):
         assert 0.0 <= res[key] <= 100.0
-    assert res["settings"]["arch"] == "resnet18" and res["settings"]["temperature"] == 0.1
+    assert res["settings"]["arch"] == "resnet18" and res["temperature"] == 0.1
     assert res["settings"]["bank_size"] == 200 and res["settings"]["queries"] == 100
     fb = np.load(out / "features" / "train" / "features.npy")
     fq = np.load(out / "features" / "test" / "features.npy")
@@ -221,6 +221,26 @@ def test_cli_knn_random_resnet18(tmp_path, slice_specs):
     assert np.load(out / "confusion_matrix.npy").sum() == 100
     for png in ("confusion_matrix.png", "neighbours.png"):
         assert (out / "plots" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_knn_protocol_grid_from_one_search(tmp_path, slice_specs):
+    """No --k/--temperature: every peer's protocol (k 200/10/20/100 x T 0.1/0.07), headline k=200 T=0.1; each
+    cell equals the classifier on the saved features."""
+    train, test = slice_specs
+    out = tmp_path / "grid"
+    r = runner.invoke(app, ["eval", "knn", "--weights", "random", "--arch", "resnet18", "--train-data", train,
+                            "--test-data", test, "--output", str(out), "--precision", "fp32", "--no-plots"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    assert res["headline"] == {"k": 200, "temperature": 0.1} and "T=0.07" in r.output
+    cells = {(g["k"], g["temperature"]): g["top1"] for g in res["grid"]}
+    assert set(cells) == {(k, t) for k in (10, 20, 100, 200) for t in (0.07, 0.1)}
+    assert res["top1"] == cells[(200, 0.1)]
+    fb, lb = (torch.from_numpy(np.load(out / "features" / "train" / f)) for f in ("features.npy", "labels.npy"))
+    fq, lq = (torch.from_numpy(np.load(out / "features" / "test" / f)) for f in ("features.npy", "labels.npy"))
+    for (k, t), top1 in cells.items():
+        pred, _ = knn_classify(fb, lb, fq, k=k, temperature=t, num_classes=10)
+        assert top1 == pytest.approx(100.0 * (pred == lq).float().mean().item(), abs=1e-4)
 
 
 def _bad(args) -> str:

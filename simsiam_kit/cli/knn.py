@@ -23,8 +23,12 @@ def knn(
     weights: Weights,
     train_data: TrainData,
     test_data: TestData,
-    k: Optional[List[int]] = typer.Option(None, "--k", help="Neighbours; repeat for several k from one search (--k 20 --k 200). Default 200."),
-    temperature: float = typer.Option(0.1, "--temperature", "-t", help="Vote weight exp(sim / T)."),
+    k: Optional[List[int]] = typer.Option(
+        None, "--k", help="Neighbours; repeat for several from one search (--k 20 --k 200); the first is the headline. "
+        "Default: 200, 10, 20, 100 (every peer's protocol)."),
+    temperature: Optional[List[float]] = typer.Option(
+        None, "--temperature", "-t", help="Vote weight exp(sim / T); repeatable, the first is the headline. "
+        "Default: 0.1, 0.07."),
     output: Output = None,
     arch: Arch = None,
     stem: Stem = None,
@@ -42,13 +46,14 @@ def knn(
     save_index: bool = typer.Option(False, "--save-index", help="Also write the search index under OUTPUT/index."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Confusion matrix and neighbour grid PNGs."),
 ):
-    """Weighted kNN (InstDisc/DINO protocol, k=200 T=0.1) plus recall@1/5/10 and mAP@R from one search."""
+    """Weighted kNN, every peer's protocol from one search (k 200/10/20/100 x T 0.1/0.07; headline k=200 T=0.1),
+    plus recall@1/5/10 and mAP@R."""
     from simsiam_kit.evaluation.common import default_output, parse_floats
     from simsiam_kit.evaluation.knn import KNNSettings, results_table, run_knn_eval
 
     settings = KNNSettings(
-        weights=weights, train_data=train_data, test_data=test_data, ks=tuple(k or [200]),
-        temperature=temperature, arch=arch, stem=stem, backend=backend, index=index, batch_size=batch_size,
+        weights=weights, train_data=train_data, test_data=test_data, ks=tuple(k) if k else None,
+        temperatures=tuple(temperature) if temperature else None, arch=arch, stem=stem, backend=backend, index=index, batch_size=batch_size,
         device=device, precision=precision, image_size=image_size, mean=parse_floats(mean, "mean"),
         std=parse_floats(std, "std"), workers=workers, plots=plots, save_index=save_index, root=data_root,
         download=download,
