@@ -45,6 +45,12 @@ CROP_PCT = 0.875
 REQUIRED_META = ("format", "image_size", "mean", "std", "channel_order", "embedding_dim", "input_name",
                  "output_name")
 DEVICES = ("auto", "cpu", "cuda")
+# Bounds on what a model file's metadata can make the embedder allocate (a file may come from anywhere):
+# the input side (the export writes 8..4096 px), the embedding width (faiss's own limit), and the float32
+# input of one onnxruntime call (a batch is split further when its images are large).
+IMAGE_SIZE_RANGE = (1, 4096)
+MAX_EMBEDDING_DIM = 1 << 20
+MAX_BATCH_BYTES = 256 << 20
 
 
 # --------------------------------------------------------------------------- onnxruntime sessions
@@ -198,7 +204,12 @@ def decode_metadata(raw: dict, source: str) -> dict:
         for k in ("mean", "std"):
             meta[k] = [float(v) for v in json.loads(meta[k])]
     except (ValueError, TypeError) as e:
-        raise UserError(f"{source}: malformed metadata_props ({e})") from None
+        raise UserError(f"{source}: malformed metadata_props ({str(e)[:200]})") from None
+    lo, hi = IMAGE_SIZE_RANGE
+    if not lo <= meta["image_size"] <= hi:
+        raise UserError(f"{source}: metadata image_size={meta['image_size']} is outside {lo}..{hi} pixels")
+    if not 1 <= meta["embedding_dim"] <= MAX_EMBEDDING_DIM:
+        raise UserError(f"{source}: metadata embedding_dim={meta['embedding_dim']} is outside 1..{MAX_EMBEDDING_DIM}")
     if meta["channel_order"] != "RGB" or len(meta["mean"]) != 3 or len(meta["std"]) != 3:
         raise UserError(f"{source}: unsupported preprocessing metadata (channel_order={meta['channel_order']}, "
                         f"mean={meta['mean']}, std={meta['std']})")
@@ -223,13 +234,33 @@ class OnnxEmbedder:
         self.mean, self.std = tuple(self.meta["mean"]), tuple(self.meta["std"])
         self.dim = self.meta["embedding_dim"]
         self.input_name, self.output_name = self.meta["input_name"], self.meta["output_name"]
-        names = [i.name for i in self.session.get_inputs()]
-        if names != [self.input_name]:
-            raise UserError(f"{self.path}: graph inputs {names} do not match metadata input_name '{self.input_name}'")
+        self._check_graph()
         self.normalize = normalize
         if batch_size < 1:
             raise UserError(f"batch size must be >= 1 (got {batch_size})")
         self.batch_size = batch_size
+
+    def _check_graph(self) -> None:
+        """The graph's input and output agree with the metadata: input (N, 3, S, S), output (N, D), where
+        the graph states the sizes (a dynamic axis is checked on the output of every run)."""
+        inputs = self.session.get_inputs()
+        names = [i.name for i in inputs]
+        if names != [self.input_name]:
+            raise UserError(f"{self.path}: graph inputs {names} do not match metadata input_name '{self.input_name}'")
+        want = (None, 3, self.image_size, self.image_size)
+        shape = inputs[0].shape
+        if shape is not None and (len(shape) != 4 or any(isinstance(g, int) and w is not None and g != w
+                                                          for g, w in zip(shape, want))):
+            raise UserError(f"{self.path}: graph input '{self.input_name}' has shape {shape}, but the metadata "
+                            f"describe (N, 3, {self.image_size}, {self.image_size}) images")
+        outputs = {o.name: o.shape for o in self.session.get_outputs()}
+        if self.output_name not in outputs:
+            raise UserError(f"{self.path}: graph outputs {list(outputs)} do not include metadata output_name "
+                            f"'{self.output_name}'")
+        shape = outputs[self.output_name]
+        if shape is not None and (len(shape) != 2 or (isinstance(shape[1], int) and shape[1] != self.dim)):
+            raise UserError(f"{self.path}: graph output '{self.output_name}' has shape {shape}; an encoder gives "
+                            f"(N, {self.dim}) embeddings (metadata embedding_dim={self.dim})")
 
     def __repr__(self) -> str:
         return (f"OnnxEmbedder({str(self.path)!r}, arch={self.meta.get('arch')}, head={self.meta.get('head')}, "
@@ -241,7 +272,18 @@ class OnnxEmbedder:
     def run(self, x: np.ndarray) -> np.ndarray:
         """Raw encoder output for an already preprocessed float32 (N, 3, S, S) batch."""
         out = self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
-        return np.asarray(out, dtype=np.float32)
+        out = np.asarray(out, dtype=np.float32)
+        if out.shape != (len(x), self.dim):
+            raise UserError(f"{self.path}: output '{self.output_name}' has shape {out.shape} for {len(x)} images; "
+                            f"an encoder gives ({len(x)}, {self.dim}) (metadata embedding_dim={self.dim})")
+        return out
+
+    @property
+    def chunk(self) -> int:
+        """Images per onnxruntime call: ``batch_size``, fewer when their float32 input would exceed
+        :data:`MAX_BATCH_BYTES` (at least one)."""
+        per_image = 3 * self.image_size * self.image_size * 4
+        return max(1, min(self.batch_size, MAX_BATCH_BYTES // per_image))
 
     def embed(self, images, normalize: Optional[bool] = None) -> np.ndarray:
         """float32 (N, D) embeddings of one image or a batch (PIL images, paths, uint8 arrays)."""
@@ -252,6 +294,7 @@ class OnnxEmbedder:
         n = len(images)
         if n == 0:
             return np.zeros((0, self.dim), np.float32)
-        outs = [self.run(self.preprocess(images[s:s + self.batch_size])) for s in range(0, n, self.batch_size)]
+        step = self.chunk
+        outs = [self.run(self.preprocess(images[s:s + step])) for s in range(0, n, step)]
         z = np.concatenate(outs)
         return l2_normalize(z) if (self.normalize if normalize is None else normalize) else z

@@ -24,8 +24,13 @@ dropped. Both are reported.
 
 from __future__ import annotations
 
+import builtins
+import io
+import math
 import pickle
+import pickletools
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -140,7 +145,6 @@ def convert_weights(weights: str, output: Path, log: Callable[[str], None] = pri
 
     Prints and returns every key left unconverted (``Conversion.unconverted``), including dropped heads.
     """
-    from simsiam_kit.utils.io import atomic_write_bytes
     from simsiam_kit.weights import load_backbone
 
     output = Path(output)
@@ -153,7 +157,7 @@ def convert_weights(weights: str, output: Path, log: Callable[[str], None] = pri
     heads = _head_keys(Path(loaded.source))
     conv.unconverted = heads + conv.unconverted
     # written atomically, with the mode a plain open() gives (0644 under umask 022: simsiam_kit.utils.io)
-    atomic_write_bytes(output, pickle.dumps(checkpoint_payload(conv), protocol=pickle.HIGHEST_PROTOCOL))
+    write_detectron2_pkl(checkpoint_payload(conv), output)
     log(f"{loaded.source}: {loaded.arch} backbone, {len(conv.model)} tensors converted -> {output}")
     if conv.unconverted:
         log(f"left unconverted ({len(conv.unconverted)}):")
@@ -212,3 +216,146 @@ def check_against_model(ckpt_shapes: dict, model_shapes: dict) -> dict:
         "ambiguous": {c: ms for c, ms in by_ckpt.items() if len(ms) > 1},
         "shape_mismatch": mismatch,
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# reading a detectron2 .pkl without running it
+#
+# detectron2 loads `.pkl` weights with `pickle.load`, and unpickling can call any importable function
+# (`os.system` through `__reduce__`, `builtins.eval`, ...). A `.pkl` given as `--weights` is therefore
+# loaded here first, by an unpickler that resolves only the handful of globals a pickle of numpy arrays
+# needs, each replaced by a checked stand-in; detectron2 then reads a copy written from what was
+# accepted (:func:`write_detectron2_pkl`), never the original file.
+
+PICKLE_ALLOWED = "numpy arrays and dtypes, dict/list/tuple/set/OrderedDict, str, int, float, bool and None"
+MAX_PICKLE_DEPTH = 32  # containers nested deeper are not weights (and would break pickle.dumps later)
+
+
+class _Refused(Exception):
+    pass
+
+
+_NDARRAY = object()  # stands in for numpy.ndarray: only ever an argument of _reconstruct, never called
+
+
+def _checked_dtype(*args):
+    dt = np.dtype(*args)
+    if dt.hasobject:
+        raise _Refused(f"numpy dtype {dt} (holds Python objects)")
+    return dt
+
+
+def _shape(shape) -> tuple:
+    if not isinstance(shape, tuple) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                               for n in shape):
+        raise _Refused(f"array shape {shape!r}")
+    return shape
+
+
+def _reconstruct(subtype, shape, dtype):
+    """``numpy.core.multiarray._reconstruct(ndarray, (0,), b'b')``: an empty array that BUILD then fills
+    (``ndarray.__setstate__`` checks the data's length against the shape). numpy always pickles an empty
+    shape here; a larger one would allocate memory the file does not hold."""
+    if subtype is not _NDARRAY or not isinstance(dtype, (bytes, str, np.dtype)):
+        raise _Refused("numpy _reconstruct of something other than an ndarray")
+    if math.prod(_shape(shape)) != 0:
+        raise _Refused(f"numpy _reconstruct with a non-empty shape {shape}")
+    return np.ndarray(shape, _checked_dtype(dtype))
+
+
+def _frombuffer(buf, dtype, shape, order):
+    """``numpy.core.numeric._frombuffer`` (pickle protocol 5): an array over bytes in the file."""
+    if not isinstance(buf, (bytes, bytearray)) or not isinstance(dtype, np.dtype) or order not in ("C", "F"):
+        raise _Refused("numpy _frombuffer with unexpected arguments")
+    dtype = _checked_dtype(dtype)
+    if math.prod(_shape(shape)) * dtype.itemsize != len(buf):
+        raise _Refused(f"numpy _frombuffer: shape {shape} of {dtype} does not match {len(buf)} bytes")
+    return np.frombuffer(buf, dtype=dtype).reshape(shape, order=order)
+
+
+def _latin1_encode(obj, encoding="utf-8", errors="strict"):
+    """``_codecs.encode(str, 'latin1')``: how protocol 0-2 pickles spell a bytes object (array data)."""
+    if not isinstance(obj, str) or encoding not in ("latin1", "latin-1") or errors != "strict":
+        raise _Refused(f"_codecs.encode with encoding {encoding!r}")
+    return obj.encode("latin1")
+
+
+_PICKLE_GLOBALS = {
+    **{(m, "_reconstruct"): _reconstruct for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    **{(m, "_frombuffer"): _frombuffer for m in ("numpy.core.numeric", "numpy._core.numeric")},
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): _checked_dtype,
+    ("_codecs", "encode"): _latin1_encode,
+    ("collections", "OrderedDict"): OrderedDict,
+    **{(m, n): getattr(builtins, n) for m in ("builtins", "__builtin__") for n in ("set", "frozenset")},
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        try:
+            return _PICKLE_GLOBALS[(module, name)]
+        except (KeyError, TypeError):
+            raise _Refused(f"global '{module}.{name}'") from None
+
+    def persistent_load(self, pid):
+        raise _Refused("a persistent id")
+
+
+def _check_payload(obj) -> None:
+    """Every value is an allowed container, scalar or numeric array, nested at most MAX_PICKLE_DEPTH deep."""
+    stack = [(obj, 0)]
+    while stack:
+        x, depth = stack.pop()
+        if depth > MAX_PICKLE_DEPTH:
+            raise _Refused(f"containers nested deeper than {MAX_PICKLE_DEPTH}")
+        if x is None or type(x) in (str, int, float, bool, np.dtype) or isinstance(x, np.dtype):
+            continue
+        if type(x) is np.ndarray:
+            if x.dtype.hasobject:
+                raise _Refused(f"numpy array of dtype {x.dtype}")
+            continue
+        if type(x) in (dict, OrderedDict):
+            stack.extend((v, depth + 1) for kv in x.items() for v in kv)
+        elif type(x) in (list, tuple, set, frozenset):
+            stack.extend((v, depth + 1) for v in x)
+        else:
+            raise _Refused(f"a value of type {type(x).__module__}.{type(x).__qualname__}")
+
+
+def load_detectron2_pkl(path) -> dict:
+    """The content of a detectron2 ``.pkl`` (``{"model": {name: array}, ...}``, or a Caffe2/Detectron1 model
+    zoo dict) through a restricted unpickler: only numpy arrays and dtypes, plain containers, str, int,
+    float, bool and None are built; any other global (``os.system``, ``builtins.eval``, a class of another
+    module), a persistent id or an object dtype is refused before it is called, with a :class:`UserError`
+    naming the file and what was refused. Every length the pickle declares is checked against the file
+    first (``pickletools.genops``), so a small file cannot make the loader allocate more than its size."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"weights not found: {p}") from None
+    why = f"a detectron2 .pkl may hold only {PICKLE_ALLOWED}; anything else could run code when unpickled"
+    try:
+        for _ in pickletools.genops(io.BytesIO(data)):  # declared lengths vs the bytes there, no allocation
+            pass
+        obj = _RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
+        _check_payload(obj)
+    except _Refused as e:
+        raise UserError(f"{p}: refused to unpickle {e} ({why})") from None
+    except Exception as e:  # a malformed pickle: truncated, bad opcode, wrong arguments, ...
+        msg = str(e).splitlines()[0][:200] if str(e) else ""
+        raise UserError(f"{p}: not a readable pickle ({type(e).__name__}{': ' + msg if msg else ''})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{p}: holds a {type(obj).__name__}, not the dict of a detectron2 checkpoint")
+    return obj
+
+
+def write_detectron2_pkl(payload: dict, output) -> Path:
+    """Write ``payload`` (accepted by :func:`load_detectron2_pkl`, or built by the converter) as a ``.pkl``
+    detectron2 reads; atomic, with the mode a plain ``open()`` gives."""
+    from simsiam_kit.utils.io import atomic_write_bytes
+
+    output = Path(output)
+    atomic_write_bytes(output, pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
+    return output

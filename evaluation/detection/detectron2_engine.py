@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from simsiam_kit.evaluation.detection.data import DetectionData, DetectionSet
-from simsiam_kit.evaluation.detection.metrics import METRIC_KEYS
 from simsiam_kit.config import resolve_config_path
 from simsiam_kit.errors import UserError
+from simsiam_kit.evaluation.detection.data import DetectionData, DetectionSet
+from simsiam_kit.evaluation.detection.metrics import METRIC_KEYS
 
 TRAIN_NAME = "simsiam_kit_det_train"
 VAL_NAME = "simsiam_kit_det_val"
@@ -505,6 +505,41 @@ def check_launch(num_gpus: int, num_machines: int, machine_rank: int, dist_url: 
                         "engine runs several processes on GPUs only (SyncBN)")
 
 
+CHECKED_PKL = "weights_checked.pkl"
+
+
+def load_weights_pkl(weights: str) -> Optional[dict]:
+    """A ready ``.pkl`` given as ``--weights``, loaded by the restricted unpickler of
+    :func:`simsiam_kit.detectron2_weights.load_detectron2_pkl` (numpy arrays and plain containers only;
+    anything else is refused before it runs); None for any other ``--weights``. detectron2 itself loads
+    ``.pkl`` files with ``pickle``, so it is never given the original file (:func:`weights_for_detectron2`)."""
+    if not weights.endswith(".pkl"):
+        return None
+    from simsiam_kit.detectron2_weights import load_detectron2_pkl
+
+    if not Path(weights).is_file():
+        raise UserError(f"weights not found: {weights}")
+    return load_detectron2_pkl(weights)
+
+
+def weights_for_detectron2(weights: str, checked_pkl: Optional[dict], out_dir: Path, log: Callable[[str], None]) -> str:
+    """``MODEL.WEIGHTS``: "" for random init; for a ``.pkl``, a copy written from what the restricted
+    unpickler accepted (``checked_pkl``, :func:`load_weights_pkl`) into ``out_dir``; anything else is
+    converted into ``out_dir`` as ``backbone_detectron2.pkl``."""
+    from simsiam_kit.detectron2_weights import convert_weights, write_detectron2_pkl
+
+    if weights == "random":
+        return ""  # detectron2's own random init
+    if checked_pkl is not None:
+        path = write_detectron2_pkl(checked_pkl, Path(out_dir) / CHECKED_PKL)
+        log(f"{weights}: accepted by the restricted unpickler (numpy arrays and plain containers only); "
+            f"detectron2 reads the copy written from it, {path}")
+        return str(path.resolve())
+    pkl_path = Path(out_dir) / "backbone_detectron2.pkl"
+    convert_weights(weights, pkl_path, log=log)
+    return str(pkl_path.resolve())
+
+
 def run_detectron2_detection(config: str, weights: str, data: DetectionData, out_dir: Path, iters: Optional[int] = None,
                              overrides=None, num_gpus: int = 1, arch: Optional[str] = None,
                              log: Callable[[str], None] = print, num_machines: int = 1, machine_rank: int = 0,
@@ -515,6 +550,7 @@ def run_detectron2_detection(config: str, weights: str, data: DetectionData, out
 
     check_launch(num_gpus, num_machines, machine_rank, dist_url,
                  torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    checked_pkl = load_weights_pkl(weights)  # a hostile .pkl is refused up front, detectron2 or not
     require_detectron2()
     from detectron2.engine import launch
 
@@ -547,19 +583,7 @@ def run_detectron2_detection(config: str, weights: str, data: DetectionData, out
                                 "config (d2_voc0712_R_50_C4_24k, d2_coco_R_18_FPN_quick) or --set MODEL.MASK_ON=False")
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    if weights == "random":
-        pkl = ""  # detectron2's own random init
-    elif weights.endswith(".pkl"):
-        if not Path(weights).is_file():
-            raise UserError(f"weights not found: {weights}")
-        pkl = str(Path(weights).resolve())
-    else:
-        from simsiam_kit.detectron2_weights import convert_weights
-
-        pkl_path = out_dir / "backbone_detectron2.pkl"
-        convert_weights(weights, pkl_path, log=log)
-        pkl = str(pkl_path.resolve())
-    job.weights_pkl = pkl
+    pkl = job.weights_pkl = weights_for_detectron2(weights, checked_pkl, out_dir, log)
     # COCO sets held in memory only are written out as COCO JSON for register_coco_instances
     for ds, sets in ((data.train, train), (data.val, [val])):
         if sets[0].kind == "coco" and ds.json_path is None:

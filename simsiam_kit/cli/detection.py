@@ -17,10 +17,11 @@ export_app = typer.Typer()  # simsiam-kit export detectron2
 @export_app.command("detectron2")
 @user_errors
 def export_detectron2(
-    weights: str = typer.Option(..., "--weights", "-w", help="Run directory, checkpoint, backbone.pt or ResNet state dict."),
+    weights: str = typer.Option(..., "--weights", "-w",
+                                help="Run directory, checkpoint, backbone.pt or ResNet state dict."),
     output: Path = typer.Option(..., "--output", "-o", help="Detectron2 checkpoint to write (.pkl)."),
 ):
-    """Convert a ResNet backbone (ImageNet stem) to a Detectron2 .pkl (MODEL.WEIGHTS); lists every key left unconverted."""
+    """Convert a ResNet backbone (ImageNet stem) to a Detectron2 .pkl (MODEL.WEIGHTS), listing keys left out."""
     from simsiam_kit.detectron2_weights import convert_weights
 
     convert_weights(weights, output, log=typer.echo)
@@ -30,19 +31,25 @@ def export_detectron2(
 @user_errors
 def eval_detection(
     weights: Weights,
-    engine: str = typer.Option("torchvision", "--engine", "-e", help="torchvision (runs anywhere) or detectron2 (the paper's protocol)."),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="Config name in configs/detection/ or a YAML path "
+    engine: str = typer.Option("torchvision", "--engine", "-e",
+                               help="torchvision (runs anywhere) or detectron2 (the paper's protocol)."),
+    config: Optional[str] = typer.Option(None, "--config", "-c",
+                                         help="Config name in configs/detection/ or a YAML path "
                                          "(default: torchvision_r50_fpn / d2_voc0712_R_50_C4_24k)."),
     train_json: Optional[Path] = typer.Option(None, "--train-json", help="COCO instances JSON for training."),
     train_images: Optional[Path] = typer.Option(None, "--train-images", help="Image folder of --train-json."),
     val_json: Optional[Path] = typer.Option(None, "--val-json", help="COCO instances JSON for evaluation."),
     val_images: Optional[Path] = typer.Option(None, "--val-images", help="Image folder of --val-json."),
-    voc_root: Optional[Path] = typer.Option(None, "--voc-root", help="Pascal VOC VOCdevkit directory (instead of COCO JSON)."),
-    voc_train: str = typer.Option("2007/trainval,2012/trainval", "--voc-train", help="VOC training splits, YEAR/SPLIT[,YEAR/SPLIT]."),
+    voc_root: Optional[Path] = typer.Option(None, "--voc-root",
+                                            help="Pascal VOC VOCdevkit directory (instead of COCO JSON)."),
+    voc_train: str = typer.Option("2007/trainval,2012/trainval", "--voc-train",
+                                  help="VOC training splits, YEAR/SPLIT[,YEAR/SPLIT]."),
     voc_val: str = typer.Option("2007/test", "--voc-val", help="VOC evaluation splits."),
     iters: Optional[int] = typer.Option(None, "--iters", help="Training iterations (LR steps scale with it)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output directory (default runs/detection-<engine>-<time>)."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Config override: solver.base_lr=0.01 (torchvision) or "
+    output: Optional[Path] = typer.Option(None, "--output", "-o",
+                                          help="Output directory (default runs/detection-<engine>-<time>)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", "-s",
+                                             help="Config override: solver.base_lr=0.01 (torchvision) or "
                                              "SOLVER.BASE_LR=0.01 (detectron2)."),
     arch: Arch = None,
     num_gpus: int = typer.Option(1, "--num-gpus", help="detectron2 engine: processes (GPUs) per machine, at most the "
@@ -54,11 +61,19 @@ def eval_detection(
     dist_url: str = typer.Option("auto", "--dist-url", help="detectron2 engine: tcp://HOST:PORT of machine 0 "
                                  "(required with --num-machines > 1; 'auto' = a free local port)."),
 ):
-    """Fine-tune a detector on a backbone and report COCO AP (results.json, table, predictions PNG)."""
+    """Fine-tune a detector on a backbone and report COCO AP (results.json, table, predictions PNG).
+
+    --weights may also be a ready detectron2 .pkl (--engine detectron2).
+    detectron2 loads .pkl weights with pickle, which can run code: simsiam-kit
+    first reads the file with a restricted unpickler (numpy arrays and plain
+    containers only), refuses anything else with one line, and hands
+    detectron2 a copy written from what it accepted. Use .pkl files from
+    sources you trust.
+    """
     import time
 
-    from simsiam_kit.evaluation.detection.data import resolve_data
     from simsiam_kit.errors import UserError
+    from simsiam_kit.evaluation.detection.data import resolve_data
 
     if engine not in ("torchvision", "detectron2"):
         raise UserError(f"--engine {engine!r}: expected torchvision or detectron2")
@@ -70,8 +85,8 @@ def eval_detection(
     out_dir = output or Path("runs") / f"detection-{engine}-{time.strftime('%Y%m%d-%H%M%S')}"
     data = resolve_data(train_json, train_images, val_json, val_images, voc_root, voc_train, voc_val)
     if engine == "torchvision":
-        from simsiam_kit.evaluation.detection.torchvision_engine import load_detection_config, run_torchvision_detection
         from simsiam_kit.evaluation.detection.metrics import format_results
+        from simsiam_kit.evaluation.detection.torchvision_engine import load_detection_config, run_torchvision_detection
 
         cfg = load_detection_config(config or "torchvision_r50_fpn", set_)
         res = run_torchvision_detection(cfg, weights, data, out_dir, iters=iters, arch=arch, log=typer.echo)

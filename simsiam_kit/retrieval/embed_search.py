@@ -22,7 +22,6 @@ Where a change goes: the directory layout and manifest here; the search and its 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Callable, Protocol
@@ -172,21 +171,30 @@ def embed_dataset_to_dir(
 
 
 def load_embeddings_dir(index_dir) -> dict:
-    """The manifest, ids, labels and index written by :func:`embed_dataset_to_dir`."""
+    """The manifest, ids, labels and index written by :func:`embed_dataset_to_dir`, each checked before it is
+    used (a directory may come from anywhere: :mod:`simsiam_kit.retrieval.files`); a missing or malformed
+    file is a :class:`UserError` naming it and what is wrong."""
+    from simsiam_kit.retrieval.files import load_npy, read_json
     from simsiam_kit.retrieval.index import EmbeddingIndex
 
     d = Path(index_dir).expanduser()
     mp = d / MANIFEST
     if not mp.is_file():
         raise UserError(f"{d}: no {MANIFEST}; build the index with `simsiam-kit embed --output {d}`")
-    try:
-        manifest = json.loads(mp.read_text())
-        ids = json.loads((d / "ids.json").read_text())
-    except FileNotFoundError as e:
-        raise UserError(f"{d}: missing {Path(e.filename).name}") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{d}: invalid JSON ({e})") from None
-    labels = np.load(d / "labels.npy") if (d / "labels.npy").is_file() else None
+    manifest = read_json(mp, dict)
+    checks = (("model", lambda v: isinstance(v, str), "a string"),
+              ("model_sha256", lambda v: v is None or isinstance(v, str), "a string or null"),
+              ("classes", lambda v: v is None or (isinstance(v, list) and all(isinstance(c, str) for c in v)),
+               "a list of class names or null"))
+    for key, ok, want in checks:
+        if key in manifest and not ok(manifest[key]):
+            raise UserError(f"{mp}: key '{key}' must be {want}, got {repr(manifest[key])[:80]}")
+    ids = read_json(d / "ids.json", list, "the ids of the indexed images")
+    labels = None
+    if (d / "labels.npy").is_file():
+        labels = load_npy(d / "labels.npy", "iu", 1)
+        if len(labels) != len(ids):
+            raise UserError(f"{d / 'labels.npy'}: {len(labels)} labels for the {len(ids)} images of ids.json")
     index = EmbeddingIndex.load(d)
     if index.ntotal != len(ids):
         raise UserError(f"{d}: index holds {index.ntotal} vectors but ids.json lists {len(ids)}")

@@ -46,6 +46,8 @@ from simsiam_kit.errors import UserError, require_extra
 
 KINDS = ("flat", "ivf", "hnsw")
 BACKENDS = ("auto", "faiss", "torch")
+#: What :meth:`EmbeddingIndex.save` writes to ``index.json`` and :meth:`EmbeddingIndex.load` requires.
+INDEX_JSON_KEYS = {"dim": int, "kind": str, "backend": str, "nlist": int, "nprobe": int, "hnsw_m": int, "ntotal": int}
 
 
 # ------------------------------------------------------------------------------------ the tie rule
@@ -326,25 +328,46 @@ class EmbeddingIndex:
 
     @classmethod
     def load(cls, directory, use_gpu: Optional[bool] = None) -> "EmbeddingIndex":
+        """The index saved in ``directory`` by :meth:`save`. Nothing in the files is trusted: ``index.json``
+        is checked key by key, and the vectors (``index_vectors.npy``) or the FAISS file (``index.faiss``)
+        are checked against it and against their own length before anything is allocated for them
+        (:mod:`simsiam_kit.retrieval.files`); a bad file is a :class:`UserError` naming it."""
+        from simsiam_kit.retrieval.files import MAX_DIM, check_faiss_file, load_npy, read_json
+
         d = Path(directory)
         meta_p = d / "index.json"
         if not meta_p.is_file():
             raise UserError(f"{d}: no index.json, not a saved index")
+        meta = read_json(meta_p, dict)
+        for key, tp in INDEX_JSON_KEYS.items():
+            if key not in meta:
+                raise UserError(f"{meta_p}: missing key '{key}'")
+            v = meta[key]
+            if not isinstance(v, tp) or isinstance(v, bool):
+                want = "an integer" if tp is int else "a string"
+                raise UserError(f"{meta_p}: key '{key}' must be {want}, got {repr(v)[:80]}")
+        lows = {"dim": 1, "ntotal": 0, "nlist": 0, "nprobe": 1, "hnsw_m": 1}
+        for key, low in lows.items():
+            if meta[key] < low or (key == "dim" and meta[key] > MAX_DIM):
+                want = f"in [1, {MAX_DIM}]" if key == "dim" else f">= {low}"
+                raise UserError(f"{meta_p}: key '{key}' must be {want}, got {meta[key]}")
         try:
-            meta = json.loads(meta_p.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{meta_p}: invalid JSON ({e})") from None
-        self = cls(meta["dim"], meta["kind"], meta["backend"], meta["nlist"], meta["nprobe"], meta["hnsw_m"], use_gpu)
+            self = cls(meta["dim"], meta["kind"], meta["backend"], meta["nlist"], meta["nprobe"], meta["hnsw_m"],
+                       use_gpu)
+        except UserError as e:
+            raise UserError(f"{meta_p}: {e}") from None
         if self.backend == "torch":
-            vec = np.load(d / "index_vectors.npy")
+            vec = load_npy(d / "index_vectors.npy", "f", 2, (meta["ntotal"], meta["dim"]))
             if len(vec):
                 self.add(vec)
         else:
             faiss = require_extra("faiss", "cpu")
+            path = d / "index.faiss"
+            check_faiss_file(path, self.kind, self.dim, meta["ntotal"], meta["nlist"])
             try:
-                idx = faiss.read_index(str(d / "index.faiss"))
+                idx = faiss.read_index(str(path))
             except Exception as e:
-                raise UserError(f"{d / 'index.faiss'}: cannot read FAISS index ({e})") from None
+                raise UserError(f"{path}: cannot read FAISS index ({str(e).splitlines()[0][:300]})") from None
             if (use_gpu if use_gpu is not None else True) and self.kind != "hnsw" and faiss_has_gpu(faiss):
                 self._gpu_res = faiss.StandardGpuResources()
                 idx = faiss.index_cpu_to_gpu(self._gpu_res, 0, idx)
