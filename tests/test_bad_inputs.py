@@ -1,9 +1,12 @@
-"""Bad inputs, one row each (issue 11, part A): the command exits 2 with exactly one line on stderr that
-names the file, key or value, prints no traceback, and loses nothing in the run directory it was pointed
-at (every file there before the command is unchanged after it, unless the row says which may change).
+"""Bad inputs, one row each (issue 11): the command exits 2 with exactly one line on stderr that names the
+file, key or value, prints no traceback, and loses nothing in the run directory it was pointed at (every
+file there before the command is unchanged after it, unless the row says which may change).
 
 Rows run in-process through Typer's CliRunner, except those that need a resource limit (a subprocess).
-Hostile files (faiss/ONNX/YAML bombs, pickles) are part B's rows.
+Part A's rows are bad values, paths and run directories; part B's (:func:`_hostile_rows`) are hostile and
+malformed files: YAML bombs and binary configs, corrupt FAISS/.npy/JSON files of an embedding directory,
+ONNX models whose metadata or graph lie, and pickles that would run code (built by ``tests/hostile.py``;
+the bounds themselves are unit-tested in ``tests/test_untrusted_files.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+import hostile
 import numpy as np
 import pytest
 import torch
@@ -264,7 +268,175 @@ def _rows(c: Path, new: Path) -> dict[str, Callable[[], Case]]:
         "corrupt image in a DataLoader worker": lambda: Case(
             pre(f"data.train={c / 'folder'}", "data.workers=2", "optim.batch_size=8"), ["cannot read image", "3.png"]),
     }
+    rows.update(_hostile_rows(c, new))
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# part B: hostile and malformed files
+
+
+def _hostile_dir(c: Path) -> Path:
+    d = c / "hostile"
+    d.mkdir(exist_ok=True)
+    return d
+
+
+def _encoder(c: Path) -> Path:
+    p = _hostile_dir(c) / "encoder.onnx"
+    return p if p.is_file() else hostile.onnx_encoder(p)
+
+
+def _embedded(c: Path, backend: str) -> Path:
+    """An embedding directory of tiny.npz (48 labelled images) built by `simsiam-kit embed`, once."""
+    d = c / f"emb_{backend}"
+    if not (d / "embed.json").is_file():
+        r = runner.invoke(app, ["embed", "--model", str(_encoder(c)), "--data", str(c / "tiny.npz"), "--output",
+                                str(d), "--backend", backend, "--no-progress"])
+        assert r.exit_code == 0, r.output
+    return d
+
+
+def _emb_copy(c: Path, name: str, mutate: Callable[[Path], object], backend: str = "faiss") -> Path:
+    dst = c / "copies" / name
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(_embedded(c, backend), dst)
+    mutate(dst)
+    return dst
+
+
+def _search_case(c: Path, name: str, mutate, needles, backend: str = "faiss", model: Optional[Path] = None) -> Case:
+    d = _emb_copy(c, name, mutate, backend)
+    args = ["search", "--index", str(d), "--query", str(c / "folder" / "a" / "0.png"), "--k", "3"]
+    return Case(args + (["--model", str(model)] if model else []), [str(d / n) if n.startswith("/") else n
+                                                                   for n in needles], watch=d)
+
+
+def _coco_args() -> list[str]:
+    det = need(DATA / "coco128_det" / "instances_val.json").parent
+    return ["--train-json", str(det / "instances_val.json"), "--train-images", str(det / "images"),
+            "--val-json", str(det / "instances_val.json"), "--val-images", str(det / "images")]
+
+
+def _d2_pkl_case(c: Path, new: Path, name: str, make, needles) -> Case:
+    marker = _hostile_dir(c) / f"pwned-{name}"
+    pkl = make(_hostile_dir(c) / f"{name}.pkl", marker)
+    args = ["eval", "detection", "--weights", str(pkl), "--engine", "detectron2", "--config", "d2_coco_R_18_FPN_quick",
+            *_coco_args(), "--output", str(new / "det")]
+    return Case(args, [str(pkl), *needles], after=_absent(marker, new / "det"))
+
+
+def _hostile_rows(c: Path, new: Path) -> dict[str, Callable[[], Case]]:
+    h = _hostile_dir(c) if c.exists() else c
+
+    def pre_config(path: Path, *o):
+        return ["pretrain", "--config", str(path), "--output", str(new)] + sets(list(o))
+
+    def embed(model: Path):
+        return ["embed", "--model", str(model), "--data", str(c / "tiny.npz"), "--output", str(new / "emb"),
+                "--no-progress"]
+
+    faiss_file = lambda d: d / "index.faiss"  # noqa: E731
+    return {
+        # --- YAML configs (defect 8): refused before they are parsed or copied
+        "config: YAML alias bomb + --set": lambda: Case(
+            pre_config(hostile.yaml_alias_bomb(h / "bomb.yaml"), "optim.epochs=1"),
+            [str(h / "bomb.yaml"), "anchor '&a0' at line 1", "not allowed"], after=_absent(new)),
+        "config: binary file": lambda: Case(pre_config(hostile.yaml_binary(h / "binary.yaml")),
+                                            [str(h / "binary.yaml"), "not a UTF-8 text file", "0x89"]),
+        "config: YAML nested 5000 deep": lambda: Case(pre_config(hostile.yaml_deep(h / "deep.yaml")),
+                                                      [str(h / "deep.yaml"), "nested too deeply"]),
+        "config: integer of 5000 digits": lambda: Case(pre_config(hostile.yaml_bigint(h / "bigint.yaml")),
+                                                       [str(h / "bigint.yaml"), "invalid YAML value", "5000 digits"]),
+        "config: 1 MiB file": lambda: Case(pre_config(hostile.yaml_huge(h / "huge.yaml")),
+                                           [str(h / "huge.yaml"), "larger than 262144 bytes"]),
+        "detection config: YAML alias bomb": lambda: Case(
+            ["eval", "detection", "--weights", "random", "--arch", "resnet18", "--config",
+             str(hostile.yaml_alias_bomb(h / "det_bomb.yaml")), *_coco_args(), "--output", str(new / "det")],
+            [str(h / "det_bomb.yaml"), "anchor '&a0'"], after=_absent(new / "det")),
+        # --- detectron2 .pkl weights (defect 9): refused before detectron2 (or anything in them) runs
+        "detectron2 .pkl: os.system via __reduce__": lambda: _d2_pkl_case(
+            c, new, "system", hostile.pickle_os_system, ["refused to unpickle global 'posix.system'"]),
+        "detectron2 .pkl: builtins.eval": lambda: _d2_pkl_case(
+            c, new, "eval", hostile.pickle_eval, ["refused to unpickle global 'builtins.eval'"]),
+        "detectron2 .pkl: a class of another module": lambda: _d2_pkl_case(
+            c, new, "foreign", lambda p, m: hostile.pickle_foreign_class(p),
+            ["refused to unpickle global 'hostile.Foreign'"]),
+        "detectron2 .pkl: object array": lambda: _d2_pkl_case(
+            c, new, "objects", lambda p, m: hostile.pickle_object_array(p), ["numpy dtype object"]),
+        "detectron2 .pkl: 19 bytes declaring 1 TiB": lambda: _d2_pkl_case(
+            c, new, "bytes8", lambda p, m: hostile.pickle_bytes8_bomb(p),
+            ["not a readable pickle", "1099511627776 bytes"]),
+        "detectron2 .pkl: _reconstruct of 1 GiB": lambda: _d2_pkl_case(
+            c, new, "reconstruct", lambda p, m: hostile.pickle_reconstruct_huge(p),
+            ["_reconstruct with a non-empty shape (1073741824,)"]),
+        # --- embedding directories (defects 8 and 10)
+        "search: index.faiss with 4 bytes changed": lambda: _search_case(
+            c, "faiss-count", lambda d: hostile.patch_bytes(faiss_file(d), hostile.FLAT_COUNT_OFFSET + 4,
+                                                            b"\x01\x00\x00\x00"),
+            ["/index.faiss", "corrupt or foreign FAISS index", "declares 4294967440 elements"]),
+        "search: index.faiss ntotal changed": lambda: _search_case(
+            c, "faiss-ntotal", lambda d: hostile.patch_bytes(faiss_file(d), hostile.FLAT_NTOTAL_OFFSET,
+                                                             (10**9).to_bytes(8, "little")),
+            ["/index.faiss", "holds 1000000000 vectors, index.json says 48"]),
+        "search: index.faiss truncated": lambda: _search_case(
+            c, "faiss-short", lambda d: faiss_file(d).write_bytes(faiss_file(d).read_bytes()[:300]),
+            ["/index.faiss", "declares 144 elements (576 bytes)", "only 255 bytes remain"]),
+        "search: index.faiss of another kind": lambda: _search_case(
+            c, "faiss-kind", lambda d: hostile.set_json(d / "index.json", kind="hnsw"),
+            ["/index.faiss", "is not the hnsw index"]),
+        "search: index.json without 'ntotal'": lambda: _search_case(
+            c, "json-key", lambda d: hostile.set_json(d / "index.json", ntotal=...),
+            ["/index.json", "missing key 'ntotal'"]),
+        "search: index.json dim a string": lambda: _search_case(
+            c, "json-type", lambda d: hostile.set_json(d / "index.json", dim="3"),
+            ["/index.json", "key 'dim' must be an integer", "'3'"]),
+        "search: index.json binary": lambda: _search_case(
+            c, "json-binary", lambda d: (d / "index.json").write_bytes(b"\xff\xfe\x00binary"),
+            ["/index.json", "not UTF-8"]),
+        "search: embed.json nested 100000 deep": lambda: _search_case(
+            c, "manifest-deep", lambda d: (d / "embed.json").write_text("[" * 100_000 + "]" * 100_000),
+            ["/embed.json", "nested too deeply"]),
+        "search: embed.json model not a string": lambda: _search_case(
+            c, "manifest-model", lambda d: hostile.set_json(d / "embed.json", model=[1, 2]),
+            ["/embed.json", "key 'model' must be a string", "[1, 2]"]),
+        "search: ids.json missing": lambda: _search_case(
+            c, "ids-missing", lambda d: (d / "ids.json").unlink(), ["/ids.json", "missing"]),
+        "search: labels.npy pickled": lambda: _search_case(
+            c, "labels-pickle", lambda d: np.save(d / "labels.npy", np.array([hostile.Foreign()] * 48, dtype=object),
+                                                  allow_pickle=True),
+            ["/labels.npy", "holds Python objects", "refused"]),
+        "search: labels shorter than embeddings": lambda: _search_case(
+            c, "labels-short", lambda d: np.save(d / "labels.npy", np.load(d / "labels.npy")[:40]),
+            ["/labels.npy", "40 labels for the 48 images of ids.json"]),
+        "search: labels.npy missing its data": lambda: _search_case(
+            c, "labels-header", lambda d: hostile.npy_declaring(d / "labels.npy", (10**12,), "<i8"),
+            ["/labels.npy", "header declares shape (1000000000000,)", "holds 0 bytes"]),
+        "search: index_vectors.npy missing (torch backend)": lambda: _search_case(
+            c, "vectors-missing", lambda d: (d / "index_vectors.npy").unlink(), ["/index_vectors.npy", "missing"],
+            backend="torch"),
+        "search: index_vectors.npy declaring 10**12 rows": lambda: _search_case(
+            c, "vectors-header", lambda d: hostile.npy_declaring(d / "index_vectors.npy", (10**12, 3)),
+            ["/index_vectors.npy", "header declares shape (1000000000000, 3)"], backend="torch"),
+        "search: index_vectors.npy of another shape": lambda: _search_case(
+            c, "vectors-shape", lambda d: np.save(d / "index_vectors.npy", np.zeros((48, 5), np.float32)),
+            ["/index_vectors.npy", "shape (48, 5), expected (48, 3)"], backend="torch"),
+        # --- ONNX models (defects 8 and 10)
+        "embed: ONNX metadata image_size=60000": lambda: Case(
+            embed(hostile.onnx_encoder(h / "size60000.onnx", meta={"image_size": "60000"})),
+            [str(h / "size60000.onnx"), "image_size=60000 is outside 1..4096"], after=_absent(new / "emb")),
+        "embed: ONNX model with a 1-D output": lambda: Case(
+            embed(hostile.onnx_encoder(h / "one_d.onnx", one_d=True)),
+            [str(h / "one_d.onnx"), "graph output 'embeddings' has shape ['batch']"], after=_absent(new / "emb")),
+        "embed: ONNX graph input disagrees with its metadata": lambda: Case(
+            embed(hostile.onnx_encoder(h / "input.onnx", size=64, input_size=4)),
+            [str(h / "input.onnx"), "graph input 'images' has shape ['batch', 3, 4, 4]", "(N, 3, 64, 64)"],
+            after=_absent(new / "emb")),
+        "search: --model with a 1-D output": lambda: _search_case(
+            c, "model-1d", lambda d: None, [str(h / "one_d2.onnx"), "graph output 'embeddings'"],
+            model=hostile.onnx_encoder(h / "one_d2.onnx", one_d=True)),
+    }
 
 
 def _resume_case(c: Path, name: str, mutate, extra_sets, needles) -> Case:
@@ -346,6 +518,14 @@ def test_bad_input(row, ctx, tmp_path):
         case.after()
 
 
+PART_B_IDS = list(_hostile_rows(Path("/nonexistent"), Path("/nonexistent")).keys())
+
+
 def test_table_covers_part_a():
     """The figure docs/reliability.md states."""
-    assert len(ROW_IDS) >= 40
+    assert len(ROW_IDS) - len(PART_B_IDS) >= 40
+
+
+def test_table_covers_part_b():
+    """Hostile files (docs/reliability.md, "Untrusted files"): all in the table."""
+    assert len(PART_B_IDS) >= 30 and set(PART_B_IDS) <= set(ROW_IDS)
