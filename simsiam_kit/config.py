@@ -29,6 +29,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_KNN_K = 200  # kNN neighbours and vote temperature (InstDisc, Wu et al. 2018)
 DEFAULT_KNN_TEMPERATURE = 0.1
 DEFAULT_CROP_PCT = 0.875  # image files: shorter side to size / 0.875, then a centre crop of size
+DEFAULT_FEATURE_BATCH = 256  # images per forward when extracting features (eval commands, kNN monitor)
 
 
 def config_dirs() -> list[Path]:
@@ -110,6 +111,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 when the hardware supports it) | fp32 | bf16 | fp16
     channels_last: Optional[bool] = None  # null/auto = on where it helps (CPU with bf16, CUDA)
+    # a linear head on detached backbone features trained alongside (engine/online_probe.py): null/auto =
+    # on when the data are labelled, in memory and a val set is given; its val top-1 goes into metrics.jsonl
+    online_probe: Optional[bool] = None
     # torch.compile the model and the GPU augmentation. null/auto = the measured default per device
     # (simsiam_kit.utils.device.COMPILE_AUTO; benchmarks/results/gpu_check.json).
     compile: Optional[bool] = None

@@ -28,8 +28,12 @@ class SimSiam(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.projector(self.backbone(x))
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor):
-        z1, z2 = self.encode(x1), self.encode(x2)
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, features: bool = False):
+        """``features=True`` also returns the backbone features of view 1 (for the online probe)."""
+        f1 = self.backbone(x1)
+        z1, z2 = self.projector(f1), self.encode(x2)
+        if features:
+            return self.predictor(z1), self.predictor(z2), z1, z2, f1
         return self.predictor(z1), self.predictor(z2), z1, z2
 
 
