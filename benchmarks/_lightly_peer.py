@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 
-def lightly_example(images: np.ndarray, backbone: torch.nn.Module, batch: int, workers: int, device="cpu",
-                    amp: bool = False):
+def lightly_example(
+    images: np.ndarray, backbone: torch.nn.Module, batch: int, workers: int, device="cpu", amp: bool = False
+):
     """Return ``(model, loader, step)``; ``step((x0, x1))`` runs one training step and returns (images, loss),
     the loss a 0-d tensor on the device."""
     import contextlib
@@ -54,8 +55,15 @@ def lightly_example(images: np.ndarray, backbone: torch.nn.Module, batch: int, w
     model = SimSiam(backbone).to(device, memory_format=torch.channels_last if amp else torch.contiguous_format)
     crit = NegativeCosineSimilarity()
     opt = torch.optim.SGD(model.parameters(), lr=0.06)  # lightly's example optimizer
-    loader = torch.utils.data.DataLoader(DS(), batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
-                                         persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+    loader = torch.utils.data.DataLoader(
+        DS(),
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=device.type == "cuda",
+    )
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
 
     def step(views):

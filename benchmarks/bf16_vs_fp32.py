@@ -27,10 +27,18 @@ def run(size, images, steps, batch, precision, channels_last):
     from simsiam_kit.data.datasets import ImageDataset
     from simsiam_kit.pretrain import build_pretraining
 
-    cfg = load_pretrain_config("cifar10_resnet18", [
-        f"data.image_size={size}", "optim.base_lr=0.06", f"train.precision={precision}",
-        f"train.channels_last={str(channels_last).lower()}", f"optim.batch_size={batch}", "train.device=cpu",
-        "data.val=null"])
+    cfg = load_pretrain_config(
+        "cifar10_resnet18",
+        [
+            f"data.image_size={size}",
+            "optim.base_lr=0.06",
+            f"train.precision={precision}",
+            f"train.channels_last={str(channels_last).lower()}",
+            f"optim.batch_size={batch}",
+            "train.device=cpu",
+            "data.val=null",
+        ],
+    )
     torch.manual_seed(0)  # the same initial weights for both precisions
     ds = ImageDataset("bench", np.zeros(len(images), np.int64), list(range(len(images))), images=images)
     p = build_pretraining(cfg, torch.device("cpu"), dataset=ds)
@@ -70,14 +78,25 @@ def main():
     l32, s32 = run(args.size, images, args.steps, args.batch, "fp32", False)
     d_raw = np.abs(np.array(l16) - np.array(l32))
     d_smooth = np.abs(smooth(l16) - smooth(l32))
-    res = {"steps": args.steps, "batch": args.batch, "image_size": args.size,
-           "loss_bf16": l16, "loss_fp32": l32, "std_bf16": s16, "std_fp32": s32,
-           "max_abs_diff_loss": float(d_raw.max()), "median_abs_diff_loss": float(np.median(d_raw)),
-           "max_abs_diff_loss_smoothed10": float(d_smooth.max()),
-           "final_loss_smoothed10": {"bf16": float(smooth(l16)[-1]), "fp32": float(smooth(l32)[-1])}}
+    res = {
+        "steps": args.steps,
+        "batch": args.batch,
+        "image_size": args.size,
+        "loss_bf16": l16,
+        "loss_fp32": l32,
+        "std_bf16": s16,
+        "std_fp32": s32,
+        "max_abs_diff_loss": float(d_raw.max()),
+        "median_abs_diff_loss": float(np.median(d_raw)),
+        "max_abs_diff_loss_smoothed10": float(d_smooth.max()),
+        "final_loss_smoothed10": {"bf16": float(smooth(l16)[-1]), "fp32": float(smooth(l32)[-1])},
+    }
     print(f"steps {args.steps}, batch {args.batch}, {args.size} px")
     print(f"loss first/last  bf16 {l16[0]:.4f} / {l16[-1]:.4f}   fp32 {l32[0]:.4f} / {l32[-1]:.4f}")
-    print(f"|bf16 - fp32| loss: median {np.median(d_raw):.4f}, max {d_raw.max():.4f}; smoothed(10) max {d_smooth.max():.4f}")
+    print(
+        f"|bf16 - fp32| loss: median {np.median(d_raw):.4f}, max {d_raw.max():.4f}; "
+        f"smoothed(10) max {d_smooth.max():.4f}"
+    )
     write_json("bf16_vs_fp32.json", res)
     import matplotlib
 

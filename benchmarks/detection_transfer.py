@@ -43,19 +43,41 @@ def pretrain(out: Path, epochs: int, image_size: int, batch_size: int, device: s
         link = folder / im["file_name"]
         if not link.exists():
             link.symlink_to(DATA / "images" / im["file_name"])
-    cfg = load_pretrain_config("demo", [
-        f"data.train={folder.parent}", "data.val=null", f"data.image_size={image_size}",
-        "data.blur_prob=0.5", "data.mean=[0.485,0.456,0.406]", "data.std=[0.229,0.224,0.225]", "data.workers=2",
-        "model.arch=resnet18", "model.stem=imagenet", "model.proj_layers=2", "model.proj_dim=512",
-        "model.proj_hidden=512", "model.pred_hidden=128",
-        f"optim.epochs={epochs}", f"optim.batch_size={batch_size}", "optim.base_lr=0.05", "optim.lr_per_step=true",
-        "optim.warmup_epochs=1", "train.knn_every=0", "train.progress=false", "train.plots=false",
-        "train.precision=fp32", f"train.device={device}", "name=coco128_simsiam",
-    ])
+    cfg = load_pretrain_config(
+        "demo",
+        [
+            f"data.train={folder.parent}",
+            "data.val=null",
+            f"data.image_size={image_size}",
+            "data.blur_prob=0.5",
+            "data.mean=[0.485,0.456,0.406]",
+            "data.std=[0.229,0.224,0.225]",
+            "data.workers=2",
+            "model.arch=resnet18",
+            "model.stem=imagenet",
+            "model.proj_layers=2",
+            "model.proj_dim=512",
+            "model.proj_hidden=512",
+            "model.pred_hidden=128",
+            f"optim.epochs={epochs}",
+            f"optim.batch_size={batch_size}",
+            "optim.base_lr=0.05",
+            "optim.lr_per_step=true",
+            "optim.warmup_epochs=1",
+            "train.knn_every=0",
+            "train.progress=false",
+            "train.plots=false",
+            "train.precision=fp32",
+            f"train.device={device}",
+            "name=coco128_simsiam",
+        ],
+    )
     run_dir = out / "pretrain"
     summary = run_pretrain(cfg, run_dir, log=lambda s: print("  " + s))
-    print(f"  pretrain: {summary['train_seconds']} s, final loss {summary['final_loss']:.4f}, "
-          f"std x sqrt(d) {summary['std_x_sqrt_d']:.3f}")
+    print(
+        f"  pretrain: {summary['train_seconds']} s, final loss {summary['final_loss']:.4f}, "
+        f"std x sqrt(d) {summary['std_x_sqrt_d']:.3f}"
+    )
     return run_dir
 
 
@@ -63,17 +85,32 @@ def finetune(weights: str, out: Path, args) -> dict:
     from simsiam_kit.evaluation.detection.data import resolve_data
     from simsiam_kit.evaluation.detection.torchvision_engine import load_detection_config, run_torchvision_detection
 
-    data = resolve_data(DATA / "instances_train.json", DATA / "images", DATA / "instances_val.json", DATA / "images",
-                        None, "", "")
-    cfg = load_detection_config("torchvision_quick", [
-        "model.norm=bn", "model.trainable_layers=5", f"model.min_size={args.min_size}",
-        f"model.max_size={int(args.min_size * 1.5)}", "model.rpn_post_nms_top_n_train=300",
-        "model.rpn_post_nms_top_n_test=100", "model.box_batch_size_per_image=128",
-        f"solver.batch_size={args.batch_size}", f"solver.base_lr={args.lr}", "solver.warmup_iters=20",
-        f"train.device={args.device}", "train.progress=false", "train.log_every=10", "data.workers=2",
-        "test.vis_images=4",
-    ])
-    return run_torchvision_detection(cfg, weights, data, out, iters=args.iters, arch="resnet18", log=lambda s: print("  " + s))
+    data = resolve_data(
+        DATA / "instances_train.json", DATA / "images", DATA / "instances_val.json", DATA / "images", None, "", ""
+    )
+    cfg = load_detection_config(
+        "torchvision_quick",
+        [
+            "model.norm=bn",
+            "model.trainable_layers=5",
+            f"model.min_size={args.min_size}",
+            f"model.max_size={int(args.min_size * 1.5)}",
+            "model.rpn_post_nms_top_n_train=300",
+            "model.rpn_post_nms_top_n_test=100",
+            "model.box_batch_size_per_image=128",
+            f"solver.batch_size={args.batch_size}",
+            f"solver.base_lr={args.lr}",
+            "solver.warmup_iters=20",
+            f"train.device={args.device}",
+            "train.progress=false",
+            "train.log_every=10",
+            "data.workers=2",
+            "test.vis_images=4",
+        ],
+    )
+    return run_torchvision_detection(
+        cfg, weights, data, out, iters=args.iters, arch="resnet18", log=lambda s: print("  " + s)
+    )
 
 
 def main() -> None:
@@ -99,8 +136,10 @@ def main() -> None:
     if args.pretrained:
         weights, pre_s = args.pretrained, None
     else:
-        print(f"[1/3] SimSiam pretraining on the 82 coco128 train images ({args.pretrain_epochs} epochs, "
-              f"{args.pretrain_size} px)")
+        print(
+            f"[1/3] SimSiam pretraining on the 82 coco128 train images ({args.pretrain_epochs} epochs, "
+            f"{args.pretrain_size} px)"
+        )
         t = time.time()
         weights = str(pretrain(work, args.pretrain_epochs, args.pretrain_size, args.pretrain_batch, args.device))
         pre_s = round(time.time() - t, 1)
@@ -114,15 +153,41 @@ def main() -> None:
         return round(a / b, 3) if b else None
 
     result = {
-        "benchmark": "detection_transfer", "data": "coco128_det (82 train / 20 val)",
+        "benchmark": "detection_transfer",
+        "data": "coco128_det (82 train / 20 val)",
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "work")},
-        "pretrain_seconds": pre_s, "total_seconds": round(time.time() - t0, 1),
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "device": args.device},
-        "runs": {k: {m: v[m] for m in ("AP", "AP50", "AP75", "APs", "APm", "APl", "seconds_per_iter", "train_seconds",
-                                       "eval_seconds", "num_detections", "final_loss")} for k, v in rows.items()},
-        "ratio_simsiam_over_random": {"AP": ratio(s["AP"], r["AP"]), "AP50": ratio(s["AP50"], r["AP50"]),
-                                      "seconds_per_iter": ratio(s["seconds_per_iter"], r["seconds_per_iter"])},
+        "pretrain_seconds": pre_s,
+        "total_seconds": round(time.time() - t0, 1),
+        "machine": {
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device": args.device,
+        },
+        "runs": {
+            k: {
+                m: v[m]
+                for m in (
+                    "AP",
+                    "AP50",
+                    "AP75",
+                    "APs",
+                    "APm",
+                    "APl",
+                    "seconds_per_iter",
+                    "train_seconds",
+                    "eval_seconds",
+                    "num_detections",
+                    "final_loss",
+                )
+            }
+            for k, v in rows.items()
+        },
+        "ratio_simsiam_over_random": {
+            "AP": ratio(s["AP"], r["AP"]),
+            "AP50": ratio(s["AP50"], r["AP50"]),
+            "seconds_per_iter": ratio(s["seconds_per_iter"], r["seconds_per_iter"]),
+        },
         "work_dir": str(work),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -131,8 +196,10 @@ def main() -> None:
     print("| init | AP (%) | AP50 (%) | AP75 (%) | s/iter (median) | final loss |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for k, v in rows.items():
-        print(f"| {k} | {v['AP']:.4f} | {v['AP50']:.4f} | {v['AP75']:.4f} | {v['seconds_per_iter']:.3f} | "
-              f"{v['final_loss']:.3f} |")
+        print(
+            f"| {k} | {v['AP']:.4f} | {v['AP50']:.4f} | {v['AP75']:.4f} | {v['seconds_per_iter']:.3f} | "
+            f"{v['final_loss']:.3f} |"
+        )
     q = result["ratio_simsiam_over_random"]
     print(f"ratio simsiam / random: AP {q['AP']}, AP50 {q['AP50']}, s/iter {q['seconds_per_iter']}")
     print(f"results: {args.out}  (work dir {work}, total {result['total_seconds']} s)")

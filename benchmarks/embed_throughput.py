@@ -33,9 +33,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from simsiam_kit.engine.checkpoint import save_backbone  # noqa: E402
 from simsiam_kit.export.embedder import OnnxEmbedder, preprocess  # noqa: E402
 from simsiam_kit.export.onnx import export_onnx  # noqa: E402
-from simsiam_kit.engine.checkpoint import save_backbone  # noqa: E402
 from simsiam_kit.models import build_backbone  # noqa: E402
 from simsiam_kit.utils.io import atomic_write_json  # noqa: E402
 
@@ -86,25 +86,40 @@ def run_case(arch, stem, size, batch, reps, tmp: Path) -> dict:
         t_ort.append(_time(ort_fwd))
     mt, mo = statistics.median(t_torch), statistics.median(t_ort)
     return {
-        "arch": arch, "stem": stem, "image_size": size, "batch": batch, "reps": reps,
-        "torch_eager_images_per_s": batch / mt, "onnxruntime_images_per_s": batch / mo,
-        "speedup_ort_vs_eager": mt / mo, "torch_seconds": t_torch, "onnxruntime_seconds": t_ort,
+        "arch": arch,
+        "stem": stem,
+        "image_size": size,
+        "batch": batch,
+        "reps": reps,
+        "torch_eager_images_per_s": batch / mt,
+        "onnxruntime_images_per_s": batch / mo,
+        "speedup_ort_vs_eager": mt / mo,
+        "torch_seconds": t_torch,
+        "onnxruntime_seconds": t_ort,
         "parity_timed_batch": {"max_abs_diff": float(np.abs(ref - got).max()), "min_cosine": float(cos.min())},
         "parity_export_check": {k: rep["parity"][k] for k in ("criterion", "passed", "max_abs_diff", "min_cosine")},
-        "provider": emb.provider, "export_seconds": round(export_s, 1),
+        "provider": emb.provider,
+        "export_seconds": round(export_s, 1),
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per case (default 3 at 224 px, 10 at 32 px)")
+    ap.add_argument(
+        "--reps", type=int, default=None, help="timed repetitions per case (default 3 at 224 px, 10 at 32 px)"
+    )
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "embed_throughput.json"))
     args = ap.parse_args()
     import onnxruntime as ort
 
-    env = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-           "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "onnxruntime": ort.__version__,
-           "load_average_before": os.getloadavg()}
+    env = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "onnxruntime": ort.__version__,
+        "load_average_before": os.getloadavg(),
+    }
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for arch, stem, size, batch, reps in CASES:
@@ -117,15 +132,28 @@ def main() -> None:
     print(f"{'encoder':<28} {'eager img/s':>11} {'ort img/s':>10} {'ort/eager':>9} {'max|diff|':>10} {'min cos':>9}")
     for r in rows:
         name = f"{r['arch']} {r['stem']} {r['image_size']}px"
-        print(f"{name:<28} {r['torch_eager_images_per_s']:>11.1f} {r['onnxruntime_images_per_s']:>10.1f} "
-              f"{r['speedup_ort_vs_eager']:>8.2f}x {r['parity_timed_batch']['max_abs_diff']:>10.2e} "
-              f"{r['parity_timed_batch']['min_cosine']:>9.6f}")
+        print(
+            f"{name:<28} {r['torch_eager_images_per_s']:>11.1f} {r['onnxruntime_images_per_s']:>10.1f} "
+            f"{r['speedup_ort_vs_eager']:>8.2f}x {r['parity_timed_batch']['max_abs_diff']:>10.2e} "
+            f"{r['parity_timed_batch']['min_cosine']:>9.6f}"
+        )
     met = all(r["speedup_ort_vs_eager"] >= TARGET for r in rows)
-    print(f"target onnxruntime >= {TARGET}x eager: {'met' if met else 'NOT met'} "
-          f"(load average before/after {env['load_average_before'][0]:.1f}/{env['load_average_after'][0]:.1f} "
-          f"on {env['cores']} cores)")
-    atomic_write_json(Path(args.out), {"benchmark": "embed_throughput", "baseline": "PyTorch eager fp32, default settings",
-                                       "target_speedup": TARGET, "target_met": met, "env": env, "results": rows})
+    print(
+        f"target onnxruntime >= {TARGET}x eager: {'met' if met else 'NOT met'} "
+        f"(load average before/after {env['load_average_before'][0]:.1f}/{env['load_average_after'][0]:.1f} "
+        f"on {env['cores']} cores)"
+    )
+    atomic_write_json(
+        Path(args.out),
+        {
+            "benchmark": "embed_throughput",
+            "baseline": "PyTorch eager fp32, default settings",
+            "target_speedup": TARGET,
+            "target_met": met,
+            "env": env,
+            "results": rows,
+        },
+    )
     print(f"wrote {args.out}")
 
 

@@ -12,8 +12,9 @@ each one, so a run cut short keeps what it measured:
 
 1. ``pretrain``: the ``cifar10_resnet18`` recipe (ResNet-18 CIFAR stem, batch 512, bf16 autocast +
    channels_last) step by step through the builder ``simsiam-kit pretrain`` uses (``build_pretraining``;
-   hooks left out): device-resident data vs host data copied per step, eager vs ``torch.compile``. Images/s is the median over windows of steps timed with the GPU
-   queue drained at both ends of each window, after warm-up steps. Projected 800-epoch time = 800 x 87
+   hooks left out): device-resident data vs host data copied per step, eager vs ``torch.compile``.
+   Images/s is the median over windows of steps timed with the GPU queue drained at both ends of each
+   window, after warm-up steps. Projected 800-epoch time = 800 x 87
    steps at that rate + 80 kNN-monitor evaluations (the recipe's ``knn_every: 10``) at the measured cost.
    The eager device-resident run also records its loss at every step from the seeded initial weights,
    to compare with the CPU path at equal steps.
@@ -106,17 +107,30 @@ def sync(dev):
 
 
 def machine(dev) -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cores": os.cpu_count(),
-            "load_start": list(os.getloadavg()), "device": str(dev)}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cores": os.cpu_count(),
+        "load_start": list(os.getloadavg()),
+        "device": str(dev),
+    }
     if dev.type == "cuda":
         p = torch.cuda.get_device_properties(dev)
-        info.update({"gpu": p.name, "gpu_memory_gib": round(p.total_memory / 2**30, 1), "sm_count": p.multi_processor_count,
-                     "capability": f"{p.major}.{p.minor}", "cuda": torch.version.cuda,
-                     "cudnn": torch.backends.cudnn.version()})
+        info.update(
+            {
+                "gpu": p.name,
+                "gpu_memory_gib": round(p.total_memory / 2**30, 1),
+                "sm_count": p.multi_processor_count,
+                "capability": f"{p.major}.{p.minor}",
+                "cuda": torch.version.cuda,
+                "cudnn": torch.backends.cudnn.version(),
+            }
+        )
         try:
             q = "name,driver_version,clocks.sm,clocks.max.sm,power.draw,temperature.gpu,utilization.gpu"
-            info["nvidia_smi"] = subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"],
-                                                capture_output=True, text=True, timeout=20).stdout.strip()
+            info["nvidia_smi"] = subprocess.run(
+                ["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"], capture_output=True, text=True, timeout=20
+            ).stdout.strip()
         except Exception as e:  # pragma: no cover
             info["nvidia_smi"] = repr(e)
     for mod in ("onnxruntime", "faiss", "lightly", "triton", "torchvision"):
@@ -147,7 +161,7 @@ def load_cifar(work: Path, n_train: int, n_val: int) -> dict:
             blob, off = d[f"{split}_jpeg"], d[f"{split}_offsets"]
 
             def one(i):
-                return np.asarray(Image.open(io.BytesIO(blob[off[i]:off[i + 1]].tobytes())).convert("RGB"))
+                return np.asarray(Image.open(io.BytesIO(blob[off[i] : off[i + 1]].tobytes())).convert("RGB"))
 
             with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as ex:
                 imgs = np.stack(list(ex.map(one, range(n), chunksize=512)))
@@ -157,14 +171,17 @@ def load_cifar(work: Path, n_train: int, n_val: int) -> dict:
             imgs, labels = dec(split, n)
             np.savez(work / f"{split}.npz", images=imgs, labels=labels, class_names=d["class_names"])
             out[split] = len(imgs)
-        out["source"] = f"{src.name} (JPEG q{int(d['quality'])} re-encode of the CIFAR-10 JPEG copy; mean |change| " \
-                        f"{float(d['mean_abs_pixel_change'][0]):.3f}/255)"
+        out["source"] = (
+            f"{src.name} (JPEG q{int(d['quality'])} re-encode of the CIFAR-10 JPEG copy; mean |change| "
+            f"{float(d['mean_abs_pixel_change'][0]):.3f}/255)"
+        )
     else:
         shared = REPO.parent / "shared" / "data" / "cifar10"
         for split, n in (("train", n_train), ("val", n_val)):
             with np.load(shared / f"{split}.npz") as z:
-                np.savez(work / f"{split}.npz", images=z["images"][:n], labels=z["labels"][:n],
-                         class_names=z["class_names"])
+                np.savez(
+                    work / f"{split}.npz", images=z["images"][:n], labels=z["labels"][:n], class_names=z["class_names"]
+                )
             out[split] = n
         out["source"] = str(shared)
     out["decode_s"] = round(time.time() - t, 1)
@@ -190,8 +207,14 @@ def windows(step, dev, warmup: int, n_windows: int, per_window: int, images_per_
             step()
         sync(dev)
         rates.append(per_window * images_per_step / (time.perf_counter() - t))
-    return {"images_per_s": round(statistics.median(rates), 1), "min": round(min(rates), 1),
-            "max": round(max(rates), 1), "windows": n_windows, "steps_per_window": per_window, "warmup_steps": warmup}
+    return {
+        "images_per_s": round(statistics.median(rates), 1),
+        "min": round(min(rates), 1),
+        "max": round(max(rates), 1),
+        "windows": n_windows,
+        "steps_per_window": per_window,
+        "warmup_steps": warmup,
+    }
 
 
 def cycling(loader):
@@ -204,15 +227,32 @@ def cycling(loader):
 
 
 # --------------------------------------------------------------------------------------------- 1. pretrain
-def pretrain_variant(train_npz: Path, dev, batch: int, resident: bool, compiled: bool, warmup: int, n_windows: int,
-                     per_window: int, record_losses: int = 0) -> dict:
+def pretrain_variant(
+    train_npz: Path,
+    dev,
+    batch: int,
+    resident: bool,
+    compiled: bool,
+    warmup: int,
+    n_windows: int,
+    per_window: int,
+    record_losses: int = 0,
+) -> dict:
     """Steps of exactly what ``simsiam-kit pretrain`` runs (``build_pretraining``), without the hooks."""
     from simsiam_kit.config import load_pretrain_config
     from simsiam_kit.pretrain import build_pretraining
 
-    cfg = load_pretrain_config("cifar10_resnet18", [
-        f"data.train={train_npz}", "data.val=null", f"optim.batch_size={batch}", f"train.device={dev}",
-        f"train.compile={str(compiled).lower()}", f"data.device_resident={str(resident).lower()}"])
+    cfg = load_pretrain_config(
+        "cifar10_resnet18",
+        [
+            f"data.train={train_npz}",
+            "data.val=null",
+            f"optim.batch_size={batch}",
+            f"train.device={dev}",
+            f"train.compile={str(compiled).lower()}",
+            f"data.device_resident={str(resident).lower()}",
+        ],
+    )
     torch.manual_seed(cfg.train.seed)
     p = build_pretraining(cfg, dev)
     prec, cl, step_fn = p.precision, p.channels_last, p.step
@@ -236,8 +276,16 @@ def pretrain_variant(train_npz: Path, dev, batch: int, resident: bool, compiled:
         sync(dev)
         t_compile = round(time.perf_counter() - t, 1)
     res = windows(step, dev, warmup, n_windows, per_window, batch)
-    res.update({"precision": prec.name, "channels_last": cl, "device_resident": resident, "compile": compiled,
-                "first_step_s": t_compile, "batch": batch})
+    res.update(
+        {
+            "precision": prec.name,
+            "channels_last": cl,
+            "device_resident": resident,
+            "compile": compiled,
+            "first_step_s": t_compile,
+            "batch": batch,
+        }
+    )
     if losses:
         res["loss_per_step"] = [round(float(v), 5) for v in losses]
     if dev.type == "cuda":
@@ -256,8 +304,17 @@ def section_pretrain(rep: Report, train_npz: Path, dev, a) -> dict:
             out[name] = {"skipped": f"budget ({rep.left():.0f}s left)"}
             continue
         try:
-            out[name] = pretrain_variant(train_npz, dev, a.batch, resident, compiled, a.warmup, a.windows,
-                                         a.per_window, record_losses=a.curve_steps if (resident and not compiled) else 0)
+            out[name] = pretrain_variant(
+                train_npz,
+                dev,
+                a.batch,
+                resident,
+                compiled,
+                a.warmup,
+                a.windows,
+                a.per_window,
+                record_losses=a.curve_steps if (resident and not compiled) else 0,
+            )
         except Exception as e:
             out[name] = {"error": f"{type(e).__name__}: {str(e)[:400]}", "traceback": traceback.format_exc()[-2500:]}
         r = out[name]
@@ -277,11 +334,12 @@ def section_lightly(train_npz: Path, dev, a) -> dict:
     out = {"workers": workers}
     for name, amp in (("lightly example (fp32)", False), ("lightly + bf16 + channels_last", True)):
         torch.manual_seed(0)
-        _, dl, step_fn = lightly_example(images, build_backbone("resnet18", "cifar"), a.batch, workers, device=dev,
-                                         amp=amp)
+        _, dl, step_fn = lightly_example(
+            images, build_backbone("resnet18", "cifar"), a.batch, workers, device=dev, amp=amp
+        )
         it = iter(cycling(dl))
 
-        def step():
+        def step(it=it, step_fn=step_fn):
             views, _ = next(it)
             step_fn(views)
 
@@ -307,8 +365,16 @@ def knn_monitor_seconds(backbone, bank_npz: Path, query_npz: Path, dev, cfg) -> 
     bank, q = load_dataset(str(bank_npz)), load_dataset(str(query_npz))
     sync(dev)
     t = time.perf_counter()
-    kw = dict(device=dev, batch_size=512, precision=prec, mean=cfg.data.mean, std=cfg.data.std, image_size=32,
-              channels_last=cl, out_device=dev)
+    kw = dict(
+        device=dev,
+        batch_size=512,
+        precision=prec,
+        mean=cfg.data.mean,
+        std=cfg.data.std,
+        image_size=32,
+        channels_last=cl,
+        out_device=dev,
+    )
     fb, lb, _ = extract_features(backbone, bank, **kw)
     fq, lq, _ = extract_features(backbone, q, **kw)
     pred, _ = knn_classify(fb, lb, fq, k=200, temperature=0.1, num_classes=10)
@@ -323,10 +389,19 @@ def section_epoch(work: Path, dev, compiled: bool, a) -> dict:
     from simsiam_kit.weights import load_backbone
 
     run = work / "epoch_run"
-    cfg = load_pretrain_config("cifar10_resnet18", [
-        f"data.train={work / 'train.npz'}", f"data.val={work / 'val.npz'}", f"optim.batch_size={a.batch}",
-        "optim.epochs=1", "train.knn_every=1", "train.progress=false", f"train.compile={str(compiled).lower()}",
-        f"train.max_steps_per_epoch={a.epoch_steps}"])
+    cfg = load_pretrain_config(
+        "cifar10_resnet18",
+        [
+            f"data.train={work / 'train.npz'}",
+            f"data.val={work / 'val.npz'}",
+            f"optim.batch_size={a.batch}",
+            "optim.epochs=1",
+            "train.knn_every=1",
+            "train.progress=false",
+            f"train.compile={str(compiled).lower()}",
+            f"train.max_steps_per_epoch={a.epoch_steps}",
+        ],
+    )
     t = time.time()
     summary = run_pretrain(cfg, output=run, log=lambda s: print("  " + s, flush=True))
     wall = time.time() - t
@@ -335,25 +410,45 @@ def section_epoch(work: Path, dev, compiled: bool, a) -> dict:
     loaded = load_backbone(str(run))
     bb = loaded.model.to(dev, memory_format=torch.channels_last if dev.type == "cuda" else torch.contiguous_format)
     knn_s, knn_acc = knn_monitor_seconds(bb, work / "train.npz", work / "val.npz", dev, cfg)
-    knn_s2, _ = knn_monitor_seconds(bb, work / "train.npz", work / "val.npz", dev, cfg)  # warm: what each later call costs
+    knn_s2, _ = knn_monitor_seconds(
+        bb, work / "train.npz", work / "val.npz", dev, cfg
+    )  # warm: what each later call costs
     epoch_train_s = summary["train_seconds"]
     # resume on the device: a second epoch from the checkpoint (CUDA generator state, fused SGD state)
     resumed = {}
     try:
-        cfg2 = load_pretrain_config("cifar10_resnet18", [
-            f"data.train={work / 'train.npz'}", "data.val=null", f"optim.batch_size={a.batch}", "optim.epochs=2",
-            "train.knn_every=0", "train.progress=false", "train.plots=false", f"train.compile={str(compiled).lower()}",
-            f"train.max_steps_per_epoch={a.epoch_steps or 10}"])
+        cfg2 = load_pretrain_config(
+            "cifar10_resnet18",
+            [
+                f"data.train={work / 'train.npz'}",
+                "data.val=null",
+                f"optim.batch_size={a.batch}",
+                "optim.epochs=2",
+                "train.knn_every=0",
+                "train.progress=false",
+                "train.plots=false",
+                f"train.compile={str(compiled).lower()}",
+                f"train.max_steps_per_epoch={a.epoch_steps or 10}",
+            ],
+        )
         s2 = run_pretrain(cfg2, output=run, resume=True, log=lambda s: print("  " + s, flush=True))
         ep = [r["epoch"] for r in read_metrics(run / "metrics.jsonl") if r.get("type") == "epoch"]
         resumed = {"ok": ep == [1, 2], "epochs_in_metrics": ep, "final_loss": s2.get("final_loss")}
     except Exception as e:
         resumed = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}
-    return {"resume": resumed, "summary": summary, "wall_s": round(wall, 1), "loop_images_per_s": summary.get("images_per_s"),
-            "knn_top1": summary.get("knn_top1"), "knn_top1_random_init": summary.get("knn_top1_random_init"),
-            "knn_monitor_s_first": round(knn_s, 2), "knn_monitor_s": round(knn_s2, 2), "knn_recomputed_top1": knn_acc,
-            "train_seconds_incl_knn_and_checkpoint": epoch_train_s,
-            "step_losses": [(r["step"], round(r["loss"], 5)) for r in steps]}
+    return {
+        "resume": resumed,
+        "summary": summary,
+        "wall_s": round(wall, 1),
+        "loop_images_per_s": summary.get("images_per_s"),
+        "knn_top1": summary.get("knn_top1"),
+        "knn_top1_random_init": summary.get("knn_top1_random_init"),
+        "knn_monitor_s_first": round(knn_s, 2),
+        "knn_monitor_s": round(knn_s2, 2),
+        "knn_recomputed_top1": knn_acc,
+        "train_seconds_incl_knn_and_checkpoint": epoch_train_s,
+        "step_losses": [(r["step"], round(r["loss"], 5)) for r in steps],
+    }
 
 
 # --------------------------------------------------------------------------------------------- 4. eval knn
@@ -364,15 +459,33 @@ def section_knn_eval(work: Path, dev) -> dict:
     weights = str(w) if (w / "backbone.pt").is_file() else "random"
     out = {}
     for rep_i in range(2):  # the second call is warm (cuDNN autotune, CUDA context) like a user's later calls
-        s = KNNSettings(weights=weights, train_data=str(work / "train.npz"), test_data=str(work / "val.npz"),
-                        ks=(20, 200), arch="resnet18" if weights == "random" else None,
-                        stem="cifar" if weights == "random" else None, device=str(dev), batch_size=512, plots=False)
+        s = KNNSettings(
+            weights=weights,
+            train_data=str(work / "train.npz"),
+            test_data=str(work / "val.npz"),
+            ks=(20, 200),
+            arch="resnet18" if weights == "random" else None,
+            stem="cifar" if weights == "random" else None,
+            device=str(dev),
+            batch_size=512,
+            plots=False,
+        )
         t = time.time()
         res = run_knn_eval(s, work / f"knn_eval{rep_i}", log=lambda s: None)
         out[f"wall_s_run{rep_i + 1}"] = round(time.time() - t, 2)
     st = res["settings"]
-    out.update({"weights": weights, "backend": st["backend"], "device": st["device"], "precision": st["precision"],
-                "per_k": res["per_k"], "timing_s": res["timing_s"], "bank": st["bank_size"], "queries": st["queries"]})
+    out.update(
+        {
+            "weights": weights,
+            "backend": st["backend"],
+            "device": st["device"],
+            "precision": st["precision"],
+            "per_k": res["per_k"],
+            "timing_s": res["timing_s"],
+            "bank": st["bank_size"],
+            "queries": st["queries"],
+        }
+    )
     return out
 
 
@@ -413,7 +526,7 @@ def gpu_decode_rate(folder: Path, dev, batch: int, size: int, batches: int) -> d
             out = []
             for im in imgs:
                 t, l, h, w = sample_resized_crops(1, im.shape[1], im.shape[2], (0.2, 1.0), gen=gen)[0].long().tolist()
-                crop = im[:, t:t + h, l:l + w].unsqueeze(0).float()
+                crop = im[:, t : t + h, l : l + w].unsqueeze(0).float()
                 if torch.rand(1, generator=gen).item() < 0.5:
                     crop = crop.flip(-1)
                 out.append(F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False))
@@ -436,9 +549,13 @@ def gpu_decode_rate(folder: Path, dev, batch: int, size: int, batches: int) -> d
     sync(dev)
     total = time.perf_counter() - t
     n = batches * batch
-    return {"images_per_s": round(n / total, 1), "decode_only_images_per_s": round(n / t_dec, 1),
-            "file_read_images_per_s": round(n / t_read, 1), "batches": batches,
-            "note": "one process: host file read + batched nvJPEG decode + per-image crop/resize launches on the GPU"}
+    return {
+        "images_per_s": round(n / total, 1),
+        "decode_only_images_per_s": round(n / t_dec, 1),
+        "file_read_images_per_s": round(n / t_read, 1),
+        "batches": batches,
+        "note": "one process: host file read + batched nvJPEG decode + per-image crop/resize launches on the GPU",
+    }
 
 
 def section_imagenet(work: Path, dev, a) -> dict:
@@ -450,14 +567,27 @@ def section_imagenet(work: Path, dev, a) -> dict:
     folder = make_jpeg_folder(work / "jpegs", a.r50_files)
     bs, size = a.r50_batch, a.r50_size
     cores = os.cpu_count() or 1
-    cfg = load_pretrain_config("imagenet_resnet50", [f"data.train={folder}", "data.val=null", f"train.device={dev}",
-                                                     f"optim.batch_size={bs}", f"data.image_size={size}"])
+    cfg = load_pretrain_config(
+        "imagenet_resnet50",
+        [
+            f"data.train={folder}",
+            "data.val=null",
+            f"train.device={dev}",
+            f"optim.batch_size={bs}",
+            f"data.image_size={size}",
+        ],
+    )
     torch.manual_seed(0)
     p = build_pretraining(cfg, dev)  # what `simsiam-kit pretrain --config imagenet_resnet50` runs
     prec, cl, model, opt, ds = p.precision, p.channels_last, p.model, p.optimizer, p.data.train
     mf = torch.channels_last if cl else torch.contiguous_format
-    out = {"batch": bs, "image_size": size, "files": a.r50_files, "precision": prec.name,
-           "auto_workers": p.data.workers}
+    out = {
+        "batch": bs,
+        "image_size": size,
+        "files": a.r50_files,
+        "precision": prec.name,
+        "auto_workers": p.data.workers,
+    }
 
     # (a) compute ceiling: the step on random normalised tensors already on the device
     x1 = torch.randn(bs, 3, size, size, device=dev).contiguous(memory_format=mf)
@@ -483,8 +613,7 @@ def section_imagenet(work: Path, dev, a) -> dict:
         nb = a.r50_loader_rounds * w
         for _ in range(nb):
             next(it)
-        out[f"file_loader_{w}_workers"] = {"images_per_s": round(nb * bs / (time.perf_counter() - t), 1),
-                                           "batches": nb}
+        out[f"file_loader_{w}_workers"] = {"images_per_s": round(nb * bs / (time.perf_counter() - t), 1), "batches": nb}
         print(f"  file loader, {w} workers: {out[f'file_loader_{w}_workers']['images_per_s']} img/s", flush=True)
         del it, loader
 
@@ -519,10 +648,10 @@ def section_imagenet(work: Path, dev, a) -> dict:
 
 # --------------------------------------------------------------------------------------------- 6. embed
 def section_embed(work: Path, dev, a) -> dict:
-    from simsiam_kit.export.embedder import OnnxEmbedder
-    from simsiam_kit.export.onnx import export_onnx
     from simsiam_kit.data import load_dataset
     from simsiam_kit.engine.checkpoint import save_backbone
+    from simsiam_kit.export.embedder import OnnxEmbedder
+    from simsiam_kit.export.onnx import export_onnx
     from simsiam_kit.features import extract_features
     from simsiam_kit.models import build_backbone
     from simsiam_kit.utils.device import resolve_channels_last, resolve_precision
@@ -535,8 +664,13 @@ def section_embed(work: Path, dev, a) -> dict:
     weights = str(w) if (w / "backbone.pt").is_file() else None
     if weights is None:
         torch.manual_seed(0)
-        save_backbone(work / "r18.pt", build_backbone("resnet18", "cifar"), "resnet18", "cifar",
-                      {"image_size": 32, "mean": [0.4914, 0.4822, 0.4465], "std": [0.2470, 0.2435, 0.2616]})
+        save_backbone(
+            work / "r18.pt",
+            build_backbone("resnet18", "cifar"),
+            "resnet18",
+            "cifar",
+            {"image_size": 32, "mean": [0.4914, 0.4822, 0.4465], "std": [0.2470, 0.2435, 0.2616]},
+        )
         weights = str(work / "r18.pt")
     onnx_path = work / "r18.onnx"
     rep = export_onnx(weights, onnx_path, parity_data=str(work / "val.npz") + "[:16]", device="auto")
@@ -544,16 +678,26 @@ def section_embed(work: Path, dev, a) -> dict:
     from simsiam_kit.weights import load_backbone
 
     bb = load_backbone(weights).model.to(dev, memory_format=torch.channels_last if cl else torch.contiguous_format)
-    kw = dict(device=dev, batch_size=512, precision=prec, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
-              image_size=32, channels_last=cl)
+    kw = dict(
+        device=dev,
+        batch_size=512,
+        precision=prec,
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2470, 0.2435, 0.2616),
+        image_size=32,
+        channels_last=cl,
+    )
     extract_features(bb, val, **kw)  # warm-up
     sync(dev)
     t = time.perf_counter()
     for _ in range(3):
         extract_features(bb, val, **kw)
     sync(dev)
-    out["torch"] = {"images_per_s": round(3 * len(val) / (time.perf_counter() - t), 1), "precision": prec.name,
-                    "batch": 512}
+    out["torch"] = {
+        "images_per_s": round(3 * len(val) / (time.perf_counter() - t), 1),
+        "precision": prec.name,
+        "batch": 512,
+    }
     n = min(len(val), a.ort_images)
     imgs = val.images[:n]
     for device in ("cuda", "cpu"):
@@ -565,8 +709,11 @@ def section_embed(work: Path, dev, a) -> dict:
         emb.embed(imgs[:64])
         t = time.perf_counter()
         emb.embed(imgs)
-        out[f"onnxruntime_{device}"] = {"images_per_s": round(n / (time.perf_counter() - t), 1),
-                                        "provider": emb.provider, "images": n}
+        out[f"onnxruntime_{device}"] = {
+            "images_per_s": round(n / (time.perf_counter() - t), 1),
+            "provider": emb.provider,
+            "images": n,
+        }
     return out
 
 
@@ -576,17 +723,43 @@ def section_detection(work: Path, dev, a) -> dict:
     from simsiam_kit.evaluation.detection.torchvision_engine import load_detection_config, run_torchvision_detection
 
     c = coco_dir()
-    data = resolve_data(c / "instances_train.json", c / "images", c / "instances_val.json", c / "images", None,
-                        "2007/trainval,2012/trainval", "2007/test")
+    data = resolve_data(
+        c / "instances_train.json",
+        c / "images",
+        c / "instances_val.json",
+        c / "images",
+        None,
+        "2007/trainval,2012/trainval",
+        "2007/test",
+    )
     out = {}
-    cfg = load_detection_config("torchvision_quick", [f"train.device={dev}", "train.progress=false",
-                                                      f"data.workers={min(8, os.cpu_count() or 1)}",
-                                                      "test.vis_images=0"])
-    res = run_torchvision_detection(cfg, "random", data, work / "det", iters=a.det_iters, arch="resnet50",
-                                    log=lambda s: print("  " + s, flush=True))
-    out["torchvision_quick_r50_fpn"] = {k: res.get(k) for k in ("seconds_per_iter", "train_seconds", "eval_seconds",
-                                                                "AP", "AP50", "batch_size", "min_size", "precision",
-                                                                "device", "iters")}
+    cfg = load_detection_config(
+        "torchvision_quick",
+        [
+            f"train.device={dev}",
+            "train.progress=false",
+            f"data.workers={min(8, os.cpu_count() or 1)}",
+            "test.vis_images=0",
+        ],
+    )
+    res = run_torchvision_detection(
+        cfg, "random", data, work / "det", iters=a.det_iters, arch="resnet50", log=lambda s: print("  " + s, flush=True)
+    )
+    out["torchvision_quick_r50_fpn"] = {
+        k: res.get(k)
+        for k in (
+            "seconds_per_iter",
+            "train_seconds",
+            "eval_seconds",
+            "AP",
+            "AP50",
+            "batch_size",
+            "min_size",
+            "precision",
+            "device",
+            "iters",
+        )
+    }
     return out
 
 
@@ -601,13 +774,49 @@ def main(argv=None):
     ap.add_argument("--only", default="", help="comma-separated sections to run (default: all)")
     a = ap.parse_args(argv)
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
-    sizes = dict(n_train=TRAIN_N, n_val=5000, batch=512, warmup=5, windows=5, per_window=10, curve_steps=60,
-                 lightly_warmup=30, compile_need_s=150, epoch_steps=0, r50_files=2048, r50_batch=256, r50_size=224,
-                 r50_windows=3, r50_per_window=8, r50_loader_batches=8, r50_loader_rounds=2, ort_images=5000, det_iters=30)
+    sizes = dict(
+        n_train=TRAIN_N,
+        n_val=5000,
+        batch=512,
+        warmup=5,
+        windows=5,
+        per_window=10,
+        curve_steps=60,
+        lightly_warmup=30,
+        compile_need_s=150,
+        epoch_steps=0,
+        r50_files=2048,
+        r50_batch=256,
+        r50_size=224,
+        r50_windows=3,
+        r50_per_window=8,
+        r50_loader_batches=8,
+        r50_loader_rounds=2,
+        ort_images=5000,
+        det_iters=30,
+    )
     if a.smoke:
-        sizes.update(n_train=1024, n_val=256, batch=64, warmup=1, windows=2, per_window=2, curve_steps=4,
-                     lightly_warmup=1, compile_need_s=0, epoch_steps=4, r50_files=32, r50_batch=8, r50_size=64,
-                     r50_windows=1, r50_per_window=1, r50_loader_batches=2, r50_loader_rounds=1, ort_images=128, det_iters=2)
+        sizes.update(
+            n_train=1024,
+            n_val=256,
+            batch=64,
+            warmup=1,
+            windows=2,
+            per_window=2,
+            curve_steps=4,
+            lightly_warmup=1,
+            compile_need_s=0,
+            epoch_steps=4,
+            r50_files=32,
+            r50_batch=8,
+            r50_size=64,
+            r50_windows=1,
+            r50_per_window=1,
+            r50_loader_batches=2,
+            r50_loader_rounds=1,
+            ort_images=128,
+            det_iters=2,
+        )
         a.no_compile = True
     for k, v in sizes.items():
         setattr(a, k, v)
@@ -669,10 +878,20 @@ def summarise(rep: Report, a) -> None:
             proj = EPOCHS * steps * a.batch / r["images_per_s"]
             rows.append((name, f"{r['images_per_s']:,.0f} img/s", f"800 ep: {proj / 60:.1f} min; {ratio}"))
     if epoch.get("loop_images_per_s"):
-        rows.append(("real epoch via run_pretrain (hooks, kNN excluded)", f"{epoch['loop_images_per_s']:,.0f} img/s",
-                     f"kNN top-1 {epoch.get('knn_top1')} (random init {epoch.get('knn_top1_random_init')})"))
-        rows.append(("kNN monitor (45k bank, 5k queries)", f"{knn_s} s per call",
-                     f"first call {epoch.get('knn_monitor_s_first')} s"))
+        rows.append(
+            (
+                "real epoch via run_pretrain (hooks, kNN excluded)",
+                f"{epoch['loop_images_per_s']:,.0f} img/s",
+                f"kNN top-1 {epoch.get('knn_top1')} (random init {epoch.get('knn_top1_random_init')})",
+            )
+        )
+        rows.append(
+            (
+                "kNN monitor (45k bank, 5k queries)",
+                f"{knn_s} s per call",
+                f"first call {epoch.get('knn_monitor_s_first')} s",
+            )
+        )
     ke = s.get("knn_eval") or {}
     if ke.get("wall_s_run2") is not None:
         rows.append(("eval knn 5k x 45k (run_knn_eval)", f"{ke['wall_s_run2']} s", f"first call {ke['wall_s_run1']} s"))
@@ -686,10 +905,18 @@ def summarise(rep: Report, a) -> None:
     em = s.get("embed") or {}
     for k in ("torch", "onnxruntime_cuda", "onnxruntime_cpu"):
         if isinstance(em.get(k), dict) and em[k].get("images_per_s"):
-            rows.append((f"embed R18-CIFAR 32px: {k}", f"{em[k]['images_per_s']:,.0f} img/s", em[k].get("provider", "")))
+            rows.append(
+                (f"embed R18-CIFAR 32px: {k}", f"{em[k]['images_per_s']:,.0f} img/s", em[k].get("provider", ""))
+            )
     det = (s.get("detection") or {}).get("torchvision_quick_r50_fpn") or {}
     if det.get("seconds_per_iter"):
-        rows.append(("detection torchvision R50-FPN quick", f"{det['seconds_per_iter']} s/iter", f"batch {det.get('batch_size')}"))
+        rows.append(
+            (
+                "detection torchvision R50-FPN quick",
+                f"{det['seconds_per_iter']} s/iter",
+                f"batch {det.get('batch_size')}",
+            )
+        )
     if best:
         rep.data["projected_800_epochs_min"] = round(best[2] / 60, 1)
         rep.data["best_pretrain_setting"] = best[0]
@@ -700,8 +927,10 @@ def summarise(rep: Report, a) -> None:
     w0 = max(len(r[0]) for r in rows) if rows else 10
     w1 = max(len(r[1]) for r in rows) if rows else 10
     print("\n" + "\n".join(f"{r[0]:<{w0}} | {r[1]:>{w1}} | {r[2]}" for r in rows))
-    print(f"\ndevice: {rep.data['machine'].get('gpu', rep.data['machine']['device'])}; wall {time.time() - rep.t0:.0f}s; "
-          f"json: {rep.out / 'gpu_check.json'}")
+    print(
+        f"\ndevice: {rep.data['machine'].get('gpu', rep.data['machine']['device'])}; wall {time.time() - rep.t0:.0f}s; "
+        f"json: {rep.out / 'gpu_check.json'}"
+    )
 
 
 if __name__ == "__main__":

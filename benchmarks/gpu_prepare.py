@@ -55,10 +55,14 @@ def encode_cifar(quality: int = 75) -> dict:
         out[f"{split}_labels"] = labels
         out["class_names"] = names
         stats[split] = {"images": len(images), "bytes": int(offsets[-1]), "mean_abs_pixel_change": err / len(images)}
-        print(f"{split}: {len(images)} images, {offsets[-1] / 2**20:.1f} MiB, "
-              f"mean |re-encoded - original| = {err / len(images):.3f} / 255")
+        print(
+            f"{split}: {len(images)} images, {offsets[-1] / 2**20:.1f} MiB, "
+            f"mean |re-encoded - original| = {err / len(images):.3f} / 255"
+        )
     out["quality"] = np.array(quality)
-    out["mean_abs_pixel_change"] = np.array([stats["train"]["mean_abs_pixel_change"], stats["val"]["mean_abs_pixel_change"]])
+    out["mean_abs_pixel_change"] = np.array(
+        [stats["train"]["mean_abs_pixel_change"], stats["val"]["mean_abs_pixel_change"]]
+    )
     OUT.mkdir(exist_ok=True)
     np.savez(OUT / "cifar10_jpeg.npz", **out)
     return stats
@@ -75,19 +79,43 @@ def exclude(*names: str) -> None:
 
 def wheels() -> None:
     WHL.mkdir(exist_ok=True)
-    plat = ["--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64",
-            "--platform", "manylinux2014_x86_64"]
-    base = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
-            "3.12", "--implementation", "cp", *plat, "-d", str(WHL)]
+    plat = [
+        "--platform",
+        "manylinux_2_28_x86_64",
+        "--platform",
+        "manylinux_2_17_x86_64",
+        "--platform",
+        "manylinux2014_x86_64",
+    ]
+    base = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "-q",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        "3.12",
+        "--implementation",
+        "cp",
+        *plat,
+        "-d",
+        str(WHL),
+    ]
     subprocess.run(base + ["--platform", "any"] + WHEELS, check=True)
     subprocess.run(base + WHEELS_BINARY, check=True)
     # antlr4-python3-runtime 4.9.3 (omegaconf's pin) is published as an sdist only: build its pure-Python wheel
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(WHL),
-                    "antlr4-python3-runtime==4.9.3"], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(WHL), "antlr4-python3-runtime==4.9.3"],
+        check=True,
+    )
     for old in WHL.glob("simsiam_kit-*.whl"):  # the project itself, rebuilt from the tree every time
         old.unlink()
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(WHL),
-                    str(REPO)], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(WHL), str(REPO)],
+        check=True,
+    )
 
 
 def main():

@@ -32,9 +32,9 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args(argv)
 
+    from simsiam_kit.data import load_dataset
     from simsiam_kit.evaluation.linear import TensorLoader, evaluate_head, make_head, train_linear_head
     from simsiam_kit.evaluation.linear_sweep import run_sweep
-    from simsiam_kit.data import load_dataset
     from simsiam_kit.features import extract_features
     from simsiam_kit.models import build_backbone
 
@@ -43,8 +43,15 @@ def main(argv=None):
     torch.manual_seed(0)
     bb = build_backbone("resnet18", "cifar")
     t = time.perf_counter()
-    f, y, _ = extract_features(bb, ds, torch.device("cpu"), batch_size=256, mean=(0.4914, 0.4822, 0.4465),
-                               std=(0.2470, 0.2435, 0.2616), normalize=False)
+    f, y, _ = extract_features(
+        bb,
+        ds,
+        torch.device("cpu"),
+        batch_size=256,
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2470, 0.2435, 0.2616),
+        normalize=False,
+    )
     extract_s = time.perf_counter() - t
     n = int(0.8 * len(y))
     ft, yt, fq, yq = f[:n], y[:n], f[n:], y[n:]
@@ -53,8 +60,14 @@ def main(argv=None):
         torch.manual_seed(0)
         head = make_head(f.shape[1], 10)
         t = time.perf_counter()
-        train_linear_head(head, TensorLoader(ft, yt, a.batch, seed=0), lambda b: b["features"], a.epochs,
-                          base_lr=0.1, batch_size=a.batch)
+        train_linear_head(
+            head,
+            TensorLoader(ft, yt, a.batch, seed=0),
+            lambda b: b["features"],
+            a.epochs,
+            base_lr=0.1,
+            batch_size=a.batch,
+        )
         one.append(time.perf_counter() - t)
         acc["one head (lr 0.1, wd 0)"] = evaluate_head(head, fq, yq)["top1"]
         t = time.perf_counter()
@@ -63,15 +76,39 @@ def main(argv=None):
         h = res.bank.head(res.selected)
         acc["sweep (selected head)"] = evaluate_head(h, fq, yq)["top1"]
         chosen = res.grid[res.selected]
-    rows = [{"run": "one head", "heads": 1, "median_s": statistics.median(one), "test_top1": acc["one head (lr 0.1, wd 0)"]},
-            {"run": "lr sweep", "heads": len(res.grid), "median_s": statistics.median(sweep),
-             "test_top1": acc["sweep (selected head)"], "selected": f"lr {chosen['lr']:g}, wd {chosen['weight_decay']:g}"}]
+    rows = [
+        {
+            "run": "one head",
+            "heads": 1,
+            "median_s": statistics.median(one),
+            "test_top1": acc["one head (lr 0.1, wd 0)"],
+        },
+        {
+            "run": "lr sweep",
+            "heads": len(res.grid),
+            "median_s": statistics.median(sweep),
+            "test_top1": acc["sweep (selected head)"],
+            "selected": f"lr {chosen['lr']:g}, wd {chosen['weight_decay']:g}",
+        },
+    ]
     rows[1]["x_one_head"] = rows[1]["median_s"] / rows[0]["median_s"]
     print_table(rows, ["run", "heads", "median_s", "x_one_head", "test_top1", "selected"])
-    write_json("linear_sweep.json", {"images": a.images, "train": n, "test": len(y) - n, "epochs": a.epochs,
-                                     "batch": a.batch, "feature_extract_s": round(extract_s, 1), "rows": rows,
-                                     "one_head_s": one, "sweep_s": sweep, "load_before": load0,
-                                     "load_after": os.getloadavg()[0]})
+    write_json(
+        "linear_sweep.json",
+        {
+            "images": a.images,
+            "train": n,
+            "test": len(y) - n,
+            "epochs": a.epochs,
+            "batch": a.batch,
+            "feature_extract_s": round(extract_s, 1),
+            "rows": rows,
+            "one_head_s": one,
+            "sweep_s": sweep,
+            "load_before": load0,
+            "load_after": os.getloadavg()[0],
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -40,9 +40,16 @@ def main(argv=None):
     load0 = os.getloadavg()[0]
     parts = {}
     for probe in (True, False):
-        cfg = load_pretrain_config("cifar10_resnet18", [
-            f"data.train={npz}[:{a.images}]", f"data.val={npz}[{a.images}:{a.images + a.val}]",
-            f"optim.batch_size={a.batch}", "train.device=cpu", f"train.online_probe={str(probe).lower()}"])
+        cfg = load_pretrain_config(
+            "cifar10_resnet18",
+            [
+                f"data.train={npz}[:{a.images}]",
+                f"data.val={npz}[{a.images}:{a.images + a.val}]",
+                f"optim.batch_size={a.batch}",
+                "train.device=cpu",
+                f"train.online_probe={str(probe).lower()}",
+            ],
+        )
         torch.manual_seed(0)
         parts[probe] = build_pretraining(cfg, torch.device("cpu"))
 
@@ -72,15 +79,31 @@ def main(argv=None):
     top1 = make_probe_eval(parts[True], batch_size=256)()
     val_s = time.perf_counter() - t
     med = {k: statistics.median(v) for k, v in times.items()}
-    rows = [{"run": "without probe", "median_step_s": med[False], "images_per_s": a.batch / med[False]},
-            {"run": "with probe", "median_step_s": med[True], "images_per_s": a.batch / med[True],
-             "overhead": med[True] / med[False] - 1}]
+    rows = [
+        {"run": "without probe", "median_step_s": med[False], "images_per_s": a.batch / med[False]},
+        {
+            "run": "with probe",
+            "median_step_s": med[True],
+            "images_per_s": a.batch / med[True],
+            "overhead": med[True] / med[False] - 1,
+        },
+    ]
     print_table(rows, ["run", "median_step_s", "images_per_s", "overhead"])
     print(f"probe val pass ({a.val} images): {val_s:.2f} s (top-1 {top1:.1f} %, untrained)")
-    write_json("online_probe.json", {"batch": a.batch, "images": a.images, "rows": rows, "val_images": a.val,
-                                     "val_pass_s": round(val_s, 2), "steps_with": times[True],
-                                     "steps_without": times[False], "load_before": load0,
-                                     "load_after": os.getloadavg()[0]})
+    write_json(
+        "online_probe.json",
+        {
+            "batch": a.batch,
+            "images": a.images,
+            "rows": rows,
+            "val_images": a.val,
+            "val_pass_s": round(val_s, 2),
+            "steps_with": times[True],
+            "steps_without": times[False],
+            "load_before": load0,
+            "load_after": os.getloadavg()[0],
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -48,9 +48,16 @@ def ours(images: np.ndarray, batch: int, steps: int, precision: str, channels_la
     from simsiam_kit.data.datasets import ImageDataset
     from simsiam_kit.pretrain import build_pretraining
 
-    cfg = load_pretrain_config("cifar10_resnet18", [f"train.precision={precision}", f"optim.batch_size={batch}",
-                                                    f"train.channels_last={'null' if channels_last is None else channels_last}",
-                                                    "train.device=cpu", "data.val=null"])
+    cfg = load_pretrain_config(
+        "cifar10_resnet18",
+        [
+            f"train.precision={precision}",
+            f"optim.batch_size={batch}",
+            f"train.channels_last={'null' if channels_last is None else channels_last}",
+            "train.device=cpu",
+            "data.val=null",
+        ],
+    )
     torch.manual_seed(0)
     ds = ImageDataset("bench", np.zeros(len(images), np.int64), list(range(len(images))), images=images)
     p = build_pretraining(cfg, torch.device("cpu"), dataset=ds)
@@ -132,25 +139,47 @@ def main():
     def add(name, times, precision, cl, note=""):
         med = statistics.median(times)
         raw[name] = times
-        rows.append({"setting": name, "precision": precision, "channels_last": cl, "median_step_s": med,
-                     "images_per_s": b / med, "note": note})
+        rows.append(
+            {
+                "setting": name,
+                "precision": precision,
+                "channels_last": cl,
+                "median_step_s": med,
+                "images_per_s": b / med,
+                "note": note,
+            }
+        )
         print(f"  {name}: {b / med:.1f} images/s", flush=True)
 
     t, prec, cl, model = ours(images, b, args.steps, "auto", None)
     add("simsiam-kit default", t, prec, cl, "data + batched aug included")
-    add("ceiling (same model, random tensors)", ceiling(model, b, args.steps, prec, cl), prec, cl,
-        "forward+backward+SGD only")
+    add(
+        "ceiling (same model, random tensors)",
+        ceiling(model, b, args.steps, prec, cl),
+        prec,
+        cl,
+        "forward+backward+SGD only",
+    )
     t, _, _, model32 = ours(images, b, args.steps, "fp32", False)
     add("simsiam-kit fp32", t, "fp32", False, "data + batched aug included")
     add("ceiling fp32", ceiling(model32, b, args.steps, "fp32", False), "fp32", False, "forward+backward+SGD only")
     if not args.skip_lightly:
-        add("lightly 1.6.0 (example loop)", lightly_run(images, b, args.steps, args.workers), "fp32", False,
-            f"PIL SimSiamTransform, {args.workers} workers")
+        add(
+            "lightly 1.6.0 (example loop)",
+            lightly_run(images, b, args.steps, args.workers),
+            "fp32",
+            False,
+            f"PIL SimSiamTransform, {args.workers} workers",
+        )
 
     by = {r["setting"]: r["images_per_s"] for r in rows}
     ratios = {
-        "ours_default_vs_lightly": by["simsiam-kit default"] / by["lightly 1.6.0 (example loop)"] if not args.skip_lightly else None,
-        "ours_fp32_vs_lightly": by["simsiam-kit fp32"] / by["lightly 1.6.0 (example loop)"] if not args.skip_lightly else None,
+        "ours_default_vs_lightly": by["simsiam-kit default"] / by["lightly 1.6.0 (example loop)"]
+        if not args.skip_lightly
+        else None,
+        "ours_fp32_vs_lightly": by["simsiam-kit fp32"] / by["lightly 1.6.0 (example loop)"]
+        if not args.skip_lightly
+        else None,
         "ours_default_vs_ceiling": by["simsiam-kit default"] / by["ceiling (same model, random tensors)"],
         "ours_fp32_vs_ceiling_fp32": by["simsiam-kit fp32"] / by["ceiling fp32"],
     }
@@ -160,9 +189,22 @@ def main():
     for k, v in ratios.items():
         if v is not None:
             print(f"{k}: {v:.2f}x")
-    write_json(args.out, {"setting": {"arch": "resnet18", "stem": "cifar", "image_size": 32, "batch": b,
-                                      "steps": args.steps, "images": args.images},
-                          "rows": rows, "ratios": ratios, "raw_step_seconds": raw})
+    write_json(
+        args.out,
+        {
+            "setting": {
+                "arch": "resnet18",
+                "stem": "cifar",
+                "image_size": 32,
+                "batch": b,
+                "steps": args.steps,
+                "images": args.images,
+            },
+            "rows": rows,
+            "ratios": ratios,
+            "raw_step_seconds": raw,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from simsiam_kit.engine import Trainer
 from simsiam_kit.engine.hooks import EpochAverages, Hook, LRSchedule, MetricsWriter, ProgressBar, Throughput
@@ -137,10 +136,23 @@ class SweepResult:
     history: list
 
 
-def run_sweep(features: torch.Tensor, labels: torch.Tensor, num_classes: int, epochs: int, batch_size: int,
-              device: torch.device, lrs: Sequence[float] = SWEEP_LRS, weight_decay: float = SWEEP_WD,
-              momentum: float = 0.9, val_fraction: float = 0.1, seed: int = 0, metrics_path=None,
-              progress: bool = False, log_every: int = 10, sinks=()) -> SweepResult:
+def run_sweep(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    epochs: int,
+    batch_size: int,
+    device: torch.device,
+    lrs: Sequence[float] = SWEEP_LRS,
+    weight_decay: float = SWEEP_WD,
+    momentum: float = 0.9,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    metrics_path=None,
+    progress: bool = False,
+    log_every: int = 10,
+    sinks=(),
+) -> SweepResult:
     """Train one head per (lr, wd) on all but a held-out slice of ``features``; pick the best on the slice."""
     from simsiam_kit.evaluation.linear import TensorLoader
 
@@ -159,8 +171,13 @@ def run_sweep(features: torch.Tensor, labels: torch.Tensor, num_classes: int, ep
         def after_epoch(self, trainer) -> None:
             history.append({"epoch": trainer.epoch, "lr_factor": trainer.state.get("lr"), **trainer.epoch_metrics})
 
-    hooks: list[Hook] = [LRSchedule(opt, 1.0, epochs), Throughput(), EpochAverages(),
-                         ProgressBar(progress, desc="linear sweep"), _Record()]
+    hooks: list[Hook] = [
+        LRSchedule(opt, 1.0, epochs),
+        Throughput(),
+        EpochAverages(),
+        ProgressBar(progress, desc="linear sweep"),
+        _Record(),
+    ]
     if metrics_path is not None:
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text("")
@@ -198,7 +215,8 @@ def plot_sweep(grid: list, selected: int, path, title: str) -> None:
 def sweep_table(grid: list, selected: int) -> str:
     from simsiam_kit.evaluation.common import format_table
 
-    rows = [[f"{r['lr']:g}", f"{r['weight_decay']:g}", r["holdout_top1"], "<-" if i == selected else ""]
-            for i, r in enumerate(grid)]
+    rows = [
+        [f"{r['lr']:g}", f"{r['weight_decay']:g}", r["holdout_top1"], "<-" if i == selected else ""]
+        for i, r in enumerate(grid)
+    ]
     return format_table(["base lr", "weight decay", "held-out top-1 %", "selected"], rows)
-

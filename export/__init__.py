@@ -1,7 +1,7 @@
 """Export of pretrained encoders: ONNX with metadata and a parity check, onnxruntime embedder.
 
-``export_onnx`` lives in :mod:`simsiam_kit.export.onnx` (imports torch); ``OnnxEmbedder`` in :mod:`simsiam_kit.export.embedder`
-(numpy only; onnxruntime is imported when a model is opened).
+``export_onnx`` lives in :mod:`simsiam_kit.export.onnx` (imports torch); ``OnnxEmbedder`` in
+:mod:`simsiam_kit.export.embedder` (numpy only; onnxruntime is imported when a model is opened).
 """
 
 from simsiam_kit.export.embedder import OnnxEmbedder, read_metadata

@@ -14,8 +14,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from simsiam_kit.detectron2_weights import check_against_model, convert_key, convert_state_dict, suffix_match
 from simsiam_kit.cli import app
+from simsiam_kit.detectron2_weights import check_against_model, convert_key, convert_state_dict, suffix_match
 from simsiam_kit.engine.checkpoint import save_backbone, save_checkpoint
 from simsiam_kit.errors import UserError
 from simsiam_kit.models import build_backbone
@@ -36,21 +36,30 @@ def test_key_map_by_hand():
     assert convert_key("layer4.0.downsample.0.weight") == "res5.0.shortcut.weight"
     assert convert_key("layer2.0.downsample.1.running_mean") == "res3.0.shortcut.norm.running_mean"
     # no counterpart: counters, heads, anything unknown
-    for k in ("bn1.num_batches_tracked", "layer1.0.bn1.num_batches_tracked", "fc.weight",
-              "projector.0.weight", "layer5.0.conv1.weight", "layer1.0.conv4.weight"):
+    for k in (
+        "bn1.num_batches_tracked",
+        "layer1.0.bn1.num_batches_tracked",
+        "fc.weight",
+        "projector.0.weight",
+        "layer5.0.conv1.weight",
+        "layer1.0.conv4.weight",
+    ):
         assert convert_key(k) is None, k
 
 
 def test_suffix_rule_matches_on_dot_boundary_and_prefers_longest():
     model = ["roi_heads.res5.0.conv1.weight", "backbone.res2.0.conv1.weight", "backbone.xres2.0.conv1.weight"]
     got = suffix_match(model, ["res2.0.conv1.weight", "conv1.weight", "res5.0.conv1.weight"])
-    assert got == {"roi_heads.res5.0.conv1.weight": "res5.0.conv1.weight",
-                   "backbone.res2.0.conv1.weight": "res2.0.conv1.weight",
-                   "backbone.xres2.0.conv1.weight": "conv1.weight"}  # 'xres2' is no '.res2' boundary
+    assert got == {
+        "roi_heads.res5.0.conv1.weight": "res5.0.conv1.weight",
+        "backbone.res2.0.conv1.weight": "res2.0.conv1.weight",
+        "backbone.xres2.0.conv1.weight": "conv1.weight",
+    }  # 'xres2' is no '.res2' boundary
 
 
-@pytest.mark.skipif(not LISTINGS and os.environ.get("CI", "").lower() != "true",
-                    reason="shared/fixtures/detectron2 not found")
+@pytest.mark.skipif(
+    not LISTINGS and os.environ.get("CI", "").lower() != "true", reason="shared/fixtures/detectron2 not found"
+)
 @pytest.mark.parametrize("listing", LISTINGS, ids=lambda p: p.stem)
 def test_converted_keys_match_real_detectron2_models(listing):
     spec = json.loads(listing.read_text())
@@ -112,17 +121,20 @@ def test_cli_converts_checkpoint_and_reports_dropped_heads(tmp_path):
         obj = pickle.load(f)
     assert obj["__author__"] == "simsiam-kit" and obj["matching_heuristics"] is True
     assert len(obj["model"]) == 100  # resnet18: 20 convs + 20 BNs x 4 tensors
-    np.testing.assert_array_equal(obj["model"]["res3.0.shortcut.weight"],
-                                  bb.layer2[0].downsample[0].weight.detach().numpy())
+    np.testing.assert_array_equal(
+        obj["model"]["res3.0.shortcut.weight"], bb.layer2[0].downsample[0].weight.detach().numpy()
+    )
 
 
 def test_cli_bad_inputs_exit_2(tmp_path):
     save_backbone(tmp_path / "cifar.pt", build_backbone("resnet18", "cifar"), "resnet18", "cifar")
-    r = CliRunner().invoke(app, ["export", "detectron2", "--weights", str(tmp_path / "cifar.pt"),
-                                 "--output", str(tmp_path / "x.pkl")])
+    r = CliRunner().invoke(
+        app, ["export", "detectron2", "--weights", str(tmp_path / "cifar.pt"), "--output", str(tmp_path / "x.pkl")]
+    )
     assert r.exit_code == 2 and "CIFAR stem" in r.output
     save_checkpoint(tmp_path / "heads.pt", model={"projector.0.weight": torch.zeros(2, 2)}, config={})
-    r = CliRunner().invoke(app, ["export", "detectron2", "--weights", str(tmp_path / "heads.pt"),
-                                 "--output", str(tmp_path / "x.pkl")])
+    r = CliRunner().invoke(
+        app, ["export", "detectron2", "--weights", str(tmp_path / "heads.pt"), "--output", str(tmp_path / "x.pkl")]
+    )
     assert r.exit_code == 2 and "no backbone" in r.output
     assert not (tmp_path / "x.pkl").exists()

@@ -12,9 +12,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from simsiam_kit.evaluation.knn import classify, confusion_matrix, retrieval_metrics
 from simsiam_kit.cli import app
 from simsiam_kit.engine.checkpoint import save_backbone
+from simsiam_kit.evaluation.knn import classify, confusion_matrix, retrieval_metrics
 from simsiam_kit.models import build_backbone
 from simsiam_kit.retrieval.index import EmbeddingIndex, _select_topk, knn_search_torch
 from simsiam_kit.retrieval.knn import knn_classify, weighted_vote
@@ -30,8 +30,17 @@ QUERY = torch.tensor([[1.0, 0.0]])
 @pytest.mark.parametrize("backend", ["torch", "faiss"])
 def test_weighted_votes_by_hand(backend):
     pytest.importorskip("faiss") if backend == "faiss" else None
-    res = classify(BANK, BANK_LABELS, QUERY, torch.tensor([1]), ks=(1, 3), temperature=0.1, num_classes=3,
-                   backend=backend, recall_ks=(1, 3))
+    res = classify(
+        BANK,
+        BANK_LABELS,
+        QUERY,
+        torch.tensor([1]),
+        ks=(1, 3),
+        temperature=0.1,
+        num_classes=3,
+        backend=backend,
+        recall_ks=(1, 3),
+    )
     assert res["ids"][0, :3].tolist() == [0, 1, 2]
     assert res["sims"][0, :3].tolist() == pytest.approx([1.0, 0.8, 0.6], abs=1e-6)
     # k=3, T=0.1: class 0 gets e^10 = 22026.5, class 1 gets e^8 + e^6 = 3384.4 -> class 0, despite 2 votes to 1
@@ -40,8 +49,17 @@ def test_weighted_votes_by_hand(backend):
     assert res["per_k"][3]["pred"].item() == 0
     assert res["per_k"][3]["top1"] == 0.0 and res["per_k"][3]["top5"] == 100.0
     # T=1 flattens the weights: class 1 wins, e^0.8 + e^0.6 = 4.048 > e^1 = 2.718
-    res1 = classify(BANK, BANK_LABELS, QUERY, torch.tensor([1]), ks=(3,), temperature=1.0, num_classes=3,
-                    backend=backend, recall_ks=(1,))
+    res1 = classify(
+        BANK,
+        BANK_LABELS,
+        QUERY,
+        torch.tensor([1]),
+        ks=(3,),
+        temperature=1.0,
+        num_classes=3,
+        backend=backend,
+        recall_ks=(1,),
+    )
     assert res1["per_k"][3]["pred"].item() == 1 and res1["per_k"][3]["top1"] == 100.0
 
 
@@ -50,8 +68,17 @@ def test_ties_lowest_index_and_lowest_class(backend):
     pytest.importorskip("faiss") if backend == "faiss" else None
     bank = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
     labels = torch.tensor([0, 2, 1, 0])
-    res = classify(bank, labels, QUERY, torch.tensor([1]), ks=(1, 2), temperature=0.1, num_classes=3,
-                   backend=backend, recall_ks=(1,))
+    res = classify(
+        bank,
+        labels,
+        QUERY,
+        torch.tensor([1]),
+        ks=(1, 2),
+        temperature=0.1,
+        num_classes=3,
+        backend=backend,
+        recall_ks=(1,),
+    )
     # three bank vectors tie with the query; depth 2 keeps the two lowest indices, in order
     assert res["ids"][0].tolist() == [1, 2]
     assert res["per_k"][1]["pred"].item() == 2  # nearest (lowest index among the tied) has label 2
@@ -125,7 +152,10 @@ def test_torch_search_matches_a_full_sort_reference(data):
     order of a full sort by (similarity descending, bank index ascending), across query chunks."""
     g = torch.Generator().manual_seed(3)
     if data == "ties":  # small integers: exact dot products, ties inside the top-k and across the cut
-        bank, queries = torch.randint(0, 3, (300, 6), generator=g).float(), torch.randint(0, 3, (70, 6), generator=g).float()
+        bank, queries = (
+            torch.randint(0, 3, (300, 6), generator=g).float(),
+            torch.randint(0, 3, (70, 6), generator=g).float(),
+        )
     else:
         bank = torch.nn.functional.normalize(torch.randn(300, 16, generator=g), dim=1)
         queries = torch.nn.functional.normalize(torch.randn(70, 16, generator=g), dim=1)
@@ -197,8 +227,29 @@ def slice_specs(cifar_val):
 def test_cli_knn_random_resnet18(tmp_path, slice_specs):
     train, test = slice_specs
     out = tmp_path / "knn"
-    r = runner.invoke(app, ["eval", "knn", "--weights", "random", "--arch", "resnet18", "--train-data", train,
-                            "--test-data", test, "--k", "20", "--k", "5", "--output", str(out), "--precision", "fp32"])
+    r = runner.invoke(
+        app,
+        [
+            "eval",
+            "knn",
+            "--weights",
+            "random",
+            "--arch",
+            "resnet18",
+            "--train-data",
+            train,
+            "--test-data",
+            test,
+            "--k",
+            "20",
+            "--k",
+            "5",
+            "--output",
+            str(out),
+            "--precision",
+            "fp32",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "top-1" in r.output and "mAP@R" in r.output
     res = json.loads((out / "results.json").read_text())
@@ -215,8 +266,9 @@ def test_cli_knn_random_resnet18(tmp_path, slice_specs):
     assert np.allclose(np.linalg.norm(fb, axis=1), 1.0, atol=1e-5)
     assert json.loads((out / "features" / "test" / "ids.json").read_text())[:2] == [4900, 4901]
     # the saved features reproduce the reported accuracy with the training monitor's classifier
-    pred, _ = knn_classify(torch.from_numpy(fb), torch.from_numpy(lb), torch.from_numpy(fq), k=20, temperature=0.1,
-                           num_classes=10)
+    pred, _ = knn_classify(
+        torch.from_numpy(fb), torch.from_numpy(lb), torch.from_numpy(fq), k=20, temperature=0.1, num_classes=10
+    )
     assert res["top1"] == pytest.approx(100.0 * (pred.numpy() == lq).mean(), abs=1e-4)
     assert np.load(out / "confusion_matrix.npy").sum() == 100
     for png in ("confusion_matrix.png", "neighbours.png"):
@@ -228,8 +280,26 @@ def test_cli_knn_protocol_grid_from_one_search(tmp_path, slice_specs):
     cell equals the classifier on the saved features."""
     train, test = slice_specs
     out = tmp_path / "grid"
-    r = runner.invoke(app, ["eval", "knn", "--weights", "random", "--arch", "resnet18", "--train-data", train,
-                            "--test-data", test, "--output", str(out), "--precision", "fp32", "--no-plots"])
+    r = runner.invoke(
+        app,
+        [
+            "eval",
+            "knn",
+            "--weights",
+            "random",
+            "--arch",
+            "resnet18",
+            "--train-data",
+            train,
+            "--test-data",
+            test,
+            "--output",
+            str(out),
+            "--precision",
+            "fp32",
+            "--no-plots",
+        ],
+    )
     assert r.exit_code == 0, r.output
     res = json.loads((out / "results.json").read_text())
     assert res["headline"] == {"k": 200, "temperature": 0.1} and "T=0.07" in r.output
@@ -253,44 +323,154 @@ def _bad(args) -> str:
 
 def test_cli_knn_k_larger_than_bank(tmp_path, slice_specs):
     train, test = slice_specs
-    msg = _bad(["eval", "knn", "--weights", "random", "--arch", "resnet18", "--train-data", train, "--test-data", test,
-                "--k", "201", "--output", str(tmp_path / "o")])
+    msg = _bad(
+        [
+            "eval",
+            "knn",
+            "--weights",
+            "random",
+            "--arch",
+            "resnet18",
+            "--train-data",
+            train,
+            "--test-data",
+            test,
+            "--k",
+            "201",
+            "--output",
+            str(tmp_path / "o"),
+        ]
+    )
     assert "201" in msg and "200" in msg
 
 
 def test_cli_knn_empty_dataset(tmp_path, cifar_val):
-    msg = _bad(["eval", "knn", "--weights", "random", "--arch", "resnet18", "--train-data", f"{cifar_val}[5:5]",
-                "--test-data", f"{cifar_val}[:10]", "--output", str(tmp_path / "o")])
+    msg = _bad(
+        [
+            "eval",
+            "knn",
+            "--weights",
+            "random",
+            "--arch",
+            "resnet18",
+            "--train-data",
+            f"{cifar_val}[5:5]",
+            "--test-data",
+            f"{cifar_val}[:10]",
+            "--output",
+            str(tmp_path / "o"),
+        ]
+    )
     assert "empty" in msg
 
 
 def test_cli_knn_different_class_lists(tmp_path, tiny_npz):
     with np.load(tiny_npz) as d:
-        np.savez(tmp_path / "other.npz", images=d["images"], labels=d["labels"],
-                 class_names=np.array(["airplane", "automobile", "cat"]))
-    msg = _bad(["eval", "knn", "--weights", "random", "--arch", "resnet18", "--train-data", str(tiny_npz),
-                "--test-data", str(tmp_path / "other.npz"), "--k", "5", "--output", str(tmp_path / "o")])
+        np.savez(
+            tmp_path / "other.npz",
+            images=d["images"],
+            labels=d["labels"],
+            class_names=np.array(["airplane", "automobile", "cat"]),
+        )
+    msg = _bad(
+        [
+            "eval",
+            "knn",
+            "--weights",
+            "random",
+            "--arch",
+            "resnet18",
+            "--train-data",
+            str(tiny_npz),
+            "--test-data",
+            str(tmp_path / "other.npz"),
+            "--k",
+            "5",
+            "--output",
+            str(tmp_path / "o"),
+        ]
+    )
     assert "different class lists" in msg and "bird" in msg and "cat" in msg
 
 
 def test_cli_knn_weights_of_another_architecture(tmp_path, tiny_npz):
     save_backbone(tmp_path / "backbone.pt", build_backbone("resnet18", "cifar"), "resnet18", "cifar")
-    msg = _bad(["eval", "knn", "--weights", str(tmp_path / "backbone.pt"), "--arch", "resnet34",
-                "--train-data", str(tiny_npz), "--test-data", str(tiny_npz), "--k", "5", "--output", str(tmp_path / "o")])
+    msg = _bad(
+        [
+            "eval",
+            "knn",
+            "--weights",
+            str(tmp_path / "backbone.pt"),
+            "--arch",
+            "resnet34",
+            "--train-data",
+            str(tiny_npz),
+            "--test-data",
+            str(tiny_npz),
+            "--k",
+            "5",
+            "--output",
+            str(tmp_path / "o"),
+        ]
+    )
     assert "missing: layer1.2." in msg and "resnet18" in msg and "resnet34" in msg
-    msg = _bad(["eval", "knn", "--weights", str(tmp_path / "backbone.pt"), "--stem", "imagenet",
-                "--train-data", str(tiny_npz), "--test-data", str(tiny_npz), "--k", "5", "--output", str(tmp_path / "o")])
+    msg = _bad(
+        [
+            "eval",
+            "knn",
+            "--weights",
+            str(tmp_path / "backbone.pt"),
+            "--stem",
+            "imagenet",
+            "--train-data",
+            str(tiny_npz),
+            "--test-data",
+            str(tiny_npz),
+            "--k",
+            "5",
+            "--output",
+            str(tmp_path / "o"),
+        ]
+    )
     assert "conv1.weight" in msg and "shape mismatch" in msg
 
 
 def test_cli_knn_not_a_simsiam_kit_checkpoint(tmp_path, tiny_npz):
     torch.save({"epoch": 3, "arch": "something else"}, tmp_path / "foreign.pt")
-    msg = _bad(["eval", "knn", "--weights", str(tmp_path / "foreign.pt"), "--train-data", str(tiny_npz),
-                "--test-data", str(tiny_npz), "--k", "5", "--output", str(tmp_path / "o")])
+    msg = _bad(
+        [
+            "eval",
+            "knn",
+            "--weights",
+            str(tmp_path / "foreign.pt"),
+            "--train-data",
+            str(tiny_npz),
+            "--test-data",
+            str(tiny_npz),
+            "--k",
+            "5",
+            "--output",
+            str(tmp_path / "o"),
+        ]
+    )
     assert "foreign.pt" in msg and "not a simsiam-kit" in msg
     (tmp_path / "text.pt").write_text("hello")
-    msg = _bad(["eval", "knn", "--weights", str(tmp_path / "text.pt"), "--train-data", str(tiny_npz),
-                "--test-data", str(tiny_npz), "--k", "5", "--output", str(tmp_path / "o")])
+    msg = _bad(
+        [
+            "eval",
+            "knn",
+            "--weights",
+            str(tmp_path / "text.pt"),
+            "--train-data",
+            str(tiny_npz),
+            "--test-data",
+            str(tiny_npz),
+            "--k",
+            "5",
+            "--output",
+            str(tmp_path / "o"),
+        ]
+    )
     assert "text.pt" in msg
 
 
@@ -309,20 +489,58 @@ def test_short_cifar_run_beats_random_init(tmp_path):
 
     cifar = need(DATA / "cifar10")
     run = tmp_path / "run"
-    r = runner.invoke(app, ["pretrain", "--config", "cifar10_resnet18", "--output", str(run),
-                            "--set", f"data.train={cifar / 'train.npz'}[5000:10120]",
-                            "--set", f"data.val={cifar / 'val.npz'}[:2000]",
-                            "--set", "optim.epochs=1", "--set", "optim.batch_size=128",
-                            "--set", "optim.base_lr=0.06", "--set", "optim.fix_pred_lr=true",
-                            "--set", "train.knn_every=0", "--set", "train.progress=false",
-                            "--set", "train.plots=false", "--set", "train.checkpoint_every=1"])
+    r = runner.invoke(
+        app,
+        [
+            "pretrain",
+            "--config",
+            "cifar10_resnet18",
+            "--output",
+            str(run),
+            "--set",
+            f"data.train={cifar / 'train.npz'}[5000:10120]",
+            "--set",
+            f"data.val={cifar / 'val.npz'}[:2000]",
+            "--set",
+            "optim.epochs=1",
+            "--set",
+            "optim.batch_size=128",
+            "--set",
+            "optim.base_lr=0.06",
+            "--set",
+            "optim.fix_pred_lr=true",
+            "--set",
+            "train.knn_every=0",
+            "--set",
+            "train.progress=false",
+            "--set",
+            "train.plots=false",
+            "--set",
+            "train.checkpoint_every=1",
+        ],
+    )
     assert r.exit_code == 0, r.output
     acc = {}
     for name, w in (("simsiam", [str(run)]), ("random", ["random", "--arch", "resnet18", "--stem", "cifar"])):
         out = tmp_path / name
-        r = runner.invoke(app, ["eval", "knn", "--weights", *w, "--train-data", f"{cifar / 'train.npz'}[:5000]",
-                                "--test-data", f"{cifar / 'val.npz'}[:2000]", "--k", "200", "--output", str(out),
-                                "--no-plots"])
+        r = runner.invoke(
+            app,
+            [
+                "eval",
+                "knn",
+                "--weights",
+                *w,
+                "--train-data",
+                f"{cifar / 'train.npz'}[:5000]",
+                "--test-data",
+                f"{cifar / 'val.npz'}[:2000]",
+                "--k",
+                "200",
+                "--output",
+                str(out),
+                "--no-plots",
+            ],
+        )
         assert r.exit_code == 0, r.output
         acc[name] = json.loads((out / "results.json").read_text())["per_k"]["200"]["top1"]
     assert acc["simsiam"] > acc["random"] + 1.5, acc
@@ -334,16 +552,50 @@ def test_short_simsiam_run_beats_random_init(tmp_path):
     randomly initialised (same arch, stem, image size and normalisation) on the built-in MNIST digits
     (measured: k=20 66.2 % vs 64.1 %, k=200 59.6 % vs 56.7 %)."""
     run = tmp_path / "run"
-    r = runner.invoke(app, ["pretrain", "--set", "train.progress=false", "--set", "train.plots=false",
-                            "--set", "train.knn_every=0", "--output", str(run)])
+    r = runner.invoke(
+        app,
+        [
+            "pretrain",
+            "--set",
+            "train.progress=false",
+            "--set",
+            "train.plots=false",
+            "--set",
+            "train.knn_every=0",
+            "--output",
+            str(run),
+        ],
+    )
     assert r.exit_code == 0, r.output
     acc = {}
     for name, w in (("simsiam", [str(run)]), ("random", ["random", "--arch", "resnet18", "--stem", "cifar"])):
         out = tmp_path / name
-        r = runner.invoke(app, ["eval", "knn", "--weights", *w, "--train-data", "demo:train",
-                                "--test-data", "demo:val", "--k", "20", "--k", "200", "--output", str(out),
-                                "--image-size", "16", "--mean", "0.1307,0.1307,0.1307",
-                                "--std", "0.3081,0.3081,0.3081", "--no-plots"])
+        r = runner.invoke(
+            app,
+            [
+                "eval",
+                "knn",
+                "--weights",
+                *w,
+                "--train-data",
+                "demo:train",
+                "--test-data",
+                "demo:val",
+                "--k",
+                "20",
+                "--k",
+                "200",
+                "--output",
+                str(out),
+                "--image-size",
+                "16",
+                "--mean",
+                "0.1307,0.1307,0.1307",
+                "--std",
+                "0.3081,0.3081,0.3081",
+                "--no-plots",
+            ],
+        )
         assert r.exit_code == 0, r.output
         res = json.loads((out / "results.json").read_text())
         acc[name] = {k: v["top1"] for k, v in res["per_k"].items()}

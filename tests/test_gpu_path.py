@@ -6,7 +6,6 @@ import math
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -26,12 +25,15 @@ def _images(cifar_val, n=96):
     return torch.from_numpy(ds.images).permute(0, 3, 1, 2).contiguous()
 
 
-@pytest.mark.parametrize("cfg", [
-    DataConfig(image_size=32),                                     # the CIFAR recipe (no blur)
-    DataConfig(image_size=24, blur_prob=0.5),                      # ImageNet-style blur
-    DataConfig(color_jitter=(0.4, 0.0, 0.4, 0.0), grayscale_prob=0.5),  # disabled jitter components
-    DataConfig(color_jitter=(0.0, 0.4, 0.0, 0.1), color_jitter_prob=1.0),
-])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        DataConfig(image_size=32),  # the CIFAR recipe (no blur)
+        DataConfig(image_size=24, blur_prob=0.5),  # ImageNet-style blur
+        DataConfig(color_jitter=(0.4, 0.0, 0.4, 0.0), grayscale_prob=0.5),  # disabled jitter components
+        DataConfig(color_jitter=(0.0, 0.4, 0.0, 0.1), color_jitter_prob=1.0),
+    ],
+)
 def test_masked_augmentation_equals_subset_path(cifar_val, cfg):
     imgs = _images(cifar_val)
     ref = BatchAugment(cfg, masked=False)(imgs, torch.Generator().manual_seed(5))
@@ -157,8 +159,17 @@ def test_deferred_nonfinite_check_raises_at_the_check():
     model = _NaNAfter(bad=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     aug = BatchAugment(DataConfig(image_size=8), color=False)
-    step = PretrainStep(model, opt, aug, Precision("fp32", "cpu"), torch.device("cpu"), False,
-                        torch.Generator().manual_seed(0), cfg, check_every=3)
+    step = PretrainStep(
+        model,
+        opt,
+        aug,
+        Precision("fp32", "cpu"),
+        torch.device("cpu"),
+        False,
+        torch.Generator().manual_seed(0),
+        cfg,
+        check_every=3,
+    )
     t = _FakeTrainer(10)
     batch = {"images": torch.randint(0, 255, (4, 3, 8, 8), dtype=torch.uint8)}
     step(batch, t)  # finite

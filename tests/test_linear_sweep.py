@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from simsiam_kit.evaluation.linear import TensorLoader
-from simsiam_kit.evaluation.linear_sweep import SWEEP_LRS, HeadBank, SweepSGD, run_sweep, split_holdout
 from simsiam_kit.cli import app
+from simsiam_kit.evaluation.linear_sweep import SWEEP_LRS, HeadBank, SweepSGD, run_sweep, split_holdout
 
 runner = CliRunner()
 
@@ -31,11 +29,13 @@ def test_each_head_updates_like_torch_sgd():
     lrs, wds = torch.tensor([0.5, 0.05, 2.0]), torch.tensor([0.0, 1e-2, 1e-4])
     bank = HeadBank(3, 16, 4)
     refs = [bank.head(h) for h in range(3)]  # the same initial weights
-    opts = [torch.optim.SGD(refs[h].parameters(), lr=float(lrs[h]), momentum=0.9, weight_decay=float(wds[h]))
-            for h in range(3)]
+    opts = [
+        torch.optim.SGD(refs[h].parameters(), lr=float(lrs[h]), momentum=0.9, weight_decay=float(wds[h]))
+        for h in range(3)
+    ]
     opt = SweepSGD(bank, lrs, wds, momentum=0.9)
     for step in range(5):
-        xb, yb = x[step * 12:(step + 1) * 12], y[step * 12:(step + 1) * 12]
+        xb, yb = x[step * 12 : (step + 1) * 12], y[step * 12 : (step + 1) * 12]
         factor = 0.5 * (1 + torch.cos(torch.tensor(step / 5 * 3.14159))).item()  # a changing schedule
         opt.param_groups[0]["lr"] = factor
         logits = bank(xb)
@@ -76,9 +76,27 @@ def test_sweep_selects_on_training_data_only():
 
 def test_cli_lr_sweep(tmp_path, tiny_npz):
     out = tmp_path / "lin"
-    base = ["eval", "linear", "--weights", "random", "--arch", "resnet18", "--stem", "cifar",
-            "--train-data", str(tiny_npz), "--test-data", str(tiny_npz), "--epochs", "2", "--batch-size", "16",
-            "--no-progress", "-o", str(out)]
+    base = [
+        "eval",
+        "linear",
+        "--weights",
+        "random",
+        "--arch",
+        "resnet18",
+        "--stem",
+        "cifar",
+        "--train-data",
+        str(tiny_npz),
+        "--test-data",
+        str(tiny_npz),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--no-progress",
+        "-o",
+        str(out),
+    ]
     res = runner.invoke(app, base + ["--lr-sweep"])
     assert res.exit_code == 2 and "--cached-features" in res.output
     res = runner.invoke(app, base + ["--lr-sweep", "--cached-features"])

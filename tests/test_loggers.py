@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tiny_overrides
 from typer.testing import CliRunner
 
-from conftest import tiny_overrides
 from simsiam_kit.cli import app
 from simsiam_kit.engine.hooks import read_metrics
 
@@ -87,9 +87,31 @@ def test_wandb_missing_is_one_line(tmp_path, tiny_npz, monkeypatch):
 def test_linear_probe_writes_tensorboard_next_to_its_results(tmp_path, tiny_npz):
     pytest.importorskip("tensorboard")
     out = tmp_path / "lin"
-    res = runner.invoke(app, ["eval", "linear", "--weights", "random", "--arch", "resnet18", "--stem", "cifar",
-                              "--train-data", str(tiny_npz), "--test-data", str(tiny_npz), "--epochs", "2",
-                              "--batch-size", "16", "--cached-features", "--no-progress", "-o", str(out)])
+    res = runner.invoke(
+        app,
+        [
+            "eval",
+            "linear",
+            "--weights",
+            "random",
+            "--arch",
+            "resnet18",
+            "--stem",
+            "cifar",
+            "--train-data",
+            str(tiny_npz),
+            "--test-data",
+            str(tiny_npz),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--cached-features",
+            "--no-progress",
+            "-o",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     acc = _events(out / "tensorboard")
     top1 = json.loads((out / "results.json").read_text())["top1"]

@@ -12,7 +12,16 @@ def _layer_types(m):
 
 def test_projection_head_3_layers_matches_paper():
     h = ProjectionHead(512, 2048, 2048, num_layers=3)
-    assert _layer_types(h) == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
+    assert _layer_types(h) == [
+        "Linear",
+        "BatchNorm1d",
+        "ReLU",
+        "Linear",
+        "BatchNorm1d",
+        "ReLU",
+        "Linear",
+        "BatchNorm1d",
+    ]
     linears = [m for m in h.net if isinstance(m, nn.Linear)]
     assert [(l.in_features, l.out_features) for l in linears] == [(512, 2048), (2048, 2048), (2048, 2048)]
     assert all(l.bias is None for l in linears)

@@ -8,9 +8,9 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_overrides
 from typer.testing import CliRunner
 
-from conftest import tiny_overrides
 from simsiam_kit.cli import app
 from simsiam_kit.config import load_pretrain_config
 from simsiam_kit.engine.hooks import read_metrics
@@ -69,8 +69,10 @@ def test_probe_state_round_trips_and_resume_continues_it(tmp_path, tiny_npz):
     # a resumed run restores the probe from its checkpoint and keeps training it
     part = _run(tmp_path, tiny_npz, "part", "train.online_probe=true", epochs=1)
     first = torch.load(part / "checkpoints" / "last.pt", weights_only=True)["probe"]["head"]["weight"].clone()
-    sets = tiny_overrides(str(tiny_npz), str(tiny_npz), epochs=2) + ["train.deterministic=true",
-                                                                      "train.online_probe=true"]
+    sets = tiny_overrides(str(tiny_npz), str(tiny_npz), epochs=2) + [
+        "train.deterministic=true",
+        "train.online_probe=true",
+    ]
     res = runner.invoke(app, ["pretrain", "--resume", "--output", str(part)] + [a for s in sets for a in ("--set", s)])
     assert res.exit_code == 0, res.output
     second = torch.load(part / "checkpoints" / "last.pt", weights_only=True)["probe"]["head"]["weight"]

@@ -11,8 +11,6 @@ import sys
 import zipfile
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 FOLDERS = {"simsiam_kit": "simsiam_kit", "evaluation": "simsiam_kit.evaluation", "export": "simsiam_kit.export"}
 
@@ -64,8 +62,11 @@ def test_imports_point_down_the_layers():
             in_cli = mod.startswith("simsiam_kit.cli") or mod == "simsiam_kit.__main__"  # the entry points
             is_eval, is_export = mod.startswith("simsiam_kit.evaluation"), mod.startswith("simsiam_kit.export")
             core = not (in_cli or is_eval or is_export)
-            if core and (imp.startswith("simsiam_kit.evaluation") or imp.startswith("simsiam_kit.export")
-                         or imp.startswith("simsiam_kit.cli")):
+            if core and (
+                imp.startswith("simsiam_kit.evaluation")
+                or imp.startswith("simsiam_kit.export")
+                or imp.startswith("simsiam_kit.cli")
+            ):
                 bad.append(f"core module {mod} imports {imp}")
             if is_eval and (imp.startswith("simsiam_kit.export") or imp.startswith("simsiam_kit.cli")):
                 bad.append(f"{mod} imports {imp}")
@@ -82,8 +83,12 @@ def test_help_does_not_import_torch():
 
 def test_wheel_runs_outside_the_source_tree(tmp_path):
     wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
-                    str(REPO)], check=True, capture_output=True, text=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(REPO)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     (whl,) = wheels.glob("simsiam_kit-*.whl")
     names = zipfile.ZipFile(whl).namelist()
     tops = {n.split("/")[0] for n in names}
@@ -92,17 +97,44 @@ def test_wheel_runs_outside_the_source_tree(tmp_path):
     assert "simsiam_kit/configs/detection/torchvision_quick.yaml" in names and "simsiam_kit/export/embedder.py" in names
     target, work = tmp_path / "site", tmp_path / "elsewhere"
     work.mkdir()
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(whl)],
-                   check=True, capture_output=True, text=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(whl)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     env = {**os.environ, "PYTHONPATH": str(target), "OMP_NUM_THREADS": "2"}
-    code = ("import simsiam_kit, simsiam_kit.export as e; from simsiam_kit.export import OnnxEmbedder; "
-            "import simsiam_kit.evaluation.knn; print(simsiam_kit.__file__)")
+    code = (
+        "import simsiam_kit, simsiam_kit.export as e; from simsiam_kit.export import OnnxEmbedder; "
+        "import simsiam_kit.evaluation.knn; print(simsiam_kit.__file__)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().startswith(str(target))  # the wheel's copy, not the source tree
-    run = subprocess.run([sys.executable, "-m", "simsiam_kit", "pretrain", "--output", str(work / "run"),
-                          "--set", "optim.epochs=1", "--set", "train.max_steps_per_epoch=2", "--set", "train.knn_every=0",
-                          "--set", "train.plots=false", "--set", "train.progress=false"],
-                         cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "simsiam_kit",
+            "pretrain",
+            "--output",
+            str(work / "run"),
+            "--set",
+            "optim.epochs=1",
+            "--set",
+            "train.max_steps_per_epoch=2",
+            "--set",
+            "train.knn_every=0",
+            "--set",
+            "train.plots=false",
+            "--set",
+            "train.progress=false",
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert (work / "run" / "backbone.pt").is_file() and "demo" in (work / "run" / "config.yaml").read_text()

@@ -5,17 +5,18 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
-
 REPRO = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce"
 sys.path.insert(0, str(REPRO))
 
 
 def _run(name, knn):
-    return {"name": name, "proj_dim": 4, "setting": {"arch": "resnet18", "stem": "imagenet", "image_size": 16,
-                                                      "batch": 32},
-            "steps": [{"step": 2, "loss": -0.1, "std": 0.5}, {"step": 4, "loss": -0.9, "std": 0.1}],
-            "epochs": [{"epoch": 0, "knn_top1": 20.0}, {"epoch": 1, "loss": -0.9, "std": 0.1, "knn_top1": knn}]}
+    return {
+        "name": name,
+        "proj_dim": 4,
+        "setting": {"arch": "resnet18", "stem": "imagenet", "image_size": 16, "batch": 32},
+        "steps": [{"step": 2, "loss": -0.1, "std": 0.5}, {"step": 4, "loss": -0.9, "std": 0.1}],
+        "epochs": [{"epoch": 0, "knn_top1": 20.0}, {"epoch": 1, "loss": -0.9, "std": 0.1, "knn_top1": knn}],
+    }
 
 
 def test_collapse_figure_needs_both_ablations(tmp_path, monkeypatch):
@@ -23,8 +24,9 @@ def test_collapse_figure_needs_both_ablations(tmp_path, monkeypatch):
 
     drawn = []
     monkeypatch.setattr(_repro, "plot_runs", lambda runs, out, title: drawn.append([r["name"] for r in runs]) or out)
-    (tmp_path / "stop_gradient.json").write_text(json.dumps(
-        {"runs": [_run("baseline", 30.0), _run("no_stop_gradient", 10.0)]}))
+    (tmp_path / "stop_gradient.json").write_text(
+        json.dumps({"runs": [_run("baseline", 30.0), _run("no_stop_gradient", 10.0)]})
+    )
     assert _repro.collapse_figure(tmp_path, tmp_path / "c.png") is None  # predictor.json missing
     (tmp_path / "predictor.json").write_text(json.dumps({"runs": [_run("baseline", 30.0), _run("no_predictor", 11.0)]}))
     assert _repro.collapse_figure(tmp_path, tmp_path / "c.png") == tmp_path / "c.png"
@@ -49,8 +51,16 @@ def test_budget_loop_checkpoints_and_counts(monkeypatch):
         return 8, -0.5
 
     evals, lrs = [], []
-    res = tta.budget_loop("x", step, None, lambda bb: evals.append(1) or 42.0, budget_s=6.0, checkpoints=2,
-                          set_lr=lrs.append, log=lambda m: None)
+    res = tta.budget_loop(
+        "x",
+        step,
+        None,
+        lambda bb: evals.append(1) or 42.0,
+        budget_s=6.0,
+        checkpoints=2,
+        set_lr=lrs.append,
+        log=lambda m: None,
+    )
     # checkpoints at 3 s and 6 s: steps end at 1.5, 3.0 (eval), 4.5, 6.0 (eval, stop)
     assert [p["steps"] for p in res["curve"]] == [0, 2, 4]
     assert [p["images"] for p in res["curve"]] == [0, 16, 32]

@@ -21,8 +21,12 @@ def _worker(rank, port, x, w_grad_out, q):
     y = bn(xi)
     (y * w_grad_out.chunk(2)[rank]).sum().backward()
     # numpy copies: tensors would travel through shared memory that dies with this process
-    q.put((rank,) + tuple(t.detach().numpy().copy() for t in (y, xi.grad, bn[0].weight.grad, bn[0].running_mean,
-                                                              bn[0].running_var)))
+    q.put(
+        (rank,)
+        + tuple(
+            t.detach().numpy().copy() for t in (y, xi.grad, bn[0].weight.grad, bn[0].running_mean, bn[0].running_var)
+        )
+    )
     dist.barrier()
     dist.destroy_process_group()
 

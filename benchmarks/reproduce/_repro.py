@@ -20,8 +20,11 @@ IMG = REPO / "docs" / "img"
 CIFAR = SHARED_DATA / "cifar10"
 
 COLORS = {"baseline": "tab:blue", "no_stop_gradient": "tab:red", "no_predictor": "tab:orange"}
-LABELS = {"baseline": "SimSiam (stop-grad + predictor)", "no_stop_gradient": "no stop-gradient",
-          "no_predictor": "no predictor"}
+LABELS = {
+    "baseline": "SimSiam (stop-grad + predictor)",
+    "no_stop_gradient": "no stop-gradient",
+    "no_predictor": "no predictor",
+}
 
 
 def load_info() -> dict:
@@ -33,8 +36,11 @@ def load_info() -> dict:
 def data_overrides(train_images: int, val_images: int, bank: int) -> list[str]:
     if not (CIFAR / "train.npz").is_file():
         raise SystemExit(f"CIFAR-10 npz files not found under {CIFAR}")
-    return [f"data.train={CIFAR / 'train.npz'}[:{train_images}]", f"data.val={CIFAR / 'val.npz'}[:{val_images}]",
-            f"train.knn_bank_limit={bank}"]
+    return [
+        f"data.train={CIFAR / 'train.npz'}[:{train_images}]",
+        f"data.val={CIFAR / 'val.npz'}[:{val_images}]",
+        f"train.knn_bank_limit={bank}",
+    ]
 
 
 def run_variant(name: str, config: str, overrides: list[str], work: Path, log=print) -> dict:
@@ -57,22 +63,44 @@ def run_variant(name: str, config: str, overrides: list[str], work: Path, log=pr
     epochs = [r for r in recs if r.get("type") == "epoch"]
     steps = [r for r in recs if r.get("type") == "step"]
     res = {
-        "name": name, "config": config, "overrides": overrides, "run_dir": str(out), "wall_s": round(wall, 1),
-        "load_before": before, "load_after": load_info(), "summary": summary, "proj_dim": cfg.model.proj_dim,
-        "setting": {"arch": cfg.model.arch, "stem": cfg.model.stem, "image_size": cfg.data.image_size,
-                    "batch": cfg.optim.batch_size, "epochs": cfg.optim.epochs,
-                    "lr": cfg.optim.base_lr * cfg.optim.batch_size / 256, "train": cfg.data.train,
-                    "val": cfg.data.val, "knn_bank": cfg.train.knn_bank_limit,
-                    "predictor": cfg.model.predictor, "stop_gradient": cfg.model.stop_gradient},
+        "name": name,
+        "config": config,
+        "overrides": overrides,
+        "run_dir": str(out),
+        "wall_s": round(wall, 1),
+        "load_before": before,
+        "load_after": load_info(),
+        "summary": summary,
+        "proj_dim": cfg.model.proj_dim,
+        "setting": {
+            "arch": cfg.model.arch,
+            "stem": cfg.model.stem,
+            "image_size": cfg.data.image_size,
+            "batch": cfg.optim.batch_size,
+            "epochs": cfg.optim.epochs,
+            "lr": cfg.optim.base_lr * cfg.optim.batch_size / 256,
+            "train": cfg.data.train,
+            "val": cfg.data.val,
+            "knn_bank": cfg.train.knn_bank_limit,
+            "predictor": cfg.model.predictor,
+            "stop_gradient": cfg.model.stop_gradient,
+        },
         # epoch 0 = the same backbone at random init (the kNN value run_pretrain reports next to the final one)
         "epochs": [{"epoch": 0, "knn_top1": summary.get("knn_top1_random_init")}]
-        + [{k: r.get(k) for k in ("epoch", "step", "loss", "std", "std_x_sqrt_d", "knn_top1", "images_per_s",
-                                  "time_s")} for r in epochs],
+        + [
+            {
+                k: r.get(k)
+                for k in ("epoch", "step", "loss", "std", "std_x_sqrt_d", "knn_top1", "images_per_s", "time_s")
+            }
+            for r in epochs
+        ],
         "steps": [{k: r.get(k) for k in ("step", "loss", "std")} for r in steps],
     }
     last = res["epochs"][-1]
-    log(f"[{name}] done in {wall:.0f}s: loss {last.get('loss')}, std*sqrt(d) {last.get('std_x_sqrt_d')}, "
-        f"kNN {last.get('knn_top1')} (random init {summary.get('knn_top1_random_init')})")
+    log(
+        f"[{name}] done in {wall:.0f}s: loss {last.get('loss')}, std*sqrt(d) {last.get('std_x_sqrt_d')}, "
+        f"kNN {last.get('knn_top1')} (random init {summary.get('knn_top1_random_init')})"
+    )
     return res
 
 
@@ -82,14 +110,19 @@ def report(runs: list[dict], args, name: str, experiment: str, title: str) -> No
     print(f"\n{'run':<18} {'final loss':>10} {'std*sqrt(d)':>12} {'kNN top-1':>10} {'kNN init':>9} {'img/s':>7}")
     for r in runs:
         e = r["epochs"][-1]
-        print(f"{r['name']:<18} {e['loss']:>10.4f} {e['std_x_sqrt_d']:>12.3f} {e['knn_top1']:>10.2f} "
-              f"{r['epochs'][0]['knn_top1']:>9.2f} {e['images_per_s']:>7.1f}")
+        print(
+            f"{r['name']:<18} {e['loss']:>10.4f} {e['std_x_sqrt_d']:>12.3f} {e['knn_top1']:>10.2f} "
+            f"{r['epochs'][0]['knn_top1']:>9.2f} {e['images_per_s']:>7.1f}"
+        )
     res_dir, img_dir = Path(args.results), Path(args.img)
     write_json(res_dir / f"{name}.json", {"experiment": experiment, "load_end": load_info(), "runs": runs})
     s = runs[0]["setting"]
-    plot_runs(runs, img_dir / f"{name}.png",
-              f"{title}, CIFAR-10 (JPEG copy) [:{args.train_images}], {s['arch']} {s['stem']} stem "
-              f"{s['image_size']} px, batch {s['batch']}, {args.epochs} epochs")
+    plot_runs(
+        runs,
+        img_dir / f"{name}.png",
+        f"{title}, CIFAR-10 (JPEG copy) [:{args.train_images}], {s['arch']} {s['stem']} stem "
+        f"{s['image_size']} px, batch {s['batch']}, {args.epochs} epochs",
+    )
     collapse_figure(res_dir, img_dir / "collapse.png")
 
 
@@ -159,6 +192,8 @@ def collapse_figure(results_dir: Path = RESULTS, out: Path = IMG / "collapse.png
         return None
     runs = [r for r in sg["runs"]] + [r for r in pr["runs"] if r["name"] != "baseline"]
     s = runs[0]["setting"]
-    title = (f"SimSiam collapse ablations, CIFAR-10 (JPEG copy) subset, {s['arch']} {s['stem']} stem at "
-             f"{s['image_size']} px, batch {s['batch']}, 2 CPU cores")
+    title = (
+        f"SimSiam collapse ablations, CIFAR-10 (JPEG copy) subset, {s['arch']} {s['stem']} stem at "
+        f"{s['image_size']} px, batch {s['batch']}, 2 CPU cores"
+    )
     return plot_runs(runs, out, title)

@@ -43,8 +43,13 @@ def main(argv=None):
 
     if not torch.cuda.is_available():
         print("warning: no CUDA device; this script is meant for one GPU (it will run, very slowly, on CPU)")
-    base = [f"data.train={CIFAR / 'train.npz'}", f"data.val={CIFAR / 'val.npz'}",
-            f"train.knn_every={args.knn_every}", "train.checkpoint_every=1", "train.log_every=20"]
+    base = [
+        f"data.train={CIFAR / 'train.npz'}",
+        f"data.val={CIFAR / 'val.npz'}",
+        f"train.knn_every={args.knn_every}",
+        "train.checkpoint_every=1",
+        "train.log_every=20",
+    ]
     epochs = args.epochs
     out = Path(args.output)
     t0 = time.time()
@@ -69,17 +74,35 @@ def main(argv=None):
         # time_s counts from each (re)start of the writer; an epoch's time is the difference within a segment
         ep_s = t - prev_t if t >= prev_t else t
         prev_t = t
-        rows.append({"epoch": r["epoch"], "images_per_s": r.get("images_per_s"), "epoch_s": round(ep_s, 1),
-                     "loss": r.get("loss"), "std_x_sqrt_d": r.get("std_x_sqrt_d"), "knn_top1": r.get("knn_top1")})
+        rows.append(
+            {
+                "epoch": r["epoch"],
+                "images_per_s": r.get("images_per_s"),
+                "epoch_s": round(ep_s, 1),
+                "loss": r.get("loss"),
+                "std_x_sqrt_d": r.get("std_x_sqrt_d"),
+                "knn_top1": r.get("knn_top1"),
+            }
+        )
     print(f"\n{'epoch':>5} {'img/s':>8} {'epoch s':>8} {'loss':>8} {'std*sqrt(d)':>11} {'kNN':>6}")
     for r in rows:
         knn = f"{r['knn_top1']:.2f}" if r["knn_top1"] is not None else "-"
-        print(f"{r['epoch']:>5} {r['images_per_s'] or 0:>8.0f} {r['epoch_s']:>8.1f} {r['loss'] or 0:>8.4f} "
-              f"{r['std_x_sqrt_d'] or 0:>11.3f} {knn:>6}")
-    write_json(Path(args.results) / "gpu_full_recipe.json",
-               {"experiment": "full CIFAR-10 recipe (paper appendix D)", "epochs_planned": epochs,
-                "wall_s": round(time.time() - t0, 1), "load_end": load_info(), "summary": summary, "epochs": rows,
-                "paper": {"linear_top1": 91.8, "epochs": 800}})
+        print(
+            f"{r['epoch']:>5} {r['images_per_s'] or 0:>8.0f} {r['epoch_s']:>8.1f} {r['loss'] or 0:>8.4f} "
+            f"{r['std_x_sqrt_d'] or 0:>11.3f} {knn:>6}"
+        )
+    write_json(
+        Path(args.results) / "gpu_full_recipe.json",
+        {
+            "experiment": "full CIFAR-10 recipe (paper appendix D)",
+            "epochs_planned": epochs,
+            "wall_s": round(time.time() - t0, 1),
+            "load_end": load_info(),
+            "summary": summary,
+            "epochs": rows,
+            "paper": {"linear_top1": 91.8, "epochs": 800},
+        },
+    )
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
     kn = [r for r in rows if r["knn_top1"] is not None]
@@ -89,8 +112,11 @@ def main(argv=None):
     axes[1].set(xlabel="epoch", ylabel="images/s", title="training throughput")
     for ax in axes:
         ax.grid(alpha=0.3)
-    fig.suptitle(f"SimSiam CIFAR-10 (JPEG copy) recipe, ResNet-18 CIFAR stem, batch 512, {epochs} epochs, "
-                 f"{summary.get('device', '?')}", fontsize=9)
+    fig.suptitle(
+        f"SimSiam CIFAR-10 (JPEG copy) recipe, ResNet-18 CIFAR stem, batch 512, {epochs} epochs, "
+        f"{summary.get('device', '?')}",
+        fontsize=9,
+    )
     fig.tight_layout()
     Path(args.img).mkdir(parents=True, exist_ok=True)
     fig.savefig(Path(args.img) / "gpu_full_recipe.png")

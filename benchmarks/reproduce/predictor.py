@@ -33,7 +33,7 @@ def main(argv=None):
     if "--wait-baseline" in argv:  # seconds to wait for stop_gradient.py running at the same time
         i = argv.index("--wait-baseline")
         wait = float(argv[i + 1])
-        del argv[i:i + 2]
+        del argv[i : i + 2]
     args = parse(argv, __doc__)
     base = base_overrides(args)
     res_dir = Path(args.results)

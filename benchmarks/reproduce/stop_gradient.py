@@ -34,15 +34,20 @@ def parse(argv=None, description=__doc__):
 
 
 def base_overrides(args) -> list[str]:
-    return (data_overrides(args.train_images, args.val_images, args.train_images)
-            + [f"optim.epochs={args.epochs}"] + list(args.overrides))
+    return (
+        data_overrides(args.train_images, args.val_images, args.train_images)
+        + [f"optim.epochs={args.epochs}"]
+        + list(args.overrides)
+    )
 
 
 def main(argv=None):
     args = parse(argv)
     base = base_overrides(args)
-    runs = [run_variant("baseline", args.config, base, Path(args.work)),
-            run_variant("no_stop_gradient", args.config, base + ["model.stop_gradient=false"], Path(args.work))]
+    runs = [
+        run_variant("baseline", args.config, base, Path(args.work)),
+        run_variant("no_stop_gradient", args.config, base + ["model.stop_gradient=false"], Path(args.work)),
+    ]
     report(runs, args, "stop_gradient", "stop-gradient ablation (paper Fig. 2)", "Stop-gradient ablation")
 
 

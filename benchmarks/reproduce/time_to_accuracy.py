@@ -56,8 +56,15 @@ class Evaluator:
         self.bank, self.queries, self.device = bank_ds, query_ds, device
 
     def __call__(self, backbone) -> float:
-        kw = dict(device=self.device, batch_size=512, precision=Precision("fp32", self.device.type), mean=MEAN,
-                  std=STD, image_size=32, workers=0)
+        kw = dict(
+            device=self.device,
+            batch_size=512,
+            precision=Precision("fp32", self.device.type),
+            mean=MEAN,
+            std=STD,
+            image_size=32,
+            workers=0,
+        )
         fb, lb, _ = extract_features(backbone, self.bank, **kw)
         fq, lq, _ = extract_features(backbone, self.queries, **kw)
         pred, _ = knn_classify(fb, lb, fq, k=min(200, len(fb)), temperature=0.1, num_classes=10)
@@ -81,12 +88,29 @@ def budget_loop(name, step, backbone, evaluate, budget_s, checkpoints, set_lr=No
         if train_s >= marks[0]:
             marks.pop(0)
             acc = evaluate(backbone)
-            curve.append({"train_s": round(train_s, 1), "steps": steps, "images": images, "knn_top1": acc,
-                          "loss": float(np.mean(losses[-10:])), "load": load_info()["loadavg_1_5_15"]})
-            log(f"[{name}] {train_s:7.0f}s  {steps:5d} steps  {images:7d} images  "
-                f"loss {curve[-1]['loss']:.3f}  kNN {acc:.2f}%  (load {curve[-1]['load']})")
-    return {"name": name, "curve": curve, "final_knn_top1": curve[-1]["knn_top1"], "steps": steps,
-            "images": images, "train_s": round(train_s, 1), "images_per_s": images / train_s}
+            curve.append(
+                {
+                    "train_s": round(train_s, 1),
+                    "steps": steps,
+                    "images": images,
+                    "knn_top1": acc,
+                    "loss": float(np.mean(losses[-10:])),
+                    "load": load_info()["loadavg_1_5_15"],
+                }
+            )
+            log(
+                f"[{name}] {train_s:7.0f}s  {steps:5d} steps  {images:7d} images  "
+                f"loss {curve[-1]['loss']:.3f}  kNN {acc:.2f}%  (load {curve[-1]['load']})"
+            )
+    return {
+        "name": name,
+        "curve": curve,
+        "final_knn_top1": curve[-1]["knn_top1"],
+        "steps": steps,
+        "images": images,
+        "train_s": round(train_s, 1),
+        "images_per_s": images / train_s,
+    }
 
 
 def cycle(loader, set_epoch=True):
@@ -98,14 +122,24 @@ def cycle(loader, set_epoch=True):
         epoch += 1
 
 
-def run_ours(train_ds, batch, stem, evaluate, budget_s, checkpoints, precision="auto", overrides=(), label=None,
-             seed=0):
+def run_ours(
+    train_ds, batch, stem, evaluate, budget_s, checkpoints, precision="auto", overrides=(), label=None, seed=0
+):
     from simsiam_kit.config import load_pretrain_config
     from simsiam_kit.pretrain import build_pretraining
 
-    cfg = load_pretrain_config("cifar10_resnet18", [f"model.stem={stem}", f"optim.batch_size={batch}",
-                                                    f"train.precision={precision}", "train.device=cpu",
-                                                    f"train.seed={seed}", "data.val=null"] + list(overrides))
+    cfg = load_pretrain_config(
+        "cifar10_resnet18",
+        [
+            f"model.stem={stem}",
+            f"optim.batch_size={batch}",
+            f"train.precision={precision}",
+            "train.device=cpu",
+            f"train.seed={seed}",
+            "data.val=null",
+        ]
+        + list(overrides),
+    )
     torch.manual_seed(seed)
     p = build_pretraining(cfg, torch.device("cpu"), dataset=train_ds)  # what `simsiam-kit pretrain` runs
     p.aug_gen.manual_seed(seed)
@@ -127,8 +161,17 @@ def run_ours(train_ds, batch, stem, evaluate, budget_s, checkpoints, precision="
         return out["images"], float(out["loss"])
 
     res = budget_loop(label or "simsiam-kit", step, model.backbone, evaluate, budget_s, checkpoints, set_lr)
-    res.update({"precision": prec.name, "channels_last": cl, "lr": init_lr, "schedule": "cosine over the budget",
-                "momentum": cfg.optim.momentum, "weight_decay": cfg.optim.weight_decay, "overrides": list(overrides)})
+    res.update(
+        {
+            "precision": prec.name,
+            "channels_last": cl,
+            "lr": init_lr,
+            "schedule": "cosine over the budget",
+            "momentum": cfg.optim.momentum,
+            "weight_decay": cfg.optim.weight_decay,
+            "overrides": list(overrides),
+        }
+    )
     return res
 
 
@@ -153,8 +196,16 @@ def run_lightly(images: np.ndarray, batch, stem, evaluate, budget_s, checkpoints
         return lightly_step(views)
 
     res = budget_loop("lightly 1.6.0 example", step, backbone, evaluate, budget_s, checkpoints)
-    res.update({"precision": "fp32", "lr": 0.06, "schedule": "constant", "momentum": 0.0, "weight_decay": 0.0,
-                "workers": workers})
+    res.update(
+        {
+            "precision": "fp32",
+            "lr": 0.06,
+            "schedule": "constant",
+            "momentum": 0.0,
+            "weight_decay": 0.0,
+            "workers": workers,
+        }
+    )
     return res
 
 
@@ -165,8 +216,9 @@ def plot(results, out: Path, title: str) -> Path:
         cur = r["curve"]
         axes[0].plot([p["train_s"] / 60 for p in cur], [p["knn_top1"] for p in cur], marker="o", c=c, label=r["name"])
         axes[1].plot([p["images"] for p in cur], [p["knn_top1"] for p in cur], marker="o", c=c, label=r["name"])
-    axes[0].set(xlabel="training wall-clock (minutes, evaluation excluded)", ylabel="kNN top-1 (%)",
-                title="accuracy vs time")
+    axes[0].set(
+        xlabel="training wall-clock (minutes, evaluation excluded)", ylabel="kNN top-1 (%)", title="accuracy vs time"
+    )
     axes[1].set(xlabel="source images seen", ylabel="kNN top-1 (%)", title="accuracy vs images")
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -192,8 +244,12 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers for lightly's PIL pipeline")
     ap.add_argument("--tools", default="ours,lightly")
     ap.add_argument("--seed", type=int, default=0, help="init, data order and augmentation seed of both tools")
-    ap.add_argument("--ours-set", action="append", default=None,
-                    help=f"config override for the simsiam-kit run (default: {' '.join(BUDGET_OVERRIDES)})")
+    ap.add_argument(
+        "--ours-set",
+        action="append",
+        default=None,
+        help=f"config override for the simsiam-kit run (default: {' '.join(BUDGET_OVERRIDES)})",
+    )
     ap.add_argument("--name", default="time_to_accuracy", help="file name of the JSON and PNG")
     ap.add_argument("--also", help="an earlier time_to_accuracy JSON whose curves are drawn in the same plot")
     ap.add_argument("--results", default=str(RESULTS))
@@ -212,38 +268,85 @@ def main(argv=None):
     for tool in args.tools.split(","):
         if tool == "ours":
             label = "simsiam-kit" + (f" ({', '.join(args.ours_set)})" if args.ours_set else "")
-            results.append(run_ours(train_ds, args.batch, args.stem, evaluate, budget_s, args.checkpoints,
-                                    overrides=args.ours_set, label=label, seed=args.seed))
+            results.append(
+                run_ours(
+                    train_ds,
+                    args.batch,
+                    args.stem,
+                    evaluate,
+                    budget_s,
+                    args.checkpoints,
+                    overrides=args.ours_set,
+                    label=label,
+                    seed=args.seed,
+                )
+            )
         elif tool == "lightly":
-            results.append(run_lightly(train_ds.images, args.batch, args.stem, evaluate, budget_s, args.checkpoints,
-                                       args.workers, args.seed))
+            results.append(
+                run_lightly(
+                    train_ds.images,
+                    args.batch,
+                    args.stem,
+                    evaluate,
+                    budget_s,
+                    args.checkpoints,
+                    args.workers,
+                    args.seed,
+                )
+            )
         else:
             raise SystemExit(f"--tools: unknown tool {tool!r} (ours, lightly)")
         loads[tool] = load_info()
 
-    print(f"\nResNet-18 {args.stem} stem, 32 px, batch {args.batch}, CIFAR-10 (JPEG copy) [:{args.train_images}], "
-          f"{args.budget_minutes:g} min training each; kNN k=200 T=0.1, bank {args.bank}, {args.queries} queries")
+    print(
+        f"\nResNet-18 {args.stem} stem, 32 px, batch {args.batch}, CIFAR-10 (JPEG copy) [:{args.train_images}], "
+        f"{args.budget_minutes:g} min training each; kNN k=200 T=0.1, bank {args.bank}, {args.queries} queries"
+    )
     print(f"{'tool':<24} {'steps':>6} {'images':>8} {'img/s':>7} {'kNN init':>9} {'kNN final':>10}")
     for r in results:
-        print(f"{r['name']:<24} {r['steps']:>6} {r['images']:>8} {r['images_per_s']:>7.1f} "
-              f"{r['curve'][0]['knn_top1']:>9.2f} {r['final_knn_top1']:>10.2f}")
+        print(
+            f"{r['name']:<24} {r['steps']:>6} {r['images']:>8} {r['images_per_s']:>7.1f} "
+            f"{r['curve'][0]['knn_top1']:>9.2f} {r['final_knn_top1']:>10.2f}"
+        )
     margin = None
     if len(results) == 2 and args.tools == "ours,lightly":
         margin = results[0]["final_knn_top1"] - results[1]["final_knn_top1"]
-        print(f"simsiam-kit - lightly: {margin:+.2f} kNN points (target >= +5); images/s ratio "
-              f"{results[0]['images_per_s'] / results[1]['images_per_s']:.2f}x")
-    setting = {"arch": "resnet18", "stem": args.stem, "image_size": 32, "batch": args.batch,
-               "train": spec, "bank": args.bank, "queries": args.queries, "budget_minutes": args.budget_minutes,
-               "checkpoints": args.checkpoints, "seed": args.seed, "knn": {"k": 200, "temperature": 0.1}}
-    write_json(Path(args.results) / f"{args.name}.json",
-               {"experiment": "time-to-accuracy at equal wall-clock budget", "setting": setting, "loads": loads,
-                "results": results, "knn_margin_points": margin})
+        print(
+            f"simsiam-kit - lightly: {margin:+.2f} kNN points (target >= +5); images/s ratio "
+            f"{results[0]['images_per_s'] / results[1]['images_per_s']:.2f}x"
+        )
+    setting = {
+        "arch": "resnet18",
+        "stem": args.stem,
+        "image_size": 32,
+        "batch": args.batch,
+        "train": spec,
+        "bank": args.bank,
+        "queries": args.queries,
+        "budget_minutes": args.budget_minutes,
+        "checkpoints": args.checkpoints,
+        "seed": args.seed,
+        "knn": {"k": 200, "temperature": 0.1},
+    }
+    write_json(
+        Path(args.results) / f"{args.name}.json",
+        {
+            "experiment": "time-to-accuracy at equal wall-clock budget",
+            "setting": setting,
+            "loads": loads,
+            "results": results,
+            "knn_margin_points": margin,
+        },
+    )
     shown = results
     if args.also:
         shown = read_json(Path(args.also))["results"] + results
-    plot(shown, Path(args.img) / f"{args.name}.png",
-         f"SimSiam kNN accuracy at equal budget: ResNet-18 {args.stem} stem 32 px, batch {args.batch}, "
-         f"CIFAR-10 (JPEG copy) [:{args.train_images}], {args.budget_minutes:g} min each, 2 shared CPU cores")
+    plot(
+        shown,
+        Path(args.img) / f"{args.name}.png",
+        f"SimSiam kNN accuracy at equal budget: ResNet-18 {args.stem} stem 32 px, batch {args.batch}, "
+        f"CIFAR-10 (JPEG copy) [:{args.train_images}], {args.budget_minutes:g} min each, 2 shared CPU cores",
+    )
 
 
 if __name__ == "__main__":

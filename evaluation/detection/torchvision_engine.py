@@ -24,14 +24,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from simsiam_kit.evaluation.detection.data import DetectionData, DetectionSet
-from simsiam_kit.evaluation.detection.metrics import coco_evaluate, to_coco_detections
-from simsiam_kit.evaluation.detection.outputs import make_readable, write_json
 from simsiam_kit.config import load_config, load_yaml, resolve_config_path, save_config, to_dict
 from simsiam_kit.engine import Hook, Trainer
 from simsiam_kit.engine.hooks import EpochAverages, MetricsWriter, ProgressBar, Throughput
 from simsiam_kit.engine.loggers import make_sinks
 from simsiam_kit.errors import TrainingDiverged, UserError
+from simsiam_kit.evaluation.detection.data import DetectionData, DetectionSet
+from simsiam_kit.evaluation.detection.metrics import coco_evaluate, to_coco_detections
+from simsiam_kit.evaluation.detection.outputs import make_readable, write_json
 from simsiam_kit.utils.device import resolve_device, resolve_precision
 
 NORMS = ("bn", "syncbn", "frozen_bn")
@@ -122,10 +122,18 @@ def load_detection_config(name_or_path: str, overrides=None) -> TorchvisionDetec
         (cfg.solver.batch_size >= 1, "solver.batch_size", cfg.solver.batch_size, ">= 1"),
         (cfg.solver.base_lr > 0, "solver.base_lr", cfg.solver.base_lr, "> 0"),
         (all(0 < s <= 1 for s in cfg.solver.steps), "solver.steps", cfg.solver.steps, "fractions in (0, 1]"),
-        (cfg.model.image_mean is None or len(cfg.model.image_mean) == 3, "model.image_mean", cfg.model.image_mean,
-         "3 numbers"),
-        (cfg.model.image_std is None or len(cfg.model.image_std) == 3, "model.image_std", cfg.model.image_std,
-         "3 numbers"),
+        (
+            cfg.model.image_mean is None or len(cfg.model.image_mean) == 3,
+            "model.image_mean",
+            cfg.model.image_mean,
+            "3 numbers",
+        ),
+        (
+            cfg.model.image_std is None or len(cfg.model.image_std) == 3,
+            "model.image_std",
+            cfg.model.image_std,
+            "3 numbers",
+        ),
     ]
     for ok, key, value, want in checks:
         if not ok:
@@ -155,7 +163,8 @@ def build_fpn_backbone(loaded, norm: str, trainable_layers: int, out_channels: i
     if loaded.stem != "imagenet":
         raise UserError(
             f"{loaded.source}: the backbone has the CIFAR stem (3x3/1 conv, no max-pool); detection needs the "
-            "ImageNet stem (7x7/2 conv + max-pool) for the FPN strides 4..32. Pretrain with model.stem=imagenet")
+            "ImageNet stem (7x7/2 conv + max-pool) for the FPN strides 4..32. Pretrain with model.stem=imagenet"
+        )
     body = getattr(tvm, loaded.arch)(weights=None, norm_layer=_norm_layer(norm))
     sd = loaded.model.state_dict()
     if norm == "frozen_bn":  # FrozenBatchNorm2d has no step counter
@@ -163,18 +172,31 @@ def build_fpn_backbone(loaded, norm: str, trainable_layers: int, out_channels: i
     res = body.load_state_dict(sd, strict=False)
     missing = [k for k in res.missing_keys if not k.startswith("fc.")]
     if missing or res.unexpected_keys:
-        raise UserError(f"{loaded.source}: backbone weights do not fit torchvision {loaded.arch}: "
-                        f"missing {missing[:5]}, unexpected {list(res.unexpected_keys)[:5]}")
-    report = {"backbone_keys": len([k for k in body.state_dict() if not k.startswith("fc.")]),
-              "loaded": len(sd), "missing": missing, "unexpected": list(res.unexpected_keys), "source": loaded.source}
+        raise UserError(
+            f"{loaded.source}: backbone weights do not fit torchvision {loaded.arch}: "
+            f"missing {missing[:5]}, unexpected {list(res.unexpected_keys)[:5]}"
+        )
+    report = {
+        "backbone_keys": len([k for k in body.state_dict() if not k.startswith("fc.")]),
+        "loaded": len(sd),
+        "missing": missing,
+        "unexpected": list(res.unexpected_keys),
+        "source": loaded.source,
+    }
     train_names = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
     if trainable_layers == 5:
         train_names.append("bn1")
     for name, p in body.named_parameters():
         p.requires_grad_(any(name.startswith(t) for t in train_names))
     stage_ch = [64, 128, 256, 512] if loaded.arch in ("resnet18", "resnet34") else [256, 512, 1024, 2048]
-    backbone = BackboneWithFPN(body, {f"layer{i + 1}": str(i) for i in range(4)}, stage_ch, out_channels,
-                               extra_blocks=LastLevelMaxPool(), norm_layer=None)
+    backbone = BackboneWithFPN(
+        body,
+        {f"layer{i + 1}": str(i) for i in range(4)},
+        stage_ch,
+        out_channels,
+        extra_blocks=LastLevelMaxPool(),
+        norm_layer=None,
+    )
     if norm == "syncbn":
         backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
     return backbone, report
@@ -186,14 +208,21 @@ def build_detector(cfg: TorchvisionDetectionConfig, loaded, num_classes: int):
     backbone, report = build_fpn_backbone(loaded, cfg.model.norm, cfg.model.trainable_layers, cfg.model.fpn_channels)
     mean = cfg.model.image_mean or loaded.mean
     std = cfg.model.image_std or loaded.std
-    model = FasterRCNN(backbone, num_classes=num_classes + 1, min_size=cfg.model.min_size, max_size=cfg.model.max_size,
-                       image_mean=list(mean), image_std=list(std), box_score_thresh=cfg.test.score_thresh,
-                       box_detections_per_img=cfg.test.detections_per_img,
-                       rpn_pre_nms_top_n_train=cfg.model.rpn_pre_nms_top_n_train,
-                       rpn_post_nms_top_n_train=cfg.model.rpn_post_nms_top_n_train,
-                       rpn_pre_nms_top_n_test=cfg.model.rpn_pre_nms_top_n_test,
-                       rpn_post_nms_top_n_test=cfg.model.rpn_post_nms_top_n_test,
-                       box_batch_size_per_image=cfg.model.box_batch_size_per_image)
+    model = FasterRCNN(
+        backbone,
+        num_classes=num_classes + 1,
+        min_size=cfg.model.min_size,
+        max_size=cfg.model.max_size,
+        image_mean=list(mean),
+        image_std=list(std),
+        box_score_thresh=cfg.test.score_thresh,
+        box_detections_per_img=cfg.test.detections_per_img,
+        rpn_pre_nms_top_n_train=cfg.model.rpn_pre_nms_top_n_train,
+        rpn_post_nms_top_n_train=cfg.model.rpn_post_nms_top_n_train,
+        rpn_pre_nms_top_n_test=cfg.model.rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_test=cfg.model.rpn_post_nms_top_n_test,
+        box_batch_size_per_image=cfg.model.box_batch_size_per_image,
+    )
     report["image_mean"], report["image_std"] = list(mean), list(std)
     return model, report
 
@@ -243,9 +272,16 @@ class IterationLoader:
         self.iters = iters
         g = torch.Generator().manual_seed(seed)
         self.loader = torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) >= batch_size, generator=g,
-            num_workers=workers, collate_fn=_collate, persistent_workers=workers > 0,
-            worker_init_fn=_seed_worker)
+            dataset,
+            batch_size=batch_size,
+            shuffle=True,
+            drop_last=len(dataset) >= batch_size,
+            generator=g,
+            num_workers=workers,
+            collate_fn=_collate,
+            persistent_workers=workers > 0,
+            worker_init_fn=_seed_worker,
+        )
 
     def __len__(self) -> int:
         return self.iters
@@ -320,8 +356,10 @@ class DetectionStep:
             losses = self.model(images, targets)
         loss = sum(losses.values())
         if not torch.isfinite(loss):
-            raise TrainingDiverged(f"detection loss became {loss.item()} at iteration {trainer.global_step + 1} "
-                                   f"({ {k: round(float(v), 4) for k, v in losses.items()} }); lower solver.base_lr")
+            raise TrainingDiverged(
+                f"detection loss became {loss.item()} at iteration {trainer.global_step + 1} "
+                f"({ {k: round(float(v), 4) for k, v in losses.items()} }); lower solver.base_lr"
+            )
         self.opt.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -356,8 +394,12 @@ def predict(model, ds: DetectionSet, device, batch_size: int, precision=None) ->
         else:
             preds = model(imgs)
         for p in preds:
-            out.append({k: p[k].float().cpu().numpy() if k != "labels" else p[k].cpu().numpy()
-                        for k in ("boxes", "scores", "labels")})
+            out.append(
+                {
+                    k: p[k].float().cpu().numpy() if k != "labels" else p[k].cpu().numpy()
+                    for k in ("boxes", "scores", "labels")
+                }
+            )
     return out
 
 
@@ -370,9 +412,15 @@ def evaluate_detector(model, ds: DetectionSet, device, batch_size: int, precisio
     return coco_evaluate(ds.coco, dets), dets, preds
 
 
-def run_torchvision_detection(cfg: TorchvisionDetectionConfig, weights: str, data: DetectionData, out_dir: Path,
-                              iters: Optional[int] = None, arch: Optional[str] = None,
-                              log: Callable[[str], None] = print) -> dict:
+def run_torchvision_detection(
+    cfg: TorchvisionDetectionConfig,
+    weights: str,
+    data: DetectionData,
+    out_dir: Path,
+    iters: Optional[int] = None,
+    arch: Optional[str] = None,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Fine-tune Faster R-CNN R-FPN on ``data.train`` from ``weights``, evaluate on ``data.val``."""
     from dataclasses import replace
 
@@ -390,14 +438,22 @@ def run_torchvision_detection(cfg: TorchvisionDetectionConfig, weights: str, dat
     torch.manual_seed(cfg.train.seed)
 
     random_init = weights == "random"
-    loaded = load_backbone(weights, arch=arch if random_init else None, stem="imagenet" if random_init else None,
-                           seed=cfg.train.seed)
+    loaded = load_backbone(
+        weights, arch=arch if random_init else None, stem="imagenet" if random_init else None, seed=cfg.train.seed
+    )
     train_set = data.train
     if cfg.data.filter_empty:
         keep = [r for r in train_set.records if int((r["iscrowd"] == 0).sum()) > 0]
         dropped = len(train_set.records) - len(keep)
-        train_set = DetectionSet(train_set.name, train_set.images_dir, keep, train_set.categories, train_set.coco,
-                                 train_set.json_path, train_set.dropped_boxes)
+        train_set = DetectionSet(
+            train_set.name,
+            train_set.images_dir,
+            keep,
+            train_set.categories,
+            train_set.coco,
+            train_set.json_path,
+            train_set.dropped_boxes,
+        )
     else:
         dropped = 0
     if not train_set.records:
@@ -409,8 +465,13 @@ def run_torchvision_detection(cfg: TorchvisionDetectionConfig, weights: str, dat
     lr = cfg.solver.base_lr * cfg.solver.batch_size / 16
     optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.solver.momentum, weight_decay=cfg.solver.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if precision.needs_scaler else None
-    loader = IterationLoader(DetectionTorchDataset(train_set, True, cfg.data.hflip_prob), cfg.solver.batch_size,
-                             cfg.solver.iters, cfg.data.workers, cfg.train.seed)
+    loader = IterationLoader(
+        DetectionTorchDataset(train_set, True, cfg.data.hflip_prob),
+        cfg.solver.batch_size,
+        cfg.solver.iters,
+        cfg.data.workers,
+        cfg.train.seed,
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
     make_readable(out_dir / "config.yaml")
@@ -419,20 +480,32 @@ def run_torchvision_detection(cfg: TorchvisionDetectionConfig, weights: str, dat
     steps = [max(1, int(round(f * cfg.solver.iters))) for f in cfg.solver.steps if f < 1]
     timer = StepTimes()
     hooks = [
-        WarmupMultiStepLR(optimizer, lr, min(cfg.solver.warmup_iters, cfg.solver.iters), cfg.solver.warmup_factor,
-                          steps, cfg.solver.gamma),
-        Throughput(), EpochAverages(), timer,
+        WarmupMultiStepLR(
+            optimizer,
+            lr,
+            min(cfg.solver.warmup_iters, cfg.solver.iters),
+            cfg.solver.warmup_factor,
+            steps,
+            cfg.solver.gamma,
+        ),
+        Throughput(),
+        EpochAverages(),
+        timer,
         ProgressBar(cfg.train.progress, desc="detection"),
         MetricsWriter(out_dir / "metrics.jsonl", cfg.train.log_every, sinks),
     ]
     step = DetectionStep(model, optimizer, device, precision, scaler, cfg.solver.grad_clip)
     trainer = Trainer(step, loader, epochs=1, hooks=hooks, max_steps_per_epoch=cfg.solver.iters)
-    log(f"torchvision Faster R-CNN {loaded.arch}-FPN ({cfg.model.norm}, {cfg.model.trainable_layers} trainable stages) "
+    log(
+        f"torchvision Faster R-CNN {loaded.arch}-FPN ({cfg.model.norm}, {cfg.model.trainable_layers} trainable stages) "
         f"from {loaded.source}: backbone {report['loaded']}/{report['backbone_keys']} tensors loaded, "
-        f"{len(report['missing'])} missing")
-    log(f"train {len(train_set.records)} images ({dropped} without boxes dropped), val {len(data.val.records)} images, "
+        f"{len(report['missing'])} missing"
+    )
+    log(
+        f"train {len(train_set.records)} images ({dropped} without boxes dropped), val {len(data.val.records)} images, "
         f"{data.train.num_classes} classes; {cfg.solver.iters} iterations x {cfg.solver.batch_size} images, "
-        f"lr {lr:g}, min_size {cfg.model.min_size}, device {device}, {precision.name}")
+        f"lr {lr:g}, min_size {cfg.model.min_size}, device {device}, {precision.name}"
+    )
     t0 = time.time()
     trainer.train()
     train_s = time.time() - t0
@@ -442,32 +515,55 @@ def run_torchvision_detection(cfg: TorchvisionDetectionConfig, weights: str, dat
     eval_s = time.time() - t1
     times = timer.times[1:] if len(timer.times) > 1 else timer.times
     results = {
-        "engine": "torchvision", "config": cfg.name, "weights": str(weights), "arch": loaded.arch,
-        "iters": cfg.solver.iters, "batch_size": cfg.solver.batch_size, "norm": cfg.model.norm,
-        "min_size": cfg.model.min_size, "device": str(device), "precision": precision.name,
+        "engine": "torchvision",
+        "config": cfg.name,
+        "weights": str(weights),
+        "arch": loaded.arch,
+        "iters": cfg.solver.iters,
+        "batch_size": cfg.solver.batch_size,
+        "norm": cfg.model.norm,
+        "min_size": cfg.model.min_size,
+        "device": str(device),
+        "precision": precision.name,
         **{k: metrics[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")},
-        "per_class": metrics["per_class"], "num_detections": metrics["num_detections"],
+        "per_class": metrics["per_class"],
+        "num_detections": metrics["num_detections"],
         "backbone_load": report,
         "seconds_per_iter": round(statistics.median(times), 4) if times else None,
-        "train_seconds": round(train_s, 1), "eval_seconds": round(eval_s, 1),
-        "train_images": len(train_set.records), "val_images": len(data.val.records),
+        "train_seconds": round(train_s, 1),
+        "eval_seconds": round(eval_s, 1),
+        "train_images": len(train_set.records),
+        "val_images": len(data.val.records),
         "final_loss": trainer.epoch_metrics.get("loss"),
     }
     write_json(out_dir / "coco_detections.json", dets)
     write_json(out_dir / "results.json", results)
     for s in sinks:  # the box metrics next to the training curves
-        s.scalars({"type": "eval", "step": cfg.solver.iters,
-                   **{k: results[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl") if k in results}})
+        s.scalars(
+            {
+                "type": "eval",
+                "step": cfg.solver.iters,
+                **{k: results[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl") if k in results},
+            }
+        )
         s.close()
     if cfg.test.vis_images > 0:
         from simsiam_kit.evaluation.detection.visualize import save_predictions_png
 
-        save_predictions_png(data.val.records, preds, data.val.class_names, out_dir / "predictions.png",
-                             cfg.test.vis_score, cfg.test.vis_images)
+        save_predictions_png(
+            data.val.records,
+            preds,
+            data.val.class_names,
+            out_dir / "predictions.png",
+            cfg.test.vis_score,
+            cfg.test.vis_images,
+        )
     if cfg.train.save_model:
         from simsiam_kit.utils.io import atomic_torch_save
 
-        atomic_torch_save({"model": model.state_dict(), "config": to_dict(cfg), "classes": data.train.class_names},
-                          out_dir / "model_final.pt")
+        atomic_torch_save(
+            {"model": model.state_dict(), "config": to_dict(cfg), "classes": data.train.class_names},
+            out_dir / "model_final.pt",
+        )
         make_readable(out_dir / "model_final.pt")
     return results

@@ -48,7 +48,12 @@ def _rng_device(gen: Optional[torch.Generator], device=None) -> torch.device:
 
 
 def sample_resized_crops(
-    n: int, height: int, width: int, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), gen: Optional[torch.Generator] = None,
+    n: int,
+    height: int,
+    width: int,
+    scale=(0.2, 1.0),
+    ratio=(3 / 4, 4 / 3),
+    gen: Optional[torch.Generator] = None,
     device=None,
 ) -> torch.Tensor:
     """Per-image crop boxes (top, left, h, w) with torchvision ``RandomResizedCrop.get_params``'s law,
@@ -186,10 +191,9 @@ class BatchAugment:
     module docstring): ``None`` = masked on accelerators, index subsets on the CPU.
     """
 
-    def __init__(self, data_cfg, crop: bool = True, crop_scale=None, color: bool = True,
-                 masked: Optional[bool] = None):
+    def __init__(self, data_cfg, crop: bool = True, crop_scale=None, color: bool = True, masked: Optional[bool] = None):
         self.size = data_cfg.image_size
-        self.scale = (crop_scale if crop_scale is not None else (data_cfg.crop_min_scale, 1.0))
+        self.scale = crop_scale if crop_scale is not None else (data_cfg.crop_min_scale, 1.0)
         self.crop = crop
         self.color = color
         self.masked = masked
@@ -223,12 +227,14 @@ class BatchAugment:
         if self.color:
             bri, con, sat, hue = self.jitter
             p["jitter"] = torch.rand(n, generator=gen, device=dev) < self.jitter_p
-            p["factors"] = torch.stack([
-                _rand(gen, n, max(0.0, 1 - bri), 1 + bri, dev),
-                _rand(gen, n, max(0.0, 1 - con), 1 + con, dev),
-                _rand(gen, n, max(0.0, 1 - sat), 1 + sat, dev),
-                _rand(gen, n, -hue, hue, dev),
-            ])
+            p["factors"] = torch.stack(
+                [
+                    _rand(gen, n, max(0.0, 1 - bri), 1 + bri, dev),
+                    _rand(gen, n, max(0.0, 1 - con), 1 + con, dev),
+                    _rand(gen, n, max(0.0, 1 - sat), 1 + sat, dev),
+                    _rand(gen, n, -hue, hue, dev),
+                ]
+            )
             p["order"] = torch.argsort(torch.rand(n, 4, generator=gen, device=dev), dim=1)  # random op order
             p["gray"] = torch.rand(n, generator=gen, device=dev) < self.gray_p
             if self.blur_p > 0:
@@ -290,8 +296,11 @@ class BatchAugment:
                         blend = blend & (op != op_id)
                 f = torch.where(blend, p["factors"].gather(0, op.clamp(max=2).view(1, -1)).squeeze(0), one)
                 g = _gray(x)
-                target = torch.where((op == 2).view(-1, 1, 1, 1), g,
-                                     torch.where((op == 1).view(-1, 1, 1, 1), g.mean(dim=(1, 2, 3), keepdim=True), zero))
+                target = torch.where(
+                    (op == 2).view(-1, 1, 1, 1),
+                    g,
+                    torch.where((op == 1).view(-1, 1, 1, 1), g.mean(dim=(1, 2, 3), keepdim=True), zero),
+                )
                 y = (f.view(-1, 1, 1, 1) * x + (1 - f.view(-1, 1, 1, 1)) * target).clamp(0, 1)
                 x = torch.where(blend.view(-1, 1, 1, 1), y, x)
                 if self._enabled(3):

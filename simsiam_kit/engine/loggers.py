@@ -60,16 +60,20 @@ class WandbSink:
         try:
             import wandb
         except ImportError:
-            raise UserError("log.wandb=true needs the wandb package (pip install wandb; WANDB_MODE=offline "
-                            "logs without a network)") from None
+            raise UserError(
+                "log.wandb=true needs the wandb package (pip install wandb; WANDB_MODE=offline logs without a network)"
+            ) from None
         self.wandb = wandb
         Path(directory).mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(project=project, name=name, dir=str(directory), config=config or {})
 
     def scalars(self, rec: dict) -> None:
         kind = rec.get("type", "step")
-        data = {f"{kind}/{k}": float(v) for k, v in rec.items()
-                if k not in SKIP_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        data = {
+            f"{kind}/{k}": float(v)
+            for k, v in rec.items()
+            if k not in SKIP_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         self.run.log(data, step=int(rec.get("step", 0)))
 
     def image(self, tag: str, img: np.ndarray, step: int = 0) -> None:
@@ -82,14 +86,21 @@ class WandbSink:
         self.run.finish()
 
 
-def make_sinks(logdir: Path, tensorboard: Optional[bool] = None, wandb: bool = False, wandb_project: str = "simsiam-kit",
-               name: str = "run", config: Optional[dict] = None) -> list:
+def make_sinks(
+    logdir: Path,
+    tensorboard: Optional[bool] = None,
+    wandb: bool = False,
+    wandb_project: str = "simsiam-kit",
+    name: str = "run",
+    config: Optional[dict] = None,
+) -> list:
     """The sinks a run asked for: TensorBoard when ``tensorboard`` is true, or None (auto) and installed."""
     sinks: list = []
     if tensorboard or (tensorboard is None and tensorboard_available()):
         if not tensorboard_available():
-            raise UserError("log.tensorboard=true needs the tensorboard package (pip install tensorboard, "
-                            "or the 'log' extra)")
+            raise UserError(
+                "log.tensorboard=true needs the tensorboard package (pip install tensorboard, or the 'log' extra)"
+            )
         sinks.append(TensorBoardSink(Path(logdir) / "tensorboard"))
     if wandb:
         sinks.append(WandbSink(Path(logdir), wandb_project, name, config))
@@ -121,8 +132,9 @@ def view_pairs_grid(images, augment, mean, std, n: int = 8, seed: int = 0) -> np
     s = torch.tensor(std).view(1, 3, 1, 1)
     v1, v2 = ((v * s + m).clamp(0, 1) for v in (v1, v2))
     size = v1.shape[-1]
-    orig = torch.nn.functional.interpolate(x.float() / 255, size=(size, size), mode="bilinear", antialias=True,
-                                           align_corners=False)
+    orig = torch.nn.functional.interpolate(
+        x.float() / 255, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+    )
     rows = [torch.cat(list(t), dim=2) for t in (orig, v1, v2)]  # (3, S, n*S) each
     grid = torch.cat(rows, dim=1)  # (3, 3S, nS)
     return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)

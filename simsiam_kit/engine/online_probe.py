@@ -30,7 +30,8 @@ class OnlineProbe:
         self.net = self.head
         if dist.is_dist():  # one head for all processes: its gradients are averaged like the model's
             self.net = torch.nn.parallel.DistributedDataParallel(
-                self.head, device_ids=[device.index] if device.type == "cuda" else None)
+                self.head, device_ids=[device.index] if device.type == "cuda" else None
+            )
         self.opt = torch.optim.SGD(self.head.parameters(), lr=PROBE_BASE_LR * batch_size / 256, momentum=0.9)
         self.num_classes = num_classes
 
@@ -53,8 +54,10 @@ class OnlineProbe:
         return 100.0 * (logits.argmax(1).cpu() == labels.cpu()).float().mean().item()
 
     def state_dict(self) -> dict:
-        return {"head": {k: v.detach().cpu() for k, v in self.head.state_dict().items()},
-                "optimizer": self.opt.state_dict()}
+        return {
+            "head": {k: v.detach().cpu() for k, v in self.head.state_dict().items()},
+            "optimizer": self.opt.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.head.load_state_dict(state["head"])

@@ -107,8 +107,16 @@ class RunDir:
 
     def run_files(self) -> list[Path]:
         """Everything ``simsiam-kit pretrain`` writes here (what ``--overwrite`` replaces)."""
-        return [self.config, self.amendments, self.checkpoints, self.backbone, self.metrics, self.plots,
-                self.results, self.root / "eval"]
+        return [
+            self.config,
+            self.amendments,
+            self.checkpoints,
+            self.backbone,
+            self.metrics,
+            self.plots,
+            self.results,
+            self.root / "eval",
+        ]
 
     def is_empty(self) -> bool:
         """No entries but the lock file (a directory that does not exist is empty)."""
@@ -141,8 +149,10 @@ class RunDir:
                 holder = _read_pid(fd)
                 os.close(fd)
                 pid = f" (pid {holder})" if holder else ""
-                raise UserError(f"{self.root}: another simsiam-kit run is using this directory{pid}; "
-                                "wait for it or pick another output directory") from None
+                raise UserError(
+                    f"{self.root}: another simsiam-kit run is using this directory{pid}; "
+                    "wait for it or pick another output directory"
+                ) from None
             # the file we locked must still be the one at the path (not unlinked and re-created meanwhile)
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.lock_file).st_ino

@@ -12,8 +12,13 @@ from simsiam_kit.utils.device import Precision
 
 
 class OptimStep:
-    def __init__(self, optimizer: torch.optim.Optimizer, precision: Optional[Precision] = None,
-                 grad_clip: float = 0.0, params: Optional[Iterable[torch.nn.Parameter]] = None):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        precision: Optional[Precision] = None,
+        grad_clip: float = 0.0,
+        params: Optional[Iterable[torch.nn.Parameter]] = None,
+    ):
         self.opt = optimizer
         self.scaler = torch.amp.GradScaler("cuda") if precision is not None and precision.needs_scaler else None
         self.grad_clip = float(grad_clip)

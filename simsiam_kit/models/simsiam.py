@@ -39,8 +39,8 @@ class SimSiam(nn.Module):
 
 def build_simsiam(model_cfg) -> SimSiam:
     backbone = build_backbone(model_cfg.arch, model_cfg.stem, model_cfg.zero_init_residual)
-    projector = ProjectionHead(
-        backbone.feature_dim, model_cfg.proj_hidden, model_cfg.proj_dim, model_cfg.proj_layers
+    projector = ProjectionHead(backbone.feature_dim, model_cfg.proj_hidden, model_cfg.proj_dim, model_cfg.proj_layers)
+    predictor = (
+        PredictionHead(model_cfg.proj_dim, model_cfg.pred_hidden, model_cfg.proj_dim) if model_cfg.predictor else None
     )
-    predictor = PredictionHead(model_cfg.proj_dim, model_cfg.pred_hidden, model_cfg.proj_dim) if model_cfg.predictor else None
     return SimSiam(backbone, projector, predictor)
