@@ -344,15 +344,34 @@ def _report(name: str, figures: dict) -> None:
         p.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def _training_started(run: Path, since: float, p, timeout: float = 120) -> None:
+    """Wait until this process has prepared its run directory (it writes or trims metrics.jsonl last)."""
+    deadline = time.time() + timeout
+    m = run / "metrics.jsonl"
+    while time.time() < deadline and p.poll() is None:
+        try:
+            if m.stat().st_mtime >= since:
+                return
+        except FileNotFoundError:
+            pass
+        time.sleep(0.01)
+
+
 def _kill_loop(run: Path, overrides, kills: int, seed: int, window: tuple[float, float]) -> dict:
-    """Start/resume the run, SIGKILL it after a random delay, ``kills`` times; then let it finish."""
+    """Start/resume the run and SIGKILL it, ``kills`` times, then let it finish: one kill in four at a random
+    moment of the start-up, the others a random delay in ``window`` after training began."""
     rng = random.Random(seed)
-    figures = {"kills": 0, "kills_before_first_checkpoint": 0, "temp_files_bytes_cleaned": 0, "lost_bytes": 0}
+    figures = {"kills": 0, "kills_before_first_checkpoint": 0, "temp_bytes_left_then_removed": 0, "lost_bytes": 0}
     for _ in range(kills):
         ck = run / "checkpoints" / "last.pt"
         extra = ["--resume"] if ck.is_file() else (["--overwrite"] if run.exists() else [])
+        t0 = time.time()
         p = _popen(run, overrides, extra)
-        time.sleep(rng.uniform(*window))
+        if rng.random() < 0.25:
+            time.sleep(rng.uniform(0.5, 4.0))
+        else:
+            _training_started(run, t0 - 0.01, p)
+            time.sleep(rng.uniform(*window))
         if p.poll() is not None:  # finished (or failed) before the kill
             assert p.returncode == 0, p.stderr.read()[-2000:]
             break
@@ -361,7 +380,7 @@ def _kill_loop(run: Path, overrides, kills: int, seed: int, window: tuple[float,
         state = check_after_kill(run)
         figures["kills"] += 1
         figures["kills_before_first_checkpoint"] += int(state["epoch"] == 0)
-        figures["temp_files_bytes_cleaned"] += state["temp_bytes"]
+        figures["temp_bytes_left_then_removed"] += state["temp_bytes"]
         figures["lost_bytes"] += state["lost_bytes"]
         if (run / "results" / "pretrain.json").is_file():
             break
@@ -375,12 +394,12 @@ def _kill_loop(run: Path, overrides, kills: int, seed: int, window: tuple[float,
 @pytest.mark.parametrize("kind", ["memory", "folder"])
 def test_random_kills_loop(kind, workdir, memory_npz, image_folder, memory_reference, folder_reference):
     if kind == "memory":
-        o, ref, window = _memory_overrides(memory_npz, epochs=3), memory_reference, (2.0, 9.0)
+        o, ref, window = _memory_overrides(memory_npz, epochs=3), memory_reference, (0.0, 4.0)
     else:
-        o, ref, window = _folder_overrides(image_folder, epochs=2), folder_reference, (2.0, 12.0)
-    total = {"kills": 0, "kills_before_first_checkpoint": 0, "temp_files_bytes_cleaned": 0, "lost_bytes": 0,
+        o, ref, window = _folder_overrides(image_folder, epochs=2), folder_reference, (0.0, 4.0)
+    total = {"kills": 0, "kills_before_first_checkpoint": 0, "temp_bytes_left_then_removed": 0, "lost_bytes": 0,
              "resumed_runs_bit_identical": 0}
-    for rep in range(4):
+    for rep in range(6):
         run = workdir / f"loop-{kind}-{rep}"
         figures = _kill_loop(run, o, kills=6, seed=100 * rep + (kind == "folder"), window=window)
         _assert_same_run(ref, run)
@@ -395,7 +414,7 @@ def test_random_kills_loop(kind, workdir, memory_npz, image_folder, memory_refer
 def test_kill_at_every_write_stage(workdir, memory_npz, memory_reference):
     """Every (file, occurrence, stage) of the run's atomic writes, killed once each, then resumed."""
     o = _memory_overrides(memory_npz)
-    figures = {"kills": 0, "temp_files_bytes_cleaned": 0, "lost_bytes": 0, "resumed_runs_bit_identical": 0}
+    figures = {"kills": 0, "temp_bytes_left_then_removed": 0, "lost_bytes": 0, "resumed_runs_bit_identical": 0}
     for name, occurrences in (("last.pt", 3), ("backbone.pt", 3), ("metrics.jsonl", 1), ("config.yaml", 1)):
         for n in range(1, occurrences + 1):
             for stage in ("mid", "before_rename", "after_rename"):
@@ -406,7 +425,7 @@ def test_kill_at_every_write_stage(workdir, memory_npz, memory_reference):
                 assert r.returncode == -signal.SIGKILL, (name, n, stage, r.stderr[-1500:])
                 state = check_after_kill(run)
                 figures["kills"] += 1
-                figures["temp_files_bytes_cleaned"] += state["temp_bytes"]
+                figures["temp_bytes_left_then_removed"] += state["temp_bytes"]
                 figures["lost_bytes"] += state["lost_bytes"]
                 r = _resume(run, o)
                 assert r.returncode == 0, (name, n, stage, r.stderr[-1500:])
@@ -433,6 +452,8 @@ def test_ddp_killed_and_resumed_bit_identical(workdir, memory_npz):
     deadline = time.time() + 300
     while time.time() < deadline and p.poll() is None and not ck.is_file():
         time.sleep(0.02)
+    for w in _workers(p.pid):  # torchrun starts each worker in a session of its own
+        os.kill(w, signal.SIGKILL)
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
     state = check_after_kill(run)
