@@ -1,80 +1,81 @@
-"""Shared pieces of the evaluations: backbone and dataset loading with clear errors, image
-settings resolved from the weights' metadata, output directories, small text tables."""
+"""Shared pieces of the evaluations: datasets with clear errors, the image settings of an evaluation
+(the core's one resolver, :func:`simsiam_kit.image_settings.resolve_image_settings`), output
+directories that never lose earlier results, small text tables.
+
+Weights are the core's business (:mod:`simsiam_kit.weights`: one resolver of a weights spec, each file
+read once); this module only decides where an evaluation writes."""
 
 from __future__ import annotations
 
+import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
+from simsiam_kit.config import DEFAULT_DATA_ROOT
 from simsiam_kit.data import load_dataset
 from simsiam_kit.data.datasets import ImageDataset
-from simsiam_kit.config import DEFAULT_DATA_ROOT
 from simsiam_kit.errors import UserError
-from simsiam_kit.weights import LoadedBackbone, load_backbone, load_state_dict_checked
+from simsiam_kit.image_settings import ImageSettings, resolve_image_settings
+from simsiam_kit.weights import LoadedBackbone, resolve_weights
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def load_eval_backbone(weights: str, arch: Optional[str] = None, stem: Optional[str] = None,
-                       seed: int = 0) -> LoadedBackbone:
-    """:func:`simsiam_kit.weights.load_backbone`, but an ``--arch``/``--stem`` that does not match the
-    file is reported with the mismatched keys (the weights are tried on the requested network)."""
-    if weights == "random":
-        return load_backbone("random", arch, stem, seed=seed)
-    found = load_backbone(weights)  # arch/stem from the file's metadata or inferred from its keys
-    if (arch is not None and arch != found.arch) or (stem is not None and stem != found.stem):
-        from simsiam_kit.models import build_backbone
-
-        want = build_backbone(arch or found.arch, stem or found.stem)
-        try:
-            load_state_dict_checked(want, found.model.state_dict(), found.source)
-        except UserError as e:
-            raise UserError(f"{e} (the file holds a {found.arch} with the {found.stem} stem; requested "
-                            f"{arch or found.arch} with the {stem or found.stem} stem)") from None
-    return found
+# What an evaluation writes in its output directory (removed before a rerun with overwrite)
+EVAL_FILES = ("results.json", "features", "plots", "confusion_matrix.npy", "index", "head.pt", "metrics.jsonl",
+              "tensorboard")
 
 
-@dataclass(frozen=True)
-class ImageSettings:
-    image_size: Optional[int]  # None: in-memory images are used at their own size
-    mean: tuple
-    std: tuple
-    source: str  # where the values came from: "weights", "options", "defaults"
+class OutputExists(UserError):
+    """The output directory holds the results of an earlier evaluation; they are kept."""
+
+    remedy = "overwrite"
 
 
-def resolve_image_settings(loaded: LoadedBackbone, ds: ImageDataset, image_size: Optional[int] = None,
-                           mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> ImageSettings:
-    """Image size / normalisation: options override the weights' metadata, which overrides defaults
-    (in-memory images at their own size, 224 px for image files, ImageNet mean/std)."""
-    meta = loaded.meta or {}
-    src = "weights" if meta.get("image_size") or meta.get("mean") else "defaults"
-    size = image_size or meta.get("image_size")
-    if size is None:
-        size = int(ds.images.shape[1]) if ds.in_memory else 224
-    m = tuple(float(v) for v in (mean or meta.get("mean") or IMAGENET_MEAN))
-    s = tuple(float(v) for v in (std or meta.get("std") or IMAGENET_STD))
-    for name, v in (("mean", m), ("std", s)):
-        if len(v) != 3:
-            raise UserError(f"--{name} needs 3 comma-separated values, got {len(v)}")
-    if any(v <= 0 for v in s):
-        raise UserError(f"--std values must be positive, got {s}")
-    if image_size or mean or std:
-        src = "options"
-    return ImageSettings(int(size), m, s, src)
+def eval_image_settings(loaded: LoadedBackbone, ds: ImageDataset, image_size: Optional[int] = None,
+                        mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> ImageSettings:
+    """The evaluation's image size and normalisation: option > weights metadata > run config > default
+    (in-memory images at their own size)."""
+    return resolve_image_settings(
+        option={"image_size": image_size, "mean": mean, "std": std}, weights=loaded.weights_settings,
+        config=loaded.config_settings, stem=loaded.stem, data_size=int(ds.images.shape[1]) if ds.in_memory else None)
 
 
-def parse_floats(text: Optional[str], name: str) -> Optional[tuple]:
-    if text is None:
-        return None
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise UserError(f"--{name}: expected comma-separated numbers such as 0.485,0.456,0.406, got '{text}'") from None
+def default_output(weights: str, kind: str, like: Optional[str] = None) -> Path:
+    """``RUN/eval/<kind>`` for a run directory, ``RUN/eval/<kind>-random-init`` for random weights like a
+    run, else ``runs/eval-<kind>-<time>``."""
+    ws = resolve_weights(weights, like)
+    if ws.random and ws.run_dir is not None:
+        return ws.run_dir / "eval" / f"{kind}-random-init"
+    if not ws.random and ws.path is None:  # the spec is a run directory
+        return ws.run_dir / "eval" / kind
+    return Path("runs") / f"eval-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def check_output(output: Path, overwrite: bool = False) -> None:
+    """Refuse a directory that holds an earlier evaluation's results, unless ``overwrite`` (cheap: call it
+    before any work)."""
+    res = Path(output) / "results.json"
+    if res.exists() and not overwrite:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(res.stat().st_mtime))
+        raise OutputExists(f"{output} already holds the results of an earlier evaluation ({res.name} of {when}); "
+                           "they are kept")
+
+
+def prepare_output(output: Path, overwrite: bool = False) -> Path:
+    """Create ``output``; with ``overwrite`` remove what an earlier evaluation wrote there (only its own
+    files), so no stale plot or feature file is mistaken for the new results."""
+    output = Path(output)
+    check_output(output, overwrite)
+    if overwrite and output.is_dir():
+        for name in EVAL_FILES:
+            p = output / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            elif p.exists() or p.is_symlink():
+                p.unlink()
+    output.mkdir(parents=True, exist_ok=True)
+    return output
 
 
 def load_labelled(spec: str, role: str, root: str = DEFAULT_DATA_ROOT, download: bool = False,
@@ -112,16 +113,63 @@ def check_same_classes(train: ImageDataset, test: ImageDataset, train_spec: str,
     return list(names) if names is not None else [str(i) for i in range(max(n_train, test.num_classes))]
 
 
-def default_output(weights: str, kind: str) -> Path:
-    p = Path(weights).expanduser()
-    if weights != "random" and p.is_dir():
-        return p / "eval" / kind
-    return Path("runs") / f"eval-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
 def format_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     cells = [[str(h) for h in header]] + [[f"{v:.2f}" if isinstance(v, float) else str(v) for v in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     lines = ["  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+# the settings two evaluations must share to be compared row by row
+_SAME = {"knn": ("train_data", "test_data", "image_size", "mean", "std", "precision"),
+         "linear": ("train_data", "test_data", "image_size", "mean", "std", "precision", "epochs", "protocol",
+                    "batch_size", "lr", "optimizer", "seed")}
+
+
+def _pair_path(kind: str, record: dict) -> Optional[Path]:
+    if record.get("kind") == "random":
+        return Path(record["like"]) / "eval" / kind / "results.json" if record.get("like") else None
+    if record.get("run_dir"):
+        return Path(record["run_dir"]) / "eval" / f"{kind}-random-init" / "results.json"
+    return None
+
+
+def baseline_rows(kind: str, results: dict) -> Optional[list]:
+    """The trained row and the random-init row of one run, when this evaluation is one of them and the other
+    one exists at its default place (``RUN/eval/<kind>`` and ``RUN/eval/<kind>-random-init``) with the same
+    data and settings: ``[[label, top1, top5], [label, top1, top5]]``, trained first; else None."""
+    import json
+
+    rec = results.get("weights") or {}
+    other_path = _pair_path(kind, rec)
+    if other_path is None or not other_path.is_file():
+        return None
+    try:
+        other = json.loads(other_path.read_text())
+    except (OSError, ValueError):
+        return None
+    a, b = results.get("settings", {}), other.get("settings", {})
+    if any(a.get(k) != b.get(k) for k in _SAME[kind]):
+        return None
+    if kind == "knn" and (results.get("k"), results.get("temperature")) != (other.get("k"), other.get("temperature")):
+        return None
+    rows = []
+    for r in (results, other):
+        w = r.get("weights") or {}
+        if w.get("kind") == "random":
+            label = f"random init ({Path(w['like']).name}, seed {w['seed']})"
+        else:
+            label = "SimSiam " + Path(w.get("run_dir") or w.get("file") or "?").name + (
+                f" (epoch {w['epoch']})" if w.get("epoch") is not None else "")
+        rows.append([label, r["top1"], r["top5"]])
+    return sorted(rows, key=lambda row: row[0].startswith("random"))
+
+
+def baseline_table(kind: str, results: dict) -> Optional[str]:
+    rows = baseline_rows(kind, results)
+    if rows is None:
+        return None
+    what = f"k={results['k']}, T={results['temperature']:g}" if kind == "knn" else results["settings"]["protocol"]
+    return f"against the run's own random init ({what}, same data and image settings):\n" + format_table(
+        ["backbone", "top-1 %", "top-5 %"], rows)

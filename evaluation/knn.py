@@ -35,7 +35,6 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from simsiam_kit.config import DEFAULT_KNN_K, DEFAULT_KNN_TEMPERATURE
 from simsiam_kit.config import DEFAULT_DATA_ROOT, DEFAULT_KNN_K, DEFAULT_KNN_TEMPERATURE
 from simsiam_kit.errors import UserError
 from simsiam_kit.features import FEATURE_BATCH
@@ -180,8 +179,10 @@ class KNNSettings:
     weights: str
     train_data: str
     test_data: str
-    ks: tuple = (DEFAULT_KNN_K,)
-    temperature: float = DEFAULT_KNN_TEMPERATURE
+    # None = the protocol grid (PROTOCOL_KS within the bank size x PROTOCOL_TEMPERATURES); the first k and
+    # the first temperature make the headline number
+    ks: Optional[tuple] = None
+    temperatures: Optional[tuple] = None
     arch: Optional[str] = None
     stem: Optional[str] = None
     like: Optional[str] = None  # with weights "random": the run whose init, arch, stem and image settings to take
@@ -204,12 +205,27 @@ class KNNSettings:
     grid_neighbours: int = 8
 
 
+def _choose_ks(asked: Optional[Sequence[int]], bank: int, what: str, default: Optional[Sequence[int]] = None) -> tuple:
+    """The k to score: the asked ones (each at most the bank size), else the protocol's that fit the bank
+    (the bank size itself when none does)."""
+    if asked:
+        if max(asked) > bank:
+            raise UserError(f"--k {max(asked)} is larger than the kNN bank ({bank}{what})")
+        return tuple(int(k) for k in asked)
+    fit = tuple(k for k in (default or PROTOCOL_KS) if k <= bank)
+    return fit or (bank,)
+
+
 def run_knn_eval(s: KNNSettings, output: Path, log: Callable[[str], None] = print) -> dict:
     """Extract features, search, classify; write features, results.json and plots under ``output``.
 
     An output directory that holds an earlier evaluation's results is refused unless ``s.overwrite``."""
     from simsiam_kit.evaluation.common import (
-        check_output, check_same_classes, eval_image_settings, load_labelled, prepare_output,
+        check_output,
+        check_same_classes,
+        eval_image_settings,
+        load_labelled,
+        prepare_output,
     )
     from simsiam_kit.features import extract_features, feature_precision, save_features
     from simsiam_kit.retrieval.index import BACKENDS, KINDS
@@ -223,17 +239,17 @@ def run_knn_eval(s: KNNSettings, output: Path, log: Callable[[str], None] = prin
         raise UserError(f"unknown --index '{s.index}' (available: {', '.join(KINDS)})")
     if s.index != "flat" and s.backend == "torch":
         raise UserError(f"--index {s.index} needs --backend faiss or auto (torch does exact search only)")
-    if s.temperature <= 0:
-        raise UserError(f"--temperature must be positive, got {s.temperature}")
-    if not s.ks or min(s.ks) < 1:
+    temps = tuple(float(t) for t in (s.temperatures or PROTOCOL_TEMPERATURES))
+    if min(temps) <= 0:
+        raise UserError(f"--temperature must be positive, got {min(temps)}")
+    if s.ks is not None and (not s.ks or min(s.ks) < 1):
         raise UserError(f"--k must be at least 1, got {list(s.ks)}")
     output = Path(output)
     check_output(output, s.overwrite)
     train = load_labelled(s.train_data, "train", s.root, s.download, s.skip_bad_images)
     test = load_labelled(s.test_data, "test", s.root, s.download, s.skip_bad_images)
     classes = check_same_classes(train, test, s.train_data, s.test_data)
-    if max(s.ks) > len(train):
-        raise UserError(f"--k {max(s.ks)} is larger than the kNN bank ({len(train)} training images in '{s.train_data}')")
+    ks = _choose_ks(s.ks, len(train), f" training images in '{s.train_data}'")
     loaded = load_backbone(s.weights, s.arch, s.stem, like=s.like)
     if loaded.notice():
         log(loaded.notice())
@@ -251,26 +267,28 @@ def run_knn_eval(s: KNNSettings, output: Path, log: Callable[[str], None] = prin
     extract_s = time.perf_counter() - t0
     if len(fb) == 0 or len(fq) == 0:
         raise UserError("no readable images left after skipping unreadable ones")
-    if max(s.ks) > len(fb):
-        raise UserError(f"--k {max(s.ks)} is larger than the kNN bank ({len(fb)} readable training images)")
+    ks = _choose_ks(s.ks, len(fb), " readable training images", ks)
     save_features(output / "features" / "train", fb, lb, [train.ids[i] for i in ib.tolist()])
     save_features(output / "features" / "test", fq, lq, [test.ids[i] for i in iq.tolist()])
 
-    res = classify(fb, lb, fq, lq, s.ks, s.temperature, len(classes), s.backend, s.index)
+    res = classify(fb, lb, fq, lq, ks, temps, len(classes), s.backend, s.index)
     if s.save_index:
         res["index"].save(output / "index")
-    ks = sorted(res["per_k"])
-    main_k = int(s.ks[0])
+    main_k, main_t = int(ks[0]), temps[0]
     main = res["per_k"][main_k]
     settings = asdict(s)
-    settings.update(ks=list(s.ks), mean=list(img.mean), std=list(img.std), image_size=img.image_size,
+    settings.update(ks=list(ks), temperatures=list(temps), mean=list(img.mean), std=list(img.std),
+                    image_size=img.image_size,
                     image_settings_from=dict(img.sources), arch=loaded.arch, stem=loaded.stem,
                     weights_source=loaded.source, device=str(device), precision=precision.name, backend=res["backend"],
                     bank_size=int(len(fb)), queries=int(len(fq)), feature_dim=int(fb.shape[1]),
                     search_depth=res["depth"], num_classes=len(classes))
     results = {
-        "top1": main["top1"], "top5": main["top5"], "k": main_k, "temperature": s.temperature,
-        "per_k": {str(k): {"top1": res["per_k"][k]["top1"], "top5": res["per_k"][k]["top5"]} for k in ks},
+        "top1": main["top1"], "top5": main["top5"], "k": main_k, "temperature": main_t,
+        "headline": {"k": main_k, "temperature": main_t},
+        "per_k": {str(k): {"top1": res["per_k"][k]["top1"], "top5": res["per_k"][k]["top5"]} for k in sorted(ks)},
+        "grid": [{"k": k, "temperature": t, "top1": g["top1"], "top5": g["top5"]}
+                 for (k, t), g in sorted(res["grid"].items())],
         **res["retrieval"],
         "map_at_r_depth": res["depth"],
         "weights": loaded.record,
@@ -285,7 +303,7 @@ def run_knn_eval(s: KNNSettings, output: Path, log: Callable[[str], None] = prin
         plots = output / "plots"
         plots.mkdir(exist_ok=True)
         plot_confusion(cm, classes, plots / "confusion_matrix.png",
-                       f"kNN k={main_k} T={s.temperature}: top-1 {main['top1']:.2f}%")
+                       f"kNN k={main_k} T={main_t:g}: top-1 {main['top1']:.2f}%")
         nq = min(s.grid_queries, len(fq))
         rows = np.linspace(0, len(fq) - 1, nq).round().astype(int)
         nn_ = min(s.grid_neighbours, res["depth"])

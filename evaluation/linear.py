@@ -39,8 +39,8 @@ import torch.nn.functional as F
 
 from simsiam_kit.config import DEFAULT_DATA_ROOT
 from simsiam_kit.engine import Trainer
-from simsiam_kit.engine.step import OptimStep
 from simsiam_kit.engine.hooks import EpochAverages, Hook, LRSchedule, MetricsWriter, ProgressBar, Throughput
+from simsiam_kit.engine.step import OptimStep
 from simsiam_kit.errors import UserError
 
 HEAD_FORMAT = "simsiam-kit-linear-head"
@@ -262,8 +262,9 @@ class LinearSettings:
     crop_min_scale: float = 0.08
     arch: Optional[str] = None
     stem: Optional[str] = None
+    like: Optional[str] = None  # with weights "random": the run whose init, arch, stem and image settings to take
     device: str = "auto"
-    precision: str = "auto"
+    precision: str = "auto"  # feature extraction: auto = fp32 (simsiam_kit.features.feature_precision)
     image_size: Optional[int] = None
     mean: Optional[tuple] = None
     std: Optional[tuple] = None
@@ -271,6 +272,8 @@ class LinearSettings:
     seed: int = 0
     root: str = DEFAULT_DATA_ROOT
     download: bool = False
+    skip_bad_images: bool = False
+    overwrite: bool = False  # replace the results of an earlier evaluation in the output directory
     progress: bool = False
     plots: bool = True
     lr_sweep: bool = False  # cached features only: one head per (lr, wd), chosen on held-out training images
@@ -278,9 +281,15 @@ class LinearSettings:
 
 
 def run_linear_probe(s: LinearSettings, output: Path, log: Callable[[str], None] = print) -> dict:
-    """Train and score the head(s); write results.json, head.pt, metrics.jsonl, plots (and TensorBoard)."""
-    from simsiam_kit.engine.loggers import make_sinks
+    """Train and score the head(s); write results.json, head.pt, metrics.jsonl, plots (and TensorBoard).
 
+    An output directory that holds an earlier evaluation's results is refused unless ``s.overwrite``."""
+    from simsiam_kit.engine.loggers import make_sinks
+    from simsiam_kit.evaluation.common import check_output, prepare_output
+
+    check_output(Path(output), s.overwrite)
+    _check_settings(s)
+    prepare_output(Path(output), s.overwrite)
     sinks = make_sinks(Path(output), s.tensorboard)
     try:
         res = _run_linear_probe(s, Path(output), log, sinks)
@@ -292,15 +301,7 @@ def run_linear_probe(s: LinearSettings, output: Path, log: Callable[[str], None]
             sk.close()
 
 
-def _run_linear_probe(s: LinearSettings, output: Path, log: Callable[[str], None], sinks) -> dict:
-    from simsiam_kit.evaluation.common import check_same_classes, load_eval_backbone, load_labelled, resolve_image_settings
-    from simsiam_kit.config import DataConfig
-    from simsiam_kit.data.loaders import make_loader
-    from simsiam_kit.data.transforms import BatchAugment
-    from simsiam_kit.features import extract_features
-    from simsiam_kit.utils.device import resolve_channels_last, resolve_device, resolve_precision
-    from simsiam_kit.utils.io import atomic_torch_save, atomic_write_json
-
+def _check_settings(s: LinearSettings) -> None:
     if s.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {s.epochs}")
     if s.batch_size < 1:
@@ -313,22 +314,34 @@ def _run_linear_probe(s: LinearSettings, output: Path, log: Callable[[str], None
         raise UserError("--lr-sweep trains its heads on cached features: add --cached-features")
     if s.lr_sweep and s.optimizer != "sgd":
         raise UserError("--lr-sweep sweeps SGD learning rates: use --optimizer sgd")
-    train = load_labelled(s.train_data, "train", s.root, s.download)
-    test = load_labelled(s.test_data, "test", s.root, s.download)
+
+
+def _run_linear_probe(s: LinearSettings, output: Path, log: Callable[[str], None], sinks) -> dict:
+    from simsiam_kit.config import DataConfig
+    from simsiam_kit.data.loaders import make_loader
+    from simsiam_kit.data.transforms import BatchAugment
+    from simsiam_kit.evaluation.common import check_same_classes, eval_image_settings, load_labelled
+    from simsiam_kit.features import extract_features, feature_precision
+    from simsiam_kit.utils.device import resolve_device
+    from simsiam_kit.utils.io import atomic_torch_save, atomic_write_json
+    from simsiam_kit.weights import load_backbone
+
+    train = load_labelled(s.train_data, "train", s.root, s.download, s.skip_bad_images)
+    test = load_labelled(s.test_data, "test", s.root, s.download, s.skip_bad_images)
     classes = check_same_classes(train, test, s.train_data, s.test_data)
-    loaded = load_eval_backbone(s.weights, s.arch, s.stem, seed=s.seed)
-    img = resolve_image_settings(loaded, train, s.image_size, s.mean, s.std)
+    loaded = load_backbone(s.weights, s.arch, s.stem, seed=s.seed, like=s.like)
+    if loaded.notice():
+        log(loaded.notice())
+    img = eval_image_settings(loaded, train, s.image_size, s.mean, s.std)
     device = resolve_device(s.device)
-    precision = resolve_precision(s.precision, device)
-    channels_last = resolve_channels_last(None, device, precision)
-    backbone = freeze(loaded.model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format))
+    precision = feature_precision(s.precision, device)
+    backbone = freeze(loaded.model.to(device))
     reference = snapshot_state(backbone)
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(s.seed)
 
     kw = dict(device=device, batch_size=max(s.batch_size, 64), precision=precision, mean=img.mean, std=img.std,
-              image_size=img.image_size, workers=s.workers, channels_last=channels_last, normalize=False)
+              image_size=img.image_size, workers=s.workers, normalize=False)
     t0 = time.perf_counter()
     fq, lq, _ = extract_features(backbone, test, **kw)
     bs = min(s.batch_size, len(train))
@@ -351,8 +364,6 @@ def _run_linear_probe(s: LinearSettings, output: Path, log: Callable[[str], None
         @torch.no_grad()
         def features_fn(batch):
             x = augment(batch["images"].to(device, non_blocking=True), gen)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
             with precision.autocast():
                 f = backbone(x)
             return f.float()
@@ -376,7 +387,8 @@ def _run_linear_probe(s: LinearSettings, output: Path, log: Callable[[str], None
     final = evaluate_head(head, fq, lq)
     best = max(history, key=lambda r: r.get("test_top1", -1))
     settings = asdict(s)
-    settings.update(mean=list(img.mean), std=list(img.std), image_size=img.image_size, image_settings_from=img.source,
+    settings.update(mean=list(img.mean), std=list(img.std), image_size=img.image_size,
+                    image_settings_from=dict(img.sources),
                     arch=loaded.arch, stem=loaded.stem, weights_source=loaded.source, device=str(device),
                     precision=precision.name, batch_size=bs, init_lr=s.lr * bs / 256,
                     protocol="cached-features" if s.cached_features else "full",
@@ -390,8 +402,11 @@ def _run_linear_probe(s: LinearSettings, output: Path, log: Callable[[str], None
         "timing_s": {"features": round(prep_s, 3), "train": round(train_s, 3), "total": round(prep_s + train_s, 3)},
         "backbone_unchanged": True,
         "classes": [str(c) for c in classes],
+        "weights": loaded.record,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    atomic_torch_save({"format": HEAD_FORMAT, "version": 1, "state_dict": {k: v.cpu() for k, v in head.state_dict().items()},
+    atomic_torch_save({"format": HEAD_FORMAT, "version": 1,
+                       "state_dict": {k: v.cpu() for k, v in head.state_dict().items()},
                        "arch": loaded.arch, "stem": loaded.stem, "feature_dim": int(fq.shape[1]),
                        "classes": [str(c) for c in classes], "weights": loaded.source,
                        "image_size": img.image_size, "mean": list(img.mean), "std": list(img.std)},
@@ -419,7 +434,8 @@ def _run_sweep(s, ft, lt, fq, lq, classes, bs, device, backbone, reference, load
     final = evaluate_head(head, fq, lq)
     chosen = res.grid[res.selected]
     settings = asdict(s)
-    settings.update(mean=list(img.mean), std=list(img.std), image_size=img.image_size, image_settings_from=img.source,
+    settings.update(mean=list(img.mean), std=list(img.std), image_size=img.image_size,
+                    image_settings_from=dict(img.sources),
                     arch=loaded.arch, stem=loaded.stem, weights_source=loaded.source, device=str(device),
                     precision=precision.name, batch_size=bs, init_lr=chosen["lr"] * bs / 256, lr=chosen["lr"],
                     weight_decay=chosen["weight_decay"], protocol="cached-features, lr sweep",
@@ -433,8 +449,10 @@ def _run_sweep(s, ft, lt, fq, lq, classes, bs, device, backbone, reference, load
         "epochs": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in res.history],
         "timing_s": {"features": round(prep_s, 3), "train": round(train_s, 3), "total": round(prep_s + train_s, 3)},
         "backbone_unchanged": True, "classes": [str(c) for c in classes],
+        "weights": loaded.record, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    atomic_torch_save({"format": HEAD_FORMAT, "version": 1, "state_dict": {k: v.cpu() for k, v in head.state_dict().items()},
+    atomic_torch_save({"format": HEAD_FORMAT, "version": 1,
+                       "state_dict": {k: v.cpu() for k, v in head.state_dict().items()},
                        "arch": loaded.arch, "stem": loaded.stem, "feature_dim": int(fq.shape[1]),
                        "classes": [str(c) for c in classes], "weights": loaded.source,
                        "image_size": img.image_size, "mean": list(img.mean), "std": list(img.std),
@@ -462,8 +480,9 @@ def plot_curves(history: Sequence[dict], path: Path, title: str) -> Path:
     a1.set_xlabel("epoch")
     a1.set_ylabel("train loss")
     a1.grid(alpha=0.3)
-    a2.plot(ep, [r.get("acc") for r in history], label="train (augmented) top-1", marker="o" if len(ep) < 30 else None, ms=3)
-    a2.plot(ep, [r.get("test_top1") for r in history], label="test top-1", marker="o" if len(ep) < 30 else None, ms=3)
+    marker = "o" if len(ep) < 30 else None
+    a2.plot(ep, [r.get("acc") for r in history], label="train (augmented) top-1", marker=marker, ms=3)
+    a2.plot(ep, [r.get("test_top1") for r in history], label="test top-1", marker=marker, ms=3)
     a2.plot(ep, [r.get("test_top5") for r in history], label="test top-5", ls="--")
     a2.set_xlabel("epoch")
     a2.set_ylabel("accuracy (%)")
@@ -482,12 +501,14 @@ def results_table(results: dict) -> str:
     st = results["settings"]
     if "sweep" in results:
         sel = results["selected"]
-        return (f"linear probe lr sweep {st['arch']}/{st['stem']}: {len(results['sweep'])} heads, {st['epochs']} epochs, "
+        return (f"linear probe lr sweep {st['arch']}/{st['stem']}: {len(results['sweep'])} heads, "
+                f"{st['epochs']} epochs, "
                 f"batch {st['batch_size']}; selected on held-out training images: base lr {sel['lr']:g}, weight decay "
                 f"{sel['weight_decay']:g} (held-out top-1 {sel['holdout_top1']:.2f} %)\n"
                 f"test: top-1 {results['top1']:.2f} %  top-5 {results['top5']:.2f} %; backbone unchanged")
-    rows = [[r["epoch"], f"{r.get('loss', float('nan')):.4f}", r.get("acc", float("nan")), r.get("test_top1", float("nan")),
-             r.get("test_top5", float("nan"))] for r in results["epochs"]]
+    nan = float("nan")
+    rows = [[r["epoch"], f"{r.get('loss', nan):.4f}", r.get("acc", nan), r.get("test_top1", nan),
+             r.get("test_top5", nan)] for r in results["epochs"]]
     if len(rows) > 12:  # keep the printout small: first 3, last 9
         rows = rows[:3] + [["...", "", "", "", ""]] + rows[-8:]
     head = (f"linear probe ({st['protocol']}) {st['arch']}/{st['stem']}: {st['train_images']} train / "

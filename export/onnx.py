@@ -129,12 +129,14 @@ def _projector_from_checkpoint(weights: str, feature_dim: int) -> tuple[nn.Modul
 
 def load_encoder(weights: str, head: str = "backbone", image_size: Optional[int] = None,
                  arch: Optional[str] = None, stem: Optional[str] = None) -> Encoder:
-    """Backbone (and projector for ``head="projector"``) in eval mode, with its preprocessing facts."""
-    from simsiam_kit.weights import load_backbone
+    """Backbone (and projector for ``head="projector"``) in eval mode, with its preprocessing facts (the core's
+    one resolver: :func:`simsiam_kit.image_settings.resolve_image_settings`)."""
+    from simsiam_kit.image_settings import resolve_image_settings
+    from simsiam_kit.weights import is_random, load_backbone
 
     if head not in HEADS:
         raise UserError(f"unknown head '{head}' (available: {', '.join(HEADS)})")
-    if head == "projector" and str(weights) == "random":
+    if head == "projector" and is_random(weights):
         raise UserError("--head projector needs trained weights (a run directory or checkpoint), not 'random'")
     lb = load_backbone(str(weights), arch=arch, stem=stem)
     backbone = lb.model.eval()
@@ -146,11 +148,11 @@ def load_encoder(weights: str, head: str = "backbone", image_size: Optional[int]
         dim = int(projector.net[-2].out_features)
     else:
         dim = feat_dim
-    size = image_size or lb.image_size or (32 if lb.stem == "cifar" else 224)
-    if not 8 <= int(size) <= 4096:
-        raise UserError(f"--image-size {size}: expected a size between 8 and 4096 pixels")
-    return Encoder(_EncoderNet(backbone, projector).eval(), lb.arch, lb.stem, head, dim, int(size),
-                   tuple(float(v) for v in lb.mean), tuple(float(v) for v in lb.std), source)
+    # option > weights metadata > run config > default (32 px CIFAR stem, 224 px ImageNet stem; ImageNet mean/std)
+    img = resolve_image_settings(option={"image_size": image_size}, weights=lb.weights_settings,
+                                 config=lb.config_settings, stem=lb.stem)
+    return Encoder(_EncoderNet(backbone, projector).eval(), lb.arch, lb.stem, head, dim, img.image_size,
+                   img.mean, img.std, source)
 
 
 def _metadata(enc: Encoder, opset: int, fp16: bool) -> dict:

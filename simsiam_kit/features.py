@@ -1,14 +1,35 @@
-"""Feature extraction with a frozen backbone: eval mode, no_grad, batched, AMP on GPU."""
+"""Feature extraction with a frozen backbone: eval mode, no_grad, batched.
+
+One rule for every consumer (the pretraining kNN monitor and its summary, ``eval knn``, ``eval linear``),
+so the same backbone gets the same features, and the same kNN accuracy, from each of them:
+
+* precision: fp32 unless the command asks for another one (:func:`feature_precision`): the training
+  precision of a run does not leak into its evaluation, and figures do not depend on whether a CPU has
+  native bf16;
+* memory layout: contiguous (channels_last changes the convolution kernels, hence the last bits);
+* in-memory images at another size are resized once, antialiased, to uint8, exactly as pretraining
+  resizes its training set (:func:`simsiam_kit.data.datasets.resize_in_memory`);
+* :data:`FEATURE_BATCH` images per forward (``config.DEFAULT_FEATURE_BATCH``).
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from simsiam_kit.data.datasets import ImageDataset
+from simsiam_kit.config import DEFAULT_FEATURE_BATCH, IMAGENET_MEAN, IMAGENET_STD
+from simsiam_kit.data.datasets import ImageDataset, resize_in_memory
 from simsiam_kit.data.loaders import make_loader
 from simsiam_kit.data.transforms import EvalTransform
-from simsiam_kit.utils.device import Precision
+from simsiam_kit.utils.device import Precision, resolve_precision
+
+FEATURE_BATCH = DEFAULT_FEATURE_BATCH  # images per forward: the eval commands' --batch-size default, the monitor's
+
+
+def feature_precision(name: str, device: torch.device) -> Precision:
+    """The precision features are extracted at: ``auto`` means fp32 (see the module docstring); an
+    explicit ``fp32``/``bf16``/``fp16`` is checked and used as given."""
+    return resolve_precision("fp32" if name == "auto" else name, device)
 
 
 @torch.no_grad()
@@ -16,10 +37,10 @@ def extract_features(
     backbone: torch.nn.Module,
     ds: ImageDataset,
     device: torch.device,
-    batch_size: int = 256,
+    batch_size: int = FEATURE_BATCH,
     precision: Precision | None = None,
-    mean=(0.485, 0.456, 0.406),
-    std=(0.229, 0.224, 0.225),
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
     image_size: int | None = None,
     workers: int = 2,
     channels_last: bool = False,
@@ -33,6 +54,8 @@ def extract_features(
     """
     was_training = backbone.training
     backbone.eval()
+    if image_size and ds.in_memory:
+        ds = resize_in_memory(ds, int(image_size))  # the pretraining resize: uint8, once
     loader = make_loader(ds, batch_size, train=False, mode="eval", image_size=image_size, workers=workers)
     tf = EvalTransform(mean, std)
     precision = precision or Precision("fp32", device.type)
@@ -42,9 +65,6 @@ def extract_features(
             if batch["images"] is None:
                 continue
             x = tf(batch["images"].to(device, non_blocking=True))
-            if image_size and ds.in_memory and x.shape[-1] != image_size:
-                x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear",
-                                                    align_corners=False, antialias=True)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with precision.autocast():

@@ -1,9 +1,36 @@
-"""PNG plots from metrics.jsonl (matplotlib imported lazily, Agg backend)."""
+"""PNG plots from metrics.jsonl (matplotlib imported lazily, Agg backend).
+
+The kNN plot starts at epoch 0 (the run's initial weights, scored by the kNN monitor before training),
+draws that random-init level as a line, and uses a y-range of at least :data:`KNN_MIN_SPAN` points that
+holds every point and the baseline (:func:`knn_ylim`), so noise of a point or two does not look like a cliff.
+"""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Optional, Sequence
+
+KNN_MIN_SPAN = 10.0  # percentage points: the smallest y-range of the kNN plot
+
+
+def knn_ylim(values: Sequence[float], baseline: Optional[float] = None, min_span: float = KNN_MIN_SPAN,
+             margin: float = 0.05) -> tuple[float, float]:
+    """The kNN plot's y-range: every value and the baseline inside, at least ``min_span`` points (centred on
+    the data), ``margin`` of the span added on each side when the data span more, within [0, 100]."""
+    pts = [float(v) for v in values] + ([float(baseline)] if baseline is not None else [])
+    lo, hi = min(pts), max(pts)
+    if hi - lo < min_span:
+        mid = (lo + hi) / 2
+        lo, hi = mid - min_span / 2, mid + min_span / 2
+    else:
+        pad = (hi - lo) * margin
+        lo, hi = lo - pad, hi + pad
+    if lo < 0:
+        lo, hi = 0.0, min(100.0, hi - lo)
+    if hi > 100:
+        lo, hi = max(0.0, lo - (hi - 100)), 100.0
+    return lo, hi
 
 
 def _plt():
@@ -15,8 +42,10 @@ def _plt():
     return plt
 
 
-def plot_pretrain_metrics(metrics_path: Path, out_dir: Path, dim: int = 2048) -> list[Path]:
-    """loss.png, std.png (with the 1/sqrt(d) line), knn.png, lr.png; returns the files written."""
+def plot_pretrain_metrics(metrics_path: Path, out_dir: Path, dim: int = 2048,
+                          baseline: Optional[float] = None) -> list[Path]:
+    """loss.png, std.png (with the 1/sqrt(d) line), knn.png (epoch 0 and the random-init line; ``baseline``
+    when metrics.jsonl has no epoch-0 point), lr.png; returns the files written."""
     from simsiam_kit.engine.hooks import read_metrics
 
     recs = read_metrics(metrics_path)
@@ -54,7 +83,12 @@ def plot_pretrain_metrics(metrics_path: Path, out_dir: Path, dim: int = 2048) ->
         "std of l2-normalised z", "output std (collapse indicator)", hline=1 / math.sqrt(dim),
         hlabel=f"1/sqrt({dim})", ylim=(0, max([r["std"] for r in src if "std" in r] + [1.5 / math.sqrt(dim)]) * 1.1))
     knn = [r for r in epochs if r.get("knn_top1") is not None]
-    fig("knn.png", [r["epoch"] for r in knn], [r["knn_top1"] for r in knn], "epoch", "kNN top-1 (%)", "kNN monitor")
+    if knn:
+        base = next((r["knn_top1"] for r in knn if r["epoch"] == 0), baseline)
+        ys = [r["knn_top1"] for r in knn]
+        fig("knn.png", [r["epoch"] for r in knn], ys, "epoch (0 = initial weights)", "kNN top-1 (%)",
+            "kNN monitor", hline=base, hlabel="random init (epoch 0)" if base is not None else None,
+            ylim=knn_ylim(ys, base))
     lr = [r for r in src if r.get("lr") is not None]
     fig("lr.png", [r["step"] for r in lr], [r["lr"] for r in lr], "step", "learning rate", "learning rate")
     return written

@@ -64,10 +64,10 @@ from simsiam_kit.engine.loggers import log_images, make_sinks, png_to_array, vie
 from simsiam_kit.engine.run_dir import RunDir
 from simsiam_kit.engine.step import OptimStep
 from simsiam_kit.errors import TrainingDiverged, UserError
-from simsiam_kit.features import extract_features
-from simsiam_kit.retrieval.knn import knn_classify
+from simsiam_kit.features import FEATURE_BATCH, extract_features, feature_precision
 from simsiam_kit.losses import output_std, simsiam_loss
-from simsiam_kit.models import build_backbone, build_simsiam
+from simsiam_kit.models import build_simsiam
+from simsiam_kit.retrieval.knn import knn_classify
 from simsiam_kit.utils import dist
 from simsiam_kit.utils.device import (
     Precision,
@@ -76,6 +76,7 @@ from simsiam_kit.utils.device import (
     resolve_device,
     resolve_precision,
     resolve_workers,
+    thread_settings,
 )
 from simsiam_kit.utils.io import atomic_write_json, atomic_write_text, defer_sigint
 from simsiam_kit.utils.syncbn import convert_sync_batchnorm
@@ -273,7 +274,13 @@ def build_hooks(p: Pretraining, run: RunDir, save: Callable, knn_eval: Optional[
         MetricsWriter(run.metrics, cfg.train.log_every, sinks),
     ]
     if knn_eval is not None:
-        hooks.append(KNNMonitor(knn_eval, cfg.train.knn_every))
+        def record(rec: dict) -> None:  # the epoch-0 line (initial weights), written like every epoch line
+            with open(run.metrics, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            for sink in sinks:
+                sink.scalars(rec)
+
+        hooks.append(KNNMonitor(knn_eval, cfg.train.knn_every, record=record, log=log))
     return hooks
 
 
@@ -352,20 +359,28 @@ def _trim_metrics(path: Path, completed_epochs: int) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
-def make_knn_eval(p: Pretraining, batch_size: int) -> Optional[Callable]:
+def make_knn_eval(p: Pretraining, batch_size: int = FEATURE_BATCH) -> Optional[Callable]:
     """The kNN monitor's evaluation: features of the (first ``knn_bank_limit``) training images as the bank,
-    the val set as queries, weighted kNN on the training device. None when the monitor is off."""
+    the val set as queries, weighted kNN on the training device. None when the monitor is off.
+
+    Features follow the one extraction rule of ``simsiam_kit/features.py`` (fp32, contiguous, whatever the
+    training precision and memory format), so ``eval knn`` on the same weights and data gives the same number."""
     cfg, data = p.cfg, p.data
     if data.val is None:
         return None
+    precision = feature_precision("auto", p.device)
 
     def knn_eval(backbone=None) -> float:
         bb = backbone if backbone is not None else p.model.backbone
+        if p.channels_last:  # a contiguous copy: channels_last weights would change the convolution kernels
+            import copy
+
+            bb = copy.deepcopy(bb).to(memory_format=torch.contiguous_format)
         bank = data.train
         if cfg.train.knn_bank_limit and len(bank) > cfg.train.knn_bank_limit:
             bank = bank.subset(slice(0, cfg.train.knn_bank_limit))
-        kw = dict(device=p.device, batch_size=batch_size, precision=p.precision, mean=cfg.data.mean, std=cfg.data.std,
-                  image_size=cfg.data.image_size, workers=data.workers, channels_last=p.channels_last,
+        kw = dict(device=p.device, batch_size=batch_size, precision=precision, mean=cfg.data.mean, std=cfg.data.std,
+                  image_size=cfg.data.image_size, workers=data.workers,
                   out_device=p.device)  # features stay on the device: the search runs there too
         fb, lb, _ = extract_features(bb, bank, **kw)
         fq, lq, _ = extract_features(bb, data.val, **kw)
@@ -459,7 +474,6 @@ def _train(cfg: PretrainConfig, run: RunDir, resume: bool, device: torch.device,
     amendment = resume_changes(cfg, ckpt.get("config"), f"{run.checkpoint}") if ckpt is not None else {}
     seed_everything(cfg.train.seed + dist.get_rank(), cfg.train.deterministic)
     p = build_pretraining(cfg, device)
-    world = dist.get_world_size()
     objects = Checkpointables(model=ModelState(p.model), optimizer=p.optimizer, scaler=p.step.update.scaler,
                               rng=RNGState(p.aug_gen))
 
@@ -482,7 +496,7 @@ def _train(cfg: PretrainConfig, run: RunDir, resume: bool, device: torch.device,
             save_checkpoint(run.checkpoint, **state, trainer=trainer.state_dict(), **gen, config=to_dict(cfg),
                             metrics=trainer.epoch_metrics)
 
-    knn_eval = make_knn_eval(p, batch_size=min(512, max(64, cfg.optim.batch_size // world)))
+    knn_eval = make_knn_eval(p)
     sinks = make_sinks(run.root, cfg.log.tensorboard, cfg.log.wandb, cfg.log.wandb_project, run.root.name,
                        to_dict(cfg)) if dist.is_main() else []  # TensorBoard / W&B: rank 0 writes
     trainer = Trainer(p.step, p.data.loader, cfg.optim.epochs, build_hooks(p, run, save, knn_eval, log, sinks),
@@ -536,6 +550,8 @@ def _run_loop(cfg, run, p, trainer, ckpt, objects, amendment, knn_eval, sinks, d
             f"lr {p.init_lr:g}, {trainer.steps_per_epoch} steps/epoch"
             + (f"; resuming after epoch {trainer.start_epoch}" if ckpt is not None else "")
             + (f" (amended: {', '.join(f'{k}={v}' for k, v in amendment.items())})" if amendment else ""))
+        for line in start_notes(cfg, p.device):
+            log(line)
     if unfinished_epoch:  # killed after the checkpoint, before the epoch's monitor and metrics line
         trainer.finish_epoch(ckpt.get("metrics") or {}, after=Checkpointer)
     if sinks and cfg.log.view_pairs > 0 and p.data.train.in_memory and ckpt is None:
@@ -554,6 +570,29 @@ def _run_loop(cfg, run, p, trainer, ckpt, objects, amendment, knn_eval, sinks, d
     return summary
 
 
+def start_notes(cfg: PretrainConfig, device: torch.device) -> list[str]:
+    """Lines printed when a run starts: the image settings and CPU threads in force, and warnings for a busy
+    machine and for the demo's MNIST settings applied to other data."""
+    th = thread_settings()
+    lines = [f"images {cfg.data.image_size} px, mean {list(cfg.data.mean)}, std {list(cfg.data.std)}; "
+             f"{th['threads']} CPU thread{'s' if th['threads'] != 1 else ''} ({th['chosen_by']}"
+             + (f", load average {th['load_average']:g} on {th['usable_cores']} usable cores"
+                if th.get("load_average") is not None else "") + ")"]
+    if device.type == "cpu" and th.get("busy"):
+        lines.append(f"warning: load average {th['load_average']:g} on {th['usable_cores']} usable cores: other "
+                     "processes keep the CPU busy, so this run is slower than the README's figures"
+                     + ("" if th["threads"] == 1 or th["chosen_by"] != "OMP_NUM_THREADS" else
+                        f"; {th['threads']} threads (OMP_NUM_THREADS) spin against them, 1 is usually much faster"))
+    demo = load_config(PretrainConfig, "demo").data
+    if not str(cfg.data.train).startswith("demo") and (
+            cfg.data.image_size, tuple(cfg.data.mean), tuple(cfg.data.std)) == (
+            demo.image_size, tuple(demo.mean), tuple(demo.std)):
+        lines.append(f"warning: data.train is {cfg.data.train}, but the demo's MNIST settings are in force "
+                     f"({demo.image_size} px, mean {list(demo.mean)}, std {list(demo.std)}); set data.image_size, "
+                     "data.mean and data.std for these images, or start from --config cifar10_resnet18")
+    return lines
+
+
 def summarise(p: Pretraining, run: RunDir, elapsed: float, knn_eval: Optional[Callable]) -> dict:
     """``results/pretrain.json`` (last epoch's loss, std, throughput; kNN against a random-init backbone of
     the same architecture, seed and image settings) and the plots."""
@@ -566,19 +605,28 @@ def summarise(p: Pretraining, run: RunDir, elapsed: float, knn_eval: Optional[Ca
         "images_per_s": last.get("images_per_s"), "train_seconds": round(elapsed, 1),
         "precision": p.precision.name, "channels_last": p.channels_last, "compile": p.compiled,
         "device_resident": p.data.device_resident, "loader_workers": 0 if p.data.train.in_memory else p.data.workers,
-        "device": str(p.device), "world_size": dist.get_world_size(),
+        "device": str(p.device), "world_size": dist.get_world_size(), "threads": thread_settings(),
+        "image_size": cfg.data.image_size, "mean": list(cfg.data.mean), "std": list(cfg.data.std),
     }
     if knn_eval is not None:
         summary["knn_top1"] = last.get("knn_top1")
-        torch.manual_seed(cfg.train.seed)
-        rand_bb = build_backbone(cfg.model.arch, cfg.model.stem, cfg.model.zero_init_residual).to(
-            p.device, memory_format=torch.channels_last if p.channels_last else torch.contiguous_format)
-        summary["knn_top1_random_init"] = knn_eval(rand_bb)
+        # the random-init row is the run's own epoch-0 point (its initial weights, scored before training by the
+        # kNN monitor); a run that has none (started by an older version) scores the same weights now
+        initial = next((r["knn_top1"] for r in recs if r.get("epoch") == 0 and r.get("knn_top1") is not None), None)
+        if initial is None:
+            from simsiam_kit.weights import random_backbone
+
+            initial = knn_eval(random_backbone(cfg.model.arch, cfg.model.stem, cfg.model.zero_init_residual,
+                                               cfg.train.seed).to(p.device))
+        summary["knn_top1_random_init"] = initial
         summary["knn"] = {"k": cfg.train.knn_k, "temperature": cfg.train.knn_temperature,
-                          "bank": cfg.data.train, "queries": cfg.data.val}
+                          "bank": cfg.data.train, "queries": cfg.data.val,
+                          "precision": feature_precision("auto", p.device).name,
+                          "random_init": f"the run's initial weights (epoch 0, seed {cfg.train.seed})"}
     atomic_write_json(run.results / "pretrain.json", summary)
     if cfg.train.plots:
         from simsiam_kit.plots import plot_pretrain_metrics
 
-        plot_pretrain_metrics(run.metrics, run.plots, dim=cfg.model.proj_dim)
+        plot_pretrain_metrics(run.metrics, run.plots, dim=cfg.model.proj_dim,
+                              baseline=summary.get("knn_top1_random_init"))
     return summary

@@ -1,62 +1,284 @@
-"""Load a backbone from whatever a user points at.
+"""Load a backbone from whatever a user points at: the one resolver of a weights spec.
 
-``--weights`` accepts: a pretraining run directory (uses ``backbone.pt``, else
-``checkpoints/last.pt``), a full simsiam-kit checkpoint, a ``backbone.pt``, a plain torchvision-style
-ResNet state dict (needs ``arch``), or ``random`` (a randomly initialised backbone, needs ``arch`` and
-``stem``) for the random-init baseline.
+A weights spec (``--weights`` of every command) is one of, decided by :func:`resolve_weights` and
+nowhere else:
 
-Every load goes through :func:`load_state_dict_checked`, which refuses weights holding NaN or inf.
-In a run directory, ``backbone.pt`` is used unless the checkpoint is newer (a run killed between the
-two writes by a version that wrote the checkpoint first); pretraining now writes the backbone first.
+* ``random``: a randomly initialised backbone (the baseline row). Its architecture, stem, seed and
+  image settings come from a run (``like``: the run's own initial weights, bit for bit, and the run's
+  image size and normalisation), or from ``arch``/``stem`` (stem default ``imagenet``, seed 0).
+* a pretraining run directory: ``backbone.pt``, unless ``checkpoints/last.pt`` records a later epoch (a
+  run killed between the two writes by a version that wrote the checkpoint first);
+* a file: a simsiam-kit checkpoint or ``backbone.pt``, or a plain torchvision-style ResNet state dict
+  (arch and stem inferred from its keys). Files that are something else (an ONNX model, a Detectron2
+  ``.pkl``, YAML, an ``.npz``) are named as what they are.
+
+Every file is read once: its bytes are hashed (sha256) and loaded with ``weights_only=True`` from those
+same bytes, so the hash recorded in an evaluation's ``results.json`` is that of the weights it used
+(:attr:`LoadedBackbone.record`). Weights holding NaN or inf are refused (:func:`load_state_dict_checked`).
+A run directory whose lock is held by a live process is a run still training: the record says so.
+
+torch is imported only when weights are loaded, so a command can check a spec before paying for it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import os
+import pickle
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import torch
-
-from simsiam_kit.engine.checkpoint import (
-    BACKBONE_FORMAT,
-    CHECKPOINT_FORMAT,
-    clean_state_dict,
-    describe_nonfinite,
-    load_file,
-    nonfinite_tensors,
-)
+from simsiam_kit.config import IMAGENET_MEAN, IMAGENET_STD
+from simsiam_kit.engine.run_dir import LOCK_NAME, RunDir
 from simsiam_kit.errors import UserError
-from simsiam_kit.models.backbones import build_backbone, infer_arch, infer_stem
+
+RANDOM = "random"
+ACCEPTED = ("a run directory, a simsiam-kit checkpoint or backbone.pt, a torchvision-style ResNet state dict "
+            "(.pt/.pth), or 'random'")
+# torch.save's legacy (non-zip) format starts with this pickled magic number (torch.serialization.MAGIC_NUMBER)
+_TORCH_LEGACY_HEAD = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[2:-1]
+
+
+def is_random(spec) -> bool:
+    return str(spec).strip() == RANDOM
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    """What a weights spec names, decided without loading anything."""
+
+    spec: str
+    random: bool
+    run_dir: Optional[Path] = None  # the run the weights belong to (for ``random``: the ``like`` run)
+    path: Optional[Path] = None  # the file named by the spec (None: random, or a run directory)
+
+    def file(self) -> Path:
+        """The file to read: the spec's file, or the run directory's newest weights."""
+        if self.random:
+            raise ValueError("random weights have no file")
+        return self.path if self.path is not None else run_weights_file(self.run_dir)
+
+
+def _run_of_file(path: Path) -> Optional[Path]:
+    """The run directory a ``backbone.pt`` or ``checkpoints/last.pt`` lies in, if it lies in one."""
+    for root in (path.parent, path.parent.parent):
+        run = RunDir(root)
+        if run.config.is_file() and path.resolve() in (run.backbone.resolve(), run.checkpoint.resolve()):
+            return root
+    return None
+
+
+def describe_foreign_file(path: Path) -> Optional[str]:
+    """What a file is when it is not PyTorch weights (an ONNX model, a pickle, text, an archive), else None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return None
+    suffix = path.suffix.lower()
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            names = zipfile.ZipFile(path).namelist()
+        except (zipfile.BadZipFile, OSError):
+            return "a damaged zip archive"
+        if any(n.endswith("data.pkl") for n in names):
+            return None  # torch.save's zip format
+        if any(n.endswith(".npy") for n in names):
+            return "a NumPy .npz archive (a dataset?)"
+        return "a zip archive"
+    if head.startswith(b"\x80"):
+        if head[2:].startswith(_TORCH_LEGACY_HEAD):
+            return None  # torch.save's legacy format
+        return ("a Python pickle (Detectron2 checkpoints are .pkl pickles: only the detectron2 detection "
+                "engine reads them)")
+    if suffix == ".onnx" or (head[:1] == b"\x08" and any(s in head for s in (b"pytorch", b"simsiam-kit", b"onnx"))):
+        return "an ONNX model (written by 'export onnx'; 'embed' and 'search' read it)"
+    if head and b"\x00" not in head:
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        if suffix in (".yaml", ".yml"):
+            return "a YAML text file (a config?)"
+        if suffix == ".json":
+            return "a JSON text file"
+        return "a text file"
+    return None
+
+
+def resolve_weights(spec: str, like: Optional[str] = None) -> WeightsSpec:
+    """Decide what ``spec`` names (cheap: nothing is loaded, torch is not imported). ``like``: a run
+    directory whose settings ``random`` takes. A :class:`UserError` for a missing path, a run directory
+    without weights, a file that is not PyTorch weights, or ``like`` with weights of their own."""
+    spec = str(spec)
+    if is_random(spec):
+        like_dir = None
+        if like is not None:
+            like_dir = Path(like).expanduser()
+            if not RunDir(like_dir).config.is_file():
+                raise UserError(f"{like_dir}: no config.yaml, not a simsiam-kit run directory (random weights "
+                                "take their architecture, seed and image settings from a run)")
+        return WeightsSpec(spec, True, like_dir)
+    if like is not None:
+        raise UserError(f"'like' a run applies to random weights only; {spec} has settings of its own")
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        run = RunDir(p)
+        if not (run.backbone.is_file() or run.checkpoint.is_file()):
+            raise UserError(f"{p}: no backbone.pt or checkpoints/last.pt in this run directory")
+        return WeightsSpec(spec, False, p)
+    if not p.exists():
+        raise UserError(f"weights not found: {p} (expected {ACCEPTED})")
+    what = describe_foreign_file(p)
+    if what:
+        raise UserError(f"cannot load {p}: it is {what}, not PyTorch weights (expected {ACCEPTED})")
+    return WeightsSpec(spec, False, _run_of_file(p), p)
+
+
+def _saved_epoch(path: Path) -> Optional[int]:
+    """The ``epoch`` a simsiam-kit backbone/checkpoint file records, read through a memory map (the
+    tensors are not read); None when it cannot be told."""
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(obj["epoch"]) if isinstance(obj, dict) and "epoch" in obj else None
+    except Exception:
+        return None
+
+
+def run_weights_file(run_dir: Path) -> Path:
+    """``backbone.pt`` unless ``checkpoints/last.pt`` records a later epoch (never present stale weights)."""
+    run = RunDir(run_dir)
+    backbone, ckpt = run.backbone, run.checkpoint
+    if backbone.is_file() and ckpt.is_file():
+        b, c = _saved_epoch(backbone), _saved_epoch(ckpt)
+        if b is not None and c is not None and b < c:
+            return ckpt
+    for cand in (backbone, ckpt):
+        if cand.is_file():
+            return cand
+    raise UserError(f"{run_dir}: no backbone.pt or checkpoints/last.pt in this run directory")
+
+
+def resolve_weights_path(spec: str) -> Path:
+    """The file a (non-random) spec reads."""
+    return resolve_weights(spec).file()
+
+
+def run_lock_holder(run_dir: Path) -> Optional[int]:
+    """The pid of the live process that holds ``RUN/.lock`` (a run still training), 0 when it is held by a
+    process whose pid cannot be told, None when nobody holds it. Read from ``/proc/locks`` (the lock is
+    not touched); elsewhere a shared, non-blocking probe of the lock."""
+    lock = Path(run_dir) / LOCK_NAME
+    try:
+        st = os.stat(lock)
+    except OSError:
+        return None
+    try:
+        with open("/proc/locks") as f:
+            table = f.read().splitlines()
+    except OSError:
+        table = None
+    if table is not None:
+        want = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+        for line in table:
+            parts = line.split()
+            if len(parts) < 6 or "FLOCK" not in parts or "->" in parts:
+                continue
+            try:
+                pid = int(parts[4])
+                major, minor, ino = parts[5].split(":")
+                if (int(major, 16), int(minor, 16), int(ino)) == want:
+                    return pid
+            except ValueError:
+                continue
+        return None
+    import fcntl
+
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            return int(os.pread(fd, 32, 0).decode().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 @dataclass
 class LoadedBackbone:
-    model: torch.nn.Module
+    model: object  # torch.nn.Module
     arch: str
     stem: str
-    source: str
-    image_size: Optional[int] = None
-    mean: tuple = (0.485, 0.456, 0.406)
-    std: tuple = (0.229, 0.224, 0.225)
-    meta: dict = field(default_factory=dict)
+    source: str  # the file read, or "random"
+    weights_settings: dict = field(default_factory=dict)  # image_size/mean/std stored with the weights
+    config_settings: dict = field(default_factory=dict)  # image_size/mean/std of the run's config
+    meta: dict = field(default_factory=dict)  # everything else the file records
+    record: dict = field(default_factory=dict)  # what results files store about the weights
+
+    def _setting(self, name):
+        return self.weights_settings.get(name) or self.config_settings.get(name)
+
+    @property
+    def image_size(self) -> Optional[int]:
+        return self._setting("image_size")
+
+    @property
+    def mean(self) -> tuple:
+        return tuple(self._setting("mean") or IMAGENET_MEAN)
+
+    @property
+    def std(self) -> tuple:
+        return tuple(self._setting("std") or IMAGENET_STD)
+
+    @property
+    def in_progress(self) -> bool:
+        return self.record.get("run_in_progress") is not None
+
+    def notice(self) -> Optional[str]:
+        """One line for a run still training (its weights may change under the evaluation), else None."""
+        r = self.record
+        if r.get("run_in_progress") is None:
+            return None
+        pid = f" (pid {r['run_in_progress']})" if r["run_in_progress"] else ""
+        epoch = f" of epoch {r['epoch']}" if r.get("epoch") is not None else ""
+        return (f"note: {r['run_dir']} is still training{pid}; using {Path(r['file']).name}{epoch} as it is now "
+                f"(sha256 {r['sha256'][:12]}, recorded in the results)")
 
 
-def _extract_backbone_sd(obj, path: Path) -> tuple[dict, dict]:
-    """Return (backbone state dict, metadata) from a loaded file."""
+def _settings_of(cfg: Optional[dict]) -> dict:
+    data = (cfg or {}).get("data", {}) or {}
+    return {"image_size": data.get("image_size"), "mean": tuple(data.get("mean") or ()) or None,
+            "std": tuple(data.get("std") or ()) or None}
+
+
+def _extract_backbone_sd(obj, path: Path) -> tuple[dict, dict, dict, str]:
+    """(backbone state dict, metadata, run config or {}, kind) from a loaded file."""
+    import torch
+
+    from simsiam_kit.engine.checkpoint import BACKBONE_FORMAT, CHECKPOINT_FORMAT, clean_state_dict
+
     if isinstance(obj, dict) and obj.get("format") == BACKBONE_FORMAT:
-        return clean_state_dict(obj["state_dict"]), {k: v for k, v in obj.items() if k != "state_dict"}
+        meta = {k: v for k, v in obj.items() if k != "state_dict"}
+        return clean_state_dict(obj["state_dict"]), meta, {}, "backbone"
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         sd = clean_state_dict(obj["model"])
         bb = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
         if not bb:
             raise UserError(f"{path}: checkpoint holds no backbone weights")
-        cfg = obj.get("config", {})
-        meta = {"arch": cfg.get("model", {}).get("arch"), "stem": cfg.get("model", {}).get("stem"),
-                "image_size": cfg.get("data", {}).get("image_size"),
-                "mean": tuple(cfg.get("data", {}).get("mean", ())) or None,
-                "std": tuple(cfg.get("data", {}).get("std", ())) or None}
-        return bb, meta
+        cfg = obj.get("config", {}) or {}
+        model = cfg.get("model", {}) or {}
+        meta = {"arch": model.get("arch"), "stem": model.get("stem"), "epoch": obj.get("epoch")}
+        return bb, meta, cfg, "checkpoint"
     if isinstance(obj, dict) and obj and all(isinstance(k, str) for k in obj) and all(
         torch.is_tensor(v) for v in obj.values()
     ):
@@ -66,70 +288,128 @@ def _extract_backbone_sd(obj, path: Path) -> tuple[dict, dict]:
         sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
         if "conv1.weight" not in sd:
             raise UserError(f"{path}: not a simsiam-kit file and not a ResNet state dict (no 'conv1.weight')")
-        return sd, {}
-    raise UserError(f"{path}: not a simsiam-kit checkpoint or backbone file")
+        return sd, {}, {}, "state_dict"
+    raise UserError(f"{path}: not a simsiam-kit checkpoint or backbone file (expected {ACCEPTED})")
 
 
-def _saved_epoch(path: Path) -> Optional[int]:
-    """The ``epoch`` a simsiam-kit backbone/checkpoint file records, read through a memory map (the
-    tensors are not read); None when it cannot be told."""
+def read_weights_file(path: Path):
+    """Load ``path`` once: (object, sha256, size). ``weights_only=True``; one-line errors."""
+    import torch
+
+    path = Path(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return int(obj["epoch"]) if isinstance(obj, dict) and "epoch" in obj else None
-    except Exception:
-        return None
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"weights not found: {path}") from None
+    what = describe_foreign_file(path)
+    if what:
+        raise UserError(f"cannot load {path}: it is {what}, not PyTorch weights (expected {ACCEPTED})")
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
+        text = str(e)
+        if "Weights only load failed" in text:
+            raise UserError(f"{path}: a PyTorch file that stores pickled Python objects besides tensors; weights "
+                            "are read with weights_only=True, so only state dicts and simsiam-kit files load "
+                            "(re-save it with torch.save(model.state_dict(), PATH))") from None
+        msg = text.splitlines()[0] if text else type(e).__name__
+        raise UserError(f"cannot load {path}: not a readable PyTorch checkpoint ({msg[:200]})") from None
+    return obj, digest, len(data)
 
 
-def resolve_weights_path(spec: str) -> Path:
-    p = Path(spec).expanduser()
-    if p.is_dir():
-        backbone, ckpt = p / "backbone.pt", p / "checkpoints" / "last.pt"
-        if backbone.is_file() and ckpt.is_file():
-            b, c = _saved_epoch(backbone), _saved_epoch(ckpt)
-            if b is not None and c is not None and b < c:
-                return ckpt  # backbone.pt is older than the checkpoint: never present stale weights
-        for cand in (backbone, ckpt):
-            if cand.is_file():
-                return cand
-        raise UserError(f"{p}: no backbone.pt or checkpoints/last.pt in this run directory")
-    if not p.exists():
-        raise UserError(f"weights not found: {p} (expected a run directory, a .pt file, or 'random')")
-    return p
+def random_backbone(arch: str, stem: str = "imagenet", zero_init_residual: bool = True, seed: int = 0):
+    """The backbone ``torch.manual_seed(seed)`` followed by building it gives: a pretraining run's own initial
+    weights when ``seed`` is the run's ``train.seed``. The global RNG is left as it was."""
+    import torch
 
+    from simsiam_kit.models.backbones import build_backbone
 
-def load_backbone(spec: str, arch: Optional[str] = None, stem: Optional[str] = None, seed: int = 0) -> LoadedBackbone:
-    if spec == "random":
-        if arch is None:
-            raise UserError("--weights random needs --arch (for example --arch resnet18)")
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        m = build_backbone(arch, stem or "imagenet")
-        return LoadedBackbone(m, arch, stem or "imagenet", "random")
-    path = resolve_weights_path(spec)
-    sd, meta = _extract_backbone_sd(load_file(path), path)
+        return build_backbone(arch, stem, zero_init_residual)
+
+
+def _run_config(run_dir: Path) -> dict:
+    from simsiam_kit.config import PretrainConfig, load_config, to_dict
+
+    return to_dict(load_config(PretrainConfig, str(RunDir(run_dir).config)))
+
+
+def _load_random(ws: WeightsSpec, arch: Optional[str], stem: Optional[str], seed: int) -> LoadedBackbone:
+    if ws.run_dir is not None:  # like a run: its architecture, stem, init seed and image settings
+        cfg = _run_config(ws.run_dir)
+        model = cfg["model"]
+        for name, want, have in (("architecture", arch, model["arch"]), ("stem", stem, model["stem"])):
+            if want is not None and want != have:
+                raise UserError(f"{ws.run_dir} trains a {model['arch']} with the {model['stem']} stem; the "
+                                f"requested {name} {want} would not be that run's random init")
+        seed = int(cfg["train"]["seed"])
+        m = random_backbone(model["arch"], model["stem"], bool(model.get("zero_init_residual", True)), seed)
+        record = {"spec": RANDOM, "kind": "random", "like": str(ws.run_dir), "seed": seed,
+                  "init": f"the initial weights of {ws.run_dir} (seed {seed})"}
+        return LoadedBackbone(m, model["arch"], model["stem"], RANDOM, config_settings=_settings_of(cfg),
+                              record=record)
+    if arch is None:
+        raise UserError("random weights need an architecture (for example resnet18), or a run to be like")
+    m = random_backbone(arch, stem or "imagenet", True, seed)
+    record = {"spec": RANDOM, "kind": "random", "like": None, "seed": seed, "init": f"seed {seed}"}
+    return LoadedBackbone(m, arch, stem or "imagenet", RANDOM, record=record)
+
+
+def load_backbone(spec: str, arch: Optional[str] = None, stem: Optional[str] = None, seed: int = 0,
+                  like: Optional[str] = None) -> LoadedBackbone:
+    """The backbone a weights spec names, loaded once. ``arch``/``stem``: what the caller expects; weights
+    that do not fit them are refused with the missing / unexpected / mis-shaped keys and what the file
+    holds. ``seed``/``like``: for ``random`` (see the module docstring)."""
+    from simsiam_kit.models.backbones import build_backbone, infer_arch, infer_stem
+
+    ws = resolve_weights(spec, like)
+    if ws.random:
+        return _load_random(ws, arch, stem, seed)
+    path = ws.file()
+    obj, digest, size = read_weights_file(path)
+    sd, meta, cfg, kind = _extract_backbone_sd(obj, path)
     found_arch = meta.get("arch") or infer_arch(sd)
     found_stem = meta.get("stem") or infer_stem(sd)
-    if arch is not None and arch != found_arch:
-        raise UserError(f"{path}: weights are {found_arch}, but --arch {arch} was requested")
-    if stem is not None and stem != found_stem:
-        raise UserError(f"{path}: weights have the {found_stem} stem, but stem '{stem}' was requested")
-    model = build_backbone(found_arch, found_stem)
-    load_state_dict_checked(model, sd, str(path))
-    return LoadedBackbone(
-        model, found_arch, found_stem, str(path), image_size=meta.get("image_size"),
-        mean=tuple(meta.get("mean") or (0.485, 0.456, 0.406)), std=tuple(meta.get("std") or (0.229, 0.224, 0.225)),
-        meta=meta,
-    )
+    want_arch, want_stem = arch or found_arch, stem or found_stem
+    model = build_backbone(want_arch, want_stem)
+    try:
+        load_state_dict_checked(model, sd, str(path))
+    except UserError as e:
+        if (want_arch, want_stem) == (found_arch, found_stem):
+            raise
+        raise UserError(f"{e} (the file holds a {found_arch} with the {found_stem} stem; requested "
+                        f"{want_arch} with the {want_stem} stem)") from None
+    run_dir = ws.run_dir
+    if run_dir is not None and not cfg and RunDir(run_dir).config.is_file():
+        try:
+            cfg = _run_config(run_dir)
+        except UserError:
+            cfg = {}
+    holder = run_lock_holder(run_dir) if run_dir is not None else None
+    epoch = meta.get("epoch")
+    record = {"spec": str(spec), "kind": kind, "file": str(path), "sha256": digest, "bytes": size,
+              "epoch": int(epoch) if epoch is not None else None,
+              "run_dir": str(run_dir) if run_dir is not None else None, "run_in_progress": holder}
+    weights_settings = {k: meta.get(k) for k in ("image_size", "mean", "std")}
+    for k in ("mean", "std"):
+        weights_settings[k] = tuple(weights_settings[k]) if weights_settings[k] else None
+    return LoadedBackbone(model, want_arch, want_stem, str(path), weights_settings=weights_settings,
+                          config_settings=_settings_of(cfg), meta=meta, record=record)
 
 
 def check_finite(sd: dict, source: str) -> None:
     """Refuse weights that hold NaN or inf (a diverged run's): one line naming the file."""
+    from simsiam_kit.engine.checkpoint import describe_nonfinite, nonfinite_tensors
+
     bad, total = nonfinite_tensors(sd)
     if bad:
         raise UserError(f"{source}: non-finite weights, {describe_nonfinite(bad, total)}; "
                         "these weights come from a diverged run and cannot be used")
 
 
-def load_state_dict_checked(model: torch.nn.Module, sd: dict, source: str) -> None:
+def load_state_dict_checked(model, sd: dict, source: str) -> None:
     """Strict load with an error that lists missing, unexpected and mis-shaped keys; finite weights only."""
     check_finite(sd, source)
     own = model.state_dict()

@@ -41,7 +41,8 @@ def test_tiny_pretrain_writes_run_directory(tmp_path, tiny_npz):
         assert (out / f).is_file(), f
     recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in recs if r["type"] == "epoch"]
-    assert [e["epoch"] for e in epochs] == [1, 2]
+    assert [e["epoch"] for e in epochs] == [0, 1, 2]  # epoch 0: the initial weights, scored before training
+    assert set(epochs[0]) == {"type", "epoch", "step", "knn_top1"} and epochs[0]["step"] == 0
     for k in ("loss", "lr", "images_per_s", "std", "knn_top1"):
         assert k in epochs[-1]
     assert all(r["type"] == "step" and "loss" in r for r in recs if r["type"] != "epoch")
@@ -51,7 +52,9 @@ def test_tiny_pretrain_writes_run_directory(tmp_path, tiny_npz):
     assert bb["arch"] == "resnet18" and set(bb["state_dict"]) == {
         k[len("backbone."):] for k in ck["model"] if k.startswith("backbone.")}
     summary = json.loads((out / "results" / "pretrain.json").read_text())
-    assert summary["knn_top1"] is not None and summary["knn_top1_random_init"] is not None
+    assert summary["knn_top1"] is not None and summary["knn_top1_random_init"] == epochs[0]["knn_top1"]
+    assert summary["threads"]["threads"] >= 1 and summary["threads"]["chosen_by"]
+    assert summary["knn"]["precision"] == "fp32" and summary["image_size"] == 16
     assert "optim:" in (out / "config.yaml").read_text()
     # atomically written files get the mode a plain open() gives (umask), not mkstemp's 0600
     from simsiam_kit.utils.io import current_umask
@@ -131,10 +134,15 @@ def test_knn_monitor_runs_after_the_checkpoint(tmp_path, tiny_npz, monkeypatch):
     o = tiny_overrides(str(tiny_npz), str(tiny_npz), epochs=2)
     real = pretrain.make_knn_eval
 
-    def failing(p, batch_size):
-        def knn_eval(backbone=None):
+    def failing(p, batch_size=None):
+        calls = []
+
+        def knn_eval(backbone=None):  # scores the initial weights (epoch 0), then fails after epoch 1
+            calls.append(1)
+            if len(calls) == 1:
+                return 12.5
             raise pretrain.UserError("monitor failed")
-        return knn_eval if real(p, batch_size) is not None else None
+        return knn_eval if real(p) is not None else None
 
     monkeypatch.setattr(pretrain, "make_knn_eval", failing)
     r = runner.invoke(app, ["pretrain", "--output", str(out)] + sets(o))
@@ -142,13 +150,16 @@ def test_knn_monitor_runs_after_the_checkpoint(tmp_path, tiny_npz, monkeypatch):
     assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
     assert torch.load(out / "backbone.pt", weights_only=True)["epoch"] == 1
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert not [r for r in lines if r["type"] == "epoch"]  # the line comes after the monitor
+    assert [r["epoch"] for r in lines if r["type"] == "epoch"] == [0]  # epoch 1's line comes after the monitor
     monkeypatch.setattr(pretrain, "make_knn_eval", real)
     r = invoke(["pretrain", "--output", str(out), "--resume"] + sets(o))
     assert r.exit_code == 0, r.output
     epochs = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "epoch"]
-    assert [e["epoch"] for e in epochs] == [1, 2] and all(e.get("knn_top1") is not None for e in epochs)
-    assert epochs[0]["step"] == 3 and epochs[0]["lr"] is not None and "loss" in epochs[0]
+    assert [e["epoch"] for e in epochs] == [0, 1, 2] and all(e.get("knn_top1") is not None for e in epochs)
+    assert epochs[0]["knn_top1"] == 12.5  # resuming does not score epoch 0 again
+    assert epochs[1]["step"] == 3 and epochs[1]["lr"] is not None and "loss" in epochs[1]
+    summary = json.loads((out / "results" / "pretrain.json").read_text())
+    assert summary["knn_top1_random_init"] == 12.5
 
 
 def test_run_directory_resolves_to_the_newer_of_backbone_and_checkpoint(tmp_path):

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import typer
-
 from simsiam_kit.cli import detection, knn, linear, onnx, pretrain
+from simsiam_kit.cli.options import new_app
 
-app = typer.Typer(
+app = new_app(
     help="SimSiam self-supervised pretraining, evaluation, detection transfer and export.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
-eval_app = typer.Typer(help="Evaluate pretrained backbones: linear probe, kNN, detection transfer.",
-                       no_args_is_help=True)
-export_app = typer.Typer(help="Export weights: ONNX encoders, Detectron2 checkpoints.", no_args_is_help=True)
+eval_app = new_app(help="Evaluate pretrained backbones: linear probe, kNN, detection transfer.", no_args_is_help=True)
+export_app = new_app(help="Export weights: ONNX encoders, Detectron2 checkpoints.", no_args_is_help=True)
 
 app.add_typer(pretrain.app)  # simsiam-kit pretrain
 eval_app.add_typer(knn.app)  # simsiam-kit eval knn
@@ -26,4 +24,15 @@ app.add_typer(onnx.app)  # simsiam-kit embed, simsiam-kit search
 
 
 def main() -> None:
+    """The console entry point: choose the CPU thread count from the cores and the load before torch is loaded
+    (OpenMP reads OMP_NUM_THREADS once; simsiam_kit.utils.device.choose_threads), then run the command."""
+    from simsiam_kit.cli.common import err
+    from simsiam_kit.errors import UserError
+    from simsiam_kit.utils.device import apply_thread_choice
+
+    try:
+        apply_thread_choice()
+    except UserError as e:
+        err(str(e))
+        raise SystemExit(2) from None
     app()

@@ -7,18 +7,37 @@ from typing import List, Optional
 
 import typer
 
-from simsiam_kit.cli.common import user_errors
+from simsiam_kit.cli.common import EVAL_REMEDIES, user_errors
 from simsiam_kit.cli.options import (
-    Arch, BatchSize, DataRoot, Device, Download, ImageSize, Mean, Output, Precision, Std, Stem, TestData, TrainData,
-    Weights, Workers,
+    Arch,
+    BatchSize,
+    DataRoot,
+    Device,
+    Download,
+    ImageSize,
+    Like,
+    Mean,
+    Output,
+    Overwrite,
+    Precision,
+    SkipBadImages,
+    Std,
+    Stem,
+    TestData,
+    TrainData,
+    Weights,
+    Workers,
+    new_app,
+    parse_floats,
+    precheck,
 )
-from simsiam_kit.config import DEFAULT_DATA_ROOT
+from simsiam_kit.config import DEFAULT_DATA_ROOT, DEFAULT_FEATURE_BATCH
 
-app = typer.Typer()  # simsiam-kit eval knn
+app = new_app()  # simsiam-kit eval knn
 
 
 @app.command("knn")
-@user_errors
+@user_errors(remedies=EVAL_REMEDIES)
 def knn(
     weights: Weights,
     train_data: TrainData,
@@ -29,12 +48,15 @@ def knn(
     temperature: Optional[List[float]] = typer.Option(
         None, "--temperature", "-t", help="Vote weight exp(sim / T); repeatable, the first is the headline. "
         "Default: 0.1, 0.07."),
+    like: Like = None,
     output: Output = None,
+    overwrite: Overwrite = False,
     arch: Arch = None,
     stem: Stem = None,
-    backend: str = typer.Option("auto", "--backend", help="auto | faiss | torch (see docs/evaluation.md for the auto rule)."),
+    backend: str = typer.Option("auto", "--backend",
+                                help="auto | faiss | torch (see docs/evaluation.md for the auto rule)."),
     index: str = typer.Option("flat", "--index", help="flat (exact) | ivf | hnsw (approximate, faiss)."),
-    batch_size: BatchSize = 256,
+    batch_size: BatchSize = DEFAULT_FEATURE_BATCH,
     device: Device = "auto",
     precision: Precision = "auto",
     image_size: ImageSize = None,
@@ -43,22 +65,31 @@ def knn(
     workers: Workers = 2,
     data_root: DataRoot = DEFAULT_DATA_ROOT,
     download: Download = False,
+    skip_bad_images: SkipBadImages = False,
     save_index: bool = typer.Option(False, "--save-index", help="Also write the search index under OUTPUT/index."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Confusion matrix and neighbour grid PNGs."),
 ):
     """Weighted kNN, every peer's protocol from one search (k 200/10/20/100 x T 0.1/0.07; headline k=200 T=0.1),
-    plus recall@1/5/10 and mAP@R."""
-    from simsiam_kit.evaluation.common import default_output, parse_floats
+    plus recall@1/5/10 and mAP@R. The baseline of a run: --weights random --like RUN."""
+    from simsiam_kit.evaluation.common import default_output
+
+    mean_v, std_v = parse_floats(mean, "--mean"), parse_floats(std, "--std")
+    out = output or default_output(weights, "knn", like)
+    precheck(weights, like, [("--train-data", train_data), ("--test-data", test_data)], out, overwrite, image_size)
+
+    from simsiam_kit.evaluation.common import baseline_table
     from simsiam_kit.evaluation.knn import KNNSettings, results_table, run_knn_eval
 
     settings = KNNSettings(
         weights=weights, train_data=train_data, test_data=test_data, ks=tuple(k) if k else None,
-        temperatures=tuple(temperature) if temperature else None, arch=arch, stem=stem, backend=backend, index=index, batch_size=batch_size,
-        device=device, precision=precision, image_size=image_size, mean=parse_floats(mean, "mean"),
-        std=parse_floats(std, "std"), workers=workers, plots=plots, save_index=save_index, root=data_root,
-        download=download,
+        temperatures=tuple(temperature) if temperature else None, arch=arch, stem=stem, like=like, backend=backend,
+        index=index, batch_size=batch_size, device=device, precision=precision, image_size=image_size, mean=mean_v,
+        std=std_v, workers=workers, plots=plots, save_index=save_index, root=data_root, download=download,
+        skip_bad_images=skip_bad_images, overwrite=overwrite,
     )
-    out = output or default_output(weights, "knn")
     results = run_knn_eval(settings, out, log=typer.echo)
     typer.echo(results_table(results))
+    table = baseline_table("knn", results)
+    if table:
+        typer.echo(table)
     typer.echo(f"results: {Path(out) / 'results.json'}")

@@ -8,52 +8,69 @@ from typing import Optional
 
 import typer
 
-from simsiam_kit.cli.common import user_errors
+from simsiam_kit.cli.common import EMBED_REMEDIES, user_errors
+from simsiam_kit.cli.options import SkipBadImages, new_app, precheck
 
-app = typer.Typer()  # simsiam-kit embed, simsiam-kit search
-export_app = typer.Typer()  # simsiam-kit export onnx
+app = new_app()  # simsiam-kit embed, simsiam-kit search
+export_app = new_app()  # simsiam-kit export onnx
 
 
 @export_app.command("onnx")
 @user_errors
 def export_onnx_cmd(
-    weights: str = typer.Option(..., "--weights", "-w", help="Run directory, checkpoint, backbone.pt or ResNet state dict."),
-    output: Path = typer.Option(..., "--output", "-o", help="ONNX file to write (the parity report goes to <stem>.export.json)."),
-    head: str = typer.Option("backbone", "--head", help="backbone (pooled features) or projector (z; needs a full checkpoint)."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="Input size (default: the pretraining image size, "
-                                             "else 32 for the CIFAR stem, 224 for the ImageNet stem)."),
+    weights: str = typer.Option(..., "--weights", "-w",
+                                help="Run directory, checkpoint, backbone.pt or ResNet state dict."),
+    output: Path = typer.Option(..., "--output", "-o",
+                                help="ONNX file to write (the parity report goes to <stem>.export.json)."),
+    head: str = typer.Option("backbone", "--head",
+                             help="backbone (pooled features) or projector (z; needs a full checkpoint)."),
+    image_size: Optional[int] = typer.Option(
+        None, "--image-size", help="Input size (default: the size stored with the weights, else the run's config, "
+                                   "else 32 for the CIFAR stem, 224 for the ImageNet stem)."),
     opset: int = typer.Option(18, "--opset", help="ONNX opset (18-23)."),
-    fp16: bool = typer.Option(False, "--fp16", help="float16 weights and arithmetic (I/O stays float32); parity: cosine >= 0.999."),
+    fp16: bool = typer.Option(False, "--fp16",
+                              help="float16 weights and arithmetic (I/O stays float32); parity: cosine >= 0.999."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture for a plain state dict or --weights random."),
-    parity_data: str = typer.Option("demo:val[:16]", "--parity-data", help="Real images for the parity check (dataset spec)."),
+    parity_data: str = typer.Option("demo:val[:16]", "--parity-data",
+                                    help="Real images for the parity check (dataset spec)."),
     device: str = typer.Option("auto", "--device", help="onnxruntime device for the parity check: auto, cpu or cuda."),
 ):
     """Export the encoder to ONNX (dynamic batch, preprocessing in metadata_props) and check it against PyTorch."""
+    precheck(weights, None, [("--parity-data", parity_data)], image_size=image_size)
     from simsiam_kit.export.onnx import export_onnx
 
     export_onnx(weights, output, head=head, image_size=image_size, opset=opset, fp16=fp16, arch=arch,
                 parity_data=parity_data, device=device, log=typer.echo)
 
+
 @app.command("embed")
-@user_errors
+@user_errors(remedies=EMBED_REMEDIES)
 def embed_cmd(
     model: Path = typer.Option(..., "--model", "-m", help="Encoder exported with `simsiam-kit export onnx`."),
-    data: str = typer.Option(..., "--data", "-d", help="Dataset spec: ImageFolder dir, .npz, cifar10, ... (slice with [a:b])."),
-    output: Path = typer.Option(..., "--output", "-o", help="Directory for embeddings.npy, ids.json, labels.npy, the index."),
+    data: str = typer.Option(..., "--data", "-d",
+                             help="Dataset spec: ImageFolder dir, .npz, cifar10, ... (slice with [a:b])."),
+    output: Path = typer.Option(..., "--output", "-o",
+                                help="Directory for embeddings.npy, ids.json, labels.npy, the index."),
     batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per onnxruntime call."),
     index: str = typer.Option("flat", "--index", help="flat (exact), ivf or hnsw (approximate, FAISS)."),
     backend: str = typer.Option("faiss", "--backend", help="faiss, or torch (exact flat search without FAISS)."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when onnxruntime-gpu sees a GPU), cpu or cuda."),
-    skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Skip unreadable image files instead of failing."),
+    skip_bad_images: SkipBadImages = False,
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ):
     """Embed a dataset with an exported encoder (onnxruntime) and build a nearest-neighbour index."""
+    from simsiam_kit.errors import UserError
+
+    if not model.is_file():
+        raise UserError(f"--model {model}: no such file (an encoder written by 'simsiam-kit export onnx')")
+    precheck(data=[("--data", data)])
     from simsiam_kit.export.embedder import OnnxEmbedder
     from simsiam_kit.retrieval.embed_search import embed_dataset_to_dir
 
     embed_dataset_to_dir(OnnxEmbedder(model, device=device, batch_size=batch_size), data, output,
                          index_kind=index, backend=backend, skip_bad_images=skip_bad_images, progress=progress,
                          log=typer.echo)
+
 
 @app.command("search")
 @user_errors
@@ -66,6 +83,13 @@ def search_cmd(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
 ):
     """Nearest indexed images of each query, with cosine similarities: a table, and JSON."""
+    from simsiam_kit.errors import UserError
+
+    if not (index / "embed.json").is_file():
+        raise UserError(f"--index {index}: no embed.json there (a directory written by 'simsiam-kit embed')")
+    for option, path in (("--query", query), ("--model", model)):
+        if path is not None and not path.exists():
+            raise UserError(f"{option} {path}: no such file or directory")
     from simsiam_kit.export.embedder import OnnxEmbedder
     from simsiam_kit.retrieval.embed_search import format_search_table, search_images
 

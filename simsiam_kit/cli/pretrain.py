@@ -7,14 +7,14 @@ from typing import Optional
 
 import typer
 
-from simsiam_kit.cli.common import user_errors
-from simsiam_kit.cli.options import Overrides
+from simsiam_kit.cli.common import PRETRAIN_REMEDIES, user_errors
+from simsiam_kit.cli.options import Overrides, new_app, precheck
 
-app = typer.Typer()
+app = new_app()
 
 
 @app.command("pretrain")
-@user_errors
+@user_errors(remedies=PRETRAIN_REMEDIES)
 def pretrain(
     config: str = typer.Option("demo", "--config", "-c", help="Config name in configs/pretrain/ or a YAML path."),
     set_: Overrides = None,
@@ -29,15 +29,22 @@ def pretrain(
         help="Replace the run files of a non-empty --output (config, checkpoints, backbone, metrics, plots, "
              "results, eval); other files stay. Without it a non-empty directory is refused."),
 ):
-    """SimSiam pretraining. With no arguments: the built-in demo (MNIST digits, about 4 minutes on 2 CPU cores)."""
+    """SimSiam pretraining. With no arguments: the built-in demo (4,000 MNIST digits, 8 epochs): about 4 minutes
+    on 2 idle CPU cores; on cores other processes keep busy it trains with fewer threads and takes longer
+    (docs/benchmarks.md)."""
     from simsiam_kit.config import load_pretrain_config
     from simsiam_kit.engine.run_dir import RunDir
     from simsiam_kit.errors import UserError
-    from simsiam_kit.pretrain import find_latest_run, load_run_config, run_pretrain
-    from simsiam_kit.utils import dist
 
     if resume and overwrite:
         raise UserError("--resume and --overwrite exclude each other (continue the run, or replace it)")
+    if not resume:  # the config and its data paths are checked before torch is imported
+        cfg = load_pretrain_config(config, set_)
+        precheck(data=[("data.train", cfg.data.train)] + ([("data.val", cfg.data.val)] if cfg.data.val else []))
+
+    from simsiam_kit.pretrain import find_latest_run, load_run_config, run_pretrain
+    from simsiam_kit.utils import dist
+
     if resume:
         if output is None:
             base = load_pretrain_config(config, None)
@@ -48,8 +55,6 @@ def pretrain(
         if not RunDir(output).has_checkpoint():
             raise UserError(f"--resume: no checkpoint at {RunDir(output).checkpoint}")
         cfg = load_run_config(output, set_)
-    else:
-        cfg = load_pretrain_config(config, set_)
     summary = run_pretrain(cfg, output, resume=resume, log=typer.echo, overwrite=overwrite)
     if dist.is_main() and summary:
         typer.echo("")
@@ -58,8 +63,11 @@ def pretrain(
         typer.echo(f"  final loss {summary['final_loss']:.4f}, output std x sqrt(d) {summary['std_x_sqrt_d']:.3f} "
                    "(healthy ~1, collapsed ~0)")
         if summary.get("knn_top1") is not None:
-            k = summary["knn"]["k"]
-            typer.echo(f"  kNN top-1 (k={k}) on {summary['knn']['queries']}:")
-            typer.echo(f"    SimSiam backbone      {summary['knn_top1']:6.2f} %")
-            typer.echo(f"    random-init backbone  {summary['knn_top1_random_init']:6.2f} %")
+            knn = summary["knn"]
+            typer.echo(f"  kNN top-1 (k={knn['k']}, T={knn['temperature']:g}) on {knn['queries']}, "
+                       f"features {knn.get('precision', 'fp32')}:")
+            typer.echo(f"    SimSiam backbone      {summary['knn_top1']:6.2f} %  (epoch {summary['epochs']})")
+            typer.echo(f"    random-init backbone  {summary['knn_top1_random_init']:6.2f} %  (epoch 0: this run's "
+                       "initial weights)")
+            typer.echo(f"  the same baseline in eval knn / eval linear: --weights random --like {summary['run_dir']}")
     dist.cleanup()

@@ -41,6 +41,29 @@ DEMO_SPLITS = ("train", "val", "all")
 _SLICE_RE = re.compile(r"^(?P<base>.*?)\[(?P<a>-?\d*):(?P<b>-?\d*)\]$")
 # labels of a dataset without a class list index score/count tables of max(label) + 1 entries
 MAX_CLASSES_WITHOUT_NAMES = 65536
+UNREADABLE_IMAGE = "cannot read image"  # how the error about an unreadable image file begins
+
+
+class UnreadableImage(UserError):
+    """An image file that cannot be decoded. The data layer states the fact; each command names its own
+    way to skip such files (``remedy``; see ``simsiam_kit/cli/common.py``)."""
+
+    remedy = "skip_bad_images"
+
+
+class DatasetNotFound(UserError):
+    """A torchvision dataset absent from its root, downloading not allowed (``remedy``: the command's option)."""
+
+    remedy = "download"
+
+
+def remedy_of(e: Exception) -> str | None:
+    """What a user can do about a data error: its ``remedy``, or, for the message of an unreadable image
+    re-raised by a DataLoader worker as a plain UserError, ``skip_bad_images``."""
+    remedy = getattr(e, "remedy", None)
+    if remedy is None and isinstance(e, UserError) and str(e).startswith(UNREADABLE_IMAGE):
+        remedy = UnreadableImage.remedy
+    return remedy
 
 
 def check_labels(labels, n: int, classes: Optional[list], source: str) -> np.ndarray:
@@ -118,10 +141,7 @@ class ImageDataset:
         except Exception as e:  # PIL raises many types for truncated / corrupt files
             if self.skip_bad_images:
                 return None
-            raise UserError(
-                f"cannot read image {path}: {type(e).__name__}: {e} "
-                "(set data.skip_bad_images=true to skip unreadable images)"
-            ) from None
+            raise UnreadableImage(f"{UNREADABLE_IMAGE} {path}: {type(e).__name__}: {e}") from None
 
     def subset(self, sl: slice) -> "ImageDataset":
         idx = np.arange(len(self))[sl]
@@ -164,6 +184,28 @@ def parse_spec(spec: str) -> tuple[str, Optional[slice]]:
     return m.group("base"), slice(int(a) if a else None, int(b) if b else None)
 
 
+def check_spec(spec: str) -> tuple[str, Optional[Path]]:
+    """What a spec names, checked without reading it: ``("demo" | "torchvision" | "npz" | "folder", path)``;
+    a :class:`UserError` for an empty spec, a missing path or an unsupported file (cheap: no torch)."""
+    if not spec or not str(spec).strip():
+        raise UserError("empty dataset spec (expected demo, a .npz file, a directory, cifar10, ...)")
+    base, _ = parse_spec(str(spec))
+    lname = base.partition(":")[0].lower()
+    if lname == "demo":
+        return "demo", None
+    if lname in TORCHVISION_SETS and not Path(base).exists():
+        return "torchvision", None
+    path = Path(base).expanduser()
+    if not path.exists():
+        raise UserError(f"dataset not found: {path} (expected a .npz file, an ImageFolder directory, demo, "
+                        f"or one of {', '.join(TORCHVISION_SETS)})")
+    if path.is_file():
+        if path.suffix != ".npz":
+            raise UserError(f"unsupported dataset file {path} (expected .npz with 'images' and 'labels')")
+        return "npz", path
+    return "folder", path
+
+
 def load_dataset(
     spec: str,
     root: str = DEFAULT_DATA_ROOT,
@@ -171,23 +213,16 @@ def load_dataset(
     skip_bad_images: bool = False,
 ) -> ImageDataset:
     """Load a dataset from a spec string (see module docstring). Never downloads unless ``download``."""
-    if not spec or not str(spec).strip():
-        raise UserError("empty dataset spec (expected demo, a .npz file, a directory, cifar10, ...)")
+    kind, path = check_spec(spec)
     base, sl = parse_spec(str(spec))
     name, _, split = base.partition(":")
-    lname = name.lower()
-    if lname == "demo":
+    if kind == "demo":
         ds = load_demo(split or "train")
-    elif lname in TORCHVISION_SETS and not Path(base).exists():
+    elif kind == "torchvision":
+        lname = name.lower()
         ds = load_torchvision(lname, split or TORCHVISION_SETS[lname][0], root, download)
     else:
-        path = Path(base).expanduser()
-        if not path.exists():
-            raise UserError(f"dataset not found: {path} (expected a .npz file, an ImageFolder directory, demo, "
-                            f"or one of {', '.join(TORCHVISION_SETS)})")
-        if path.is_file():
-            if path.suffix != ".npz":
-                raise UserError(f"unsupported dataset file {path} (expected .npz with 'images' and 'labels')")
+        if kind == "npz":
             ds, sl = load_npz(path, sl), None  # sliced while reading
         else:
             ds = load_image_folder(path, skip_bad_images)
@@ -327,10 +362,7 @@ def load_torchvision(name: str, split: str, root: str, download: bool) -> ImageD
             labels, classes = np.asarray(ds.labels).astype(np.int64), list(ds.classes)
     except RuntimeError as e:
         if "download=True" in str(e) or "not found" in str(e).lower():
-            raise UserError(
-                f"{name} not found under {root_p}; set data.root to where it lives, or allow the download "
-                "with --set data.download=true (or --download for eval commands)"
-            ) from None
+            raise DatasetNotFound(f"{name} not found under {root_p}") from None
         raise UserError(f"cannot load {name} from {root_p}: {e}") from None
     return ImageDataset(name=f"{name}:{split}", labels=labels, ids=list(range(len(images))), classes=classes,
                         images=np.ascontiguousarray(images))

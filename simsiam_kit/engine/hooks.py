@@ -148,12 +148,30 @@ class CollapseMonitor(Hook):
 
 class KNNMonitor(Hook):
     """Weighted kNN accuracy of backbone features every ``every`` epochs (and at the end), rank 0.
-    Runs after the :class:`Checkpointer`: whatever happens in it, the epoch's weights are saved."""
+    Runs after the :class:`Checkpointer`: whatever happens in it, the epoch's weights are saved.
+
+    A run that starts from scratch (not a resumed one) is scored once more before its first step: the
+    epoch-0 point, the run's own initial weights, i.e. its random-init baseline. ``record`` receives that
+    point as an epoch line (``{"type": "epoch", "epoch": 0, "step": 0, "knn_top1": ...}``). ``log`` prints
+    each score after its epoch's progress bar has closed."""
 
     priority = 35
 
-    def __init__(self, evaluate: Callable[[], float], every: int):
-        self.evaluate, self.every = evaluate, every
+    def __init__(self, evaluate: Callable[[], float], every: int, record: Callable[[dict], None] | None = None,
+                 log: Callable[[str], None] | None = None):
+        self.evaluate, self.every, self.record, self.log = evaluate, every, record, log
+        self.initial = None  # epoch 0 of this process's run (None when resumed)
+        self._pending = None
+
+    def before_train(self, trainer) -> None:
+        if self.every <= 0 or trainer.start_epoch > 0:  # resuming: epoch 0 is in metrics.jsonl already
+            return
+        if dist.is_main():
+            self.initial = self.evaluate()
+            if self.record is not None:
+                self.record({"type": "epoch", "epoch": 0, "step": 0, "knn_top1": self.initial})
+            self._say(f"epoch 0/{trainer.epochs} (initial weights): kNN top-1 {self.initial:.2f} %")
+        dist.barrier()
 
     def after_epoch(self, trainer) -> None:
         last = trainer.epoch == trainer.epochs
@@ -162,7 +180,24 @@ class KNNMonitor(Hook):
         if dist.is_main():
             acc = self.evaluate()
             trainer.epoch_metrics["knn_top1"] = acc
+            self._pending = f"epoch {trainer.epoch}/{trainer.epochs}: kNN top-1 {acc:.2f} %" + (
+                f" (epoch 0: {self.initial:.2f} %)" if self.initial is not None else "")
         dist.barrier()
+
+    def _say(self, line: str) -> None:
+        if self.log is not None:
+            self.log(line)
+
+    def _flush(self) -> None:
+        if self._pending is not None:
+            self._say(self._pending)
+            self._pending = None
+
+    def before_epoch(self, trainer) -> None:
+        self._flush()  # after the previous epoch's progress bar is closed
+
+    def after_train(self, trainer) -> None:
+        self._flush()
 
 
 class Checkpointer(Hook):
