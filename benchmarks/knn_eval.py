@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 from simsiam_kit.evaluation.knn import classify  # noqa: E402
 from simsiam_kit.utils.io import atomic_write_json  # noqa: E402
+from simsiam_kit.weights import is_random  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "cifar10"
 CACHE = Path(os.environ.get("SIMSIAM_KIT_CACHE", "~/.cache/simsiam-kit")).expanduser() / "bench"
@@ -60,8 +61,13 @@ def cifar_features():
     path = CACHE / "cifar10_resnet18_random_imagenetstem_seed0.npz"
     if path.is_file():
         with np.load(path) as d:
-            return (torch.from_numpy(d["fb"]), torch.from_numpy(d["lb"]), torch.from_numpy(d["fq"]),
-                    torch.from_numpy(d["lq"]), d["extract_s"].item())
+            return (
+                torch.from_numpy(d["fb"]),
+                torch.from_numpy(d["lb"]),
+                torch.from_numpy(d["fq"]),
+                torch.from_numpy(d["lq"]),
+                d["extract_s"].item(),
+            )
     from simsiam_kit.data import load_dataset
     from simsiam_kit.features import extract_features
     from simsiam_kit.utils.device import resolve_device, resolve_precision
@@ -95,12 +101,15 @@ def bench_knn(fb, lb, fq, lq, reps: int, k=200, t=0.1, c=10, lightly_batch=1000)
     bank_t = fb.t().contiguous()  # lightly's layout, built once (its KNNClassifier keeps the bank)
 
     def lightly_run():
-        preds = [knn_predict(fq[s : s + lightly_batch], bank_t, lb, c, k, t)[:, 0] for s in range(0, len(fq), lightly_batch)]
+        preds = [
+            knn_predict(fq[s : s + lightly_batch], bank_t, lb, c, k, t)[:, 0] for s in range(0, len(fq), lightly_batch)
+        ]
         return 100.0 * (torch.cat(preds) == lq).float().mean().item()
 
     def ours(backend):
         def run():
             return classify(fb, lb, fq, lq, ks=(k,), temperature=t, num_classes=c, backend=backend)["per_k"][k]["top1"]
+
         return run
 
     def gemm(dtype):  # the bare similarity GEMM, chunked as lightly does: a floor for any exact fp32 search
@@ -109,10 +118,17 @@ def bench_knn(fb, lb, fq, lq, reps: int, k=200, t=0.1, c=10, lightly_batch=1000)
         def run():
             for s in range(0, len(q), lightly_batch):
                 q[s : s + lightly_batch] @ b
+
         return run
 
-    runners = {"ours_auto": ours("auto"), "lightly": lightly_run, "ours_torch": ours("torch"), "ours_faiss": ours("faiss"),
-               "gemm_fp32": gemm(torch.float32), "gemm_bf16": gemm(torch.bfloat16)}
+    runners = {
+        "ours_auto": ours("auto"),
+        "lightly": lightly_run,
+        "ours_torch": ours("torch"),
+        "ours_faiss": ours("faiss"),
+        "gemm_fp32": gemm(torch.float32),
+        "gemm_bf16": gemm(torch.bfloat16),
+    }
     auto_backend = classify(fb[:300], lb[:300], fq[:5], lq[:5], ks=(1,), backend="auto")["backend"]
     times = {name: [] for name in runners}
     top1 = {name: fn() for name, fn in runners.items()}  # warm-up, not timed
@@ -124,7 +140,10 @@ def bench_knn(fb, lb, fq, lq, reps: int, k=200, t=0.1, c=10, lightly_batch=1000)
             times[name].append(time.perf_counter() - t0)
     med = {name: statistics.median(v) for name, v in times.items()}
     return {
-        "auto_backend": auto_backend, "top1": top1, "median_s": med, "times_s": times,
+        "auto_backend": auto_backend,
+        "top1": top1,
+        "median_s": med,
+        "times_s": times,
         "speedup_auto_vs_lightly": med["lightly"] / med["ours_auto"],
         "speedup_torch_vs_faiss": med["ours_faiss"] / med["ours_torch"],
         # lightly's time over the bare fp32 GEMM: the largest speed-up an exact fp32 search can reach here
@@ -132,7 +151,8 @@ def bench_knn(fb, lb, fq, lq, reps: int, k=200, t=0.1, c=10, lightly_batch=1000)
         "gemm_share_of_lightly": med["gemm_fp32"] / med["lightly"],
         "top1_diff_points": abs(top1["ours_auto"] - top1["lightly"]),
         "same_top1_within_0.1": abs(top1["ours_auto"] - top1["lightly"]) <= 0.1,
-        "target_speedup": TARGET, "meets_target": med["lightly"] / med["ours_auto"] >= TARGET,
+        "target_speedup": TARGET,
+        "meets_target": med["lightly"] / med["ours_auto"] >= TARGET,
     }
 
 
@@ -143,20 +163,49 @@ def bench_linear(weights: str, n_train: int, epochs: int, batch: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for cached in (False, True):
             s = LinearSettings(
-                weights=weights, train_data=f"{DATA / 'train.npz'}[:{n_train}]", test_data=f"{DATA / 'val.npz'}[:1000]",
-                epochs=epochs, cached_features=cached, batch_size=batch, arch="resnet18" if weights == "random" else None,
-                stem="cifar" if weights == "random" else None, mean=CIFAR_MEAN, std=CIFAR_STD, plots=False, workers=0)
+                weights=weights,
+                train_data=f"{DATA / 'train.npz'}[:{n_train}]",
+                test_data=f"{DATA / 'val.npz'}[:1000]",
+                epochs=epochs,
+                cached_features=cached,
+                batch_size=batch,
+                arch="resnet18" if is_random(weights) else None,
+                stem="cifar" if is_random(weights) else None,
+                mean=CIFAR_MEAN,
+                std=CIFAR_STD,
+                plots=False,
+                workers=0,
+            )
             t0 = time.perf_counter()
             r = run_linear_probe(s, Path(tmp) / ("cached" if cached else "full"), log=lambda m: None)
             wall = time.perf_counter() - t0
-            out["cached" if cached else "full"] = {"wall_s": wall, "top1": r["top1"], "top5": r["top5"],
-                                                   "timing_s": r["timing_s"], "settings": r["settings"]}
+            out["cached" if cached else "full"] = {
+                "wall_s": wall,
+                "top1": r["top1"],
+                "top5": r["top5"],
+                "timing_s": r["timing_s"],
+                "settings": r["settings"],
+            }
     out["speedup_cached_vs_full"] = out["full"]["wall_s"] / out["cached"]["wall_s"]
     out["top1_diff_points"] = out["cached"]["top1"] - out["full"]["top1"]
     return out
 
 
-def main() -> None:
+def missing_requirements(features: str, linear: bool) -> list[str]:
+    """What this benchmark needs and does not find, checked before anything slow: one line each."""
+    import importlib.util
+
+    out = []
+    for module, extra in (("lightly", "bench"), ("faiss", "cpu")):
+        if importlib.util.find_spec(module) is None:
+            out.append(f"'{module}' is not installed; install it with: pip install -e '.[{extra}]'")
+    if (features == "cifar" or linear) and not (DATA / "train.npz").is_file():
+        out.append(f"{DATA / 'train.npz'} not found (the shared CIFAR-10 copy; --features synthetic --skip-linear "
+                   "runs without it)")
+    return out
+
+
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--features", choices=("cifar", "synthetic"), default="cifar")
@@ -166,43 +215,71 @@ def main() -> None:
     ap.add_argument("--linear-epochs", type=int, default=5)
     ap.add_argument("--linear-batch", type=int, default=256)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "knn_eval.json")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    missing = missing_requirements(a.features, not a.skip_linear)
+    if missing:  # before the imports and feature extraction that take tens of seconds
+        print(f"error: {missing[0]}", file=sys.stderr)
+        raise SystemExit(2)
 
     load_before = os.getloadavg()  # 1/5/15-minute load: other processes share the cores with both sides
     fb, lb, fq, lq, extract_s = cifar_features() if a.features == "cifar" else synthetic_features()
-    print(f"bank {tuple(fb.shape)}, queries {tuple(fq.shape)} ({a.features} features"
-          + (f", extracted in {extract_s:.0f} s" if extract_s else "") + f"); {a.reps} timed reps, medians")
+    print(
+        f"bank {tuple(fb.shape)}, queries {tuple(fq.shape)} ({a.features} features"
+        + (f", extracted in {extract_s:.0f} s" if extract_s else "")
+        + f"); {a.reps} timed reps, medians"
+    )
     knn = bench_knn(fb, lb, fq, lq, a.reps)
     m, t1 = knn["median_s"], knn["top1"]
     print(f"\nkNN classification, k=200 T=0.1 ({torch.get_num_threads()} threads)")
     print(f"{'method':34s} {'median s':>9s} {'vs lightly':>10s} {'top-1 %':>8s}")
-    names = {"ours_auto": f"ours, --backend auto ({knn['auto_backend']})", "ours_torch": "ours, --backend torch",
-             "ours_faiss": "ours, --backend faiss (IndexFlatIP)", "lightly": "lightly knn_predict (1,000/batch)"}
+    names = {
+        "ours_auto": f"ours, --backend auto ({knn['auto_backend']})",
+        "ours_torch": "ours, --backend torch",
+        "ours_faiss": "ours, --backend faiss (IndexFlatIP)",
+        "lightly": "lightly knn_predict (1,000/batch)",
+    }
     names.update(gemm_fp32="(bare fp32 GEMM, no selection)", gemm_bf16="(bare bf16 GEMM, no selection)")
     for key in ("ours_auto", "ours_torch", "ours_faiss", "lightly", "gemm_fp32", "gemm_bf16"):
         acc = f"{t1[key]:8.2f}" if key in t1 else f"{'-':>8s}"
         print(f"{names[key]:34s} {m[key]:9.3f} {m['lightly'] / m[key]:9.2f}x {acc}")
-    print(f"the fp32 GEMM alone is {100 * knn['gemm_share_of_lightly']:.0f}% of lightly's time: an exact fp32 search "
-          f"can be at most {knn['max_exact_fp32_speedup']:.2f}x faster than lightly on this machine")
-    print(f"speed-up auto vs lightly: {knn['speedup_auto_vs_lightly']:.2f}x (target {TARGET}x: "
-          f"{'met' if knn['meets_target'] else 'NOT met'}); top-1 difference {knn['top1_diff_points']:.3f} points")
+    print(
+        f"the fp32 GEMM alone is {100 * knn['gemm_share_of_lightly']:.0f}% of lightly's time: an exact fp32 search "
+        f"can be at most {knn['max_exact_fp32_speedup']:.2f}x faster than lightly on this machine"
+    )
+    print(
+        f"speed-up auto vs lightly: {knn['speedup_auto_vs_lightly']:.2f}x (target {TARGET}x: "
+        f"{'met' if knn['meets_target'] else 'NOT met'}); top-1 difference {knn['top1_diff_points']:.3f} points"
+    )
 
     result = {
-        "benchmark": "knn_eval", "features": a.features, "bank": list(fb.shape), "queries": list(fq.shape),
-        "knn": knn, "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                                "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                                "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
-                                "load_avg_before": [round(x, 2) for x in load_before],
-                                "load_avg_after_knn": [round(x, 2) for x in os.getloadavg()]},
+        "benchmark": "knn_eval",
+        "features": a.features,
+        "bank": list(fb.shape),
+        "queries": list(fq.shape),
+        "knn": knn,
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.is_available(),
+            "load_avg_before": [round(x, 2) for x in load_before],
+            "load_avg_after_knn": [round(x, 2) for x in os.getloadavg()],
+        },
     }
     if not a.skip_linear:
         lin = bench_linear(a.weights, a.linear_train, a.linear_epochs, a.linear_batch)
-        print(f"\nlinear probe, {a.linear_train} train / 1000 test CIFAR-10 images, {a.linear_epochs} epochs, "
-              f"batch {a.linear_batch}, weights {a.weights}")
+        print(
+            f"\nlinear probe, {a.linear_train} train / 1000 test CIFAR-10 images, {a.linear_epochs} epochs, "
+            f"batch {a.linear_batch}, weights {a.weights}"
+        )
         print(f"{'protocol':18s} {'wall s':>8s} {'top-1 %':>8s} {'top-5 %':>8s}")
         for key in ("full", "cached"):
             print(f"{key:18s} {lin[key]['wall_s']:8.1f} {lin[key]['top1']:8.2f} {lin[key]['top5']:8.2f}")
-        print(f"cached features: {lin['speedup_cached_vs_full']:.1f}x faster, top-1 {lin['top1_diff_points']:+.2f} points")
+        print(
+            f"cached features: {lin['speedup_cached_vs_full']:.1f}x faster, top-1 {lin['top1_diff_points']:+.2f} points"
+        )
         result["linear"] = lin
     atomic_write_json(a.out, result)
     print(f"\nwrote {a.out}")

@@ -86,6 +86,7 @@ def test_torchvision_cifar_without_network(tmp_path, monkeypatch):
     monkeypatch.setattr(tvd.utils, "download_and_extract_archive", lambda *a, **k: calls.append(a))
     with pytest.raises(UserError, match="cifar10 not found under") as e:  # the fact; each command names its option
         load_dataset("cifar10", root=str(tmp_path))
+    assert e.value.remedy == "download"
     assert calls == []
     # with the switch, torchvision's real download path is taken (network call stubbed out)
     monkeypatch.setattr(tvd.cifar, "check_integrity", lambda *a, **k: bool(calls))  # md5 of the real files
