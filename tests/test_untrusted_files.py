@@ -446,3 +446,17 @@ def test_detectron2_engine_hands_detectron2_a_checked_copy(tmp_path, benign_pkl)
     assert eng.weights_for_detectron2("random", None, tmp_path / "out", lines.append) == ""
     with pytest.raises(UserError, match="weights not found"):
         eng.load_weights_pkl(str(tmp_path / "missing.pkl"))
+
+
+def test_help_and_docs_say_a_pkl_is_unpickled():
+    from typer.testing import CliRunner
+
+    from simsiam_kit.cli import app
+
+    r = CliRunner().invoke(app, ["eval", "detection", "--help"])
+    assert r.exit_code == 0
+    text = " ".join(r.output.split())
+    assert "detectron2 loads .pkl weights with pickle, which can run code" in text
+    assert "restricted unpickler" in text
+    doc = " ".join((Path(__file__).resolve().parents[1] / "docs" / "detection.md").read_text().split())
+    assert "detectron2 loads it with `pickle.load`, which can run any code" in doc
