@@ -116,6 +116,7 @@ class RunDir:
             self.plots,
             self.results,
             self.root / "eval",
+            self.root / "tensorboard",  # engine/loggers.py's TensorBoard sink
         ]
 
     def is_empty(self) -> bool:
