@@ -60,6 +60,7 @@ from simsiam_kit.engine.hooks import (
     Throughput,
     read_metrics,
 )
+from simsiam_kit.engine.online_probe import OnlineProbe, OnlineProbeMonitor
 from simsiam_kit.engine.loggers import log_images, make_sinks, png_to_array, view_pairs_grid
 from simsiam_kit.engine.run_dir import RunDir
 from simsiam_kit.engine.step import OptimStep
@@ -117,8 +118,9 @@ class PretrainStep:
     """
 
     def __init__(self, model, optimizer, augment, precision: Precision, device, channels_last: bool,
-                 gen: torch.Generator, cfg: PretrainConfig, check_every: int | None = None):
-        self.model, self.augment = model, augment
+                 gen: torch.Generator, cfg: PretrainConfig, check_every: int | None = None,
+                 probe: Optional[OnlineProbe] = None):
+        self.model, self.augment, self.probe = model, augment, probe
         self.update = OptimStep(optimizer, precision)
         self.precision, self.device = precision, device
         self.channels_last, self.gen = channels_last, gen
@@ -154,7 +156,10 @@ class PretrainStep:
             x1 = x1.contiguous(memory_format=torch.channels_last)
             x2 = x2.contiguous(memory_format=torch.channels_last)
         with self.precision.autocast():
-            p1, p2, z1, z2 = self.model(x1, x2)
+            if self.probe is not None:
+                p1, p2, z1, z2, f1 = self.model(x1, x2, features=True)
+            else:
+                p1, p2, z1, z2 = self.model(x1, x2)
             loss = simsiam_loss(p1, p2, z1, z2, stop_gradient=self.stop_gradient, symmetric=self.symmetric)
         if self.check_every <= 1:
             if not torch.isfinite(loss):
@@ -168,8 +173,10 @@ class PretrainStep:
             if (trainer.global_step + 1) % self.check_every == 0:
                 self.check(trainer)
         self.update(loss)
-        return {"loss": loss.detach(), "std": output_std(z1), "images": x1.shape[0],
-                "skipped": batch.get("skipped", 0)}
+        out = {"loss": loss.detach(), "std": output_std(z1), "images": x1.shape[0], "skipped": batch.get("skipped", 0)}
+        if self.probe is not None:  # after SimSiam's update; detached features: no gradient reaches the backbone
+            out.update(self.probe.step(f1, batch["labels"]))
+        return out
 
 
 @dataclass
@@ -256,9 +263,23 @@ def build_pretraining(cfg: PretrainConfig, device: Optional[torch.device] = None
         net = torch.compile(net)  # shares the parameters; checkpoints save the plain module
         if device.type == "cuda":
             data.augment.compile()
-    step = PretrainStep(net, optimizer, data.augment, precision, device, channels_last, aug_gen, cfg)
+    probe = None
+    if resolve_online_probe(cfg.train.online_probe, data):
+        probe = OnlineProbe(model.backbone.feature_dim, max(data.train.num_classes, data.val.num_classes), device,
+                            cfg.optim.batch_size)
+    step = PretrainStep(net, optimizer, data.augment, precision, device, channels_last, aug_gen, cfg, probe=probe)
     return Pretraining(cfg, device, precision, channels_last, compiled, data, model, net, optimizer, init_lr,
                        aug_gen, step)
+
+
+def resolve_online_probe(flag: Optional[bool], data: PretrainData) -> bool:
+    """``train.online_probe``: needs labelled training images and a labelled val set; auto = on for in-memory
+    data (CIFAR-sized runs), off for file datasets (simsiam_kit/engine/online_probe.py)."""
+    possible = data.val is not None and data.train.has_labels
+    if flag and not possible:
+        raise UserError("train.online_probe=true needs labelled training images and a labelled data.val "
+                        "(with train.knn_every > 0)")
+    return possible and (bool(flag) if flag is not None else data.train.in_memory)
 
 
 def build_hooks(p: Pretraining, run: RunDir, save: Callable, knn_eval: Optional[Callable],
@@ -281,7 +302,24 @@ def build_hooks(p: Pretraining, run: RunDir, save: Callable, knn_eval: Optional[
                 sink.scalars(rec)
 
         hooks.append(KNNMonitor(knn_eval, cfg.train.knn_every, record=record, log=log))
+    if p.step.probe is not None:
+        hooks.append(OnlineProbeMonitor(make_probe_eval(p, batch_size=min(512, max(64, cfg.optim.batch_size)))))
     return hooks
+
+
+def make_probe_eval(p: Pretraining, batch_size: int) -> Callable[[], float]:
+    """Val top-1 of the online probe: raw (not l2-normalised) backbone features in eval mode, as the
+    offline linear probe sees them."""
+
+    def probe_eval() -> float:
+        cfg = p.cfg
+        f, y, _ = extract_features(p.model.backbone, p.data.val, device=p.device, batch_size=batch_size,
+                                   precision=feature_precision("auto", p.device), mean=cfg.data.mean,
+                                   std=cfg.data.std, image_size=cfg.data.image_size, workers=p.data.workers,
+                                   channels_last=p.channels_last, normalize=False, out_device=p.device)
+        return p.step.probe.top1(f, y)
+
+    return probe_eval
 
 
 def default_run_dir(cfg: PretrainConfig) -> Path:
@@ -475,7 +513,7 @@ def _train(cfg: PretrainConfig, run: RunDir, resume: bool, device: torch.device,
     seed_everything(cfg.train.seed + dist.get_rank(), cfg.train.deterministic)
     p = build_pretraining(cfg, device)
     objects = Checkpointables(model=ModelState(p.model), optimizer=p.optimizer, scaler=p.step.update.scaler,
-                              rng=RNGState(p.aug_gen))
+                              rng=RNGState(p.aug_gen), probe=p.step.probe)
 
     def save(trainer) -> None:
         p.step.check(trainer)  # never write weights from a step whose loss was not finite
