@@ -252,10 +252,14 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key:
         raise UserError(f"--set '{item}': empty key")
+    if len(raw) > 4096:
+        raise UserError(f"--set {key}: the value is {len(raw)} characters long (at most 4096)")
     try:
         value = yaml.safe_load(raw) if raw.strip() != "" else ""
     except yaml.YAMLError:
         value = raw
+    except (ValueError, RecursionError) as e:  # an integer of thousands of digits, or nesting too deep to parse
+        raise UserError(f"--set {key}: cannot read the value ({type(e).__name__})") from None
     return key.split("."), value
 
 

@@ -75,3 +75,10 @@ def test_precision_names_checked_in_one_place():
     assert resolve_precision("fp32", torch.device("cpu")).name == "fp32"
     with pytest.raises(UserError, match="train.precision"):
         load_pretrain_config("demo", ["train.precision=fp8"])
+
+
+def test_hostile_set_values_are_one_line_errors():
+    with pytest.raises(UserError, match="--set train.seed: the value is 5000 characters"):
+        load_pretrain_config("demo", ["train.seed=" + "9" * 5000])
+    with pytest.raises(UserError, match="--set model.arch"):
+        load_pretrain_config("demo", ["model.arch=" + "[" * 3000])
