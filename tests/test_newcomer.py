@@ -297,6 +297,10 @@ def test_help_prints_as_written():
     (["export", "onnx", "--weights", "/nonexistent.pt", "--output", "/tmp/x.onnx"], "weights not found"),
     (["eval", "knn", "--weights", "random", "--arch", "resnet18", "--train-data", "demo:train", "--test-data",
       "demo:val", "--mean", "0.1,0.2"], "--mean: expected 3 comma-separated numbers"),
+    (["eval", "linear", "--weights", "random", "--train-data", "demo:train", "--test-data", "demo:val"],
+     "--weights random needs --like RUN"),
+    (["eval", "knn", "--weights", "/tmp", "--like", "/tmp", "--train-data", "demo:train", "--test-data", "demo:val"],
+     "--like applies to --weights random only"),
 ])
 def test_wrong_paths_are_reported_before_torch_is_imported(args, needle):
     code = ("import sys; from typer.testing import CliRunner; from simsiam_kit.cli import app; "

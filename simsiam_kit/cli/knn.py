@@ -74,8 +74,10 @@ def knn(
     from simsiam_kit.evaluation.common import default_output
 
     mean_v, std_v = parse_floats(mean, "--mean"), parse_floats(std, "--std")
+    precheck(weights, like, [("--train-data", train_data), ("--test-data", test_data)], None, overwrite, image_size,
+             arch)
     out = output or default_output(weights, "knn", like)
-    precheck(weights, like, [("--train-data", train_data), ("--test-data", test_data)], out, overwrite, image_size)
+    precheck(output=out, overwrite=overwrite)
 
     from simsiam_kit.evaluation.common import baseline_table
     from simsiam_kit.evaluation.knn import KNNSettings, results_table, run_knn_eval

@@ -22,7 +22,7 @@ def new_app(**kw) -> typer.Typer:
 
 Weights = Annotated[str, typer.Option(
     "--weights", "-w", help="Run directory, checkpoint, backbone.pt, torchvision ResNet state dict, or 'random' "
-                            "(with --like RUN: that run's initial weights and settings; or with --arch/--stem).")]
+                            "(a random-init baseline).")]
 Like = Annotated[Optional[str], typer.Option(
     "--like", metavar="RUN", help="With --weights random: take the architecture, stem, initial weights (the run's "
                                   "seed) and image size/normalisation of this run, so the baseline is the run "
@@ -83,9 +83,11 @@ def parse_floats(text: Optional[str], option: str) -> Optional[tuple]:
 
 
 def precheck(weights: Optional[str] = None, like: Optional[str] = None, data: Sequence[tuple[str, str]] = (),
-             output: Optional[Path] = None, overwrite: bool = False, image_size: Optional[int] = None) -> None:
+             output: Optional[Path] = None, overwrite: bool = False, image_size: Optional[int] = None,
+             arch: Optional[str] = "") -> None:
     """Checks that need no torch: the weights spec (:func:`simsiam_kit.weights.resolve_weights`), the dataset
-    specs (``(option, spec)`` pairs), an output directory that holds earlier results, the image size."""
+    specs (``(option, spec)`` pairs), an output directory that holds earlier results, the image size.
+    ``arch``: the command's --arch, for commands that offer --like (random weights need one or the other)."""
     from simsiam_kit.data.datasets import check_spec
 
     if image_size is not None:
@@ -96,8 +98,11 @@ def precheck(weights: Optional[str] = None, like: Optional[str] = None, data: Se
     if like is not None and weights is not None and weights != "random":
         raise UserError(f"--like applies to --weights random only (--weights {weights} has settings of its own)")
     if weights is not None:
-        from simsiam_kit.weights import resolve_weights
+        from simsiam_kit.weights import is_random, resolve_weights
 
+        if is_random(weights) and like is None and arch is None:
+            raise UserError("--weights random needs --like RUN (that run's own random init and settings, the "
+                            "baseline to compare it with) or --arch (for example --arch resnet18)")
         resolve_weights(weights, like)
     for option, spec in data:
         try:
