@@ -60,8 +60,8 @@ from simsiam_kit.engine.hooks import (
     Throughput,
     read_metrics,
 )
-from simsiam_kit.engine.online_probe import OnlineProbe, OnlineProbeMonitor
 from simsiam_kit.engine.loggers import log_images, make_sinks, png_to_array, view_pairs_grid
+from simsiam_kit.engine.online_probe import OnlineProbe, OnlineProbeMonitor
 from simsiam_kit.engine.run_dir import RunDir
 from simsiam_kit.engine.step import OptimStep
 from simsiam_kit.errors import TrainingDiverged, UserError
