@@ -30,8 +30,8 @@ def pretrain(
              "results, eval); other files stay. Without it a non-empty directory is refused."),
 ):
     """SimSiam pretraining. With no arguments: the built-in demo (4,000 MNIST digits, 8 epochs): about 4 minutes
-    on 2 idle CPU cores; on cores other processes keep busy it trains with fewer threads and takes longer
-    (docs/benchmarks.md)."""
+    on 2 idle CPU cores; on cores other processes keep busy it trains with fewer threads (it says so at the
+    start) and takes longer: 6.5 minutes measured at load 2-4.5 (README, "CPU threads")."""
     from simsiam_kit.config import load_pretrain_config
     from simsiam_kit.engine.run_dir import RunDir
     from simsiam_kit.errors import UserError
