@@ -200,8 +200,10 @@ def missing_requirements(features: str, linear: bool) -> list[str]:
         if importlib.util.find_spec(module) is None:
             out.append(f"'{module}' is not installed; install it with: pip install -e '.[{extra}]'")
     if (features == "cifar" or linear) and not (DATA / "train.npz").is_file():
-        out.append(f"{DATA / 'train.npz'} not found (the shared CIFAR-10 copy; --features synthetic --skip-linear "
-                   "runs without it)")
+        out.append(
+            f"{DATA / 'train.npz'} not found (the shared CIFAR-10 copy; --features synthetic --skip-linear "
+            "runs without it)"
+        )
     return out
 
 

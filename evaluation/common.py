@@ -22,8 +22,16 @@ from simsiam_kit.image_settings import ImageSettings, resolve_image_settings
 from simsiam_kit.weights import LoadedBackbone, resolve_weights
 
 # What an evaluation writes in its output directory (removed before a rerun with overwrite)
-EVAL_FILES = ("results.json", "features", "plots", "confusion_matrix.npy", "index", "head.pt", "metrics.jsonl",
-              "tensorboard")
+EVAL_FILES = (
+    "results.json",
+    "features",
+    "plots",
+    "confusion_matrix.npy",
+    "index",
+    "head.pt",
+    "metrics.jsonl",
+    "tensorboard",
+)
 
 
 class OutputExists(UserError):
@@ -32,13 +40,22 @@ class OutputExists(UserError):
     remedy = "overwrite"
 
 
-def eval_image_settings(loaded: LoadedBackbone, ds: ImageDataset, image_size: Optional[int] = None,
-                        mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> ImageSettings:
+def eval_image_settings(
+    loaded: LoadedBackbone,
+    ds: ImageDataset,
+    image_size: Optional[int] = None,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+) -> ImageSettings:
     """The evaluation's image size and normalisation: option > weights metadata > run config > default
     (in-memory images at their own size)."""
     return resolve_image_settings(
-        option={"image_size": image_size, "mean": mean, "std": std}, weights=loaded.weights_settings,
-        config=loaded.config_settings, stem=loaded.stem, data_size=int(ds.images.shape[1]) if ds.in_memory else None)
+        option={"image_size": image_size, "mean": mean, "std": std},
+        weights=loaded.weights_settings,
+        config=loaded.config_settings,
+        stem=loaded.stem,
+        data_size=int(ds.images.shape[1]) if ds.in_memory else None,
+    )
 
 
 def default_output(weights: str, kind: str, like: Optional[str] = None) -> Path:
@@ -58,8 +75,9 @@ def check_output(output: Path, overwrite: bool = False) -> None:
     res = Path(output) / "results.json"
     if res.exists() and not overwrite:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(res.stat().st_mtime))
-        raise OutputExists(f"{output} already holds the results of an earlier evaluation ({res.name} of {when}); "
-                           "they are kept")
+        raise OutputExists(
+            f"{output} already holds the results of an earlier evaluation ({res.name} of {when}); they are kept"
+        )
 
 
 def prepare_output(output: Path, overwrite: bool = False) -> Path:
@@ -78,8 +96,9 @@ def prepare_output(output: Path, overwrite: bool = False) -> Path:
     return output
 
 
-def load_labelled(spec: str, role: str, root: str = DEFAULT_DATA_ROOT, download: bool = False,
-                  skip_bad_images: bool = False) -> ImageDataset:
+def load_labelled(
+    spec: str, role: str, root: str = DEFAULT_DATA_ROOT, download: bool = False, skip_bad_images: bool = False
+) -> ImageDataset:
     ds = load_dataset(spec, root, download, skip_bad_images)
     if len(ds) == 0:
         raise UserError(f"{role} dataset '{spec}' is empty")
@@ -101,14 +120,17 @@ def check_same_classes(train: ImageDataset, test: ImageDataset, train_spec: str,
                 detail.append(f"only in test: {', '.join(map(str, only_test[:5]))}")
             if not detail:
                 detail.append("same names in a different order")
-            raise UserError(f"train '{train_spec}' and test '{test_spec}' have different class lists "
-                            f"({len(train.classes)} vs {len(test.classes)} classes; {'; '.join(detail)})")
+            raise UserError(
+                f"train '{train_spec}' and test '{test_spec}' have different class lists "
+                f"({len(train.classes)} vs {len(test.classes)} classes; {'; '.join(detail)})"
+            )
         return list(train.classes)
     n_train = train.num_classes
     extra = sorted(set(np.unique(test.labels).tolist()) - set(np.unique(train.labels).tolist()))
     if extra:
-        raise UserError(f"test '{test_spec}' has labels not present in train '{train_spec}': "
-                        f"{', '.join(map(str, extra[:10]))}")
+        raise UserError(
+            f"test '{test_spec}' has labels not present in train '{train_spec}': {', '.join(map(str, extra[:10]))}"
+        )
     names = train.classes or test.classes
     return list(names) if names is not None else [str(i) for i in range(max(n_train, test.num_classes))]
 
@@ -122,9 +144,23 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 
 # the settings two evaluations must share to be compared row by row
-_SAME = {"knn": ("train_data", "test_data", "image_size", "mean", "std", "precision"),
-         "linear": ("train_data", "test_data", "image_size", "mean", "std", "precision", "epochs", "protocol",
-                    "batch_size", "lr", "optimizer", "seed")}
+_SAME = {
+    "knn": ("train_data", "test_data", "image_size", "mean", "std", "precision"),
+    "linear": (
+        "train_data",
+        "test_data",
+        "image_size",
+        "mean",
+        "std",
+        "precision",
+        "epochs",
+        "protocol",
+        "batch_size",
+        "lr",
+        "optimizer",
+        "seed",
+    ),
+}
 
 
 def _pair_path(kind: str, record: dict) -> Optional[Path]:
@@ -160,8 +196,11 @@ def baseline_rows(kind: str, results: dict) -> Optional[list]:
         if w.get("kind") == "random":
             label = f"random init ({Path(w['like']).name}, seed {w['seed']})"
         else:
-            label = "SimSiam " + Path(w.get("run_dir") or w.get("file") or "?").name + (
-                f" (epoch {w['epoch']})" if w.get("epoch") is not None else "")
+            label = (
+                "SimSiam "
+                + Path(w.get("run_dir") or w.get("file") or "?").name
+                + (f" (epoch {w['epoch']})" if w.get("epoch") is not None else "")
+            )
         rows.append([label, r["top1"], r["top5"]])
     return sorted(rows, key=lambda row: row[0].startswith("random"))
 
@@ -172,4 +211,5 @@ def baseline_table(kind: str, results: dict) -> Optional[str]:
         return None
     what = f"k={results['k']}, T={results['temperature']:g}" if kind == "knn" else results["settings"]["protocol"]
     return f"against the run's own random init ({what}, same data and image settings):\n" + format_table(
-        ["backbone", "top-1 %", "top-5 %"], rows)
+        ["backbone", "top-1 %", "top-5 %"], rows
+    )

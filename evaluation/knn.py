@@ -48,8 +48,12 @@ PROTOCOL_TEMPERATURES = (DEFAULT_KNN_TEMPERATURE, 0.07)
 
 
 # ------------------------------------------------------------------------------------------ metrics
-def retrieval_metrics(neighbour_labels: torch.Tensor, query_labels: torch.Tensor, class_counts: torch.Tensor,
-                      recall_ks: Sequence[int] = RECALL_KS) -> dict:
+def retrieval_metrics(
+    neighbour_labels: torch.Tensor,
+    query_labels: torch.Tensor,
+    class_counts: torch.Tensor,
+    recall_ks: Sequence[int] = RECALL_KS,
+) -> dict:
     """recall@K and mAP@R (R capped at the search depth) in percent."""
     rel = (neighbour_labels == query_labels.view(-1, 1)).float()  # (Q, depth)
     depth = rel.shape[1]
@@ -72,10 +76,18 @@ def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int)
     return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes).numpy()
 
 
-def classify(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
-             ks: Sequence[int] = (200,), temperature: Union[float, Sequence[float]] = 0.1,
-             num_classes: Optional[int] = None, backend: str = "auto", kind: str = "flat",
-             recall_ks: Sequence[int] = RECALL_KS) -> dict:
+def classify(
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    queries: torch.Tensor,
+    query_labels: torch.Tensor,
+    ks: Sequence[int] = (200,),
+    temperature: Union[float, Sequence[float]] = 0.1,
+    num_classes: Optional[int] = None,
+    backend: str = "auto",
+    kind: str = "flat",
+    recall_ks: Sequence[int] = RECALL_KS,
+) -> dict:
     """One search (the core's :class:`~simsiam_kit.retrieval.knn.KNNClassifier`), every k x temperature,
     and the retrieval metrics on its neighbours. Features must be l2-normalised float32 (as extracted).
     ``per_k`` is at the first temperature; ``grid`` holds every (k, T)."""
@@ -90,20 +102,33 @@ def classify(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tenso
         raise UserError(f"--k {ks[-1]} is larger than the kNN bank ({n} training images)")
     num_classes = num_classes or int(max(bank_labels.max(), query_labels.max())) + 1
     t0 = time.perf_counter()
-    knn = KNNClassifier(ks, tuple(temps), num_classes, backend=backend, kind=kind, normalize=False,
-                        min_depth=max(recall_ks))
+    knn = KNNClassifier(
+        ks, tuple(temps), num_classes, backend=backend, kind=kind, normalize=False, min_depth=max(recall_ks)
+    )
     out = knn.update(bank, bank_labels).compute(queries, query_labels)
     search_s = time.perf_counter() - t0  # index build + search + votes
     per_k = {}
     for k in ks:
         acc = out.accuracy[(k, temps[0])]
         per_k[k] = {"top1": acc["top1"], "top5": acc["top5"], "pred": out.pred(k, temps[0])}
-    grid = {(k, t): {"top1": out.accuracy[(k, t)]["top1"], "top5": out.accuracy[(k, t)]["top5"],
-                     "pred": out.pred(k, t)} for k in ks for t in temps}
+    grid = {
+        (k, t): {"top1": out.accuracy[(k, t)]["top1"], "top5": out.accuracy[(k, t)]["top5"], "pred": out.pred(k, t)}
+        for k in ks
+        for t in temps
+    }
     counts = torch.bincount(bank_labels.long(), minlength=num_classes)
     retr = retrieval_metrics(out.neighbour_labels, query_labels, counts, recall_ks)
-    return {"per_k": per_k, "grid": grid, "retrieval": retr, "ids": out.ids, "sims": out.sims, "depth": out.depth,
-            "backend": out.backend, "index": knn.index, "search_s": search_s}
+    return {
+        "per_k": per_k,
+        "grid": grid,
+        "retrieval": retr,
+        "ids": out.ids,
+        "sims": out.sims,
+        "depth": out.depth,
+        "backend": out.backend,
+        "index": knn.index,
+        "search_s": search_s,
+    }
 
 
 # ------------------------------------------------------------------------------------------ plots
@@ -130,8 +155,15 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path, title: st
             for i in range(c):
                 for j in range(c):
                     if cm[i, j]:
-                        ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=6,
-                                color="white" if cm[i, j] / rows[i, 0] > 0.5 else "black")
+                        ax.text(
+                            j,
+                            i,
+                            str(int(cm[i, j])),
+                            ha="center",
+                            va="center",
+                            fontsize=6,
+                            color="white" if cm[i, j] / rows[i, 0] > 0.5 else "black",
+                        )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=9)
@@ -142,9 +174,17 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path, title: st
     return path
 
 
-def plot_neighbour_grid(query_ds, query_pos: Sequence[int], bank_ds, neighbour_pos: np.ndarray,
-                        sims: np.ndarray, query_labels: Sequence[int], neighbour_labels: np.ndarray,
-                        classes: Sequence[str], path: Path) -> Path:
+def plot_neighbour_grid(
+    query_ds,
+    query_pos: Sequence[int],
+    bank_ds,
+    neighbour_pos: np.ndarray,
+    sims: np.ndarray,
+    query_labels: Sequence[int],
+    neighbour_labels: np.ndarray,
+    classes: Sequence[str],
+    path: Path,
+) -> Path:
     """One row per query: the query image, then its nearest training images (green frame: same class)."""
     plt = _plt()
     nq, nn_ = neighbour_pos.shape
@@ -259,8 +299,15 @@ def run_knn_eval(s: KNNSettings, output: Path, log: Callable[[str], None] = prin
     backbone = loaded.model.to(device)
     prepare_output(output, s.overwrite)
 
-    kw = dict(device=device, batch_size=s.batch_size, precision=precision, mean=img.mean, std=img.std,
-              image_size=img.image_size, workers=s.workers)
+    kw = dict(
+        device=device,
+        batch_size=s.batch_size,
+        precision=precision,
+        mean=img.mean,
+        std=img.std,
+        image_size=img.image_size,
+        workers=s.workers,
+    )
     t0 = time.perf_counter()
     fb, lb, ib = extract_features(backbone, train, **kw)
     fq, lq, iq = extract_features(backbone, test, **kw)
@@ -277,18 +324,36 @@ def run_knn_eval(s: KNNSettings, output: Path, log: Callable[[str], None] = prin
     main_k, main_t = int(ks[0]), temps[0]
     main = res["per_k"][main_k]
     settings = asdict(s)
-    settings.update(ks=list(ks), temperatures=list(temps), mean=list(img.mean), std=list(img.std),
-                    image_size=img.image_size,
-                    image_settings_from=dict(img.sources), arch=loaded.arch, stem=loaded.stem,
-                    weights_source=loaded.source, device=str(device), precision=precision.name, backend=res["backend"],
-                    bank_size=int(len(fb)), queries=int(len(fq)), feature_dim=int(fb.shape[1]),
-                    search_depth=res["depth"], num_classes=len(classes))
+    settings.update(
+        ks=list(ks),
+        temperatures=list(temps),
+        mean=list(img.mean),
+        std=list(img.std),
+        image_size=img.image_size,
+        image_settings_from=dict(img.sources),
+        arch=loaded.arch,
+        stem=loaded.stem,
+        weights_source=loaded.source,
+        device=str(device),
+        precision=precision.name,
+        backend=res["backend"],
+        bank_size=int(len(fb)),
+        queries=int(len(fq)),
+        feature_dim=int(fb.shape[1]),
+        search_depth=res["depth"],
+        num_classes=len(classes),
+    )
     results = {
-        "top1": main["top1"], "top5": main["top5"], "k": main_k, "temperature": main_t,
+        "top1": main["top1"],
+        "top5": main["top5"],
+        "k": main_k,
+        "temperature": main_t,
         "headline": {"k": main_k, "temperature": main_t},
         "per_k": {str(k): {"top1": res["per_k"][k]["top1"], "top5": res["per_k"][k]["top5"]} for k in sorted(ks)},
-        "grid": [{"k": k, "temperature": t, "top1": g["top1"], "top5": g["top5"]}
-                 for (k, t), g in sorted(res["grid"].items())],
+        "grid": [
+            {"k": k, "temperature": t, "top1": g["top1"], "top5": g["top5"]}
+            for (k, t), g in sorted(res["grid"].items())
+        ],
         **res["retrieval"],
         "map_at_r_depth": res["depth"],
         "weights": loaded.record,
@@ -302,15 +367,24 @@ def run_knn_eval(s: KNNSettings, output: Path, log: Callable[[str], None] = prin
     if s.plots:
         plots = output / "plots"
         plots.mkdir(exist_ok=True)
-        plot_confusion(cm, classes, plots / "confusion_matrix.png",
-                       f"kNN k={main_k} T={main_t:g}: top-1 {main['top1']:.2f}%")
+        plot_confusion(
+            cm, classes, plots / "confusion_matrix.png", f"kNN k={main_k} T={main_t:g}: top-1 {main['top1']:.2f}%"
+        )
         nq = min(s.grid_queries, len(fq))
         rows = np.linspace(0, len(fq) - 1, nq).round().astype(int)
         nn_ = min(s.grid_neighbours, res["depth"])
         ids = res["ids"][rows, :nn_].numpy()
-        plot_neighbour_grid(test, iq[rows].numpy(), train, ib.numpy()[ids], res["sims"][rows, :nn_].numpy(),
-                            lq[rows].tolist(), lb.numpy()[ids], [str(c) for c in classes],
-                            plots / "neighbours.png")
+        plot_neighbour_grid(
+            test,
+            iq[rows].numpy(),
+            train,
+            ib.numpy()[ids],
+            res["sims"][rows, :nn_].numpy(),
+            lq[rows].tolist(),
+            lb.numpy()[ids],
+            [str(c) for c in classes],
+            plots / "neighbours.png",
+        )
         results["plots"] = ["plots/confusion_matrix.png", "plots/neighbours.png"]
     atomic_write_json(output / "results.json", results)
     return results
@@ -331,9 +405,16 @@ def results_table(results: dict) -> str:
             row.append(f"{g['top1']:.2f}{mark}" if g else "-")
         row.append(v["top5"])
         rows.append(row)
-    head = (f"kNN {st['arch']}/{st['stem']} on {st['queries']} queries, bank {st['bank_size']} x {st['feature_dim']}, "
-            f"backend {st['backend']} ({st['index']}); * = headline (k={results['k']}, T={results['temperature']})")
+    head = (
+        f"kNN {st['arch']}/{st['stem']} on {st['queries']} queries, bank {st['bank_size']} x {st['feature_dim']}, "
+        f"backend {st['backend']} ({st['index']}); * = headline (k={results['k']}, T={results['temperature']})"
+    )
     retr = "  ".join(f"{k} {results[k]:.2f}" for k in ("recall@1", "recall@5", "recall@10") if k in results)
     cols = ["k"] + [f"top-1 % T={t:g}" for t in temps] + [f"top-5 % T={results['temperature']:g}"]
-    return (head + "\n" + format_table(cols, rows) + "\n"
-            + f"retrieval: {retr}  mAP@R {results['map_at_r']:.2f} (R <= {results['map_at_r_depth']})")
+    return (
+        head
+        + "\n"
+        + format_table(cols, rows)
+        + "\n"
+        + f"retrieval: {retr}  mAP@R {results['map_at_r']:.2f} (R <= {results['map_at_r_depth']})"
+    )

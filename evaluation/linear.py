@@ -76,9 +76,11 @@ def check_backbone_unchanged(backbone: torch.nn.Module, reference: dict) -> None
     changed = [k for k, v in reference.items() if k not in now or not torch.equal(now[k].detach().cpu(), v)]
     changed += [k for k in now if k not in reference]
     if changed:
-        raise BackboneChanged(f"backbone changed during the linear probe ({len(changed)} tensors: "
-                              f"{', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}); the probe must "
-                              "keep the backbone frozen and in eval mode")
+        raise BackboneChanged(
+            f"backbone changed during the linear probe ({len(changed)} tensors: "
+            f"{', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}); the probe must "
+            "keep the backbone frozen and in eval mode"
+        )
 
 
 class LARS:
@@ -126,8 +128,9 @@ class TensorLoader:
     """Mini-batches of cached features: dict(features (B,D), labels (B,), index (B,)), reshuffled each
     epoch with a seeded generator (``set_epoch``), last partial batch kept (as the official loader)."""
 
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool = True,
-                 seed: int = 0):
+    def __init__(
+        self, features: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool = True, seed: int = 0
+    ):
         self.features, self.labels = features, labels
         self.batch_size, self.shuffle, self.seed, self.epoch = int(batch_size), shuffle, seed, 0
 
@@ -152,8 +155,14 @@ class LinearStep:
     """One probe step: features from the frozen backbone (or the cache), head forward, cross-entropy,
     backward into the head only, optimizer step."""
 
-    def __init__(self, head: torch.nn.Module, optimizer, features_fn: Callable[[dict], torch.Tensor],
-                 device: torch.device, backbone: Optional[torch.nn.Module] = None):
+    def __init__(
+        self,
+        head: torch.nn.Module,
+        optimizer,
+        features_fn: Callable[[dict], torch.Tensor],
+        device: torch.device,
+        backbone: Optional[torch.nn.Module] = None,
+    ):
         self.head, self.features, self.device, self.backbone = head, features_fn, device, backbone
         self.update = OptimStep(optimizer)  # the head trains in fp32 (features may come from a bf16 backbone)
 
@@ -208,12 +217,25 @@ class HeadEvaluation(Hook):
         trainer.epoch_metrics["test_top5"] = r["top5"]
 
 
-def train_linear_head(head: torch.nn.Module, loader, features_fn: Callable[[dict], torch.Tensor], epochs: int,
-                      base_lr: float = 0.1, batch_size: int = 256, optimizer: str = "sgd", momentum: float = 0.9,
-                      weight_decay: float = 0.0, eval_features: Optional[torch.Tensor] = None,
-                      eval_labels: Optional[torch.Tensor] = None, metrics_path: Optional[Path] = None,
-                      progress: bool = False, backbone: Optional[torch.nn.Module] = None,
-                      device: Optional[torch.device] = None, log_every: int = 10, sinks=()) -> list[dict]:
+def train_linear_head(
+    head: torch.nn.Module,
+    loader,
+    features_fn: Callable[[dict], torch.Tensor],
+    epochs: int,
+    base_lr: float = 0.1,
+    batch_size: int = 256,
+    optimizer: str = "sgd",
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    eval_features: Optional[torch.Tensor] = None,
+    eval_labels: Optional[torch.Tensor] = None,
+    metrics_path: Optional[Path] = None,
+    progress: bool = False,
+    backbone: Optional[torch.nn.Module] = None,
+    device: Optional[torch.device] = None,
+    log_every: int = 10,
+    sinks=(),
+) -> list[dict]:
     """Train ``head`` with the shared :class:`Trainer`; returns one record per epoch."""
     if optimizer not in ("sgd", "lars"):
         raise UserError(f"unknown --optimizer '{optimizer}' (available: sgd, lars)")
@@ -222,8 +244,12 @@ def train_linear_head(head: torch.nn.Module, loader, features_fn: Callable[[dict
     opt = torch.optim.SGD(head.parameters(), init_lr, momentum=momentum, weight_decay=weight_decay)
     if optimizer == "lars":
         opt = LARS(opt)
-    hooks: list[Hook] = [LRSchedule(opt, init_lr, epochs), Throughput(), EpochAverages(),
-                         ProgressBar(progress, desc="linear")]
+    hooks: list[Hook] = [
+        LRSchedule(opt, init_lr, epochs),
+        Throughput(),
+        EpochAverages(),
+        ProgressBar(progress, desc="linear"),
+    ]
     ev = None
     if eval_features is not None:
         ev = HeadEvaluation(head, eval_features, eval_labels)
@@ -340,8 +366,16 @@ def _run_linear_probe(s: LinearSettings, output: Path, log: Callable[[str], None
     output = Path(output)
     torch.manual_seed(s.seed)
 
-    kw = dict(device=device, batch_size=max(s.batch_size, 64), precision=precision, mean=img.mean, std=img.std,
-              image_size=img.image_size, workers=s.workers, normalize=False)
+    kw = dict(
+        device=device,
+        batch_size=max(s.batch_size, 64),
+        precision=precision,
+        mean=img.mean,
+        std=img.std,
+        image_size=img.image_size,
+        workers=s.workers,
+        normalize=False,
+    )
     t0 = time.perf_counter()
     fq, lq, _ = extract_features(backbone, test, **kw)
     bs = min(s.batch_size, len(train))
@@ -354,8 +388,17 @@ def _run_linear_probe(s: LinearSettings, output: Path, log: Callable[[str], None
         def features_fn(batch):
             return batch["features"].to(device, non_blocking=True)
     else:
-        loader = make_loader(train, bs, train=True, seed=s.seed, mode="train_crop", image_size=img.image_size,
-                             workers=s.workers, crop_scale=(s.crop_min_scale, 1.0), flip_p=0.5)
+        loader = make_loader(
+            train,
+            bs,
+            train=True,
+            seed=s.seed,
+            mode="train_crop",
+            image_size=img.image_size,
+            workers=s.workers,
+            crop_scale=(s.crop_min_scale, 1.0),
+            flip_p=0.5,
+        )
         data_cfg = DataConfig(image_size=img.image_size, mean=img.mean, std=img.std, flip_prob=0.5)
         # in-memory arrays: crop + flip here, batched; image files: the loader's workers cropped and flipped
         augment = BatchAugment(data_cfg, crop=train.in_memory, crop_scale=(s.crop_min_scale, 1.0), color=False)
@@ -367,19 +410,51 @@ def _run_linear_probe(s: LinearSettings, output: Path, log: Callable[[str], None
             with precision.autocast():
                 f = backbone(x)
             return f.float()
+
     if len(fq) == 0:
         raise UserError(f"no readable images in test dataset '{s.test_data}'")
     prep_s = time.perf_counter() - t0
 
     if s.lr_sweep:
-        return _run_sweep(s, ft, lt, fq, lq, classes, bs, device, backbone, reference, loaded, img, precision,
-                          len(train), prep_s, output, log, sinks)
+        return _run_sweep(
+            s,
+            ft,
+            lt,
+            fq,
+            lq,
+            classes,
+            bs,
+            device,
+            backbone,
+            reference,
+            loaded,
+            img,
+            precision,
+            len(train),
+            prep_s,
+            output,
+            log,
+            sinks,
+        )
     head = make_head(int(fq.shape[1]), len(classes)).to(device)
     t1 = time.perf_counter()
     history = train_linear_head(
-        head, loader, features_fn, s.epochs, base_lr=s.lr, batch_size=bs, optimizer=s.optimizer,
-        momentum=s.momentum, weight_decay=s.weight_decay, eval_features=fq, eval_labels=lq,
-        metrics_path=output / "metrics.jsonl", progress=s.progress, backbone=backbone, device=device, sinks=sinks,
+        head,
+        loader,
+        features_fn,
+        s.epochs,
+        base_lr=s.lr,
+        batch_size=bs,
+        optimizer=s.optimizer,
+        momentum=s.momentum,
+        weight_decay=s.weight_decay,
+        eval_features=fq,
+        eval_labels=lq,
+        metrics_path=output / "metrics.jsonl",
+        progress=s.progress,
+        backbone=backbone,
+        device=device,
+        sinks=sinks,
     )
     train_s = time.perf_counter() - t1
     check_backbone_unchanged(backbone, reference)  # the official sanity check: raises if anything moved
@@ -387,16 +462,29 @@ def _run_linear_probe(s: LinearSettings, output: Path, log: Callable[[str], None
     final = evaluate_head(head, fq, lq)
     best = max(history, key=lambda r: r.get("test_top1", -1))
     settings = asdict(s)
-    settings.update(mean=list(img.mean), std=list(img.std), image_size=img.image_size,
-                    image_settings_from=dict(img.sources),
-                    arch=loaded.arch, stem=loaded.stem, weights_source=loaded.source, device=str(device),
-                    precision=precision.name, batch_size=bs, init_lr=s.lr * bs / 256,
-                    protocol="cached-features" if s.cached_features else "full",
-                    train_images=len(train), test_images=int(len(fq)), feature_dim=int(fq.shape[1]),
-                    num_classes=len(classes))
+    settings.update(
+        mean=list(img.mean),
+        std=list(img.std),
+        image_size=img.image_size,
+        image_settings_from=dict(img.sources),
+        arch=loaded.arch,
+        stem=loaded.stem,
+        weights_source=loaded.source,
+        device=str(device),
+        precision=precision.name,
+        batch_size=bs,
+        init_lr=s.lr * bs / 256,
+        protocol="cached-features" if s.cached_features else "full",
+        train_images=len(train),
+        test_images=int(len(fq)),
+        feature_dim=int(fq.shape[1]),
+        num_classes=len(classes),
+    )
     results = {
-        "top1": final["top1"], "top5": final["top5"],
-        "best_top1": best.get("test_top1"), "best_epoch": best.get("epoch"),
+        "top1": final["top1"],
+        "top5": final["top5"],
+        "best_top1": best.get("test_top1"),
+        "best_epoch": best.get("epoch"),
         "settings": settings,
         "epochs": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in history],
         "timing_s": {"features": round(prep_s, 3), "train": round(train_s, 3), "total": round(prep_s + train_s, 3)},
@@ -405,62 +493,136 @@ def _run_linear_probe(s: LinearSettings, output: Path, log: Callable[[str], None
         "weights": loaded.record,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    atomic_torch_save({"format": HEAD_FORMAT, "version": 1,
-                       "state_dict": {k: v.cpu() for k, v in head.state_dict().items()},
-                       "arch": loaded.arch, "stem": loaded.stem, "feature_dim": int(fq.shape[1]),
-                       "classes": [str(c) for c in classes], "weights": loaded.source,
-                       "image_size": img.image_size, "mean": list(img.mean), "std": list(img.std)},
-                      output / "head.pt")
+    atomic_torch_save(
+        {
+            "format": HEAD_FORMAT,
+            "version": 1,
+            "state_dict": {k: v.cpu() for k, v in head.state_dict().items()},
+            "arch": loaded.arch,
+            "stem": loaded.stem,
+            "feature_dim": int(fq.shape[1]),
+            "classes": [str(c) for c in classes],
+            "weights": loaded.source,
+            "image_size": img.image_size,
+            "mean": list(img.mean),
+            "std": list(img.std),
+        },
+        output / "head.pt",
+    )
     if s.plots:
-        plot_curves(history, output / "plots" / "linear_curves.png",
-                    f"linear probe ({settings['protocol']}), {loaded.arch}/{loaded.stem}")
+        plot_curves(
+            history,
+            output / "plots" / "linear_curves.png",
+            f"linear probe ({settings['protocol']}), {loaded.arch}/{loaded.stem}",
+        )
         results["plots"] = ["plots/linear_curves.png"]
     atomic_write_json(output / "results.json", results)
     return results
 
 
-def _run_sweep(s, ft, lt, fq, lq, classes, bs, device, backbone, reference, loaded, img, precision, n_train,
-               prep_s, output: Path, log, sinks=()) -> dict:
+def _run_sweep(
+    s,
+    ft,
+    lt,
+    fq,
+    lq,
+    classes,
+    bs,
+    device,
+    backbone,
+    reference,
+    loaded,
+    img,
+    precision,
+    n_train,
+    prep_s,
+    output: Path,
+    log,
+    sinks=(),
+) -> dict:
     """``--lr-sweep``: all heads in one pass (evaluation/linear_sweep.py); the chosen head is scored on test."""
     from simsiam_kit.evaluation.linear_sweep import plot_sweep, run_sweep, sweep_table
     from simsiam_kit.utils.io import atomic_torch_save, atomic_write_json
 
     t1 = time.perf_counter()
-    res = run_sweep(ft, lt, len(classes), s.epochs, bs, device, momentum=s.momentum, seed=s.seed,
-                    metrics_path=output / "metrics.jsonl", progress=s.progress, sinks=sinks)
+    res = run_sweep(
+        ft,
+        lt,
+        len(classes),
+        s.epochs,
+        bs,
+        device,
+        momentum=s.momentum,
+        seed=s.seed,
+        metrics_path=output / "metrics.jsonl",
+        progress=s.progress,
+        sinks=sinks,
+    )
     train_s = time.perf_counter() - t1
     check_backbone_unchanged(backbone, reference)
     head = res.bank.head(res.selected).to(device)
     final = evaluate_head(head, fq, lq)
     chosen = res.grid[res.selected]
     settings = asdict(s)
-    settings.update(mean=list(img.mean), std=list(img.std), image_size=img.image_size,
-                    image_settings_from=dict(img.sources),
-                    arch=loaded.arch, stem=loaded.stem, weights_source=loaded.source, device=str(device),
-                    precision=precision.name, batch_size=bs, init_lr=chosen["lr"] * bs / 256, lr=chosen["lr"],
-                    weight_decay=chosen["weight_decay"], protocol="cached-features, lr sweep",
-                    train_images=n_train, test_images=int(len(fq)), feature_dim=int(fq.shape[1]),
-                    num_classes=len(classes))
+    settings.update(
+        mean=list(img.mean),
+        std=list(img.std),
+        image_size=img.image_size,
+        image_settings_from=dict(img.sources),
+        arch=loaded.arch,
+        stem=loaded.stem,
+        weights_source=loaded.source,
+        device=str(device),
+        precision=precision.name,
+        batch_size=bs,
+        init_lr=chosen["lr"] * bs / 256,
+        lr=chosen["lr"],
+        weight_decay=chosen["weight_decay"],
+        protocol="cached-features, lr sweep",
+        train_images=n_train,
+        test_images=int(len(fq)),
+        feature_dim=int(fq.shape[1]),
+        num_classes=len(classes),
+    )
     results = {
-        "top1": final["top1"], "top5": final["top5"], "selected": {**chosen, "test_top1": final["top1"],
-                                                                    "test_top5": final["top5"]},
-        "sweep": res.grid, "selection": "held-out 10% of the training features (seeded), never the test set",
+        "top1": final["top1"],
+        "top5": final["top5"],
+        "selected": {**chosen, "test_top1": final["top1"], "test_top5": final["top5"]},
+        "sweep": res.grid,
+        "selection": "held-out 10% of the training features (seeded), never the test set",
         "settings": settings,
         "epochs": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in res.history],
         "timing_s": {"features": round(prep_s, 3), "train": round(train_s, 3), "total": round(prep_s + train_s, 3)},
-        "backbone_unchanged": True, "classes": [str(c) for c in classes],
-        "weights": loaded.record, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "backbone_unchanged": True,
+        "classes": [str(c) for c in classes],
+        "weights": loaded.record,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    atomic_torch_save({"format": HEAD_FORMAT, "version": 1,
-                       "state_dict": {k: v.cpu() for k, v in head.state_dict().items()},
-                       "arch": loaded.arch, "stem": loaded.stem, "feature_dim": int(fq.shape[1]),
-                       "classes": [str(c) for c in classes], "weights": loaded.source,
-                       "image_size": img.image_size, "mean": list(img.mean), "std": list(img.std),
-                       "lr": chosen["lr"], "weight_decay": chosen["weight_decay"]},
-                      output / "head.pt")
+    atomic_torch_save(
+        {
+            "format": HEAD_FORMAT,
+            "version": 1,
+            "state_dict": {k: v.cpu() for k, v in head.state_dict().items()},
+            "arch": loaded.arch,
+            "stem": loaded.stem,
+            "feature_dim": int(fq.shape[1]),
+            "classes": [str(c) for c in classes],
+            "weights": loaded.source,
+            "image_size": img.image_size,
+            "mean": list(img.mean),
+            "std": list(img.std),
+            "lr": chosen["lr"],
+            "weight_decay": chosen["weight_decay"],
+        },
+        output / "head.pt",
+    )
     if s.plots:
-        plot_sweep(res.grid, res.selected, output / "plots" / "lr_sweep.png",
-                   f"linear probe lr sweep, {loaded.arch}/{loaded.stem}")
+        plot_sweep(
+            res.grid,
+            res.selected,
+            output / "plots" / "lr_sweep.png",
+            f"linear probe lr sweep, {loaded.arch}/{loaded.stem}",
+        )
         results["plots"] = ["plots/lr_sweep.png"]
     log(sweep_table(res.grid, res.selected))
     atomic_write_json(output / "results.json", results)
@@ -501,19 +663,30 @@ def results_table(results: dict) -> str:
     st = results["settings"]
     if "sweep" in results:
         sel = results["selected"]
-        return (f"linear probe lr sweep {st['arch']}/{st['stem']}: {len(results['sweep'])} heads, "
-                f"{st['epochs']} epochs, "
-                f"batch {st['batch_size']}; selected on held-out training images: base lr {sel['lr']:g}, weight decay "
-                f"{sel['weight_decay']:g} (held-out top-1 {sel['holdout_top1']:.2f} %)\n"
-                f"test: top-1 {results['top1']:.2f} %  top-5 {results['top5']:.2f} %; backbone unchanged")
+        return (
+            f"linear probe lr sweep {st['arch']}/{st['stem']}: {len(results['sweep'])} heads, "
+            f"{st['epochs']} epochs, "
+            f"batch {st['batch_size']}; selected on held-out training images: base lr {sel['lr']:g}, weight decay "
+            f"{sel['weight_decay']:g} (held-out top-1 {sel['holdout_top1']:.2f} %)\n"
+            f"test: top-1 {results['top1']:.2f} %  top-5 {results['top5']:.2f} %; backbone unchanged"
+        )
     nan = float("nan")
-    rows = [[r["epoch"], f"{r.get('loss', nan):.4f}", r.get("acc", nan), r.get("test_top1", nan),
-             r.get("test_top5", nan)] for r in results["epochs"]]
+    rows = [
+        [r["epoch"], f"{r.get('loss', nan):.4f}", r.get("acc", nan), r.get("test_top1", nan), r.get("test_top5", nan)]
+        for r in results["epochs"]
+    ]
     if len(rows) > 12:  # keep the printout small: first 3, last 9
         rows = rows[:3] + [["...", "", "", "", ""]] + rows[-8:]
-    head = (f"linear probe ({st['protocol']}) {st['arch']}/{st['stem']}: {st['train_images']} train / "
-            f"{st['test_images']} test images, batch {st['batch_size']}, lr {st['init_lr']:g} ({st['optimizer']}), "
-            f"{st['epochs']} epochs")
-    return (head + "\n" + format_table(["epoch", "loss", "train acc %", "test top-1 %", "test top-5 %"], rows) + "\n"
-            + f"final: top-1 {results['top1']:.2f} %  top-5 {results['top5']:.2f} %  (best top-1 "
-            f"{results['best_top1']:.2f} % at epoch {results['best_epoch']}); backbone unchanged")
+    head = (
+        f"linear probe ({st['protocol']}) {st['arch']}/{st['stem']}: {st['train_images']} train / "
+        f"{st['test_images']} test images, batch {st['batch_size']}, lr {st['init_lr']:g} ({st['optimizer']}), "
+        f"{st['epochs']} epochs"
+    )
+    return (
+        head
+        + "\n"
+        + format_table(["epoch", "loss", "train acc %", "test top-1 %", "test top-5 %"], rows)
+        + "\n"
+        + f"final: top-1 {results['top1']:.2f} %  top-5 {results['top5']:.2f} %  (best top-1 "
+        f"{results['best_top1']:.2f} % at epoch {results['best_epoch']}); backbone unchanged"
+    )

@@ -42,8 +42,7 @@ log = logging.getLogger("simsiam_kit.export")
 
 FORMAT = "simsiam-kit-onnx-encoder"
 CROP_PCT = 0.875
-REQUIRED_META = ("format", "image_size", "mean", "std", "channel_order", "embedding_dim", "input_name",
-                 "output_name")
+REQUIRED_META = ("format", "image_size", "mean", "std", "channel_order", "embedding_dim", "input_name", "output_name")
 DEVICES = ("auto", "cpu", "cuda")
 # Bounds on what a model file's metadata can make the embedder allocate (a file may come from anywhere):
 # the input side (the export writes 8..4096 px), the embedding width (faiss's own limit), and the float32
@@ -68,15 +67,18 @@ def make_session(model, device: str = "auto", threads: Optional[int] = None, sou
     if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     elif device == "cuda":
-        raise UserError("--device cuda: onnxruntime has no CUDAExecutionProvider here "
-                        "(install the 'gpu' extra: pip install -e '.[gpu]')")
+        raise UserError(
+            "--device cuda: onnxruntime has no CUDAExecutionProvider here "
+            "(install the 'gpu' extra: pip install -e '.[gpu]')"
+        )
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # errors only: CUDA-provider fallbacks are reported by us, once
     if threads:
         opts.intra_op_num_threads = int(threads)
     try:
-        sess = ort.InferenceSession(str(model) if isinstance(model, Path) else model, sess_options=opts,
-                                    providers=providers)
+        sess = ort.InferenceSession(
+            str(model) if isinstance(model, Path) else model, sess_options=opts, providers=providers
+        )
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"cannot load ONNX model {source}: {msg[:300]}") from None
@@ -112,16 +114,20 @@ def _to_rgb_array(img, what: str = "image") -> np.ndarray:
         return np.asarray(img, dtype=np.uint8)
     a = np.asarray(img)
     if a.dtype != np.uint8:
-        raise UserError(f"{what}: expected uint8 pixels (0-255), got dtype {a.dtype}; "
-                        "scale to 0-255 and cast to uint8, or pass a PIL image")
+        raise UserError(
+            f"{what}: expected uint8 pixels (0-255), got dtype {a.dtype}; "
+            "scale to 0-255 and cast to uint8, or pass a PIL image"
+        )
     if a.ndim == 2:
         return np.repeat(a[..., None], 3, axis=-1)
     if a.ndim == 3 and a.shape[-1] in (1, 3, 4):
         if a.shape[-1] == 1:
             return np.repeat(a, 3, axis=-1)
         return a[..., :3]
-    raise UserError(f"{what}: expected an (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) uint8 array "
-                    f"(channels last), got shape {a.shape}")
+    raise UserError(
+        f"{what}: expected an (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) uint8 array "
+        f"(channels last), got shape {a.shape}"
+    )
 
 
 def _resize_crop(a: np.ndarray, size: int) -> np.ndarray:
@@ -158,8 +164,12 @@ def _is_batch(images) -> bool:
 
 def preprocess(images, image_size: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """Images (one or a batch) -> float32 (N, 3, image_size, image_size), normalised as in the metadata."""
-    if isinstance(images, np.ndarray) and images.ndim == 4 and images.dtype == np.uint8 \
-            and images.shape[1:] == (image_size, image_size, 3):
+    if (
+        isinstance(images, np.ndarray)
+        and images.ndim == 4
+        and images.dtype == np.uint8
+        and images.shape[1:] == (image_size, image_size, 3)
+    ):
         batch = images  # fast path: an in-memory uint8 batch at the model's size
     else:
         items = list(images) if _is_batch(images) else [images]
@@ -194,8 +204,10 @@ def read_metadata(path) -> dict:
 def decode_metadata(raw: dict, source: str) -> dict:
     missing = [k for k in REQUIRED_META if k not in raw]
     if missing or raw.get("format") != FORMAT:
-        raise UserError(f"{source}: not a simsiam-kit encoder (metadata_props lack {', '.join(missing) or 'format'}); "
-                        "export it with `simsiam-kit export onnx`")
+        raise UserError(
+            f"{source}: not a simsiam-kit encoder (metadata_props lack {', '.join(missing) or 'format'}); "
+            "export it with `simsiam-kit export onnx`"
+        )
     meta = dict(raw)
     try:
         for k in ("image_size", "embedding_dim", "opset"):
@@ -211,8 +223,10 @@ def decode_metadata(raw: dict, source: str) -> dict:
     if not 1 <= meta["embedding_dim"] <= MAX_EMBEDDING_DIM:
         raise UserError(f"{source}: metadata embedding_dim={meta['embedding_dim']} is outside 1..{MAX_EMBEDDING_DIM}")
     if meta["channel_order"] != "RGB" or len(meta["mean"]) != 3 or len(meta["std"]) != 3:
-        raise UserError(f"{source}: unsupported preprocessing metadata (channel_order={meta['channel_order']}, "
-                        f"mean={meta['mean']}, std={meta['std']})")
+        raise UserError(
+            f"{source}: unsupported preprocessing metadata (channel_order={meta['channel_order']}, "
+            f"mean={meta['mean']}, std={meta['std']})"
+        )
     return meta
 
 
@@ -225,8 +239,9 @@ class OnnxEmbedder:
     CPU), "cpu" or "cuda". ``threads``: onnxruntime intra-op threads (default: all cores).
     """
 
-    def __init__(self, path, normalize: bool = True, device: str = "auto", batch_size: int = 64,
-                 threads: Optional[int] = None):
+    def __init__(
+        self, path, normalize: bool = True, device: str = "auto", batch_size: int = 64, threads: Optional[int] = None
+    ):
         self.path = Path(path)
         self.meta = read_metadata(self.path)
         self.session, self.provider = make_session(self.path, device, threads, source=str(self.path))
@@ -249,22 +264,30 @@ class OnnxEmbedder:
             raise UserError(f"{self.path}: graph inputs {names} do not match metadata input_name '{self.input_name}'")
         want = (None, 3, self.image_size, self.image_size)
         shape = inputs[0].shape
-        if shape is not None and (len(shape) != 4 or any(isinstance(g, int) and w is not None and g != w
-                                                          for g, w in zip(shape, want))):
-            raise UserError(f"{self.path}: graph input '{self.input_name}' has shape {shape}, but the metadata "
-                            f"describe (N, 3, {self.image_size}, {self.image_size}) images")
+        if shape is not None and (
+            len(shape) != 4 or any(isinstance(g, int) and w is not None and g != w for g, w in zip(shape, want))
+        ):
+            raise UserError(
+                f"{self.path}: graph input '{self.input_name}' has shape {shape}, but the metadata "
+                f"describe (N, 3, {self.image_size}, {self.image_size}) images"
+            )
         outputs = {o.name: o.shape for o in self.session.get_outputs()}
         if self.output_name not in outputs:
-            raise UserError(f"{self.path}: graph outputs {list(outputs)} do not include metadata output_name "
-                            f"'{self.output_name}'")
+            raise UserError(
+                f"{self.path}: graph outputs {list(outputs)} do not include metadata output_name '{self.output_name}'"
+            )
         shape = outputs[self.output_name]
         if shape is not None and (len(shape) != 2 or (isinstance(shape[1], int) and shape[1] != self.dim)):
-            raise UserError(f"{self.path}: graph output '{self.output_name}' has shape {shape}; an encoder gives "
-                            f"(N, {self.dim}) embeddings (metadata embedding_dim={self.dim})")
+            raise UserError(
+                f"{self.path}: graph output '{self.output_name}' has shape {shape}; an encoder gives "
+                f"(N, {self.dim}) embeddings (metadata embedding_dim={self.dim})"
+            )
 
     def __repr__(self) -> str:
-        return (f"OnnxEmbedder({str(self.path)!r}, arch={self.meta.get('arch')}, head={self.meta.get('head')}, "
-                f"dim={self.dim}, image_size={self.image_size}, provider={self.provider})")
+        return (
+            f"OnnxEmbedder({str(self.path)!r}, arch={self.meta.get('arch')}, head={self.meta.get('head')}, "
+            f"dim={self.dim}, image_size={self.image_size}, provider={self.provider})"
+        )
 
     def preprocess(self, images) -> np.ndarray:
         return preprocess(images, self.image_size, self.mean, self.std)
@@ -274,8 +297,10 @@ class OnnxEmbedder:
         out = self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
         out = np.asarray(out, dtype=np.float32)
         if out.shape != (len(x), self.dim):
-            raise UserError(f"{self.path}: output '{self.output_name}' has shape {out.shape} for {len(x)} images; "
-                            f"an encoder gives ({len(x)}, {self.dim}) (metadata embedding_dim={self.dim})")
+            raise UserError(
+                f"{self.path}: output '{self.output_name}' has shape {out.shape} for {len(x)} images; "
+                f"an encoder gives ({len(x)}, {self.dim}) (metadata embedding_dim={self.dim})"
+            )
         return out
 
     @property
@@ -295,6 +320,6 @@ class OnnxEmbedder:
         if n == 0:
             return np.zeros((0, self.dim), np.float32)
         step = self.chunk
-        outs = [self.run(self.preprocess(images[s:s + step])) for s in range(0, n, step)]
+        outs = [self.run(self.preprocess(images[s : s + step])) for s in range(0, n, step)]
         z = np.concatenate(outs)
         return l2_normalize(z) if (self.normalize if normalize is None else normalize) else z

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from simsiam_kit.export.embedder import FORMAT, decode_metadata, l2_normalize, make_session, preprocess
 from simsiam_kit.errors import UserError
+from simsiam_kit.export.embedder import FORMAT, decode_metadata, l2_normalize, make_session, preprocess
 
 INPUT_NAME, OUTPUT_NAME = "images", "embeddings"
 DEFAULT_OPSET = 18
@@ -106,17 +106,22 @@ def _projector_from_checkpoint(weights: str, feature_dim: int) -> tuple[nn.Modul
     if p.is_dir():
         ck = p / "checkpoints" / "last.pt"
         if not ck.is_file():
-            raise UserError(f"--head projector needs the projector weights, but {p} has no checkpoints/last.pt "
-                            "(backbone.pt holds the backbone only)")
+            raise UserError(
+                f"--head projector needs the projector weights, but {p} has no checkpoints/last.pt "
+                "(backbone.pt holds the backbone only)"
+            )
         p = ck
     obj = load_file(p)
     if not (isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT):
-        raise UserError(f"{p}: --head projector needs a full simsiam-kit checkpoint (a run's checkpoints/last.pt); "
-                        "this file holds no projector (use --head backbone)")
+        raise UserError(
+            f"{p}: --head projector needs a full simsiam-kit checkpoint (a run's checkpoints/last.pt); "
+            "this file holds no projector (use --head backbone)"
+        )
     sd = clean_state_dict(obj.get("model", {}))
-    proj = {k[len("projector."):]: v for k, v in sd.items() if k.startswith("projector.")}
-    linears = sorted((k for k, v in proj.items() if k.endswith(".weight") and v.ndim == 2),
-                     key=lambda k: int(k.split(".")[1]))
+    proj = {k[len("projector.") :]: v for k, v in sd.items() if k.startswith("projector.")}
+    linears = sorted(
+        (k for k, v in proj.items() if k.endswith(".weight") and v.ndim == 2), key=lambda k: int(k.split(".")[1])
+    )
     if not linears:
         raise UserError(f"{p}: checkpoint has no projector weights (no 'projector.*' keys)")
     in_dim = proj[linears[0]].shape[1]
@@ -127,8 +132,13 @@ def _projector_from_checkpoint(weights: str, feature_dim: int) -> tuple[nn.Modul
     return head, str(p)
 
 
-def load_encoder(weights: str, head: str = "backbone", image_size: Optional[int] = None,
-                 arch: Optional[str] = None, stem: Optional[str] = None) -> Encoder:
+def load_encoder(
+    weights: str,
+    head: str = "backbone",
+    image_size: Optional[int] = None,
+    arch: Optional[str] = None,
+    stem: Optional[str] = None,
+) -> Encoder:
     """Backbone (and projector for ``head="projector"``) in eval mode, with its preprocessing facts (the core's
     one resolver: :func:`simsiam_kit.image_settings.resolve_image_settings`)."""
     from simsiam_kit.image_settings import resolve_image_settings
@@ -149,10 +159,12 @@ def load_encoder(weights: str, head: str = "backbone", image_size: Optional[int]
     else:
         dim = feat_dim
     # option > weights metadata > run config > default (32 px CIFAR stem, 224 px ImageNet stem; ImageNet mean/std)
-    img = resolve_image_settings(option={"image_size": image_size}, weights=lb.weights_settings,
-                                 config=lb.config_settings, stem=lb.stem)
-    return Encoder(_EncoderNet(backbone, projector).eval(), lb.arch, lb.stem, head, dim, img.image_size,
-                   img.mean, img.std, source)
+    img = resolve_image_settings(
+        option={"image_size": image_size}, weights=lb.weights_settings, config=lb.config_settings, stem=lb.stem
+    )
+    return Encoder(
+        _EncoderNet(backbone, projector).eval(), lb.arch, lb.stem, head, dim, img.image_size, img.mean, img.std, source
+    )
 
 
 def _metadata(enc: Encoder, opset: int, fp16: bool) -> dict:
@@ -161,16 +173,33 @@ def _metadata(enc: Encoder, opset: int, fp16: bool) -> dict:
     import simsiam_kit
 
     return {
-        "format": FORMAT, "format_version": "1",
-        "arch": enc.arch, "stem": enc.stem, "head": enc.head, "embedding_dim": str(enc.embedding_dim),
-        "image_size": str(enc.image_size), "mean": json.dumps(list(enc.mean)), "std": json.dumps(list(enc.std)),
-        "channel_order": "RGB", "input_name": INPUT_NAME, "input_layout": "NCHW", "input_scale": "pixels / 255",
+        "format": FORMAT,
+        "format_version": "1",
+        "arch": enc.arch,
+        "stem": enc.stem,
+        "head": enc.head,
+        "embedding_dim": str(enc.embedding_dim),
+        "image_size": str(enc.image_size),
+        "mean": json.dumps(list(enc.mean)),
+        "std": json.dumps(list(enc.std)),
+        "channel_order": "RGB",
+        "input_name": INPUT_NAME,
+        "input_layout": "NCHW",
+        "input_scale": "pixels / 255",
         "resize": "as is at image_size x image_size; otherwise shorter side to round(image_size / 0.875) "
-                  "(bilinear), centre crop image_size",
-        "output_name": OUTPUT_NAME, "output_normalization": "none",
-        "precision": "fp16" if fp16 else "fp32", "opset": str(opset), "source": enc.source,
-        "producer_versions": json.dumps({"simsiam-kit": getattr(simsiam_kit, "__version__", "?"),
-                                         "torch": torch.__version__, "onnx": onnx.__version__}),
+        "(bilinear), centre crop image_size",
+        "output_name": OUTPUT_NAME,
+        "output_normalization": "none",
+        "precision": "fp16" if fp16 else "fp32",
+        "opset": str(opset),
+        "source": enc.source,
+        "producer_versions": json.dumps(
+            {
+                "simsiam-kit": getattr(simsiam_kit, "__version__", "?"),
+                "torch": torch.__version__,
+                "onnx": onnx.__version__,
+            }
+        ),
     }
 
 
@@ -188,8 +217,15 @@ def _to_onnx(net: nn.Module, image_size: int, opset: int):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             prog = torch.onnx.export(
-                net, (dummy,), None, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset,
-                dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}}, dynamo=True, verbose=False,
+                net,
+                (dummy,),
+                None,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                opset_version=opset,
+                dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}},
+                dynamo=True,
+                verbose=False,
             )
     except ImportError as e:
         raise UserError(f"ONNX export needs onnxscript ({e}); pip install onnxscript") from None
@@ -208,14 +244,28 @@ def _default_opset(model) -> int:
 
 def _compare(ref: np.ndarray, got: np.ndarray) -> dict:
     cos = (l2_normalize(ref) * l2_normalize(got)).sum(1)
-    return {"batch": int(len(ref)), "max_abs_diff": float(np.abs(ref - got).max()),
-            "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
-            "max_abs_value": float(np.abs(ref).max())}
+    return {
+        "batch": int(len(ref)),
+        "max_abs_diff": float(np.abs(ref - got).max()),
+        "min_cosine": float(cos.min()),
+        "mean_cosine": float(cos.mean()),
+        "max_abs_value": float(np.abs(ref).max()),
+    }
 
 
-def parity_check(net: nn.Module, session, image_size: int, mean, std, real_images: Optional[np.ndarray],
-                 fp16: bool, atol: float = FP32_MAX_ABS_DIFF, min_cosine: float = FP16_MIN_COSINE,
-                 batches=PARITY_BATCHES, seed: int = 0) -> dict:
+def parity_check(
+    net: nn.Module,
+    session,
+    image_size: int,
+    mean,
+    std,
+    real_images: Optional[np.ndarray],
+    fp16: bool,
+    atol: float = FP32_MAX_ABS_DIFF,
+    min_cosine: float = FP16_MIN_COSINE,
+    batches=PARITY_BATCHES,
+    seed: int = 0,
+) -> dict:
     """onnxruntime vs the fp32 PyTorch encoder on random and real images at each batch size.
 
     fp32 export: passes when the max absolute difference is <= ``atol``; fp16: when the cosine
@@ -242,8 +292,13 @@ def parity_check(net: nn.Module, session, image_size: int, mean, std, real_image
     worst_cos = min(c["min_cosine"] for c in checks)
     passed = worst_cos >= min_cosine if fp16 else worst_abs <= atol
     criterion = f"min cosine >= {min_cosine}" if fp16 else f"max abs diff <= {atol:g}"
-    return {"criterion": criterion, "passed": bool(passed), "max_abs_diff": worst_abs, "min_cosine": worst_cos,
-            "checks": checks}
+    return {
+        "criterion": criterion,
+        "passed": bool(passed),
+        "max_abs_diff": worst_abs,
+        "min_cosine": worst_cos,
+        "checks": checks,
+    }
 
 
 def _real_images(parity_data) -> Optional[np.ndarray]:
@@ -263,11 +318,21 @@ class ParityError(UserError):
     """onnxruntime and PyTorch disagree beyond the tolerance; the model was not written."""
 
 
-def export_onnx(weights: str, output: Union[str, Path], head: str = "backbone", image_size: Optional[int] = None,
-                opset: int = DEFAULT_OPSET, fp16: bool = False, arch: Optional[str] = None,
-                stem: Optional[str] = None, parity_data=DEFAULT_PARITY_DATA, device: str = "auto",
-                atol: float = FP32_MAX_ABS_DIFF, min_cosine: float = FP16_MIN_COSINE,
-                log: Optional[Callable[[str], None]] = None) -> dict:
+def export_onnx(
+    weights: str,
+    output: Union[str, Path],
+    head: str = "backbone",
+    image_size: Optional[int] = None,
+    opset: int = DEFAULT_OPSET,
+    fp16: bool = False,
+    arch: Optional[str] = None,
+    stem: Optional[str] = None,
+    parity_data=DEFAULT_PARITY_DATA,
+    device: str = "auto",
+    atol: float = FP32_MAX_ABS_DIFF,
+    min_cosine: float = FP16_MIN_COSINE,
+    log: Optional[Callable[[str], None]] = None,
+) -> dict:
     """Export ``weights`` (run dir, checkpoint, backbone.pt, ...) to ``output`` and return a report dict.
 
     ``parity_data``: real images for the parity check (a dataset spec, a uint8 (N, H, W, 3) array, or
@@ -280,8 +345,10 @@ def export_onnx(weights: str, output: Union[str, Path], head: str = "backbone", 
 
     say = log or (lambda s: None)
     if int(opset) not in SUPPORTED_OPSETS:
-        raise UserError(f"unsupported opset {opset} (supported: {SUPPORTED_OPSETS[0]}-{SUPPORTED_OPSETS[-1]}; "
-                        "the torch exporter produces opset 18 or newer)")
+        raise UserError(
+            f"unsupported opset {opset} (supported: {SUPPORTED_OPSETS[0]}-{SUPPORTED_OPSETS[-1]}; "
+            "the torch exporter produces opset 18 or newer)"
+        )
     output = Path(output).expanduser()
     if output.is_dir():
         raise UserError(f"--output {output} is a directory; give a file name such as {output / 'encoder.onnx'}")
@@ -294,8 +361,10 @@ def export_onnx(weights: str, output: Union[str, Path], head: str = "backbone", 
         import copy
 
         net = copy.deepcopy(net).half().eval()
-    say(f"exporting {enc.arch} ({enc.stem} stem) {enc.head} -> {enc.embedding_dim}-d embeddings, "
-        f"{enc.image_size}px, opset {opset}, {'fp16' if fp16 else 'fp32'}")
+    say(
+        f"exporting {enc.arch} ({enc.stem} stem) {enc.head} -> {enc.embedding_dim}-d embeddings, "
+        f"{enc.image_size}px, opset {opset}, {'fp16' if fp16 else 'fp32'}"
+    )
     t0 = time.perf_counter()
     model = _to_onnx(net, enc.image_size, int(opset))
     got_opset = _default_opset(model)
@@ -306,10 +375,12 @@ def export_onnx(weights: str, output: Union[str, Path], head: str = "backbone", 
     for k, v in meta.items():
         model.metadata_props.add(key=k, value=v)
     model.producer_name = "simsiam-kit"
-    model.doc_string = (f"SimSiam {enc.arch} encoder ({enc.head}). Input '{INPUT_NAME}': float32 NCHW "
-                        f"(N, 3, {enc.image_size}, {enc.image_size}), RGB, (pixels/255 - mean)/std with mean="
-                        f"{list(enc.mean)} std={list(enc.std)}. Output '{OUTPUT_NAME}': float32 (N, "
-                        f"{enc.embedding_dim}), not normalised.")
+    model.doc_string = (
+        f"SimSiam {enc.arch} encoder ({enc.head}). Input '{INPUT_NAME}': float32 NCHW "
+        f"(N, 3, {enc.image_size}, {enc.image_size}), RGB, (pixels/255 - mean)/std with mean="
+        f"{list(enc.mean)} std={list(enc.std)}. Output '{OUTPUT_NAME}': float32 (N, "
+        f"{enc.embedding_dim}), not normalised."
+    )
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as e:
@@ -319,25 +390,37 @@ def export_onnx(weights: str, output: Union[str, Path], head: str = "backbone", 
 
     data = model.SerializeToString()
     session, provider = make_session(data, device, source=str(output))
-    say(f"parity check on onnxruntime {provider} vs PyTorch fp32 "
-        f"({'random + real' if real is not None else 'random'} images, batches {', '.join(map(str, PARITY_BATCHES))})")
+    say(
+        f"parity check on onnxruntime {provider} vs PyTorch fp32 "
+        f"({'random + real' if real is not None else 'random'} images, batches {', '.join(map(str, PARITY_BATCHES))})"
+    )
     parity = parity_check(enc.module, session, enc.image_size, enc.mean, enc.std, real, fp16, atol, min_cosine)
     report = {
-        "model": str(output), "weights": str(weights), "metadata": meta, "input": {
-            "name": INPUT_NAME, "dtype": "float32", "shape": ["batch", 3, enc.image_size, enc.image_size]},
+        "model": str(output),
+        "weights": str(weights),
+        "metadata": meta,
+        "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", 3, enc.image_size, enc.image_size]},
         "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", enc.embedding_dim]},
-        "onnx_checker": "passed", "provider": provider, "parity": parity,
-        "parity_data": None if real is None else (str(parity_data) if not isinstance(parity_data, np.ndarray)
-                                                  else f"array {tuple(parity_data.shape)}"),
-        "export_seconds": round(export_s, 2), "size_bytes": len(data),
+        "onnx_checker": "passed",
+        "provider": provider,
+        "parity": parity,
+        "parity_data": None
+        if real is None
+        else (str(parity_data) if not isinstance(parity_data, np.ndarray) else f"array {tuple(parity_data.shape)}"),
+        "export_seconds": round(export_s, 2),
+        "size_bytes": len(data),
     }
     atomic_write_json(report_path, report)
     for c in parity["checks"]:
-        say(f"  {c['images']:6s} batch {c['batch']:3d}: max abs diff {c['max_abs_diff']:.2e}  "
-            f"min cosine {c['min_cosine']:.7f}")
+        say(
+            f"  {c['images']:6s} batch {c['batch']:3d}: max abs diff {c['max_abs_diff']:.2e}  "
+            f"min cosine {c['min_cosine']:.7f}"
+        )
     if not parity["passed"]:
-        raise ParityError(f"parity check failed ({parity['criterion']}): max abs diff {parity['max_abs_diff']:.3e}, "
-                          f"min cosine {parity['min_cosine']:.6f}; model not written, figures in {report_path}")
+        raise ParityError(
+            f"parity check failed ({parity['criterion']}): max abs diff {parity['max_abs_diff']:.3e}, "
+            f"min cosine {parity['min_cosine']:.6f}; model not written, figures in {report_path}"
+        )
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp")
     try:

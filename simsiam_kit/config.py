@@ -302,8 +302,10 @@ class _ConfigLoader(yaml.SafeLoader):
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
             what = f"alias '*{event.anchor}'" if isinstance(event, yaml.AliasEvent) else f"anchor '&{event.anchor}'"
-            raise UserError(f"{self.name}: YAML {what} at line {event.start_mark.line + 1}: anchors and aliases "
-                            "are not allowed in configs (write the values out)")
+            raise UserError(
+                f"{self.name}: YAML {what} at line {event.start_mark.line + 1}: anchors and aliases "
+                "are not allowed in configs (write the values out)"
+            )
         return super().compose_node(parent, index)
 
 
@@ -318,8 +320,9 @@ def load_yaml(path: Path) -> dict:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not a UTF-8 text file (byte 0x{data[e.start]:02x} at offset {e.start}); "
-                        "a config is YAML text") from None
+        raise UserError(
+            f"{path}: not a UTF-8 text file (byte 0x{data[e.start]:02x} at offset {e.start}); a config is YAML text"
+        ) from None
     loader = _ConfigLoader(text)
     loader.name = str(path)
     try:
@@ -390,8 +393,12 @@ def validate(cfg, source: str) -> None:
         (o.batch_size >= 2, "optim.batch_size", o.batch_size, ">= 2"),
         (o.base_lr > 0, "optim.base_lr", o.base_lr, "> 0"),
         # the optimizer holds lr and weight decay as float32 scalars: larger values cannot even be set
-        (o.base_lr * o.batch_size / 256 <= FLOAT32_MAX, "optim.base_lr", o.base_lr,
-         f"base_lr x batch_size / 256 <= {FLOAT32_MAX:.3g}, the float32 range"),
+        (
+            o.base_lr * o.batch_size / 256 <= FLOAT32_MAX,
+            "optim.base_lr",
+            o.base_lr,
+            f"base_lr x batch_size / 256 <= {FLOAT32_MAX:.3g}, the float32 range",
+        ),
         (0 <= o.momentum < 1, "optim.momentum", o.momentum, "in [0, 1)"),
         (0 <= o.weight_decay <= FLOAT32_MAX, "optim.weight_decay", o.weight_decay, f">= 0 and <= {FLOAT32_MAX:.3g}"),
         (o.warmup_epochs >= 0, "optim.warmup_epochs", o.warmup_epochs, ">= 0"),
@@ -415,11 +422,19 @@ def validate(cfg, source: str) -> None:
         (0 <= d.grayscale_prob <= 1, "data.grayscale_prob", d.grayscale_prob, "a probability in [0, 1]"),
         (0 <= d.blur_prob <= 1, "data.blur_prob", d.blur_prob, "a probability in [0, 1]"),
         (len(jitter) == 4, "data.color_jitter", list(jitter), "4 numbers: brightness, contrast, saturation, hue"),
-        (len(jitter) != 4 or all(x >= 0 for x in jitter[:3]), "data.color_jitter", list(jitter),
-         "brightness, contrast and saturation strengths >= 0"),
+        (
+            len(jitter) != 4 or all(x >= 0 for x in jitter[:3]),
+            "data.color_jitter",
+            list(jitter),
+            "brightness, contrast and saturation strengths >= 0",
+        ),
         (len(jitter) != 4 or 0 <= jitter[3] <= 0.5, "data.color_jitter", list(jitter), "hue (4th number) in [0, 0.5]"),
-        (len(d.blur_sigma) == 2 and 0 < d.blur_sigma[0] <= d.blur_sigma[1], "data.blur_sigma", list(d.blur_sigma),
-         "2 numbers 0 < min <= max"),
+        (
+            len(d.blur_sigma) == 2 and 0 < d.blur_sigma[0] <= d.blur_sigma[1],
+            "data.blur_sigma",
+            list(d.blur_sigma),
+            "2 numbers 0 < min <= max",
+        ),
         (len(d.mean) == 3, "data.mean", list(d.mean), "3 numbers"),
         (len(d.std) == 3 and all(x > 0 for x in d.std), "data.std", list(d.std), "3 numbers > 0"),
     ]

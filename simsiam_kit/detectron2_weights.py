@@ -246,8 +246,9 @@ def _checked_dtype(*args):
 
 
 def _shape(shape) -> tuple:
-    if not isinstance(shape, tuple) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
-                                               for n in shape):
+    if not isinstance(shape, tuple) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
+    ):
         raise _Refused(f"array shape {shape!r}")
     return shape
 

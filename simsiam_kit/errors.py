@@ -20,6 +20,4 @@ def require_extra(module: str, extra: str):
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise UserError(
-            f"'{module}' is not installed ({e}); install it with: pip install -e '.[{extra}]'"
-        ) from None
+        raise UserError(f"'{module}' is not installed ({e}); install it with: pip install -e '.[{extra}]'") from None

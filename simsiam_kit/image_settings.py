@@ -42,8 +42,7 @@ class ImageSettings:
         return ",".join(f"{k}:{v}" for k, v in self.sources.items())
 
     def describe(self) -> str:
-        return (f"{self.image_size} px, mean {list(self.mean)}, std {list(self.std)} "
-                f"(from {self.source})")
+        return f"{self.image_size} px, mean {list(self.mean)}, std {list(self.std)} (from {self.source})"
 
 
 def default_image_size(stem: Optional[str], data_size: Optional[int] = None) -> int:
@@ -61,30 +60,43 @@ def _pick(name: str, layers: Sequence[tuple[str, Optional[Mapping]]]):
     return None, None
 
 
-def resolve_image_settings(option: Optional[Mapping] = None, weights: Optional[Mapping] = None,
-                           config: Optional[Mapping] = None, stem: Optional[str] = None,
-                           data_size: Optional[int] = None) -> ImageSettings:
+def resolve_image_settings(
+    option: Optional[Mapping] = None,
+    weights: Optional[Mapping] = None,
+    config: Optional[Mapping] = None,
+    stem: Optional[str] = None,
+    data_size: Optional[int] = None,
+) -> ImageSettings:
     """``option``, ``weights``, ``config``: mappings with any of ``image_size``, ``mean``, ``std`` (None or
     missing = not given). ``stem`` and ``data_size`` (the side of in-memory images) choose the default size.
 
     Every value is checked whatever its source: 3 means and 3 positive stds, a size in 8..4096 px; a
     :class:`UserError` names the value and where it came from."""
-    layers = [("option", option), ("weights", weights), ("config", config),
-              ("default", {"image_size": default_image_size(stem, data_size), "mean": IMAGENET_MEAN,
-                           "std": IMAGENET_STD})]
+    layers = [
+        ("option", option),
+        ("weights", weights),
+        ("config", config),
+        ("default", {"image_size": default_image_size(stem, data_size), "mean": IMAGENET_MEAN, "std": IMAGENET_STD}),
+    ]
     values, sources = {}, {}
     for name in ("image_size", "mean", "std"):
         values[name], sources[name] = _pick(name, layers)
-    where = {"option": "the command option", "weights": "the weights' metadata", "config": "the run's config",
-             "default": "the default"}
+    where = {
+        "option": "the command option",
+        "weights": "the weights' metadata",
+        "config": "the run's config",
+        "default": "the default",
+    }
     try:
         size = int(values["image_size"])
     except (TypeError, ValueError):
-        raise UserError(f"image size {values['image_size']!r} from {where[sources['image_size']]} is not a "
-                        "whole number of pixels") from None
+        raise UserError(
+            f"image size {values['image_size']!r} from {where[sources['image_size']]} is not a whole number of pixels"
+        ) from None
     if not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
-        raise UserError(f"image size {size} from {where[sources['image_size']]}: expected "
-                        f"{MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} pixels")
+        raise UserError(
+            f"image size {size} from {where[sources['image_size']]}: expected {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} pixels"
+        )
     out = {}
     for name in ("mean", "std"):
         try:

@@ -14,8 +14,9 @@ from typing import Optional, Sequence
 KNN_MIN_SPAN = 10.0  # percentage points: the smallest y-range of the kNN plot
 
 
-def knn_ylim(values: Sequence[float], baseline: Optional[float] = None, min_span: float = KNN_MIN_SPAN,
-             margin: float = 0.05) -> tuple[float, float]:
+def knn_ylim(
+    values: Sequence[float], baseline: Optional[float] = None, min_span: float = KNN_MIN_SPAN, margin: float = 0.05
+) -> tuple[float, float]:
     """The kNN plot's y-range: every value and the baseline inside, at least ``min_span`` points (centred on
     the data), ``margin`` of the span added on each side when the data span more, within [0, 100]."""
     pts = [float(v) for v in values] + ([float(baseline)] if baseline is not None else [])
@@ -42,8 +43,9 @@ def _plt():
     return plt
 
 
-def plot_pretrain_metrics(metrics_path: Path, out_dir: Path, dim: int = 2048,
-                          baseline: Optional[float] = None) -> list[Path]:
+def plot_pretrain_metrics(
+    metrics_path: Path, out_dir: Path, dim: int = 2048, baseline: Optional[float] = None
+) -> list[Path]:
     """loss.png, std.png (with the 1/sqrt(d) line), knn.png (epoch 0 and the random-init line; ``baseline``
     when metrics.jsonl has no epoch-0 point), lr.png; returns the files written."""
     from simsiam_kit.engine.hooks import read_metrics
@@ -77,18 +79,40 @@ def plot_pretrain_metrics(metrics_path: Path, out_dir: Path, dim: int = 2048,
         written.append(p)
 
     src = steps if len(steps) >= 2 else epochs
-    fig("loss.png", [r["step"] for r in src if "loss" in r], [r["loss"] for r in src if "loss" in r], "step", "loss",
-        "SimSiam loss (min -1)")
-    fig("std.png", [r["step"] for r in src if "std" in r], [r["std"] for r in src if "std" in r], "step",
-        "std of l2-normalised z", "output std (collapse indicator)", hline=1 / math.sqrt(dim),
-        hlabel=f"1/sqrt({dim})", ylim=(0, max([r["std"] for r in src if "std" in r] + [1.5 / math.sqrt(dim)]) * 1.1))
+    fig(
+        "loss.png",
+        [r["step"] for r in src if "loss" in r],
+        [r["loss"] for r in src if "loss" in r],
+        "step",
+        "loss",
+        "SimSiam loss (min -1)",
+    )
+    fig(
+        "std.png",
+        [r["step"] for r in src if "std" in r],
+        [r["std"] for r in src if "std" in r],
+        "step",
+        "std of l2-normalised z",
+        "output std (collapse indicator)",
+        hline=1 / math.sqrt(dim),
+        hlabel=f"1/sqrt({dim})",
+        ylim=(0, max([r["std"] for r in src if "std" in r] + [1.5 / math.sqrt(dim)]) * 1.1),
+    )
     knn = [r for r in epochs if r.get("knn_top1") is not None]
     if knn:
         base = next((r["knn_top1"] for r in knn if r["epoch"] == 0), baseline)
         ys = [r["knn_top1"] for r in knn]
-        fig("knn.png", [r["epoch"] for r in knn], ys, "epoch (0 = initial weights)", "kNN top-1 (%)",
-            "kNN monitor", hline=base, hlabel="random init (epoch 0)" if base is not None else None,
-            ylim=knn_ylim(ys, base))
+        fig(
+            "knn.png",
+            [r["epoch"] for r in knn],
+            ys,
+            "epoch (0 = initial weights)",
+            "kNN top-1 (%)",
+            "kNN monitor",
+            hline=base,
+            hlabel="random init (epoch 0)" if base is not None else None,
+            ylim=knn_ylim(ys, base),
+        )
     lr = [r for r in src if r.get("lr") is not None]
     fig("lr.png", [r["step"] for r in lr], [r["lr"] for r in lr], "step", "learning rate", "learning rate")
     return written

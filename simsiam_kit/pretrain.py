@@ -105,8 +105,9 @@ def build_optimizer(model, cfg: PretrainConfig, init_lr: float) -> torch.optim.O
     else:
         groups = [{"params": [p for p in m.parameters()], "fix_lr": False}]
     fused = next(m.parameters()).device.type == "cuda"
-    return torch.optim.SGD(groups, lr=init_lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
-                           fused=fused or None)
+    return torch.optim.SGD(
+        groups, lr=init_lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay, fused=fused or None
+    )
 
 
 class PretrainStep:
@@ -117,9 +118,19 @@ class PretrainStep:
     can queue the next steps; on the CPU it is checked at every step, which costs nothing there.
     """
 
-    def __init__(self, model, optimizer, augment, precision: Precision, device, channels_last: bool,
-                 gen: torch.Generator, cfg: PretrainConfig, check_every: int | None = None,
-                 probe: Optional[OnlineProbe] = None):
+    def __init__(
+        self,
+        model,
+        optimizer,
+        augment,
+        precision: Precision,
+        device,
+        channels_last: bool,
+        gen: torch.Generator,
+        cfg: PretrainConfig,
+        check_every: int | None = None,
+        probe: Optional[OnlineProbe] = None,
+    ):
         self.model, self.augment, self.probe = model, augment, probe
         self.update = OptimStep(optimizer, precision)
         self.precision, self.device = precision, device
@@ -201,15 +212,24 @@ def build_data(cfg: PretrainConfig, device: torch.device, dataset: Optional[Imag
         raise UserError(f"optim.batch_size {cfg.optim.batch_size} is not divisible by the {world} processes")
     resident = resolve_device_resident(cfg.data.device_resident, train, device)
     workers = resolve_workers(cfg.data.workers, device, dist.local_world_size())
-    loader = make_loader(train, cfg.optim.batch_size // world, train=True, seed=cfg.train.seed, mode="two_view",
-                         image_size=cfg.data.image_size, workers=workers,
-                         crop_scale=(cfg.data.crop_min_scale, 1.0), flip_p=cfg.data.flip_prob,
-                         device=device if resident else None)
+    loader = make_loader(
+        train,
+        cfg.optim.batch_size // world,
+        train=True,
+        seed=cfg.train.seed,
+        mode="two_view",
+        image_size=cfg.data.image_size,
+        workers=workers,
+        crop_scale=(cfg.data.crop_min_scale, 1.0),
+        flip_p=cfg.data.flip_prob,
+        device=device if resident else None,
+    )
     augment = BatchAugment(cfg.data, crop=not loader.two_views_in_loader)
     val = None
     if cfg.train.knn_every > 0 and cfg.data.val and train.has_labels:
-        val = resize_in_memory(load_dataset(cfg.data.val, cfg.data.root, cfg.data.download, cfg.data.skip_bad_images),
-                               cfg.data.image_size)
+        val = resize_in_memory(
+            load_dataset(cfg.data.val, cfg.data.root, cfg.data.download, cfg.data.skip_bad_images), cfg.data.image_size
+        )
         if not val.has_labels:
             val = None
     return PretrainData(train, val, loader, augment, resident, workers)
@@ -241,8 +261,9 @@ class Pretraining:
     step: PretrainStep
 
 
-def build_pretraining(cfg: PretrainConfig, device: Optional[torch.device] = None,
-                      dataset: Optional[ImageDataset] = None) -> Pretraining:
+def build_pretraining(
+    cfg: PretrainConfig, device: Optional[torch.device] = None, dataset: Optional[ImageDataset] = None
+) -> Pretraining:
     """Everything for the loop; the model's initial weights come from torch's global RNG (seed it first)."""
     device = device or resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
@@ -258,18 +279,21 @@ def build_pretraining(cfg: PretrainConfig, device: Optional[torch.device] = None
     net = model
     if dist.is_dist():
         net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     if compiled:
         net = torch.compile(net)  # shares the parameters; checkpoints save the plain module
         if device.type == "cuda":
             data.augment.compile()
     probe = None
     if resolve_online_probe(cfg.train.online_probe, data):
-        probe = OnlineProbe(model.backbone.feature_dim, max(data.train.num_classes, data.val.num_classes), device,
-                            cfg.optim.batch_size)
+        probe = OnlineProbe(
+            model.backbone.feature_dim, max(data.train.num_classes, data.val.num_classes), device, cfg.optim.batch_size
+        )
     step = PretrainStep(net, optimizer, data.augment, precision, device, channels_last, aug_gen, cfg, probe=probe)
-    return Pretraining(cfg, device, precision, channels_last, compiled, data, model, net, optimizer, init_lr,
-                       aug_gen, step)
+    return Pretraining(
+        cfg, device, precision, channels_last, compiled, data, model, net, optimizer, init_lr, aug_gen, step
+    )
 
 
 def resolve_online_probe(flag: Optional[bool], data: PretrainData) -> bool:
@@ -277,24 +301,34 @@ def resolve_online_probe(flag: Optional[bool], data: PretrainData) -> bool:
     data (CIFAR-sized runs), off for file datasets (simsiam_kit/engine/online_probe.py)."""
     possible = data.val is not None and data.train.has_labels
     if flag and not possible:
-        raise UserError("train.online_probe=true needs labelled training images and a labelled data.val "
-                        "(with train.knn_every > 0)")
+        raise UserError(
+            "train.online_probe=true needs labelled training images and a labelled data.val (with train.knn_every > 0)"
+        )
     return possible and (bool(flag) if flag is not None else data.train.in_memory)
 
 
-def build_hooks(p: Pretraining, run: RunDir, save: Callable, knn_eval: Optional[Callable],
-                log: Callable[[str], None], sinks: Sequence = ()) -> list[Hook]:
+def build_hooks(
+    p: Pretraining,
+    run: RunDir,
+    save: Callable,
+    knn_eval: Optional[Callable],
+    log: Callable[[str], None],
+    sinks: Sequence = (),
+) -> list[Hook]:
     cfg = p.cfg
     hooks: list[Hook] = [
-        LRSchedule(p.optimizer, p.init_lr, cfg.optim.epochs, cfg.optim.warmup_epochs, cfg.optim.schedule,
-                   cfg.optim.lr_per_step),
-        Throughput(), EpochAverages(),
+        LRSchedule(
+            p.optimizer, p.init_lr, cfg.optim.epochs, cfg.optim.warmup_epochs, cfg.optim.schedule, cfg.optim.lr_per_step
+        ),
+        Throughput(),
+        EpochAverages(),
         CollapseMonitor(cfg.model.proj_dim, cfg.train.collapse_warn_std, log),
         Checkpointer(save, cfg.train.checkpoint_every),
         ProgressBar(cfg.train.progress, desc=f"pretrain {cfg.name}"),
         MetricsWriter(run.metrics, cfg.train.log_every, sinks),
     ]
     if knn_eval is not None:
+
         def record(rec: dict) -> None:  # the epoch-0 line (initial weights), written like every epoch line
             with open(run.metrics, "a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -313,10 +347,20 @@ def make_probe_eval(p: Pretraining, batch_size: int) -> Callable[[], float]:
 
     def probe_eval() -> float:
         cfg = p.cfg
-        f, y, _ = extract_features(p.model.backbone, p.data.val, device=p.device, batch_size=batch_size,
-                                   precision=feature_precision("auto", p.device), mean=cfg.data.mean,
-                                   std=cfg.data.std, image_size=cfg.data.image_size, workers=p.data.workers,
-                                   channels_last=p.channels_last, normalize=False, out_device=p.device)
+        f, y, _ = extract_features(
+            p.model.backbone,
+            p.data.val,
+            device=p.device,
+            batch_size=batch_size,
+            precision=feature_precision("auto", p.device),
+            mean=cfg.data.mean,
+            std=cfg.data.std,
+            image_size=cfg.data.image_size,
+            workers=p.data.workers,
+            channels_last=p.channels_last,
+            normalize=False,
+            out_device=p.device,
+        )
         return p.step.probe.top1(f, y)
 
     return probe_eval
@@ -337,9 +381,18 @@ def find_latest_run(name: str) -> Optional[Path]:
 #: which the crops do not depend on). Changes are recorded in ``config.amendments.yaml``; ``config.yaml``
 #: stays as first written.
 RESUME_MAY_CHANGE = (
-    "optim.epochs", "train.progress", "train.log_every", "train.plots", "train.collapse_warn_std",
-    "train.knn_every", "train.dist_timeout_s", "data.workers",
-    "log.tensorboard", "log.wandb", "log.wandb_project", "log.view_pairs",
+    "optim.epochs",
+    "train.progress",
+    "train.log_every",
+    "train.plots",
+    "train.collapse_warn_std",
+    "train.knn_every",
+    "train.dist_timeout_s",
+    "data.workers",
+    "log.tensorboard",
+    "log.wandb",
+    "log.wandb_project",
+    "log.view_pairs",
 )
 
 
@@ -353,7 +406,8 @@ def read_amendments(run: RunDir) -> list[dict]:
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise UserError(f"{run.amendments}: not readable YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(entries, list) or not all(
-            isinstance(e, dict) and isinstance(e.get("set"), dict) for e in entries):
+        isinstance(e, dict) and isinstance(e.get("set"), dict) for e in entries
+    ):
         raise UserError(f"{run.amendments}: expected a list of {{after_epoch, set: {{key: value}}}} entries")
     return entries
 
@@ -384,16 +438,22 @@ def resume_changes(cfg: PretrainConfig, saved: dict, source: str) -> dict:
     changed = {k: v for k, v in new.items() if k in old and old[k] != v}
     for k, v in changed.items():
         if k not in RESUME_MAY_CHANGE:
-            raise UserError(f"{source}: resuming would change '{k}' from {old[k]!r} to {v!r}; a resumed run keeps its "
-                            f"config (only {', '.join(RESUME_MAY_CHANGE)} may change): start a new run instead")
+            raise UserError(
+                f"{source}: resuming would change '{k}' from {old[k]!r} to {v!r}; a resumed run keeps its "
+                f"config (only {', '.join(RESUME_MAY_CHANGE)} may change): start a new run instead"
+            )
     return changed
 
 
 def _trim_metrics(path: Path, completed_epochs: int) -> None:
     """Drop metric lines written after the checkpoint we resume from (they will be written again)."""
     recs = read_metrics(path)
-    keep = [r for r in recs if (r.get("type") == "epoch" and r["epoch"] <= completed_epochs)
-            or (r.get("type") != "epoch" and r.get("epoch", 0) < completed_epochs)]
+    keep = [
+        r
+        for r in recs
+        if (r.get("type") == "epoch" and r["epoch"] <= completed_epochs)
+        or (r.get("type") != "epoch" and r.get("epoch", 0) < completed_epochs)
+    ]
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
@@ -417,13 +477,26 @@ def make_knn_eval(p: Pretraining, batch_size: int = FEATURE_BATCH) -> Optional[C
         bank = data.train
         if cfg.train.knn_bank_limit and len(bank) > cfg.train.knn_bank_limit:
             bank = bank.subset(slice(0, cfg.train.knn_bank_limit))
-        kw = dict(device=p.device, batch_size=batch_size, precision=precision, mean=cfg.data.mean, std=cfg.data.std,
-                  image_size=cfg.data.image_size, workers=data.workers,
-                  out_device=p.device)  # features stay on the device: the search runs there too
+        kw = dict(
+            device=p.device,
+            batch_size=batch_size,
+            precision=precision,
+            mean=cfg.data.mean,
+            std=cfg.data.std,
+            image_size=cfg.data.image_size,
+            workers=data.workers,
+            out_device=p.device,
+        )  # features stay on the device: the search runs there too
         fb, lb, _ = extract_features(bb, bank, **kw)
         fq, lq, _ = extract_features(bb, data.val, **kw)
-        pred, _ = knn_classify(fb, lb, fq, k=min(cfg.train.knn_k, len(fb)), temperature=cfg.train.knn_temperature,
-                               num_classes=max(data.train.num_classes, data.val.num_classes))
+        pred, _ = knn_classify(
+            fb,
+            lb,
+            fq,
+            k=min(cfg.train.knn_k, len(fb)),
+            temperature=cfg.train.knn_temperature,
+            num_classes=max(data.train.num_classes, data.val.num_classes),
+        )
         return 100.0 * (pred == lq.to(pred.device)).float().mean().item()
 
     return knn_eval
@@ -452,10 +525,14 @@ def prepare_run_dir(run: RunDir, resume: bool, overwrite: bool, log: Callable[[s
     elif not run.is_empty():
         if not overwrite:
             if run.has_checkpoint():
-                raise UserError(f"{run} already holds a run; resume it (--resume), replace it (--overwrite) "
-                                "or pick another output directory")
-            raise UserError(f"{run} is not empty and holds no checkpoint to resume; replace its run files "
-                            "(--overwrite) or pick another output directory")
+                raise UserError(
+                    f"{run} already holds a run; resume it (--resume), replace it (--overwrite) "
+                    "or pick another output directory"
+                )
+            raise UserError(
+                f"{run} is not empty and holds no checkpoint to resume; replace its run files "
+                "(--overwrite) or pick another output directory"
+            )
         run.remove_run_files()
     n, size = run.remove_stale_temp_files()
     if n:
@@ -470,8 +547,9 @@ def _load_checkpoint(run: RunDir) -> dict:
         raise UserError(f"{run.checkpoint}: not a simsiam-kit checkpoint")
     bad, total = nonfinite_tensors(ckpt.get("model"))
     if bad:
-        raise UserError(f"{run.checkpoint}: non-finite weights, {describe_nonfinite(bad, total)}; "
-                        "cannot resume from them")
+        raise UserError(
+            f"{run.checkpoint}: non-finite weights, {describe_nonfinite(bad, total)}; cannot resume from them"
+        )
     return ckpt
 
 
@@ -493,8 +571,10 @@ def run_pretrain(
     ``resume``: continue from its ``checkpoints/last.pt``. ``overwrite``: replace the run files of a
     directory that is not empty (without it such a directory is refused)."""
     if resume and overwrite:
-        raise UserError("resume and overwrite exclude each other: resuming continues the run in the directory, "
-                        "overwriting replaces it")
+        raise UserError(
+            "resume and overwrite exclude each other: resuming continues the run in the directory, "
+            "overwriting replaces it"
+        )
     device = resolve_device(cfg.train.device)
     dist.init_from_env(device.type, cfg.train.dist_timeout_s)
     if device.type == "cuda" and dist.is_dist():
@@ -512,8 +592,13 @@ def _train(cfg: PretrainConfig, run: RunDir, resume: bool, device: torch.device,
     amendment = resume_changes(cfg, ckpt.get("config"), f"{run.checkpoint}") if ckpt is not None else {}
     seed_everything(cfg.train.seed + dist.get_rank(), cfg.train.deterministic)
     p = build_pretraining(cfg, device)
-    objects = Checkpointables(model=ModelState(p.model), optimizer=p.optimizer, scaler=p.step.update.scaler,
-                              rng=RNGState(p.aug_gen), probe=p.step.probe)
+    objects = Checkpointables(
+        model=ModelState(p.model),
+        optimizer=p.optimizer,
+        scaler=p.step.update.scaler,
+        rng=RNGState(p.aug_gen),
+        probe=p.step.probe,
+    )
 
     def save(trainer) -> None:
         p.step.check(trainer)  # never write weights from a step whose loss was not finite
@@ -523,22 +608,41 @@ def _train(cfg: PretrainConfig, run: RunDir, resume: bool, device: torch.device,
             raise TrainingDiverged(
                 f"weights became non-finite in epoch {trainer.epoch} (step {trainer.global_step}): "
                 f"{describe_nonfinite(bad, total) if bad else 'on another process'}; training stopped, the last good "
-                "checkpoint is kept (try a lower optim.base_lr or optim.weight_decay, or train.precision=fp32)")
+                "checkpoint is kept (try a lower optim.base_lr or optim.weight_decay, or train.precision=fp32)"
+            )
         if not dist.is_main():
             return
         gen = {"epoch": trainer.epoch, "global_step": trainer.global_step}
         with defer_sigint():  # Ctrl-C waits for the pair; the backbone goes first, so it is never the older one
-            save_backbone(run.backbone, p.model.backbone, cfg.model.arch, cfg.model.stem,
-                          {"image_size": cfg.data.image_size, "mean": list(cfg.data.mean), "std": list(cfg.data.std),
-                           **gen})
-            save_checkpoint(run.checkpoint, **state, trainer=trainer.state_dict(), **gen, config=to_dict(cfg),
-                            metrics=trainer.epoch_metrics)
+            save_backbone(
+                run.backbone,
+                p.model.backbone,
+                cfg.model.arch,
+                cfg.model.stem,
+                {"image_size": cfg.data.image_size, "mean": list(cfg.data.mean), "std": list(cfg.data.std), **gen},
+            )
+            save_checkpoint(
+                run.checkpoint,
+                **state,
+                trainer=trainer.state_dict(),
+                **gen,
+                config=to_dict(cfg),
+                metrics=trainer.epoch_metrics,
+            )
 
     knn_eval = make_knn_eval(p)
-    sinks = make_sinks(run.root, cfg.log.tensorboard, cfg.log.wandb, cfg.log.wandb_project, run.root.name,
-                       to_dict(cfg)) if dist.is_main() else []  # TensorBoard / W&B: rank 0 writes
-    trainer = Trainer(p.step, p.data.loader, cfg.optim.epochs, build_hooks(p, run, save, knn_eval, log, sinks),
-                      max_steps_per_epoch=cfg.train.max_steps_per_epoch)
+    sinks = (
+        make_sinks(run.root, cfg.log.tensorboard, cfg.log.wandb, cfg.log.wandb_project, run.root.name, to_dict(cfg))
+        if dist.is_main()
+        else []
+    )  # TensorBoard / W&B: rank 0 writes
+    trainer = Trainer(
+        p.step,
+        p.data.loader,
+        cfg.optim.epochs,
+        build_hooks(p, run, save, knn_eval, log, sinks),
+        max_steps_per_epoch=cfg.train.max_steps_per_epoch,
+    )
     try:
         return _run_loop(cfg, run, p, trainer, ckpt, objects, amendment, knn_eval, sinks, device, log)
     finally:
@@ -554,8 +658,10 @@ def _run_loop(cfg, run, p, trainer, ckpt, objects, amendment, knn_eval, sinks, d
         trainer.load_state_dict(ckpt.get("trainer") or ckpt)  # version-1 checkpoints keep epoch/global_step on top
         if trainer.start_epoch >= cfg.optim.epochs:
             if (run.results / "pretrain.json").is_file():
-                raise UserError(f"{run.checkpoint}: run already finished ({trainer.start_epoch}/{cfg.optim.epochs} "
-                                "epochs); raise optim.epochs with --set to train longer")
+                raise UserError(
+                    f"{run.checkpoint}: run already finished ({trainer.start_epoch}/{cfg.optim.epochs} "
+                    "epochs); raise optim.epochs with --set to train longer"
+                )
             finishing = True
 
     def write_start() -> bool:
@@ -581,20 +687,29 @@ def _run_loop(cfg, run, p, trainer, ckpt, objects, amendment, knn_eval, sinks, d
     if dist.is_main():
         data = p.data
         log(f"run directory: {run}")
-        log(f"device {device} ({world} process{'es' if world > 1 else ''}), precision {p.precision.name}, "
+        log(
+            f"device {device} ({world} process{'es' if world > 1 else ''}), precision {p.precision.name}, "
             f"channels_last {p.channels_last}, compile {p.compiled}, data on device {data.device_resident}"
-            + ("" if data.train.in_memory else f", {data.workers} loader workers") + "; "
+            + ("" if data.train.in_memory else f", {data.workers} loader workers")
+            + "; "
             f"{len(data.train)} train images, batch {cfg.optim.batch_size}, "
             f"lr {p.init_lr:g}, {trainer.steps_per_epoch} steps/epoch"
             + (f"; resuming after epoch {trainer.start_epoch}" if ckpt is not None else "")
-            + (f" (amended: {', '.join(f'{k}={v}' for k, v in amendment.items())})" if amendment else ""))
+            + (f" (amended: {', '.join(f'{k}={v}' for k, v in amendment.items())})" if amendment else "")
+        )
         for line in start_notes(cfg, p.device):
             log(line)
     if unfinished_epoch:  # killed after the checkpoint, before the epoch's monitor and metrics line
         trainer.finish_epoch(ckpt.get("metrics") or {}, after=Checkpointer)
     if sinks and cfg.log.view_pairs > 0 and p.data.train.in_memory and ckpt is None:
-        grid = view_pairs_grid(p.data.train.images, BatchAugment(cfg.data, masked=False), cfg.data.mean, cfg.data.std,
-                               n=min(cfg.log.view_pairs, len(p.data.train)), seed=cfg.train.seed)
+        grid = view_pairs_grid(
+            p.data.train.images,
+            BatchAugment(cfg.data, masked=False),
+            cfg.data.mean,
+            cfg.data.std,
+            n=min(cfg.log.view_pairs, len(p.data.train)),
+            seed=cfg.train.seed,
+        )
         log_images(sinks, {"views/image_view1_view2": grid})
     t0 = time.time()
     if not finishing:
@@ -602,8 +717,11 @@ def _run_loop(cfg, run, p, trainer, ckpt, objects, amendment, knn_eval, sinks, d
     elapsed = time.time() - t0
     summary = summarise(p, run, elapsed, knn_eval) if dist.is_main() else {}
     if sinks and run.plots.is_dir():  # the final plots, next to the scalars
-        log_images(sinks, {f"plots/{f.stem}": png_to_array(f) for f in sorted(run.plots.glob("*.png"))},
-                   step=trainer.global_step)
+        log_images(
+            sinks,
+            {f"plots/{f.stem}": png_to_array(f) for f in sorted(run.plots.glob("*.png"))},
+            step=trainer.global_step,
+        )
     dist.barrier()
     return summary
 
@@ -612,22 +730,37 @@ def start_notes(cfg: PretrainConfig, device: torch.device) -> list[str]:
     """Lines printed when a run starts: the image settings and CPU threads in force, and warnings for a busy
     machine and for the demo's MNIST settings applied to other data."""
     th = thread_settings()
-    lines = [f"images {cfg.data.image_size} px, mean {list(cfg.data.mean)}, std {list(cfg.data.std)}; "
-             f"{th['threads']} CPU thread{'s' if th['threads'] != 1 else ''} ({th['chosen_by']}"
-             + (f", load average {th['load_average']:g} on {th['usable_cores']} usable cores"
-                if th.get("load_average") is not None else "") + ")"]
+    lines = [
+        f"images {cfg.data.image_size} px, mean {list(cfg.data.mean)}, std {list(cfg.data.std)}; "
+        f"{th['threads']} CPU thread{'s' if th['threads'] != 1 else ''} ({th['chosen_by']}"
+        + (
+            f", load average {th['load_average']:g} on {th['usable_cores']} usable cores"
+            if th.get("load_average") is not None
+            else ""
+        )
+        + ")"
+    ]
     if device.type == "cpu" and th.get("busy"):
-        lines.append(f"warning: load average {th['load_average']:g} on {th['usable_cores']} usable cores: other "
-                     "processes keep the CPU busy, so this run is slower than the README's figures"
-                     + ("" if th["threads"] == 1 or th["chosen_by"] != "OMP_NUM_THREADS" else
-                        f"; {th['threads']} threads (OMP_NUM_THREADS) spin against them, 1 is usually much faster"))
+        lines.append(
+            f"warning: load average {th['load_average']:g} on {th['usable_cores']} usable cores: other "
+            "processes keep the CPU busy, so this run is slower than the README's figures"
+            + (
+                ""
+                if th["threads"] == 1 or th["chosen_by"] != "OMP_NUM_THREADS"
+                else f"; {th['threads']} threads (OMP_NUM_THREADS) spin against them, 1 is usually much faster"
+            )
+        )
     demo = load_config(PretrainConfig, "demo").data
     if not str(cfg.data.train).startswith("demo") and (
-            cfg.data.image_size, tuple(cfg.data.mean), tuple(cfg.data.std)) == (
-            demo.image_size, tuple(demo.mean), tuple(demo.std)):
-        lines.append(f"warning: data.train is {cfg.data.train}, but the demo's MNIST settings are in force "
-                     f"({demo.image_size} px, mean {list(demo.mean)}, std {list(demo.std)}); set data.image_size, "
-                     "data.mean and data.std for these images, or start from --config cifar10_resnet18")
+        cfg.data.image_size,
+        tuple(cfg.data.mean),
+        tuple(cfg.data.std),
+    ) == (demo.image_size, tuple(demo.mean), tuple(demo.std)):
+        lines.append(
+            f"warning: data.train is {cfg.data.train}, but the demo's MNIST settings are in force "
+            f"({demo.image_size} px, mean {list(demo.mean)}, std {list(demo.std)}); set data.image_size, "
+            "data.mean and data.std for these images, or start from --config cifar10_resnet18"
+        )
     return lines
 
 
@@ -638,13 +771,24 @@ def summarise(p: Pretraining, run: RunDir, elapsed: float, knn_eval: Optional[Ca
     recs = [r for r in read_metrics(run.metrics) if r.get("type") == "epoch"]
     last = recs[-1] if recs else {}
     summary = {
-        "run_dir": str(run), "epochs": cfg.optim.epochs, "final_loss": last.get("loss"),
-        "final_std": last.get("std"), "std_x_sqrt_d": last.get("std_x_sqrt_d"),
-        "images_per_s": last.get("images_per_s"), "train_seconds": round(elapsed, 1),
-        "precision": p.precision.name, "channels_last": p.channels_last, "compile": p.compiled,
-        "device_resident": p.data.device_resident, "loader_workers": 0 if p.data.train.in_memory else p.data.workers,
-        "device": str(p.device), "world_size": dist.get_world_size(), "threads": thread_settings(),
-        "image_size": cfg.data.image_size, "mean": list(cfg.data.mean), "std": list(cfg.data.std),
+        "run_dir": str(run),
+        "epochs": cfg.optim.epochs,
+        "final_loss": last.get("loss"),
+        "final_std": last.get("std"),
+        "std_x_sqrt_d": last.get("std_x_sqrt_d"),
+        "images_per_s": last.get("images_per_s"),
+        "train_seconds": round(elapsed, 1),
+        "precision": p.precision.name,
+        "channels_last": p.channels_last,
+        "compile": p.compiled,
+        "device_resident": p.data.device_resident,
+        "loader_workers": 0 if p.data.train.in_memory else p.data.workers,
+        "device": str(p.device),
+        "world_size": dist.get_world_size(),
+        "threads": thread_settings(),
+        "image_size": cfg.data.image_size,
+        "mean": list(cfg.data.mean),
+        "std": list(cfg.data.std),
     }
     if knn_eval is not None:
         summary["knn_top1"] = last.get("knn_top1")
@@ -654,17 +798,25 @@ def summarise(p: Pretraining, run: RunDir, elapsed: float, knn_eval: Optional[Ca
         if initial is None:
             from simsiam_kit.weights import random_backbone
 
-            initial = knn_eval(random_backbone(cfg.model.arch, cfg.model.stem, cfg.model.zero_init_residual,
-                                               cfg.train.seed).to(p.device))
+            initial = knn_eval(
+                random_backbone(cfg.model.arch, cfg.model.stem, cfg.model.zero_init_residual, cfg.train.seed).to(
+                    p.device
+                )
+            )
         summary["knn_top1_random_init"] = initial
-        summary["knn"] = {"k": cfg.train.knn_k, "temperature": cfg.train.knn_temperature,
-                          "bank": cfg.data.train, "queries": cfg.data.val,
-                          "precision": feature_precision("auto", p.device).name,
-                          "random_init": f"the run's initial weights (epoch 0, seed {cfg.train.seed})"}
+        summary["knn"] = {
+            "k": cfg.train.knn_k,
+            "temperature": cfg.train.knn_temperature,
+            "bank": cfg.data.train,
+            "queries": cfg.data.val,
+            "precision": feature_precision("auto", p.device).name,
+            "random_init": f"the run's initial weights (epoch 0, seed {cfg.train.seed})",
+        }
     atomic_write_json(run.results / "pretrain.json", summary)
     if cfg.train.plots:
         from simsiam_kit.plots import plot_pretrain_metrics
 
-        plot_pretrain_metrics(run.metrics, run.plots, dim=cfg.model.proj_dim,
-                              baseline=summary.get("knn_top1_random_init"))
+        plot_pretrain_metrics(
+            run.metrics, run.plots, dim=cfg.model.proj_dim, baseline=summary.get("knn_top1_random_init")
+        )
     return summary

@@ -36,8 +36,10 @@ from simsiam_kit.engine.run_dir import LOCK_NAME, RunDir
 from simsiam_kit.errors import UserError
 
 RANDOM = "random"
-ACCEPTED = ("a run directory, a simsiam-kit checkpoint or backbone.pt, a torchvision-style ResNet state dict "
-            "(.pt/.pth), or 'random'")
+ACCEPTED = (
+    "a run directory, a simsiam-kit checkpoint or backbone.pt, a torchvision-style ResNet state dict "
+    "(.pt/.pth), or 'random'"
+)
 # torch.save's legacy (non-zip) format starts with this pickled magic number (torch.serialization.MAGIC_NUMBER)
 _TORCH_LEGACY_HEAD = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[2:-1]
 
@@ -92,8 +94,9 @@ def describe_foreign_file(path: Path) -> Optional[str]:
     if head.startswith(b"\x80"):
         if head[2:].startswith(_TORCH_LEGACY_HEAD):
             return None  # torch.save's legacy format
-        return ("a Python pickle (Detectron2 checkpoints are .pkl pickles: only the detectron2 detection "
-                "engine reads them)")
+        return (
+            "a Python pickle (Detectron2 checkpoints are .pkl pickles: only the detectron2 detection engine reads them)"
+        )
     if suffix == ".onnx" or (head[:1] == b"\x08" and any(s in head for s in (b"pytorch", b"simsiam-kit", b"onnx"))):
         return "an ONNX model (written by 'export onnx'; 'embed' and 'search' read it)"
     if head and b"\x00" not in head:
@@ -119,8 +122,10 @@ def resolve_weights(spec: str, like: Optional[str] = None) -> WeightsSpec:
         if like is not None:
             like_dir = Path(like).expanduser()
             if not RunDir(like_dir).config.is_file():
-                raise UserError(f"{like_dir}: no config.yaml, not a simsiam-kit run directory (random weights "
-                                "take their architecture, seed and image settings from a run)")
+                raise UserError(
+                    f"{like_dir}: no config.yaml, not a simsiam-kit run directory (random weights "
+                    "take their architecture, seed and image settings from a run)"
+                )
         return WeightsSpec(spec, True, like_dir)
     if like is not None:
         raise UserError(f"'like' a run applies to random weights only; {spec} has settings of its own")
@@ -251,14 +256,19 @@ class LoadedBackbone:
             return None
         pid = f" (pid {r['run_in_progress']})" if r["run_in_progress"] else ""
         epoch = f" of epoch {r['epoch']}" if r.get("epoch") is not None else ""
-        return (f"note: {r['run_dir']} is still training{pid}; using {Path(r['file']).name}{epoch} as it is now "
-                f"(sha256 {r['sha256'][:12]}, recorded in the results)")
+        return (
+            f"note: {r['run_dir']} is still training{pid}; using {Path(r['file']).name}{epoch} as it is now "
+            f"(sha256 {r['sha256'][:12]}, recorded in the results)"
+        )
 
 
 def _settings_of(cfg: Optional[dict]) -> dict:
     data = (cfg or {}).get("data", {}) or {}
-    return {"image_size": data.get("image_size"), "mean": tuple(data.get("mean") or ()) or None,
-            "std": tuple(data.get("std") or ()) or None}
+    return {
+        "image_size": data.get("image_size"),
+        "mean": tuple(data.get("mean") or ()) or None,
+        "std": tuple(data.get("std") or ()) or None,
+    }
 
 
 def _extract_backbone_sd(obj, path: Path) -> tuple[dict, dict, dict, str]:
@@ -272,19 +282,22 @@ def _extract_backbone_sd(obj, path: Path) -> tuple[dict, dict, dict, str]:
         return clean_state_dict(obj["state_dict"]), meta, {}, "backbone"
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         sd = clean_state_dict(obj["model"])
-        bb = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+        bb = {k[len("backbone.") :]: v for k, v in sd.items() if k.startswith("backbone.")}
         if not bb:
             raise UserError(f"{path}: checkpoint holds no backbone weights")
         cfg = obj.get("config", {}) or {}
         model = cfg.get("model", {}) or {}
         meta = {"arch": model.get("arch"), "stem": model.get("stem"), "epoch": obj.get("epoch")}
         return bb, meta, cfg, "checkpoint"
-    if isinstance(obj, dict) and obj and all(isinstance(k, str) for k in obj) and all(
-        torch.is_tensor(v) for v in obj.values()
+    if (
+        isinstance(obj, dict)
+        and obj
+        and all(isinstance(k, str) for k in obj)
+        and all(torch.is_tensor(v) for v in obj.values())
     ):
         sd = clean_state_dict(obj)
         if any(k.startswith("backbone.") for k in sd):  # a SimSiam model state dict
-            sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+            sd = {k[len("backbone.") :]: v for k, v in sd.items() if k.startswith("backbone.")}
         sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
         if "conv1.weight" not in sd:
             raise UserError(f"{path}: not a simsiam-kit file and not a ResNet state dict (no 'conv1.weight')")
@@ -310,9 +323,11 @@ def read_weights_file(path: Path):
     except Exception as e:
         text = str(e)
         if "Weights only load failed" in text:
-            raise UserError(f"{path}: a PyTorch file that stores pickled Python objects besides tensors; weights "
-                            "are read with weights_only=True, so only state dicts and simsiam-kit files load "
-                            "(re-save it with torch.save(model.state_dict(), PATH))") from None
+            raise UserError(
+                f"{path}: a PyTorch file that stores pickled Python objects besides tensors; weights "
+                "are read with weights_only=True, so only state dicts and simsiam-kit files load "
+                "(re-save it with torch.save(model.state_dict(), PATH))"
+            ) from None
         msg = text.splitlines()[0] if text else type(e).__name__
         raise UserError(f"cannot load {path}: not a readable PyTorch checkpoint ({msg[:200]})") from None
     return obj, digest, len(data)
@@ -342,14 +357,20 @@ def _load_random(ws: WeightsSpec, arch: Optional[str], stem: Optional[str], seed
         model = cfg["model"]
         for name, want, have in (("architecture", arch, model["arch"]), ("stem", stem, model["stem"])):
             if want is not None and want != have:
-                raise UserError(f"{ws.run_dir} trains a {model['arch']} with the {model['stem']} stem; the "
-                                f"requested {name} {want} would not be that run's random init")
+                raise UserError(
+                    f"{ws.run_dir} trains a {model['arch']} with the {model['stem']} stem; the "
+                    f"requested {name} {want} would not be that run's random init"
+                )
         seed = int(cfg["train"]["seed"])
         m = random_backbone(model["arch"], model["stem"], bool(model.get("zero_init_residual", True)), seed)
-        record = {"spec": RANDOM, "kind": "random", "like": str(ws.run_dir), "seed": seed,
-                  "init": f"the initial weights of {ws.run_dir} (seed {seed})"}
-        return LoadedBackbone(m, model["arch"], model["stem"], RANDOM, config_settings=_settings_of(cfg),
-                              record=record)
+        record = {
+            "spec": RANDOM,
+            "kind": "random",
+            "like": str(ws.run_dir),
+            "seed": seed,
+            "init": f"the initial weights of {ws.run_dir} (seed {seed})",
+        }
+        return LoadedBackbone(m, model["arch"], model["stem"], RANDOM, config_settings=_settings_of(cfg), record=record)
     if arch is None:
         raise UserError("random weights need an architecture (for example resnet18), or a run to be like")
     m = random_backbone(arch, stem or "imagenet", True, seed)
@@ -357,8 +378,9 @@ def _load_random(ws: WeightsSpec, arch: Optional[str], stem: Optional[str], seed
     return LoadedBackbone(m, arch, stem or "imagenet", RANDOM, record=record)
 
 
-def load_backbone(spec: str, arch: Optional[str] = None, stem: Optional[str] = None, seed: int = 0,
-                  like: Optional[str] = None) -> LoadedBackbone:
+def load_backbone(
+    spec: str, arch: Optional[str] = None, stem: Optional[str] = None, seed: int = 0, like: Optional[str] = None
+) -> LoadedBackbone:
     """The backbone a weights spec names, loaded once. ``arch``/``stem``: what the caller expects; weights
     that do not fit them are refused with the missing / unexpected / mis-shaped keys and what the file
     holds. ``seed``/``like``: for ``random`` (see the module docstring)."""
@@ -379,8 +401,10 @@ def load_backbone(spec: str, arch: Optional[str] = None, stem: Optional[str] = N
     except UserError as e:
         if (want_arch, want_stem) == (found_arch, found_stem):
             raise
-        raise UserError(f"{e} (the file holds a {found_arch} with the {found_stem} stem; requested "
-                        f"{want_arch} with the {want_stem} stem)") from None
+        raise UserError(
+            f"{e} (the file holds a {found_arch} with the {found_stem} stem; requested "
+            f"{want_arch} with the {want_stem} stem)"
+        ) from None
     run_dir = ws.run_dir
     if run_dir is not None and not cfg and RunDir(run_dir).config.is_file():
         try:
@@ -389,14 +413,29 @@ def load_backbone(spec: str, arch: Optional[str] = None, stem: Optional[str] = N
             cfg = {}
     holder = run_lock_holder(run_dir) if run_dir is not None else None
     epoch = meta.get("epoch")
-    record = {"spec": str(spec), "kind": kind, "file": str(path), "sha256": digest, "bytes": size,
-              "epoch": int(epoch) if epoch is not None else None,
-              "run_dir": str(run_dir) if run_dir is not None else None, "run_in_progress": holder}
+    record = {
+        "spec": str(spec),
+        "kind": kind,
+        "file": str(path),
+        "sha256": digest,
+        "bytes": size,
+        "epoch": int(epoch) if epoch is not None else None,
+        "run_dir": str(run_dir) if run_dir is not None else None,
+        "run_in_progress": holder,
+    }
     weights_settings = {k: meta.get(k) for k in ("image_size", "mean", "std")}
     for k in ("mean", "std"):
         weights_settings[k] = tuple(weights_settings[k]) if weights_settings[k] else None
-    return LoadedBackbone(model, want_arch, want_stem, str(path), weights_settings=weights_settings,
-                          config_settings=_settings_of(cfg), meta=meta, record=record)
+    return LoadedBackbone(
+        model,
+        want_arch,
+        want_stem,
+        str(path),
+        weights_settings=weights_settings,
+        config_settings=_settings_of(cfg),
+        meta=meta,
+        record=record,
+    )
 
 
 def check_finite(sd: dict, source: str) -> None:
@@ -405,8 +444,10 @@ def check_finite(sd: dict, source: str) -> None:
 
     bad, total = nonfinite_tensors(sd)
     if bad:
-        raise UserError(f"{source}: non-finite weights, {describe_nonfinite(bad, total)}; "
-                        "these weights come from a diverged run and cannot be used")
+        raise UserError(
+            f"{source}: non-finite weights, {describe_nonfinite(bad, total)}; "
+            "these weights come from a diverged run and cannot be used"
+        )
 
 
 def load_state_dict_checked(model, sd: dict, source: str) -> None:
@@ -415,8 +456,9 @@ def load_state_dict_checked(model, sd: dict, source: str) -> None:
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    shape = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
-             for k in own if k in sd and sd[k].shape != own[k].shape]
+    shape = [
+        f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape
+    ]
     if missing or unexpected or shape:
         parts = []
         if shape:

@@ -50,8 +50,18 @@ def tiny_npz(tmp_path) -> Path:
 def tiny_overrides(train: str, val: str | None = None, epochs: int = 1, batch: int = 16) -> list[str]:
     """--set overrides for a seconds-long run: small heads, 16 px, fp32, no plots."""
     return [
-        f"data.train={train}", f"data.val={val if val else 'null'}", "data.image_size=16",
-        "model.proj_dim=64", "model.proj_hidden=64", "model.pred_hidden=16",
-        f"optim.epochs={epochs}", f"optim.batch_size={batch}", "train.progress=false",
-        "train.precision=fp32", "train.knn_every=1", "train.knn_k=5", "train.log_every=1", "train.plots=false",
+        f"data.train={train}",
+        f"data.val={val if val else 'null'}",
+        "data.image_size=16",
+        "model.proj_dim=64",
+        "model.proj_hidden=64",
+        "model.pred_hidden=16",
+        f"optim.epochs={epochs}",
+        f"optim.batch_size={batch}",
+        "train.progress=false",
+        "train.precision=fp32",
+        "train.knn_every=1",
+        "train.knn_k=5",
+        "train.log_every=1",
+        "train.plots=false",
     ]

@@ -47,8 +47,9 @@ def yaml_huge(path: Path, size: int = 1 << 20) -> Path:
 # --------------------------------------------------------------------------------------------- ONNX
 
 
-def onnx_encoder(path: Path, size: int = 4, meta: dict | None = None, one_d: bool = False,
-                 input_size: int | None = None) -> Path:
+def onnx_encoder(
+    path: Path, size: int = 4, meta: dict | None = None, one_d: bool = False, input_size: int | None = None
+) -> Path:
     """A hand-made simsiam-kit 'encoder' (per-channel mean of the input, D = 3). ``meta`` overrides
     metadata_props; ``one_d``: the output is (N,) instead of (N, 3); ``input_size``: the graph's
     spatial size when it differs from the metadata's."""
@@ -61,17 +62,30 @@ def onnx_encoder(path: Path, size: int = 4, meta: dict | None = None, one_d: boo
         nodes = [helper.make_node("ReduceMean", ["images", "axes"], ["embeddings"], keepdims=0)]
         out_shape, inits = ["batch"], [axes]
     else:
-        nodes = [helper.make_node("GlobalAveragePool", ["images"], ["pooled"]),
-                 helper.make_node("Flatten", ["pooled"], ["embeddings"], axis=1)]
+        nodes = [
+            helper.make_node("GlobalAveragePool", ["images"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["embeddings"], axis=1),
+        ]
         out_shape, inits = ["batch", 3], []
-    g = helper.make_graph(nodes, "mean_pool",
-                          [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, s, s])],
-                          [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, out_shape)],
-                          initializer=inits)
+    g = helper.make_graph(
+        nodes,
+        "mean_pool",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, s, s])],
+        [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, out_shape)],
+        initializer=inits,
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
-    props = {"format": "simsiam-kit-onnx-encoder", "image_size": str(size), "mean": "[0.5, 0.5, 0.5]",
-             "std": "[0.25, 0.5, 1.0]", "channel_order": "RGB", "embedding_dim": "3", "input_name": "images",
-             "output_name": "embeddings", **(meta or {})}
+    props = {
+        "format": "simsiam-kit-onnx-encoder",
+        "image_size": str(size),
+        "mean": "[0.5, 0.5, 0.5]",
+        "std": "[0.25, 0.5, 1.0]",
+        "channel_order": "RGB",
+        "embedding_dim": "3",
+        "input_name": "images",
+        "output_name": "embeddings",
+        **(meta or {}),
+    }
     for k, v in props.items():
         m.metadata_props.add(key=k, value=v)
     onnx.checker.check_model(m)
@@ -90,8 +104,11 @@ class Foreign:
 
 
 def _weights_like(value) -> dict:
-    return {"model": {"stem.conv1.weight": np.zeros((2, 3), np.float32), "res2.0.conv1.weight": value},
-            "__author__": "someone", "matching_heuristics": True}
+    return {
+        "model": {"stem.conv1.weight": np.zeros((2, 3), np.float32), "res2.0.conv1.weight": value},
+        "__author__": "someone",
+        "matching_heuristics": True,
+    }
 
 
 def _call_pickle(module: str, name: str, *args) -> bytes:
@@ -131,8 +148,10 @@ def pickle_bytes8_bomb(path: Path) -> Path:
 
 def pickle_reconstruct_huge(path: Path) -> Path:
     """``numpy.core.multiarray._reconstruct(ndarray, (2**30,), b'b')``: an array of 1 GiB from 100 bytes."""
-    path.write_bytes(b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nJ\x00\x00\x00\x40\x85"
-                     b"c_codecs\nencode\nX\x01\x00\x00\x00bX\x06\x00\x00\x00latin1\x86R\x87R.")
+    path.write_bytes(
+        b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nJ\x00\x00\x00\x40\x85"
+        b"c_codecs\nencode\nX\x01\x00\x00\x00bX\x06\x00\x00\x00latin1\x86R\x87R."
+    )
     return path
 
 
@@ -146,8 +165,10 @@ def pickle_py2_numpy(path: Path) -> tuple[Path, np.ndarray]:
     a = np.arange(6, dtype="<f4").reshape(2, 3)
     raw = a.tobytes()
     dtype = b"cnumpy\ndtype\nU\x02f4K\x00K\x01\x87R(K\x03U\x01<NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
-    arr = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01b\x87R"
-           b"(K\x01K\x02K\x03\x86" + dtype + b"\x89U" + bytes([len(raw)]) + raw + b"tb")
+    arr = (
+        b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01b\x87R"
+        b"(K\x01K\x02K\x03\x86" + dtype + b"\x89U" + bytes([len(raw)]) + raw + b"tb"
+    )
     path.write_bytes(b"\x80\x02}U\x05blobs}U\x01w" + arr + b"ss.")
     return path, a
 
@@ -164,7 +185,7 @@ def npy_declaring(path: Path, shape: tuple, descr: str = "<f4") -> Path:
 
 def patch_bytes(path: Path, offset: int, data: bytes) -> Path:
     b = bytearray(path.read_bytes())
-    b[offset:offset + len(data)] = data
+    b[offset : offset + len(data)] = data
     path.write_bytes(bytes(b))
     return path
 

@@ -92,7 +92,8 @@ def ctx(tmp_path_factory):
         (folder / c).mkdir(parents=True)
         for i in range(8):
             Image.fromarray(np.random.default_rng(i).integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(
-                folder / c / f"{i}.png")
+                folder / c / f"{i}.png"
+            )
     (folder / "b" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00truncated")
     (d / "a_file").write_text("not a directory\n")
     return d
@@ -140,6 +141,7 @@ def _checkpoint_epoch(path: Path, epoch: int) -> Callable[[], None]:
         ck = torch.load(path / "checkpoints" / "last.pt", weights_only=True)
         assert ck["epoch"] == epoch
         assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
     return check
 
 
@@ -147,6 +149,7 @@ def _absent(*paths: Path) -> Callable[[], None]:
     def check():
         for p in paths:
             assert not p.exists(), p
+
     return check
 
 
@@ -161,9 +164,27 @@ def _rows(c: Path, new: Path) -> dict[str, Callable[[], Case]]:
         return ["pretrain", "--output", str(new)] + sets(_tiny(c) + list(o))
 
     def knn(train, test, output=None):
-        return ["eval", "knn", "--weights", "random", "--arch", "resnet18", "--stem", "cifar", "--image-size", "16",
-                "--train-data", train, "--test-data", test, "--k", "5", "--output", str(output or new / "knn"),
-                "--no-plots"]
+        return [
+            "eval",
+            "knn",
+            "--weights",
+            "random",
+            "--arch",
+            "resnet18",
+            "--stem",
+            "cifar",
+            "--image-size",
+            "16",
+            "--train-data",
+            train,
+            "--test-data",
+            test,
+            "--k",
+            "5",
+            "--output",
+            str(output or new / "knn"),
+            "--no-plots",
+        ]
 
     tiny = str(c / "tiny.npz")
     rows: dict[str, Callable[[], Case]] = {
@@ -181,92 +202,167 @@ def _rows(c: Path, new: Path) -> dict[str, Callable[[], Case]]:
         "jitter strength -1": lambda: Case(pre("data.color_jitter=[-1,0.4,0.4,0.1]"), ["'data.color_jitter'", "-1.0"]),
         "knn_temperature 0": lambda: Case(pre("train.knn_temperature=0"), ["'train.knn_temperature'", "0"]),
         "workers -1": lambda: Case(pre("data.workers=-1"), ["'data.workers'", "-1"]),
-        "base_lr inf": lambda: Case(pre("optim.base_lr=.inf", "train.max_steps_per_epoch=1"),
-                                    ["'optim.base_lr'", "inf"], after=_absent(new / "checkpoints/last.pt")),
-        "weight_decay nan": lambda: Case(pre("optim.weight_decay=.nan", "train.max_steps_per_epoch=1"),
-                                         ["'optim.weight_decay'", "nan"], after=_absent(new / "checkpoints/last.pt")),
+        "base_lr inf": lambda: Case(
+            pre("optim.base_lr=.inf", "train.max_steps_per_epoch=1"),
+            ["'optim.base_lr'", "inf"],
+            after=_absent(new / "checkpoints/last.pt"),
+        ),
+        "weight_decay nan": lambda: Case(
+            pre("optim.weight_decay=.nan", "train.max_steps_per_epoch=1"),
+            ["'optim.weight_decay'", "nan"],
+            after=_absent(new / "checkpoints/last.pt"),
+        ),
         "base_lr beyond float32": lambda: Case(pre("optim.base_lr=1e300"), ["'optim.base_lr'", "1e+300"]),
         "dist_timeout_s 0": lambda: Case(pre("train.dist_timeout_s=0"), ["'train.dist_timeout_s'", "0"]),
         # --- non-finite weights (defect 1)
         "update to inf weights, first epoch": lambda: Case(
             pre("optim.base_lr=1e37", "optim.weight_decay=1e38", "train.max_steps_per_epoch=1"),
             ["weights became non-finite", "model.backbone.conv1.weight"],
-            after=_absent(new / "checkpoints/last.pt", new / "backbone.pt")),
+            after=_absent(new / "checkpoints/last.pt", new / "backbone.pt"),
+        ),
         "update to inf weights, second epoch": lambda: Case(
-            pre("optim.base_lr=1e37", "optim.weight_decay=1e38", "train.max_steps_per_epoch=1",
-                "optim.warmup_epochs=1", "optim.epochs=2"),  # epoch 1 at lr 0: its files must stay
-            ["weights became non-finite", "epoch 2", "last good checkpoint"], after=_checkpoint_epoch(new, 1)),
+            pre(
+                "optim.base_lr=1e37",
+                "optim.weight_decay=1e38",
+                "train.max_steps_per_epoch=1",
+                "optim.warmup_epochs=1",
+                "optim.epochs=2",
+            ),  # epoch 1 at lr 0: its files must stay
+            ["weights became non-finite", "epoch 2", "last good checkpoint"],
+            after=_checkpoint_epoch(new, 1),
+        ),
         "eval knn on nan weights": lambda: Case(
-            ["eval", "knn", "--weights", str(c / "nan_backbone.pt"), "--train-data", tiny, "--test-data", tiny,
-             "--k", "5", "--output", str(new / "knn"), "--no-plots"],
-            [str(c / "nan_backbone.pt"), "non-finite", "layer1.0.conv1.weight"], after=_absent(new / "knn")),
+            [
+                "eval",
+                "knn",
+                "--weights",
+                str(c / "nan_backbone.pt"),
+                "--train-data",
+                tiny,
+                "--test-data",
+                tiny,
+                "--k",
+                "5",
+                "--output",
+                str(new / "knn"),
+                "--no-plots",
+            ],
+            [str(c / "nan_backbone.pt"), "non-finite", "layer1.0.conv1.weight"],
+            after=_absent(new / "knn"),
+        ),
         "export onnx on nan weights": lambda: Case(
             ["export", "onnx", "--weights", str(c / "nan_backbone.pt"), "--output", str(new / "nan.onnx")],
-            [str(c / "nan_backbone.pt"), "non-finite"], after=_absent(new / "nan.onnx")),
-        "resume from nan checkpoint": lambda: _resume_case(c, "nan-ckpt", _nan_model, ["optim.epochs=2"],
-                                                           ["last.pt", "non-finite", "backbone.conv1.weight"]),
+            [str(c / "nan_backbone.pt"), "non-finite"],
+            after=_absent(new / "nan.onnx"),
+        ),
+        "resume from nan checkpoint": lambda: _resume_case(
+            c, "nan-ckpt", _nan_model, ["optim.epochs=2"], ["last.pt", "non-finite", "backbone.conv1.weight"]
+        ),
         # --- run directory (defects 3, 4, 6, 10, 11)
         "run directory locked by another run": lambda: Case(
             ["pretrain", "--output", str(c / "run"), "--resume"] + sets(_tiny(c)),
-            [str(c / "run"), "another simsiam-kit run is using this directory"], watch=c / "run", hold_lock=True),
+            [str(c / "run"), "another simsiam-kit run is using this directory"],
+            watch=c / "run",
+            hold_lock=True,
+        ),
         "non-empty directory, not a run": lambda: _nonempty_case(c),
         "directory holding a run, no --resume": lambda: Case(
             ["pretrain", "--output", str(c / "run")] + sets(_tiny(c)),
-            [str(c / "run"), "already holds a run", "--resume", "--overwrite"], watch=c / "run"),
+            [str(c / "run"), "already holds a run", "--resume", "--overwrite"],
+            watch=c / "run",
+        ),
         "--resume on a finished run": lambda: Case(
             ["pretrain", "--output", str(c / "run"), "--resume"] + sets(_tiny(c)),
-            ["last.pt", "already finished", "1/1 epochs", "optim.epochs"], watch=c / "run"),
+            ["last.pt", "already finished", "1/1 epochs", "optim.epochs"],
+            watch=c / "run",
+        ),
         "--resume with --overwrite": lambda: Case(
-            ["pretrain", "--output", str(c / "run"), "--resume", "--overwrite"], ["--resume", "--overwrite"],
-            watch=c / "run"),
+            ["pretrain", "--output", str(c / "run"), "--resume", "--overwrite"],
+            ["--resume", "--overwrite"],
+            watch=c / "run",
+        ),
         "--resume --set that changes the run": lambda: Case(
-            ["pretrain", "--output", str(c / "run"), "--resume"] + sets(_tiny(c) + ["optim.epochs=2",
-                                                                                     "data.image_size=24"]),
-            ["'data.image_size'", "16", "24"], watch=c / "run"),
+            ["pretrain", "--output", str(c / "run"), "--resume"]
+            + sets(_tiny(c) + ["optim.epochs=2", "data.image_size=24"]),
+            ["'data.image_size'", "16", "24"],
+            watch=c / "run",
+        ),
         "--resume --set of the model shape": lambda: Case(
-            ["pretrain", "--output", str(c / "run"), "--resume"] + sets(_tiny(c) + ["optim.epochs=2",
-                                                                                     "model.proj_dim=32"]),
-            ["'model.proj_dim'", "64", "32"], watch=c / "run"),
+            ["pretrain", "--output", str(c / "run"), "--resume"]
+            + sets(_tiny(c) + ["optim.epochs=2", "model.proj_dim=32"]),
+            ["'model.proj_dim'", "64", "32"],
+            watch=c / "run",
+        ),
         "--resume from a checkpoint of another shape": lambda: _resume_case(
-            c, "shape", _reshape_projector, ["optim.epochs=2"], ["last.pt", "'model' state does not fit"]),
+            c, "shape", _reshape_projector, ["optim.epochs=2"], ["last.pt", "'model' state does not fit"]
+        ),
         # --- OS errors (defect 7)
         "pretrain --output is a file": lambda: Case(
-            ["pretrain", "--output", str(c / "a_file")] + sets(_tiny(c)), [str(c / "a_file"), "not a directory"]),
+            ["pretrain", "--output", str(c / "a_file")] + sets(_tiny(c)), [str(c / "a_file"), "not a directory"]
+        ),
         "pretrain --output under a file": lambda: Case(
-            ["pretrain", "--output", str(c / "a_file" / "run")] + sets(_tiny(c)),
-            [str(c / "a_file"), "Not a directory"]),
+            ["pretrain", "--output", str(c / "a_file" / "run")] + sets(_tiny(c)), [str(c / "a_file"), "Not a directory"]
+        ),
         "pretrain --output unusable (/proc)": lambda: Case(
-            ["pretrain", "--output", "/proc/simsiam-kit-run"] + sets(_tiny(c)), ["/proc/simsiam-kit-run"]),
+            ["pretrain", "--output", "/proc/simsiam-kit-run"] + sets(_tiny(c)), ["/proc/simsiam-kit-run"]
+        ),
         "pretrain --output read-only": lambda: Case(
-            ["pretrain", "--output", str(_readonly_dir(c) / "run")] + sets(_tiny(c)), [str(_readonly_dir(c))]),
+            ["pretrain", "--output", str(_readonly_dir(c) / "run")] + sets(_tiny(c)), [str(_readonly_dir(c))]
+        ),
         "eval knn --output under a file": lambda: Case(knn(tiny, tiny, c / "a_file" / "knn"), [str(c / "a_file")]),
         "export onnx --output under a file": lambda: Case(
             ["export", "onnx", "--weights", str(c / "run"), "--output", str(c / "a_file" / "m.onnx")],
-            [str(c / "a_file")]),
+            [str(c / "a_file")],
+        ),
         "disk full (ulimit -f) while saving": lambda: _disk_full_case(c),
         # --- labels (defect 5), at load time, for pretraining and for evaluation
-        "pretrain: float labels": lambda: Case(pre(f"data.train={c / 'labels_float.npz'}"),
-                                               ["labels_float.npz", "must be integers", "float32"]),
-        "pretrain: 2-D labels": lambda: Case(pre(f"data.train={c / 'labels_2d.npz'}"),
-                                             ["labels_2d.npz", "1-D", "(48, 2)"]),
-        "pretrain: fewer labels than images": lambda: Case(pre(f"data.train={c / 'labels_short.npz'}"),
-                                                           ["labels_short.npz", "48 images but 40 labels"]),
+        "pretrain: float labels": lambda: Case(
+            pre(f"data.train={c / 'labels_float.npz'}"), ["labels_float.npz", "must be integers", "float32"]
+        ),
+        "pretrain: 2-D labels": lambda: Case(
+            pre(f"data.train={c / 'labels_2d.npz'}"), ["labels_2d.npz", "1-D", "(48, 2)"]
+        ),
+        "pretrain: fewer labels than images": lambda: Case(
+            pre(f"data.train={c / 'labels_short.npz'}"), ["labels_short.npz", "48 images but 40 labels"]
+        ),
         "pretrain: kNN-monitor labels outside the class list": lambda: Case(
             pre(f"data.val={c / 'labels_out_of_range.npz'}", "train.knn_every=1"),
-            ["labels_out_of_range.npz", "label 7 out of range", "3 class names"]),
-        "pretrain: label 2**40": lambda: Case(pre(f"data.train={c / 'labels_huge.npz'}"),
-                                              ["labels_huge.npz", f"label {2**40} out of range"]),
+            ["labels_out_of_range.npz", "label 7 out of range", "3 class names"],
+        ),
+        "pretrain: label 2**40": lambda: Case(
+            pre(f"data.train={c / 'labels_huge.npz'}"), ["labels_huge.npz", f"label {2**40} out of range"]
+        ),
         "eval knn: labels outside the class list": lambda: Case(
-            knn(str(c / "labels_out_of_range.npz"), tiny), ["labels_out_of_range.npz", "label 7 out of range"]),
-        "eval knn: label -5": lambda: Case(knn(tiny, str(c / "labels_negative.npz")),
-                                           ["labels_negative.npz", "label -5 out of range"]),
+            knn(str(c / "labels_out_of_range.npz"), tiny), ["labels_out_of_range.npz", "label 7 out of range"]
+        ),
+        "eval knn: label -5": lambda: Case(
+            knn(tiny, str(c / "labels_negative.npz")), ["labels_negative.npz", "label -5 out of range"]
+        ),
         "eval linear: float labels": lambda: Case(
-            ["eval", "linear", "--weights", "random", "--arch", "resnet18", "--stem", "cifar", "--train-data",
-             str(c / "labels_float.npz"), "--test-data", tiny, "--epochs", "1", "--output", str(new / "linear")],
-            ["labels_float.npz", "must be integers"]),
+            [
+                "eval",
+                "linear",
+                "--weights",
+                "random",
+                "--arch",
+                "resnet18",
+                "--stem",
+                "cifar",
+                "--train-data",
+                str(c / "labels_float.npz"),
+                "--test-data",
+                tiny,
+                "--epochs",
+                "1",
+                "--output",
+                str(new / "linear"),
+            ],
+            ["labels_float.npz", "must be integers"],
+        ),
         # --- a corrupt image read by a DataLoader worker (defect 10)
         "corrupt image in a DataLoader worker": lambda: Case(
-            pre(f"data.train={c / 'folder'}", "data.workers=2", "optim.batch_size=8"), ["cannot read image", "3.png"]),
+            pre(f"data.train={c / 'folder'}", "data.workers=2", "optim.batch_size=8"), ["cannot read image", "3.png"]
+        ),
     }
     rows.update(_hostile_rows(c, new))
     return rows
@@ -291,8 +387,21 @@ def _embedded(c: Path, backend: str) -> Path:
     """An embedding directory of tiny.npz (48 labelled images) built by `simsiam-kit embed`, once."""
     d = c / f"emb_{backend}"
     if not (d / "embed.json").is_file():
-        r = runner.invoke(app, ["embed", "--model", str(_encoder(c)), "--data", str(c / "tiny.npz"), "--output",
-                                str(d), "--backend", backend, "--no-progress"])
+        r = runner.invoke(
+            app,
+            [
+                "embed",
+                "--model",
+                str(_encoder(c)),
+                "--data",
+                str(c / "tiny.npz"),
+                "--output",
+                str(d),
+                "--backend",
+                backend,
+                "--no-progress",
+            ],
+        )
         assert r.exit_code == 0, r.output
     return d
 
@@ -309,21 +418,43 @@ def _emb_copy(c: Path, name: str, mutate: Callable[[Path], object], backend: str
 def _search_case(c: Path, name: str, mutate, needles, backend: str = "faiss", model: Optional[Path] = None) -> Case:
     d = _emb_copy(c, name, mutate, backend)
     args = ["search", "--index", str(d), "--query", str(c / "folder" / "a" / "0.png"), "--k", "3"]
-    return Case(args + (["--model", str(model)] if model else []), [str(d / n) if n.startswith("/") else n
-                                                                   for n in needles], watch=d)
+    return Case(
+        args + (["--model", str(model)] if model else []),
+        [str(d / n) if n.startswith("/") else n for n in needles],
+        watch=d,
+    )
 
 
 def _coco_args() -> list[str]:
     det = need(DATA / "coco128_det" / "instances_val.json").parent
-    return ["--train-json", str(det / "instances_val.json"), "--train-images", str(det / "images"),
-            "--val-json", str(det / "instances_val.json"), "--val-images", str(det / "images")]
+    return [
+        "--train-json",
+        str(det / "instances_val.json"),
+        "--train-images",
+        str(det / "images"),
+        "--val-json",
+        str(det / "instances_val.json"),
+        "--val-images",
+        str(det / "images"),
+    ]
 
 
 def _d2_pkl_case(c: Path, new: Path, name: str, make, needles) -> Case:
     marker = _hostile_dir(c) / f"pwned-{name}"
     pkl = make(_hostile_dir(c) / f"{name}.pkl", marker)
-    args = ["eval", "detection", "--weights", str(pkl), "--engine", "detectron2", "--config", "d2_coco_R_18_FPN_quick",
-            *_coco_args(), "--output", str(new / "det")]
+    args = [
+        "eval",
+        "detection",
+        "--weights",
+        str(pkl),
+        "--engine",
+        "detectron2",
+        "--config",
+        "d2_coco_R_18_FPN_quick",
+        *_coco_args(),
+        "--output",
+        str(new / "det"),
+    ]
     return Case(args, [str(pkl), *needles], after=_absent(marker, new / "det"))
 
 
@@ -334,116 +465,214 @@ def _hostile_rows(c: Path, new: Path) -> dict[str, Callable[[], Case]]:
         return ["pretrain", "--config", str(path), "--output", str(new)] + sets(list(o))
 
     def embed(model: Path):
-        return ["embed", "--model", str(model), "--data", str(c / "tiny.npz"), "--output", str(new / "emb"),
-                "--no-progress"]
+        return [
+            "embed",
+            "--model",
+            str(model),
+            "--data",
+            str(c / "tiny.npz"),
+            "--output",
+            str(new / "emb"),
+            "--no-progress",
+        ]
 
     faiss_file = lambda d: d / "index.faiss"  # noqa: E731
     return {
         # --- YAML configs (defect 8): refused before they are parsed or copied
         "config: YAML alias bomb + --set": lambda: Case(
             pre_config(hostile.yaml_alias_bomb(h / "bomb.yaml"), "optim.epochs=1"),
-            [str(h / "bomb.yaml"), "anchor '&a0' at line 1", "not allowed"], after=_absent(new)),
-        "config: binary file": lambda: Case(pre_config(hostile.yaml_binary(h / "binary.yaml")),
-                                            [str(h / "binary.yaml"), "not a UTF-8 text file", "0x89"]),
-        "config: YAML nested 5000 deep": lambda: Case(pre_config(hostile.yaml_deep(h / "deep.yaml")),
-                                                      [str(h / "deep.yaml"), "nested too deeply"]),
-        "config: integer of 5000 digits": lambda: Case(pre_config(hostile.yaml_bigint(h / "bigint.yaml")),
-                                                       [str(h / "bigint.yaml"), "invalid YAML value", "5000 digits"]),
-        "config: 1 MiB file": lambda: Case(pre_config(hostile.yaml_huge(h / "huge.yaml")),
-                                           [str(h / "huge.yaml"), "larger than 262144 bytes"]),
+            [str(h / "bomb.yaml"), "anchor '&a0' at line 1", "not allowed"],
+            after=_absent(new),
+        ),
+        "config: binary file": lambda: Case(
+            pre_config(hostile.yaml_binary(h / "binary.yaml")),
+            [str(h / "binary.yaml"), "not a UTF-8 text file", "0x89"],
+        ),
+        "config: YAML nested 5000 deep": lambda: Case(
+            pre_config(hostile.yaml_deep(h / "deep.yaml")), [str(h / "deep.yaml"), "nested too deeply"]
+        ),
+        "config: integer of 5000 digits": lambda: Case(
+            pre_config(hostile.yaml_bigint(h / "bigint.yaml")),
+            [str(h / "bigint.yaml"), "invalid YAML value", "5000 digits"],
+        ),
+        "config: 1 MiB file": lambda: Case(
+            pre_config(hostile.yaml_huge(h / "huge.yaml")), [str(h / "huge.yaml"), "larger than 262144 bytes"]
+        ),
         "detection config: YAML alias bomb": lambda: Case(
-            ["eval", "detection", "--weights", "random", "--arch", "resnet18", "--config",
-             str(hostile.yaml_alias_bomb(h / "det_bomb.yaml")), *_coco_args(), "--output", str(new / "det")],
-            [str(h / "det_bomb.yaml"), "anchor '&a0'"], after=_absent(new / "det")),
+            [
+                "eval",
+                "detection",
+                "--weights",
+                "random",
+                "--arch",
+                "resnet18",
+                "--config",
+                str(hostile.yaml_alias_bomb(h / "det_bomb.yaml")),
+                *_coco_args(),
+                "--output",
+                str(new / "det"),
+            ],
+            [str(h / "det_bomb.yaml"), "anchor '&a0'"],
+            after=_absent(new / "det"),
+        ),
         # --- detectron2 .pkl weights (defect 9): refused before detectron2 (or anything in them) runs
         "detectron2 .pkl: os.system via __reduce__": lambda: _d2_pkl_case(
-            c, new, "system", hostile.pickle_os_system, ["refused to unpickle global 'posix.system'"]),
+            c, new, "system", hostile.pickle_os_system, ["refused to unpickle global 'posix.system'"]
+        ),
         "detectron2 .pkl: builtins.eval": lambda: _d2_pkl_case(
-            c, new, "eval", hostile.pickle_eval, ["refused to unpickle global 'builtins.eval'"]),
+            c, new, "eval", hostile.pickle_eval, ["refused to unpickle global 'builtins.eval'"]
+        ),
         "detectron2 .pkl: a class of another module": lambda: _d2_pkl_case(
-            c, new, "foreign", lambda p, m: hostile.pickle_foreign_class(p),
-            ["refused to unpickle global 'hostile.Foreign'"]),
+            c,
+            new,
+            "foreign",
+            lambda p, m: hostile.pickle_foreign_class(p),
+            ["refused to unpickle global 'hostile.Foreign'"],
+        ),
         "detectron2 .pkl: object array": lambda: _d2_pkl_case(
-            c, new, "objects", lambda p, m: hostile.pickle_object_array(p), ["numpy dtype object"]),
+            c, new, "objects", lambda p, m: hostile.pickle_object_array(p), ["numpy dtype object"]
+        ),
         "detectron2 .pkl: 19 bytes declaring 1 TiB": lambda: _d2_pkl_case(
-            c, new, "bytes8", lambda p, m: hostile.pickle_bytes8_bomb(p),
-            ["not a readable pickle", "1099511627776 bytes"]),
+            c,
+            new,
+            "bytes8",
+            lambda p, m: hostile.pickle_bytes8_bomb(p),
+            ["not a readable pickle", "1099511627776 bytes"],
+        ),
         "detectron2 .pkl: _reconstruct of 1 GiB": lambda: _d2_pkl_case(
-            c, new, "reconstruct", lambda p, m: hostile.pickle_reconstruct_huge(p),
-            ["_reconstruct with a non-empty shape (1073741824,)"]),
+            c,
+            new,
+            "reconstruct",
+            lambda p, m: hostile.pickle_reconstruct_huge(p),
+            ["_reconstruct with a non-empty shape (1073741824,)"],
+        ),
         # --- embedding directories (defects 8 and 10)
         "search: index.faiss with 4 bytes changed": lambda: _search_case(
-            c, "faiss-count", lambda d: hostile.patch_bytes(faiss_file(d), hostile.FLAT_COUNT_OFFSET + 4,
-                                                            b"\x01\x00\x00\x00"),
-            ["/index.faiss", "corrupt or foreign FAISS index", "declares 4294967440 elements"]),
+            c,
+            "faiss-count",
+            lambda d: hostile.patch_bytes(faiss_file(d), hostile.FLAT_COUNT_OFFSET + 4, b"\x01\x00\x00\x00"),
+            ["/index.faiss", "corrupt or foreign FAISS index", "declares 4294967440 elements"],
+        ),
         "search: index.faiss ntotal changed": lambda: _search_case(
-            c, "faiss-ntotal", lambda d: hostile.patch_bytes(faiss_file(d), hostile.FLAT_NTOTAL_OFFSET,
-                                                             (10**9).to_bytes(8, "little")),
-            ["/index.faiss", "holds 1000000000 vectors, index.json says 48"]),
+            c,
+            "faiss-ntotal",
+            lambda d: hostile.patch_bytes(faiss_file(d), hostile.FLAT_NTOTAL_OFFSET, (10**9).to_bytes(8, "little")),
+            ["/index.faiss", "holds 1000000000 vectors, index.json says 48"],
+        ),
         "search: index.faiss truncated": lambda: _search_case(
-            c, "faiss-short", lambda d: faiss_file(d).write_bytes(faiss_file(d).read_bytes()[:300]),
-            ["/index.faiss", "declares 144 elements (576 bytes)", "only 255 bytes remain"]),
+            c,
+            "faiss-short",
+            lambda d: faiss_file(d).write_bytes(faiss_file(d).read_bytes()[:300]),
+            ["/index.faiss", "declares 144 elements (576 bytes)", "only 255 bytes remain"],
+        ),
         "search: index.faiss of another kind": lambda: _search_case(
-            c, "faiss-kind", lambda d: hostile.set_json(d / "index.json", kind="hnsw"),
-            ["/index.faiss", "is not the hnsw index"]),
+            c,
+            "faiss-kind",
+            lambda d: hostile.set_json(d / "index.json", kind="hnsw"),
+            ["/index.faiss", "is not the hnsw index"],
+        ),
         "search: index.json without 'ntotal'": lambda: _search_case(
-            c, "json-key", lambda d: hostile.set_json(d / "index.json", ntotal=...),
-            ["/index.json", "missing key 'ntotal'"]),
+            c,
+            "json-key",
+            lambda d: hostile.set_json(d / "index.json", ntotal=...),
+            ["/index.json", "missing key 'ntotal'"],
+        ),
         "search: index.json dim a string": lambda: _search_case(
-            c, "json-type", lambda d: hostile.set_json(d / "index.json", dim="3"),
-            ["/index.json", "key 'dim' must be an integer", "'3'"]),
+            c,
+            "json-type",
+            lambda d: hostile.set_json(d / "index.json", dim="3"),
+            ["/index.json", "key 'dim' must be an integer", "'3'"],
+        ),
         "search: index.json binary": lambda: _search_case(
-            c, "json-binary", lambda d: (d / "index.json").write_bytes(b"\xff\xfe\x00binary"),
-            ["/index.json", "not UTF-8"]),
+            c,
+            "json-binary",
+            lambda d: (d / "index.json").write_bytes(b"\xff\xfe\x00binary"),
+            ["/index.json", "not UTF-8"],
+        ),
         "search: embed.json nested 100000 deep": lambda: _search_case(
-            c, "manifest-deep", lambda d: (d / "embed.json").write_text("[" * 100_000 + "]" * 100_000),
-            ["/embed.json", "nested too deeply"]),
+            c,
+            "manifest-deep",
+            lambda d: (d / "embed.json").write_text("[" * 100_000 + "]" * 100_000),
+            ["/embed.json", "nested too deeply"],
+        ),
         "search: embed.json model not a string": lambda: _search_case(
-            c, "manifest-model", lambda d: hostile.set_json(d / "embed.json", model=[1, 2]),
-            ["/embed.json", "key 'model' must be a string", "[1, 2]"]),
+            c,
+            "manifest-model",
+            lambda d: hostile.set_json(d / "embed.json", model=[1, 2]),
+            ["/embed.json", "key 'model' must be a string", "[1, 2]"],
+        ),
         "search: ids.json missing": lambda: _search_case(
-            c, "ids-missing", lambda d: (d / "ids.json").unlink(), ["/ids.json", "missing"]),
+            c, "ids-missing", lambda d: (d / "ids.json").unlink(), ["/ids.json", "missing"]
+        ),
         "search: labels.npy pickled": lambda: _search_case(
-            c, "labels-pickle", lambda d: np.save(d / "labels.npy", np.array([hostile.Foreign()] * 48, dtype=object),
-                                                  allow_pickle=True),
-            ["/labels.npy", "holds Python objects", "refused"]),
+            c,
+            "labels-pickle",
+            lambda d: np.save(d / "labels.npy", np.array([hostile.Foreign()] * 48, dtype=object), allow_pickle=True),
+            ["/labels.npy", "holds Python objects", "refused"],
+        ),
         "search: labels shorter than embeddings": lambda: _search_case(
-            c, "labels-short", lambda d: np.save(d / "labels.npy", np.load(d / "labels.npy")[:40]),
-            ["/labels.npy", "40 labels for the 48 images of ids.json"]),
+            c,
+            "labels-short",
+            lambda d: np.save(d / "labels.npy", np.load(d / "labels.npy")[:40]),
+            ["/labels.npy", "40 labels for the 48 images of ids.json"],
+        ),
         "search: labels.npy missing its data": lambda: _search_case(
-            c, "labels-header", lambda d: hostile.npy_declaring(d / "labels.npy", (10**12,), "<i8"),
-            ["/labels.npy", "header declares shape (1000000000000,)", "holds 0 bytes"]),
+            c,
+            "labels-header",
+            lambda d: hostile.npy_declaring(d / "labels.npy", (10**12,), "<i8"),
+            ["/labels.npy", "header declares shape (1000000000000,)", "holds 0 bytes"],
+        ),
         "search: index_vectors.npy missing (torch backend)": lambda: _search_case(
-            c, "vectors-missing", lambda d: (d / "index_vectors.npy").unlink(), ["/index_vectors.npy", "missing"],
-            backend="torch"),
+            c,
+            "vectors-missing",
+            lambda d: (d / "index_vectors.npy").unlink(),
+            ["/index_vectors.npy", "missing"],
+            backend="torch",
+        ),
         "search: index_vectors.npy declaring 10**12 rows": lambda: _search_case(
-            c, "vectors-header", lambda d: hostile.npy_declaring(d / "index_vectors.npy", (10**12, 3)),
-            ["/index_vectors.npy", "header declares shape (1000000000000, 3)"], backend="torch"),
+            c,
+            "vectors-header",
+            lambda d: hostile.npy_declaring(d / "index_vectors.npy", (10**12, 3)),
+            ["/index_vectors.npy", "header declares shape (1000000000000, 3)"],
+            backend="torch",
+        ),
         "search: index_vectors.npy of another shape": lambda: _search_case(
-            c, "vectors-shape", lambda d: np.save(d / "index_vectors.npy", np.zeros((48, 5), np.float32)),
-            ["/index_vectors.npy", "shape (48, 5), expected (48, 3)"], backend="torch"),
+            c,
+            "vectors-shape",
+            lambda d: np.save(d / "index_vectors.npy", np.zeros((48, 5), np.float32)),
+            ["/index_vectors.npy", "shape (48, 5), expected (48, 3)"],
+            backend="torch",
+        ),
         # --- ONNX models (defects 8 and 10)
         "embed: ONNX metadata image_size=60000": lambda: Case(
             embed(hostile.onnx_encoder(h / "size60000.onnx", meta={"image_size": "60000"})),
-            [str(h / "size60000.onnx"), "image_size=60000 is outside 1..4096"], after=_absent(new / "emb")),
+            [str(h / "size60000.onnx"), "image_size=60000 is outside 1..4096"],
+            after=_absent(new / "emb"),
+        ),
         "embed: ONNX model with a 1-D output": lambda: Case(
             embed(hostile.onnx_encoder(h / "one_d.onnx", one_d=True)),
-            [str(h / "one_d.onnx"), "graph output 'embeddings' has shape ['batch']"], after=_absent(new / "emb")),
+            [str(h / "one_d.onnx"), "graph output 'embeddings' has shape ['batch']"],
+            after=_absent(new / "emb"),
+        ),
         "embed: ONNX graph input disagrees with its metadata": lambda: Case(
             embed(hostile.onnx_encoder(h / "input.onnx", size=64, input_size=4)),
             [str(h / "input.onnx"), "graph input 'images' has shape ['batch', 3, 4, 4]", "(N, 3, 64, 64)"],
-            after=_absent(new / "emb")),
+            after=_absent(new / "emb"),
+        ),
         "search: --model with a 1-D output": lambda: _search_case(
-            c, "model-1d", lambda d: None, [str(h / "one_d2.onnx"), "graph output 'embeddings'"],
-            model=hostile.onnx_encoder(h / "one_d2.onnx", one_d=True)),
+            c,
+            "model-1d",
+            lambda d: None,
+            [str(h / "one_d2.onnx"), "graph output 'embeddings'"],
+            model=hostile.onnx_encoder(h / "one_d2.onnx", one_d=True),
+        ),
     }
 
 
 def _resume_case(c: Path, name: str, mutate, extra_sets, needles) -> Case:
     run = _copy_run(c, name)
     _poison_checkpoint(run, mutate)
-    return Case(["pretrain", "--output", str(run), "--resume"] + sets(_tiny(c) + extra_sets),
-                needles, watch=run)
+    return Case(["pretrain", "--output", str(run), "--resume"] + sets(_tiny(c) + extra_sets), needles, watch=run)
 
 
 def _nonempty_case(c: Path) -> Case:
@@ -458,10 +687,14 @@ def _disk_full_case(c: Path) -> Case:
     """Resume a finished run for one more epoch with files limited to 60 MB: backbone.pt (45 MB) fits,
     last.pt (90 MB) does not: one line naming last.pt; the epoch-1 checkpoint still loads."""
     run = _copy_run(c, "disk-full")
-    return Case(["pretrain", "--output", str(run), "--resume"] + sets(_tiny(c) + ["optim.epochs=2"]),
-                ["last.pt", "File too large", "unchanged"], watch=run,
-                may_change=("backbone.pt", "metrics.jsonl", "config.amendments.yaml"),
-                subprocess_limit_fsize=60 * 2**20, after=_checkpoint_epoch(run, 1))
+    return Case(
+        ["pretrain", "--output", str(run), "--resume"] + sets(_tiny(c) + ["optim.epochs=2"]),
+        ["last.pt", "File too large", "unchanged"],
+        watch=run,
+        may_change=("backbone.pt", "metrics.jsonl", "config.amendments.yaml"),
+        subprocess_limit_fsize=60 * 2**20,
+        after=_checkpoint_epoch(run, 1),
+    )
 
 
 ROW_IDS = list(_rows(Path("/nonexistent"), Path("/nonexistent")).keys())
@@ -470,8 +703,11 @@ ROW_IDS = list(_rows(Path("/nonexistent"), Path("/nonexistent")).keys())
 def _snapshot(d: Optional[Path]) -> dict:
     if d is None or not d.is_dir():
         return {}
-    return {str(p.relative_to(d)): (p.stat().st_size, p.stat().st_mtime_ns, p.stat().st_ino)
-            for p in d.rglob("*") if p.is_file() and p.name != ".lock"}
+    return {
+        str(p.relative_to(d)): (p.stat().st_size, p.stat().st_mtime_ns, p.stat().st_ino)
+        for p in d.rglob("*")
+        if p.is_file() and p.name != ".lock"
+    }
 
 
 def _invoke(case: Case) -> tuple[int, str]:
@@ -485,8 +721,15 @@ def _invoke(case: Case) -> tuple[int, str]:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **case.env)
-    r = subprocess.run([sys.executable, "-m", "simsiam_kit", *case.args], env=env, cwd=REPO, capture_output=True,
-                       text=True, preexec_fn=preexec, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "simsiam_kit", *case.args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        preexec_fn=preexec,
+        timeout=600,
+    )
     return r.returncode, r.stderr
 
 

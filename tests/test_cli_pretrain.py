@@ -50,7 +50,8 @@ def test_tiny_pretrain_writes_run_directory(tmp_path, tiny_npz):
     assert ck["epoch"] == 2 and not any(k.startswith("module.") for k in ck["model"])
     bb = torch.load(out / "backbone.pt", weights_only=True)
     assert bb["arch"] == "resnet18" and set(bb["state_dict"]) == {
-        k[len("backbone."):] for k in ck["model"] if k.startswith("backbone.")}
+        k[len("backbone.") :] for k in ck["model"] if k.startswith("backbone.")
+    }
     summary = json.loads((out / "results" / "pretrain.json").read_text())
     assert summary["knn_top1"] is not None and summary["knn_top1_random_init"] == epochs[0]["knn_top1"]
     assert summary["threads"]["threads"] >= 1 and summary["threads"]["chosen_by"]
@@ -100,7 +101,8 @@ def test_corrupt_image_named_or_skipped(tmp_path):
         (root / c).mkdir(parents=True)
         for i in range(9):
             Image.fromarray(np.random.default_rng(i).integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(
-                root / c / f"{i}.png")
+                root / c / f"{i}.png"
+            )
     (root / "b" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00truncated")
     o = tiny_overrides(str(root), None, batch=8) + ["data.workers=0"]
     _expect_error(["pretrain", "--output", str(tmp_path / "r1")] + sets(o), "cannot read image", "3.png")
@@ -116,7 +118,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_npz):
     tests/test_bad_inputs.py.)"""
     out = tmp_path / "run"
     o = tiny_overrides(str(tiny_npz), None, epochs=3) + [
-        "optim.warmup_epochs=1", "train.max_steps_per_epoch=1", "optim.base_lr=1e30"]
+        "optim.warmup_epochs=1",
+        "train.max_steps_per_epoch=1",
+        "optim.base_lr=1e30",
+    ]
     r = _expect_error(["pretrain", "--output", str(out)] + sets(o), "loss became nan", "last good checkpoint")
     after = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert after["epoch"] == 2
@@ -142,6 +147,7 @@ def test_knn_monitor_runs_after_the_checkpoint(tmp_path, tiny_npz, monkeypatch):
             if len(calls) == 1:
                 return 12.5
             raise pretrain.UserError("monitor failed")
+
         return knn_eval if real(p) is not None else None
 
     monkeypatch.setattr(pretrain, "make_knn_eval", failing)

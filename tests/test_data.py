@@ -90,8 +90,9 @@ def test_torchvision_cifar_without_network(tmp_path, monkeypatch):
     assert calls == []
     # with the switch, torchvision's real download path is taken (network call stubbed out)
     monkeypatch.setattr(tvd.cifar, "check_integrity", lambda *a, **k: bool(calls))  # md5 of the real files
-    monkeypatch.setattr(tvd.cifar, "download_and_extract_archive",
-                        lambda url, root, **k: (calls.append(url), _fake_cifar10(tmp_path)))
+    monkeypatch.setattr(
+        tvd.cifar, "download_and_extract_archive", lambda url, root, **k: (calls.append(url), _fake_cifar10(tmp_path))
+    )
     ds = load_dataset("cifar10:test", root=str(tmp_path), download=True)
     assert calls and "cifar-10-python.tar.gz" in calls[0]
     assert len(ds) == 4 and ds.images.shape == (4, 32, 32, 3) and ds.classes[1] == "c1"
@@ -200,14 +201,17 @@ def test_unreadable_image_in_a_worker_is_one_line_naming_the_file(tmp_path):
     assert "3.png" in msg and "\n" not in msg and "Traceback" not in msg and "worker" not in msg
 
 
-@pytest.mark.parametrize("labels, classes, needle", [
-    (np.zeros(6, np.float32), None, "must be integers"),
-    (np.zeros((6, 2), np.int64), None, "1-D"),
-    (np.zeros(5, np.int64), None, "6 images but 5 labels"),
-    (np.array([0, 1, 2, 7, 0, 1]), ["x", "y", "z"], "label 7 out of range"),
-    (np.array([0, 1, 2**40, 0, 0, 0]), None, f"label {2**40} out of range"),
-    (np.array([0, -5, 1, 0, 0, 0]), None, "label -5 out of range"),
-])
+@pytest.mark.parametrize(
+    "labels, classes, needle",
+    [
+        (np.zeros(6, np.float32), None, "must be integers"),
+        (np.zeros((6, 2), np.int64), None, "1-D"),
+        (np.zeros(5, np.int64), None, "6 images but 5 labels"),
+        (np.array([0, 1, 2, 7, 0, 1]), ["x", "y", "z"], "label 7 out of range"),
+        (np.array([0, 1, 2**40, 0, 0, 0]), None, f"label {2**40} out of range"),
+        (np.array([0, -5, 1, 0, 0, 0]), None, "label -5 out of range"),
+    ],
+)
 def test_labels_checked_when_loaded(tmp_path, labels, classes, needle):
     p = tmp_path / "bad.npz"
     extra = {"class_names": np.array(classes)} if classes else {}

@@ -12,9 +12,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import needs_shared
 from typer.testing import CliRunner
 
-from conftest import needs_shared
+from simsiam_kit.cli import app
+from simsiam_kit.engine.checkpoint import save_backbone, save_checkpoint
+from simsiam_kit.errors import UserError
 from simsiam_kit.evaluation.detection.data import check_same_categories, load_coco_json, load_voc, resolve_data
 from simsiam_kit.evaluation.detection.metrics import METRIC_KEYS, coco_evaluate
 from simsiam_kit.evaluation.detection.torchvision_engine import (
@@ -22,9 +25,6 @@ from simsiam_kit.evaluation.detection.torchvision_engine import (
     build_fpn_backbone,
     load_detection_config,
 )
-from simsiam_kit.cli import app
-from simsiam_kit.engine.checkpoint import save_backbone, save_checkpoint
-from simsiam_kit.errors import UserError
 from simsiam_kit.models import build_backbone
 from simsiam_kit.weights import load_backbone
 
@@ -54,8 +54,10 @@ def _subset_json(src: Path, dst: Path, n_images: int) -> Path:
 def _gt(boxes_xywh, cats=((1, "a"), (2, "b"))):
     return {
         "images": [{"id": 1, "file_name": "x.jpg", "width": 200, "height": 200}],
-        "annotations": [{"id": i + 1, "image_id": 1, "category_id": c, "bbox": b, "area": b[2] * b[3], "iscrowd": 0}
-                        for i, (c, b) in enumerate(boxes_xywh)],
+        "annotations": [
+            {"id": i + 1, "image_id": 1, "category_id": c, "bbox": b, "area": b[2] * b[3], "iscrowd": 0}
+            for i, (c, b) in enumerate(boxes_xywh)
+        ],
         "categories": [{"id": i, "name": n} for i, n in cats],
     }
 
@@ -84,8 +86,16 @@ def test_format_results_prints_null_nan_voc_and_mask_rows():
     from simsiam_kit.evaluation.detection.metrics import format_results
 
     # results.json written before NaN metrics became 0.0 held null: printed as '-', not a TypeError
-    old = {"engine": "detectron2", "AP": None, "AP50": float("nan"), "AP75": 1.5, "APs": 0.0, "APm": 0.0, "APl": 0.0,
-           "per_class": {"a": None, "b": 2.0}}
+    old = {
+        "engine": "detectron2",
+        "AP": None,
+        "AP50": float("nan"),
+        "AP75": 1.5,
+        "APs": 0.0,
+        "APm": 0.0,
+        "APl": 0.0,
+        "per_class": {"a": None, "b": 2.0},
+    }
     text = format_results(old)
     assert "|      - |      - |   1.50 |" in text and "b 2.0" in text
     voc = format_results({"engine": "detectron2", "metric": "voc2007_11point", "AP": 50.0, "AP50": 80.0, "AP75": 55.0})
@@ -108,8 +118,9 @@ def test_summarize_detectron2_results_nan_as_torchvision_engine():
     assert {k: tv[k] for k in METRIC_KEYS} == {k: res[k] for k in METRIC_KEYS}
     json.dumps(res, allow_nan=False)  # strict JSON: no NaN, no crash when printed
     # Mask R-CNN: segm with the same keys; a class with no ground truth stays None however it scored
-    r = summarize_results({"bbox": {"AP": 12.5, "AP-a": 25.0, "AP-b": nan}, "segm": {"AP": 7.0, "AP-a": nan}},
-                          ["a", "b"], ["a"])
+    r = summarize_results(
+        {"bbox": {"AP": 12.5, "AP-a": 25.0, "AP-b": nan}, "segm": {"AP": 7.0, "AP-a": nan}}, ["a", "b"], ["a"]
+    )
     assert r["AP"] == 12.5 and r["APs"] == 0.0 and r["per_class"] == {"a": 25.0, "b": None}
     assert r["segm"]["AP"] == 7.0 and r["segm"]["per_class"] == {"a": 0.0, "b": None}
     # PascalVOCDetectionEvaluator: AP, AP50, AP75 only, named as the VOC2007 metric
@@ -173,7 +184,8 @@ def test_pascal_voc_layout(tmp_path):
         "<annotation><size><width>640</width><height>480</height><depth>3</depth></size>"
         "<object><name>dog</name><difficult>0</difficult><bndbox><xmin>11</xmin><ymin>21</ymin><xmax>110</xmax><ymax>220</ymax></bndbox></object>"
         "<object><name>person</name><difficult>1</difficult><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>50</xmax><ymax>60</ymax></bndbox></object>"
-        "</annotation>")
+        "</annotation>"
+    )
     (root / "ImageSets" / "Main" / "trainval.txt").write_text("000001\n")
     ds = load_voc(tmp_path / "VOCdevkit", "2007/trainval")
     rec = ds.records[0]
@@ -234,12 +246,40 @@ def test_torchvision_engine_trains_and_writes_results(tmp_path):
     train = _subset_json(DATA / "instances_train.json", tmp_path / "train.json", 4)
     val = _subset_json(DATA / "instances_val.json", tmp_path / "val.json", 2)
     out = tmp_path / "out"
-    args = ["eval", "detection", "--weights", str(tmp_path / "bb.pt"), "--engine", "torchvision",
-            "--config", "torchvision_quick", "--train-json", str(train), "--train-images", str(DATA / "images"),
-            "--val-json", str(val), "--val-images", str(DATA / "images"), "--iters", "2", "--output", str(out)]
-    small = ["model.min_size=96", "model.max_size=128", "solver.batch_size=2", "model.rpn_post_nms_top_n_train=64",
-             "model.rpn_post_nms_top_n_test=32", "model.box_batch_size_per_image=32", "data.workers=0",
-             "train.progress=false", "test.vis_images=2", "test.score_thresh=0.0"]
+    args = [
+        "eval",
+        "detection",
+        "--weights",
+        str(tmp_path / "bb.pt"),
+        "--engine",
+        "torchvision",
+        "--config",
+        "torchvision_quick",
+        "--train-json",
+        str(train),
+        "--train-images",
+        str(DATA / "images"),
+        "--val-json",
+        str(val),
+        "--val-images",
+        str(DATA / "images"),
+        "--iters",
+        "2",
+        "--output",
+        str(out),
+    ]
+    small = [
+        "model.min_size=96",
+        "model.max_size=128",
+        "solver.batch_size=2",
+        "model.rpn_post_nms_top_n_train=64",
+        "model.rpn_post_nms_top_n_test=32",
+        "model.box_batch_size_per_image=32",
+        "data.workers=0",
+        "train.progress=false",
+        "test.vis_images=2",
+        "test.score_thresh=0.0",
+    ]
     r = CliRunner().invoke(app, args + sum((["--set", s] for s in small), []))
     assert r.exit_code == 0, r.output
     assert "0 missing" in r.output and "AP50" in r.output
@@ -269,16 +309,39 @@ def test_cli_bad_inputs_exit_2(tmp_path):
     d["categories"] = d["categories"][:79]
     d["annotations"] = [a for a in d["annotations"] if a["category_id"] != 90]
     (tmp_path / "val79.json").write_text(json.dumps(d))
-    base = ["eval", "detection", "--train-json", str(DATA / "instances_train.json"), "--train-images",
-            str(DATA / "images"), "--val-images", str(DATA / "images"), "--output", str(tmp_path / "o")]
+    base = [
+        "eval",
+        "detection",
+        "--train-json",
+        str(DATA / "instances_train.json"),
+        "--train-images",
+        str(DATA / "images"),
+        "--val-images",
+        str(DATA / "images"),
+        "--output",
+        str(tmp_path / "o"),
+    ]
     cases = [
         (["--weights", str(tmp_path / "c.pt"), "--val-json", str(DATA / "instances_val.json")], "CIFAR stem"),
         (["--weights", str(tmp_path / "heads.pt"), "--val-json", str(DATA / "instances_val.json")], "no backbone"),
-        (["--weights", "random", "--arch", "resnet18", "--val-json", str(tmp_path / "val79.json")],
-         "categories differ"),
+        (
+            ["--weights", "random", "--arch", "resnet18", "--val-json", str(tmp_path / "val79.json")],
+            "categories differ",
+        ),
         (["--weights", "random", "--arch", "resnet18", "--val-json", str(tmp_path / "none.json")], "not found"),
-        (["--weights", "random", "--arch", "resnet18", "--val-json", str(DATA / "instances_val.json"),
-          "--engine", "mmdet"], "--engine"),
+        (
+            [
+                "--weights",
+                "random",
+                "--arch",
+                "resnet18",
+                "--val-json",
+                str(DATA / "instances_val.json"),
+                "--engine",
+                "mmdet",
+            ],
+            "--engine",
+        ),
     ]
     for extra, msg in cases:
         r = CliRunner().invoke(app, base + extra + ["--set", "train.progress=false"])
@@ -290,12 +353,19 @@ def test_cli_bad_inputs_exit_2(tmp_path):
 # ---------------------------------------------------------------------------------------------- detectron2
 
 
-D2_CONFIGS = ("Base-RCNN-C4-BN.yaml", "d2_coco_R_18_FPN_quick.yaml", "d2_coco_R_50_C4_1x.yaml",
-              "d2_voc0712_R_50_C4_24k.yaml")
+D2_CONFIGS = (
+    "Base-RCNN-C4-BN.yaml",
+    "d2_coco_R_18_FPN_quick.yaml",
+    "d2_coco_R_50_C4_1x.yaml",
+    "d2_voc0712_R_50_C4_24k.yaml",
+)
 # (SOLVER.STEPS, SOLVER.MAX_ITER) of each config; the base inherits detectron2's defaults (30000,) / 40000
-D2_SCHEDULES = {"Base-RCNN-C4-BN.yaml": ((30000,), 40000), "d2_coco_R_18_FPN_quick.yaml": ((3000, 3600), 4000),
-                "d2_coco_R_50_C4_1x.yaml": ((60000, 80000), 90000),
-                "d2_voc0712_R_50_C4_24k.yaml": ((18000, 22000), 24000)}
+D2_SCHEDULES = {
+    "Base-RCNN-C4-BN.yaml": ((30000,), 40000),
+    "d2_coco_R_18_FPN_quick.yaml": ((3000, 3600), 4000),
+    "d2_coco_R_50_C4_1x.yaml": ((60000, 80000), 90000),
+    "d2_voc0712_R_50_C4_24k.yaml": ((18000, 22000), 24000),
+}
 
 
 def _d2_yaml(name: str) -> dict:
@@ -336,8 +406,11 @@ def test_detectron2_engine_without_detectron2_says_how_to_install(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     from simsiam_kit.evaluation.detection.detectron2_engine import require_detectron2
 
-    with pytest.raises(UserError, match="not published on PyPI.*setuptools<81.*git clone "
-                       "https://github.com/facebookresearch/detectron2.git && pip install --no-build-isolation"):
+    with pytest.raises(
+        UserError,
+        match="not published on PyPI.*setuptools<81.*git clone "
+        "https://github.com/facebookresearch/detectron2.git && pip install --no-build-isolation",
+    ):
         require_detectron2()
 
 
@@ -368,12 +441,14 @@ def test_launcher_options_refused_up_front():
 
     check_launch(1, 1, 0, "auto", visible_gpus=0)  # CPU: one process
     check_launch(8, 2, 1, "tcp://10.0.0.1:29500", visible_gpus=8)
-    cases = [((2, 1, 0, "auto", 0), "--num-gpus 2: this machine has 0 visible CUDA GPU"),
-             ((4, 1, 0, "auto", 2), "--num-gpus 4: this machine has 2 visible CUDA GPU"),
-             ((0, 1, 0, "auto", 2), "--num-gpus 0"),
-             ((1, 2, 0, "auto", 1), "needs --dist-url tcp://HOST:PORT"),
-             ((1, 2, 2, "tcp://h:1", 1), "--machine-rank 2: expected 0..1"),
-             ((1, 2, 0, "tcp://h:1", 0), "no visible CUDA GPU")]
+    cases = [
+        ((2, 1, 0, "auto", 0), "--num-gpus 2: this machine has 0 visible CUDA GPU"),
+        ((4, 1, 0, "auto", 2), "--num-gpus 4: this machine has 2 visible CUDA GPU"),
+        ((0, 1, 0, "auto", 2), "--num-gpus 0"),
+        ((1, 2, 0, "auto", 1), "needs --dist-url tcp://HOST:PORT"),
+        ((1, 2, 2, "tcp://h:1", 1), "--machine-rank 2: expected 0..1"),
+        ((1, 2, 0, "tcp://h:1", 0), "no visible CUDA GPU"),
+    ]
     for args, msg in cases:
         with pytest.raises(UserError, match=msg.replace("(", r"\(")):
             check_launch(*args[:4], visible_gpus=args[4])
@@ -382,9 +457,24 @@ def test_launcher_options_refused_up_front():
 @needs_data
 def test_cli_refuses_gpus_the_machine_lacks(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    base = ["eval", "detection", "--weights", "random", "--arch", "resnet18", "--train-json",
-            str(DATA / "instances_train.json"), "--train-images", str(DATA / "images"), "--val-json",
-            str(DATA / "instances_val.json"), "--val-images", str(DATA / "images"), "--output", str(tmp_path / "o")]
+    base = [
+        "eval",
+        "detection",
+        "--weights",
+        "random",
+        "--arch",
+        "resnet18",
+        "--train-json",
+        str(DATA / "instances_train.json"),
+        "--train-images",
+        str(DATA / "images"),
+        "--val-json",
+        str(DATA / "instances_val.json"),
+        "--val-images",
+        str(DATA / "images"),
+        "--output",
+        str(tmp_path / "o"),
+    ]
     r = CliRunner().invoke(app, base + ["--engine", "detectron2", "--num-gpus", "2"])
     assert r.exit_code == 2 and "--num-gpus 2: this machine has 0 visible CUDA GPU" in r.output
     assert len(r.output.strip().splitlines()) == 1
@@ -410,11 +500,28 @@ def test_outputs_follow_the_umask(tmp_path):
 def _write_voc_devkit(root: Path, splits: dict, difficult_every: int = 3) -> Path:
     """A VOCdevkit (VOC2007) from coco128 images: COCO classes that exist in VOC, integer 1-based corners,
     every ``difficult_every``-th object difficult, <pose>/<truncated> as detectron2's evaluator reads them."""
-    coco_to_voc = {"airplane": "aeroplane", "bicycle": "bicycle", "bird": "bird", "boat": "boat", "bottle": "bottle",
-                   "bus": "bus", "car": "car", "cat": "cat", "chair": "chair", "cow": "cow",
-                   "dining table": "diningtable", "dog": "dog", "horse": "horse", "motorcycle": "motorbike",
-                   "person": "person", "potted plant": "pottedplant", "sheep": "sheep", "couch": "sofa",
-                   "train": "train", "tv": "tvmonitor"}
+    coco_to_voc = {
+        "airplane": "aeroplane",
+        "bicycle": "bicycle",
+        "bird": "bird",
+        "boat": "boat",
+        "bottle": "bottle",
+        "bus": "bus",
+        "car": "car",
+        "cat": "cat",
+        "chair": "chair",
+        "cow": "cow",
+        "dining table": "diningtable",
+        "dog": "dog",
+        "horse": "horse",
+        "motorcycle": "motorbike",
+        "person": "person",
+        "potted plant": "pottedplant",
+        "sheep": "sheep",
+        "couch": "sofa",
+        "train": "train",
+        "tv": "tvmonitor",
+    }
     d = json.loads((DATA / "instances_train.json").read_text())
     cat_name = {c["id"]: c["name"] for c in d["categories"]}
     per_image: dict = {}
@@ -428,7 +535,7 @@ def _write_voc_devkit(root: Path, splits: dict, difficult_every: int = 3) -> Pat
     k, n_obj = 0, 0
     for split, n in splits.items():
         ids = []
-        for im in images[k:k + n]:
+        for im in images[k : k + n]:
             stem = f"{im['id']:06d}"
             shutil.copy(DATA / "images" / im["file_name"], base / "JPEGImages" / f"{stem}.jpg")
             objs = ""
@@ -437,22 +544,32 @@ def _write_voc_devkit(root: Path, splits: dict, difficult_every: int = 3) -> Pat
                 x1, y1 = int(x) + 1, int(y) + 1
                 x2, y2 = min(int(x + w), im["width"]), min(int(y + h), im["height"])
                 n_obj += 1
-                objs += (f"<object><name>{coco_to_voc[cat_name[a['category_id']]]}</name><pose>Unspecified</pose>"
-                         f"<truncated>0</truncated><difficult>{int(n_obj % difficult_every == 0)}</difficult><bndbox>"
-                         f"<xmin>{x1}</xmin><ymin>{y1}</ymin><xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>")
+                objs += (
+                    f"<object><name>{coco_to_voc[cat_name[a['category_id']]]}</name><pose>Unspecified</pose>"
+                    f"<truncated>0</truncated><difficult>{int(n_obj % difficult_every == 0)}</difficult><bndbox>"
+                    f"<xmin>{x1}</xmin><ymin>{y1}</ymin><xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>"
+                )
             (base / "Annotations" / f"{stem}.xml").write_text(
                 f"<annotation><filename>{stem}.jpg</filename><size><width>{im['width']}</width><height>{im['height']}"
-                f"</height><depth>3</depth></size>{objs}</annotation>")
+                f"</height><depth>3</depth></size>{objs}</annotation>"
+            )
             ids.append(stem)
         (base / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(ids) + "\n")
         k += n
     return root
 
 
-D2_SMALL = ["SOLVER.IMS_PER_BATCH=2", "INPUT.MIN_SIZE_TRAIN=(96,)", "INPUT.MAX_SIZE_TRAIN=160",
-            "INPUT.MIN_SIZE_TEST=96", "INPUT.MAX_SIZE_TEST=160", "DATALOADER.NUM_WORKERS=0",
-            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE=16",
-            "MODEL.RPN.POST_NMS_TOPK_TRAIN=32", "MODEL.RPN.POST_NMS_TOPK_TEST=8"]
+D2_SMALL = [
+    "SOLVER.IMS_PER_BATCH=2",
+    "INPUT.MIN_SIZE_TRAIN=(96,)",
+    "INPUT.MAX_SIZE_TRAIN=160",
+    "INPUT.MIN_SIZE_TEST=96",
+    "INPUT.MAX_SIZE_TEST=160",
+    "DATALOADER.NUM_WORKERS=0",
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE=16",
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN=32",
+    "MODEL.RPN.POST_NMS_TOPK_TEST=8",
+]
 
 
 def _sets(items) -> list:
@@ -479,8 +596,19 @@ def _fresh_detectron2_logging():
 def _d2_job(config: str, iters=None, overrides=()):
     from simsiam_kit.evaluation.detection.detectron2_engine import D2Data, D2Job
 
-    return D2Job(str(CONFIGS / config), "", [D2Data("coco", "x.json", "img")], D2Data("coco", "y.json", "img"), 80,
-                 [f"c{i}" for i in range(80)], [], "/tmp/unused", list(overrides), iters, 1)
+    return D2Job(
+        str(CONFIGS / config),
+        "",
+        [D2Data("coco", "x.json", "img")],
+        D2Data("coco", "y.json", "img"),
+        80,
+        [f"c{i}" for i in range(80)],
+        [],
+        "/tmp/unused",
+        list(overrides),
+        iters,
+        1,
+    )
 
 
 def test_detectron2_lr_scheduler_accepts_every_short_run():
@@ -522,6 +650,7 @@ def test_detectron2_writers_without_tensorboard(tmp_path, monkeypatch):
     from simsiam_kit.evaluation.detection.detectron2_engine import training_writers
 
     real = importlib.util.find_spec
+
     def find_spec(tensorboard_spec):
         return lambda name, *a: tensorboard_spec if name == "tensorboard" else real(name, *a)
 
@@ -544,11 +673,32 @@ def test_detectron2_engine_r18_fpn_short_runs_through_cli(tmp_path, iters):
     train = _subset_json(DATA / "instances_train.json", tmp_path / "train.json", 4)
     val = _subset_json(DATA / "instances_val.json", tmp_path / "val.json", 2)
     out = tmp_path / "out"
-    r = CliRunner().invoke(app, [
-        "eval", "detection", "--weights", str(tmp_path / "bb.pt"), "--engine", "detectron2", "--config",
-        "d2_coco_R_18_FPN_quick", "--train-json", str(train), "--train-images", str(DATA / "images"), "--val-json",
-        str(val), "--val-images", str(DATA / "images"), "--iters", str(iters), "--output", str(out),
-        *_sets(D2_SMALL + ["MODEL.ROI_HEADS.SCORE_THRESH_TEST=1.0"])])  # no score reaches 1.0: no detection
+    r = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "detection",
+            "--weights",
+            str(tmp_path / "bb.pt"),
+            "--engine",
+            "detectron2",
+            "--config",
+            "d2_coco_R_18_FPN_quick",
+            "--train-json",
+            str(train),
+            "--train-images",
+            str(DATA / "images"),
+            "--val-json",
+            str(val),
+            "--val-images",
+            str(DATA / "images"),
+            "--iters",
+            str(iters),
+            "--output",
+            str(out),
+            *_sets(D2_SMALL + ["MODEL.ROI_HEADS.SCORE_THRESH_TEST=1.0"]),
+        ],
+    )  # no score reaches 1.0: no detection
     assert r.exit_code == 0, r.output
     res = json.loads((out / "results.json").read_text())
     assert res["engine"] == "detectron2" and res["iters"] == iters and res["metric"] == "coco"
@@ -573,8 +723,10 @@ def test_detectron2_voc_trains_on_difficult_and_scores_with_voc_evaluator(tmp_pa
 
     root = _write_voc_devkit(tmp_path / "VOCdevkit", {"trainval": 4, "test": 3})
     # the engine registers VOC with detectron2's own loader: difficult objects are in the training set
-    names = register_datasets([D2Data("voc", devkit=str(root), year=2007, split="trainval")],
-                              D2Data("voc", devkit=str(root), year=2007, split="test"))
+    names = register_datasets(
+        [D2Data("voc", devkit=str(root), year=2007, split="trainval")],
+        D2Data("voc", devkit=str(root), year=2007, split="test"),
+    )
     dicts = DatasetCatalog.get(names[0])
     ours = load_voc(root, "2007/trainval")
     n_difficult = int(sum(r["difficult"].sum() for r in ours.records))
@@ -587,10 +739,30 @@ def test_detectron2_voc_trains_on_difficult_and_scores_with_voc_evaluator(tmp_pa
     torch.manual_seed(0)
     save_backbone(tmp_path / "bb.pt", build_backbone("resnet50", "imagenet"), "resnet50", "imagenet")
     out = tmp_path / "out"
-    r = CliRunner().invoke(app, [
-        "eval", "detection", "--weights", str(tmp_path / "bb.pt"), "--engine", "detectron2", "--config",
-        "d2_voc0712_R_50_C4_24k", "--voc-root", str(root), "--voc-train", "2007/trainval", "--voc-val", "2007/test",
-        "--iters", "2", "--output", str(out), *_sets(D2_SMALL + ["MODEL.ROI_HEADS.SCORE_THRESH_TEST=0.0"])])
+    r = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "detection",
+            "--weights",
+            str(tmp_path / "bb.pt"),
+            "--engine",
+            "detectron2",
+            "--config",
+            "d2_voc0712_R_50_C4_24k",
+            "--voc-root",
+            str(root),
+            "--voc-train",
+            "2007/trainval",
+            "--voc-val",
+            "2007/test",
+            "--iters",
+            "2",
+            "--output",
+            str(out),
+            *_sets(D2_SMALL + ["MODEL.ROI_HEADS.SCORE_THRESH_TEST=0.0"]),
+        ],
+    )
     assert r.exit_code == 0, r.output
     res = json.loads((out / "results.json").read_text())
     assert res["metric"] == "voc2007_11point" and "PascalVOCDetectionEvaluator" in r.output
@@ -604,13 +776,32 @@ def test_detectron2_voc_trains_on_difficult_and_scores_with_voc_evaluator(tmp_pa
 def test_detectron2_voc_refusals(tmp_path):
     pytest.importorskip("detectron2")
     root = _write_voc_devkit(tmp_path / "VOCdevkit", {"trainval": 2, "test": 2, "one": 1})
-    base = ["eval", "detection", "--weights", "random", "--engine", "detectron2", "--voc-root", str(root),
-            "--voc-train", "2007/trainval", "--output", str(tmp_path / "o"), "--iters", "1", *_sets(D2_SMALL)]
+    base = [
+        "eval",
+        "detection",
+        "--weights",
+        "random",
+        "--engine",
+        "detectron2",
+        "--voc-root",
+        str(root),
+        "--voc-train",
+        "2007/trainval",
+        "--output",
+        str(tmp_path / "o"),
+        "--iters",
+        "1",
+        *_sets(D2_SMALL),
+    ]
     xml = next((root / "VOC2007" / "Annotations").glob("*.xml"))
-    cases = [(["--voc-val", "2007/test,2007/trainval"], "scores one YEAR/SPLIT"),
-             (["--voc-val", "2007/one"], "needs at least 2 images"),
-             (["--voc-val", "2007/test", "--config", "d2_coco_R_50_C4_1x"], "Pascal VOC (--voc-train / --train-json) "
-              "has boxes only")]
+    cases = [
+        (["--voc-val", "2007/test,2007/trainval"], "scores one YEAR/SPLIT"),
+        (["--voc-val", "2007/one"], "needs at least 2 images"),
+        (
+            ["--voc-val", "2007/test", "--config", "d2_coco_R_50_C4_1x"],
+            "Pascal VOC (--voc-train / --train-json) has boxes only",
+        ),
+    ]
     for extra, msg in cases:
         r = CliRunner().invoke(app, base + extra)
         assert r.exit_code == 2 and msg in r.output, (extra, r.output)
@@ -626,11 +817,35 @@ def test_detectron2_voc_refusals(tmp_path):
 @needs_data
 def test_detectron2_mask_rcnn_refused_on_boxes_and_mask_ap_printed(tmp_path):
     pytest.importorskip("detectron2")
-    base = ["eval", "detection", "--weights", "random", "--engine", "detectron2", "--config", "d2_coco_R_50_C4_1x",
-            "--train-images", str(DATA / "images"), "--val-images", str(DATA / "images")]
-    r = CliRunner().invoke(app, base + ["--train-json", str(DATA / "instances_train.json"), "--val-json",
-                                        str(DATA / "instances_val.json"), "--output", str(tmp_path / "o"),
-                                        "--iters", "1", *_sets(D2_SMALL)])
+    base = [
+        "eval",
+        "detection",
+        "--weights",
+        "random",
+        "--engine",
+        "detectron2",
+        "--config",
+        "d2_coco_R_50_C4_1x",
+        "--train-images",
+        str(DATA / "images"),
+        "--val-images",
+        str(DATA / "images"),
+    ]
+    r = CliRunner().invoke(
+        app,
+        base
+        + [
+            "--train-json",
+            str(DATA / "instances_train.json"),
+            "--val-json",
+            str(DATA / "instances_val.json"),
+            "--output",
+            str(tmp_path / "o"),
+            "--iters",
+            "1",
+            *_sets(D2_SMALL),
+        ],
+    )
     assert r.exit_code == 2, r.output
     assert "trains Mask R-CNN (MODEL.MASK_ON True), but" in r.output and "without a 'segmentation' mask" in r.output
     assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
@@ -668,10 +883,21 @@ def test_detectron2_launch_gets_multi_machine_options(tmp_path, monkeypatch):
     monkeypatch.setattr(detectron2.engine, "launch", lambda *a, **k: calls.append((a, k)))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    data = resolve_data(DATA / "instances_train.json", DATA / "images", DATA / "instances_val.json", DATA / "images",
-                        None, "", "")
-    res = run_detectron2_detection("d2_coco_R_18_FPN_quick", "random", data, tmp_path / "o", iters=10, num_gpus=4,
-                                   num_machines=2, machine_rank=1, dist_url="tcp://10.0.0.1:29500", log=lambda s: None)
+    data = resolve_data(
+        DATA / "instances_train.json", DATA / "images", DATA / "instances_val.json", DATA / "images", None, "", ""
+    )
+    res = run_detectron2_detection(
+        "d2_coco_R_18_FPN_quick",
+        "random",
+        data,
+        tmp_path / "o",
+        iters=10,
+        num_gpus=4,
+        num_machines=2,
+        machine_rank=1,
+        dist_url="tcp://10.0.0.1:29500",
+        log=lambda s: None,
+    )
     assert res is None  # machine 0 writes the results
     (fn, num_gpus), kw = calls[0]
     assert num_gpus == 4 and kw["num_machines"] == 2 and kw["machine_rank"] == 1
@@ -680,8 +906,16 @@ def test_detectron2_launch_gets_multi_machine_options(tmp_path, monkeypatch):
     assert (job.num_machines, job.machine_rank, job.iters) == (2, 1, 10)
     with pytest.raises(UserError, match="not divisible by the 12 processes"):  # 8 images over 6 GPUs x 2 machines
         monkeypatch.setattr(torch.cuda, "device_count", lambda: 6)
-        run_detectron2_detection("d2_coco_R_18_FPN_quick", "random", data, tmp_path / "o2", num_gpus=6,
-                                 num_machines=2, dist_url="tcp://10.0.0.1:29500", log=lambda s: None)
+        run_detectron2_detection(
+            "d2_coco_R_18_FPN_quick",
+            "random",
+            data,
+            tmp_path / "o2",
+            num_gpus=6,
+            num_machines=2,
+            dist_url="tcp://10.0.0.1:29500",
+            log=lambda s: None,
+        )
 
 
 def test_detectron2_converted_weights_load_with_nothing_missing(tmp_path):
@@ -693,8 +927,8 @@ def test_detectron2_converted_weights_load_with_nothing_missing(tmp_path):
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
-    from simsiam_kit.evaluation.detection.detectron2_engine import build_cfg, register_res5_extra_norm
     from simsiam_kit.detectron2_weights import convert_weights
+    from simsiam_kit.evaluation.detection.detectron2_engine import build_cfg, register_res5_extra_norm
 
     torch.manual_seed(0)
     bb = build_backbone("resnet50", "imagenet")
@@ -709,7 +943,8 @@ def test_detectron2_converted_weights_load_with_nothing_missing(tmp_path):
     resnet = re.compile(r"(^|\.)(stem|res[2-5])\.")
     # the only res* weights left to initialise: MoCo's extra norm after res5, which a ResNet does not have
     assert {k for k in inc.missing_keys if resnet.search(k)} == {
-        f"roi_heads.res5.norm.{n}" for n in ("weight", "bias", "running_mean", "running_var")}
+        f"roi_heads.res5.norm.{n}" for n in ("weight", "bias", "running_mean", "running_var")
+    }
     assert inc.unexpected_keys == [] and inc.incorrect_shapes == []
     sd = model.state_dict()
     torch.testing.assert_close(sd["roi_heads.res5.2.conv3.weight"], bb.layer4[2].conv3.weight)

@@ -6,16 +6,15 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx  # noqa: E402  (a hard dependency)
 import pytest
 import torch
+from conftest import needs_shared  # noqa: E402
 from typer.testing import CliRunner
 
-import onnx  # noqa: E402  (a hard dependency)
-
-from simsiam_kit.export.embedder import OnnxEmbedder, preprocess  # noqa: E402
 from simsiam_kit.cli import app  # noqa: E402
 from simsiam_kit.errors import UserError  # noqa: E402
-from conftest import needs_shared  # noqa: E402
+from simsiam_kit.export.embedder import OnnxEmbedder, preprocess  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CIFAR_VAL = SHARED / "cifar10" / "val.npz"
@@ -32,15 +31,27 @@ def _mean_pool_model(path: Path, size: int = 4) -> Path:
     """A hand-made simsiam-kit 'encoder': the embedding is the per-channel mean of the normalised input."""
     from onnx import TensorProto, helper
 
-    nodes = [helper.make_node("GlobalAveragePool", ["images"], ["pooled"]),
-             helper.make_node("Flatten", ["pooled"], ["embeddings"], axis=1)]
-    g = helper.make_graph(nodes, "mean_pool",
-                          [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, size, size])],
-                          [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, ["batch", 3])])
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["images"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["embeddings"], axis=1),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "mean_pool",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, ["batch", 3])],
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
-    meta = {"format": "simsiam-kit-onnx-encoder", "image_size": str(size), "mean": "[0.5, 0.5, 0.5]",
-            "std": "[0.25, 0.5, 1.0]", "channel_order": "RGB", "embedding_dim": "3", "input_name": "images",
-            "output_name": "embeddings"}
+    meta = {
+        "format": "simsiam-kit-onnx-encoder",
+        "image_size": str(size),
+        "mean": "[0.5, 0.5, 0.5]",
+        "std": "[0.25, 0.5, 1.0]",
+        "channel_order": "RGB",
+        "embedding_dim": "3",
+        "input_name": "images",
+        "output_name": "embeddings",
+    }
     for k, v in meta.items():
         m.metadata_props.add(key=k, value=v)
     onnx.checker.check_model(m)
@@ -112,8 +123,8 @@ def test_bad_image_inputs_are_clear_errors(tiny, tmp_path):
 # ----------------------------------------------------------------------------- embed + search
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory):
-    from simsiam_kit.export.onnx import export_onnx
     from simsiam_kit.engine.checkpoint import save_backbone
+    from simsiam_kit.export.onnx import export_onnx
     from simsiam_kit.models import build_backbone
 
     d = tmp_path_factory.mktemp("search_enc")
@@ -131,8 +142,18 @@ def test_embed_npz_then_search_finds_each_query_itself(encoder, tmp_path):
     from simsiam_kit.data.datasets import load_dataset
 
     out = tmp_path / "emb"
-    res = _cli("embed", "--model", encoder, "--data", f"{CIFAR_VAL}[:100]", "--output", out, "--batch-size", 32,
-               "--no-progress")
+    res = _cli(
+        "embed",
+        "--model",
+        encoder,
+        "--data",
+        f"{CIFAR_VAL}[:100]",
+        "--output",
+        out,
+        "--batch-size",
+        32,
+        "--no-progress",
+    )
     assert res.exit_code == 0, res.output
     ds = load_dataset(f"{CIFAR_VAL}[:100]")
     z = np.load(out / "embeddings.npy")

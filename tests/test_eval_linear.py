@@ -12,11 +12,18 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from simsiam_kit.cli import app
 from simsiam_kit.evaluation.linear import (
-    LARS, BackboneChanged, TensorLoader, check_backbone_unchanged, evaluate_head, freeze, make_head, snapshot_state,
+    LARS,
+    BackboneChanged,
+    TensorLoader,
+    check_backbone_unchanged,
+    evaluate_head,
+    freeze,
+    make_head,
+    snapshot_state,
     train_linear_head,
 )
-from simsiam_kit.cli import app
 from simsiam_kit.models import build_backbone
 
 runner = CliRunner()
@@ -36,9 +43,17 @@ def test_linear_probe_reaches_100_percent_on_separable_toy_set(tmp_path):
     xtr, ytr = _separable(256, 0)
     xte, yte = _separable(128, 1)
     head = make_head(16, 4)
-    hist = train_linear_head(head, TensorLoader(xtr, ytr, 32, seed=0), lambda b: b["features"], epochs=8,
-                             base_lr=0.1, batch_size=32, eval_features=xte, eval_labels=yte,
-                             metrics_path=tmp_path / "metrics.jsonl")
+    hist = train_linear_head(
+        head,
+        TensorLoader(xtr, ytr, 32, seed=0),
+        lambda b: b["features"],
+        epochs=8,
+        base_lr=0.1,
+        batch_size=32,
+        eval_features=xte,
+        eval_labels=yte,
+        metrics_path=tmp_path / "metrics.jsonl",
+    )
     assert evaluate_head(head, xtr, ytr)["top1"] == 100.0
     assert evaluate_head(head, xte, yte)["top1"] == 100.0
     assert hist[-1]["test_top1"] == 100.0 and hist[-1]["loss"] < hist[0]["loss"]
@@ -96,9 +111,27 @@ def test_backbone_unchanged_check():
 @pytest.mark.parametrize("cached", [False, True])
 def test_cli_linear_random_resnet18(tmp_path, cifar_val, cached):
     out = tmp_path / "lin"
-    args = ["eval", "linear", "--weights", "random", "--arch", "resnet18", "--train-data", f"{cifar_val}[:256]",
-            "--test-data", f"{cifar_val}[4900:]", "--epochs", "2", "--batch-size", "64", "--output", str(out),
-            "--no-progress", "--precision", "fp32"]
+    args = [
+        "eval",
+        "linear",
+        "--weights",
+        "random",
+        "--arch",
+        "resnet18",
+        "--train-data",
+        f"{cifar_val}[:256]",
+        "--test-data",
+        f"{cifar_val}[4900:]",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "64",
+        "--output",
+        str(out),
+        "--no-progress",
+        "--precision",
+        "fp32",
+    ]
     if cached:
         args += ["--cached-features", "--optimizer", "lars"]
     r = runner.invoke(app, args)
@@ -120,16 +153,34 @@ def test_cli_linear_random_resnet18(tmp_path, cifar_val, cached):
 
 def test_cli_linear_bad_inputs(tmp_path, tiny_npz, cifar_val):
     with np.load(tiny_npz) as d:
-        np.savez(tmp_path / "other.npz", images=d["images"], labels=d["labels"],
-                 class_names=np.array(["cat", "automobile", "bird"]))
+        np.savez(
+            tmp_path / "other.npz",
+            images=d["images"],
+            labels=d["labels"],
+            class_names=np.array(["cat", "automobile", "bird"]),
+        )
     cases = [
         (["--train-data", str(tiny_npz), "--test-data", str(tmp_path / "other.npz")], "different class lists"),
         (["--train-data", f"{cifar_val}[10:10]", "--test-data", str(tiny_npz)], "empty"),
         (["--train-data", str(tiny_npz), "--test-data", str(tiny_npz), "--optimizer", "adam"], "--optimizer"),
     ]
     for extra, want in cases:
-        r = runner.invoke(app, ["eval", "linear", "--weights", "random", "--arch", "resnet18", "--epochs", "1",
-                                "--output", str(tmp_path / "o"), *extra])
+        r = runner.invoke(
+            app,
+            [
+                "eval",
+                "linear",
+                "--weights",
+                "random",
+                "--arch",
+                "resnet18",
+                "--epochs",
+                "1",
+                "--output",
+                str(tmp_path / "o"),
+                *extra,
+            ],
+        )
         assert r.exit_code == 2, r.output
         lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("error:") and want in lines[0], r.output
@@ -141,8 +192,22 @@ def test_eval_download_options_reach_torchvision(tmp_path, monkeypatch):
 
     calls = []
     monkeypatch.setattr(tvd.cifar, "download_and_extract_archive", lambda url, root, **k: calls.append((url, root)))
-    args = ["eval", "linear", "--weights", "random", "--arch", "resnet18", "--train-data", "cifar10:train",
-            "--test-data", "cifar10:test", "--data-root", str(tmp_path / "data"), "-o", str(tmp_path / "out")]
+    args = [
+        "eval",
+        "linear",
+        "--weights",
+        "random",
+        "--arch",
+        "resnet18",
+        "--train-data",
+        "cifar10:train",
+        "--test-data",
+        "cifar10:test",
+        "--data-root",
+        str(tmp_path / "data"),
+        "-o",
+        str(tmp_path / "out"),
+    ]
     res = runner.invoke(app, args)  # downloading is off: one line naming the option, nothing fetched
     assert res.exit_code == 2 and "--download" in res.output and calls == []
     res = runner.invoke(app, args + ["--download"])  # torchvision tries the real download into --data-root

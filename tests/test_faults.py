@@ -106,8 +106,14 @@ def _run(out, overrides, extra=(), fault=None, timeout=300):
 
 
 def _popen(out, overrides, extra=()):
-    return subprocess.Popen([sys.executable, "-m", "simsiam_kit", *_args(out, overrides, extra)], env=_env(), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "simsiam_kit", *_args(out, overrides, extra)],
+        env=_env(),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _weights(run: Path) -> dict:
@@ -164,8 +170,10 @@ def _assert_same_run(ref: Path, run: Path) -> None:
     assert _epoch_lines(ref) == _epoch_lines(run)  # each epoch once, same losses and kNN, no duplicates
     assert not _temp_files(run), _temp_files(run)
     assert (run / "results" / "pretrain.json").is_file()
-    assert torch.load(run / "backbone.pt", weights_only=True)["epoch"] == torch.load(
-        run / "checkpoints" / "last.pt", weights_only=True)["epoch"]
+    assert (
+        torch.load(run / "backbone.pt", weights_only=True)["epoch"]
+        == torch.load(run / "checkpoints" / "last.pt", weights_only=True)["epoch"]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,8 +185,7 @@ def _memory_overrides(npz: Path, epochs: int = 3) -> list[str]:
 
 
 def _folder_overrides(root: Path, epochs: int = 2) -> list[str]:
-    return tiny_overrides(str(root), str(root), epochs=epochs, batch=8) + [
-        "train.deterministic=true", "data.workers=2"]
+    return tiny_overrides(str(root), str(root), epochs=epochs, batch=8) + ["train.deterministic=true", "data.workers=2"]
 
 
 @pytest.fixture(scope="module")
@@ -260,8 +267,9 @@ def test_kills_inside_checkpoint_writes_then_resume_is_bit_identical(workdir, me
     assert r.returncode == 2 and "already finished" in r.stderr
 
 
-def test_image_folder_two_workers_killed_at_random_then_resumed_is_bit_identical(workdir, image_folder,
-                                                                                 folder_reference):
+def test_image_folder_two_workers_killed_at_random_then_resumed_is_bit_identical(
+    workdir, image_folder, folder_reference
+):
     o = _folder_overrides(image_folder)
     run = workdir / "chain-folder"
     p = _popen(run, o)
@@ -303,8 +311,17 @@ def test_ddp_worker_killed_tears_down(workdir, memory_npz):
     error, no process is left, the checkpoint (if any) loads and the directory's lock is free again."""
     out = workdir / "ddp-kill"
     o = tiny_overrides(str(memory_npz), None, epochs=200, batch=16) + ["train.dist_timeout_s=60"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "-m", "simsiam_kit", *_args(out, o)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        "-m",
+        "simsiam_kit",
+        *_args(out, o),
+    ]
     p = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     ck = out / "checkpoints" / "last.pt"
     deadline = time.time() + 240
@@ -397,8 +414,13 @@ def test_random_kills_loop(kind, workdir, memory_npz, image_folder, memory_refer
         o, ref, window = _memory_overrides(memory_npz, epochs=3), memory_reference, (0.0, 4.0)
     else:
         o, ref, window = _folder_overrides(image_folder, epochs=2), folder_reference, (0.0, 4.0)
-    total = {"kills": 0, "kills_before_first_checkpoint": 0, "temp_bytes_left_then_removed": 0, "lost_bytes": 0,
-             "resumed_runs_bit_identical": 0}
+    total = {
+        "kills": 0,
+        "kills_before_first_checkpoint": 0,
+        "temp_bytes_left_then_removed": 0,
+        "lost_bytes": 0,
+        "resumed_runs_bit_identical": 0,
+    }
     for rep in range(6):
         run = workdir / f"loop-{kind}-{rep}"
         figures = _kill_loop(run, o, kills=6, seed=100 * rep + (kind == "folder"), window=window)
@@ -440,14 +462,29 @@ def test_ddp_killed_and_resumed_bit_identical(workdir, memory_npz):
     o = tiny_overrides(str(memory_npz), None, epochs=3, batch=16) + ["train.deterministic=true"]
 
     def torchrun(out, extra=()):
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                f"--master_port={_free_port()}", "-m", "simsiam_kit", *_args(out, o, extra)]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={_free_port()}",
+            "-m",
+            "simsiam_kit",
+            *_args(out, o, extra),
+        ]
 
     ref, run = workdir / "ddp-ref", workdir / "ddp-killed"
     r = subprocess.run(torchrun(ref), env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    p = subprocess.Popen(torchrun(run), env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)
+    p = subprocess.Popen(
+        torchrun(run),
+        env=_env(),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     ck = run / "checkpoints" / "last.pt"
     deadline = time.time() + 300
     while time.time() < deadline and p.poll() is None and not ck.is_file():

@@ -80,10 +80,18 @@ def test_summary_eval_knn_and_random_like_run_agree(ctx):
     assert r.exit_code == 0, r.output
     base = json.loads((run / "eval" / "knn-random-init" / "results.json").read_text())  # the default output
     assert base["top1"] == pytest.approx(summary["knn_top1_random_init"], abs=1e-9)
-    assert base["weights"] == {"spec": "random", "kind": "random", "like": str(run), "seed": 0,
-                               "init": f"the initial weights of {run} (seed 0)"}
-    assert (base["settings"]["arch"], base["settings"]["stem"], base["settings"]["image_size"]) == ("resnet18",
-                                                                                                    "cifar", 16)
+    assert base["weights"] == {
+        "spec": "random",
+        "kind": "random",
+        "like": str(run),
+        "seed": 0,
+        "init": f"the initial weights of {run} (seed 0)",
+    }
+    assert (base["settings"]["arch"], base["settings"]["stem"], base["settings"]["image_size"]) == (
+        "resnet18",
+        "cifar",
+        16,
+    )
     assert base["settings"]["image_settings_from"]["image_size"] == "config"
     # both rows in the printed table, trained first
     assert "against the run's own random init" in r.output
@@ -116,7 +124,12 @@ def test_results_name_the_weights_and_are_kept(ctx, tmp_path):
     res = json.loads((out / "results.json").read_text())
     w = res["weights"]
     assert (w["file"], w["kind"], w["epoch"], w["run_dir"], w["run_in_progress"]) == (
-        str(run / "backbone.pt"), "backbone", 2, str(run), None)
+        str(run / "backbone.pt"),
+        "backbone",
+        2,
+        str(run),
+        None,
+    )
     assert w["sha256"] == hashlib.sha256((run / "backbone.pt").read_bytes()).hexdigest()
     # a rerun keeps the earlier results and says how to replace them
     (out / "plots").mkdir()
@@ -136,8 +149,9 @@ def test_run_in_progress_gets_a_note(ctx, tmp_path):
     run, npz = ctx / "run", ctx / "tiny.npz"
     with open(run / ".lock", "a") as lock:  # what a training process holds
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        r = runner.invoke(app, _knn("--weights", run, "--train-data", npz, "--test-data", npz, "--output",
-                                    tmp_path / "o"))
+        r = runner.invoke(
+            app, _knn("--weights", run, "--train-data", npz, "--test-data", npz, "--output", tmp_path / "o")
+        )
     assert r.exit_code == 0, r.output
     note = [ln for ln in r.output.splitlines() if "still training" in ln]
     assert len(note) == 1 and note[0].startswith(f"note: {run} is still training (pid {os.getpid()})")
@@ -186,20 +200,40 @@ def test_a_weights_file_is_read_once(ctx, monkeypatch):
     assert len(calls) == 1
 
 
-@pytest.mark.parametrize("name, content, what", [
-    ("model.onnx", b"\x08\x07\x12\x07pytorch" + b"\x00" * 40, "an ONNX model"),
-    ("model_final.pkl", pickle.dumps({"model": {"conv1.weight": np.zeros(3)}, "__author__": "x"}), "a Python pickle"),
-    ("config.yaml", b"data:\n  train: demo\n", "a YAML text file"),
-    ("data.npz", None, "a NumPy .npz archive"),
-])
+@pytest.mark.parametrize(
+    "name, content, what",
+    [
+        ("model.onnx", b"\x08\x07\x12\x07pytorch" + b"\x00" * 40, "an ONNX model"),
+        (
+            "model_final.pkl",
+            pickle.dumps({"model": {"conv1.weight": np.zeros(3)}, "__author__": "x"}),
+            "a Python pickle",
+        ),
+        ("config.yaml", b"data:\n  train: demo\n", "a YAML text file"),
+        ("data.npz", None, "a NumPy .npz archive"),
+    ],
+)
 def test_foreign_weights_files_are_named(tmp_path, name, content, what):
     p = tmp_path / name
     if content is None:
         np.savez(p, images=np.zeros((2, 4, 4, 3), np.uint8))
     else:
         p.write_bytes(content)
-    r = runner.invoke(app, ["eval", "knn", "--weights", str(p), "--train-data", "demo:val[:20]", "--test-data",
-                            "demo:val[:20]", "--output", str(tmp_path / "o")])
+    r = runner.invoke(
+        app,
+        [
+            "eval",
+            "knn",
+            "--weights",
+            str(p),
+            "--train-data",
+            "demo:val[:20]",
+            "--test-data",
+            "demo:val[:20]",
+            "--output",
+            str(tmp_path / "o"),
+        ],
+    )
     assert r.exit_code == 2 and len(lines_of(r.output)) == 1, r.output
     assert f"cannot load {p}: it is {what}" in r.output and "run directory" in r.output
     assert not (tmp_path / "o").exists()
@@ -208,8 +242,21 @@ def test_foreign_weights_files_are_named(tmp_path, name, content, what):
 def test_pickled_objects_in_a_torch_file(tmp_path):
     p = tmp_path / "whole_model.pt"
     torch.save(torch.nn.Linear(2, 2), p)  # a whole module, not a state dict
-    r = runner.invoke(app, ["eval", "knn", "--weights", str(p), "--train-data", "demo:val[:20]", "--test-data",
-                            "demo:val[:20]", "--output", str(tmp_path / "o")])
+    r = runner.invoke(
+        app,
+        [
+            "eval",
+            "knn",
+            "--weights",
+            str(p),
+            "--train-data",
+            "demo:val[:20]",
+            "--test-data",
+            "demo:val[:20]",
+            "--output",
+            str(tmp_path / "o"),
+        ],
+    )
     assert r.exit_code == 2 and len(lines_of(r.output)) == 1, r.output
     assert "pickled Python objects" in r.output and "state_dict()" in r.output
 
@@ -218,10 +265,12 @@ def test_pickled_objects_in_a_torch_file(tmp_path):
 def test_image_settings_precedence():
     from simsiam_kit.image_settings import resolve_image_settings
 
-    s = resolve_image_settings(option={"image_size": None, "mean": (0.5, 0.5, 0.5)},
-                               weights={"image_size": 16, "mean": None, "std": None},
-                               config={"image_size": 32, "mean": (0.1, 0.2, 0.3), "std": (0.4, 0.5, 0.6)},
-                               stem="cifar")
+    s = resolve_image_settings(
+        option={"image_size": None, "mean": (0.5, 0.5, 0.5)},
+        weights={"image_size": 16, "mean": None, "std": None},
+        config={"image_size": 32, "mean": (0.1, 0.2, 0.3), "std": (0.4, 0.5, 0.6)},
+        stem="cifar",
+    )
     assert (s.image_size, s.mean, s.std) == (16, (0.5, 0.5, 0.5), (0.4, 0.5, 0.6))
     assert dict(s.sources) == {"image_size": "weights", "mean": "option", "std": "config"}
     assert resolve_image_settings(stem="cifar").image_size == 32
@@ -255,15 +304,31 @@ def corrupt_folder(tmp_path) -> Path:
         (folder / c).mkdir(parents=True)
         for i in range(8):
             Image.fromarray(np.random.default_rng(i).integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(
-                folder / c / f"{i}.png")
+                folder / c / f"{i}.png"
+            )
     (folder / "b" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00truncated")
     return folder
 
 
 def test_unreadable_images_name_each_commands_option(corrupt_folder, tmp_path):
     f = str(corrupt_folder)
-    args = ["eval", "knn", "--weights", "random", "--arch", "resnet18", "--stem", "cifar", "--train-data", f,
-            "--test-data", f, "--k", "3", "--no-plots"]
+    args = [
+        "eval",
+        "knn",
+        "--weights",
+        "random",
+        "--arch",
+        "resnet18",
+        "--stem",
+        "cifar",
+        "--train-data",
+        f,
+        "--test-data",
+        f,
+        "--k",
+        "3",
+        "--no-plots",
+    ]
     r = runner.invoke(app, args + ["--output", str(tmp_path / "a")])  # read by 2 DataLoader workers
     assert r.exit_code == 2 and len(lines_of(r.output)) == 1, r.output
     assert "cannot read image" in r.output and "3.png" in r.output and "(--skip-bad-images skips" in r.output
@@ -271,8 +336,11 @@ def test_unreadable_images_name_each_commands_option(corrupt_folder, tmp_path):
     r = runner.invoke(app, args + ["--output", str(tmp_path / "b"), "--skip-bad-images"])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "b" / "results.json").read_text())["settings"]["bank_size"] == 15
-    r = runner.invoke(app, ["pretrain", "--output", str(tmp_path / "run")]
-                      + sets(tiny_overrides(f, None) + ["optim.batch_size=8", "data.workers=0"]))
+    r = runner.invoke(
+        app,
+        ["pretrain", "--output", str(tmp_path / "run")]
+        + sets(tiny_overrides(f, None) + ["optim.batch_size=8", "data.workers=0"]),
+    )
     assert r.exit_code == 2 and "--set data.skip_bad_images=true" in r.output and "--skip-bad-images" not in r.output
 
 
@@ -288,24 +356,74 @@ def test_help_prints_as_written():
     assert "--like RUN" in r.output and "--skip-bad-images" in r.output and "--overwrite" in r.output
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["eval", "knn", "--weights", "/nonexistent/run", "--train-data", "demo:train", "--test-data", "demo:val"],
-     "weights not found: /nonexistent/run"),
-    (["eval", "linear", "--weights", "random", "--arch", "resnet18", "--train-data", "/nonexistent.npz",
-      "--test-data", "demo:val"], "--train-data /nonexistent.npz: dataset not found"),
-    (["pretrain", "--set", "data.train=/nonexistent.npz"], "data.train /nonexistent.npz: dataset not found"),
-    (["export", "onnx", "--weights", "/nonexistent.pt", "--output", "/tmp/x.onnx"], "weights not found"),
-    (["eval", "knn", "--weights", "random", "--arch", "resnet18", "--train-data", "demo:train", "--test-data",
-      "demo:val", "--mean", "0.1,0.2"], "--mean: expected 3 comma-separated numbers"),
-    (["eval", "linear", "--weights", "random", "--train-data", "demo:train", "--test-data", "demo:val"],
-     "--weights random needs --like RUN"),
-    (["eval", "knn", "--weights", "/tmp", "--like", "/tmp", "--train-data", "demo:train", "--test-data", "demo:val"],
-     "--like applies to --weights random only"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (
+            ["eval", "knn", "--weights", "/nonexistent/run", "--train-data", "demo:train", "--test-data", "demo:val"],
+            "weights not found: /nonexistent/run",
+        ),
+        (
+            [
+                "eval",
+                "linear",
+                "--weights",
+                "random",
+                "--arch",
+                "resnet18",
+                "--train-data",
+                "/nonexistent.npz",
+                "--test-data",
+                "demo:val",
+            ],
+            "--train-data /nonexistent.npz: dataset not found",
+        ),
+        (["pretrain", "--set", "data.train=/nonexistent.npz"], "data.train /nonexistent.npz: dataset not found"),
+        (["export", "onnx", "--weights", "/nonexistent.pt", "--output", "/tmp/x.onnx"], "weights not found"),
+        (
+            [
+                "eval",
+                "knn",
+                "--weights",
+                "random",
+                "--arch",
+                "resnet18",
+                "--train-data",
+                "demo:train",
+                "--test-data",
+                "demo:val",
+                "--mean",
+                "0.1,0.2",
+            ],
+            "--mean: expected 3 comma-separated numbers",
+        ),
+        (
+            ["eval", "linear", "--weights", "random", "--train-data", "demo:train", "--test-data", "demo:val"],
+            "--weights random needs --like RUN",
+        ),
+        (
+            [
+                "eval",
+                "knn",
+                "--weights",
+                "/tmp",
+                "--like",
+                "/tmp",
+                "--train-data",
+                "demo:train",
+                "--test-data",
+                "demo:val",
+            ],
+            "--like applies to --weights random only",
+        ),
+    ],
+)
 def test_wrong_paths_are_reported_before_torch_is_imported(args, needle):
-    code = ("import sys; from typer.testing import CliRunner; from simsiam_kit.cli import app; "
-            f"r = CliRunner().invoke(app, {args!r}); "
-            "print(r.exit_code, 'torch' in sys.modules); print(r.output)")
+    code = (
+        "import sys; from typer.testing import CliRunner; from simsiam_kit.cli import app; "
+        f"r = CliRunner().invoke(app, {args!r}); "
+        "print(r.exit_code, 'torch' in sys.modules); print(r.output)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     first, *rest = out.stdout.splitlines()
     assert first == "2 False", out.stdout + out.stderr
@@ -317,8 +435,9 @@ def test_export_detectron2_summarises_bn_counters(tmp_path):
     from simsiam_kit.models import build_backbone
 
     save_backbone(tmp_path / "backbone.pt", build_backbone("resnet18", "imagenet"), "resnet18", "imagenet")
-    r = runner.invoke(app, ["export", "detectron2", "--weights", str(tmp_path / "backbone.pt"), "--output",
-                            str(tmp_path / "d2.pkl")])
+    r = runner.invoke(
+        app, ["export", "detectron2", "--weights", str(tmp_path / "backbone.pt"), "--output", str(tmp_path / "d2.pkl")]
+    )
     assert r.exit_code == 0, r.output
     counters = [ln for ln in r.output.splitlines() if "num_batches_tracked" in ln]
     # ResNet-18: bn1, 2 per basic block x 8 blocks, 3 downsample BNs = 20 counters, one line
@@ -343,13 +462,16 @@ def test_knn_benchmark_names_the_missing_extra_first(monkeypatch, capsys):
 
 
 # ------------------------------------------------------------------------------ threads, start notes, kNN plot
-@pytest.mark.parametrize("env, cores, load, want", [
-    ({}, 2, 0.3, (2, "auto", False)),  # idle: every usable core
-    ({}, 2, 0.9, (1, "auto", False)),  # 1.1 cores idle -> 1 thread
-    ({}, 2, 1.6, (1, "auto", True)),  # 0.4 idle -> at least 1, and the machine is busy
-    ({}, 8, 2.0, (6, "auto", False)),
-    ({"OMP_NUM_THREADS": "3"}, 2, 5.0, (3, "OMP_NUM_THREADS", True)),  # the user's choice wins
-])
+@pytest.mark.parametrize(
+    "env, cores, load, want",
+    [
+        ({}, 2, 0.3, (2, "auto", False)),  # idle: every usable core
+        ({}, 2, 0.9, (1, "auto", False)),  # 1.1 cores idle -> 1 thread
+        ({}, 2, 1.6, (1, "auto", True)),  # 0.4 idle -> at least 1, and the machine is busy
+        ({}, 8, 2.0, (6, "auto", False)),
+        ({"OMP_NUM_THREADS": "3"}, 2, 5.0, (3, "OMP_NUM_THREADS", True)),  # the user's choice wins
+    ],
+)
 def test_choose_threads(env, cores, load, want):
     from simsiam_kit.utils.device import choose_threads
 
@@ -375,8 +497,10 @@ def test_start_notes_warn_on_busy_cores_and_demo_settings(monkeypatch):
     monkeypatch.setattr(pretrain, "thread_settings", lambda: busy)
     cpu = torch.device("cpu")
     notes = pretrain.start_notes(load_pretrain_config("demo", ["data.train=/data/mine.npz"]), cpu)
-    assert notes[0].startswith("images 16 px, mean [0.1307, 0.1307, 0.1307], std [0.3081, 0.3081, 0.3081]; 2 CPU "
-                               "threads (OMP_NUM_THREADS, load average 4.5 on 2 usable cores)")
+    assert notes[0].startswith(
+        "images 16 px, mean [0.1307, 0.1307, 0.1307], std [0.3081, 0.3081, 0.3081]; 2 CPU "
+        "threads (OMP_NUM_THREADS, load average 4.5 on 2 usable cores)"
+    )
     assert any(n.startswith("warning: load average 4.5") and "1 is usually much faster" in n for n in notes)
     assert any(n.startswith("warning: data.train is /data/mine.npz, but the demo's MNIST settings") for n in notes)
     idle = dict(busy, threads=2, chosen_by="auto", load_average=0.1, busy=False)
@@ -385,12 +509,15 @@ def test_start_notes_warn_on_busy_cores_and_demo_settings(monkeypatch):
     assert len(pretrain.start_notes(load_pretrain_config("cifar10_resnet18", ["data.train=/x.npz"]), cpu)) == 1
 
 
-@pytest.mark.parametrize("values, baseline, want", [
-    ([59.9, 61.2], 56.6, (53.9, 63.9)),  # the demo's 1.3-point wobble: 10 points around data and baseline
-    ([10.0, 80.0], 5.0, (1.25, 83.75)),  # wide data: 5% margins
-    ([1.0, 2.0], None, (0.0, 10.0)),  # never below 0
-    ([99.0, 99.5], None, (90.0, 100.0)),  # never above 100
-])
+@pytest.mark.parametrize(
+    "values, baseline, want",
+    [
+        ([59.9, 61.2], 56.6, (53.9, 63.9)),  # the demo's 1.3-point wobble: 10 points around data and baseline
+        ([10.0, 80.0], 5.0, (1.25, 83.75)),  # wide data: 5% margins
+        ([1.0, 2.0], None, (0.0, 10.0)),  # never below 0
+        ([99.0, 99.5], None, (90.0, 100.0)),  # never above 100
+    ],
+)
 def test_knn_plot_range(values, baseline, want):
     from simsiam_kit.plots import knn_ylim
 

@@ -12,12 +12,12 @@ from typer.testing import CliRunner
 
 pytest.importorskip("onnxruntime")  # the [cpu] or [gpu] extra
 import onnx  # noqa: E402  (onnx and onnxscript are hard dependencies)
-
 from conftest import needs_shared  # noqa: E402
-from simsiam_kit.export.embedder import OnnxEmbedder, preprocess, read_metadata  # noqa: E402
-from simsiam_kit.export.onnx import ParityError, export_onnx  # noqa: E402
+
 from simsiam_kit.cli import app  # noqa: E402
 from simsiam_kit.engine.checkpoint import save_backbone, save_checkpoint  # noqa: E402
+from simsiam_kit.export.embedder import OnnxEmbedder, preprocess, read_metadata  # noqa: E402
+from simsiam_kit.export.onnx import ParityError, export_onnx  # noqa: E402
 from simsiam_kit.models import build_backbone  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -77,8 +77,12 @@ def test_metadata_round_trip(exported):
     assert meta["image_size"] == 32 and meta["embedding_dim"] == 512
     assert meta["mean"] == pytest.approx(MEAN, abs=0) and meta["std"] == pytest.approx(STD, abs=0)
     assert (meta["arch"], meta["stem"], meta["head"], meta["channel_order"]) == ("resnet18", "cifar", "backbone", "RGB")
-    assert (meta["input_layout"], meta["output_normalization"], meta["precision"], meta["opset"]) == \
-        ("NCHW", "none", "fp32", 18)
+    assert (meta["input_layout"], meta["output_normalization"], meta["precision"], meta["opset"]) == (
+        "NCHW",
+        "none",
+        "fp32",
+        18,
+    )
     emb = OnnxEmbedder(exported[0])
     assert (emb.image_size, emb.mean, emb.std, emb.dim) == (32, MEAN, STD, 512)
     assert emb.provider == "CPUExecutionProvider" or emb.provider == "CUDAExecutionProvider"
@@ -118,8 +122,15 @@ def test_projector_head_from_run_dir(tmp_path):
     from simsiam_kit.config import ModelConfig
     from simsiam_kit.models import build_simsiam
 
-    cfg = ModelConfig(arch="resnet18", stem="cifar", zero_init_residual=False, proj_dim=48, proj_hidden=40,
-                      proj_layers=2, pred_hidden=16)
+    cfg = ModelConfig(
+        arch="resnet18",
+        stem="cifar",
+        zero_init_residual=False,
+        proj_dim=48,
+        proj_hidden=40,
+        proj_layers=2,
+        pred_hidden=16,
+    )
     torch.manual_seed(1)
     model = build_simsiam(cfg)
     with torch.no_grad():
@@ -127,8 +138,11 @@ def test_projector_head_from_run_dir(tmp_path):
         model.encode(torch.randn(8, 3, 32, 32))  # non-trivial BN running statistics
     model.eval()
     run = tmp_path / "run"
-    save_checkpoint(run / "checkpoints" / "last.pt", model=model.state_dict(),
-                    config={"model": {"arch": "resnet18", "stem": "cifar"}, "data": {"image_size": 32}})
+    save_checkpoint(
+        run / "checkpoints" / "last.pt",
+        model=model.state_dict(),
+        config={"model": {"arch": "resnet18", "stem": "cifar"}, "data": {"image_size": 32}},
+    )
     save_backbone(run / "backbone.pt", model.backbone, "resnet18", "cifar", {"image_size": 32})
     rep = export_onnx(str(run), tmp_path / "proj.onnx", head="projector", parity_data=None)
     assert rep["parity"]["passed"] and rep["metadata"]["head"] == "projector"
@@ -140,8 +154,19 @@ def test_projector_head_from_run_dir(tmp_path):
     assert np.abs(emb.embed(imgs) - ref).max() <= 1e-4
 
     # the projector is not in backbone.pt: a clear error, exit 2
-    res = runner.invoke(app, ["export", "onnx", "--weights", str(run / "backbone.pt"), "--output",
-                              str(tmp_path / "x.onnx"), "--head", "projector"])
+    res = runner.invoke(
+        app,
+        [
+            "export",
+            "onnx",
+            "--weights",
+            str(run / "backbone.pt"),
+            "--output",
+            str(tmp_path / "x.onnx"),
+            "--head",
+            "projector",
+        ],
+    )
     assert res.exit_code == 2 and "needs a full simsiam-kit checkpoint" in res.output
 
 
@@ -201,9 +226,12 @@ def test_corrupt_or_foreign_onnx_file(tmp_path):
     res = _cli("embed", "--model", corrupt, "--data", "demo:val[:4]", "--output", tmp_path / "e")
     assert res.exit_code == 2 and "corrupt.onnx" in res.output and "ONNX model" in res.output
     # a valid ONNX model that is not a simsiam-kit encoder (no metadata)
-    g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    g = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
     onnx.save(helper.make_model(g), str(tmp_path / "foreign.onnx"))
     res = _cli("embed", "--model", tmp_path / "foreign.onnx", "--data", "demo:val[:4]", "--output", tmp_path / "e")
     assert res.exit_code == 2 and "not a simsiam-kit encoder" in res.output

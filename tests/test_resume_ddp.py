@@ -37,8 +37,19 @@ def _free_port():
 def test_ddp_two_processes_gloo(tmp_path, tiny_npz):
     out = tmp_path / "ddp"
     o = tiny_overrides(str(tiny_npz), str(tiny_npz), epochs=1, batch=16)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "-m", "simsiam_kit", "pretrain", "--output", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        "-m",
+        "simsiam_kit",
+        "pretrain",
+        "--output",
+        str(out),
+    ]
     for x in o:
         cmd += ["--set", x]
     r = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -37,8 +37,9 @@ def test_alias_bomb_is_refused_before_anything_is_copied(tmp_path, monkeypatch):
         config_mod.load_pretrain_config(str(bomb), ["optim.epochs=1"])
 
 
-@pytest.mark.parametrize("text, what", [("a: &x 1\nb: 2\n", "anchor '&x'"),
-                                        ("base: {k: 1}\nother:\n  <<: *base\n", "alias '*base'")])
+@pytest.mark.parametrize(
+    "text, what", [("a: &x 1\nb: 2\n", "anchor '&x'"), ("base: {k: 1}\nother:\n  <<: *base\n", "alias '*base'")]
+)
 def test_any_anchor_or_alias_is_refused(tmp_path, text, what):
     p = tmp_path / "c.yaml"
     p.write_text(text)
@@ -47,9 +48,11 @@ def test_any_anchor_or_alias_is_refused(tmp_path, text, what):
 
 
 def test_binary_deep_and_bigint_yaml_are_one_line_errors(tmp_path):
-    cases = [(hostile.yaml_binary(tmp_path / "bin.yaml"), "not a UTF-8 text file (byte 0x89 at offset 0)"),
-             (hostile.yaml_deep(tmp_path / "deep.yaml"), "nested too deeply"),
-             (hostile.yaml_bigint(tmp_path / "big.yaml"), "invalid YAML value")]
+    cases = [
+        (hostile.yaml_binary(tmp_path / "bin.yaml"), "not a UTF-8 text file (byte 0x89 at offset 0)"),
+        (hostile.yaml_deep(tmp_path / "deep.yaml"), "nested too deeply"),
+        (hostile.yaml_bigint(tmp_path / "big.yaml"), "invalid YAML value"),
+    ]
     for path, msg in cases:
         with pytest.raises(UserError) as e:
             config_mod.load_yaml(path)
@@ -121,8 +124,9 @@ def test_sparse_ivf_lists_pass_the_parser(tmp_path, faiss):
     d.mkdir()
     faiss.write_index(ivf, str(d / "index.faiss"))
     assert b"sprs" in (d / "index.faiss").read_bytes()
-    (d / "index.json").write_text(json.dumps({"dim": 8, "kind": "ivf", "backend": "faiss", "nlist": 40,
-                                              "nprobe": 4, "hnsw_m": 32, "ntotal": 5}))
+    (d / "index.json").write_text(
+        json.dumps({"dim": 8, "kind": "ivf", "backend": "faiss", "nlist": 40, "nprobe": 4, "hnsw_m": 32, "ntotal": 5})
+    )
     _check(d)
 
 
@@ -135,8 +139,11 @@ def test_corrupt_vector_count_fails_before_faiss_allocates(tmp_path, monkeypatch
     assert 40_000 < (d / "index.faiss").stat().st_size < 45_000
     hostile.patch_bytes(d / "index.faiss", hostile.FLAT_COUNT_OFFSET + 4, b"\x01\x00\x00\x00")
     _forbid(monkeypatch, faiss, "read_index")
-    with pytest.raises(UserError, match=r"index\.faiss: corrupt or foreign FAISS index \(flat index vectors "
-                                        r"declares 4294978176 elements"):
+    with pytest.raises(
+        UserError,
+        match=r"index\.faiss: corrupt or foreign FAISS index \(flat index vectors "
+        r"declares 4294978176 elements",
+    ):
         EmbeddingIndex.load(d, use_gpu=False)
 
 
@@ -155,7 +162,7 @@ def test_every_4_byte_overwrite_is_refused_or_harmless(tmp_path, kind, faiss):
     offsets = [*range(0, min(400, len(orig) - 4)), *range(len(orig) - 64, len(orig) - 4)]
     for off in offsets:
         for val in (b"\xff\xff\xff\x7f", b"\x00\x00\x00\x00", b"\x01\x00\x00\x00"):
-            data = orig[:off] + val + orig[off + 4:]
+            data = orig[:off] + val + orig[off + 4 :]
             if data == orig:
                 continue
             bad_path.write_bytes(data)
@@ -176,11 +183,15 @@ def test_index_json_is_checked_key_by_key(tmp_path, faiss):
     d, _ = _saved(tmp_path, "flat")
     j = d / "index.json"
     good = j.read_text()
-    for change, msg in [(dict(ntotal=...), "missing key 'ntotal'"), (dict(dim="16"), "key 'dim' must be an integer"),
-                        (dict(dim=0), "key 'dim' must be in"), (dict(kind="kdtree"), "unknown index kind 'kdtree'"),
-                        (dict(ntotal=99), "holds 100 vectors, index.json says 99"),
-                        (dict(dim=32), "has dimension 16, index.json says 32"),
-                        (dict(kind="hnsw"), "is not the hnsw index")]:
+    for change, msg in [
+        (dict(ntotal=...), "missing key 'ntotal'"),
+        (dict(dim="16"), "key 'dim' must be an integer"),
+        (dict(dim=0), "key 'dim' must be in"),
+        (dict(kind="kdtree"), "unknown index kind 'kdtree'"),
+        (dict(ntotal=99), "holds 100 vectors, index.json says 99"),
+        (dict(dim=32), "has dimension 16, index.json says 32"),
+        (dict(kind="hnsw"), "is not the hnsw index"),
+    ]:
         j.write_text(good)
         hostile.set_json(j, **change)
         with pytest.raises(UserError, match=msg.replace("(", r"\(")):
@@ -200,8 +211,11 @@ def test_npy_declaring_a_huge_shape_is_refused_before_reading(tmp_path, monkeypa
     p = hostile.npy_declaring(tmp_path / "v.npy", (10**12, 16))
     _forbid(monkeypatch, np, "load")
     _forbid(monkeypatch, np, "fromfile")
-    with pytest.raises(UserError, match=r"v\.npy: header declares shape \(1000000000000, 16\) of float32 "
-                                        r"\(64000000000000 bytes\) but the file holds 0 bytes"):
+    with pytest.raises(
+        UserError,
+        match=r"v\.npy: header declares shape \(1000000000000, 16\) of float32 "
+        r"\(64000000000000 bytes\) but the file holds 0 bytes",
+    ):
         load_npy(p, "f", 2)
 
 
@@ -287,8 +301,11 @@ def test_onnx_output_shape_is_checked_at_every_run(tmp_path):
             return [o[:, 0] for o in self.real.run(names, feeds)]
 
     emb.session = OneD(emb.session)
-    with pytest.raises(UserError, match=r"m\.onnx: output 'embeddings' has shape \(2,\) for 2 images; an encoder "
-                                        r"gives \(2, 3\)"):
+    with pytest.raises(
+        UserError,
+        match=r"m\.onnx: output 'embeddings' has shape \(2,\) for 2 images; an encoder "
+        r"gives \(2, 3\)",
+    ):
         emb.embed(np.zeros((2, 4, 4, 3), np.uint8))
 
 
@@ -338,8 +355,11 @@ def test_plain_pickles_of_every_protocol_pass(tmp_path, protocol):
 
     from simsiam_kit.detectron2_weights import load_detectron2_pkl
 
-    obj = {"model": OrderedDict(w=np.arange(6, dtype=np.float32).reshape(2, 3), b=np.arange(3, dtype=np.int64)),
-           "meta": [1, 2.5, "x", None, True, (1, 2), {3}, frozenset({4})], "dt": np.dtype("<f2")}
+    obj = {
+        "model": OrderedDict(w=np.arange(6, dtype=np.float32).reshape(2, 3), b=np.arange(3, dtype=np.int64)),
+        "meta": [1, 2.5, "x", None, True, (1, 2), {3}, frozenset({4})],
+        "dt": np.dtype("<f2"),
+    }
     (tmp_path / "p.pkl").write_bytes(pickle.dumps(obj, protocol=protocol))
     got = load_detectron2_pkl(tmp_path / "p.pkl")
     assert got["meta"] == obj["meta"] and got["dt"] == obj["dt"]
@@ -367,14 +387,17 @@ def no_exec(monkeypatch):
         _forbid(monkeypatch, target, name)
 
 
-@pytest.mark.parametrize("make, refused", [
-    (lambda p, m: hostile.pickle_os_system(p, m), "global 'posix.system'"),
-    (lambda p, m: hostile.pickle_eval(p, m), "global 'builtins.eval'"),
-    (lambda p, m: hostile.pickle_foreign_class(p), "global 'hostile.Foreign'"),
-    (lambda p, m: hostile.pickle_object_array(p), "numpy dtype object"),
-    (lambda p, m: hostile.pickle_persistent_id(p), "a persistent id"),
-    (lambda p, m: hostile.pickle_reconstruct_huge(p), "numpy _reconstruct with a non-empty shape (1073741824,)"),
-])
+@pytest.mark.parametrize(
+    "make, refused",
+    [
+        (lambda p, m: hostile.pickle_os_system(p, m), "global 'posix.system'"),
+        (lambda p, m: hostile.pickle_eval(p, m), "global 'builtins.eval'"),
+        (lambda p, m: hostile.pickle_foreign_class(p), "global 'hostile.Foreign'"),
+        (lambda p, m: hostile.pickle_object_array(p), "numpy dtype object"),
+        (lambda p, m: hostile.pickle_persistent_id(p), "a persistent id"),
+        (lambda p, m: hostile.pickle_reconstruct_huge(p), "numpy _reconstruct with a non-empty shape (1073741824,)"),
+    ],
+)
 def test_malicious_pickles_are_refused_and_never_run(tmp_path, no_exec, make, refused):
     from simsiam_kit.detectron2_weights import load_detectron2_pkl
 
@@ -392,8 +415,11 @@ def test_declared_lengths_are_checked_before_unpickling(tmp_path, monkeypatch):
 
     path = hostile.pickle_bytes8_bomb(tmp_path / "bomb.pkl")
     _forbid(monkeypatch, d2w, "_RestrictedUnpickler")  # the C unpickler allocates BINBYTES8 before reading
-    with pytest.raises(UserError, match=r"bomb\.pkl: not a readable pickle \(ValueError: expected 1099511627776 "
-                                        r"bytes in a bytes8, but only 3 remain\)"):
+    with pytest.raises(
+        UserError,
+        match=r"bomb\.pkl: not a readable pickle \(ValueError: expected 1099511627776 "
+        r"bytes in a bytes8, but only 3 remain\)",
+    ):
         d2w.load_detectron2_pkl(path)
 
 
@@ -403,9 +429,12 @@ def test_other_pickle_shapes_are_refused(tmp_path):
     deep: list = []
     for _ in range(MAX_PICKLE_DEPTH + 5):
         deep = [deep]
-    for name, obj, msg in [("deep", {"x": deep}, "nested deeper than"), ("list", [1, 2], "holds a list, not the dict"),
-                           ("bytes", {"model": b"raw"}, "a value of type builtins.bytes"),
-                           ("complex", {"x": 1j}, "global '__builtin__.complex'")]:
+    for name, obj, msg in [
+        ("deep", {"x": deep}, "nested deeper than"),
+        ("list", [1, 2], "holds a list, not the dict"),
+        ("bytes", {"model": b"raw"}, "a value of type builtins.bytes"),
+        ("complex", {"x": 1j}, "global '__builtin__.complex'"),
+    ]:
         (tmp_path / f"{name}.pkl").write_bytes(pickle.dumps(obj, protocol=2))
         with pytest.raises(UserError, match=msg):
             load_detectron2_pkl(tmp_path / f"{name}.pkl")

@@ -19,8 +19,26 @@ import numpy as np
 from simsiam_kit.errors import UserError
 
 VOC_CLASSES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
-    "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
 )
 
 
@@ -60,8 +78,9 @@ class DetectionSet:
         coco = dict(self.coco)
         coco["images"] = [im for im in self.coco["images"] if im["id"] in ids]
         coco["annotations"] = [a for a in self.coco["annotations"] if a["image_id"] in ids]
-        return DetectionSet(self.name, self.images_dir, recs, self.categories, coco, None, self.dropped_boxes,
-                            self.voc_splits)
+        return DetectionSet(
+            self.name, self.images_dir, recs, self.categories, coco, None, self.dropped_boxes, self.voc_splits
+        )
 
     def write_json(self, path: Path) -> Path:
         from simsiam_kit.evaluation.detection.outputs import write_json
@@ -112,8 +131,10 @@ def load_coco_json(json_path: Path, images_dir: Path, name: Optional[str] = None
         if a.get("image_id") not in images:
             raise UserError(f"{json_path}: annotation {a.get('id')} refers to unknown image_id {a.get('image_id')}")
         if a.get("category_id") not in cat_to_label:
-            raise UserError(f"{json_path}: annotation {a.get('id')} has category_id {a.get('category_id')}, "
-                            "which is not in 'categories'")
+            raise UserError(
+                f"{json_path}: annotation {a.get('id')} has category_id {a.get('category_id')}, "
+                "which is not in 'categories'"
+            )
         bbox = a.get("bbox")
         if not (isinstance(bbox, list) and len(bbox) == 4):
             raise UserError(f"{json_path}: annotation {a.get('id')} has no [x, y, w, h] 'bbox'")
@@ -124,13 +145,21 @@ def load_coco_json(json_path: Path, images_dir: Path, name: Optional[str] = None
     records = []
     for iid, im in images.items():
         anns = per_image[iid]
-        boxes = np.array([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
-                          for a in anns], dtype=np.float32).reshape(-1, 4)
-        records.append({
-            "image_id": iid, "file": images_dir / im["file_name"], "width": im.get("width"), "height": im.get("height"),
-            "boxes": boxes, "labels": np.array([cat_to_label[a["category_id"]] for a in anns], dtype=np.int64),
-            "iscrowd": np.array([int(a.get("iscrowd", 0)) for a in anns], dtype=np.int64),
-        })
+        boxes = np.array(
+            [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns],
+            dtype=np.float32,
+        ).reshape(-1, 4)
+        records.append(
+            {
+                "image_id": iid,
+                "file": images_dir / im["file_name"],
+                "width": im.get("width"),
+                "height": im.get("height"),
+                "boxes": boxes,
+                "labels": np.array([cat_to_label[a["category_id"]] for a in anns], dtype=np.int64),
+                "iscrowd": np.array([int(a.get("iscrowd", 0)) for a in anns], dtype=np.int64),
+            }
+        )
     # pycocotools needs 'area' and 'iscrowd' on every annotation
     coco = dict(coco)
     coco["annotations"] = [
@@ -213,16 +242,31 @@ def load_voc(voc_root: Path, splits: str, name: str = "voc", flag: str = "--voc-
                 boxes.append([x1, y1, x2, y2])
                 labels.append(label_of[cls])
                 difficult.append(is_diff)
-                anns.append({"id": next_ann, "image_id": next_img, "category_id": label_of[cls],
-                             "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": is_diff})
+                anns.append(
+                    {
+                        "id": next_ann,
+                        "image_id": next_img,
+                        "category_id": label_of[cls],
+                        "bbox": [x1, y1, x2 - x1, y2 - y1],
+                        "area": (x2 - x1) * (y2 - y1),
+                        "iscrowd": is_diff,
+                    }
+                )
                 next_ann += 1
             rel = jpg.relative_to(voc_root).as_posix()
             images.append({"id": next_img, "file_name": rel, "width": w, "height": h})
-            records.append({"image_id": next_img, "file": jpg, "width": w, "height": h,
-                            "boxes": np.array(boxes, dtype=np.float32).reshape(-1, 4),
-                            "labels": np.array(labels, dtype=np.int64),
-                            "iscrowd": np.zeros(len(labels), dtype=np.int64),
-                            "difficult": np.array(difficult, dtype=np.int64)})
+            records.append(
+                {
+                    "image_id": next_img,
+                    "file": jpg,
+                    "width": w,
+                    "height": h,
+                    "boxes": np.array(boxes, dtype=np.float32).reshape(-1, 4),
+                    "labels": np.array(labels, dtype=np.int64),
+                    "iscrowd": np.zeros(len(labels), dtype=np.int64),
+                    "difficult": np.array(difficult, dtype=np.int64),
+                }
+            )
             next_img += 1
     if missing:
         raise UserError(f"VOC {splits}: " + _names_missing(missing, voc_root))
@@ -238,8 +282,9 @@ class DetectionData:
     val: DetectionSet
 
 
-def resolve_data(train_json, train_images, val_json, val_images, voc_root, voc_train: str,
-                 voc_val: str) -> DetectionData:
+def resolve_data(
+    train_json, train_images, val_json, val_images, voc_root, voc_train: str, voc_val: str
+) -> DetectionData:
     """Build train/val sets from the CLI's COCO-JSON or VOC options, validated."""
     coco_given = any(x is not None for x in (train_json, train_images, val_json, val_images))
     if voc_root is not None:
@@ -248,8 +293,12 @@ def resolve_data(train_json, train_images, val_json, val_images, voc_root, voc_t
         train = load_voc(voc_root, voc_train, "voc_train", "--voc-train")
         val = load_voc(voc_root, voc_val, "voc_val", "--voc-val")
     else:
-        names = {"--train-json": train_json, "--train-images": train_images, "--val-json": val_json,
-                 "--val-images": val_images}
+        names = {
+            "--train-json": train_json,
+            "--train-images": train_images,
+            "--val-json": val_json,
+            "--val-images": val_images,
+        }
         absent = [k for k, v in names.items() if v is None]
         if absent:
             raise UserError(f"missing {', '.join(absent)} (or use --voc-root for Pascal VOC)")

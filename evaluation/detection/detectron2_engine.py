@@ -113,8 +113,10 @@ def check_steps(steps, max_iter: int, where: str) -> None:
     steps = [int(s) for s in steps]
     bad = [s for s in steps if not 0 < s < max_iter]
     if bad or any(b <= a for a, b in zip(steps, steps[1:])):
-        raise UserError(f"{where}: SOLVER.STEPS {tuple(steps)} must be strictly increasing and inside (0, "
-                        f"MAX_ITER={max_iter}) (detectron2's LR scheduler rejects anything else)")
+        raise UserError(
+            f"{where}: SOLVER.STEPS {tuple(steps)} must be strictly increasing and inside (0, "
+            f"MAX_ITER={max_iter}) (detectron2's LR scheduler rejects anything else)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -148,13 +150,17 @@ def _voc_year(year: str, flag: str) -> int:
 
 def _d2_sets(ds: DetectionSet, out_dir: Path, flag: str) -> list:
     if ds.voc_splits:
-        sets = [D2Data("voc", devkit=str(Path(ds.images_dir).resolve()), year=_voc_year(y, flag), split=s)
-                for y, s in ds.voc_splits]
+        sets = [
+            D2Data("voc", devkit=str(Path(ds.images_dir).resolve()), year=_voc_year(y, flag), split=s)
+            for y, s in ds.voc_splits
+        ]
         for d in sets:
             ids = [x for x in Path(d.describe()).read_text().split() if x]
             if len(ids) < 2:  # its numpy.loadtxt makes one id a 0-d array, which it then cannot iterate
-                raise UserError(f"{d.describe()}: {len(ids)} image(s); detectron2's pascal_voc loader needs at "
-                                "least 2 images in a split list")
+                raise UserError(
+                    f"{d.describe()}: {len(ids)} image(s); detectron2's pascal_voc loader needs at "
+                    "least 2 images in a split list"
+                )
         return sets
     json_path = ds.json_path or out_dir / f"{ds.name}_coco.json"  # written later, once out_dir exists
     return [D2Data("coco", json_path=str(Path(json_path).resolve()), images_dir=str(Path(ds.images_dir).resolve()))]
@@ -168,17 +174,21 @@ def _check_voc_for_evaluator(d: D2Data) -> None:
     from detectron2.evaluation.pascal_voc_evaluation import parse_rec
 
     if d.year not in (2007, 2012):
-        raise UserError(f"--voc-val {d.year}/{d.split}: detectron2's PascalVOCDetectionEvaluator scores VOC2007 "
-                        "(11-point AP) or VOC2012 splits only")
+        raise UserError(
+            f"--voc-val {d.year}/{d.split}: detectron2's PascalVOCDetectionEvaluator scores VOC2007 "
+            "(11-point AP) or VOC2012 splits only"
+        )
     read = getattr(parse_rec, "__wrapped__", parse_rec)  # past its lru_cache: the files as they are now
     for stem in Path(d.describe()).read_text().split():
         xml = Path(d.dirname) / "Annotations" / f"{stem}.xml"
         try:
             read(str(xml))
         except (AttributeError, ValueError, TypeError, ET.ParseError) as e:
-            raise UserError(f"{xml}: detectron2's PascalVOCDetectionEvaluator cannot read it ({type(e).__name__}: "
-                            f"{e}); each <object> needs <name>, <pose>, <truncated>, <difficult> and integer "
-                            "<bndbox> corners") from None
+            raise UserError(
+                f"{xml}: detectron2's PascalVOCDetectionEvaluator cannot read it ({type(e).__name__}: "
+                f"{e}); each <object> needs <name>, <pose>, <truncated>, <difficult> and integer "
+                "<bndbox> corners"
+            ) from None
 
 
 def _mask_problem(ds: DetectionSet, flag: str) -> Optional[str]:
@@ -297,8 +307,11 @@ def build_cfg(job: D2Job):
             # detectron2's 200 would be 200x the training of --iters 1
             cfg.TEST.PRECISE_BN.NUM_ITER = min(cfg.TEST.PRECISE_BN.NUM_ITER, job.iters)
     if cfg.SOLVER.LR_SCHEDULER_NAME == "WarmupMultiStepLR":
-        check_steps([s for s in cfg.SOLVER.STEPS if s <= cfg.SOLVER.MAX_ITER], cfg.SOLVER.MAX_ITER,
-                    Path(job.config_file).name + (f" with --iters {job.iters}" if job.iters is not None else ""))
+        check_steps(
+            [s for s in cfg.SOLVER.STEPS if s <= cfg.SOLVER.MAX_ITER],
+            cfg.SOLVER.MAX_ITER,
+            Path(job.config_file).name + (f" with --iters {job.iters}" if job.iters is not None else ""),
+        )
     cfg.freeze()
     return cfg
 
@@ -369,8 +382,9 @@ def training_writers(output_dir: str, max_iter: int) -> list:
 
     writers = default_writers(output_dir, max_iter)
     if importlib.util.find_spec("tensorboard") is None:
-        logging.getLogger(__name__).warning("tensorboard is not installed: no TensorBoard event file "
-                                            "(metrics.json and log.txt are written as usual)")
+        logging.getLogger(__name__).warning(
+            "tensorboard is not installed: no TensorBoard event file (metrics.json and log.txt are written as usual)"
+        )
         writers = [w for w in writers if not isinstance(w, TensorboardXWriter)]
     return writers
 
@@ -384,9 +398,19 @@ def _d2_main(job: D2Job) -> None:
     register_res5_extra_norm()
     register_datasets(job.train, job.val)
     cfg = build_cfg(job)
-    default_setup(cfg, argparse.Namespace(config_file=job.config_file, eval_only=False, resume=False,
-                                          num_gpus=job.num_gpus, num_machines=job.num_machines,
-                                          machine_rank=job.machine_rank, dist_url=job.dist_url, opts=job.overrides))
+    default_setup(
+        cfg,
+        argparse.Namespace(
+            config_file=job.config_file,
+            eval_only=False,
+            resume=False,
+            num_gpus=job.num_gpus,
+            num_machines=job.num_machines,
+            machine_rank=job.machine_rank,
+            dist_url=job.dist_url,
+            opts=job.overrides,
+        ),
+    )
     Trainer = _make_trainer_class()
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
@@ -434,12 +458,23 @@ def summarize_results(results: dict, class_names: list, classes_with_gt: list, v
 def _write_results(cfg, job: D2Job, results: dict) -> None:
     from simsiam_kit.evaluation.detection.outputs import write_json
 
-    out = {"engine": "detectron2", "config": job.config_file, "weights": job.weights_pkl or "random",
-           "iters": cfg.SOLVER.MAX_ITER, "batch_size": cfg.SOLVER.IMS_PER_BATCH, "norm": cfg.MODEL.RESNETS.NORM,
-           "lr_steps": list(cfg.SOLVER.STEPS), "precise_bn_iters": cfg.TEST.PRECISE_BN.NUM_ITER
-           if cfg.TEST.PRECISE_BN.ENABLED else 0, "num_gpus": job.num_gpus, "num_machines": job.num_machines}
-    out.update(summarize_results(results, job.class_names, job.classes_with_gt,
-                                 job.val.year if job.val.kind == "voc" else None))
+    out = {
+        "engine": "detectron2",
+        "config": job.config_file,
+        "weights": job.weights_pkl or "random",
+        "iters": cfg.SOLVER.MAX_ITER,
+        "batch_size": cfg.SOLVER.IMS_PER_BATCH,
+        "norm": cfg.MODEL.RESNETS.NORM,
+        "lr_steps": list(cfg.SOLVER.STEPS),
+        "precise_bn_iters": cfg.TEST.PRECISE_BN.NUM_ITER if cfg.TEST.PRECISE_BN.ENABLED else 0,
+        "num_gpus": job.num_gpus,
+        "num_machines": job.num_machines,
+    }
+    out.update(
+        summarize_results(
+            results, job.class_names, job.classes_with_gt, job.val.year if job.val.kind == "voc" else None
+        )
+    )
     write_json(Path(job.output_dir) / "results.json", out)
     if job.vis_images > 0:
         _save_predictions(cfg, job)
@@ -476,8 +511,13 @@ def _save_predictions(cfg, job: D2Job) -> None:
         with Image.open(rec["file"]) as im:
             bgr = np.asarray(im.convert("RGB"))[:, :, ::-1].copy()
         inst = predictor(bgr)["instances"].to("cpu")
-        preds.append({"boxes": inst.pred_boxes.tensor.numpy(), "scores": inst.scores.numpy(),
-                      "labels": inst.pred_classes.numpy() + 1})
+        preds.append(
+            {
+                "boxes": inst.pred_boxes.tensor.numpy(),
+                "scores": inst.scores.numpy(),
+                "labels": inst.pred_classes.numpy() + 1,
+            }
+        )
     save_predictions_png(recs, preds, val.class_names, Path(job.output_dir) / "predictions.png", 0.5, job.vis_images)
 
 
@@ -489,20 +529,30 @@ def check_launch(num_gpus: int, num_machines: int, machine_rank: int, dist_url: 
     if num_gpus < 1:
         raise UserError(f"--num-gpus {num_gpus}: expected >= 1")
     if num_gpus > max(visible_gpus, 1):
-        raise UserError(f"--num-gpus {num_gpus}: this machine has {visible_gpus} visible CUDA GPU(s)"
-                        + ("; without a GPU the detectron2 engine runs one CPU process (--num-gpus 1)"
-                           if visible_gpus == 0 else " (see CUDA_VISIBLE_DEVICES)"))
+        raise UserError(
+            f"--num-gpus {num_gpus}: this machine has {visible_gpus} visible CUDA GPU(s)"
+            + (
+                "; without a GPU the detectron2 engine runs one CPU process (--num-gpus 1)"
+                if visible_gpus == 0
+                else " (see CUDA_VISIBLE_DEVICES)"
+            )
+        )
     if num_machines < 1:
         raise UserError(f"--num-machines {num_machines}: expected >= 1")
     if not 0 <= machine_rank < num_machines:
-        raise UserError(f"--machine-rank {machine_rank}: expected 0..{num_machines - 1} "
-                        f"for --num-machines {num_machines}")
+        raise UserError(
+            f"--machine-rank {machine_rank}: expected 0..{num_machines - 1} for --num-machines {num_machines}"
+        )
     if num_machines > 1 and dist_url == "auto":
-        raise UserError(f"--num-machines {num_machines} needs --dist-url tcp://HOST:PORT, the address of machine 0 "
-                        "(the same on every machine); 'auto' picks a local port and works on one machine only")
+        raise UserError(
+            f"--num-machines {num_machines} needs --dist-url tcp://HOST:PORT, the address of machine 0 "
+            "(the same on every machine); 'auto' picks a local port and works on one machine only"
+        )
     if num_machines > 1 and visible_gpus == 0:
-        raise UserError(f"--num-machines {num_machines}: this machine has no visible CUDA GPU; the detectron2 "
-                        "engine runs several processes on GPUs only (SyncBN)")
+        raise UserError(
+            f"--num-machines {num_machines}: this machine has no visible CUDA GPU; the detectron2 "
+            "engine runs several processes on GPUs only (SyncBN)"
+        )
 
 
 CHECKED_PKL = "weights_checked.pkl"
@@ -532,24 +582,37 @@ def weights_for_detectron2(weights: str, checked_pkl: Optional[dict], out_dir: P
         return ""  # detectron2's own random init
     if checked_pkl is not None:
         path = write_detectron2_pkl(checked_pkl, Path(out_dir) / CHECKED_PKL)
-        log(f"{weights}: accepted by the restricted unpickler (numpy arrays and plain containers only); "
-            f"detectron2 reads the copy written from it, {path}")
+        log(
+            f"{weights}: accepted by the restricted unpickler (numpy arrays and plain containers only); "
+            f"detectron2 reads the copy written from it, {path}"
+        )
         return str(path.resolve())
     pkl_path = Path(out_dir) / "backbone_detectron2.pkl"
     convert_weights(weights, pkl_path, log=log)
     return str(pkl_path.resolve())
 
 
-def run_detectron2_detection(config: str, weights: str, data: DetectionData, out_dir: Path, iters: Optional[int] = None,
-                             overrides=None, num_gpus: int = 1, arch: Optional[str] = None,
-                             log: Callable[[str], None] = print, num_machines: int = 1, machine_rank: int = 0,
-                             dist_url: str = "auto") -> Optional[dict]:
+def run_detectron2_detection(
+    config: str,
+    weights: str,
+    data: DetectionData,
+    out_dir: Path,
+    iters: Optional[int] = None,
+    overrides=None,
+    num_gpus: int = 1,
+    arch: Optional[str] = None,
+    log: Callable[[str], None] = print,
+    num_machines: int = 1,
+    machine_rank: int = 0,
+    dist_url: str = "auto",
+) -> Optional[dict]:
     """Convert weights, register data, train and evaluate with detectron2; returns ``results.json``'s content
     (None on a machine other than machine 0 of a multi-machine run: machine 0 writes the results)."""
     import torch
 
-    check_launch(num_gpus, num_machines, machine_rank, dist_url,
-                 torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    check_launch(
+        num_gpus, num_machines, machine_rank, dist_url, torch.cuda.device_count() if torch.cuda.is_available() else 0
+    )
     checked_pkl = load_weights_pkl(weights)  # a hostile .pkl is refused up front, detectron2 or not
     require_detectron2()
     from detectron2.engine import launch
@@ -562,25 +625,44 @@ def run_detectron2_detection(config: str, weights: str, data: DetectionData, out
     train = _d2_sets(data.train, out_dir, "--voc-train")
     val_sets = _d2_sets(data.val, out_dir, "--voc-val")
     if len(val_sets) != 1:
-        raise UserError(f"--voc-val: the detectron2 engine scores one YEAR/SPLIT (detectron2's "
-                        f"PascalVOCDetectionEvaluator reads one split list), got {len(val_sets)}")
+        raise UserError(
+            f"--voc-val: the detectron2 engine scores one YEAR/SPLIT (detectron2's "
+            f"PascalVOCDetectionEvaluator reads one split list), got {len(val_sets)}"
+        )
     val = val_sets[0]
     if val.kind == "voc":
         _check_voc_for_evaluator(val)
-    job = D2Job(str(cfg_path.resolve()), "", train, val, data.train.num_classes, data.val.class_names,
-                _classes_with_ground_truth(data.val), str(out_dir.resolve()), list(overrides or []), iters, num_gpus,
-                num_machines, machine_rank, dist_url)
+    job = D2Job(
+        str(cfg_path.resolve()),
+        "",
+        train,
+        val,
+        data.train.num_classes,
+        data.val.class_names,
+        _classes_with_ground_truth(data.val),
+        str(out_dir.resolve()),
+        list(overrides or []),
+        iters,
+        num_gpus,
+        num_machines,
+        machine_rank,
+        dist_url,
+    )
     cfg = build_cfg(job)  # every config/--set/--iters problem surfaces here, before any conversion or launch
     world = num_gpus * num_machines
     if cfg.SOLVER.IMS_PER_BATCH % world:
-        raise UserError(f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} is not divisible by the {world} "
-                        "processes (--num-gpus x --num-machines); detectron2 splits the batch evenly")
+        raise UserError(
+            f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} is not divisible by the {world} "
+            "processes (--num-gpus x --num-machines); detectron2 splits the batch evenly"
+        )
     if cfg.MODEL.MASK_ON:
         for ds, flag in ((data.train, "--voc-train / --train-json"), (data.val, "--voc-val / --val-json")):
             why = _mask_problem(ds, flag)
             if why:
-                raise UserError(f"{cfg_path.name} trains Mask R-CNN (MODEL.MASK_ON True), but {why}; use a box-only "
-                                "config (d2_voc0712_R_50_C4_24k, d2_coco_R_18_FPN_quick) or --set MODEL.MASK_ON=False")
+                raise UserError(
+                    f"{cfg_path.name} trains Mask R-CNN (MODEL.MASK_ON True), but {why}; use a box-only "
+                    "config (d2_voc0712_R_50_C4_24k, d2_coco_R_18_FPN_quick) or --set MODEL.MASK_ON=False"
+                )
 
     out_dir.mkdir(parents=True, exist_ok=True)
     pkl = job.weights_pkl = weights_for_detectron2(weights, checked_pkl, out_dir, log)
@@ -588,11 +670,13 @@ def run_detectron2_detection(config: str, weights: str, data: DetectionData, out
     for ds, sets in ((data.train, train), (data.val, [val])):
         if sets[0].kind == "coco" and ds.json_path is None:
             ds.write_json(Path(sets[0].json_path))
-    log(f"detectron2: config {cfg_path}, weights {pkl or 'random init'}, {data.train.num_classes} classes, "
+    log(
+        f"detectron2: config {cfg_path}, weights {pkl or 'random init'}, {data.train.num_classes} classes, "
         f"{num_gpus} process(es) per machine x {num_machines} machine(s); {cfg.SOLVER.MAX_ITER} iterations, "
         f"LR steps {tuple(cfg.SOLVER.STEPS)}, precise BN "
         f"{cfg.TEST.PRECISE_BN.NUM_ITER if cfg.TEST.PRECISE_BN.ENABLED else 'off'}; "
-        f"evaluation {'PascalVOCDetectionEvaluator' if val.kind == 'voc' else 'COCOEvaluator'}")
+        f"evaluation {'PascalVOCDetectionEvaluator' if val.kind == 'voc' else 'COCOEvaluator'}"
+    )
     launch(_d2_main, num_gpus, num_machines=num_machines, machine_rank=machine_rank, dist_url=dist_url, args=(job,))
     if machine_rank != 0:
         log(f"machine {machine_rank} done; machine 0 writes the results")

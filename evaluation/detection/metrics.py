@@ -76,8 +76,11 @@ def _cell(v) -> str:
     return f"{'-':>6}" if math.isnan(v) else f"{v:6.2f}"
 
 
-METRIC_NAMES = {"coco": "COCO AP", "voc2007_11point": "VOC2007 11-point AP (PascalVOCDetectionEvaluator)",
-                "voc_area": "VOC area-under-curve AP (PascalVOCDetectionEvaluator)"}
+METRIC_NAMES = {
+    "coco": "COCO AP",
+    "voc2007_11point": "VOC2007 11-point AP (PascalVOCDetectionEvaluator)",
+    "voc_area": "VOC area-under-curve AP (PascalVOCDetectionEvaluator)",
+}
 
 
 def format_results(res: dict, top_classes: int = 10) -> str:
@@ -95,22 +98,35 @@ def format_results(res: dict, top_classes: int = 10) -> str:
         rows.append(f"| {'mask':>6} | " + " | ".join(_cell(segm.get(k)) for k in keys) + " |")
     lines = []
     if res.get("engine"):
-        lines.append(f"{res['engine']} engine, {res.get('iters', '?')} iterations, weights {res.get('weights', '?')}"
-                     + (f"; {METRIC_NAMES.get(res['metric'], res['metric'])}" if res.get("metric") else ""))
+        lines.append(
+            f"{res['engine']} engine, {res.get('iters', '?')} iterations, weights {res.get('weights', '?')}"
+            + (f"; {METRIC_NAMES.get(res['metric'], res['metric'])}" if res.get("metric") else "")
+        )
     lines += [head, sep, *rows]
     pc = {k: float(v) for k, v in (res.get("per_class") or {}).items() if _cell(v).strip() != "-"}
     if pc:
         best = sorted(pc.items(), key=lambda kv: -kv[1])[:top_classes]
-        lines.append(f"per-class AP ({len(pc)} classes with boxes; top {len(best)}): "
-                     + ", ".join(f"{n} {v:.1f}" for n, v in best))
+        lines.append(
+            f"per-class AP ({len(pc)} classes with boxes; top {len(best)}): "
+            + ", ".join(f"{n} {v:.1f}" for n, v in best)
+        )
     return "\n".join(lines)
 
 
 def to_coco_detections(image_id: int, boxes_xyxy, scores, labels, label_to_cat_id: dict) -> list:
     out = []
-    for b, s, l in zip(np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4), np.asarray(scores).reshape(-1),
-                       np.asarray(labels).reshape(-1)):
+    for b, s, l in zip(
+        np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4),
+        np.asarray(scores).reshape(-1),
+        np.asarray(labels).reshape(-1),
+    ):
         x1, y1, x2, y2 = (float(v) for v in b)
-        out.append({"image_id": int(image_id), "category_id": int(label_to_cat_id[int(l)]),
-                    "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)], "score": float(s)})
+        out.append(
+            {
+                "image_id": int(image_id),
+                "category_id": int(label_to_cat_id[int(l)]),
+                "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+                "score": float(s),
+            }
+        )
     return out

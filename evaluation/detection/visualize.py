@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 
 
-def save_predictions_png(records: list, predictions: list, class_names: list, path: Path,
-                         score_thresh: float = 0.5, max_images: int = 4) -> Path:
+def save_predictions_png(
+    records: list, predictions: list, class_names: list, path: Path, score_thresh: float = 0.5, max_images: int = 4
+) -> Path:
     """``records``: DetectionSet records; ``predictions``: per record ``{"boxes" (N,4 xyxy), "scores", "labels"}``
     with labels 1..K. Predictions in red (``class score``), ground truth in dashed green."""
     import matplotlib
@@ -36,8 +37,14 @@ def save_predictions_png(records: list, predictions: list, class_names: list, pa
         boxes, scores, labels = (np.asarray(pred[k])[keep] for k in ("boxes", "scores", "labels"))
         for b, s, l in zip(boxes, scores, labels):
             ax.add_patch(plt.Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, ec="red", lw=1.5))
-            ax.text(b[0], b[1], f"{class_names[int(l) - 1]} {s:.2f}", color="white", fontsize=7,
-                    bbox=dict(facecolor="red", alpha=0.6, pad=1, lw=0))
+            ax.text(
+                b[0],
+                b[1],
+                f"{class_names[int(l) - 1]} {s:.2f}",
+                color="white",
+                fontsize=7,
+                bbox=dict(facecolor="red", alpha=0.6, pad=1, lw=0),
+            )
         ax.set_title(f"{Path(rec['file']).name}: {int(keep.sum())} boxes >= {score_thresh:g} (GT dashed)", fontsize=8)
     fig.tight_layout()
     path = Path(path)

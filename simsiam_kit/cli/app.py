@@ -7,7 +7,9 @@ from simsiam_kit.cli.options import new_app
 
 app = new_app(
     help="SimSiam self-supervised pretraining, evaluation, detection transfer and export.",
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
 )
 eval_app = new_app(help="Evaluate pretrained backbones: linear probe, kNN, detection transfer.", no_args_is_help=True)
 export_app = new_app(help="Export weights: ONNX encoders, Detectron2 checkpoints.", no_args_is_help=True)

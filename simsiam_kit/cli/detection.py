@@ -17,8 +17,9 @@ export_app = new_app()  # simsiam-kit export detectron2
 @export_app.command("detectron2")
 @user_errors
 def export_detectron2(
-    weights: str = typer.Option(..., "--weights", "-w",
-                                help="Run directory, checkpoint, backbone.pt or ResNet state dict."),
+    weights: str = typer.Option(
+        ..., "--weights", "-w", help="Run directory, checkpoint, backbone.pt or ResNet state dict."
+    ),
     output: Path = typer.Option(..., "--output", "-o", help="Detectron2 checkpoint to write (.pkl)."),
 ):
     """Convert a ResNet backbone (ImageNet stem) to a Detectron2 .pkl (MODEL.WEIGHTS), listing keys left out."""
@@ -42,35 +43,57 @@ def export_detectron2(
 @user_errors
 def eval_detection(
     weights: Weights,
-    engine: str = typer.Option("torchvision", "--engine", "-e",
-                               help="torchvision (runs anywhere) or detectron2 (the paper's protocol)."),
-    config: Optional[str] = typer.Option(None, "--config", "-c",
-                                         help="Config name in configs/detection/ or a YAML path "
-                                         "(default: torchvision_r50_fpn / d2_voc0712_R_50_C4_24k)."),
+    engine: str = typer.Option(
+        "torchvision", "--engine", "-e", help="torchvision (runs anywhere) or detectron2 (the paper's protocol)."
+    ),
+    config: Optional[str] = typer.Option(
+        None,
+        "--config",
+        "-c",
+        help="Config name in configs/detection/ or a YAML path "
+        "(default: torchvision_r50_fpn / d2_voc0712_R_50_C4_24k).",
+    ),
     train_json: Optional[Path] = typer.Option(None, "--train-json", help="COCO instances JSON for training."),
     train_images: Optional[Path] = typer.Option(None, "--train-images", help="Image folder of --train-json."),
     val_json: Optional[Path] = typer.Option(None, "--val-json", help="COCO instances JSON for evaluation."),
     val_images: Optional[Path] = typer.Option(None, "--val-images", help="Image folder of --val-json."),
-    voc_root: Optional[Path] = typer.Option(None, "--voc-root",
-                                            help="Pascal VOC VOCdevkit directory (instead of COCO JSON)."),
-    voc_train: str = typer.Option("2007/trainval,2012/trainval", "--voc-train",
-                                  help="VOC training splits, YEAR/SPLIT[,YEAR/SPLIT]."),
+    voc_root: Optional[Path] = typer.Option(
+        None, "--voc-root", help="Pascal VOC VOCdevkit directory (instead of COCO JSON)."
+    ),
+    voc_train: str = typer.Option(
+        "2007/trainval,2012/trainval", "--voc-train", help="VOC training splits, YEAR/SPLIT[,YEAR/SPLIT]."
+    ),
     voc_val: str = typer.Option("2007/test", "--voc-val", help="VOC evaluation splits."),
     iters: Optional[int] = typer.Option(None, "--iters", help="Training iterations (LR steps scale with it)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o",
-                                          help="Output directory (default runs/detection-<engine>-<time>)."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", "-s",
-                                             help="Config override: solver.base_lr=0.01 (torchvision) or "
-                                             "SOLVER.BASE_LR=0.01 (detectron2)."),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="Output directory (default runs/detection-<engine>-<time>)."
+    ),
+    set_: Optional[List[str]] = typer.Option(
+        None,
+        "--set",
+        "-s",
+        help="Config override: solver.base_lr=0.01 (torchvision) or SOLVER.BASE_LR=0.01 (detectron2).",
+    ),
     arch: Arch = None,
-    num_gpus: int = typer.Option(1, "--num-gpus", help="detectron2 engine: processes (GPUs) per machine, at most the "
-                                 "visible GPUs (1 on a CPU-only machine)."),
-    num_machines: int = typer.Option(1, "--num-machines", help="detectron2 engine: machines taking part "
-                                     "(detectron2's launch; run the same command on each)."),
-    machine_rank: int = typer.Option(0, "--machine-rank", help="detectron2 engine: this machine's rank, 0..N-1 "
-                                     "(machine 0 writes the results)."),
-    dist_url: str = typer.Option("auto", "--dist-url", help="detectron2 engine: tcp://HOST:PORT of machine 0 "
-                                 "(required with --num-machines > 1; 'auto' = a free local port)."),
+    num_gpus: int = typer.Option(
+        1,
+        "--num-gpus",
+        help="detectron2 engine: processes (GPUs) per machine, at most the visible GPUs (1 on a CPU-only machine).",
+    ),
+    num_machines: int = typer.Option(
+        1,
+        "--num-machines",
+        help="detectron2 engine: machines taking part (detectron2's launch; run the same command on each).",
+    ),
+    machine_rank: int = typer.Option(
+        0, "--machine-rank", help="detectron2 engine: this machine's rank, 0..N-1 (machine 0 writes the results)."
+    ),
+    dist_url: str = typer.Option(
+        "auto",
+        "--dist-url",
+        help="detectron2 engine: tcp://HOST:PORT of machine 0 "
+        "(required with --num-machines > 1; 'auto' = a free local port).",
+    ),
 ):
     """Fine-tune a detector on a backbone and report COCO AP (results.json, table, predictions PNG).
 
@@ -91,8 +114,10 @@ def eval_detection(
     if iters is not None and iters < 1:
         raise UserError(f"--iters {iters}: expected >= 1")
     if engine == "torchvision" and (num_gpus, num_machines, machine_rank, dist_url) != (1, 1, 0, "auto"):
-        raise UserError("--num-gpus/--num-machines/--machine-rank/--dist-url launch detectron2's workers; the "
-                        "torchvision engine runs one process (use --engine detectron2)")
+        raise UserError(
+            "--num-gpus/--num-machines/--machine-rank/--dist-url launch detectron2's workers; the "
+            "torchvision engine runs one process (use --engine detectron2)"
+        )
     out_dir = output or Path("runs") / f"detection-{engine}-{time.strftime('%Y%m%d-%H%M%S')}"
     data = resolve_data(train_json, train_images, val_json, val_images, voc_root, voc_train, voc_val)
     if engine == "torchvision":
@@ -105,9 +130,20 @@ def eval_detection(
         from simsiam_kit.evaluation.detection.detectron2_engine import run_detectron2_detection
         from simsiam_kit.evaluation.detection.metrics import format_results
 
-        res = run_detectron2_detection(config or "d2_voc0712_R_50_C4_24k", weights, data, out_dir, iters=iters,
-                                       overrides=set_, num_gpus=num_gpus, arch=arch, log=typer.echo,
-                                       num_machines=num_machines, machine_rank=machine_rank, dist_url=dist_url)
+        res = run_detectron2_detection(
+            config or "d2_voc0712_R_50_C4_24k",
+            weights,
+            data,
+            out_dir,
+            iters=iters,
+            overrides=set_,
+            num_gpus=num_gpus,
+            arch=arch,
+            log=typer.echo,
+            num_machines=num_machines,
+            machine_rank=machine_rank,
+            dist_url=dist_url,
+        )
     if res:
         typer.echo("")
         typer.echo(format_results(res))

@@ -43,18 +43,25 @@ def knn(
     train_data: TrainData,
     test_data: TestData,
     k: Optional[List[int]] = typer.Option(
-        None, "--k", help="Neighbours; repeat for several from one search (--k 20 --k 200); the first is the headline. "
-        "Default: 200, 10, 20, 100 (every peer's protocol)."),
+        None,
+        "--k",
+        help="Neighbours; repeat for several from one search (--k 20 --k 200); the first is the headline. "
+        "Default: 200, 10, 20, 100 (every peer's protocol).",
+    ),
     temperature: Optional[List[float]] = typer.Option(
-        None, "--temperature", "-t", help="Vote weight exp(sim / T); repeatable, the first is the headline. "
-        "Default: 0.1, 0.07."),
+        None,
+        "--temperature",
+        "-t",
+        help="Vote weight exp(sim / T); repeatable, the first is the headline. Default: 0.1, 0.07.",
+    ),
     like: Like = None,
     output: Output = None,
     overwrite: Overwrite = False,
     arch: Arch = None,
     stem: Stem = None,
-    backend: str = typer.Option("auto", "--backend",
-                                help="auto | faiss | torch (see docs/evaluation.md for the auto rule)."),
+    backend: str = typer.Option(
+        "auto", "--backend", help="auto | faiss | torch (see docs/evaluation.md for the auto rule)."
+    ),
     index: str = typer.Option("flat", "--index", help="flat (exact) | ivf | hnsw (approximate, faiss)."),
     batch_size: BatchSize = DEFAULT_FEATURE_BATCH,
     device: Device = "auto",
@@ -74,8 +81,9 @@ def knn(
     from simsiam_kit.evaluation.common import default_output
 
     mean_v, std_v = parse_floats(mean, "--mean"), parse_floats(std, "--std")
-    precheck(weights, like, [("--train-data", train_data), ("--test-data", test_data)], None, overwrite, image_size,
-             arch)
+    precheck(
+        weights, like, [("--train-data", train_data), ("--test-data", test_data)], None, overwrite, image_size, arch
+    )
     out = output or default_output(weights, "knn", like)
     precheck(output=out, overwrite=overwrite)
 
@@ -83,11 +91,29 @@ def knn(
     from simsiam_kit.evaluation.knn import KNNSettings, results_table, run_knn_eval
 
     settings = KNNSettings(
-        weights=weights, train_data=train_data, test_data=test_data, ks=tuple(k) if k else None,
-        temperatures=tuple(temperature) if temperature else None, arch=arch, stem=stem, like=like, backend=backend,
-        index=index, batch_size=batch_size, device=device, precision=precision, image_size=image_size, mean=mean_v,
-        std=std_v, workers=workers, plots=plots, save_index=save_index, root=data_root, download=download,
-        skip_bad_images=skip_bad_images, overwrite=overwrite,
+        weights=weights,
+        train_data=train_data,
+        test_data=test_data,
+        ks=tuple(k) if k else None,
+        temperatures=tuple(temperature) if temperature else None,
+        arch=arch,
+        stem=stem,
+        like=like,
+        backend=backend,
+        index=index,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        image_size=image_size,
+        mean=mean_v,
+        std=std_v,
+        workers=workers,
+        plots=plots,
+        save_index=save_index,
+        root=data_root,
+        download=download,
+        skip_bad_images=skip_bad_images,
+        overwrite=overwrite,
     )
     results = run_knn_eval(settings, out, log=typer.echo)
     typer.echo(results_table(results))

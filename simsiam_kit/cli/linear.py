@@ -43,14 +43,19 @@ def linear(
     train_data: TrainData,
     test_data: TestData,
     epochs: int = typer.Option(90, "--epochs", help="Training epochs (official ImageNet protocol: 90)."),
-    cached_features: bool = typer.Option(False, "--cached-features", help="Extract features once (no augmentation) "
-                                         "and train the head on them: a fast approximation of the protocol."),
+    cached_features: bool = typer.Option(
+        False,
+        "--cached-features",
+        help="Extract features once (no augmentation) "
+        "and train the head on them: a fast approximation of the protocol.",
+    ),
     like: Like = None,
     output: Output = None,
     overwrite: Overwrite = False,
     batch_size: BatchSize = 256,
-    lr: float = typer.Option(0.1, "--lr",
-                             help="Base learning rate; the rate used is lr x batch / 256, cosine-decayed."),
+    lr: float = typer.Option(
+        0.1, "--lr", help="Base learning rate; the rate used is lr x batch / 256, cosine-decayed."
+    ),
     optimizer: str = typer.Option("sgd", "--optimizer", help="sgd (momentum 0.9) | lars (LARC around the same SGD)."),
     weight_decay: float = typer.Option(0.0, "--weight-decay", help="Weight decay (protocol: 0)."),
     arch: Arch = None,
@@ -67,17 +72,22 @@ def linear(
     seed: Seed = 0,
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Per-epoch curves PNG."),
-    lr_sweep: bool = typer.Option(False, "--lr-sweep", help="With --cached-features: train one head per base lr "
-                                  "(1e-3 ... 30) x weight decay (0, 1e-4) in one pass, choose on held-out training "
-                                  "images, report that head on the test set."),
+    lr_sweep: bool = typer.Option(
+        False,
+        "--lr-sweep",
+        help="With --cached-features: train one head per base lr "
+        "(1e-3 ... 30) x weight decay (0, 1e-4) in one pass, choose on held-out training "
+        "images, report that head on the test set.",
+    ),
 ):
     """Linear probe on a frozen backbone (official main_lincls.py protocol); writes results.json, head.pt, curves.
     The baseline of a run: --weights random --like RUN."""
     from simsiam_kit.evaluation.common import default_output
 
     mean_v, std_v = parse_floats(mean, "--mean"), parse_floats(std, "--std")
-    precheck(weights, like, [("--train-data", train_data), ("--test-data", test_data)], None, overwrite, image_size,
-             arch)
+    precheck(
+        weights, like, [("--train-data", train_data), ("--test-data", test_data)], None, overwrite, image_size, arch
+    )
     out = output or default_output(weights, "linear", like)
     precheck(output=out, overwrite=overwrite)
 
@@ -85,11 +95,31 @@ def linear(
     from simsiam_kit.evaluation.linear import LinearSettings, results_table, run_linear_probe
 
     settings = LinearSettings(
-        weights=weights, train_data=train_data, test_data=test_data, epochs=epochs,
-        cached_features=cached_features, batch_size=batch_size, lr=lr, optimizer=optimizer,
-        weight_decay=weight_decay, arch=arch, stem=stem, like=like, device=device, precision=precision,
-        image_size=image_size, mean=mean_v, std=std_v, workers=workers, root=data_root, download=download,
-        skip_bad_images=skip_bad_images, overwrite=overwrite, seed=seed, progress=progress, plots=plots,
+        weights=weights,
+        train_data=train_data,
+        test_data=test_data,
+        epochs=epochs,
+        cached_features=cached_features,
+        batch_size=batch_size,
+        lr=lr,
+        optimizer=optimizer,
+        weight_decay=weight_decay,
+        arch=arch,
+        stem=stem,
+        like=like,
+        device=device,
+        precision=precision,
+        image_size=image_size,
+        mean=mean_v,
+        std=std_v,
+        workers=workers,
+        root=data_root,
+        download=download,
+        skip_bad_images=skip_bad_images,
+        overwrite=overwrite,
+        seed=seed,
+        progress=progress,
+        plots=plots,
         lr_sweep=lr_sweep,
     )
     results = run_linear_probe(settings, out, log=typer.echo)

@@ -18,39 +18,59 @@ export_app = new_app()  # simsiam-kit export onnx
 @export_app.command("onnx")
 @user_errors
 def export_onnx_cmd(
-    weights: str = typer.Option(..., "--weights", "-w",
-                                help="Run directory, checkpoint, backbone.pt or ResNet state dict."),
-    output: Path = typer.Option(..., "--output", "-o",
-                                help="ONNX file to write (the parity report goes to <stem>.export.json)."),
-    head: str = typer.Option("backbone", "--head",
-                             help="backbone (pooled features) or projector (z; needs a full checkpoint)."),
+    weights: str = typer.Option(
+        ..., "--weights", "-w", help="Run directory, checkpoint, backbone.pt or ResNet state dict."
+    ),
+    output: Path = typer.Option(
+        ..., "--output", "-o", help="ONNX file to write (the parity report goes to <stem>.export.json)."
+    ),
+    head: str = typer.Option(
+        "backbone", "--head", help="backbone (pooled features) or projector (z; needs a full checkpoint)."
+    ),
     image_size: Optional[int] = typer.Option(
-        None, "--image-size", help="Input size (default: the size stored with the weights, else the run's config, "
-                                   "else 32 for the CIFAR stem, 224 for the ImageNet stem)."),
+        None,
+        "--image-size",
+        help="Input size (default: the size stored with the weights, else the run's config, "
+        "else 32 for the CIFAR stem, 224 for the ImageNet stem).",
+    ),
     opset: int = typer.Option(18, "--opset", help="ONNX opset (18-23)."),
-    fp16: bool = typer.Option(False, "--fp16",
-                              help="float16 weights and arithmetic (I/O stays float32); parity: cosine >= 0.999."),
+    fp16: bool = typer.Option(
+        False, "--fp16", help="float16 weights and arithmetic (I/O stays float32); parity: cosine >= 0.999."
+    ),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture for a plain state dict or --weights random."),
-    parity_data: str = typer.Option("demo:val[:16]", "--parity-data",
-                                    help="Real images for the parity check (dataset spec)."),
+    parity_data: str = typer.Option(
+        "demo:val[:16]", "--parity-data", help="Real images for the parity check (dataset spec)."
+    ),
     device: str = typer.Option("auto", "--device", help="onnxruntime device for the parity check: auto, cpu or cuda."),
 ):
     """Export the encoder to ONNX (dynamic batch, preprocessing in metadata_props) and check it against PyTorch."""
     precheck(weights, None, [("--parity-data", parity_data)], image_size=image_size)
     from simsiam_kit.export.onnx import export_onnx
 
-    export_onnx(weights, output, head=head, image_size=image_size, opset=opset, fp16=fp16, arch=arch,
-                parity_data=parity_data, device=device, log=typer.echo)
+    export_onnx(
+        weights,
+        output,
+        head=head,
+        image_size=image_size,
+        opset=opset,
+        fp16=fp16,
+        arch=arch,
+        parity_data=parity_data,
+        device=device,
+        log=typer.echo,
+    )
 
 
 @app.command("embed")
 @user_errors(remedies=EMBED_REMEDIES)
 def embed_cmd(
     model: Path = typer.Option(..., "--model", "-m", help="Encoder exported with `simsiam-kit export onnx`."),
-    data: str = typer.Option(..., "--data", "-d",
-                             help="Dataset spec: ImageFolder dir, .npz, cifar10, ... (slice with [a:b])."),
-    output: Path = typer.Option(..., "--output", "-o",
-                                help="Directory for embeddings.npy, ids.json, labels.npy, the index."),
+    data: str = typer.Option(
+        ..., "--data", "-d", help="Dataset spec: ImageFolder dir, .npz, cifar10, ... (slice with [a:b])."
+    ),
+    output: Path = typer.Option(
+        ..., "--output", "-o", help="Directory for embeddings.npy, ids.json, labels.npy, the index."
+    ),
     batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per onnxruntime call."),
     index: str = typer.Option("flat", "--index", help="flat (exact), ivf or hnsw (approximate, FAISS)."),
     backend: str = typer.Option("faiss", "--backend", help="faiss, or torch (exact flat search without FAISS)."),
@@ -67,9 +87,16 @@ def embed_cmd(
     from simsiam_kit.export.embedder import OnnxEmbedder
     from simsiam_kit.retrieval.embed_search import embed_dataset_to_dir
 
-    embed_dataset_to_dir(OnnxEmbedder(model, device=device, batch_size=batch_size), data, output,
-                         index_kind=index, backend=backend, skip_bad_images=skip_bad_images, progress=progress,
-                         log=typer.echo)
+    embed_dataset_to_dir(
+        OnnxEmbedder(model, device=device, batch_size=batch_size),
+        data,
+        output,
+        index_kind=index,
+        backend=backend,
+        skip_bad_images=skip_bad_images,
+        progress=progress,
+        log=typer.echo,
+    )
 
 
 @app.command("search")
@@ -94,8 +121,15 @@ def search_cmd(
     from simsiam_kit.retrieval.embed_search import format_search_table, search_images
 
     out = output if output is not None else index / "search.json"
-    report = search_images(index, query, lambda path: OnnxEmbedder(path, device=device), k=k, model=model,
-                           output=out, log=lambda s: typer.echo(s, err=True))
+    report = search_images(
+        index,
+        query,
+        lambda path: OnnxEmbedder(path, device=device),
+        k=k,
+        model=model,
+        output=out,
+        log=lambda s: typer.echo(s, err=True),
+    )
     typer.echo(f"onnxruntime provider: {report['provider']}; {len(report['results'])} queries, k={report['k']}")
     typer.echo(format_search_table(report))
     typer.echo(f"wrote {out}")

@@ -20,49 +20,107 @@ def new_app(**kw) -> typer.Typer:
     return typer.Typer(rich_markup_mode=None, **kw)
 
 
-Weights = Annotated[str, typer.Option(
-    "--weights", "-w", help="Run directory, checkpoint, backbone.pt, torchvision ResNet state dict, or 'random' "
-                            "(a random-init baseline).")]
-Like = Annotated[Optional[str], typer.Option(
-    "--like", metavar="RUN", help="With --weights random: take the architecture, stem, initial weights (the run's "
-                                  "seed) and image size/normalisation of this run, so the baseline is the run "
-                                  "before training. Default output RUN/eval/<kind>-random-init.")]
-TrainData = Annotated[str, typer.Option(
-    "--train-data", help="Labelled training set / kNN bank (dataset spec, e.g. cifar10:train or PATH.npz).")]
+Weights = Annotated[
+    str,
+    typer.Option(
+        "--weights",
+        "-w",
+        help="Run directory, checkpoint, backbone.pt, torchvision ResNet state dict, or 'random' "
+        "(a random-init baseline).",
+    ),
+]
+Like = Annotated[
+    Optional[str],
+    typer.Option(
+        "--like",
+        metavar="RUN",
+        help="With --weights random: take the architecture, stem, initial weights (the run's "
+        "seed) and image size/normalisation of this run, so the baseline is the run "
+        "before training. Default output RUN/eval/<kind>-random-init.",
+    ),
+]
+TrainData = Annotated[
+    str,
+    typer.Option(
+        "--train-data", help="Labelled training set / kNN bank (dataset spec, e.g. cifar10:train or PATH.npz)."
+    ),
+]
 TestData = Annotated[str, typer.Option("--test-data", help="Labelled test set / queries (dataset spec).")]
-Arch = Annotated[Optional[str], typer.Option("--arch", help="Backbone architecture (for --weights random without "
-                                                            "--like; checked against the weights otherwise).")]
-Stem = Annotated[Optional[str], typer.Option("--stem", help="cifar or imagenet (for --weights random: default "
-                                                            "imagenet).")]
+Arch = Annotated[
+    Optional[str],
+    typer.Option(
+        "--arch",
+        help="Backbone architecture (for --weights random without --like; checked against the weights otherwise).",
+    ),
+]
+Stem = Annotated[
+    Optional[str], typer.Option("--stem", help="cifar or imagenet (for --weights random: default imagenet).")
+]
 Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
-Precision = Annotated[str, typer.Option(
-    "--precision", help="Feature extraction: auto (= fp32, as the pretraining kNN monitor, so the numbers match) | "
-                        "fp32 | bf16 | fp16 (faster on GPUs and bf16 CPUs, last digits differ).")]
-ImageSize = Annotated[Optional[int], typer.Option(
-    "--image-size", help="Image size (default: the weights' metadata, else the run's config, else in-memory images "
-                         "at their own size, files at 32 px for the CIFAR stem and 224 px for the ImageNet stem).")]
-Mean = Annotated[Optional[str], typer.Option(
-    "--mean", help=f"Normalisation mean, e.g. 0.4914,0.4822,0.4465 (default: as --image-size; ImageNet "
-                   f"{','.join(map(str, IMAGENET_MEAN))}).")]
+Precision = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        help="Feature extraction: auto (= fp32, as the pretraining kNN monitor, so the numbers match) | "
+        "fp32 | bf16 | fp16 (faster on GPUs and bf16 CPUs, last digits differ).",
+    ),
+]
+ImageSize = Annotated[
+    Optional[int],
+    typer.Option(
+        "--image-size",
+        help="Image size (default: the weights' metadata, else the run's config, else in-memory images "
+        "at their own size, files at 32 px for the CIFAR stem and 224 px for the ImageNet stem).",
+    ),
+]
+Mean = Annotated[
+    Optional[str],
+    typer.Option(
+        "--mean",
+        help=f"Normalisation mean, e.g. 0.4914,0.4822,0.4465 (default: as --image-size; ImageNet "
+        f"{','.join(map(str, IMAGENET_MEAN))}).",
+    ),
+]
 Std = Annotated[Optional[str], typer.Option("--std", help="Normalisation std (default: as --mean).")]
 Workers = Annotated[int, typer.Option("--workers", help="DataLoader workers for image files.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Images per batch.")]
-Output = Annotated[Optional[Path], typer.Option(
-    "--output", "-o", help="Output directory (default RUN/eval/<kind> for a run directory, "
-                           "RUN/eval/<kind>-random-init with --like RUN, else runs/eval-<kind>-<time>).")]
-Overwrite = Annotated[bool, typer.Option(
-    "--overwrite", help="Replace the results of an earlier evaluation in the output directory (without it they "
-                        "are kept and the command stops).")]
-DataRoot = Annotated[str, typer.Option("--data-root", help="Where torchvision datasets (cifar10, cifar100, stl10) "
-                                                           "live.")]
-Download = Annotated[bool, typer.Option("--download/--no-download", help="Download torchvision datasets into "
-                                                                         "--data-root if missing.")]
-SkipBadImages = Annotated[bool, typer.Option("--skip-bad-images", help="Skip unreadable image files (and count them) "
-                                                                       "instead of stopping.")]
-Seed = Annotated[int, typer.Option("--seed", help="Seed of the head's initialisation, the data order and the crops "
-                                                  "(and of --weights random without --like).")]
-Overrides = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config key: "
-                                                                            "--set optim.epochs=10")]
+Output = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--output",
+        "-o",
+        help="Output directory (default RUN/eval/<kind> for a run directory, "
+        "RUN/eval/<kind>-random-init with --like RUN, else runs/eval-<kind>-<time>).",
+    ),
+]
+Overwrite = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace the results of an earlier evaluation in the output directory (without it they "
+        "are kept and the command stops).",
+    ),
+]
+DataRoot = Annotated[
+    str, typer.Option("--data-root", help="Where torchvision datasets (cifar10, cifar100, stl10) live.")
+]
+Download = Annotated[
+    bool, typer.Option("--download/--no-download", help="Download torchvision datasets into --data-root if missing.")
+]
+SkipBadImages = Annotated[
+    bool, typer.Option("--skip-bad-images", help="Skip unreadable image files (and count them) instead of stopping.")
+]
+Seed = Annotated[
+    int,
+    typer.Option(
+        "--seed",
+        help="Seed of the head's initialisation, the data order and the crops "
+        "(and of --weights random without --like).",
+    ),
+]
+Overrides = Annotated[
+    Optional[list[str]], typer.Option("--set", "-s", help="Override a config key: --set optim.epochs=10")
+]
 DATA_ROOT_DEFAULT = DEFAULT_DATA_ROOT
 
 
@@ -73,8 +131,9 @@ def parse_floats(text: Optional[str], option: str) -> Optional[tuple]:
     try:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise UserError(f"{option}: expected 3 comma-separated numbers such as 0.485,0.456,0.406, "
-                        f"got '{text}'") from None
+        raise UserError(
+            f"{option}: expected 3 comma-separated numbers such as 0.485,0.456,0.406, got '{text}'"
+        ) from None
     if len(values) != 3:
         raise UserError(f"{option}: expected 3 comma-separated numbers (R,G,B), got {len(values)} in '{text}'")
     if option == "--std" and any(not v > 0 for v in values):
@@ -82,9 +141,15 @@ def parse_floats(text: Optional[str], option: str) -> Optional[tuple]:
     return values
 
 
-def precheck(weights: Optional[str] = None, like: Optional[str] = None, data: Sequence[tuple[str, str]] = (),
-             output: Optional[Path] = None, overwrite: bool = False, image_size: Optional[int] = None,
-             arch: Optional[str] = "") -> None:
+def precheck(
+    weights: Optional[str] = None,
+    like: Optional[str] = None,
+    data: Sequence[tuple[str, str]] = (),
+    output: Optional[Path] = None,
+    overwrite: bool = False,
+    image_size: Optional[int] = None,
+    arch: Optional[str] = "",
+) -> None:
     """Checks that need no torch: the weights spec (:func:`simsiam_kit.weights.resolve_weights`), the dataset
     specs (``(option, spec)`` pairs), an output directory that holds earlier results, the image size.
     ``arch``: the command's --arch, for commands that offer --like (random weights need one or the other)."""
@@ -101,8 +166,10 @@ def precheck(weights: Optional[str] = None, like: Optional[str] = None, data: Se
         from simsiam_kit.weights import is_random, resolve_weights
 
         if is_random(weights) and like is None and arch is None:
-            raise UserError("--weights random needs --like RUN (that run's own random init and settings, the "
-                            "baseline to compare it with) or --arch (for example --arch resnet18)")
+            raise UserError(
+                "--weights random needs --like RUN (that run's own random init and settings, the "
+                "baseline to compare it with) or --arch (for example --arch resnet18)"
+            )
         resolve_weights(weights, like)
     for option, spec in data:
         try:

@@ -20,14 +20,18 @@ def pretrain(
     set_: Overrides = None,
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run directory (default runs/<name>-<time>)."),
     resume: bool = typer.Option(
-        False, "--resume",
+        False,
+        "--resume",
         help="Continue the run in --output (or the latest run of this config) from its last checkpoint; "
-             "--set may change only optim.epochs, logging keys and data.workers (recorded in "
-             "config.amendments.yaml; docs/reliability.md)."),
+        "--set may change only optim.epochs, logging keys and data.workers (recorded in "
+        "config.amendments.yaml; docs/reliability.md).",
+    ),
     overwrite: bool = typer.Option(
-        False, "--overwrite",
+        False,
+        "--overwrite",
         help="Replace the run files of a non-empty --output (config, checkpoints, backbone, metrics, plots, "
-             "results, eval); other files stay. Without it a non-empty directory is refused."),
+        "results, eval); other files stay. Without it a non-empty directory is refused.",
+    ),
 ):
     """SimSiam pretraining. With no arguments: the built-in demo (4,000 MNIST digits, 8 epochs): about 4 minutes
     on 2 idle CPU cores; on cores other processes keep busy it trains with fewer threads (it says so at the
@@ -50,24 +54,33 @@ def pretrain(
             base = load_pretrain_config(config, None)
             output = find_latest_run(base.name)
             if output is None:
-                raise UserError(f"--resume: no run of config '{base.name}' with a checkpoint under runs/; "
-                                "pass --output RUN_DIR")
+                raise UserError(
+                    f"--resume: no run of config '{base.name}' with a checkpoint under runs/; pass --output RUN_DIR"
+                )
         if not RunDir(output).has_checkpoint():
             raise UserError(f"--resume: no checkpoint at {RunDir(output).checkpoint}")
         cfg = load_run_config(output, set_)
     summary = run_pretrain(cfg, output, resume=resume, log=typer.echo, overwrite=overwrite)
     if dist.is_main() and summary:
         typer.echo("")
-        typer.echo(f"finished: {summary['run_dir']}  ({summary['train_seconds']:.0f} s, "
-                   f"{summary['images_per_s'] or 0:.1f} images/s, {summary['precision']})")
-        typer.echo(f"  final loss {summary['final_loss']:.4f}, output std x sqrt(d) {summary['std_x_sqrt_d']:.3f} "
-                   "(healthy ~1, collapsed ~0)")
+        typer.echo(
+            f"finished: {summary['run_dir']}  ({summary['train_seconds']:.0f} s, "
+            f"{summary['images_per_s'] or 0:.1f} images/s, {summary['precision']})"
+        )
+        typer.echo(
+            f"  final loss {summary['final_loss']:.4f}, output std x sqrt(d) {summary['std_x_sqrt_d']:.3f} "
+            "(healthy ~1, collapsed ~0)"
+        )
         if summary.get("knn_top1") is not None:
             knn = summary["knn"]
-            typer.echo(f"  kNN top-1 (k={knn['k']}, T={knn['temperature']:g}) on {knn['queries']}, "
-                       f"features {knn.get('precision', 'fp32')}:")
+            typer.echo(
+                f"  kNN top-1 (k={knn['k']}, T={knn['temperature']:g}) on {knn['queries']}, "
+                f"features {knn.get('precision', 'fp32')}:"
+            )
             typer.echo(f"    SimSiam backbone      {summary['knn_top1']:6.2f} %  (epoch {summary['epochs']})")
-            typer.echo(f"    random-init backbone  {summary['knn_top1_random_init']:6.2f} %  (epoch 0: this run's "
-                       "initial weights)")
+            typer.echo(
+                f"    random-init backbone  {summary['knn_top1_random_init']:6.2f} %  (epoch 0: this run's "
+                "initial weights)"
+            )
             typer.echo(f"  the same baseline in eval knn / eval linear: --weights random --like {summary['run_dir']}")
     dist.cleanup()

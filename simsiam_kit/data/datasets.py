@@ -84,12 +84,16 @@ def check_labels(labels, n: int, classes: Optional[list], source: str) -> np.nda
     if classes is not None:
         if lo < -1 or hi >= len(classes):
             bad = lo if lo < -1 else hi
-            raise UserError(f"{source}: label {bad} out of range for its {len(classes)} class names "
-                            f"(expected 0..{len(classes) - 1}, or -1 for unlabelled)")
+            raise UserError(
+                f"{source}: label {bad} out of range for its {len(classes)} class names "
+                f"(expected 0..{len(classes) - 1}, or -1 for unlabelled)"
+            )
     elif lo < -1 or hi >= MAX_CLASSES_WITHOUT_NAMES:
         bad = lo if lo < -1 else hi
-        raise UserError(f"{source}: label {bad} out of range (expected 0..{MAX_CLASSES_WITHOUT_NAMES - 1}, or -1 "
-                        "for unlabelled; store 'class_names' with the labels for more classes)")
+        raise UserError(
+            f"{source}: label {bad} out of range (expected 0..{MAX_CLASSES_WITHOUT_NAMES - 1}, or -1 "
+            "for unlabelled; store 'class_names' with the labels for more classes)"
+        )
     return arr.astype(np.int64, copy=False)
 
 
@@ -172,8 +176,14 @@ def resize_in_memory(ds: ImageDataset, size: int) -> ImageDataset:
         x = torch.from_numpy(ds.images[s : s + 2048]).permute(0, 3, 1, 2).float()
         y = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         out.append(y.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
-    return ImageDataset(name=ds.name, labels=ds.labels, ids=ds.ids, classes=ds.classes,
-                        images=np.ascontiguousarray(np.concatenate(out)), skip_bad_images=ds.skip_bad_images)
+    return ImageDataset(
+        name=ds.name,
+        labels=ds.labels,
+        ids=ds.ids,
+        classes=ds.classes,
+        images=np.ascontiguousarray(np.concatenate(out)),
+        skip_bad_images=ds.skip_bad_images,
+    )
 
 
 def parse_spec(spec: str) -> tuple[str, Optional[slice]]:
@@ -197,8 +207,10 @@ def check_spec(spec: str) -> tuple[str, Optional[Path]]:
         return "torchvision", None
     path = Path(base).expanduser()
     if not path.exists():
-        raise UserError(f"dataset not found: {path} (expected a .npz file, an ImageFolder directory, demo, "
-                        f"or one of {', '.join(TORCHVISION_SETS)})")
+        raise UserError(
+            f"dataset not found: {path} (expected a .npz file, an ImageFolder directory, demo, "
+            f"or one of {', '.join(TORCHVISION_SETS)})"
+        )
     if path.is_file():
         if path.suffix != ".npz":
             raise UserError(f"unsupported dataset file {path} (expected .npz with 'images' and 'labels')")
@@ -272,8 +284,9 @@ def _npz_rows(path: Path, name: str, sl: slice) -> Optional[tuple[np.ndarray, in
                 data = info.header_offset + 30 + name_len + extra_len
                 if b == a:
                     return np.empty((0, *shape[1:]), dtype), shape[0]
-                mm = np.memmap(path, dtype=dtype, mode="r", offset=data + header_len + a * row,
-                               shape=(b - a, *shape[1:]))
+                mm = np.memmap(
+                    path, dtype=dtype, mode="r", offset=data + header_len + a * row, shape=(b - a, *shape[1:])
+                )
                 return np.array(mm), shape[0]
             skip = a * row
             while skip > 0:  # decompress and drop the rows before the slice
@@ -337,12 +350,14 @@ def load_image_folder(path: Path, skip_bad_images: bool = False) -> ImageDataset
         labels = [-1] * len(files)
         classes = None
     if not files:
-        raise UserError(f"no images found under {path} "
-                        f"(expected {path}/<class>/<image>{'|'.join(IMG_EXTENSIONS[:3])}...)")
+        raise UserError(
+            f"no images found under {path} (expected {path}/<class>/<image>{'|'.join(IMG_EXTENSIONS[:3])}...)"
+        )
     root = path
     ids = [str(Path(f).relative_to(root)) for f in files]
-    return ImageDataset(name=str(path), labels=np.array(labels), ids=ids, classes=classes, files=files,
-                        skip_bad_images=skip_bad_images)
+    return ImageDataset(
+        name=str(path), labels=np.array(labels), ids=ids, classes=classes, files=files, skip_bad_images=skip_bad_images
+    )
 
 
 def load_torchvision(name: str, split: str, root: str, download: bool) -> ImageDataset:
@@ -364,8 +379,13 @@ def load_torchvision(name: str, split: str, root: str, download: bool) -> ImageD
         if "download=True" in str(e) or "not found" in str(e).lower():
             raise DatasetNotFound(f"{name} not found under {root_p}") from None
         raise UserError(f"cannot load {name} from {root_p}: {e}") from None
-    return ImageDataset(name=f"{name}:{split}", labels=labels, ids=list(range(len(images))), classes=classes,
-                        images=np.ascontiguousarray(images))
+    return ImageDataset(
+        name=f"{name}:{split}",
+        labels=labels,
+        ids=list(range(len(images))),
+        classes=classes,
+        images=np.ascontiguousarray(images),
+    )
 
 
 def _demo_path() -> Path:
@@ -406,5 +426,10 @@ def load_demo(split: str = "train") -> ImageDataset:
         _DEMO_CACHE["all"] = (x, y, order, is_val)
     x, y, order, is_val = _DEMO_CACHE["all"]
     idx = {"all": order, "train": order[~is_val[order]], "val": order[is_val[order]]}[split]
-    return ImageDataset(name=f"demo:{split}", labels=y[idx], ids=[int(i) for i in idx],
-                        classes=[str(c) for c in range(10)], images=np.ascontiguousarray(x[idx]))
+    return ImageDataset(
+        name=f"demo:{split}",
+        labels=y[idx],
+        ids=[int(i) for i in idx],
+        classes=[str(c) for c in range(10)],
+        images=np.ascontiguousarray(x[idx]),
+    )

@@ -61,14 +61,17 @@ class _Sharder:
         return mine
 
 
-def resolve_device_resident(flag: Optional[bool], ds: ImageDataset, device: torch.device,
-                            max_fraction: float = 0.25) -> bool:
+def resolve_device_resident(
+    flag: Optional[bool], ds: ImageDataset, device: torch.device, max_fraction: float = 0.25
+) -> bool:
     """Keep an in-memory dataset on the training device? ``flag`` (``data.device_resident``) wins; auto
     (None) = yes on an accelerator when the uint8 array takes at most ``max_fraction`` of its memory."""
     if not ds.in_memory:
         if flag:
-            raise UserError("data.device_resident=true needs an in-memory dataset (npz, CIFAR, STL-10, demo); "
-                            f"{ds.name} is read from files")
+            raise UserError(
+                "data.device_resident=true needs an in-memory dataset (npz, CIFAR, STL-10, demo); "
+                f"{ds.name} is read from files"
+            )
         return False
     if flag is not None:
         return bool(flag)
@@ -82,8 +85,15 @@ class ArrayLoader:
     """Batches of an in-memory dataset: dict(images=uint8 (B,3,H,W), labels=int64 (B,), index=(B,)),
     on ``device`` when given (the array is copied there once), else on the host."""
 
-    def __init__(self, ds: ImageDataset, batch_size: int, shuffle: bool, drop_last: bool, seed: int = 0,
-                 device: Optional[torch.device] = None):
+    def __init__(
+        self,
+        ds: ImageDataset,
+        batch_size: int,
+        shuffle: bool,
+        drop_last: bool,
+        seed: int = 0,
+        device: Optional[torch.device] = None,
+    ):
         if not ds.in_memory:
             raise ValueError("ArrayLoader needs an in-memory dataset")
         self.device = device
@@ -141,8 +151,9 @@ class _Unreadable:
 
 
 class _FileDataset(torch.utils.data.Dataset):
-    def __init__(self, ds: ImageDataset, mode: str, size: int, crop_scale=(0.2, 1.0), flip_p: float = 0.5,
-                 seed: int = 0):
+    def __init__(
+        self, ds: ImageDataset, mode: str, size: int, crop_scale=(0.2, 1.0), flip_p: float = 0.5, seed: int = 0
+    ):
         self.ds, self.mode, self.size, self.seed = ds, mode, size, seed
         self.crop_scale, self.flip_p = tuple(crop_scale), flip_p
         from torchvision.transforms import v2 as T
@@ -204,14 +215,30 @@ def _collate(items):
 
 
 class FileLoader:
-    def __init__(self, ds: ImageDataset, batch_size: int, shuffle: bool, drop_last: bool, seed: int, mode: str,
-                 size: int, workers: int, crop_scale=(0.2, 1.0), flip_p: float = 0.5):
+    def __init__(
+        self,
+        ds: ImageDataset,
+        batch_size: int,
+        shuffle: bool,
+        drop_last: bool,
+        seed: int,
+        mode: str,
+        size: int,
+        workers: int,
+        crop_scale=(0.2, 1.0),
+        flip_p: float = 0.5,
+    ):
         self.sharder = _Sharder(len(ds), batch_size, shuffle, drop_last, seed, shard=shuffle)
         self.two_views_in_loader = mode == "two_view"
         self.dl = torch.utils.data.DataLoader(
-            _FileDataset(ds, mode, size, crop_scale, flip_p, seed), batch_size=batch_size,
-            sampler=_FileSampler(self.sharder), num_workers=workers, collate_fn=_collate,
-            drop_last=drop_last, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+            _FileDataset(ds, mode, size, crop_scale, flip_p, seed),
+            batch_size=batch_size,
+            sampler=_FileSampler(self.sharder),
+            num_workers=workers,
+            collate_fn=_collate,
+            drop_last=drop_last,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
             # its own generator: creating the workers' base seed must not draw from torch's global RNG
             generator=torch.Generator().manual_seed(seed),
         )
@@ -229,12 +256,32 @@ class FileLoader:
             yield batch
 
 
-def make_loader(ds: ImageDataset, batch_size: int, *, train: bool, seed: int = 0, mode: str = "eval",
-                image_size: Optional[int] = None, workers: int = 2, crop_scale=(0.2, 1.0), flip_p: float = 0.5,
-                device: Optional[torch.device] = None):
+def make_loader(
+    ds: ImageDataset,
+    batch_size: int,
+    *,
+    train: bool,
+    seed: int = 0,
+    mode: str = "eval",
+    image_size: Optional[int] = None,
+    workers: int = 2,
+    crop_scale=(0.2, 1.0),
+    flip_p: float = 0.5,
+    device: Optional[torch.device] = None,
+):
     """A loader of uint8 batches. ``mode``: "two_view" (pretraining), "train_crop" (linear probe), "eval".
     ``device``: keep an in-memory dataset there (see :class:`ArrayLoader`); ignored for file datasets."""
     if ds.in_memory:
         return ArrayLoader(ds, batch_size, shuffle=train, drop_last=train, seed=seed, device=device)
-    return FileLoader(ds, batch_size, shuffle=train, drop_last=train, seed=seed, mode=mode,
-                      size=image_size or 224, workers=workers, crop_scale=crop_scale, flip_p=flip_p)
+    return FileLoader(
+        ds,
+        batch_size,
+        shuffle=train,
+        drop_last=train,
+        seed=seed,
+        mode=mode,
+        size=image_size or 224,
+        workers=workers,
+        crop_scale=crop_scale,
+        flip_p=flip_p,
+    )

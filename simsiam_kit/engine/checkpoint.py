@@ -30,7 +30,7 @@ def clean_state_dict(sd: dict) -> dict:
     for k, v in sd.items():
         for pre in ("module.", "_orig_mod."):
             if k.startswith(pre):
-                k = k[len(pre):]
+                k = k[len(pre) :]
         out[k] = v.detach().cpu() if torch.is_tensor(v) else v
     return out
 
@@ -39,8 +39,13 @@ def get_rng_state(aug_gen: torch.Generator | None = None) -> dict:
     np_state = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "numpy": {
+            "name": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached": float(np_state[4]),
+        },
         "python": list(_py_state_to_list(random.getstate())),
     }
     if torch.cuda.is_available():
@@ -69,8 +74,11 @@ def set_rng_state(state: dict, aug_gen: torch.Generator | None = None) -> None:
         else:  # saved by a generator on another device type (a CPU run resumed on a GPU, or back)
             import warnings
 
-            warnings.warn("the augmentation RNG state was saved on another device type; the resumed run "
-                          "continues with a freshly seeded augmentation stream (not bit-identical)", stacklevel=2)
+            warnings.warn(
+                "the augmentation RNG state was saved on another device type; the resumed run "
+                "continues with a freshly seeded augmentation stream (not bit-identical)",
+                stacklevel=2,
+            )
 
 
 def _floating_tensors(obj, prefix: str = ""):
@@ -169,8 +177,9 @@ class Checkpointables:
                 # e.g. a model shape changed since the checkpoint was written (torch lists every key)
                 first = str(e).strip().splitlines()
                 detail = " ".join(line.strip() for line in first[:3])
-                raise UserError(f"{source}: the saved '{name}' state does not fit this run "
-                                f"({type(e).__name__}: {detail[:300]})") from None
+                raise UserError(
+                    f"{source}: the saved '{name}' state does not fit this run ({type(e).__name__}: {detail[:300]})"
+                ) from None
 
 
 def backbone_payload(backbone: torch.nn.Module, arch: str, stem: str, extra: dict | None = None) -> dict:

@@ -42,8 +42,15 @@ class LRSchedule(Hook):
 
     priority = 10
 
-    def __init__(self, optimizer, init_lr: float, epochs: int, warmup_epochs: float = 0.0,
-                 schedule: str = "cosine", per_step: bool = False):
+    def __init__(
+        self,
+        optimizer,
+        init_lr: float,
+        epochs: int,
+        warmup_epochs: float = 0.0,
+        schedule: str = "cosine",
+        per_step: bool = False,
+    ):
         self.opt, self.init_lr, self.epochs = optimizer, init_lr, epochs
         self.warmup, self.schedule, self.per_step = warmup_epochs, schedule, per_step
 
@@ -157,8 +164,13 @@ class KNNMonitor(Hook):
 
     priority = 35
 
-    def __init__(self, evaluate: Callable[[], float], every: int, record: Callable[[dict], None] | None = None,
-                 log: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        evaluate: Callable[[], float],
+        every: int,
+        record: Callable[[dict], None] | None = None,
+        log: Callable[[str], None] | None = None,
+    ):
         self.evaluate, self.every, self.record, self.log = evaluate, every, record, log
         self.initial = None  # epoch 0 of this process's run (None when resumed)
         self._pending = None
@@ -181,7 +193,8 @@ class KNNMonitor(Hook):
             acc = self.evaluate()
             trainer.epoch_metrics["knn_top1"] = acc
             self._pending = f"epoch {trainer.epoch}/{trainer.epochs}: kNN top-1 {acc:.2f} %" + (
-                f" (epoch 0: {self.initial:.2f} %)" if self.initial is not None else "")
+                f" (epoch 0: {self.initial:.2f} %)" if self.initial is not None else ""
+            )
         dist.barrier()
 
     def _say(self, line: str) -> None:
@@ -231,8 +244,12 @@ class ProgressBar(Hook):
         if self.enabled:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=trainer.steps_per_epoch, desc=f"{self.desc} {trainer.epoch + 1}/{trainer.epochs}",
-                            leave=True, dynamic_ncols=True)
+            self.bar = tqdm(
+                total=trainer.steps_per_epoch,
+                desc=f"{self.desc} {trainer.epoch + 1}/{trainer.epochs}",
+                leave=True,
+                dynamic_ncols=True,
+            )
 
     def after_step(self, trainer) -> None:
         if self.bar is not None:
@@ -289,8 +306,13 @@ class MetricsWriter(Hook):
             self._write(rec)
 
     def after_epoch(self, trainer) -> None:
-        rec = {"type": "epoch", "epoch": trainer.epoch, "step": trainer.global_step,
-               "lr": trainer.state.get("lr"), "time_s": round(time.time() - self.t0, 2)}
+        rec = {
+            "type": "epoch",
+            "epoch": trainer.epoch,
+            "step": trainer.global_step,
+            "lr": trainer.state.get("lr"),
+            "time_s": round(time.time() - self.t0, 2),
+        }
         rec.update(trainer.epoch_metrics)
         self._write(rec)
 

@@ -107,8 +107,11 @@ class Trainer:
     def state_dict(self) -> dict:
         """Progress and the state of every hook that has one, keyed by hook class."""
         hooks = {type(h).__name__: h.state_dict() for h in self.hooks}
-        return {"epoch": self.epoch, "global_step": self.global_step,
-                "hooks": {k: v for k, v in hooks.items() if v is not None}}
+        return {
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "hooks": {k: v for k, v in hooks.items() if v is not None},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue after the checkpointed epoch (``epoch`` = completed epochs)."""

@@ -182,10 +182,15 @@ def load_embeddings_dir(index_dir) -> dict:
     if not mp.is_file():
         raise UserError(f"{d}: no {MANIFEST}; build the index with `simsiam-kit embed --output {d}`")
     manifest = read_json(mp, dict)
-    checks = (("model", lambda v: isinstance(v, str), "a string"),
-              ("model_sha256", lambda v: v is None or isinstance(v, str), "a string or null"),
-              ("classes", lambda v: v is None or (isinstance(v, list) and all(isinstance(c, str) for c in v)),
-               "a list of class names or null"))
+    checks = (
+        ("model", lambda v: isinstance(v, str), "a string"),
+        ("model_sha256", lambda v: v is None or isinstance(v, str), "a string or null"),
+        (
+            "classes",
+            lambda v: v is None or (isinstance(v, list) and all(isinstance(c, str) for c in v)),
+            "a list of class names or null",
+        ),
+    )
     for key, ok, want in checks:
         if key in manifest and not ok(manifest[key]):
             raise UserError(f"{mp}: key '{key}' must be {want}, got {repr(manifest[key])[:80]}")

@@ -60,8 +60,7 @@ def read_json(path: Path, expect: type, what: Optional[str] = None):
     except ValueError as e:  # e.g. an integer of more than 4300 digits
         raise UserError(f"{p}: invalid JSON value ({str(e)[:200]})") from None
     if not isinstance(value, expect):
-        raise UserError(f"{p}: expected a JSON {'object' if expect is dict else 'array'}, "
-                        f"got {type(value).__name__}")
+        raise UserError(f"{p}: expected a JSON {'object' if expect is dict else 'array'}, got {type(value).__name__}")
     return value
 
 
@@ -93,8 +92,10 @@ def npy_header(path: Path) -> tuple[tuple, np.dtype, int]:
         count *= int(n)
     need = count * dtype.itemsize
     if need != size - offset:
-        raise UserError(f"{p}: header declares shape {tuple(shape)} of {dtype} ({need} bytes) but the file holds "
-                        f"{size - offset} bytes of data")
+        raise UserError(
+            f"{p}: header declares shape {tuple(shape)} of {dtype} ({need} bytes) but the file holds "
+            f"{size - offset} bytes of data"
+        )
     return tuple(int(n) for n in shape), dtype, offset
 
 
@@ -150,8 +151,10 @@ class _Reader:
         """A faiss ``WRITEVECTOR``: a uint64 count, then count x itemsize bytes (not consumed here)."""
         n = self.field("Q", f"{what} size")
         if n * itemsize > self.left:
-            raise _Corrupt(f"{what} declares {n} elements ({n * itemsize} bytes) at offset {self.f.tell()}, "
-                           f"but only {self.left} bytes remain")
+            raise _Corrupt(
+                f"{what} declares {n} elements ({n * itemsize} bytes) at offset {self.f.tell()}, "
+                f"but only {self.left} bytes remain"
+            )
         return n
 
     def array(self, dtype: str, n: int, what: str) -> np.ndarray:
@@ -171,8 +174,9 @@ def _header(r: _Reader, what: str, dim: int, ntotal: Optional[int]) -> int:
     if ntotal is not None and n != ntotal:
         raise _Corrupt(f"{what} holds {n} vectors, index.json says {ntotal}")
     if n < 0 or trained != 1 or metric != 0:  # METRIC_INNER_PRODUCT = 0
-        raise _Corrupt(f"{what} header (ntotal {n}, is_trained {trained}, metric {metric}) is not a trained "
-                       "inner-product index's")
+        raise _Corrupt(
+            f"{what} header (ntotal {n}, is_trained {trained}, metric {metric}) is not a trained inner-product index's"
+        )
     return n
 
 
@@ -238,8 +242,9 @@ def _hnsw(r: _Reader, dim: int, ntotal: int) -> None:
     levels = r.array("<i4", r.vector_len(4, "HNSW levels"), "HNSW levels").astype(np.int64)
     offsets = r.array("<u8", r.vector_len(8, "HNSW offsets"), "HNSW offsets")
     neighbors = r.array("<i4", r.vector_len(4, "HNSW neighbors"), "HNSW neighbors")
-    entry, max_level, ef_construction, ef_search, _ = (r.field("i", f"HNSW {w}") for w in (
-        "entry_point", "max_level", "efConstruction", "efSearch", "upper_beam"))
+    entry, max_level, ef_construction, ef_search, _ = (
+        r.field("i", f"HNSW {w}") for w in ("entry_point", "max_level", "efConstruction", "efSearch", "upper_beam")
+    )
     if len(levels) != ntotal or len(offsets) != ntotal + 1:
         raise _Corrupt(f"HNSW graph has {len(levels)} levels and {len(offsets)} offsets for {ntotal} vectors")
     if len(cum) == 0 or cum[0] != 0 or (np.diff(cum) < 0).any():

@@ -352,8 +352,9 @@ class EmbeddingIndex:
                 want = f"in [1, {MAX_DIM}]" if key == "dim" else f">= {low}"
                 raise UserError(f"{meta_p}: key '{key}' must be {want}, got {meta[key]}")
         try:
-            self = cls(meta["dim"], meta["kind"], meta["backend"], meta["nlist"], meta["nprobe"], meta["hnsw_m"],
-                       use_gpu)
+            self = cls(
+                meta["dim"], meta["kind"], meta["backend"], meta["nlist"], meta["nprobe"], meta["hnsw_m"], use_gpu
+            )
         except UserError as e:
             raise UserError(f"{meta_p}: {e}") from None
         if self.backend == "torch":

@@ -60,8 +60,13 @@ def choose_threads(env=None, cores: int | None = None, load: float | None = None
         idle = cores - (load or 0.0)
         n = max(1, min(cores, int(idle + 0.5)))
         chosen_by = "auto"
-    return {"threads": n, "chosen_by": chosen_by, "usable_cores": cores,
-            "load_average": None if load is None else round(load, 2), "busy": bool(busy)}
+    return {
+        "threads": n,
+        "chosen_by": chosen_by,
+        "usable_cores": cores,
+        "load_average": None if load is None else round(load, 2),
+        "busy": bool(busy),
+    }
 
 
 def apply_thread_choice(env=None) -> dict:
@@ -81,8 +86,14 @@ def thread_settings() -> dict:
     without the command line)."""
     import torch
 
-    out = dict(_THREADS) if _THREADS else {"chosen_by": "OMP_NUM_THREADS" if os.environ.get("OMP_NUM_THREADS")
-                                                         else "torch default", "usable_cores": usable_cores()}
+    out = (
+        dict(_THREADS)
+        if _THREADS
+        else {
+            "chosen_by": "OMP_NUM_THREADS" if os.environ.get("OMP_NUM_THREADS") else "torch default",
+            "usable_cores": usable_cores(),
+        }
+    )
     out["threads"] = torch.get_num_threads()
     return out
 

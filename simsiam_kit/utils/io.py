@@ -112,8 +112,9 @@ def _atomic(path: Path, write: Callable[[Any], None], mode: str) -> None:
                 pass
             ose = _os_error(e)
             if ose is not None:
-                raise UserError(f"cannot write {path}: {ose.strerror or ose}; the previous file, if any, "
-                                "is unchanged") from None
+                raise UserError(
+                    f"cannot write {path}: {ose.strerror or ose}; the previous file, if any, is unchanged"
+                ) from None
             raise
 
 
