@@ -1,7 +1,6 @@
 """Result files of detection transfer (``results.json``, detections, converted ``.pkl``) written atomically
-and then given the mode a plain ``open()`` would have given them: ``0666`` minus the umask (``0644`` under
-the usual ``022``). ``simsiam_kit.utils.io`` writes through ``tempfile.mkstemp``, which creates ``0600``
-files, so without this a result file is readable by its owner only."""
+with the mode a plain ``open()`` would give them (``0666`` minus the umask): ``simsiam_kit.utils.io``'s
+writers already do this; :func:`make_readable` also fixes files written by other means (detectron2)."""
 
 from __future__ import annotations
 
@@ -9,18 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-
-def current_umask() -> int:
-    """The process umask, read without changing it where Linux exposes it (``/proc/self/status``)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    old = os.umask(0o022)  # elsewhere: the classic set-and-restore
-    os.umask(old)
-    return old
+from simsiam_kit.utils.io import current_umask
 
 
 def make_readable(path) -> Path:
