@@ -349,7 +349,7 @@ def _run_linear_probe(s: LinearSettings, output: Path, log: Callable[[str], None
     from simsiam_kit.evaluation.common import check_same_classes, eval_image_settings, load_labelled
     from simsiam_kit.features import extract_features, feature_precision
     from simsiam_kit.utils.device import resolve_device
-    from simsiam_kit.utils.io import atomic_torch_save, atomic_write_json
+    from simsiam_kit.utils.io import atomic_write_json
     from simsiam_kit.weights import load_backbone
 
     train = load_labelled(s.train_data, "train", s.root, s.download, s.skip_bad_images)
@@ -486,29 +486,9 @@ def _run_linear_probe(s: LinearSettings, output: Path, log: Callable[[str], None
         "best_top1": best.get("test_top1"),
         "best_epoch": best.get("epoch"),
         "settings": settings,
-        "epochs": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in history],
-        "timing_s": {"features": round(prep_s, 3), "train": round(train_s, 3), "total": round(prep_s + train_s, 3)},
-        "backbone_unchanged": True,
-        "classes": [str(c) for c in classes],
-        "weights": loaded.record,
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **_run_record(history, prep_s, train_s, classes, loaded),
     }
-    atomic_torch_save(
-        {
-            "format": HEAD_FORMAT,
-            "version": 1,
-            "state_dict": {k: v.cpu() for k, v in head.state_dict().items()},
-            "arch": loaded.arch,
-            "stem": loaded.stem,
-            "feature_dim": int(fq.shape[1]),
-            "classes": [str(c) for c in classes],
-            "weights": loaded.source,
-            "image_size": img.image_size,
-            "mean": list(img.mean),
-            "std": list(img.std),
-        },
-        output / "head.pt",
-    )
+    _save_head(output / "head.pt", head, loaded, int(fq.shape[1]), classes, img)
     if s.plots:
         plot_curves(
             history,
@@ -518,6 +498,41 @@ def _run_linear_probe(s: LinearSettings, output: Path, log: Callable[[str], None
         results["plots"] = ["plots/linear_curves.png"]
     atomic_write_json(output / "results.json", results)
     return results
+
+
+def _save_head(path: Path, head: torch.nn.Module, loaded, feature_dim: int, classes, img, **extra) -> None:
+    """``head.pt``: the head's state dict and what a user needs to apply it (arch, classes, preprocessing)."""
+    from simsiam_kit.utils.io import atomic_torch_save
+
+    atomic_torch_save(
+        {
+            "format": HEAD_FORMAT,
+            "version": 1,
+            "state_dict": {k: v.cpu() for k, v in head.state_dict().items()},
+            "arch": loaded.arch,
+            "stem": loaded.stem,
+            "feature_dim": feature_dim,
+            "classes": [str(c) for c in classes],
+            "weights": loaded.source,
+            "image_size": img.image_size,
+            "mean": list(img.mean),
+            "std": list(img.std),
+            **extra,
+        },
+        path,
+    )
+
+
+def _run_record(history, prep_s: float, train_s: float, classes, loaded) -> dict:
+    """The part of results.json both probes share: per-epoch records, timing, the sanity check, provenance."""
+    return {
+        "epochs": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in history],
+        "timing_s": {"features": round(prep_s, 3), "train": round(train_s, 3), "total": round(prep_s + train_s, 3)},
+        "backbone_unchanged": True,
+        "classes": [str(c) for c in classes],
+        "weights": loaded.record,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 def _run_sweep(
@@ -542,7 +557,7 @@ def _run_sweep(
 ) -> dict:
     """``--lr-sweep``: all heads in one pass (evaluation/linear_sweep.py); the chosen head is scored on test."""
     from simsiam_kit.evaluation.linear_sweep import plot_sweep, run_sweep, sweep_table
-    from simsiam_kit.utils.io import atomic_torch_save, atomic_write_json
+    from simsiam_kit.utils.io import atomic_write_json
 
     t1 = time.perf_counter()
     res = run_sweep(
@@ -591,30 +606,17 @@ def _run_sweep(
         "sweep": res.grid,
         "selection": "held-out 10% of the training features (seeded), never the test set",
         "settings": settings,
-        "epochs": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in res.history],
-        "timing_s": {"features": round(prep_s, 3), "train": round(train_s, 3), "total": round(prep_s + train_s, 3)},
-        "backbone_unchanged": True,
-        "classes": [str(c) for c in classes],
-        "weights": loaded.record,
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **_run_record(res.history, prep_s, train_s, classes, loaded),
     }
-    atomic_torch_save(
-        {
-            "format": HEAD_FORMAT,
-            "version": 1,
-            "state_dict": {k: v.cpu() for k, v in head.state_dict().items()},
-            "arch": loaded.arch,
-            "stem": loaded.stem,
-            "feature_dim": int(fq.shape[1]),
-            "classes": [str(c) for c in classes],
-            "weights": loaded.source,
-            "image_size": img.image_size,
-            "mean": list(img.mean),
-            "std": list(img.std),
-            "lr": chosen["lr"],
-            "weight_decay": chosen["weight_decay"],
-        },
+    _save_head(
         output / "head.pt",
+        head,
+        loaded,
+        int(fq.shape[1]),
+        classes,
+        img,
+        lr=chosen["lr"],
+        weight_decay=chosen["weight_decay"],
     )
     if s.plots:
         plot_sweep(
