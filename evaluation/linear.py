@@ -415,52 +415,51 @@ def _run_linear_probe(s: LinearSettings, output: Path, log: Callable[[str], None
         raise UserError(f"no readable images in test dataset '{s.test_data}'")
     prep_s = time.perf_counter() - t0
 
-    if s.lr_sweep:
-        return _run_sweep(
-            s,
+    t1 = time.perf_counter()
+    if s.lr_sweep:  # all heads in one pass (evaluation/linear_sweep.py); the chosen head is scored on test
+        from simsiam_kit.evaluation.linear_sweep import plot_sweep, run_sweep, sweep_table
+
+        sweep = run_sweep(
             ft,
             lt,
-            fq,
-            lq,
-            classes,
+            len(classes),
+            s.epochs,
             bs,
             device,
-            backbone,
-            reference,
-            loaded,
-            img,
-            precision,
-            len(train),
-            prep_s,
-            output,
-            log,
-            sinks,
+            momentum=s.momentum,
+            seed=s.seed,
+            metrics_path=output / "metrics.jsonl",
+            progress=s.progress,
+            sinks=sinks,
         )
-    head = make_head(int(fq.shape[1]), len(classes)).to(device)
-    t1 = time.perf_counter()
-    history = train_linear_head(
-        head,
-        loader,
-        features_fn,
-        s.epochs,
-        base_lr=s.lr,
-        batch_size=bs,
-        optimizer=s.optimizer,
-        momentum=s.momentum,
-        weight_decay=s.weight_decay,
-        eval_features=fq,
-        eval_labels=lq,
-        metrics_path=output / "metrics.jsonl",
-        progress=s.progress,
-        backbone=backbone,
-        device=device,
-        sinks=sinks,
-    )
+        head, history = sweep.bank.head(sweep.selected).to(device), sweep.history
+        chosen = sweep.grid[sweep.selected]
+        lr, weight_decay, protocol = chosen["lr"], chosen["weight_decay"], "cached-features, lr sweep"
+    else:
+        head = make_head(int(fq.shape[1]), len(classes)).to(device)
+        history = train_linear_head(
+            head,
+            loader,
+            features_fn,
+            s.epochs,
+            base_lr=s.lr,
+            batch_size=bs,
+            optimizer=s.optimizer,
+            momentum=s.momentum,
+            weight_decay=s.weight_decay,
+            eval_features=fq,
+            eval_labels=lq,
+            metrics_path=output / "metrics.jsonl",
+            progress=s.progress,
+            backbone=backbone,
+            device=device,
+            sinks=sinks,
+        )
+        lr, weight_decay, protocol = s.lr, s.weight_decay, "cached-features" if s.cached_features else "full"
     train_s = time.perf_counter() - t1
     check_backbone_unchanged(backbone, reference)  # the official sanity check: raises if anything moved
 
     final = evaluate_head(head, fq, lq)
-    best = max(history, key=lambda r: r.get("test_top1", -1))
     settings = asdict(s)
     settings.update(
         mean=list(img.mean),
@@ -473,29 +472,50 @@ def _run_linear_probe(s: LinearSettings, output: Path, log: Callable[[str], None
         device=str(device),
         precision=precision.name,
         batch_size=bs,
-        init_lr=s.lr * bs / 256,
-        protocol="cached-features" if s.cached_features else "full",
+        init_lr=lr * bs / 256,
+        lr=lr,
+        weight_decay=weight_decay,
+        protocol=protocol,
         train_images=len(train),
         test_images=int(len(fq)),
         feature_dim=int(fq.shape[1]),
         num_classes=len(classes),
     )
+    if s.lr_sweep:
+        outcome = {
+            "selected": {**chosen, "test_top1": final["top1"], "test_top5": final["top5"]},
+            "sweep": sweep.grid,
+            "selection": "held-out 10% of the training features (seeded), never the test set",
+        }
+    else:
+        best = max(history, key=lambda r: r.get("test_top1", -1))
+        outcome = {"best_top1": best.get("test_top1"), "best_epoch": best.get("epoch")}
     results = {
         "top1": final["top1"],
         "top5": final["top5"],
-        "best_top1": best.get("test_top1"),
-        "best_epoch": best.get("epoch"),
+        **outcome,
         "settings": settings,
         **_run_record(history, prep_s, train_s, classes, loaded),
     }
-    _save_head(output / "head.pt", head, loaded, int(fq.shape[1]), classes, img)
-    if s.plots:
+    head_extra = {"lr": lr, "weight_decay": weight_decay} if s.lr_sweep else {}
+    _save_head(output / "head.pt", head, loaded, int(fq.shape[1]), classes, img, **head_extra)
+    if s.plots and s.lr_sweep:
+        plot_sweep(
+            sweep.grid,
+            sweep.selected,
+            output / "plots" / "lr_sweep.png",
+            f"linear probe lr sweep, {loaded.arch}/{loaded.stem}",
+        )
+        results["plots"] = ["plots/lr_sweep.png"]
+    elif s.plots:
         plot_curves(
             history,
             output / "plots" / "linear_curves.png",
             f"linear probe ({settings['protocol']}), {loaded.arch}/{loaded.stem}",
         )
         results["plots"] = ["plots/linear_curves.png"]
+    if s.lr_sweep:
+        log(sweep_table(sweep.grid, sweep.selected))
     atomic_write_json(output / "results.json", results)
     return results
 
@@ -533,102 +553,6 @@ def _run_record(history, prep_s: float, train_s: float, classes, loaded) -> dict
         "weights": loaded.record,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-
-
-def _run_sweep(
-    s,
-    ft,
-    lt,
-    fq,
-    lq,
-    classes,
-    bs,
-    device,
-    backbone,
-    reference,
-    loaded,
-    img,
-    precision,
-    n_train,
-    prep_s,
-    output: Path,
-    log,
-    sinks=(),
-) -> dict:
-    """``--lr-sweep``: all heads in one pass (evaluation/linear_sweep.py); the chosen head is scored on test."""
-    from simsiam_kit.evaluation.linear_sweep import plot_sweep, run_sweep, sweep_table
-    from simsiam_kit.utils.io import atomic_write_json
-
-    t1 = time.perf_counter()
-    res = run_sweep(
-        ft,
-        lt,
-        len(classes),
-        s.epochs,
-        bs,
-        device,
-        momentum=s.momentum,
-        seed=s.seed,
-        metrics_path=output / "metrics.jsonl",
-        progress=s.progress,
-        sinks=sinks,
-    )
-    train_s = time.perf_counter() - t1
-    check_backbone_unchanged(backbone, reference)
-    head = res.bank.head(res.selected).to(device)
-    final = evaluate_head(head, fq, lq)
-    chosen = res.grid[res.selected]
-    settings = asdict(s)
-    settings.update(
-        mean=list(img.mean),
-        std=list(img.std),
-        image_size=img.image_size,
-        image_settings_from=dict(img.sources),
-        arch=loaded.arch,
-        stem=loaded.stem,
-        weights_source=loaded.source,
-        device=str(device),
-        precision=precision.name,
-        batch_size=bs,
-        init_lr=chosen["lr"] * bs / 256,
-        lr=chosen["lr"],
-        weight_decay=chosen["weight_decay"],
-        protocol="cached-features, lr sweep",
-        train_images=n_train,
-        test_images=int(len(fq)),
-        feature_dim=int(fq.shape[1]),
-        num_classes=len(classes),
-    )
-    results = {
-        "top1": final["top1"],
-        "top5": final["top5"],
-        "selected": {**chosen, "test_top1": final["top1"], "test_top5": final["top5"]},
-        "sweep": res.grid,
-        "selection": "held-out 10% of the training features (seeded), never the test set",
-        "settings": settings,
-        **_run_record(res.history, prep_s, train_s, classes, loaded),
-    }
-    _save_head(
-        output / "head.pt",
-        head,
-        loaded,
-        int(fq.shape[1]),
-        classes,
-        img,
-        lr=chosen["lr"],
-        weight_decay=chosen["weight_decay"],
-    )
-    if s.plots:
-        plot_sweep(
-            res.grid,
-            res.selected,
-            output / "plots" / "lr_sweep.png",
-            f"linear probe lr sweep, {loaded.arch}/{loaded.stem}",
-        )
-        results["plots"] = ["plots/lr_sweep.png"]
-    log(sweep_table(res.grid, res.selected))
-    atomic_write_json(output / "results.json", results)
-    return results
 
 
 def plot_curves(history: Sequence[dict], path: Path, title: str) -> Path:
