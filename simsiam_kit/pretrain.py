@@ -60,7 +60,7 @@ from simsiam_kit.engine.hooks import (
     Throughput,
     read_metrics,
 )
-from simsiam_kit.engine.loggers import log_images, make_sinks, png_to_array, view_pairs_grid
+from simsiam_kit.engine.loggers import closing_all, log_images, make_sinks, png_to_array, view_pairs_grid
 from simsiam_kit.engine.online_probe import OnlineProbe, OnlineProbeMonitor
 from simsiam_kit.engine.run_dir import RunDir
 from simsiam_kit.engine.step import OptimStep
@@ -316,6 +316,7 @@ def build_hooks(
     sinks: Sequence = (),
 ) -> list[Hook]:
     cfg = p.cfg
+    writer = MetricsWriter(run.metrics, cfg.train.log_every, sinks)
     hooks: list[Hook] = [
         LRSchedule(
             p.optimizer, p.init_lr, cfg.optim.epochs, cfg.optim.warmup_epochs, cfg.optim.schedule, cfg.optim.lr_per_step
@@ -325,17 +326,10 @@ def build_hooks(
         CollapseMonitor(cfg.model.proj_dim, cfg.train.collapse_warn_std, log),
         Checkpointer(save, cfg.train.checkpoint_every),
         ProgressBar(cfg.train.progress, desc=f"pretrain {cfg.name}"),
-        MetricsWriter(run.metrics, cfg.train.log_every, sinks),
+        writer,
     ]
-    if knn_eval is not None:
-
-        def record(rec: dict) -> None:  # the epoch-0 line (initial weights), written like every epoch line
-            with open(run.metrics, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            for sink in sinks:
-                sink.scalars(rec)
-
-        hooks.append(KNNMonitor(knn_eval, cfg.train.knn_every, record=record, log=log))
+    if knn_eval is not None:  # its epoch-0 line (initial weights) is written like every epoch line
+        hooks.append(KNNMonitor(knn_eval, cfg.train.knn_every, record=writer.write, log=log))
     if p.step.probe is not None:
         hooks.append(OnlineProbeMonitor(make_probe_eval(p, batch_size=min(512, max(64, cfg.optim.batch_size)))))
     return hooks
@@ -643,87 +637,80 @@ def _train(cfg: PretrainConfig, run: RunDir, resume: bool, device: torch.device,
         build_hooks(p, run, save, knn_eval, log, sinks),
         max_steps_per_epoch=cfg.train.max_steps_per_epoch,
     )
-    try:
-        return _run_loop(cfg, run, p, trainer, ckpt, objects, amendment, knn_eval, sinks, device, log)
-    finally:
-        for s in sinks:
-            s.close()
+    with closing_all(sinks):  # flushed and closed however the run ends
+        world = dist.get_world_size()
+        finishing = False  # resuming a run killed after its last checkpoint: only its summary is left to write
+        if ckpt is not None:
+            objects.load_state_dict(ckpt, source=str(run.checkpoint))
+            trainer.load_state_dict(ckpt.get("trainer") or ckpt)  # version-1 checkpoints keep epoch/global_step on top
+            if trainer.start_epoch >= cfg.optim.epochs:
+                if (run.results / "pretrain.json").is_file():
+                    raise UserError(
+                        f"{run.checkpoint}: run already finished ({trainer.start_epoch}/{cfg.optim.epochs} "
+                        "epochs); raise optim.epochs with --set to train longer"
+                    )
+                finishing = True
 
+        def write_start() -> bool:
+            run.checkpoints.mkdir(parents=True, exist_ok=True)
+            if ckpt is None:
+                save_config(cfg, run.config)
+                atomic_write_text(run.metrics, "")
+                return False
+            if amendment and run.config.is_file():
+                recorded = _flat(to_dict(load_run_config(run.root, None)))  # config.yaml + earlier amendments
+                new = {k: v for k, v in amendment.items() if recorded.get(k) != v}
+                if new:
+                    import yaml
 
-def _run_loop(cfg, run, p, trainer, ckpt, objects, amendment, knn_eval, sinks, device, log) -> dict:
-    world = dist.get_world_size()
-    finishing = False  # resuming a run killed after its last checkpoint: only its summary is left to write
-    if ckpt is not None:
-        objects.load_state_dict(ckpt, source=str(run.checkpoint))
-        trainer.load_state_dict(ckpt.get("trainer") or ckpt)  # version-1 checkpoints keep epoch/global_step on top
-        if trainer.start_epoch >= cfg.optim.epochs:
-            if (run.results / "pretrain.json").is_file():
-                raise UserError(
-                    f"{run.checkpoint}: run already finished ({trainer.start_epoch}/{cfg.optim.epochs} "
-                    "epochs); raise optim.epochs with --set to train longer"
-                )
-            finishing = True
+                    entries = read_amendments(run) + [{"after_epoch": trainer.start_epoch, "set": new}]
+                    atomic_write_text(run.amendments, yaml.safe_dump(entries, sort_keys=False))
+            _trim_metrics(run.metrics, trainer.start_epoch)
+            return _epoch_line_missing(run, trainer.start_epoch)
 
-    def write_start() -> bool:
-        run.checkpoints.mkdir(parents=True, exist_ok=True)
-        if ckpt is None:
-            save_config(cfg, run.config)
-            atomic_write_text(run.metrics, "")
-            return False
-        if amendment and run.config.is_file():
-            recorded = _flat(to_dict(load_run_config(run.root, None)))  # config.yaml + earlier amendments
-            new = {k: v for k, v in amendment.items() if recorded.get(k) != v}
-            if new:
-                import yaml
+        unfinished_epoch = _on_main(write_start)
+        dist.barrier()
 
-                entries = read_amendments(run) + [{"after_epoch": trainer.start_epoch, "set": new}]
-                atomic_write_text(run.amendments, yaml.safe_dump(entries, sort_keys=False))
-        _trim_metrics(run.metrics, trainer.start_epoch)
-        return _epoch_line_missing(run, trainer.start_epoch)
-
-    unfinished_epoch = _on_main(write_start)
-    dist.barrier()
-
-    if dist.is_main():
-        data = p.data
-        log(f"run directory: {run}")
-        log(
-            f"device {device} ({world} process{'es' if world > 1 else ''}), precision {p.precision.name}, "
-            f"channels_last {p.channels_last}, compile {p.compiled}, data on device {data.device_resident}"
-            + ("" if data.train.in_memory else f", {data.workers} loader workers")
-            + "; "
-            f"{len(data.train)} train images, batch {cfg.optim.batch_size}, "
-            f"lr {p.init_lr:g}, {trainer.steps_per_epoch} steps/epoch"
-            + (f"; resuming after epoch {trainer.start_epoch}" if ckpt is not None else "")
-            + (f" (amended: {', '.join(f'{k}={v}' for k, v in amendment.items())})" if amendment else "")
-        )
-        for line in start_notes(cfg, p.device):
-            log(line)
-    if unfinished_epoch:  # killed after the checkpoint, before the epoch's monitor and metrics line
-        trainer.finish_epoch(ckpt.get("metrics") or {}, after=Checkpointer)
-    if sinks and cfg.log.view_pairs > 0 and p.data.train.in_memory and ckpt is None:
-        grid = view_pairs_grid(
-            p.data.train.images,
-            BatchAugment(cfg.data, masked=False),
-            cfg.data.mean,
-            cfg.data.std,
-            n=min(cfg.log.view_pairs, len(p.data.train)),
-            seed=cfg.train.seed,
-        )
-        log_images(sinks, {"views/image_view1_view2": grid})
-    t0 = time.time()
-    if not finishing:
-        trainer.train()
-    elapsed = time.time() - t0
-    summary = summarise(p, run, elapsed, knn_eval) if dist.is_main() else {}
-    if sinks and run.plots.is_dir():  # the final plots, next to the scalars
-        log_images(
-            sinks,
-            {f"plots/{f.stem}": png_to_array(f) for f in sorted(run.plots.glob("*.png"))},
-            step=trainer.global_step,
-        )
-    dist.barrier()
-    return summary
+        if dist.is_main():
+            data = p.data
+            log(f"run directory: {run}")
+            log(
+                f"device {device} ({world} process{'es' if world > 1 else ''}), precision {p.precision.name}, "
+                f"channels_last {p.channels_last}, compile {p.compiled}, data on device {data.device_resident}"
+                + ("" if data.train.in_memory else f", {data.workers} loader workers")
+                + "; "
+                f"{len(data.train)} train images, batch {cfg.optim.batch_size}, "
+                f"lr {p.init_lr:g}, {trainer.steps_per_epoch} steps/epoch"
+                + (f"; resuming after epoch {trainer.start_epoch}" if ckpt is not None else "")
+                + (f" (amended: {', '.join(f'{k}={v}' for k, v in amendment.items())})" if amendment else "")
+            )
+            for line in start_notes(cfg, p.device):
+                log(line)
+        if unfinished_epoch:  # killed after the checkpoint, before the epoch's monitor and metrics line
+            trainer.finish_epoch(ckpt.get("metrics") or {}, after=Checkpointer)
+        if sinks and cfg.log.view_pairs > 0 and p.data.train.in_memory and ckpt is None:
+            grid = view_pairs_grid(
+                p.data.train.images,
+                BatchAugment(cfg.data, masked=False),
+                cfg.data.mean,
+                cfg.data.std,
+                n=min(cfg.log.view_pairs, len(p.data.train)),
+                seed=cfg.train.seed,
+            )
+            log_images(sinks, {"views/image_view1_view2": grid})
+        t0 = time.time()
+        if not finishing:
+            trainer.train()
+        elapsed = time.time() - t0
+        summary = summarise(p, run, elapsed, knn_eval) if dist.is_main() else {}
+        if sinks and run.plots.is_dir():  # the final plots, next to the scalars
+            log_images(
+                sinks,
+                {f"plots/{f.stem}": png_to_array(f) for f in sorted(run.plots.glob("*.png"))},
+                step=trainer.global_step,
+            )
+        dist.barrier()
+        return summary
 
 
 def start_notes(cfg: PretrainConfig, device: torch.device) -> list[str]:

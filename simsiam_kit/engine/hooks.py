@@ -285,7 +285,8 @@ class MetricsWriter(Hook):
         self.sinks = list(sinks)  # TensorBoard / W&B (engine/loggers.py): the same records
         self.t0 = time.time()
 
-    def _write(self, obj: dict) -> None:
+    def write(self, obj: dict) -> None:
+        """Append one record to metrics.jsonl and hand it to every sink (rank 0)."""
         if not dist.is_main():
             return
         with open(self.path, "a") as f:
@@ -303,7 +304,7 @@ class MetricsWriter(Hook):
             rec.update({k: _f(v) for k, v in trainer.outputs.items() if k != "images"})
             rec["lr"] = trainer.state.get("lr")
             rec["images_per_s"] = round(trainer.state.get("images_per_s", 0.0), 2)
-            self._write(rec)
+            self.write(rec)
 
     def after_epoch(self, trainer) -> None:
         rec = {
@@ -314,7 +315,7 @@ class MetricsWriter(Hook):
             "time_s": round(time.time() - self.t0, 2),
         }
         rec.update(trainer.epoch_metrics)
-        self._write(rec)
+        self.write(rec)
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -12,6 +12,7 @@ collapse std and std x sqrt(d), lr, images/s, kNN and online-probe accuracy; eva
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -105,6 +106,16 @@ def make_sinks(
     if wandb:
         sinks.append(WandbSink(Path(logdir), wandb_project, name, config))
     return sinks
+
+
+@contextmanager
+def closing_all(sinks: Sequence):
+    """Close every sink when the block ends, however it ends."""
+    try:
+        yield sinks
+    finally:
+        for s in sinks:
+            s.close()
 
 
 def png_to_array(path: Path) -> np.ndarray:
