@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from simsiam_kit.evaluation.knn import classify  # noqa: E402
+from simsiam_kit.retrieval.index import EmbeddingIndex  # noqa: E402
 from simsiam_kit.utils.io import atomic_write_json  # noqa: E402
 from simsiam_kit.weights import is_random  # noqa: E402
 
@@ -54,11 +55,19 @@ DATA = ROOT.parent / "shared" / "data" / "cifar10"
 CACHE = Path(os.environ.get("SIMSIAM_KIT_CACHE", "~/.cache/simsiam-kit")).expanduser() / "bench"
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 TARGET = 2.0
+APPROX_RECALL = 0.99  # the approximate searches' target: >= TARGET x lightly at this recall@k, top-1 within 0.1
 
 
-def cifar_features():
-    """Random-init ResNet-18 (ImageNet stem) features of train.npz and val.npz, cached."""
-    path = CACHE / "cifar10_resnet18_random_imagenetstem_seed0.npz"
+def cifar_features(backbone: str = "random"):
+    """Features of train.npz and val.npz, cached: a random-init ResNet-18 (ImageNet stem, seed 0), or the
+    trained backbone file ``backbone`` (cached under its sha256)."""
+    if backbone == "random":
+        path = CACHE / "cifar10_resnet18_random_imagenetstem_seed0.npz"
+    else:
+        import hashlib
+
+        sha = hashlib.sha256(Path(backbone).read_bytes()).hexdigest()[:16]
+        path = CACHE / f"cifar10_trained_{sha}.npz"
     if path.is_file():
         with np.load(path) as d:
             return (
@@ -75,7 +84,10 @@ def cifar_features():
 
     dev = resolve_device("auto")
     prec = resolve_precision("auto", dev)
-    bb = load_backbone("random", "resnet18", "imagenet", seed=0).model.to(dev)
+    if backbone == "random":
+        bb = load_backbone("random", "resnet18", "imagenet", seed=0).model.to(dev)
+    else:
+        bb = load_backbone(backbone).model.to(dev)
     t = time.perf_counter()
     kw = dict(device=dev, batch_size=512, precision=prec, mean=CIFAR_MEAN, std=CIFAR_STD, workers=0)
     fb, lb, _ = extract_features(bb, load_dataset(str(DATA / "train.npz")), **kw)
@@ -95,7 +107,17 @@ def synthetic_features(n=45000, q=5000, d=512, c=10):
     return fb, lb, fq, lq, 0.0
 
 
-def bench_knn(fb, lb, fq, lq, reps: int, k=200, t=0.1, c=10, lightly_batch=1000) -> dict:
+#: the approximate searches measured next to the exact one: (name, index kind, setting)
+APPROX = (
+    ("bf16_rerank0", "bf16", {"rerank": 0}),
+    ("bf16_rerank64", "bf16", {"rerank": 64}),
+    ("bf16_rerank200", "bf16", {"rerank": 200}),
+    ("faiss_ivf_nprobe16", "ivf", {"nprobe": 16}),
+    ("faiss_ivf_nprobe64", "ivf", {"nprobe": 64}),
+)
+
+
+def bench_knn(fb, lb, fq, lq, reps: int, k=200, t=0.1, c=10, lightly_batch=1000, approx=APPROX) -> dict:
     from lightly.utils.benchmarking import knn_predict
 
     bank_t = fb.t().contiguous()  # lightly's layout, built once (its KNNClassifier keeps the bank)
@@ -109,6 +131,20 @@ def bench_knn(fb, lb, fq, lq, reps: int, k=200, t=0.1, c=10, lightly_batch=1000)
     def ours(backend):
         def run():
             return classify(fb, lb, fq, lq, ks=(k,), temperature=t, num_classes=c, backend=backend)["per_k"][k]["top1"]
+
+        return run
+
+    found = {}  # name -> (Q, k) neighbour ids of the last call, for recall against the exact search
+
+    def approximate(name, kind, setting):
+        from simsiam_kit.retrieval.knn import weighted_vote
+
+        def run():  # what classify does (index build + search + votes), with the index settings given
+            index = EmbeddingIndex(fb.shape[1], kind, "auto", **setting).add(fb)
+            sims, ids = index.search(fq, k)
+            scores = weighted_vote(sims, lb[ids], c, t)
+            found[name] = ids
+            return 100.0 * (scores.argmax(1) == lq).float().mean().item()
 
         return run
 
@@ -128,7 +164,9 @@ def bench_knn(fb, lb, fq, lq, reps: int, k=200, t=0.1, c=10, lightly_batch=1000)
         "ours_faiss": ours("faiss"),
         "gemm_fp32": gemm(torch.float32),
         "gemm_bf16": gemm(torch.bfloat16),
+        **{name: approximate(name, kind, setting) for name, kind, setting in approx},
     }
+    _, exact_ids = EmbeddingIndex(fb.shape[1], "flat", "torch").add(fb).search(fq, k)
     auto_backend = classify(fb[:300], lb[:300], fq[:5], lq[:5], ks=(1,), backend="auto")["backend"]
     times = {name: [] for name in runners}
     top1 = {name: fn() for name, fn in runners.items()}  # warm-up, not timed
@@ -139,7 +177,24 @@ def bench_knn(fb, lb, fq, lq, reps: int, k=200, t=0.1, c=10, lightly_batch=1000)
             fn()
             times[name].append(time.perf_counter() - t0)
     med = {name: statistics.median(v) for name, v in times.items()}
+    approx_rows = {}
+    for name, kind, setting in approx:
+        hit = (found[name].unsqueeze(2) == exact_ids.unsqueeze(1)).any(2).float().mean(1)
+        approx_rows[name] = {
+            "kind": kind,
+            **setting,
+            "median_s": med[name],
+            "speedup_vs_lightly": med["lightly"] / med[name],
+            "recall_at_k": float(hit.mean()),
+            "min_recall_at_k": float(hit.min()),
+            "top1": top1[name],
+            "top1_diff_vs_exact": top1[name] - top1["ours_torch"],
+            "meets_target": med["lightly"] / med[name] >= TARGET
+            and float(hit.mean()) >= APPROX_RECALL
+            and abs(top1[name] - top1["ours_torch"]) <= 0.1,
+        }
     return {
+        "approximate": approx_rows,
         "auto_backend": auto_backend,
         "top1": top1,
         "median_s": med,
@@ -211,6 +266,11 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--features", choices=("cifar", "synthetic"), default="cifar")
+    ap.add_argument(
+        "--backbone",
+        default="random",
+        help="with --features cifar: a trained backbone file (e.g. RUN/backbone.pt) instead of the random init",
+    )
     ap.add_argument("--skip-linear", action="store_true")
     ap.add_argument("--weights", default="random", help="backbone for the linear probe part")
     ap.add_argument("--linear-train", type=int, default=2000)
@@ -224,7 +284,7 @@ def main(argv=None) -> None:
         raise SystemExit(2)
 
     load_before = os.getloadavg()  # 1/5/15-minute load: other processes share the cores with both sides
-    fb, lb, fq, lq, extract_s = cifar_features() if a.features == "cifar" else synthetic_features()
+    fb, lb, fq, lq, extract_s = cifar_features(a.backbone) if a.features == "cifar" else synthetic_features()
     print(
         f"bank {tuple(fb.shape)}, queries {tuple(fq.shape)} ({a.features} features"
         + (f", extracted in {extract_s:.0f} s" if extract_s else "")
@@ -245,6 +305,16 @@ def main(argv=None) -> None:
         acc = f"{t1[key]:8.2f}" if key in t1 else f"{'-':>8s}"
         print(f"{names[key]:34s} {m[key]:9.3f} {m['lightly'] / m[key]:9.2f}x {acc}")
     print(
+        f"\napproximate (opt-in), against the exact search above; target >= {TARGET}x lightly, recall@200 >= "
+        f"{APPROX_RECALL}, top-1 within 0.1"
+    )
+    print(f"{'method':34s} {'median s':>9s} {'vs lightly':>10s} {'top-1 %':>8s} {'recall@200':>10s} {'min':>6s}")
+    for name, r in knn["approximate"].items():
+        print(
+            f"{name:34s} {r['median_s']:9.3f} {r['speedup_vs_lightly']:9.2f}x {r['top1']:8.2f} "
+            f"{r['recall_at_k']:10.4f} {r['min_recall_at_k']:6.3f}{'  target met' if r['meets_target'] else ''}"
+        )
+    print(
         f"the fp32 GEMM alone is {100 * knn['gemm_share_of_lightly']:.0f}% of lightly's time: an exact fp32 search "
         f"can be at most {knn['max_exact_fp32_speedup']:.2f}x faster than lightly on this machine"
     )
@@ -255,7 +325,7 @@ def main(argv=None) -> None:
 
     result = {
         "benchmark": "knn_eval",
-        "features": a.features,
+        "features": a.features if a.features == "synthetic" else f"cifar ({a.backbone})",
         "bank": list(fb.shape),
         "queries": list(fq.shape),
         "knn": knn,

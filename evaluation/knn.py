@@ -41,6 +41,8 @@ from simsiam_kit.features import FEATURE_BATCH
 from simsiam_kit.retrieval.knn import KNNClassifier
 
 RECALL_KS = (1, 5, 10)
+#: queries an approximate search is checked on against the exact one (``approximate`` in results.json)
+APPROX_CHECK_QUERIES = 500
 #: every peer's kNN protocol from one search: DINO and mmpretrain use T=0.07 with k 10/20/100/200;
 #: InstDisc, lightly and solo-learn k=200, T=0.1 (the headline, listed first)
 PROTOCOL_KS = (DEFAULT_KNN_K, 10, 20, 100)
@@ -87,10 +89,16 @@ def classify(
     backend: str = "auto",
     kind: str = "flat",
     recall_ks: Sequence[int] = RECALL_KS,
+    rerank: Optional[int] = None,
+    check_queries: int = APPROX_CHECK_QUERIES,
 ) -> dict:
     """One search (the core's :class:`~simsiam_kit.retrieval.knn.KNNClassifier`), every k x temperature,
     and the retrieval metrics on its neighbours. Features must be l2-normalised float32 (as extracted).
-    ``per_k`` is at the first temperature; ``grid`` holds every (k, T)."""
+    ``per_k`` is at the first temperature; ``grid`` holds every (k, T).
+
+    An approximate ``kind`` (bf16, ivf, hnsw) is labelled with what it lost: ``approximate`` holds the
+    recall of the exact neighbours and the agreement of the predictions with an exact search, measured
+    on ``check_queries`` evenly spaced queries (0: not measured)."""
     temps = [float(t) for t in (temperature if isinstance(temperature, (list, tuple)) else (temperature,))]
     n = bank.shape[0]
     if n == 0 or queries.shape[0] == 0:
@@ -102,11 +110,16 @@ def classify(
         raise UserError(f"--k {ks[-1]} is larger than the kNN bank ({n} training images)")
     num_classes = num_classes or int(max(bank_labels.max(), query_labels.max())) + 1
     t0 = time.perf_counter()
+    extra = {} if rerank is None else {"rerank": rerank}
     knn = KNNClassifier(
-        ks, tuple(temps), num_classes, backend=backend, kind=kind, normalize=False, min_depth=max(recall_ks)
+        ks, tuple(temps), num_classes, backend=backend, kind=kind, normalize=False, min_depth=max(recall_ks), **extra
     )
     out = knn.update(bank, bank_labels).compute(queries, query_labels)
     search_s = time.perf_counter() - t0  # index build + search + votes
+    approx = None
+    if kind != "flat" and check_queries > 0:
+        approx = approximation_check(bank, bank_labels, queries, out, ks, temps, num_classes, check_queries)
+        approx.update(kind=kind, rerank=knn.index.rerank if kind == "bf16" else None)
     per_k = {}
     for k in ks:
         acc = out.accuracy[(k, temps[0])]
@@ -128,6 +141,30 @@ def classify(
         "backend": out.backend,
         "index": knn.index,
         "search_s": search_s,
+        "approximate": approx,
+    }
+
+
+def approximation_check(bank, bank_labels, queries, out, ks, temps, num_classes: int, n: int) -> dict:
+    """What an approximate search lost, on ``n`` evenly spaced queries: recall@k of the exact neighbours
+    (share of the exact k nearest found, at the largest k) and the share of predictions (first k, first
+    temperature) equal to an exact search's; with the exact search's top-1 on those queries."""
+    rows = torch.from_numpy(np.unique(np.linspace(0, len(queries) - 1, min(n, len(queries))).round().astype(np.int64)))
+    k = max(ks)
+    exact = (
+        KNNClassifier(k, temps[0], num_classes, backend="torch", kind="flat", normalize=False, device="cpu")
+        .update(bank, bank_labels)
+        .compute(queries[rows])
+    )
+    got = out.ids[rows.to(out.ids.device), :k].cpu()
+    hit = (got.unsqueeze(2) == exact.ids[:, :k].cpu().unsqueeze(1)).any(2).float().mean(1)
+    same = (out.pred(ks[0], temps[0])[rows.to(out.ids.device)].cpu() == exact.pred(ks[0], temps[0]).cpu()).float()
+    return {
+        "checked_queries": int(len(rows)),
+        "recall_at_k": float(hit.mean()),
+        "recall_k": int(k),
+        "min_recall_at_k": float(hit.min()),
+        "same_prediction_pct": 100.0 * float(same.mean()),
     }
 
 
@@ -228,6 +265,7 @@ class KNNSettings:
     like: Optional[str] = None  # with weights "random": the run whose init, arch, stem and image settings to take
     backend: str = "auto"
     index: str = "flat"
+    rerank: Optional[int] = None  # --index bf16: extra candidates re-scored in fp32 (default RERANK)
     batch_size: int = FEATURE_BATCH
     device: str = "auto"
     precision: str = "auto"  # feature extraction: auto = fp32 (simsiam_kit.features.feature_precision)
@@ -268,7 +306,7 @@ def run_knn_eval(s: KNNSettings, output: Path, log: Callable[[str], None] = prin
         prepare_output,
     )
     from simsiam_kit.features import extract_features, feature_precision, save_features
-    from simsiam_kit.retrieval.index import BACKENDS, KINDS
+    from simsiam_kit.retrieval.index import BACKENDS, FAISS_KINDS, KINDS, TORCH_KINDS
     from simsiam_kit.utils.device import resolve_device
     from simsiam_kit.utils.io import atomic_write_json
     from simsiam_kit.weights import load_backbone
@@ -277,8 +315,12 @@ def run_knn_eval(s: KNNSettings, output: Path, log: Callable[[str], None] = prin
         raise UserError(f"unknown --backend '{s.backend}' (available: {', '.join(BACKENDS)})")
     if s.index not in KINDS:
         raise UserError(f"unknown --index '{s.index}' (available: {', '.join(KINDS)})")
-    if s.index != "flat" and s.backend == "torch":
-        raise UserError(f"--index {s.index} needs --backend faiss or auto (torch does exact search only)")
+    if s.index in FAISS_KINDS and s.backend == "torch":
+        raise UserError(f"--index {s.index} needs --backend faiss or auto (torch has no {s.index} index)")
+    if s.index in TORCH_KINDS and s.backend == "faiss":
+        raise UserError(f"--index {s.index} needs --backend torch or auto (faiss has no {s.index} search)")
+    if s.rerank is not None and (s.index != "bf16" or s.rerank < 0):
+        raise UserError(f"--rerank {s.rerank}: only with --index bf16, and at least 0")
     temps = tuple(float(t) for t in (s.temperatures or PROTOCOL_TEMPERATURES))
     if min(temps) <= 0:
         raise UserError(f"--temperature must be positive, got {min(temps)}")
@@ -318,7 +360,7 @@ def run_knn_eval(s: KNNSettings, output: Path, log: Callable[[str], None] = prin
     save_features(output / "features" / "train", fb, lb, [train.ids[i] for i in ib.tolist()])
     save_features(output / "features" / "test", fq, lq, [test.ids[i] for i in iq.tolist()])
 
-    res = classify(fb, lb, fq, lq, ks, temps, len(classes), s.backend, s.index)
+    res = classify(fb, lb, fq, lq, ks, temps, len(classes), s.backend, s.index, rerank=s.rerank)
     if s.save_index:
         res["index"].save(output / "index")
     main_k, main_t = int(ks[0]), temps[0]
@@ -359,6 +401,7 @@ def run_knn_eval(s: KNNSettings, output: Path, log: Callable[[str], None] = prin
         "weights": loaded.record,
         "settings": settings,
         "timing_s": {"features": round(extract_s, 3), "search": round(res["search_s"], 3)},
+        "approximate": res["approximate"],  # null for the exact search
         "classes": [str(c) for c in classes],
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -411,10 +454,19 @@ def results_table(results: dict) -> str:
     )
     retr = "  ".join(f"{k} {results[k]:.2f}" for k in ("recall@1", "recall@5", "recall@10") if k in results)
     cols = ["k"] + [f"top-1 % T={t:g}" for t in temps] + [f"top-5 % T={results['temperature']:g}"]
-    return (
+    text = (
         head
         + "\n"
         + format_table(cols, rows)
         + "\n"
         + f"retrieval: {retr}  mAP@R {results['map_at_r']:.2f} (R <= {results['map_at_r_depth']})"
     )
+    a = results.get("approximate")
+    if a:
+        how = f"bf16 candidates, {a['rerank']} extra re-scored in fp32" if a["kind"] == "bf16" else a["kind"]
+        text += (
+            f"\nAPPROXIMATE search ({how}): recall@{a['recall_k']} of the exact neighbours "
+            f"{a['recall_at_k']:.4f} (worst query {a['min_recall_at_k']:.3f}), same prediction as the exact "
+            f"search for {a['same_prediction_pct']:.1f} % of {a['checked_queries']} checked queries"
+        )
+    return text

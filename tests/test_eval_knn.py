@@ -258,6 +258,7 @@ def test_cli_knn_random_resnet18(tmp_path, slice_specs):
         assert 0.0 <= res[key] <= 100.0
     assert res["settings"]["arch"] == "resnet18" and res["temperature"] == 0.1
     assert res["settings"]["bank_size"] == 200 and res["settings"]["queries"] == 100
+    assert res["approximate"] is None  # the exact search (the default) is not labelled approximate
     fb = np.load(out / "features" / "train" / "features.npy")
     fq = np.load(out / "features" / "test" / "features.npy")
     lb = np.load(out / "features" / "train" / "labels.npy")
@@ -601,3 +602,51 @@ def test_short_simsiam_run_beats_random_init(tmp_path):
         acc[name] = {k: v["top1"] for k, v in res["per_k"].items()}
     for k in acc["simsiam"]:
         assert acc["simsiam"][k] > acc["random"][k] + 1.0, acc
+
+
+def test_approximation_check_by_hand():
+    """recall@k and prediction agreement of an 'approximate' result whose neighbours are set by hand."""
+    from types import SimpleNamespace
+
+    from simsiam_kit.evaluation.knn import approximation_check
+
+    # bank on the unit circle at angles 0..9 degrees, labels 0 for the first five, 1 after; queries at 0 and 9
+    ang = torch.deg2rad(torch.arange(10, dtype=torch.float32))
+    bank = torch.stack([ang.cos(), ang.sin()], 1)
+    labels = torch.tensor([0] * 5 + [1] * 5)
+    q = bank[[0, 9]]
+    # exact 3 nearest: query 0 -> 0, 1, 2; query 1 -> 9, 8, 7. The 'approximate' result found 0, 1, 5 and
+    # 9, 8, 7: recall 2/3 and 3/3; predictions (label 0, label 1) as given below, the second one wrong
+    ids = torch.tensor([[0, 1, 5], [9, 8, 7]])
+    preds = torch.tensor([0, 0])
+    out = SimpleNamespace(ids=ids, pred=lambda k, t: preds)
+    a = approximation_check(bank, labels, q, out, ks=(3,), temps=(0.1,), num_classes=2, n=500)
+    assert a["checked_queries"] == 2 and a["recall_k"] == 3
+    assert a["recall_at_k"] == pytest.approx((2 / 3 + 1) / 2)
+    assert a["min_recall_at_k"] == pytest.approx(2 / 3)
+    assert a["same_prediction_pct"] == pytest.approx(50.0)
+
+
+def test_cli_knn_bf16_is_labelled_approximate(tmp_path, slice_specs):
+    train, test = slice_specs
+    out = tmp_path / "knn"
+    base = ["eval", "knn", "--weights", "random", "--arch", "resnet18", "--train-data", train, "--test-data", test]
+    r = runner.invoke(app, base + ["--k", "20", "--index", "bf16", "--rerank", "0", "--output", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "APPROXIMATE search (bf16 candidates, 0 extra re-scored in fp32)" in r.output
+    res = json.loads((out / "results.json").read_text())
+    a = res["approximate"]
+    assert (a["kind"], a["rerank"], a["checked_queries"], a["recall_k"]) == ("bf16", 0, 100, 20)
+    # the recall it reports is the recall of the exact neighbours on the saved features
+    fb = torch.from_numpy(np.load(out / "features" / "train" / "features.npy"))
+    fq = torch.from_numpy(np.load(out / "features" / "test" / "features.npy"))
+    _, ex = EmbeddingIndex(512, "flat", "torch").add(fb).search(fq, 20)
+    _, got = EmbeddingIndex(512, "bf16", "torch", rerank=0).add(fb).search(fq, 20)
+    assert a["recall_at_k"] == pytest.approx((got.unsqueeze(2) == ex.unsqueeze(1)).any(2).float().mean().item())
+    # the exact search has no such block; --rerank only goes with --index bf16
+    r = runner.invoke(app, base + ["--k", "20", "--rerank", "5", "--output", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "--rerank 5: only with --index bf16" in r.output
+    r = runner.invoke(
+        app, base + ["--k", "20", "--index", "bf16", "--backend", "faiss", "--output", str(tmp_path / "y")]
+    )
+    assert r.exit_code == 2 and "--index bf16 needs --backend torch or auto" in r.output

@@ -171,3 +171,78 @@ def test_embed_and_search_take_the_model_as_an_argument(tmp_path):
     assert [(n["row"], n["class"]) for n in rep["results"][0]["neighbours"]] == [(0, "red"), (3, "red"), (1, "green")]
     assert [n["score"] for n in rep["results"][0]["neighbours"]] == pytest.approx([1.0, 1.0, 0.0], abs=1e-6)
     assert "red.png" in format_search_table(rep)
+
+
+# ------------------------------------------------------------------ the approximate bf16 kind
+def _clustered(n, d=64, seed=0):
+    """Unit vectors in a narrow cone (similarities 0.998-0.9999, as a random-init ResNet's features): the
+    case where bf16 rounding of the similarities (steps of 2^-8 near 1) scrambles the ranking."""
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randn(d, generator=g)
+    return lambda m: torch.nn.functional.normalize(mu + 0.05 * torch.randn(m, d, generator=g), dim=1)
+
+
+def _recall(ids, exact_ids):
+    return (ids.unsqueeze(2) == exact_ids.unsqueeze(1)).any(2).float().mean().item()
+
+
+def test_bf16_kind_centres_the_bank_and_re_scores_in_fp32():
+    from simsiam_kit.retrieval.index import knn_search_bf16
+
+    make = _clustered(0)
+    bank, q = make(2000), make(50)
+    ex_s, ex_i = EmbeddingIndex(64, "flat", "torch").add(bank).search(q, 20)
+    # without the centring, bf16 similarities near 1 cannot rank this bank: almost no true neighbour found
+    _, raw_i = knn_search_bf16(bank, bank.bfloat16(), q, 20, rerank=0)
+    assert _recall(raw_i, ex_i) < 0.2
+    # centred: most found even with no extra candidate; 32 extra re-scored in fp32 find nearly all
+    recalls = {}
+    for rerank in (0, 32):
+        idx = EmbeddingIndex(64, "bf16", "auto", rerank=rerank).add(bank)
+        assert idx.backend == "torch"
+        s, i = idx.search(q, 20)
+        recalls[rerank] = _recall(i, ex_i)
+        # the similarities returned are fp32 dot products, not bf16 ones: equal to the exact search's
+        # wherever the neighbour is the same
+        same = i == ex_i
+        assert torch.allclose(s[same], ex_s[same], atol=5e-6, rtol=0)
+        assert (s[:, 1:] <= s[:, :-1]).all()
+    assert 0.9 <= recalls[0] < 1.0 and recalls[32] >= 0.99
+
+
+def test_bf16_kind_is_exact_when_the_candidates_cover_the_bank():
+    make = _clustered(1)
+    bank, q = make(300), make(40)
+    ex_s, ex_i = EmbeddingIndex(64, "flat", "torch").add(bank).search(q, 10)
+    s, i = EmbeddingIndex(64, "bf16", "torch", rerank=290).add(bank).search(q, 10)
+    assert torch.equal(i, ex_i)
+    assert torch.allclose(s, ex_s, atol=5e-6, rtol=0)
+
+
+def test_bf16_kind_settings_are_checked_and_saved(tmp_path):
+    from simsiam_kit.errors import UserError
+
+    with pytest.raises(UserError, match="needs the torch backend"):
+        EmbeddingIndex(8, "bf16", "faiss")
+    with pytest.raises(UserError, match="needs the faiss backend"):
+        EmbeddingIndex(8, "ivf", "torch")
+    for bad in (-1, 2.5, True):
+        with pytest.raises(UserError, match="rerank"):
+            EmbeddingIndex(8, "bf16", rerank=bad)
+    bank = _clustered(2, d=8)(100)
+    idx = EmbeddingIndex(8, "bf16", rerank=7).add(bank)
+    idx.save(tmp_path / "ix")
+    meta = json.loads((tmp_path / "ix" / "index.json").read_text())
+    assert meta["kind"] == "bf16" and meta["rerank"] == 7
+    back = EmbeddingIndex.load(tmp_path / "ix")
+    assert (back.kind, back.backend, back.rerank) == ("bf16", "torch", 7)
+    assert torch.equal(back.search(bank[:5], 3)[1], idx.search(bank[:5], 3)[1])
+    # an index.json written before the bf16 kind (no "rerank" key) still loads
+    del meta["rerank"]
+    meta["kind"] = "flat"
+    (tmp_path / "ix" / "index.json").write_text(json.dumps(meta))
+    assert EmbeddingIndex.load(tmp_path / "ix").kind == "flat"
+    meta["rerank"] = -3
+    (tmp_path / "ix" / "index.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="index.json.*rerank"):
+        EmbeddingIndex.load(tmp_path / "ix")

@@ -62,7 +62,15 @@ def knn(
     backend: str = typer.Option(
         "auto", "--backend", help="auto | faiss | torch (see docs/evaluation.md for the auto rule)."
     ),
-    index: str = typer.Option("flat", "--index", help="flat (exact) | ivf | hnsw (approximate, faiss)."),
+    index: str = typer.Option(
+        "flat",
+        "--index",
+        help="flat (exact, default) | bf16 (approximate: bf16 candidates re-scored in fp32, torch) | ivf | hnsw "
+        "(approximate, faiss). Approximate searches report their recall against the exact one on 500 queries.",
+    ),
+    rerank: Optional[int] = typer.Option(
+        None, "--rerank", help="--index bf16: extra candidates beyond k re-scored in fp32 (default 64)."
+    ),
     batch_size: BatchSize = DEFAULT_FEATURE_BATCH,
     device: Device = "auto",
     precision: Precision = "auto",
@@ -101,6 +109,7 @@ def knn(
         like=like,
         backend=backend,
         index=index,
+        rerank=rerank,
         batch_size=batch_size,
         device=device,
         precision=precision,

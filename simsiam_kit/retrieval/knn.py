@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from simsiam_kit.errors import UserError
-from simsiam_kit.retrieval.index import EmbeddingIndex
+from simsiam_kit.retrieval.index import RERANK, EmbeddingIndex
 
 
 def weighted_vote(sims: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: int, temperature: float):
@@ -86,8 +86,8 @@ class KNNClassifier:
     """Weighted kNN classifier; see the module docstring.
 
     ``k``, ``temperature``: one value or several (every pair is scored from one search).
-    ``num_classes``: default max label + 1 (bank and test labels). ``backend``, ``kind``, ``device``:
-    the :class:`~simsiam_kit.retrieval.index.EmbeddingIndex` settings (``device`` for the torch
+    ``num_classes``: default max label + 1 (bank and test labels). ``backend``, ``kind``, ``device``,
+    ``rerank``: the :class:`~simsiam_kit.retrieval.index.EmbeddingIndex` settings (``device`` for the torch
     backend: default the GPU when torch sees one). ``normalize``: l2-normalise features here (off when
     they already are, as ``extract_features`` returns them). ``min_depth``: search at least this deep
     (retrieval metrics on the same search).
@@ -104,6 +104,7 @@ class KNNClassifier:
         device=None,
         normalize: bool = True,
         min_depth: int = 0,
+        rerank: int = RERANK,
     ):
         self.ks = tuple(dict.fromkeys(int(x) for x in _tuple(k)))
         self.temperatures = tuple(dict.fromkeys(float(t) for t in _tuple(temperature)))
@@ -113,7 +114,7 @@ class KNNClassifier:
             raise ValueError(f"temperature must be positive, got {list(self.temperatures)}")
         self.num_classes = num_classes
         self.backend, self.kind, self.device = backend, kind, device
-        self.normalize, self.min_depth = normalize, int(min_depth)
+        self.normalize, self.min_depth, self.rerank = normalize, int(min_depth), rerank
         self.index: Optional[EmbeddingIndex] = None
         self._labels: list[torch.Tensor] = []
 
@@ -129,7 +130,7 @@ class KNNClassifier:
         if len(labels) != len(x):
             raise ValueError(f"{len(x)} bank features but {len(labels)} labels")
         if self.index is None:
-            self.index = EmbeddingIndex(x.shape[1], self.kind, self.backend, device=self.device)
+            self.index = EmbeddingIndex(x.shape[1], self.kind, self.backend, device=self.device, rerank=self.rerank)
         self.index.add(x)
         self._labels.append(labels)
         return self
