@@ -43,6 +43,8 @@ log = logging.getLogger("simsiam_kit.export")
 FORMAT = "simsiam-kit-onnx-encoder"
 CROP_PCT = 0.875
 REQUIRED_META = ("format", "image_size", "mean", "std", "channel_order", "embedding_dim", "input_name", "output_name")
+# what the export writes as ``precision``; the graph's I/O is float32 for every one, so the embedder runs them alike
+PRECISIONS = ("fp32", "fp16", "int8")
 DEVICES = ("auto", "cpu", "cuda")
 # Bounds on what a model file's metadata can make the embedder allocate (a file may come from anywhere):
 # the input side (the export writes 8..4096 px), the embedding width (faiss's own limit), and the float32
@@ -222,6 +224,11 @@ def decode_metadata(raw: dict, source: str) -> dict:
         raise UserError(f"{source}: metadata image_size={meta['image_size']} is outside {lo}..{hi} pixels")
     if not 1 <= meta["embedding_dim"] <= MAX_EMBEDDING_DIM:
         raise UserError(f"{source}: metadata embedding_dim={meta['embedding_dim']} is outside 1..{MAX_EMBEDDING_DIM}")
+    if "precision" in meta and meta["precision"] not in PRECISIONS:
+        raise UserError(
+            f"{source}: metadata precision '{meta['precision']}' is not one this embedder runs "
+            f"({', '.join(PRECISIONS)})"
+        )
     if meta["channel_order"] != "RGB" or len(meta["mean"]) != 3 or len(meta["std"]) != 3:
         raise UserError(
             f"{source}: unsupported preprocessing metadata (channel_order={meta['channel_order']}, "

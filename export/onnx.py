@@ -9,11 +9,15 @@ The exported graph:
   ResNet features (D = 512 for ResNet-18/34, 2048 for ResNet-50/101), ``--head projector`` the
   projector output z (the ``f`` of the paper, D = ``proj_dim``).
 * ``--fp16``: weights and arithmetic in float16, inputs and outputs still float32 (casts in the graph).
+* ``--quantize int8``: the fp32 graph statically quantized by onnxruntime (QDQ: int8 weights, uint8
+  activations, calibrated on the user's images), I/O still float32; the parity check of the fp32 graph
+  is followed by an accuracy check (kNN top-1 within 0.5 points of fp32): :mod:`export.quantize`.
 
 ``metadata_props`` holds everything a consumer needs to preprocess (see :data:`METADATA_DOC`).
 Like timm's ``utils/onnx.py``, the function checks the model (``onnx.checker``) and compares
-onnxruntime against the PyTorch encoder before it returns; a model that fails the parity check is
-not written, and the figures go to ``<output stem>.export.json`` either way.
+onnxruntime against the PyTorch encoder before it returns; a model that fails the parity check (or,
+for int8, the accuracy check) is not written, and the figures go to ``<output stem>.export.json``
+either way.
 """
 
 from __future__ import annotations
@@ -29,8 +33,23 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from simsiam_kit.config import DEFAULT_KNN_K
 from simsiam_kit.errors import UserError
 from simsiam_kit.export.embedder import FORMAT, decode_metadata, l2_normalize, make_session, preprocess
+from simsiam_kit.export.quantize import (
+    DEFAULT_CALIBRATION_IMAGES,
+    DEFAULT_CALIBRATION_METHOD,
+    MAX_TOP1_DROP,
+    AccuracyError,
+    accuracy_check,
+    accuracy_set,
+    calibration_batch,
+    check_options,
+    load_calibration,
+    metadata_json,
+    quantization_facts,
+    quantize_int8,
+)
 
 INPUT_NAME, OUTPUT_NAME = "images", "embeddings"
 DEFAULT_OPSET = 18
@@ -61,7 +80,9 @@ METADATA_DOC = {
     "resize": "how other sizes are brought to image_size (shorter side to image_size/0.875, centre crop)",
     "output_name": f"'{OUTPUT_NAME}'",
     "output_normalization": "'none' (raw features; OnnxEmbedder l2-normalises by default)",
-    "precision": "fp32 | fp16 (weights and arithmetic; I/O is float32)",
+    "precision": "fp32 | fp16 | int8 (weights and arithmetic; I/O is float32)",
+    "calibration": "int8 only, JSON: format, weight/activation types, calibration method, data and image count",
+    "accuracy_check": "int8 only, JSON: kNN top-1 of int8 and fp32 embeddings, difference, k, T, data",
     "opset": "default-domain opset",
     "source": "the weights the model was exported from",
     "producer_versions": "JSON: simsiam-kit, torch, onnx versions",
@@ -167,7 +188,7 @@ def load_encoder(
     )
 
 
-def _metadata(enc: Encoder, opset: int, fp16: bool) -> dict:
+def _metadata(enc: Encoder, opset: int, precision: str) -> dict:
     import onnx
 
     import simsiam_kit
@@ -190,7 +211,7 @@ def _metadata(enc: Encoder, opset: int, fp16: bool) -> dict:
         "(bilinear), centre crop image_size",
         "output_name": OUTPUT_NAME,
         "output_normalization": "none",
-        "precision": "fp16" if fp16 else "fp32",
+        "precision": precision,
         "opset": str(opset),
         "source": enc.source,
         "producer_versions": json.dumps(
@@ -318,6 +339,71 @@ class ParityError(UserError):
     """onnxruntime and PyTorch disagree beyond the tolerance; the model was not written."""
 
 
+def _set_metadata(model, enc: Encoder, meta: dict) -> None:
+    """metadata_props, producer and doc string; then onnx.checker and the embedder's own metadata reader."""
+    import onnx
+
+    del model.metadata_props[:]
+    for k, v in meta.items():
+        model.metadata_props.add(key=k, value=v)
+    model.producer_name = "simsiam-kit"
+    model.doc_string = (
+        f"SimSiam {enc.arch} encoder ({enc.head}, {meta['precision']}). Input '{INPUT_NAME}': float32 NCHW "
+        f"(N, 3, {enc.image_size}, {enc.image_size}), RGB, (pixels/255 - mean)/std with mean="
+        f"{list(enc.mean)} std={list(enc.std)}. Output '{OUTPUT_NAME}': float32 (N, "
+        f"{enc.embedding_dim}), not normalised."
+    )
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as e:
+        raise UserError(f"exported model fails onnx.checker: {str(e)[:300]}") from None
+    decode_metadata(meta, "the exported model")  # the embedder must be able to read what we wrote
+
+
+def _quantize_int8(
+    enc: Encoder,
+    fp32_data: bytes,
+    meta: dict,
+    session32,
+    calib: tuple,
+    labelled: tuple,
+    method: str,
+    max_top1_drop: float,
+    knn_k: int,
+    device: str,
+    output: Path,
+    say: Callable[[str], None],
+) -> tuple[bytes, dict]:
+    """int8 model bytes and the report's quantization and accuracy sections (:mod:`export.quantize`)."""
+    x, info = calib
+    batch = calibration_batch(len(x))
+    say(
+        f"int8: calibrating on {info['images']} images of {info['data']} ({method}, batches of {batch}); "
+        "QDQ, int8 per-channel weights, uint8 activations"
+    )
+    t0 = time.perf_counter()
+    qmodel = quantize_int8(fp32_data, x, INPUT_NAME, method)
+    quant_s = time.perf_counter() - t0
+    facts = quantization_facts(info, method, batch)
+    session8, _ = make_session(qmodel.SerializeToString(), device, source=f"{output} (int8)")
+    say(f"accuracy check: kNN top-1 of int8 vs fp32 embeddings on {labelled[2]} ({len(labelled[1])} images)")
+    acc = accuracy_check(
+        session32, session8, labelled, enc.image_size, enc.mean, enc.std, INPUT_NAME, OUTPUT_NAME, max_top1_drop, knn_k
+    )
+    summary = {k: acc[k] for k in ("fp32_top1", "int8_top1", "difference", "k", "temperature", "images", "data")}
+    summary["cosine_mean"] = acc["cosine_int8_vs_fp32"]["mean"]
+    qmeta = dict(
+        meta,
+        precision="int8",
+        opset=str(_default_opset(qmodel)),
+        calibration=metadata_json(facts),
+        accuracy_check=metadata_json(summary),
+    )
+    _set_metadata(qmodel, enc, qmeta)
+    data = qmodel.SerializeToString()
+    return data, {"metadata": qmeta, "quantization": {**facts, "seconds": round(quant_s, 2)}, "accuracy": acc}
+
+
 def export_onnx(
     weights: str,
     output: Union[str, Path],
@@ -332,18 +418,32 @@ def export_onnx(
     atol: float = FP32_MAX_ABS_DIFF,
     min_cosine: float = FP16_MIN_COSINE,
     log: Optional[Callable[[str], None]] = None,
+    quantize: Optional[str] = None,
+    calibration_data=None,
+    calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
+    calibration_method: str = DEFAULT_CALIBRATION_METHOD,
+    accuracy_data=None,
+    max_top1_drop: float = MAX_TOP1_DROP,
+    knn_k: int = DEFAULT_KNN_K,
 ) -> dict:
     """Export ``weights`` (run dir, checkpoint, backbone.pt, ...) to ``output`` and return a report dict.
 
     ``parity_data``: real images for the parity check (a dataset spec, a uint8 (N, H, W, 3) array, or
     None for random images only). Raises :class:`ParityError` (a :class:`UserError`) when the parity
     check fails; the report is written to ``<output stem>.export.json`` in both cases.
+
+    ``quantize="int8"``: static int8 quantization of the checked fp32 graph (:mod:`export.quantize`),
+    calibrated on ``calibration_images`` images of ``calibration_data`` (a dataset spec or a uint8
+    (N, H, W, 3) array) with ``calibration_method``, then the accuracy check on ``accuracy_data`` (a
+    labelled dataset spec, or ``(uint8 images, labels)``): raises :class:`AccuracyError` (model not
+    written) when the int8 kNN top-1 is more than ``max_top1_drop`` points below fp32. ``knn_k``: the
+    check's k (default the pretraining monitor's 200; capped at the bank, half the labelled images).
     """
-    import onnx
 
     from simsiam_kit.utils.io import atomic_write_json
 
     say = log or (lambda s: None)
+    check_options(quantize, fp16, calibration_data, accuracy_data, calibration_images, calibration_method)
     if int(opset) not in SUPPORTED_OPSETS:
         raise UserError(
             f"unsupported opset {opset} (supported: {SUPPORTED_OPSETS[0]}-{SUPPORTED_OPSETS[-1]}; "
@@ -355,6 +455,9 @@ def export_onnx(
     report_path = output.with_name(output.stem + ".export.json")
     enc = load_encoder(weights, head, image_size, arch, stem)
     real = _real_images(parity_data)
+    if quantize:  # read both sets before the export, so a bad one stops the command at once
+        labelled = accuracy_set(accuracy_data)
+        calib = load_calibration(calibration_data, calibration_images, enc.image_size, enc.mean, enc.std)
     net = enc.module
     if fp16:
         net = _EncoderNet(enc.module.backbone, enc.module.projector, fp16=True)
@@ -363,29 +466,15 @@ def export_onnx(
         net = copy.deepcopy(net).half().eval()
     say(
         f"exporting {enc.arch} ({enc.stem} stem) {enc.head} -> {enc.embedding_dim}-d embeddings, "
-        f"{enc.image_size}px, opset {opset}, {'fp16' if fp16 else 'fp32'}"
+        f"{enc.image_size}px, opset {opset}, {'fp16' if fp16 else 'fp32'}" + (f", then {quantize}" if quantize else "")
     )
     t0 = time.perf_counter()
     model = _to_onnx(net, enc.image_size, int(opset))
     got_opset = _default_opset(model)
     if got_opset != int(opset):
         raise UserError(f"unsupported opset {opset}: the exporter produced opset {got_opset}")
-    meta = _metadata(enc, int(opset), fp16)
-    del model.metadata_props[:]
-    for k, v in meta.items():
-        model.metadata_props.add(key=k, value=v)
-    model.producer_name = "simsiam-kit"
-    model.doc_string = (
-        f"SimSiam {enc.arch} encoder ({enc.head}). Input '{INPUT_NAME}': float32 NCHW "
-        f"(N, 3, {enc.image_size}, {enc.image_size}), RGB, (pixels/255 - mean)/std with mean="
-        f"{list(enc.mean)} std={list(enc.std)}. Output '{OUTPUT_NAME}': float32 (N, "
-        f"{enc.embedding_dim}), not normalised."
-    )
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except Exception as e:
-        raise UserError(f"exported model fails onnx.checker: {str(e)[:300]}") from None
-    decode_metadata(meta, str(output))  # the embedder must be able to read what we wrote
+    meta = _metadata(enc, int(opset), "fp16" if fp16 else "fp32")
+    _set_metadata(model, enc, meta)
     export_s = time.perf_counter() - t0
 
     data = model.SerializeToString()
@@ -410,6 +499,12 @@ def export_onnx(
         "export_seconds": round(export_s, 2),
         "size_bytes": len(data),
     }
+    if quantize and parity["passed"]:
+        data, qreport = _quantize_int8(
+            enc, data, meta, session, calib, labelled, calibration_method, max_top1_drop, knn_k, device, output, say
+        )
+        report.update(qreport, size_bytes=len(data), fp32_size_bytes=report["size_bytes"])
+        report["parity"]["graph"] = "the fp32 graph before quantization"
     atomic_write_json(report_path, report)
     for c in parity["checks"]:
         say(
@@ -421,6 +516,20 @@ def export_onnx(
             f"parity check failed ({parity['criterion']}): max abs diff {parity['max_abs_diff']:.3e}, "
             f"min cosine {parity['min_cosine']:.6f}; model not written, figures in {report_path}"
         )
+    acc = report.get("accuracy")
+    if acc is not None:
+        cos = acc["cosine_int8_vs_fp32"]
+        say(
+            f"  kNN top-1 (k={acc['k']}, T={acc['temperature']:g}, {acc['images']} images): fp32 "
+            f"{acc['fp32_top1']:.2f}%, int8 {acc['int8_top1']:.2f}% ({acc['difference']:+.2f} points); "
+            f"cosine int8 vs fp32 mean {cos['mean']:.4f}, min {cos['min']:.4f}"
+        )
+        if not acc["passed"]:
+            raise AccuracyError(
+                f"int8 accuracy check failed ({acc['criterion']}): kNN top-1 int8 {acc['int8_top1']:.2f}% vs "
+                f"fp32 {acc['fp32_top1']:.2f}% ({acc['difference']:+.2f} points, {acc['images']} images of "
+                f"{acc['data']}); model not written, figures in {report_path}"
+            )
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp")
     try:
@@ -432,5 +541,8 @@ def export_onnx(
     finally:
         if tmp.exists():
             tmp.unlink()
-    say(f"parity passed ({parity['criterion']}); wrote {output} ({len(data) / 1e6:.1f} MB) and {report_path}")
+    passed = f"parity passed ({parity['criterion']})"
+    if acc is not None:
+        passed = f"parity of the fp32 graph and int8 accuracy check passed ({acc['criterion']})"
+    say(f"{passed}; wrote {output} ({len(data) / 1e6:.1f} MB) and {report_path}")
     return report
