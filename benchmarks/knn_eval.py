@@ -110,8 +110,9 @@ def synthetic_features(n=45000, q=5000, d=512, c=10):
 #: the approximate searches measured next to the exact one: (name, index kind, setting)
 APPROX = (
     ("bf16_rerank0", "bf16", {"rerank": 0}),
-    ("bf16_rerank64", "bf16", {"rerank": 64}),
-    ("bf16_rerank200", "bf16", {"rerank": 200}),
+    ("bf16_rerank16", "bf16", {"rerank": 16}),  # the default
+    ("bf16_rerank32", "bf16", {"rerank": 32}),
+    ("bf16_rerank200", "bf16", {"rerank": 200}),  # rerank >= k: every candidate re-scored, fp32 similarities
     ("faiss_ivf_nprobe16", "ivf", {"nprobe": 16}),
     ("faiss_ivf_nprobe64", "ivf", {"nprobe": 64}),
 )

@@ -147,8 +147,8 @@ def classify(
 
 def approximation_check(bank, bank_labels, queries, out, ks, temps, num_classes: int, n: int) -> dict:
     """What an approximate search lost, on ``n`` evenly spaced queries: recall@k of the exact neighbours
-    (share of the exact k nearest found, at the largest k) and the share of predictions (first k, first
-    temperature) equal to an exact search's; with the exact search's top-1 on those queries."""
+    (share of the exact k nearest found) and the share of predictions equal to an exact search's, both at
+    the largest k (the deepest, most affected cut) and the first temperature."""
     rows = torch.from_numpy(np.unique(np.linspace(0, len(queries) - 1, min(n, len(queries))).round().astype(np.int64)))
     k = max(ks)
     exact = (
@@ -158,13 +158,14 @@ def approximation_check(bank, bank_labels, queries, out, ks, temps, num_classes:
     )
     got = out.ids[rows.to(out.ids.device), :k].cpu()
     hit = (got.unsqueeze(2) == exact.ids[:, :k].cpu().unsqueeze(1)).any(2).float().mean(1)
-    same = (out.pred(ks[0], temps[0])[rows.to(out.ids.device)].cpu() == exact.pred(ks[0], temps[0]).cpu()).float()
+    same = (out.pred(k, temps[0])[rows.to(out.ids.device)].cpu() == exact.pred(k, temps[0]).cpu()).float()
     return {
         "checked_queries": int(len(rows)),
         "recall_at_k": float(hit.mean()),
         "recall_k": int(k),
         "min_recall_at_k": float(hit.min()),
         "same_prediction_pct": 100.0 * float(same.mean()),
+        "prediction_temperature": float(temps[0]),
     }
 
 
@@ -265,7 +266,7 @@ class KNNSettings:
     like: Optional[str] = None  # with weights "random": the run whose init, arch, stem and image settings to take
     backend: str = "auto"
     index: str = "flat"
-    rerank: Optional[int] = None  # --index bf16: extra candidates re-scored in fp32 (default RERANK)
+    rerank: Optional[int] = None  # --index bf16: 2 x rerank candidates at the cut re-scored in fp32 (default RERANK)
     batch_size: int = FEATURE_BATCH
     device: str = "auto"
     precision: str = "auto"  # feature extraction: auto = fp32 (simsiam_kit.features.feature_precision)
@@ -463,7 +464,7 @@ def results_table(results: dict) -> str:
     )
     a = results.get("approximate")
     if a:
-        how = f"bf16 candidates, {a['rerank']} extra re-scored in fp32" if a["kind"] == "bf16" else a["kind"]
+        how = f"bf16 similarities, rerank {a['rerank']}" if a["kind"] == "bf16" else a["kind"]
         text += (
             f"\nAPPROXIMATE search ({how}): recall@{a['recall_k']} of the exact neighbours "
             f"{a['recall_at_k']:.4f} (worst query {a['min_recall_at_k']:.3f}), same prediction as the exact "

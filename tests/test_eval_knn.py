@@ -620,7 +620,7 @@ def test_approximation_check_by_hand():
     ids = torch.tensor([[0, 1, 5], [9, 8, 7]])
     preds = torch.tensor([0, 0])
     out = SimpleNamespace(ids=ids, pred=lambda k, t: preds)
-    a = approximation_check(bank, labels, q, out, ks=(3,), temps=(0.1,), num_classes=2, n=500)
+    a = approximation_check(bank, labels, q, out, ks=(1, 3), temps=(0.1,), num_classes=2, n=500)
     assert a["checked_queries"] == 2 and a["recall_k"] == 3
     assert a["recall_at_k"] == pytest.approx((2 / 3 + 1) / 2)
     assert a["min_recall_at_k"] == pytest.approx(2 / 3)
@@ -631,9 +631,9 @@ def test_cli_knn_bf16_is_labelled_approximate(tmp_path, slice_specs):
     train, test = slice_specs
     out = tmp_path / "knn"
     base = ["eval", "knn", "--weights", "random", "--arch", "resnet18", "--train-data", train, "--test-data", test]
-    r = runner.invoke(app, base + ["--k", "20", "--index", "bf16", "--rerank", "0", "--output", str(out)])
+    r = runner.invoke(app, base + ["--k", "5", "--k", "20", "--index", "bf16", "--rerank", "0", "--output", str(out)])
     assert r.exit_code == 0, r.output
-    assert "APPROXIMATE search (bf16 candidates, 0 extra re-scored in fp32)" in r.output
+    assert "APPROXIMATE search (bf16 similarities, rerank 0)" in r.output
     res = json.loads((out / "results.json").read_text())
     a = res["approximate"]
     assert (a["kind"], a["rerank"], a["checked_queries"], a["recall_k"]) == ("bf16", 0, 100, 20)

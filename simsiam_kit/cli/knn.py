@@ -65,11 +65,15 @@ def knn(
     index: str = typer.Option(
         "flat",
         "--index",
-        help="flat (exact, default) | bf16 (approximate: bf16 candidates re-scored in fp32, torch) | ivf | hnsw "
-        "(approximate, faiss). Approximate searches report their recall against the exact one on 500 queries.",
+        help="flat (exact, default) | bf16 (approximate: bf16 similarities, the cut re-scored in fp32; torch) | "
+        "ivf | hnsw (approximate, faiss). Approximate searches report their recall against the exact one on 500 "
+        "queries.",
     ),
     rerank: Optional[int] = typer.Option(
-        None, "--rerank", help="--index bf16: extra candidates beyond k re-scored in fp32 (default 64)."
+        None,
+        "--rerank",
+        help="--index bf16: the 2 x N candidates around the k-th place are re-scored in fp32 (default 16; "
+        "N >= k re-scores all k + N).",
     ),
     batch_size: BatchSize = DEFAULT_FEATURE_BATCH,
     device: Device = "auto",
