@@ -56,6 +56,7 @@ EMBED_BATCH = 64
 QUANT_FORMAT = "QDQ"
 WEIGHT_TYPE, ACTIVATION_TYPE = "int8", "uint8"
 PERCENTILE = 99.999  # onnxruntime's default for the percentile method
+HISTOGRAM_MEMORY_FACTOR = 1.5  # the kept activations, plus the per-tensor arrays the histogram collector builds
 
 
 class AccuracyError(UserError):
@@ -267,6 +268,48 @@ def calibration_batch(n: int, most: int = CALIBRATION_BATCH) -> int:
     return max(b for b in range(1, min(most, n) + 1) if n % b == 0)
 
 
+def activation_bytes_per_image(model_path) -> int:
+    """float32 bytes of every node output for one image, from the shapes shape inference stored (the batch axis
+    counted as 1; unknown sizes count as 1, so this is a lower bound)."""
+    import onnx
+
+    m = onnx.load(str(model_path), load_external_data=False)
+    produced = {o for n in m.graph.node for o in n.output}
+    total = 0
+    for vi in list(m.graph.value_info) + list(m.graph.output):
+        t = vi.type.tensor_type
+        if vi.name in produced and t.elem_type == onnx.TensorProto.FLOAT:
+            total += 4 * int(np.prod([d.dim_value if d.dim_value > 0 else 1 for d in t.shape.dim]))
+    return total
+
+
+def available_memory() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_histogram_memory(pre_model, n_images: int, method: str) -> None:
+    """onnxruntime's histogram calibrators (percentile) keep every activation of every calibration image in
+    memory before building histograms (MinMax reduces batch by batch): refuse what would not fit, instead of
+    letting the kernel kill the process."""
+    avail = available_memory()
+    if method == "minmax" or avail is None:
+        return
+    per_image = activation_bytes_per_image(pre_model)
+    need = int(per_image * n_images * HISTOGRAM_MEMORY_FACTOR)
+    if need > 0.8 * avail:
+        fits = int(0.8 * avail / (per_image * HISTOGRAM_MEMORY_FACTOR))
+        instead = f"--calibration-images {fits} or fewer, or " if fits >= MIN_CALIBRATION_IMAGES else ""
+        raise UserError(
+            f"--calibration-method {method} keeps the activations of all {n_images} calibration images in memory "
+            f"(about {need / 2**30:.1f} GiB for this model; {avail / 2**30:.1f} GiB available): use "
+            f"{instead}--calibration-method minmax"
+        )
+
+
 @contextlib.contextmanager
 def _quiet():
     """onnxruntime.quantization prints progress and logs advice at INFO/WARNING; keep the command's output ours."""
@@ -312,6 +355,8 @@ def quantize_int8(
         try:
             with _quiet():
                 quant_pre_process(str(src), str(pre))
+            check_histogram_memory(pre, len(calib), method)
+            with _quiet():
                 quantize_static(
                     str(pre),
                     str(out),

@@ -138,11 +138,38 @@ def test_impossible_tolerance_fails_through_the_api(bb, tmp_path):
             str(bb[0]), tmp_path / "t.onnx", parity_data=None, quantize="int8",
             calibration_data=load_dataset("demo:train[:32]").images, accuracy_data="demo:val[:100]",
             knn_k=10, max_top1_drop=-100.0,  # int8 would have to beat fp32 by 100 points
+            calibration_method="percentile",
         )  # fmt: skip
     assert not (tmp_path / "t.onnx").exists()
     rep = json.loads((tmp_path / "t.export.json").read_text())
     assert rep["accuracy"]["passed"] is False and rep["accuracy"]["k"] == 10
     assert rep["quantization"]["calibration_data"] == "array (32, 32, 32, 3)"
+    assert rep["quantization"]["calibration_method"] == "percentile (99.999)"
+    assert rep["accuracy"]["cosine_int8_vs_fp32"]["mean"] > 0.99  # percentile ranges work; the tolerance refused it
+
+
+def test_percentile_calibration_that_would_not_fit_in_memory_is_refused(bb, tmp_path, monkeypatch):
+    """The histogram calibrators keep every activation of every calibration image; the estimate comes from the
+    real model's shapes (ResNet-18 CIFAR stem: ~5.7 MB per 32 px image), only the free memory is set here."""
+    import simsiam_kit.export.quantize as q
+    from simsiam_kit.export.onnx import export_onnx
+
+    monkeypatch.setattr(q, "available_memory", lambda: 64 << 20)
+    with pytest.raises(
+        UserError,
+        match=r"percentile keeps the activations of all 64 calibration images in memory "
+        r"\(about 0\.5 GiB for this model; 0\.1 GiB available\): use --calibration-method minmax",
+    ):
+        export_onnx(
+            str(bb[0]),
+            tmp_path / "p.onnx",
+            parity_data=None,
+            quantize="int8",
+            calibration_data="demo:train[:64]",
+            calibration_method="percentile",
+            accuracy_data="demo:val[:100]",
+        )
+    assert not (tmp_path / "p.onnx").exists()
 
 
 # ----------------------------------------------------------------------------- refusals, exit 2, one line
