@@ -484,6 +484,11 @@ def export_onnx(
         f"({'random + real' if real is not None else 'random'} images, batches {', '.join(map(str, PARITY_BATCHES))})"
     )
     parity = parity_check(enc.module, session, enc.image_size, enc.mean, enc.std, real, fp16, atol, min_cosine)
+    for c in parity["checks"]:
+        say(
+            f"  {c['images']:6s} batch {c['batch']:3d}: max abs diff {c['max_abs_diff']:.2e}  "
+            f"min cosine {c['min_cosine']:.7f}"
+        )
     report = {
         "model": str(output),
         "weights": str(weights),
@@ -506,11 +511,6 @@ def export_onnx(
         report.update(qreport, size_bytes=len(data), fp32_size_bytes=report["size_bytes"])
         report["parity"]["graph"] = "the fp32 graph before quantization"
     atomic_write_json(report_path, report)
-    for c in parity["checks"]:
-        say(
-            f"  {c['images']:6s} batch {c['batch']:3d}: max abs diff {c['max_abs_diff']:.2e}  "
-            f"min cosine {c['min_cosine']:.7f}"
-        )
     if not parity["passed"]:
         raise ParityError(
             f"parity check failed ({parity['criterion']}): max abs diff {parity['max_abs_diff']:.3e}, "
