@@ -68,12 +68,12 @@ CASES = {  # name: (arch, stem, image size, batch, default timed rounds)
 }
 PATHS = ("torch_fp32", "torch_bf16_cl", "ort_fp32", "ort_int8")
 TARGET = 2.0
-# the fp32 parity check's absolute tolerance: 1e-4 (the default) failed for ResNet-50 once its BatchNorm statistics
-# come from real images (max abs diff 3.6e-4 on features of larger magnitude, min cosine 1.000000); recorded per row
+# the fp32 parity check's absolute tolerance: the default 1e-4 fails for the random-init ResNet-50 once its
+# BatchNorm statistics come from real images (features of large magnitude, cosine 1.0); the figures are in each row
 PARITY_ATOL = 1e-3
 # before each timed call: the worker threads of the path that ran before (onnxruntime's intra-op pool, OpenMP) spin
-# for a while after their run and take the cores from the next path; without the pause the path after an
-# onnxruntime session measured up to ~35 % slower here, which a user running one path never sees
+# for a while after their run and take the cores from the next path, a slowdown a user running one path never
+# sees (measured: docs/export.md, "Throughput")
 PAUSE_S = 0.2
 MAX_DROP = 0.5
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.247, 0.2435, 0.2616)
