@@ -289,8 +289,11 @@ def parity_check(
 ) -> dict:
     """onnxruntime vs the fp32 PyTorch encoder on random and real images at each batch size.
 
-    fp32 export: passes when the max absolute difference is <= ``atol``; fp16: when the cosine
-    similarity of every embedding pair is >= ``min_cosine``. Both figures are reported either way.
+    fp32 export: passes when, in every check, the max absolute difference is <= ``atol`` x max(1, the
+    largest |output| of PyTorch): an absolute 1e-4 for features up to 1, relative beyond, since fp32
+    rounding grows with the values (a random-init ResNet-50's features reach ~370 and differ by 3.6e-4 at
+    cosine 1.0); fp16: when the cosine similarity of every embedding pair is >= ``min_cosine``. Both figures
+    are reported either way.
     """
     ref_net = net
     rng = np.random.default_rng(seed)
@@ -308,11 +311,13 @@ def parity_check(
             got = session.run([OUTPUT_NAME], {INPUT_NAME: x})[0].astype(np.float32)
             if got.shape != ref.shape:
                 raise UserError(f"parity check: onnxruntime output shape {got.shape} != PyTorch {ref.shape}")
-            checks.append({"images": name, **_compare(ref, got)})
+            c = {"images": name, **_compare(ref, got)}
+            c["tolerance"] = atol * max(1.0, c["max_abs_value"])
+            checks.append(c)
     worst_abs = max(c["max_abs_diff"] for c in checks)
     worst_cos = min(c["min_cosine"] for c in checks)
-    passed = worst_cos >= min_cosine if fp16 else worst_abs <= atol
-    criterion = f"min cosine >= {min_cosine}" if fp16 else f"max abs diff <= {atol:g}"
+    passed = worst_cos >= min_cosine if fp16 else all(c["max_abs_diff"] <= c["tolerance"] for c in checks)
+    criterion = f"min cosine >= {min_cosine}" if fp16 else f"max abs diff <= {atol:g} x max(1, max |output|)"
     return {
         "criterion": criterion,
         "passed": bool(passed),
