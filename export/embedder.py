@@ -36,12 +36,13 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from simsiam_kit.config import DEFAULT_CROP_PCT
 from simsiam_kit.errors import UserError, require_extra
 
 log = logging.getLogger("simsiam_kit.export")
 
 FORMAT = "simsiam-kit-onnx-encoder"
-CROP_PCT = 0.875
+CROP_PCT = DEFAULT_CROP_PCT  # the core's eval resize rule (simsiam_kit.config), shared with the loaders
 REQUIRED_META = ("format", "image_size", "mean", "std", "channel_order", "embedding_dim", "input_name", "output_name")
 # what the export writes as ``precision``; the graph's I/O is float32 for every one, so the embedder runs them alike
 PRECISIONS = ("fp32", "fp16", "int8")

@@ -24,6 +24,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from simsiam_kit.config import DEFAULT_CROP_PCT
 from simsiam_kit.data.datasets import ImageDataset
 from simsiam_kit.errors import UserError
 from simsiam_kit.utils import dist
@@ -158,7 +159,7 @@ class _FileDataset(torch.utils.data.Dataset):
         self.crop_scale, self.flip_p = tuple(crop_scale), flip_p
         from torchvision.transforms import v2 as T
 
-        self.eval_tf = T.Compose([T.Resize(int(round(size / 0.875)), antialias=True), T.CenterCrop(size)])
+        self.eval_tf = T.Compose([T.Resize(int(round(size / DEFAULT_CROP_PCT)), antialias=True), T.CenterCrop(size)])
 
     def __len__(self):
         return len(self.ds)
