@@ -30,6 +30,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from simsiam_kit.config import DEFAULT_KNN_K, DEFAULT_KNN_TEMPERATURE
 from simsiam_kit.errors import UserError
 from simsiam_kit.retrieval.index import RERANK, EmbeddingIndex
 
@@ -95,8 +96,8 @@ class KNNClassifier:
 
     def __init__(
         self,
-        k: Union[int, Sequence[int]] = 200,
-        temperature: Union[float, Sequence[float]] = 0.1,
+        k: Union[int, Sequence[int]] = DEFAULT_KNN_K,
+        temperature: Union[float, Sequence[float]] = DEFAULT_KNN_TEMPERATURE,
         num_classes: Optional[int] = None,
         *,
         backend: str = "auto",
@@ -176,7 +177,14 @@ class KNNClassifier:
 
 
 @torch.no_grad()
-def knn_classify(bank, bank_labels, queries, k: int = 200, temperature: float = 0.1, num_classes: Optional[int] = None):
+def knn_classify(
+    bank,
+    bank_labels,
+    queries,
+    k: int = DEFAULT_KNN_K,
+    temperature: float = DEFAULT_KNN_TEMPERATURE,
+    num_classes: Optional[int] = None,
+):
     """Predicted labels (Q,) and class scores (Q, C) of ``queries`` in one call (lightly's
     ``knn_predict``): a :class:`KNNClassifier` with the exact torch search on the bank's device (where
     the pretraining monitor keeps its features). Features are l2-normalised here; k is capped at the
