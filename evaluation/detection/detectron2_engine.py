@@ -32,6 +32,7 @@ from simsiam_kit.config import resolve_config_path
 from simsiam_kit.errors import UserError
 from simsiam_kit.evaluation.detection.data import DetectionData, DetectionSet
 from simsiam_kit.evaluation.detection.metrics import METRIC_KEYS
+from simsiam_kit.weights import is_random
 
 TRAIN_NAME = "simsiam_kit_det_train"
 VAL_NAME = "simsiam_kit_det_val"
@@ -578,7 +579,7 @@ def weights_for_detectron2(weights: str, checked_pkl: Optional[dict], out_dir: P
     converted into ``out_dir`` as ``backbone_detectron2.pkl``."""
     from simsiam_kit.detectron2_weights import convert_weights, write_detectron2_pkl
 
-    if weights == "random":
+    if is_random(weights):
         return ""  # detectron2's own random init
     if checked_pkl is not None:
         path = write_detectron2_pkl(checked_pkl, Path(out_dir) / CHECKED_PKL)

@@ -424,7 +424,7 @@ def run_torchvision_detection(
     """Fine-tune Faster R-CNN R-FPN on ``data.train`` from ``weights``, evaluate on ``data.val``."""
     from dataclasses import replace
 
-    from simsiam_kit.weights import load_backbone
+    from simsiam_kit.weights import is_random, load_backbone
 
     if iters is not None:
         cfg = replace(cfg, solver=replace(cfg.solver, iters=iters))
@@ -437,7 +437,7 @@ def run_torchvision_detection(
     np.random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
 
-    random_init = weights == "random"
+    random_init = is_random(weights)
     loaded = load_backbone(
         weights, arch=arch if random_init else None, stem="imagenet" if random_init else None, seed=cfg.train.seed
     )

@@ -160,10 +160,12 @@ def precheck(
 
         if not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
             raise UserError(f"--image-size {image_size}: expected {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} pixels")
-    if like is not None and weights is not None and weights != "random":
+    from simsiam_kit.weights import is_random  # light: no torch
+
+    if like is not None and weights is not None and not is_random(weights):
         raise UserError(f"--like applies to --weights random only (--weights {weights} has settings of its own)")
     if weights is not None:
-        from simsiam_kit.weights import is_random, resolve_weights
+        from simsiam_kit.weights import resolve_weights
 
         if is_random(weights) and like is None and arch is None:
             raise UserError(
