@@ -38,6 +38,7 @@ import torch
 from simsiam_kit.config import DEFAULT_DATA_ROOT, DEFAULT_KNN_K, DEFAULT_KNN_TEMPERATURE
 from simsiam_kit.errors import UserError
 from simsiam_kit.features import FEATURE_BATCH
+from simsiam_kit.retrieval.index import RERANK
 from simsiam_kit.retrieval.knn import KNNClassifier
 
 RECALL_KS = (1, 5, 10)
@@ -110,9 +111,15 @@ def classify(
         raise UserError(f"--k {ks[-1]} is larger than the kNN bank ({n} training images)")
     num_classes = num_classes or int(max(bank_labels.max(), query_labels.max())) + 1
     t0 = time.perf_counter()
-    extra = {} if rerank is None else {"rerank": rerank}
     knn = KNNClassifier(
-        ks, tuple(temps), num_classes, backend=backend, kind=kind, normalize=False, min_depth=max(recall_ks), **extra
+        ks,
+        tuple(temps),
+        num_classes,
+        backend=backend,
+        kind=kind,
+        normalize=False,
+        min_depth=max(recall_ks),
+        rerank=RERANK if rerank is None else rerank,
     )
     out = knn.update(bank, bank_labels).compute(queries, query_labels)
     search_s = time.perf_counter() - t0  # index build + search + votes
@@ -307,7 +314,7 @@ def run_knn_eval(s: KNNSettings, output: Path, log: Callable[[str], None] = prin
         prepare_output,
     )
     from simsiam_kit.features import extract_features, feature_precision, save_features
-    from simsiam_kit.retrieval.index import BACKENDS, FAISS_KINDS, KINDS, TORCH_KINDS
+    from simsiam_kit.retrieval.index import BACKENDS, KIND_BACKEND, KINDS
     from simsiam_kit.utils.device import resolve_device
     from simsiam_kit.utils.io import atomic_write_json
     from simsiam_kit.weights import load_backbone
@@ -316,10 +323,9 @@ def run_knn_eval(s: KNNSettings, output: Path, log: Callable[[str], None] = prin
         raise UserError(f"unknown --backend '{s.backend}' (available: {', '.join(BACKENDS)})")
     if s.index not in KINDS:
         raise UserError(f"unknown --index '{s.index}' (available: {', '.join(KINDS)})")
-    if s.index in FAISS_KINDS and s.backend == "torch":
-        raise UserError(f"--index {s.index} needs --backend faiss or auto (torch has no {s.index} index)")
-    if s.index in TORCH_KINDS and s.backend == "faiss":
-        raise UserError(f"--index {s.index} needs --backend torch or auto (faiss has no {s.index} search)")
+    need = KIND_BACKEND.get(s.index)  # checked before feature extraction; EmbeddingIndex checks it again
+    if need and s.backend not in ("auto", need):
+        raise UserError(f"--index {s.index} needs --backend {need} or auto ({s.backend} has no {s.index} search)")
     if s.rerank is not None and (s.index != "bf16" or s.rerank < 0):
         raise UserError(f"--rerank {s.rerank}: only with --index bf16, and at least 0")
     temps = tuple(float(t) for t in (s.temperatures or PROTOCOL_TEMPERATURES))

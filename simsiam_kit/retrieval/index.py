@@ -48,8 +48,8 @@ import torch
 from simsiam_kit.errors import UserError, require_extra
 
 KINDS = ("flat", "bf16", "ivf", "hnsw")
-#: kinds only the torch backend searches, and kinds only faiss does
-TORCH_KINDS, FAISS_KINDS = ("bf16",), ("ivf", "hnsw")
+#: the backend each kind needs (``flat``: either); also what ``auto`` picks for them
+KIND_BACKEND = {"bf16": "torch", "ivf": "faiss", "hnsw": "faiss"}
 BACKENDS = ("auto", "faiss", "torch")
 #: What :meth:`EmbeddingIndex.save` writes to ``index.json`` and :meth:`EmbeddingIndex.load` requires.
 INDEX_JSON_KEYS = {"dim": int, "kind": str, "backend": str, "nlist": int, "nprobe": int, "hnsw_m": int, "ntotal": int}
@@ -109,6 +109,11 @@ def knn_search_torch(bank: torch.Tensor, queries: torch.Tensor, k: int, chunk: i
         v, i = settle_ties(v.cpu().numpy(), i.cpu().numpy(), k, lambda r, sim=sim: sim[r].cpu().numpy())
         sims.append(v)
         idxs.append(i)
+    return _stacked(sims, idxs, k, bank)
+
+
+def _stacked(sims: list, idxs: list, k: int, bank: torch.Tensor):
+    """The per-chunk numpy results of a torch search as two (Q, k) tensors on the bank's device."""
     if not sims:
         return bank.new_zeros((0, k)), torch.zeros((0, k), dtype=torch.int64, device=bank.device)
     v = torch.from_numpy(sims[0] if len(sims) == 1 else np.concatenate(sims))
@@ -187,11 +192,7 @@ def knn_search_bf16(
             v, i = settle_ties(v.cpu().numpy(), i.cpu().numpy(), k)
             sims.append(v)
             idxs.append(i)
-    if not sims:
-        return bank.new_zeros((0, k)), torch.zeros((0, k), dtype=torch.int64, device=bank.device)
-    v = torch.from_numpy(np.concatenate(sims))
-    i = torch.from_numpy(np.concatenate(idxs))
-    return v.to(bank.device), i.to(bank.device)
+    return _stacked(sims, idxs, k, bank)
 
 
 def _buffer(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
@@ -263,10 +264,9 @@ class EmbeddingIndex:
             raise UserError(f"unknown index kind '{kind}' (available: {', '.join(KINDS)})")
         if backend not in BACKENDS:
             raise UserError(f"unknown kNN backend '{backend}' (available: {', '.join(BACKENDS)})")
-        if kind in FAISS_KINDS and backend == "torch":
-            raise UserError(f"index kind '{kind}' needs the faiss backend (torch has no {kind} index)")
-        if kind in TORCH_KINDS and backend == "faiss":
-            raise UserError(f"index kind '{kind}' needs the torch backend (faiss has no {kind} search)")
+        need = KIND_BACKEND.get(kind)
+        if need and backend not in ("auto", need):
+            raise UserError(f"index kind '{kind}' needs the {need} backend ({backend} has no {kind} search)")
         if isinstance(rerank, bool) or not isinstance(rerank, int) or rerank < 0:
             raise UserError(f"rerank (extra candidates re-scored in fp32) must be an integer >= 0, got {rerank!r}")
         self.rerank = rerank
@@ -287,10 +287,8 @@ class EmbeddingIndex:
     @staticmethod
     def auto_backend(kind: str, use_gpu: Optional[bool] = None) -> str:
         """The ``auto`` rule of the module docstring."""
-        if kind in TORCH_KINDS:
-            return "torch"
-        if kind in FAISS_KINDS:
-            return "faiss"
+        if kind in KIND_BACKEND:
+            return KIND_BACKEND[kind]
         if use_gpu is not False and torch.cuda.is_available():
             try:
                 import faiss  # noqa: F401  (only probed when a GPU is there)
