@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -27,9 +26,9 @@ from simsiam_kit.cli.options import (
     TrainData,
     Weights,
     Workers,
+    echo_eval_results,
+    eval_inputs,
     new_app,
-    parse_floats,
-    precheck,
 )
 from simsiam_kit.config import DEFAULT_DATA_ROOT, DEFAULT_FEATURE_BATCH
 
@@ -90,16 +89,9 @@ def knn(
 ):
     """Weighted kNN, every peer's protocol from one search (k 200/10/20/100 x T 0.1/0.07; headline k=200 T=0.1),
     plus recall@1/5/10 and mAP@R. The baseline of a run: --weights random --like RUN."""
-    from simsiam_kit.evaluation.common import default_output
-
-    mean_v, std_v = parse_floats(mean, "--mean"), parse_floats(std, "--std")
-    precheck(
-        weights, like, [("--train-data", train_data), ("--test-data", test_data)], None, overwrite, image_size, arch
+    out, mean_v, std_v = eval_inputs(
+        "knn", weights, like, train_data, test_data, output, overwrite, image_size, arch, mean, std
     )
-    out = output or default_output(weights, "knn", like)
-    precheck(output=out, overwrite=overwrite)
-
-    from simsiam_kit.evaluation.common import baseline_table
     from simsiam_kit.evaluation.knn import KNNSettings, results_table, run_knn_eval
 
     settings = KNNSettings(
@@ -129,8 +121,4 @@ def knn(
         overwrite=overwrite,
     )
     results = run_knn_eval(settings, out, log=typer.echo)
-    typer.echo(results_table(results))
-    table = baseline_table("knn", results)
-    if table:
-        typer.echo(table)
-    typer.echo(f"results: {Path(out) / 'results.json'}")
+    echo_eval_results("knn", results, results_table(results), out)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 
 from simsiam_kit.cli.common import EVAL_REMEDIES, user_errors
@@ -27,9 +25,9 @@ from simsiam_kit.cli.options import (
     TrainData,
     Weights,
     Workers,
+    echo_eval_results,
+    eval_inputs,
     new_app,
-    parse_floats,
-    precheck,
 )
 from simsiam_kit.config import DEFAULT_DATA_ROOT
 
@@ -82,16 +80,9 @@ def linear(
 ):
     """Linear probe on a frozen backbone (official main_lincls.py protocol); writes results.json, head.pt, curves.
     The baseline of a run: --weights random --like RUN."""
-    from simsiam_kit.evaluation.common import default_output
-
-    mean_v, std_v = parse_floats(mean, "--mean"), parse_floats(std, "--std")
-    precheck(
-        weights, like, [("--train-data", train_data), ("--test-data", test_data)], None, overwrite, image_size, arch
+    out, mean_v, std_v = eval_inputs(
+        "linear", weights, like, train_data, test_data, output, overwrite, image_size, arch, mean, std
     )
-    out = output or default_output(weights, "linear", like)
-    precheck(output=out, overwrite=overwrite)
-
-    from simsiam_kit.evaluation.common import baseline_table
     from simsiam_kit.evaluation.linear import LinearSettings, results_table, run_linear_probe
 
     settings = LinearSettings(
@@ -123,8 +114,4 @@ def linear(
         lr_sweep=lr_sweep,
     )
     results = run_linear_probe(settings, out, log=typer.echo)
-    typer.echo(results_table(results))
-    table = baseline_table("linear", results)
-    if table:
-        typer.echo(table)
-    typer.echo(f"results: {Path(out) / 'results.json'}")
+    echo_eval_results("linear", results, results_table(results), out)

@@ -182,3 +182,30 @@ def precheck(
         from simsiam_kit.evaluation.common import check_output
 
         check_output(output, overwrite)
+
+
+def eval_inputs(kind: str, weights, like, train_data, test_data, output, overwrite, image_size, arch, mean, std):
+    """What ``eval knn`` and ``eval linear`` check and resolve before torch loads: the paths and option
+    values (:func:`precheck`), the output directory (default by :func:`default_output`) and ``--mean``/``--std``
+    parsed; returns ``(output, mean, std)``."""
+    from simsiam_kit.evaluation.common import default_output
+
+    mean_v, std_v = parse_floats(mean, "--mean"), parse_floats(std, "--std")
+    precheck(
+        weights, like, [("--train-data", train_data), ("--test-data", test_data)], None, overwrite, image_size, arch
+    )
+    out = output or default_output(weights, kind, like)
+    precheck(output=out, overwrite=overwrite)
+    return out, mean_v, std_v
+
+
+def echo_eval_results(kind: str, results: dict, table: str, output) -> None:
+    """An evaluation's table, the baseline rows when a random-init baseline or its run is at hand, and where
+    results.json is."""
+    from simsiam_kit.evaluation.common import baseline_table
+
+    typer.echo(table)
+    baseline = baseline_table(kind, results)
+    if baseline:
+        typer.echo(baseline)
+    typer.echo(f"results: {Path(output) / 'results.json'}")
