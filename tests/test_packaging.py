@@ -11,7 +11,8 @@ import sys
 import zipfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
+
 FOLDERS = {"simsiam_kit": "simsiam_kit", "evaluation": "simsiam_kit.evaluation", "export": "simsiam_kit.export"}
 
 

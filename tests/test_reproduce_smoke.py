@@ -3,9 +3,10 @@ drawn only when both ablation results exist, with the baseline once."""
 
 import json
 import sys
-from pathlib import Path
 
-REPRO = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce"
+from helpers import REPO
+
+REPRO = REPO / "benchmarks" / "reproduce"
 sys.path.insert(0, str(REPRO))
 
 

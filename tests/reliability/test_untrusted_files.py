@@ -12,12 +12,14 @@ import pickle
 import posix
 from pathlib import Path
 
-import hostile
 import numpy as np
 import pytest
 
 from simsiam_kit import config as config_mod
 from simsiam_kit.errors import UserError
+
+from helpers import REPO
+from reliability import hostile
 
 
 def _forbid(monkeypatch, target, name: str) -> None:
@@ -487,5 +489,5 @@ def test_help_and_docs_say_a_pkl_is_unpickled():
     text = " ".join(r.output.split())
     assert "detectron2 loads .pkl weights with pickle, which can run code" in text
     assert "restricted unpickler" in text
-    doc = " ".join((Path(__file__).resolve().parents[1] / "docs" / "detection.md").read_text().split())
+    doc = " ".join((REPO / "docs" / "detection.md").read_text().split())
     assert "detectron2 loads it with `pickle.load`, which can run any code" in doc

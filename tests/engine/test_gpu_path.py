@@ -4,7 +4,6 @@ non-finite loss found late is still never checkpointed."""
 
 import math
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from simsiam_kit.engine.hooks import EpochAverages, Throughput
 from simsiam_kit.errors import TrainingDiverged, UserError
 from simsiam_kit.utils.device import resolve_compile
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
 
 
 def _images(cifar_val, n=96):

@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import DATA, REPO, need, tiny_overrides
 from PIL import Image
 from typer.testing import CliRunner
 
 from simsiam_kit.cli import app
 from simsiam_kit.errors import UserError
+
+from helpers import DATA, REPO, need, tiny_overrides
 
 runner = CliRunner()
 

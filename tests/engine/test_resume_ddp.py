@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 import torch
-from conftest import REPO, tiny_overrides
+
+from helpers import REPO, tiny_overrides
 
 
 def _cmd(out, overrides, extra=()):

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_overrides
 from typer.testing import CliRunner
 
 from simsiam_kit.cli import app
 from simsiam_kit.engine.hooks import read_metrics
+
+from helpers import tiny_overrides
 
 runner = CliRunner()
 

@@ -7,7 +7,6 @@ import json
 import os
 import pickle
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +19,9 @@ from simsiam_kit.engine.checkpoint import save_backbone, save_checkpoint
 from simsiam_kit.errors import UserError
 from simsiam_kit.models import build_backbone
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "detectron2"
+from helpers import FIXTURES
+
+FIXTURES = FIXTURES / "detectron2"
 LISTINGS = sorted(FIXTURES.glob("*.json")) if FIXTURES.is_dir() else []
 DEPTH_TO_ARCH = {18: "resnet18", 34: "resnet34", 50: "resnet50", 101: "resnet101"}
 # a backbone weight of a detectron2 model: the stem or a res2..res5 stage, wherever it is nested

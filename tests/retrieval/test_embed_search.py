@@ -9,14 +9,15 @@ import numpy as np
 import onnx  # noqa: E402  (a hard dependency)
 import pytest
 import torch
-from conftest import needs_shared  # noqa: E402
 from typer.testing import CliRunner
 
 from simsiam_kit.cli import app  # noqa: E402
 from simsiam_kit.errors import UserError  # noqa: E402
 from simsiam_kit.export.embedder import OnnxEmbedder, preprocess  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+from helpers import DATA, needs_shared
+
+SHARED = DATA
 CIFAR_VAL = SHARED / "cifar10" / "val.npz"
 FOLDER_VAL = SHARED / "cifar10" / "imagefolder_sample" / "val"
 needs_cifar = needs_shared(CIFAR_VAL, FOLDER_VAL)

@@ -486,7 +486,7 @@ def test_short_cifar_run_beats_random_init(tmp_path):
     A pilot of docs/reproduction.md's experiment 3 measured 26.2 % at random init and 29.6 % after 40
     steps (the ResNet-18 CIFAR stem gains within tens of steps; the ImageNet stem at 32 px does not).
     Passes in ~3 minutes: ``pytest -m slow tests/test_eval_knn.py -k cifar``."""
-    from conftest import DATA, need
+    from helpers import DATA, need
 
     cifar = need(DATA / "cifar10")
     run = tmp_path / "run"

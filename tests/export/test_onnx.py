@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +11,6 @@ from typer.testing import CliRunner
 
 pytest.importorskip("onnxruntime")  # the [cpu] or [gpu] extra
 import onnx  # noqa: E402  (onnx and onnxscript are hard dependencies)
-from conftest import needs_shared  # noqa: E402
 
 from simsiam_kit.cli import app  # noqa: E402
 from simsiam_kit.engine.checkpoint import save_backbone, save_checkpoint  # noqa: E402
@@ -20,7 +18,9 @@ from simsiam_kit.export.embedder import OnnxEmbedder, preprocess, read_metadata 
 from simsiam_kit.export.onnx import ParityError, export_onnx  # noqa: E402
 from simsiam_kit.models import build_backbone  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+from helpers import DATA, needs_shared
+
+SHARED = DATA
 CIFAR_VAL = SHARED / "cifar10" / "val.npz"
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)
 runner = CliRunner()

@@ -8,7 +8,6 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_overrides
 from typer.testing import CliRunner
 
 from simsiam_kit.cli import app
@@ -16,6 +15,8 @@ from simsiam_kit.config import load_pretrain_config
 from simsiam_kit.engine.hooks import read_metrics
 from simsiam_kit.errors import UserError
 from simsiam_kit.pretrain import build_pretraining
+
+from helpers import tiny_overrides
 
 runner = CliRunner()
 

@@ -4,11 +4,12 @@ import json
 
 import numpy as np
 import torch
-from conftest import tiny_overrides
 from PIL import Image
 from typer.testing import CliRunner
 
 from simsiam_kit.cli import app
+
+from helpers import tiny_overrides
 
 runner = CliRunner()
 

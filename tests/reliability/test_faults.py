@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import DATA, REPO, need, tiny_overrides
+
+from helpers import DATA, REPO, need, tiny_overrides
 
 SHIM = r"""
 import os, signal, sys

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import needs_shared
 from typer.testing import CliRunner
 
 from simsiam_kit.cli import app
@@ -28,8 +27,10 @@ from simsiam_kit.evaluation.detection.torchvision_engine import (
 from simsiam_kit.models import build_backbone
 from simsiam_kit.weights import load_backbone
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128_det"
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "detection"
+from helpers import DATA, REPO, needs_shared
+
+DATA = DATA / "coco128_det"
+CONFIGS = REPO / "configs" / "detection"
 needs_data = needs_shared(DATA / "instances_train.json")
 
 

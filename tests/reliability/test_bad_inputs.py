@@ -21,15 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-import hostile
 import numpy as np
 import pytest
 import torch
-from conftest import DATA, REPO, need, tiny_overrides
 from PIL import Image
 from typer.testing import CliRunner
 
 from simsiam_kit.cli import app
+
+from helpers import DATA, REPO, need, tiny_overrides
+from reliability import hostile
 
 runner = CliRunner()
 

@@ -1,0 +1,77 @@
+"""Shared test helpers: paths of the shared data, the skip/fail rule for it, the tiny-run overrides and one
+``cli`` helper around Typer's CliRunner. Fixtures built on these live in ``conftest.py``."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+DATA = SHARED / "data"
+FIXTURES = SHARED / "fixtures"
+CIFAR_VAL = DATA / "cifar10" / "val.npz"
+
+
+def need(path: Path) -> Path:
+    """Shared data for a test: skipped where it is absent, but under CI=true (``.ci/run``) its absence fails
+    the test, so a CI run can never pass by skipping everything that reads real data."""
+    if not path.exists():
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"shared data missing under CI=true: {path}")
+        pytest.skip(f"shared data not available: {path}")
+    return path
+
+
+def needs_shared(*paths: Path):
+    """A skip mark for tests that read ../shared; under CI=true it never skips (the test then fails on the
+    missing file), so CI cannot pass by skipping everything that reads real data."""
+    missing = [p for p in paths if not p.exists()]
+    ci = os.environ.get("CI", "").lower() == "true"
+    return pytest.mark.skipif(bool(missing) and not ci, reason=f"shared data not available: {missing[:1]}")
+
+
+def tiny_overrides(train: str, val: str | None = None, epochs: int = 1, batch: int = 16) -> list[str]:
+    """--set overrides for a seconds-long run: small heads, 16 px, fp32, no plots."""
+    return [
+        f"data.train={train}",
+        f"data.val={val if val else 'null'}",
+        "data.image_size=16",
+        "model.proj_dim=64",
+        "model.proj_hidden=64",
+        "model.pred_hidden=16",
+        f"optim.epochs={epochs}",
+        f"optim.batch_size={batch}",
+        "train.progress=false",
+        "train.precision=fp32",
+        "train.knn_every=1",
+        "train.knn_k=5",
+        "train.log_every=1",
+        "train.plots=false",
+    ]
+
+
+def write_tiny_npz(path: Path, n: int = 48, classes: int = 3, size: int = 16) -> Path:
+    """``n`` real CIFAR images of the first ``classes`` classes (centre ``size`` px crops of val.npz) as an npz with
+    labels and class names."""
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    with np.load(need(CIFAR_VAL)) as d:
+        keep = np.flatnonzero(d["labels"] < classes)[:n]
+        lo = (32 - size) // 2
+        images = np.ascontiguousarray(d["images"][keep][:, lo : lo + size, lo : lo + size])
+        labels = d["labels"][keep]
+    np.savez(path, images=images, labels=labels, class_names=np.array(names[:classes]))
+    return path
+
+
+def cli(*args, sets=(), input=None, env=None):
+    """Run ``simsiam-kit ARGS`` in-process through Typer's CliRunner; ``sets`` become ``--set`` pairs."""
+    from typer.testing import CliRunner
+
+    from simsiam_kit.cli.app import app
+
+    argv = [str(a) for a in args]
+    for s in sets:
+        argv += ["--set", str(s)]
+    return CliRunner().invoke(app, argv, input=input, env=env)
