@@ -37,19 +37,130 @@ def load_average() -> float | None:
         return None
 
 
+def _read_proc_stat(text: str | None = None) -> dict[int, tuple[int, int]] | None:
+    """``{cpu: (busy jiffies, total jiffies)}`` for each ``cpuN`` line of ``/proc/stat`` (idle and iowait count as
+    idle; guest time is already inside user/nice). None where the file cannot be read (non-Linux)."""
+    if text is None:
+        try:
+            with open("/proc/stat", "rb") as f:
+                text = f.read(1 << 20).decode("ascii", "replace")
+        except OSError:
+            return None
+    out: dict[int, tuple[int, int]] = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition(" ")
+        if not name.startswith("cpu") or name == "cpu":
+            continue
+        try:
+            cpu = int(name[3:])
+            v = [int(x) for x in rest.split()[:8]]
+        except ValueError:
+            continue
+        if len(v) < 5:
+            continue
+        idle = v[3] + v[4]  # idle + iowait
+        total = sum(v)
+        out[cpu] = (total - idle, total)
+    return out or None
+
+
+def _own_cpu_jiffies() -> int:
+    """CPU time of this process and its live children (DataLoader workers), in clock ticks."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    t = os.times()
+    own = int((t.user + t.system) * ticks)
+    me = str(os.getpid())
+    try:
+        for d in os.listdir("/proc"):
+            if not d.isdigit() or d == me:
+                continue
+            try:
+                with open(f"/proc/{d}/stat", "rb") as f:
+                    fields = f.read(4096).decode("ascii", "replace").rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if len(fields) > 12 and fields[1] == me:  # ppid
+                own += int(fields[11]) + int(fields[12])  # utime + stime
+    except OSError:  # pragma: no cover - no /proc
+        pass
+    return own
+
+
+class CpuSampler:
+    """How many of this process's usable cores OTHER processes kept busy since the last :meth:`sample`, from
+    ``/proc/stat`` (the cores of the affinity mask only) less this process's own CPU time (and its children's).
+
+    Unlike the 1-minute load average, which still reads above 1 for a minute after another job ended, this
+    measures the interval itself: sampled over ~0.5 s at start, and over a whole epoch at each epoch boundary
+    (free: two reads of /proc/stat)."""
+
+    def __init__(self, cpus: set[int] | None = None, reader=_read_proc_stat, own=_own_cpu_jiffies):
+        try:
+            self.cpus = set(os.sched_getaffinity(0)) if cpus is None else set(cpus)
+        except (AttributeError, OSError):  # pragma: no cover
+            self.cpus = set(range(os.cpu_count() or 1))
+        self.reader, self.own = reader, own
+        self.last = self._snapshot()
+
+    def _snapshot(self):
+        stat = self.reader()
+        if stat is None:
+            return None
+        rows = [stat[c] for c in self.cpus if c in stat]
+        if not rows:
+            return None
+        return sum(r[0] for r in rows), sum(r[1] for r in rows), self.own()
+
+    def sample(self) -> float | None:
+        """Cores kept busy by other processes since the previous call (or construction); None if unknown."""
+        now = self._snapshot()
+        prev, self.last = self.last, now
+        if prev is None or now is None:
+            return None
+        busy, total, own = (a - b for a, b in zip(now, prev))
+        if total <= 0:
+            return None
+        ncpu = len(self.cpus)
+        other = max(0, busy - own)
+        return round(min(float(ncpu), ncpu * other / total), 2)
+
+
+def measure_busy_cores(seconds: float = 0.5) -> float | None:
+    """Cores other processes keep busy now, measured over ``seconds`` (see :class:`CpuSampler`)."""
+    import time
+
+    s = CpuSampler()
+    time.sleep(seconds)
+    return s.sample()
+
+
+def threads_for(cores: int, busy: float | None) -> int:
+    """The auto rule: every usable core that other processes leave idle (rounded), at least 1."""
+    return max(1, min(cores, int(cores - (busy or 0.0) + 0.5)))
+
+
 def choose_threads(env=None, cores: int | None = None, load: float | None = None) -> dict:
     """The CPU thread count for this process: ``OMP_NUM_THREADS`` when set; otherwise the usable cores less
-    those the 1-minute load average says other processes keep busy, at least 1.
+    those other processes keep busy (measured from ``/proc/stat`` over 0.5 s, :func:`measure_busy_cores`; the
+    1-minute load average only where that cannot be read), at least 1. ``load`` replaces the measurement
+    (tests).
 
     Why: PyTorch's OpenMP threads spin while they wait for each other, so on cores that other processes
-    also want, a team of threads loses most of its time (the demo on 2 busy cores: 2-3 images/s with 2
-    threads, 24 with 1; docs/benchmarks.md). Returns ``{"threads", "chosen_by", "usable_cores",
-    "load_average", "busy"}``; ``busy``: the load average leaves less than one core idle."""
+    also want, a team of threads loses most of its time (docs/benchmarks.md). And why not the load average: it
+    lags by a minute, so right after another job ends an idle machine still reads as busy. Returns
+    ``{"threads", "chosen_by", "usable_cores", "busy_cores", "measured_by", "load_average", "busy"}``;
+    ``busy``: other processes leave less than one core idle."""
     env = os.environ if env is None else env
     cores = usable_cores() if cores is None else cores
-    load = load_average() if load is None else load
-    busy = load is not None and load > cores - 0.5
     raw = env.get("OMP_NUM_THREADS", "").strip()
+    if load is not None:
+        busy_cores, measured_by = float(load), "given"
+    elif raw:
+        busy_cores, measured_by = None, None
+    else:
+        busy_cores, measured_by = measure_busy_cores(), "/proc/stat over 0.5 s"
+        if busy_cores is None:
+            busy_cores, measured_by = load_average(), "1-minute load average"
     if raw:
         try:
             n = max(1, int(raw))
@@ -57,16 +168,44 @@ def choose_threads(env=None, cores: int | None = None, load: float | None = None
             raise UserError(f"OMP_NUM_THREADS={raw!r} is not a whole number") from None
         chosen_by = "OMP_NUM_THREADS"
     else:
-        idle = cores - (load or 0.0)
-        n = max(1, min(cores, int(idle + 0.5)))
+        n = threads_for(cores, busy_cores)
         chosen_by = "auto"
+    la = load_average() if load is None else load
     return {
         "threads": n,
         "chosen_by": chosen_by,
         "usable_cores": cores,
-        "load_average": None if load is None else round(load, 2),
-        "busy": bool(busy),
+        "busy_cores": None if busy_cores is None else round(busy_cores, 2),
+        "measured_by": measured_by,
+        "load_average": None if la is None else round(la, 2),
+        "busy": bool(busy_cores is not None and busy_cores > cores - 0.5),
     }
+
+
+def recheck_threads(sampler: "CpuSampler", log=None) -> int | None:
+    """At an epoch boundary: when the thread count was chosen automatically (not ``OMP_NUM_THREADS``), set
+    torch's thread count from what other processes kept busy during the epoch (``sampler``), so a run that
+    started during someone else's job speeds up when that job ends. Returns the new count when it changed."""
+    if _THREADS.get("chosen_by") != "auto":
+        return None
+    busy = sampler.sample()
+    if busy is None:
+        return None
+    import torch
+
+    n = threads_for(int(_THREADS.get("usable_cores") or usable_cores()), busy)
+    if n == torch.get_num_threads():
+        return None
+    torch.set_num_threads(n)
+    _THREADS.update(
+        threads=n,
+        busy_cores=busy,
+        measured_by="/proc/stat over the last epoch",
+        busy=busy > _THREADS["usable_cores"] - 0.5,
+    )
+    if log is not None:
+        log(f"CPU threads: {n} (other processes kept {busy:g} of {_THREADS['usable_cores']} cores busy last epoch)")
+    return n
 
 
 def apply_thread_choice(env=None) -> dict:

@@ -1,0 +1,72 @@
+"""The CPU thread rule: measured idle time, not the lagging load average (issue: fast on every CPU)."""
+
+import pytest
+import torch
+
+from simsiam_kit.utils import device
+from simsiam_kit.utils.device import CpuSampler, choose_threads, recheck_threads, threads_for
+
+
+def _stat(rows):
+    """A /proc/stat text: rows of (user, nice, system, idle, iowait) per cpuN, plus the aggregate line."""
+    lines = ["cpu  0 0 0 0 0 0 0 0 0 0"]
+    lines += [f"cpu{i} {u} {n} {s} {idle} {io} 0 0 0 0 0" for i, (u, n, s, idle, io) in enumerate(rows)]
+    return "\n".join(lines + ["intr 1 2 3", "ctxt 99"])
+
+
+class FakeProc:
+    def __init__(self, frames, own):
+        self.frames, self.own_frames, self.i = frames, own, 0
+
+    def reader(self):
+        return device._read_proc_stat(self.frames[self.i])
+
+    def own(self):
+        return self.own_frames[self.i]
+
+
+def test_sampler_counts_other_processes_only_on_usable_cores():
+    # cpu0: 50 of 100 jiffies busy; cpu1: 100 of 100 busy (incl. 10 iowait counted idle -> 90); cpu2 not ours
+    before = _stat([(0, 0, 0, 0, 0), (0, 0, 0, 0, 0), (0, 0, 0, 0, 0)])
+    after = _stat([(40, 0, 10, 50, 0), (80, 5, 5, 0, 10), (100, 0, 0, 0, 0)])
+    fake = FakeProc([before, after], own=[0, 40])  # this process used 40 of the busy jiffies itself
+    s = CpuSampler(cpus={0, 1}, reader=fake.reader, own=fake.own)
+    fake.i = 1
+    # busy 50 + 90 = 140 of 200; others 140 - 40 = 100 -> 2 cores * 100/200 = 1.0 core busy
+    assert s.sample() == pytest.approx(1.0)
+    assert threads_for(2, 1.0) == 1 and threads_for(2, 0.4) == 2 and threads_for(8, 2.0) == 6
+
+
+def test_sampler_is_unknown_without_proc_stat():
+    s = CpuSampler(cpus={0}, reader=lambda: None, own=lambda: 0)
+    assert s.sample() is None
+
+
+def test_choose_threads_uses_the_measurement_not_the_load_average(monkeypatch):
+    # the situation of the issue: a job just ended, the load average still says 1.21, the cores are idle now
+    monkeypatch.setattr(device, "load_average", lambda: 1.21)
+    monkeypatch.setattr(device, "measure_busy_cores", lambda seconds=0.5: 0.05)
+    c = choose_threads({}, cores=2)
+    assert (c["threads"], c["chosen_by"], c["busy"], c["measured_by"]) == (2, "auto", False, "/proc/stat over 0.5 s")
+    assert c["load_average"] == 1.21 and c["busy_cores"] == 0.05
+    # where /proc/stat cannot be read, the load average is the fallback
+    monkeypatch.setattr(device, "measure_busy_cores", lambda seconds=0.5: None)
+    c = choose_threads({}, cores=2)
+    assert (c["threads"], c["measured_by"]) == (1, "1-minute load average")
+
+
+def test_recheck_at_epoch_boundary_raises_threads_when_the_other_job_ends(monkeypatch):
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(device, "_THREADS", {"chosen_by": "auto", "usable_cores": 2, "threads": 1})
+    try:
+        torch.set_num_threads(1)
+        busy = iter([0.1])
+        sampler = type("S", (), {"sample": lambda self: next(busy)})()
+        said = []
+        assert recheck_threads(sampler, said.append) == 2
+        assert torch.get_num_threads() == 2 and said and "0.1 of 2 cores" in said[0]
+        # OMP_NUM_THREADS given: never changed
+        monkeypatch.setattr(device, "_THREADS", {"chosen_by": "OMP_NUM_THREADS", "usable_cores": 2})
+        assert recheck_threads(sampler) is None
+    finally:
+        torch.set_num_threads(threads)
