@@ -97,7 +97,7 @@ def onnx_encoder(
 
 
 class Foreign:
-    """A class of another module: unpickling it would import and instantiate ``hostile.Foreign``."""
+    """A class of another module: unpickling it would import and instantiate ``reliability.hostile.Foreign``."""
 
     def __init__(self, note: str = "x"):
         self.note = note
