@@ -28,6 +28,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)  # normalisation when neither an option, t
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_KNN_K = 200  # kNN neighbours and vote temperature (InstDisc, Wu et al. 2018)
 DEFAULT_KNN_TEMPERATURE = 0.1
+# kNN votes are sums of exp(similarity / T) in float32: below this T, exp(1 / T) times the number of
+# neighbours can overflow to inf and every class ties (exp(1 / 0.02) ~ 5e21 leaves room for 6e16 neighbours)
+MIN_KNN_TEMPERATURE = 0.02
+MAX_DIST_TIMEOUT_S = 30 * 86400.0  # a collective timeout beyond 30 days is a typo (and overflows timedelta)
 DEFAULT_CROP_PCT = 0.875  # image files: shorter side to size / 0.875, then a centre crop of size
 DEFAULT_FEATURE_BATCH = 256  # images per forward when extracting features (eval commands, kNN monitor)
 
@@ -455,14 +459,24 @@ def validate(cfg, source: str) -> None:
         (t.precision in PRECISIONS, "train.precision", t.precision, "auto, fp32, bf16 or fp16"),
         (0 <= t.seed <= 2**32 - 1, "train.seed", t.seed, "in [0, 2**32-1]"),
         (t.knn_k >= 1, "train.knn_k", t.knn_k, ">= 1"),
-        (t.knn_temperature > 0, "train.knn_temperature", t.knn_temperature, "> 0"),
+        (
+            t.knn_temperature >= MIN_KNN_TEMPERATURE,
+            "train.knn_temperature",
+            t.knn_temperature,
+            f">= {MIN_KNN_TEMPERATURE} (smaller values overflow the float32 vote)",
+        ),
         (t.knn_every >= 0, "train.knn_every", t.knn_every, ">= 0 (0 = off)"),
         (t.knn_bank_limit >= 0, "train.knn_bank_limit", t.knn_bank_limit, ">= 0 (0 = all)"),
         (t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, ">= 1"),
         (t.log_every >= 0, "train.log_every", t.log_every, ">= 0"),
         (t.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", t.max_steps_per_epoch, ">= 0 (0 = full epochs)"),
         (t.collapse_warn_std >= 0, "train.collapse_warn_std", t.collapse_warn_std, ">= 0"),
-        (t.dist_timeout_s > 0, "train.dist_timeout_s", t.dist_timeout_s, "> 0 seconds"),
+        (
+            0 < t.dist_timeout_s <= MAX_DIST_TIMEOUT_S,
+            "train.dist_timeout_s",
+            t.dist_timeout_s,
+            f"> 0 and <= {MAX_DIST_TIMEOUT_S:.0f} seconds (30 days)",
+        ),
         (
             MIN_IMAGE_SIZE <= d.image_size <= MAX_IMAGE_SIZE,
             "data.image_size",

@@ -25,7 +25,7 @@ own length and against the other files of the directory:
 
 Layout reference: ``faiss/impl/index_write.cpp`` (``write_index_header``, ``WRITEXBVECTOR``,
 ``write_ivf_header``, ``write_direct_map``, ``write_InvertedLists``, ``write_HNSW``), unchanged from
-faiss 1.8 to 1.15 for these three kinds; ``tests/test_untrusted_files.py`` round-trips each kind through
+faiss 1.8 to 1.15 for these three kinds; ``tests/reliability/test_untrusted_files.py`` round-trips each kind through
 the installed faiss.
 """
 

@@ -5,8 +5,8 @@ file there before the command is unchanged after it, unless the row says which m
 Rows run in-process through Typer's CliRunner, except those that need a resource limit (a subprocess).
 Part A's rows are bad values, paths and run directories; part B's (:func:`_hostile_rows`) are hostile and
 malformed files: YAML bombs and binary configs, corrupt FAISS/.npy/JSON files of an embedding directory,
-ONNX models whose metadata or graph lie, and pickles that would run code (built by ``tests/hostile.py``;
-the bounds themselves are unit-tested in ``tests/test_untrusted_files.py``).
+ONNX models whose metadata or graph lie, and pickles that would run code (built by ``tests/reliability/hostile.py``;
+the bounds themselves are unit-tested in ``tests/reliability/test_untrusted_files.py``).
 """
 
 from __future__ import annotations

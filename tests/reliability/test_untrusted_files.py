@@ -2,7 +2,7 @@
 
 Each bound is tested by making the allocating (or executing) function fail the test if it is reached:
 the check must come first, not merely fail fast. The end-to-end rows (one stderr line, exit 2) are in
-``tests/test_bad_inputs.py``; the hostile inputs themselves in ``tests/hostile.py``."""
+``tests/reliability/test_bad_inputs.py``; the hostile inputs themselves in ``tests/reliability/hostile.py``."""
 
 from __future__ import annotations
 
@@ -864,3 +864,18 @@ def test_malformed_voc_annotations_are_one_line_errors(tmp_path, case):
         load_voc(tmp_path / "VOCdevkit", "2007/trainval")
     msg = str(e.value)
     assert msg.startswith(str(root / "Annotations" / "000001.xml")) and needle in msg and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize(
+    "item, needle",
+    [
+        ("train.knn_temperature=0.01", "'train.knn_temperature': 0.01 (expected >= 0.02"),
+        ("train.dist_timeout_s=1e300", "'train.dist_timeout_s': 1e+300 (expected > 0 and <= 2592000 seconds"),
+    ],
+)
+def test_config_floats_are_finite_and_in_a_usable_range(item, needle):
+    with pytest.raises(UserError) as e:
+        config_mod.load_pretrain_config("demo", [item])
+    assert needle in str(e.value), str(e.value)
+    cfg = config_mod.load_pretrain_config("demo", ["train.knn_temperature=0.02", "train.dist_timeout_s=2592000"])
+    assert (cfg.train.knn_temperature, cfg.train.dist_timeout_s) == (0.02, 2592000.0)
