@@ -2,7 +2,9 @@
 
 YAML files in ``configs/pretrain/`` load into the dataclasses below. Unknown keys and values of the
 wrong type fail with a :class:`UserError` naming the key and the file. ``--set a.b=c`` overrides are
-parsed as YAML scalars (``--set optim.epochs=3``, ``--set model.predictor=false``).
+parsed as YAML scalars (``--set optim.epochs=3``, ``--set model.predictor=false``). Every YAML the
+project reads (config files, ``--set`` values, ``config.amendments.yaml``) goes through one bounded
+loader (:func:`parse_yaml`, :func:`load_yaml`): no anchors or aliases, at most :data:`MAX_CONFIG_BYTES`.
 The config is never mutated during a run; the resolved one is written to ``config.yaml``.
 """
 

@@ -208,7 +208,10 @@ def run_lock_holder(run_dir: Path) -> Optional[int]:
         return None
     import fcntl
 
-    fd = os.open(lock, os.O_RDONLY)
+    try:  # never through a link, and a FIFO must not block the probe
+        fd = os.open(lock, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
