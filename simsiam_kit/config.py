@@ -2,7 +2,9 @@
 
 YAML files in ``configs/pretrain/`` load into the dataclasses below. Unknown keys and values of the
 wrong type fail with a :class:`UserError` naming the key and the file. ``--set a.b=c`` overrides are
-parsed as YAML scalars (``--set optim.epochs=3``, ``--set model.predictor=false``).
+parsed as YAML scalars (``--set optim.epochs=3``, ``--set model.predictor=false``). Every YAML the
+project reads (config files, ``--set`` values, ``config.amendments.yaml``) goes through one bounded
+loader (:func:`parse_yaml`, :func:`load_yaml`): no anchors or aliases, at most :data:`MAX_CONFIG_BYTES`.
 The config is never mutated during a run; the resolved one is written to ``config.yaml``.
 """
 
@@ -28,6 +30,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)  # normalisation when neither an option, t
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_KNN_K = 200  # kNN neighbours and vote temperature (InstDisc, Wu et al. 2018)
 DEFAULT_KNN_TEMPERATURE = 0.1
+# kNN votes are sums of exp(similarity / T) in float32: below this T, exp(1 / T) times the number of
+# neighbours can overflow to inf and every class ties (exp(1 / 0.02) ~ 5e21 leaves room for 6e16 neighbours)
+MIN_KNN_TEMPERATURE = 0.02
+MAX_DIST_TIMEOUT_S = 30 * 86400.0  # a collective timeout beyond 30 days is a typo (and overflows timedelta)
 DEFAULT_CROP_PCT = 0.875  # image files: shorter side to size / 0.875, then a centre crop of size
 DEFAULT_FEATURE_BATCH = 256  # images per forward when extracting features (eval commands, kNN monitor)
 
@@ -254,12 +260,12 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         raise UserError(f"--set '{item}': empty key")
     if len(raw) > 4096:
         raise UserError(f"--set {key}: the value is {len(raw)} characters long (at most 4096)")
+    if raw.strip() == "":
+        return key.split("."), ""
     try:
-        value = yaml.safe_load(raw) if raw.strip() != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    except (ValueError, RecursionError) as e:  # an integer of thousands of digits, or nesting too deep to parse
-        raise UserError(f"--set {key}: cannot read the value ({type(e).__name__})") from None
+        value = parse_yaml(raw, f"--set {key}")
+    except _NotYaml:
+        value = raw  # not valid YAML: the literal string
     return key.split("."), value
 
 
@@ -309,12 +315,43 @@ class _ConfigLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
-def load_yaml(path: Path) -> dict:
-    """The mapping in a YAML config file: UTF-8 text of at most :data:`MAX_CONFIG_BYTES`, without anchors
-    or aliases (:class:`_ConfigLoader`). Anything else is a :class:`UserError` naming the file."""
+class _NotYaml(UserError):
+    """Text that is not valid YAML (``--set`` then takes it as a literal string)."""
+
+
+def parse_yaml(text: str, source: str):
+    """The value of the YAML document ``text``, parsed by the one bounded loader (:class:`_ConfigLoader`):
+    no anchors or aliases, at most :data:`MAX_CONFIG_BYTES` of text. ``source`` (a file, or ``--set KEY``)
+    begins every :class:`UserError`; invalid YAML is :class:`_NotYaml`, a subclass."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise UserError(f"{source}: larger than {MAX_CONFIG_BYTES} bytes, not a config")
+    loader = _ConfigLoader(text)
+    loader.name = source
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as e:
+        raise _NotYaml(f"{source}: invalid YAML ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise UserError(f"{source}: YAML nested too deeply, not a config") from None
+    except (ValueError, OverflowError) as e:  # e.g. an integer of more than 4300 digits
+        raise UserError(f"{source}: invalid YAML value ({str(e).splitlines()[0][:200]})") from None
+    finally:
+        loader.dispose()
+
+
+def load_yaml(path: Path, expect: type = dict):
+    """The value of a YAML file the project reads (a config, ``config.amendments.yaml``): a regular file of
+    UTF-8 text of at most :data:`MAX_CONFIG_BYTES`, without anchors or aliases (:func:`parse_yaml`), whose
+    top level is ``expect`` (``dict`` or ``list``; an empty file is an empty one). Anything else is a
+    :class:`UserError` naming the file."""
+    from simsiam_kit.utils.io import open_regular
+
     path = Path(path)
-    with open(path, "rb") as f:
-        data = f.read(MAX_CONFIG_BYTES + 1)
+    try:
+        with open_regular(path, "a config") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
     if len(data) > MAX_CONFIG_BYTES:
         raise UserError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes, not a config file")
     try:
@@ -323,20 +360,11 @@ def load_yaml(path: Path) -> dict:
         raise UserError(
             f"{path}: not a UTF-8 text file (byte 0x{data[e.start]:02x} at offset {e.start}); a config is YAML text"
         ) from None
-    loader = _ConfigLoader(text)
-    loader.name = str(path)
-    try:
-        raw = loader.get_single_data() or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-    except RecursionError:
-        raise UserError(f"{path}: YAML nested too deeply, not a config file") from None
-    except (ValueError, OverflowError) as e:  # e.g. an integer of more than 4300 digits
-        raise UserError(f"{path}: invalid YAML value ({str(e).splitlines()[0][:200]})") from None
-    finally:
-        loader.dispose()
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: top level must be a mapping")
+    raw = parse_yaml(text, str(path))
+    if raw is None:
+        raw = expect()
+    if not isinstance(raw, expect):
+        raise UserError(f"{path}: top level must be a {'mapping' if expect is dict else 'list'}")
     return raw
 
 
@@ -371,6 +399,30 @@ def _finite_floats(cfg, prefix: str = ""):
             yield from ((key, x) for x in v if isinstance(x, float))
 
 
+#: a run name is one directory under ``runs/``: at most this many characters
+MAX_RUN_NAME = 128
+
+
+def check_run_name(name: str, source: str = "config") -> None:
+    """A run name (``name``; the run is written to ``runs/<name>``) must be one plain directory name: not
+    empty, no path separator, not ``.`` or ``..``, no control characters, at most :data:`MAX_RUN_NAME`
+    characters. ``--set name=../../x`` would otherwise write the run outside ``runs/``."""
+    bad = (
+        not name
+        or name.strip() != name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or len(name) > MAX_RUN_NAME
+        or any(ord(c) < 32 or ord(c) == 127 for c in name)
+    )
+    if bad:
+        raise UserError(
+            f"{source}: bad value for 'name': {name!r} (expected a plain directory name: no '/' or '\\', "
+            f"not '.' or '..', no surrounding spaces or control characters, at most {MAX_RUN_NAME} characters)"
+        )
+
+
 def validate(cfg, source: str) -> None:
     """Value ranges (the types are checked while building the dataclasses): one line naming the first
     bad key, its value and what is expected."""
@@ -381,6 +433,9 @@ def validate(cfg, source: str) -> None:
     for key, value in _finite_floats(cfg):
         if not math.isfinite(value):
             raise UserError(f"{source}: bad value for '{key}': {value!r} (expected a finite number)")
+    from simsiam_kit.image_settings import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+
+    check_run_name(cfg.name, source)
     d, m, o, t = cfg.data, cfg.model, cfg.optim, cfg.train
     jitter = d.color_jitter
     checks = [
@@ -406,15 +461,30 @@ def validate(cfg, source: str) -> None:
         (t.precision in PRECISIONS, "train.precision", t.precision, "auto, fp32, bf16 or fp16"),
         (0 <= t.seed <= 2**32 - 1, "train.seed", t.seed, "in [0, 2**32-1]"),
         (t.knn_k >= 1, "train.knn_k", t.knn_k, ">= 1"),
-        (t.knn_temperature > 0, "train.knn_temperature", t.knn_temperature, "> 0"),
+        (
+            t.knn_temperature >= MIN_KNN_TEMPERATURE,
+            "train.knn_temperature",
+            t.knn_temperature,
+            f">= {MIN_KNN_TEMPERATURE} (smaller values overflow the float32 vote)",
+        ),
         (t.knn_every >= 0, "train.knn_every", t.knn_every, ">= 0 (0 = off)"),
         (t.knn_bank_limit >= 0, "train.knn_bank_limit", t.knn_bank_limit, ">= 0 (0 = all)"),
         (t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, ">= 1"),
         (t.log_every >= 0, "train.log_every", t.log_every, ">= 0"),
         (t.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", t.max_steps_per_epoch, ">= 0 (0 = full epochs)"),
         (t.collapse_warn_std >= 0, "train.collapse_warn_std", t.collapse_warn_std, ">= 0"),
-        (t.dist_timeout_s > 0, "train.dist_timeout_s", t.dist_timeout_s, "> 0 seconds"),
-        (d.image_size >= 8, "data.image_size", d.image_size, ">= 8"),
+        (
+            0 < t.dist_timeout_s <= MAX_DIST_TIMEOUT_S,
+            "train.dist_timeout_s",
+            t.dist_timeout_s,
+            f"> 0 and <= {MAX_DIST_TIMEOUT_S:.0f} seconds (30 days)",
+        ),
+        (
+            MIN_IMAGE_SIZE <= d.image_size <= MAX_IMAGE_SIZE,
+            "data.image_size",
+            d.image_size,
+            f"{MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} pixels",
+        ),
         (0 < d.crop_min_scale <= 1, "data.crop_min_scale", d.crop_min_scale, "in (0, 1]"),
         (d.workers is None or d.workers >= 0, "data.workers", d.workers, ">= 0 or null (auto)"),
         (0 <= d.flip_prob <= 1, "data.flip_prob", d.flip_prob, "a probability in [0, 1]"),

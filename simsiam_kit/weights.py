@@ -34,8 +34,11 @@ from typing import Optional
 from simsiam_kit.config import IMAGENET_MEAN, IMAGENET_STD
 from simsiam_kit.engine.run_dir import LOCK_NAME, RunDir
 from simsiam_kit.errors import UserError
+from simsiam_kit.utils.io import open_regular, read_bytes_bounded
 
 RANDOM = "random"
+#: the largest weights file read (a ResNet-101 checkpoint with its optimizer state is well under 1 GiB)
+MAX_WEIGHTS_BYTES = 8 << 30
 ACCEPTED = (
     "a run directory, a simsiam-kit checkpoint or backbone.pt, a torchvision-style ResNet state dict "
     "(.pt/.pth), or 'random'"
@@ -76,9 +79,9 @@ def _run_of_file(path: Path) -> Optional[Path]:
 def describe_foreign_file(path: Path) -> Optional[str]:
     """What a file is when it is not PyTorch weights (an ONNX model, a pickle, text, an archive), else None."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             head = f.read(4096)
-    except OSError:
+    except (OSError, UserError):
         return None
     suffix = path.suffix.lower()
     if head.startswith(b"PK\x03\x04"):
@@ -137,6 +140,7 @@ def resolve_weights(spec: str, like: Optional[str] = None) -> WeightsSpec:
         return WeightsSpec(spec, False, p)
     if not p.exists():
         raise UserError(f"weights not found: {p} (expected {ACCEPTED})")
+    open_regular(p, "weights").close()  # a link to /dev/zero, a FIFO, a device: refused before any read
     what = describe_foreign_file(p)
     if what:
         raise UserError(f"cannot load {p}: it is {what}, not PyTorch weights (expected {ACCEPTED})")
@@ -204,7 +208,10 @@ def run_lock_holder(run_dir: Path) -> Optional[int]:
         return None
     import fcntl
 
-    fd = os.open(lock, os.O_RDONLY)
+    try:  # never through a link, and a FIFO must not block the probe
+        fd = os.open(lock, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -279,15 +286,23 @@ def _extract_backbone_sd(obj, path: Path) -> tuple[dict, dict, dict, str]:
 
     if isinstance(obj, dict) and obj.get("format") == BACKBONE_FORMAT:
         meta = {k: v for k, v in obj.items() if k != "state_dict"}
-        return clean_state_dict(obj["state_dict"]), meta, {}, "backbone"
+        for k, want in (("arch", str), ("stem", str), ("epoch", int), ("image_size", int)):
+            if meta.get(k) is not None and (not isinstance(meta[k], want) or isinstance(meta[k], bool)):
+                raise UserError(f"{path}: '{k}' is {meta[k]!r}, expected a {want.__name__} ({BACKBONE_FORMAT} file)")
+        return clean_state_dict(_tensor_dict(obj, "state_dict", path)), meta, {}, "backbone"
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
-        sd = clean_state_dict(obj["model"])
+        sd = clean_state_dict(_tensor_dict(obj, "model", path))
         bb = {k[len("backbone.") :]: v for k, v in sd.items() if k.startswith("backbone.")}
         if not bb:
             raise UserError(f"{path}: checkpoint holds no backbone weights")
         cfg = obj.get("config", {}) or {}
-        model = cfg.get("model", {}) or {}
-        meta = {"arch": model.get("arch"), "stem": model.get("stem"), "epoch": obj.get("epoch")}
+        model = (cfg.get("model", {}) or {}) if isinstance(cfg, dict) else None
+        if not isinstance(model, dict):
+            raise UserError(f"{path}: 'config' of this checkpoint is not a config mapping")
+        epoch = obj.get("epoch")
+        if epoch is not None and (not isinstance(epoch, int) or isinstance(epoch, bool)):
+            raise UserError(f"{path}: 'epoch' is {epoch!r}, expected an integer")
+        meta = {"arch": model.get("arch"), "stem": model.get("stem"), "epoch": epoch}
         return bb, meta, cfg, "checkpoint"
     if (
         isinstance(obj, dict)
@@ -305,13 +320,38 @@ def _extract_backbone_sd(obj, path: Path) -> tuple[dict, dict, dict, str]:
     raise UserError(f"{path}: not a simsiam-kit checkpoint or backbone file (expected {ACCEPTED})")
 
 
+def _tensor_dict(obj: dict, key: str, path: Path) -> dict:
+    """``obj[key]``, which a file marked with a simsiam-kit ``format`` must hold as a state dict."""
+    import torch
+
+    if key not in obj:
+        raise UserError(f"{path}: marked '{obj.get('format')}' but holds no '{key}'")
+    sd = obj[key]
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
+        raise UserError(f"{path}: '{key}' is not a state dict (names -> tensors), got {type(sd).__name__}")
+    return sd
+
+
+def check_resnet_keys(sd: dict, source: str) -> None:
+    """What :func:`~simsiam_kit.models.backbones.infer_arch` reads must be there and well formed: stage
+    keys ``layerN.<block index>.…`` and a 4-D ``conv1.weight``; else one line naming the key."""
+    for k in sd:
+        if k.startswith("layer"):
+            parts = k.split(".")
+            if len(parts) < 3 or not parts[1].isdigit() or not parts[1].isascii():
+                raise UserError(f"{source}: key '{k}' is not a ResNet stage key (layerN.<block index>.<name>)")
+    w = sd.get("conv1.weight")
+    if w is not None and w.dim() != 4:
+        raise UserError(f"{source}: 'conv1.weight' has shape {tuple(w.shape)}, not a convolution (4-D)")
+
+
 def read_weights_file(path: Path):
     """Load ``path`` once: (object, sha256, size). ``weights_only=True``; one-line errors."""
     import torch
 
     path = Path(path)
     try:
-        data = path.read_bytes()
+        data = read_bytes_bounded(path, MAX_WEIGHTS_BYTES, "weights")
     except FileNotFoundError:
         raise UserError(f"weights not found: {path}") from None
     what = describe_foreign_file(path)
@@ -392,6 +432,7 @@ def load_backbone(
     path = ws.file()
     obj, digest, size = read_weights_file(path)
     sd, meta, cfg, kind = _extract_backbone_sd(obj, path)
+    check_resnet_keys(sd, str(path))
     found_arch = meta.get("arch") or infer_arch(sd)
     found_stem = meta.get("stem") or infer_stem(sd)
     want_arch, want_stem = arch or found_arch, stem or found_stem
@@ -451,9 +492,16 @@ def check_finite(sd: dict, source: str) -> None:
 
 
 def load_state_dict_checked(model, sd: dict, source: str) -> None:
-    """Strict load with an error that lists missing, unexpected and mis-shaped keys; finite weights only."""
+    """Strict load with an error that lists missing, unexpected and mis-shaped keys; finite weights only, and
+    floating-point where the model's are (``load_state_dict`` would cast int64 weights silently)."""
     check_finite(sd, source)
     own = model.state_dict()
+    for k, v in own.items():
+        if k in sd and v.is_floating_point() and not sd[k].is_floating_point():
+            raise UserError(
+                f"{source}: '{k}' holds {str(sd[k].dtype).replace('torch.', '')} values; weights must be "
+                "floating-point (a cast to integers destroyed them)"
+            )
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     shape = [

@@ -4,11 +4,18 @@ Both sources load into :class:`DetectionSet`: per-image records with boxes in ab
 and contiguous labels ``1..K`` (0 is the background in torchvision's detectors), plus a COCO-format
 ground-truth dict that pycocotools and detectron2's ``register_coco_instances`` read. Pascal VOC is
 converted to that COCO form, so both engines and the metrics see one format.
+
+Annotation files may come from anywhere: every field the loaders use is checked for type and range
+(category and image ids, file names, numeric finite boxes of positive size inside the image, ``iscrowd``
+0/1, VOC's ``<size>``, ``<name>`` and ``<bndbox>``), and a bad one is one :class:`UserError` naming the
+file and the entry. Files are read through :func:`simsiam_kit.utils.io.read_bytes_bounded` (regular
+files only, at most :data:`MAX_ANNOTATION_BYTES`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +24,12 @@ from typing import Optional
 import numpy as np
 
 from simsiam_kit.errors import UserError
+from simsiam_kit.utils.io import read_bytes_bounded
+
+#: the largest annotation file read (COCO 2017's train instances JSON is under half of it)
+MAX_ANNOTATION_BYTES = 2 << 30
+#: how far (pixels) a box may reach past the image border (annotation tools round outwards)
+BOX_TOLERANCE = 1.0
 
 VOC_CLASSES = (
     "aeroplane",
@@ -95,6 +108,70 @@ def _names_missing(missing: list, images_dir: Path) -> str:
     return f"{len(missing)} image file(s) missing under {images_dir}: {shown}{' ...' if len(missing) > 5 else ''}"
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_box(where: str, x1: float, y1: float, x2: float, y2: float, width, height) -> None:
+    """A box (absolute xyxy) must be finite, not inverted and inside the image (when its size is known)."""
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        raise UserError(f"{where}: box {[x1, y1, x2, y2]} has a non-finite coordinate")
+    if x2 < x1 or y2 < y1:
+        raise UserError(f"{where}: box {[x1, y1, x2, y2]} has min > max (negative width or height)")
+    tol = BOX_TOLERANCE
+    if x1 < -tol or y1 < -tol or (width and x2 > width + tol) or (height and y2 > height + tol):
+        raise UserError(f"{where}: box {[x1, y1, x2, y2]} (xyxy) lies outside the {width}x{height} image")
+
+
+def _check_coco_lists(coco: dict, json_path: Path) -> None:
+    """Types of every field :func:`load_coco_json` uses, one line naming the entry."""
+    seen = set()
+    for i, c in enumerate(coco["categories"]):
+        if not isinstance(c, dict):
+            raise UserError(f"{json_path}: categories[{i}] is {c!r}, expected an object with 'id' and 'name'")
+        if not isinstance(c.get("id"), int) or isinstance(c.get("id"), bool):
+            raise UserError(f"{json_path}: categories[{i}] has 'id' {c.get('id')!r}, expected an integer")
+        if not isinstance(c.get("name"), str):
+            raise UserError(
+                f"{json_path}: categories[{i}] (id {c['id']}) has 'name' {c.get('name')!r}, expected a string"
+            )
+        if c["id"] in seen:
+            raise UserError(f"{json_path}: category id {c['id']} appears twice in 'categories'")
+        seen.add(c["id"])
+    id_types = set()
+    for i, im in enumerate(coco["images"]):
+        if not isinstance(im, dict):
+            raise UserError(f"{json_path}: images[{i}] is {im!r}, expected an object")
+        if "id" not in im or "file_name" not in im:
+            raise UserError(f"{json_path}: images[{i}] lacks 'id' or 'file_name'")
+        if not isinstance(im["id"], (int, str)) or isinstance(im["id"], bool):
+            raise UserError(f"{json_path}: images[{i}] has 'id' {im['id']!r}, expected an integer")
+        id_types.add(type(im["id"]))
+        if not isinstance(im["file_name"], str) or not im["file_name"]:
+            raise UserError(f"{json_path}: images[{i}] has 'file_name' {im['file_name']!r}, expected a file name")
+        for k in ("width", "height"):
+            v = im.get(k)
+            if v is not None and not (_number(v) and math.isfinite(v) and v > 0):
+                raise UserError(f"{json_path}: images[{i}] has '{k}' {v!r}, expected a positive number of pixels")
+    if len(id_types) > 1:
+        raise UserError(f"{json_path}: image ids mix integers and strings")
+    for i, a in enumerate(coco["annotations"]):
+        if not isinstance(a, dict):
+            raise UserError(f"{json_path}: annotations[{i}] is {a!r}, expected an object")
+        where = f"{json_path}: annotation {a.get('id', f'#{i}')!r}"
+        for k in ("image_id", "category_id"):
+            if not isinstance(a.get(k), (int, str)) or isinstance(a.get(k), bool):
+                raise UserError(f"{where} has '{k}' {a.get(k)!r}, expected an id")
+        bbox = a.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_number(v) for v in bbox)):
+            raise UserError(f"{where} has 'bbox' {bbox!r}, expected [x, y, w, h] numbers")
+        if a.get("iscrowd", 0) not in (0, 1) or isinstance(a.get("iscrowd", 0), float):
+            raise UserError(f"{where} has 'iscrowd' {a.get('iscrowd')!r}, expected 0 or 1")
+        area = a.get("area")
+        if area is not None and not (_number(area) and math.isfinite(area) and area >= 0):
+            raise UserError(f"{where} has 'area' {area!r}, expected a number >= 0")
+
+
 def load_coco_json(json_path: Path, images_dir: Path, name: Optional[str] = None) -> DetectionSet:
     """Load and validate a COCO instances JSON (boxes; segmentation is ignored by this loader)."""
     json_path, images_dir = Path(json_path).expanduser(), Path(images_dir).expanduser()
@@ -103,14 +180,19 @@ def load_coco_json(json_path: Path, images_dir: Path, name: Optional[str] = None
     if not images_dir.is_dir():
         raise UserError(f"image folder not found: {images_dir}")
     try:
-        coco = json.loads(json_path.read_text())
+        coco = json.loads(read_bytes_bounded(json_path, MAX_ANNOTATION_BYTES, "annotations").decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{json_path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise UserError(f"{json_path}: JSON nested too deeply") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise UserError(f"{json_path}: invalid JSON value ({str(e)[:200]})") from None
     if not isinstance(coco, dict):
         raise UserError(f"{json_path}: expected a COCO instances object with images/annotations/categories")
     for key in ("images", "annotations", "categories"):
         if not isinstance(coco.get(key), list):
             raise UserError(f"{json_path}: missing or invalid '{key}' list (expected a COCO instances JSON)")
+    _check_coco_lists(coco, json_path)
     cats = sorted(coco["categories"], key=lambda c: c["id"])
     if not cats:
         raise UserError(f"{json_path}: 'categories' is empty")
@@ -119,8 +201,8 @@ def load_coco_json(json_path: Path, images_dir: Path, name: Optional[str] = None
         raise UserError(f"{json_path}: 'annotations' is empty; a detection set needs boxes")
     images = {}
     for im in coco["images"]:
-        if "id" not in im or "file_name" not in im:
-            raise UserError(f"{json_path}: an image entry lacks 'id' or 'file_name': {im}")
+        if im["id"] in images:
+            raise UserError(f"{json_path}: image id {im['id']!r} appears twice in 'images'")
         images[im["id"]] = im
     missing = [im["file_name"] for im in coco["images"] if not (images_dir / im["file_name"]).is_file()]
     if missing:
@@ -135,10 +217,10 @@ def load_coco_json(json_path: Path, images_dir: Path, name: Optional[str] = None
                 f"{json_path}: annotation {a.get('id')} has category_id {a.get('category_id')}, "
                 "which is not in 'categories'"
             )
-        bbox = a.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4):
-            raise UserError(f"{json_path}: annotation {a.get('id')} has no [x, y, w, h] 'bbox'")
-        if bbox[2] <= 0 or bbox[3] <= 0:
+        x, y, w, h = (float(v) for v in a["bbox"])
+        im = images[a["image_id"]]
+        _check_box(f"{json_path}: annotation {a.get('id')}", x, y, x + w, y + h, im.get("width"), im.get("height"))
+        if w == 0 or h == 0:
             dropped += 1
             continue
         per_image[a["image_id"]].append(a)
@@ -216,7 +298,11 @@ def load_voc(voc_root: Path, splits: str, name: str = "voc", flag: str = "--voc-
         ids_file = base / "ImageSets" / "Main" / f"{split}.txt"
         if not ids_file.is_file():
             raise UserError(f"VOC split list not found: {ids_file}")
-        for stem in [line.strip() for line in ids_file.read_text().splitlines() if line.strip()]:
+        try:
+            lines = read_bytes_bounded(ids_file, MAX_ANNOTATION_BYTES, "VOC split list").decode("utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise UserError(f"{ids_file}: not UTF-8 text (a VOC split list has one image id per line)") from None
+        for stem in [line.strip() for line in lines if line.strip()]:
             xml_path, jpg = base / "Annotations" / f"{stem}.xml", base / "JPEGImages" / f"{stem}.jpg"
             if not jpg.is_file():
                 missing.append(jpg.relative_to(voc_root))
@@ -224,21 +310,27 @@ def load_voc(voc_root: Path, splits: str, name: str = "voc", flag: str = "--voc-
             if not xml_path.is_file():
                 raise UserError(f"VOC annotation not found: {xml_path}")
             try:
-                root = ET.parse(xml_path).getroot()
+                root = ET.fromstring(read_bytes_bounded(xml_path, MAX_ANNOTATION_BYTES, "VOC annotation"))
             except ET.ParseError as e:
                 raise UserError(f"{xml_path}: not valid XML ({e})") from None
-            size = root.find("size")
-            w, h = int(size.find("width").text), int(size.find("height").text)
+            w, h = (_voc_number(root, f"size/{t}", xml_path, positive=True) for t in ("width", "height"))
+            w, h = int(w), int(h)
             boxes, labels, difficult = [], [], []
-            for obj in root.findall("object"):
-                cls = obj.find("name").text.strip()
+            for n, obj in enumerate(root.findall("object")):
+                cls = _voc_text(obj, "name", xml_path, n)
                 if cls not in label_of:
                     raise UserError(f"{xml_path}: unknown VOC class {cls!r}")
-                bb = obj.find("bndbox")
-                x1, y1, x2, y2 = (float(bb.find(t).text) for t in ("xmin", "ymin", "xmax", "ymax"))
+                if obj.find("bndbox") is None:
+                    raise UserError(f"{xml_path}: object {n} ({cls}) has no <bndbox>")
+                x1, y1, x2, y2 = (
+                    _voc_number(obj, f"bndbox/{t}", xml_path, n) for t in ("xmin", "ymin", "xmax", "ymax")
+                )
                 x1, y1 = x1 - 1.0, y1 - 1.0  # 1-based inclusive -> 0-based, as detectron2's VOC loader
-                diff = obj.find("difficult")
-                is_diff = int(diff.text) if diff is not None and diff.text else 0
+                _check_box(f"{xml_path}: object {n} ({cls})", x1, y1, x2, y2, w, h)
+                diff = (obj.findtext("difficult") or "0").strip() or "0"
+                if diff not in ("0", "1"):
+                    raise UserError(f"{xml_path}: object {n} ({cls}) has <difficult> {diff!r}, expected 0 or 1")
+                is_diff = int(diff)
                 boxes.append([x1, y1, x2, y2])
                 labels.append(label_of[cls])
                 difficult.append(is_diff)
@@ -274,6 +366,27 @@ def load_voc(voc_root: Path, splits: str, name: str = "voc", flag: str = "--voc-
         raise UserError(f"VOC {splits} under {voc_root}: no objects annotated")
     coco = {"images": images, "annotations": anns, "categories": cats}
     return DetectionSet(name, voc_root, records, cats, coco, None, 0, _parse_splits(splits, flag))
+
+
+def _voc_text(node, tag: str, xml_path: Path, n: Optional[int] = None) -> str:
+    text = node.findtext(tag)
+    if text is None or not text.strip():
+        where = f"object {n} " if n is not None else ""
+        raise UserError(f"{xml_path}: {where}has no <{tag.replace('/', '><')}>")
+    return text.strip()
+
+
+def _voc_number(node, tag: str, xml_path: Path, n: Optional[int] = None, positive: bool = False) -> float:
+    text = _voc_text(node, tag, xml_path, n)
+    where = f"object {n} " if n is not None else ""
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not math.isfinite(v) or (positive and v <= 0):
+        want = "a positive number" if positive else "a finite number"
+        raise UserError(f"{xml_path}: {where}<{tag.replace('/', '><')}> is {text!r}, expected {want}")
+    return v
 
 
 @dataclass

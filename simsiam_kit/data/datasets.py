@@ -30,6 +30,7 @@ import numpy as np
 
 from simsiam_kit.config import DEFAULT_DATA_ROOT
 from simsiam_kit.errors import UserError
+from simsiam_kit.utils.io import open_regular
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 TORCHVISION_SETS = {
@@ -42,6 +43,23 @@ _SLICE_RE = re.compile(r"^(?P<base>.*?)\[(?P<a>-?\d*):(?P<b>-?\d*)\]$")
 # labels of a dataset without a class list index score/count tables of max(label) + 1 entries
 MAX_CLASSES_WITHOUT_NAMES = 65536
 UNREADABLE_IMAGE = "cannot read image"  # how the error about an unreadable image file begins
+
+
+#: PIL modes of more than 8 bits per sample (16-bit grayscale PNG and TIFF open as one of these)
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb(im):
+    """An 8-bit RGB copy of a PIL image. 16-bit grayscale (:data:`WIDE_MODES`) is scaled to 8 bits
+    (``round(v / 257)``, so 65535 -> 255); PIL's own ``convert("RGB")`` clips it at 255 instead, and a
+    16-bit photo comes out almost all white. Everything else: ``im.convert("RGB")``."""
+    from PIL import Image
+
+    if im.mode in WIDE_MODES:
+        a = np.asarray(im).astype(np.float64)
+        a = np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    return im.convert("RGB")
 
 
 class UnreadableImage(UserError):
@@ -141,7 +159,7 @@ class ImageDataset:
         try:
             with Image.open(path) as im:
                 im.load()
-                return im.convert("RGB")
+                return to_rgb(im)
         except Exception as e:  # PIL raises many types for truncated / corrupt files
             if self.skip_bad_images:
                 return None
@@ -211,6 +229,8 @@ def check_spec(spec: str) -> tuple[str, Optional[Path]]:
             f"dataset not found: {path} (expected a .npz file, an ImageFolder directory, demo, "
             f"or one of {', '.join(TORCHVISION_SETS)})"
         )
+    if not path.is_dir() and not path.is_file():  # a link to /dev/zero, a FIFO, a device
+        open_regular(path, "dataset").close()
     if path.is_file():
         if path.suffix != ".npz":
             raise UserError(f"unsupported dataset file {path} (expected .npz with 'images' and 'labels')")
@@ -304,7 +324,7 @@ def load_npz(path: Path, sl: Optional[slice] = None) -> ImageDataset:
     """Arrays ``images``, ``labels`` (optional), ``class_names`` (optional) of an ``.npz``. With ``sl``
     only that slice of the images is read (see :func:`_npz_rows`); the labels are checked in full."""
     try:
-        with np.load(path, allow_pickle=False) as d:
+        with open_regular(path, "dataset") as f, np.load(f, allow_pickle=False) as d:
             keys = set(d.files)
             if "images" not in keys:
                 raise UserError(f"{path}: missing array 'images' (found: {', '.join(sorted(keys))})")
@@ -321,6 +341,8 @@ def load_npz(path: Path, sl: Optional[slice] = None) -> ImageDataset:
         raise UserError(f"cannot read {path}: {type(e).__name__}: {e}") from None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise UserError(f"{path}: 'images' must be uint8 (N,H,W,3), got {images.dtype} {images.shape}")
+    if min(images.shape[1:3]) < 1:
+        raise UserError(f"{path}: 'images' are {images.shape[1]}x{images.shape[2]} pixels; an image needs at least 1x1")
     if n is None:  # the whole array was read
         n = len(images)
         if sl is not None:

@@ -16,13 +16,17 @@ Every command that reads or writes a run directory goes through :class:`RunDir`.
 
 One process at a time trains in a run directory: :meth:`RunDir.lock` takes an exclusive ``flock`` on
 ``RUN/.lock`` and holds it until the process exits or dies (the kernel releases it then, so a crashed
-run never leaves a stale lock to clear by hand). Under DDP rank 0 holds it for the job.
+run never leaves a stale lock to clear by hand). Under DDP rank 0 holds it for the job. The lock file is
+opened without following links and must be a regular file with one name: a directory received from
+someone else whose ``.lock`` leads elsewhere is refused before anything is written.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Optional, Union
 
@@ -140,7 +144,9 @@ class RunDir:
         for _ in range(3):
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+                fd = _open_lock_file(self.lock_file)
+            except UserError:
+                raise
             except OSError as e:
                 where = f" ({e.filename})" if e.filename and str(e.filename) != str(self.root) else ""
                 raise UserError(f"cannot use {self.root} as a run directory: {e.strerror or e}{where}") from None
@@ -198,6 +204,35 @@ class RunDir:
                 shutil.rmtree(p)
             elif p.exists() or p.is_symlink():
                 p.unlink()
+
+
+def _open_lock_file(path: Path) -> int:
+    """Open (creating it) the lock file without following a link, and only if it is a regular file of one
+    name. A run directory may come from someone else: a ``.lock`` that is a symbolic link, a hard link
+    (more than one name) or a device would make the pid written into it land in some other file."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+        raise UserError(f"{path}: {kind}; a run's lock file must be a regular file (remove it and try again)")
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # replaced by a link between the check and the open
+            raise UserError(
+                f"{path}: a symbolic link; a run's lock file must be a regular file (remove it and try again)"
+            ) from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        kind = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"a file with {st.st_nlink} names (hard link)"
+        raise UserError(f"{path}: {kind}; a run's lock file must be a regular file (remove it and try again)")
+    os.set_blocking(fd, True)
+    return fd
 
 
 def _read_pid(fd: int) -> Optional[int]:

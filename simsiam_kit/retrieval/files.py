@@ -4,8 +4,11 @@ An embedding directory (``simsiam-kit embed --output DIR``) may come from anywhe
 decides how much memory is allocated or which code runs before it has been checked against the file's
 own length and against the other files of the directory:
 
-* :func:`read_json`: UTF-8 JSON of the expected top-level type; a syntax error, binary bytes or nesting
-  deeper than Python's recursion limit is one :class:`UserError` naming the file.
+* Every file is opened with :func:`simsiam_kit.utils.io.open_regular`: a link to ``/dev/zero``, a FIFO
+  or a device is refused before a byte is read.
+* :func:`read_json`: UTF-8 JSON of the expected top-level type, at most :data:`MAX_JSON_BYTES`; a syntax
+  error, binary bytes or nesting deeper than Python's recursion limit is one :class:`UserError` naming
+  the file.
 * :func:`load_npy`: the ``.npy`` header is read first (magic, version, dtype, shape); an object dtype
   (a pickle inside the array) is refused, and the declared shape times the item size must be exactly
   the bytes that follow the header; only then is the array read (``allow_pickle=False``).
@@ -22,7 +25,7 @@ own length and against the other files of the directory:
 
 Layout reference: ``faiss/impl/index_write.cpp`` (``write_index_header``, ``WRITEXBVECTOR``,
 ``write_ivf_header``, ``write_direct_map``, ``write_InvertedLists``, ``write_HNSW``), unchanged from
-faiss 1.8 to 1.15 for these three kinds; ``tests/test_untrusted_files.py`` round-trips each kind through
+faiss 1.8 to 1.15 for these three kinds; ``tests/reliability/test_untrusted_files.py`` round-trips each kind through
 the installed faiss.
 """
 
@@ -36,19 +39,22 @@ from typing import Optional
 import numpy as np
 
 from simsiam_kit.errors import UserError
+from simsiam_kit.utils.io import open_regular, read_bytes_bounded
 
 #: faiss's own bound on the dimension (``read_index_header``).
 MAX_DIM = 1 << 20
 #: HNSW ``efSearch`` / ``efConstruction`` read from a file: each search allocates heaps of this size.
 MAX_EF = 1 << 16
 NPY_MAX_HEADER = 10_000  # numpy's default for np.load
+#: the largest JSON file of an embedding directory read (``ids.json`` of tens of millions of ids fits)
+MAX_JSON_BYTES = 1 << 30
 
 
 def read_json(path: Path, expect: type, what: Optional[str] = None):
     """The JSON value in ``path``, which must be an instance of ``expect`` (dict or list)."""
     p = Path(path)
     try:
-        value = json.loads(p.read_bytes().decode("utf-8"))
+        value = json.loads(read_bytes_bounded(p, MAX_JSON_BYTES, what or "").decode("utf-8"))
     except FileNotFoundError:
         raise UserError(f"{p}: missing{f' ({what})' if what else ''}") from None
     except UnicodeDecodeError as e:
@@ -69,7 +75,7 @@ def npy_header(path: Path) -> tuple[tuple, np.dtype, int]:
     p = Path(path)
     fmt = np.lib.format
     try:
-        with open(p, "rb") as f:
+        with open_regular(p) as f:
             size = f.seek(0, 2)
             f.seek(0)
             version = fmt.read_magic(f)
@@ -111,7 +117,8 @@ def load_npy(path: Path, kinds: str, ndim: int, shape: Optional[tuple] = None) -
         want = tuple("*" if w is None else w for w in shape) if shape is not None else f"{ndim}-D"
         raise UserError(f"{p}: shape {got}, expected {want}")
     try:
-        return np.load(p, allow_pickle=False)
+        with open_regular(p) as f:  # the file whose header was checked, not what the path names by now
+            return np.load(f, allow_pickle=False)
     except (ValueError, OSError) as e:
         raise UserError(f"{p}: cannot read ({str(e)[:200]})") from None
 
@@ -276,7 +283,7 @@ def check_faiss_file(path: Path, kind: str, dim: int, ntotal: int, nlist: int) -
     p = Path(path)
     expect = {"flat": b"IxFI", "ivf": b"IwFl", "hnsw": b"IHNf"}[kind]
     try:
-        with open(p, "rb") as f:
+        with open_regular(p) as f:
             r = _Reader(f, f.seek(0, 2))
             f.seek(0)
             got = r.fourcc("index type")

@@ -11,12 +11,19 @@ process writes (a run directory whose lock is held, see ``engine/run_dir.py``).
   :class:`UserError` naming the path; the old file is untouched and the temp file removed.
 * Ctrl-C (SIGINT) during a write is deferred until the write is complete or undone, then raised as
   ``KeyboardInterrupt``: a write is never cut in the middle by the user's own interrupt.
+* JSON is written strictly (:func:`atomic_write_json`): a NaN or infinity is a :class:`UserError` naming
+  the file and the key, never a ``NaN``/``Infinity`` token that other JSON readers reject.
+
+Reading a file that may come from someone else goes through :func:`open_regular` /
+:func:`read_bytes_bounded`: only a regular file is read (a link to ``/dev/zero``, a FIFO or a device
+would never end or never start), and never more than a stated number of bytes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import signal
@@ -24,7 +31,7 @@ import stat
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable, Optional
 
 from simsiam_kit.errors import UserError
 
@@ -141,8 +148,37 @@ def atomic_write_text(path: Path, text: str) -> None:
     _atomic(path, lambda f: f.write(text), "w")
 
 
+def _nonfinite_key(obj: Any, where: str = "") -> Optional[tuple[str, float]]:
+    """The first place in ``obj`` holding a NaN or an infinity, as ``key.sub[3]``, and its value."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return where or "<top>", obj
+    if isinstance(obj, dict):
+        items = ((f"{where}.{k}" if where else str(k), v) for k, v in obj.items())
+    elif isinstance(obj, (list, tuple)):
+        items = ((f"{where}[{i}]", v) for i, v in enumerate(obj))
+    else:
+        return None
+    for w, v in items:
+        found = _nonfinite_key(v, w)
+        if found:
+            return found
+    return None
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """``obj`` as strict JSON (RFC 8259: no ``NaN``/``Infinity`` tokens); a non-finite number is a
+    :class:`UserError` naming the file and its key, and nothing is written."""
+    try:
+        text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False)
+    except ValueError:
+        found = _nonfinite_key(obj)
+        if found is None:
+            raise
+        key, value = found
+        raise UserError(
+            f"cannot write {path}: '{key}' is {value!r}, which JSON cannot hold (a result must be a finite number)"
+        ) from None
+    atomic_write_text(path, text + "\n")
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -153,3 +189,59 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     _atomic(path, lambda f: f.write(data), "wb")
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def open_regular(path: Path, what: str = "") -> BinaryIO:
+    """``open(path, "rb")`` for a file that may come from someone else: symbolic links are followed, but
+    what they lead to must be a regular file (a link to ``/dev/zero`` or ``/dev/stdin``, a FIFO, a device
+    or a directory is a :class:`UserError` naming ``path``). Opened without blocking, so a FIFO with no
+    writer cannot hang the check. ``FileNotFoundError`` passes through (callers name what is missing);
+    any other ``OSError`` is a :class:`UserError`. ``what``: a few words for the message (``"weights"``)."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            label = f" ({what})" if what else ""
+            raise UserError(f"{path}{label}: {_kind(st.st_mode)}, not a regular file; refused")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_bytes_bounded(path: Path, max_bytes: int, what: str = "") -> bytes:
+    """The bytes of the regular file ``path`` (:func:`open_regular`), refused with a :class:`UserError` when
+    it holds more than ``max_bytes``: at most ``max_bytes + 1`` bytes are ever read."""
+    path = Path(path)
+    with open_regular(path, what) as f:
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as e:
+            raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    if len(data) > max_bytes:
+        label = f" ({what})" if what else ""
+        raise UserError(f"{path}{label}: larger than {max_bytes:,} bytes; refused")
+    return data

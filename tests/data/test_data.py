@@ -234,3 +234,35 @@ def test_npz_slice_reads_the_slice(tmp_path, compressed):
         ds = load_dataset(f"{p}{sl}")
         assert np.array_equal(ds.images, images[want]) and ds.labels.tolist() == (np.arange(50) % 5)[want].tolist()
         assert ds.ids == list(range(50))[want]
+
+
+def test_16_bit_png_is_scaled_to_8_bits_not_clipped(tmp_path):
+    """A 16-bit grayscale PNG: PIL's convert("RGB") clips every value above 255 to white."""
+    folder = tmp_path / "f" / "a"
+    folder.mkdir(parents=True)
+    values = np.array([[0, 257, 32896], [65535, 12850, 1000]], dtype=np.uint16)  # 0, 1, 128, 255, 50, 3.9 in 8 bits
+    Image.fromarray(values).save(folder / "x.png")
+    with Image.open(folder / "x.png") as im:
+        assert im.mode.startswith("I")  # what Pillow decodes a 16-bit PNG to
+    ds = load_dataset(str(tmp_path / "f"))
+    got = np.asarray(ds.load_pil(0))
+    assert got.shape == (2, 3, 3) and (got == got[..., :1]).all()
+    assert got[..., 0].tolist() == [[0, 1, 128], [255, 50, 4]]
+    Image.fromarray(np.full((4, 4, 3), 77, np.uint8)).save(folder / "y.png")  # 8-bit RGB unchanged
+    assert (np.asarray(load_dataset(str(tmp_path / "f")).load_pil(1)) == 77).all()
+
+
+@pytest.mark.parametrize("shape", [(4, 0, 0, 3), (4, 8, 0, 3), (4, 0, 8, 3)])
+def test_npz_images_of_size_zero_are_refused(tmp_path, shape):
+    p = tmp_path / "empty_images.npz"
+    np.savez(p, images=np.zeros(shape, np.uint8), labels=np.zeros(4, np.int64))
+    with pytest.raises(UserError, match=r"empty_images\.npz: 'images' are \d+x\d+ pixels; an image needs at least 1x1"):
+        load_dataset(str(p))
+    with pytest.raises(UserError, match="at least 1x1"):
+        load_dataset(f"{p}[:2]")
+
+
+def test_dataset_path_linked_to_a_device_is_refused(tmp_path):
+    (tmp_path / "zero.npz").symlink_to("/dev/zero")
+    with pytest.raises(UserError, match=r"zero\.npz \(dataset\): a character device, not a regular file"):
+        load_dataset(str(tmp_path / "zero.npz"))

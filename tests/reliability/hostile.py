@@ -1,5 +1,6 @@
 """Hostile and malformed files (issue 11, part B), built small and by hand, shared by
-``tests/test_untrusted_files.py`` (unit tests of the bounds) and ``tests/test_bad_inputs.py`` (the table)."""
+``tests/reliability/test_untrusted_files.py`` (unit tests of the bounds) and
+``tests/reliability/test_bad_inputs.py`` (the table)."""
 
 from __future__ import annotations
 
@@ -97,7 +98,7 @@ def onnx_encoder(
 
 
 class Foreign:
-    """A class of another module: unpickling it would import and instantiate ``hostile.Foreign``."""
+    """A class of another module: unpickling it would import and instantiate ``reliability.hostile.Foreign``."""
 
     def __init__(self, note: str = "x"):
         self.note = note

@@ -5,13 +5,14 @@ file there before the command is unchanged after it, unless the row says which m
 Rows run in-process through Typer's CliRunner, except those that need a resource limit (a subprocess).
 Part A's rows are bad values, paths and run directories; part B's (:func:`_hostile_rows`) are hostile and
 malformed files: YAML bombs and binary configs, corrupt FAISS/.npy/JSON files of an embedding directory,
-ONNX models whose metadata or graph lie, and pickles that would run code (built by ``tests/hostile.py``;
-the bounds themselves are unit-tested in ``tests/test_untrusted_files.py``).
+ONNX models whose metadata or graph lie, and pickles that would run code (built by ``tests/reliability/hostile.py``;
+the bounds themselves are unit-tested in ``tests/reliability/test_untrusted_files.py``).
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import resource
 import shutil
@@ -366,6 +367,7 @@ def _rows(c: Path, new: Path) -> dict[str, Callable[[], Case]]:
         ),
     }
     rows.update(_hostile_rows(c, new))
+    rows.update(_issue24_rows(c, new))
     return rows
 
 
@@ -528,7 +530,7 @@ def _hostile_rows(c: Path, new: Path) -> dict[str, Callable[[], Case]]:
             new,
             "foreign",
             lambda p, m: hostile.pickle_foreign_class(p),
-            ["refused to unpickle global 'hostile.Foreign'"],
+            ["refused to unpickle global 'reliability.hostile.Foreign'"],
         ),
         "detectron2 .pkl: object array": lambda: _d2_pkl_case(
             c, new, "objects", lambda p, m: hostile.pickle_object_array(p), ["numpy dtype object"]
@@ -670,6 +672,150 @@ def _hostile_rows(c: Path, new: Path) -> dict[str, Callable[[], Case]]:
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# issue 24 (part A): links and special files, alias bombs in --set, weights, annotations, sizes
+
+
+def _issue24_dir(c: Path) -> Path:
+    d = c / "issue24"
+    d.mkdir(exist_ok=True)
+    return d
+
+
+def _victim(c: Path, name: str) -> tuple[Path, Callable[[], None]]:
+    v = _issue24_dir(c) / f"victim-{name}.txt"
+    v.write_text("precious\n")
+
+    def intact():
+        assert v.read_text() == "precious\n", f"{v} was overwritten"
+
+    return v, intact
+
+
+def _lock_link_case(c: Path, new: Path, resume: bool) -> Case:
+    name = "lock-resume" if resume else "lock-new"
+    victim, intact = _victim(c, name)
+    run = _copy_run(c, name) if resume else new
+    run.mkdir(parents=True, exist_ok=True)
+    (run / ".lock").unlink(missing_ok=True)
+    (run / ".lock").symlink_to(victim)
+    args = ["pretrain", "--output", str(run)] + (["--resume"] if resume else []) + sets(_tiny(c))
+    return Case(args, [str(run / ".lock"), "symbolic link", "regular file"], watch=run, after=intact)
+
+
+def _knn_weights(c: Path, new: Path, weights: str) -> list[str]:
+    tiny = str(c / "tiny.npz")
+    return ["eval", "knn", "--weights", weights, "--train-data", tiny, "--test-data", tiny, "--k", "5"] + [
+        "--output",
+        str(new / "knn"),
+        "--no-plots",
+    ]
+
+
+def _int64_weights(c: Path) -> Path:
+    p = _issue24_dir(c) / "int64.pt"
+    sd = torch.load(c / "run" / "backbone.pt", weights_only=True)["state_dict"]
+    torch.save({k: v.to(torch.int64) for k, v in sd.items()}, p)
+    return p
+
+
+def _bad_coco(c: Path, name: str, change) -> Path:
+    src = need(DATA / "coco128_det" / "instances_val.json")
+    d = json.loads(src.read_text())
+    change(d)
+    p = _issue24_dir(c) / f"{name}.json"
+    p.write_text(json.dumps(d))
+    return p
+
+
+def _det_case(c: Path, new: Path, name: str, change, needles) -> Case:
+    bad = _bad_coco(c, name, change)
+    images = str(need(DATA / "coco128_det" / "images"))
+    args = ["eval", "detection", "--weights", "random", "--arch", "resnet18", "--engine", "torchvision"] + [
+        "--train-json",
+        str(bad),
+        "--train-images",
+        images,
+        "--val-json",
+        str(bad),
+        "--val-images",
+        images,
+        "--output",
+        str(new / "det"),
+    ]
+    return Case(args, [str(bad), *needles], after=_absent(new / "det"))
+
+
+def _set_box(i: int, box) -> Callable[[dict], None]:
+    def change(d):
+        d["annotations"][i]["bbox"] = box
+
+    return change
+
+
+def _issue24_rows(c: Path, new: Path) -> dict[str, Callable[[], Case]]:
+    def pre(*o):
+        return ["pretrain", "--output", str(new)] + sets(_tiny(c) + list(o))
+
+    bomb = (
+        "[&a0 [lol,lol,lol,lol,lol,lol,lol,lol,lol], "
+        + ", ".join(f"&a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9))
+        + "]"
+    )
+
+    def zero_npz() -> str:
+        p = _issue24_dir(c) / "zero_size.npz"
+        np.savez(p, images=np.zeros((8, 0, 0, 3), np.uint8), labels=np.zeros(8, np.int64))
+        return str(p)
+
+    def linked(name: str, target: str) -> str:
+        p = _issue24_dir(c) / name
+        if not p.is_symlink():
+            p.symlink_to(target)
+        return str(p)
+
+    return {
+        "pretrain: .lock a symlink to another file (new run)": lambda: _lock_link_case(c, new, resume=False),
+        "pretrain --resume: .lock a symlink to another file": lambda: _lock_link_case(c, new, resume=True),
+        "pretrain: alias bomb in a --set value": lambda: Case(
+            pre(f"log.wandb_project={bomb}"), ["--set log.wandb_project", "YAML anchor '&a0'"]
+        ),
+        "pretrain: --set name=../../x": lambda: Case(
+            pre("name=../../x"), ["'name'", "'../../x'", "plain directory name"], after=_absent(new)
+        ),
+        "pretrain: data.image_size=100000": lambda: Case(
+            pre("data.image_size=100000"), ["'data.image_size'", "100000", "8..4096"], after=_absent(new)
+        ),
+        "pretrain: npz images of size 0": lambda: Case(
+            pre(f"data.train={zero_npz()}"), ["zero_size.npz", "0x0 pixels"], after=_absent(new / "config.yaml")
+        ),
+        "pretrain: data.train a link to /dev/zero": lambda: Case(
+            pre(f"data.train={linked('zero.npz', '/dev/zero')}"), ["zero.npz", "character device"]
+        ),
+        "eval knn: --weights /dev/zero": lambda: Case(
+            _knn_weights(c, new, "/dev/zero"), ["/dev/zero", "not a regular file"], after=_absent(new / "knn")
+        ),
+        "eval knn: --weights a link to /dev/zero": lambda: Case(
+            _knn_weights(c, new, linked("zero.pt", "/dev/zero")), ["zero.pt", "character device"]
+        ),
+        "eval knn: --weights cast to int64": lambda: Case(
+            _knn_weights(c, new, str(_int64_weights(c))), ["int64.pt", "holds int64 values"], after=_absent(new / "knn")
+        ),
+        "eval detection: NaN box": lambda: _det_case(
+            c, new, "nan_box", _set_box(0, [float("nan"), 1, 2, 3]), ["non-finite coordinate"]
+        ),
+        "eval detection: box outside the image": lambda: _det_case(
+            c, new, "outside_box", _set_box(0, [1e6, 1, 2, 3]), ["lies outside"]
+        ),
+        "eval detection: category without id": lambda: _det_case(
+            c, new, "cat_no_id", lambda d: d["categories"][0].pop("id"), ["categories[0] has 'id' None"]
+        ),
+        "eval detection: non-numeric iscrowd": lambda: _det_case(
+            c, new, "iscrowd", lambda d: d["annotations"][0].update(iscrowd="yes"), ["'iscrowd' 'yes'"]
+        ),
+    }
+
+
 def _resume_case(c: Path, name: str, mutate, extra_sets, needles) -> Case:
     run = _copy_run(c, name)
     _poison_checkpoint(run, mutate)
@@ -767,7 +913,15 @@ PART_B_IDS = list(_hostile_rows(Path("/nonexistent"), Path("/nonexistent")).keys
 
 def test_table_covers_part_a():
     """The figure docs/reliability.md states."""
-    assert len(ROW_IDS) - len(PART_B_IDS) >= 40
+    assert len(ROW_IDS) - len(PART_B_IDS) - len(ISSUE24_IDS) >= 40
+
+
+ISSUE24_IDS = list(_issue24_rows(Path("/nonexistent"), Path("/nonexistent")).keys())
+
+
+def test_table_covers_issue_24():
+    """Issue 24, part A (docs/reliability.md): links and special files, --set bombs, weights, annotations."""
+    assert len(ISSUE24_IDS) >= 14 and set(ISSUE24_IDS) <= set(ROW_IDS)
 
 
 def test_table_covers_part_b():

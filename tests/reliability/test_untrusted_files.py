@@ -2,7 +2,7 @@
 
 Each bound is tested by making the allocating (or executing) function fail the test if it is reached:
 the check must come first, not merely fail fast. The end-to-end rows (one stderr line, exit 2) are in
-``tests/test_bad_inputs.py``; the hostile inputs themselves in ``tests/hostile.py``."""
+``tests/reliability/test_bad_inputs.py``; the hostile inputs themselves in ``tests/reliability/hostile.py``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import posix
+import re
 from pathlib import Path
 
 import numpy as np
@@ -394,7 +395,7 @@ def no_exec(monkeypatch):
     [
         (lambda p, m: hostile.pickle_os_system(p, m), "global 'posix.system'"),
         (lambda p, m: hostile.pickle_eval(p, m), "global 'builtins.eval'"),
-        (lambda p, m: hostile.pickle_foreign_class(p), "global 'hostile.Foreign'"),
+        (lambda p, m: hostile.pickle_foreign_class(p), "global 'reliability.hostile.Foreign'"),
         (lambda p, m: hostile.pickle_object_array(p), "numpy dtype object"),
         (lambda p, m: hostile.pickle_persistent_id(p), "a persistent id"),
         (lambda p, m: hostile.pickle_reconstruct_huge(p), "numpy _reconstruct with a non-empty shape (1073741824,)"),
@@ -491,3 +492,390 @@ def test_help_and_docs_say_a_pkl_is_unpickled():
     assert "restricted unpickler" in text
     doc = " ".join((REPO / "docs" / "detection.md").read_text().split())
     assert "detectron2 loads it with `pickle.load`, which can run any code" in doc
+
+
+# ----------------------------------------------------------------------------------------- issue 24, part A
+# run directories received from someone else: the lock file
+def _victim(tmp_path) -> Path:
+    v = tmp_path / "victim.txt"
+    v.write_text("precious\n")
+    return v
+
+
+@pytest.mark.parametrize("kind", ["symlink", "dangling symlink", "hard link", "fifo", "directory"])
+def test_lock_file_that_is_not_a_plain_file_is_refused_and_nothing_is_written(tmp_path, kind):
+    from simsiam_kit.engine.run_dir import RunDir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    victim = _victim(tmp_path)
+    lock = run / ".lock"
+    if kind == "symlink":
+        lock.symlink_to(victim)
+    elif kind == "dangling symlink":
+        lock.symlink_to(tmp_path / "created-by-the-lock")
+    elif kind == "hard link":
+        os.link(victim, lock)
+    elif kind == "fifo":
+        os.mkfifo(lock)
+    else:
+        lock.mkdir()
+    with pytest.raises(UserError, match=r"\.lock: .*a run's lock file must be a regular file") as e:
+        RunDir(run).lock()
+    assert "\n" not in str(e.value)
+    assert victim.read_text() == "precious\n"
+    assert not (tmp_path / "created-by-the-lock").exists()
+
+
+def test_a_plain_lock_file_still_locks_and_records_the_pid(tmp_path):
+    from simsiam_kit.engine.run_dir import RunDir
+
+    run = RunDir(tmp_path / "run").lock()
+    try:
+        assert run.lock_file.read_text() == f"{os.getpid()}\n"
+        with pytest.raises(UserError, match="another simsiam-kit run is using this directory"):
+            RunDir(tmp_path / "run").lock()
+    finally:
+        run.unlock()
+
+
+# YAML: --set values and config.amendments.yaml go through the one bounded loader
+def _alias_value(levels: int = 4) -> str:
+    """A flow-style alias bomb for one --set value: each level x9."""
+    parts = ["[&a0 [lol,lol,lol,lol,lol,lol,lol,lol,lol]"]
+    for i in range(1, levels):
+        parts.append(f"&a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]")
+    return ", ".join(parts) + "]"
+
+
+@pytest.mark.parametrize("key", ["name", "optim.epochs", "data.mean"])
+def test_alias_bomb_in_a_set_value_is_refused(key):
+    value = _alias_value()
+    assert len(value) < 300
+    with pytest.raises(UserError, match=f"--set {key}: YAML anchor '&a0'") as e:
+        config_mod.load_pretrain_config("demo", [f"{key}={value}"])
+    assert len(str(e.value)) < 300  # nothing expanded into the message
+
+
+def test_set_values_still_parse_as_yaml_scalars_and_lists():
+    cfg = config_mod.load_pretrain_config(
+        "demo", ["optim.epochs=3", "model.predictor=false", "data.mean=[0.5, 0.5, 0.5]", "name=a b", "data.val=null"]
+    )
+    assert (cfg.optim.epochs, cfg.model.predictor, cfg.data.mean, cfg.name, cfg.data.val) == (
+        3,
+        False,
+        (0.5, 0.5, 0.5),
+        "a b",
+        None,
+    )
+    assert config_mod.load_pretrain_config("demo", ["name=[x"]).name == "[x"  # not YAML: the literal text
+
+
+def test_amendments_file_loads_through_the_bounded_loader(tmp_path):
+    ok = tmp_path / "config.amendments.yaml"
+    ok.write_text("- after_epoch: 2\n  set:\n    optim.epochs: 5\n")
+    assert config_mod.load_yaml(ok, expect=list) == [{"after_epoch": 2, "set": {"optim.epochs": 5}}]
+    (tmp_path / "empty.yaml").write_text("")
+    assert config_mod.load_yaml(tmp_path / "empty.yaml", expect=list) == []
+    bomb = tmp_path / "bomb.amendments.yaml"
+    bomb.write_text(f"- after_epoch: 1\n  set:\n    log.wandb_project: {_alias_value(9)}\n")
+    with pytest.raises(UserError, match=r"bomb\.amendments\.yaml: YAML anchor '&a0'"):
+        config_mod.load_yaml(bomb, expect=list)
+    (tmp_path / "mapping.yaml").write_text("a: 1\n")
+    with pytest.raises(UserError, match=r"mapping\.yaml: top level must be a list"):
+        config_mod.load_yaml(tmp_path / "mapping.yaml", expect=list)
+
+
+def test_config_that_is_a_link_to_a_device_is_refused(tmp_path):
+    link = tmp_path / "zero.yaml"
+    link.symlink_to("/dev/zero")
+    with pytest.raises(UserError, match=r"zero\.yaml \(a config\): a character device, not a regular file"):
+        config_mod.load_yaml(link)
+
+
+# the run name and the image size: one rule each
+@pytest.mark.parametrize("raw", ["../../x", "a/b", "..", ".", "''", "a\\b", "' lead'", "x" * 129, '"tab\\there"'])
+def test_run_name_must_be_a_plain_directory_name(raw):
+    with pytest.raises(UserError, match="bad value for 'name'"):
+        config_mod.load_pretrain_config("demo", [f"name={raw}"])
+
+
+def test_image_size_has_one_upper_bound_for_config_and_evaluation():
+    from simsiam_kit.image_settings import MAX_IMAGE_SIZE, resolve_image_settings
+
+    assert config_mod.load_pretrain_config("demo", [f"data.image_size={MAX_IMAGE_SIZE}"]).data.image_size == 4096
+    with pytest.raises(UserError, match=r"'data.image_size': 100000 \(expected 8\.\.4096 pixels\)"):
+        config_mod.load_pretrain_config("demo", ["data.image_size=100000"])
+    with pytest.raises(UserError, match="expected 8..4096 pixels"):
+        resolve_image_settings(option={"image_size": 100000})
+
+
+# special files behind user-supplied paths: refused before a byte is read
+def test_open_regular_refuses_devices_fifos_and_directories(tmp_path):
+    from simsiam_kit.utils.io import open_regular, read_bytes_bounded
+
+    (tmp_path / "zero").symlink_to("/dev/zero")
+    os.mkfifo(tmp_path / "fifo")  # no writer: a blocking open would wait for ever
+    (tmp_path / "dir").mkdir()
+    for name, kind in (("zero", "a character device"), ("fifo", "a FIFO"), ("dir", "a directory")):
+        with pytest.raises(UserError, match=f"{name}: {kind}, not a regular file; refused"):
+            open_regular(tmp_path / name)
+    f = tmp_path / "f.bin"
+    f.write_bytes(b"x" * 10)
+    assert read_bytes_bounded(f, 10) == b"x" * 10
+    with pytest.raises(UserError, match=r"f\.bin: larger than 9 bytes"):
+        read_bytes_bounded(f, 9)
+
+
+def test_embedding_files_linked_to_dev_zero_are_refused(tmp_path):
+    from simsiam_kit.retrieval.files import check_faiss_file, load_npy, read_json
+
+    for name in ("ids.json", "labels.npy", "index.faiss"):
+        (tmp_path / name).symlink_to("/dev/zero")
+    with pytest.raises(UserError, match=r"ids\.json.*not a regular file"):
+        read_json(tmp_path / "ids.json", list, "the ids")
+    with pytest.raises(UserError, match=r"labels\.npy.*not a regular file"):
+        load_npy(tmp_path / "labels.npy", "iu", 1)
+    with pytest.raises(UserError, match=r"index\.faiss.*not a regular file"):
+        check_faiss_file(tmp_path / "index.faiss", "flat", 8, 1, 0)
+
+
+@pytest.mark.parametrize("target", ["/dev/zero", "fifo"])
+def test_weights_that_are_not_a_regular_file_are_refused(tmp_path, target):
+    from simsiam_kit.weights import load_backbone
+
+    if target == "fifo":
+        os.mkfifo(tmp_path / "w.pt")
+        spec = tmp_path / "w.pt"
+    else:
+        spec = Path(target)
+    with pytest.raises(UserError, match="not a regular file; refused"):
+        load_backbone(str(spec))
+    link = tmp_path / "link.pt"
+    link.symlink_to("/dev/zero")
+    with pytest.raises(UserError, match=r"link\.pt \(weights\): a character device"):
+        load_backbone(str(link))
+
+
+# strict JSON
+def test_json_writer_refuses_nan_and_infinity_naming_the_key(tmp_path):
+    from simsiam_kit.utils.io import atomic_write_json
+
+    p = tmp_path / "results.json"
+    for bad, key in (
+        ({"knn": {"top1": float("nan")}}, "knn.top1"),
+        ({"rows": [{"t": 1.0}, {"t": float("inf")}]}, "rows[1].t"),
+        ([float("-inf")], "[0]"),
+    ):
+        with pytest.raises(UserError, match=rf"cannot write .*results\.json: '{re.escape(key)}' is"):
+            atomic_write_json(p, bad)
+        assert not p.exists()
+    atomic_write_json(p, {"top1": 0.5, "n": 3, "s": "x", "none": None})
+    assert json.loads(p.read_text()) == {"top1": 0.5, "n": 3, "s": "x", "none": None}
+
+
+# malformed weight files: one line naming the file and what is wrong
+@pytest.fixture(scope="module")
+def resnet_sd():
+    from simsiam_kit.weights import random_backbone
+
+    return random_backbone("resnet18", "cifar").state_dict()
+
+
+def test_integer_weights_are_refused(tmp_path, resnet_sd):
+    from simsiam_kit.weights import load_backbone
+
+    p = tmp_path / "int64.pt"
+    torch = pytest.importorskip("torch")
+    torch.save({k: v.to(torch.int64) for k, v in resnet_sd.items()}, p)
+    with pytest.raises(UserError, match=r"int64\.pt: 'conv1\.weight' holds int64 values; weights must be floating"):
+        load_backbone(str(p))
+    torch.save(resnet_sd, tmp_path / "ok.pt")  # the same file in float32 loads
+    assert load_backbone(str(tmp_path / "ok.pt")).arch == "resnet18"
+
+
+def _bad_weights(resnet_sd):
+    from simsiam_kit.engine.checkpoint import BACKBONE_FORMAT, CHECKPOINT_FORMAT
+
+    renamed = {("layer1.x.conv1.weight" if k == "layer1.0.conv1.weight" else k): v for k, v in resnet_sd.items()}
+    return {
+        "backbone without state_dict": ({"format": BACKBONE_FORMAT, "arch": "resnet18"}, "holds no 'state_dict'"),
+        "backbone state_dict a list": (
+            {"format": BACKBONE_FORMAT, "state_dict": [1, 2]},
+            "'state_dict' is not a state",
+        ),
+        "backbone state_dict of ints": ({"format": BACKBONE_FORMAT, "state_dict": {"a": 1}}, "'state_dict' is not a"),
+        "backbone arch an int": (
+            {"format": BACKBONE_FORMAT, "state_dict": dict(resnet_sd), "arch": 5},
+            "'arch' is 5, expected a str",
+        ),
+        "checkpoint without model": ({"format": CHECKPOINT_FORMAT, "epoch": 1}, "holds no 'model'"),
+        "checkpoint model a string": ({"format": CHECKPOINT_FORMAT, "model": "x"}, "'model' is not a state dict"),
+        "checkpoint epoch a string": (
+            {"format": CHECKPOINT_FORMAT, "model": {f"backbone.{k}": v for k, v in resnet_sd.items()}, "epoch": "x"},
+            "'epoch' is 'x', expected an integer",
+        ),
+        "checkpoint config a list": (
+            {"format": CHECKPOINT_FORMAT, "model": {f"backbone.{k}": v for k, v in resnet_sd.items()}, "config": [1]},
+            "'config' of this checkpoint is not a config mapping",
+        ),
+        "stage key without a block index": (renamed, "key 'layer1.x.conv1.weight' is not a ResNet stage key"),
+        "conv1 not 4-D": ({**resnet_sd, "conv1.weight": resnet_sd["conv1.weight"].flatten()}, "not a convolution"),
+    }
+
+
+BAD_WEIGHTS = [
+    "backbone without state_dict",
+    "backbone state_dict a list",
+    "backbone state_dict of ints",
+    "backbone arch an int",
+    "checkpoint without model",
+    "checkpoint model a string",
+    "checkpoint epoch a string",
+    "checkpoint config a list",
+    "stage key without a block index",
+    "conv1 not 4-D",
+]
+
+
+@pytest.mark.parametrize("case", BAD_WEIGHTS)
+def test_malformed_weight_files_are_one_line_errors(tmp_path, resnet_sd, case):
+    torch = pytest.importorskip("torch")
+    from simsiam_kit.weights import load_backbone
+
+    table = _bad_weights(resnet_sd)
+    assert set(table) == set(BAD_WEIGHTS)
+    obj, needle = table[case]
+    p = tmp_path / "bad.pt"
+    torch.save(obj, p)
+    with pytest.raises(UserError) as e:
+        load_backbone(str(p))
+    assert str(e.value).startswith(str(p)) and needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+# malformed COCO / VOC annotations: one line naming the file and the entry, never a traceback
+def _coco(**change) -> dict:
+    d = {
+        "images": [{"id": 1, "file_name": "a.jpg", "width": 40, "height": 30}],
+        "annotations": [{"id": 7, "image_id": 1, "category_id": 1, "bbox": [2, 3, 10, 12], "iscrowd": 0}],
+        "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
+    }
+    for path, value in change.items():
+        key, _, field = path.partition("__")
+        if field:
+            d[key][0][field] = value
+        else:
+            d[key] = value
+    return d
+
+
+def _ann(**kw) -> list:
+    return [{"id": 7, "image_id": 1, "category_id": 1, "bbox": [2, 3, 10, 12], "iscrowd": 0, **kw}]
+
+
+BAD_COCO = {
+    "category without id": (_coco(categories=[{"name": "cat"}]), "categories[0] has 'id' None"),
+    "mixed-type category ids": (
+        _coco(categories=[{"id": 1, "name": "cat"}, {"id": "2", "name": "dog"}]),
+        "categories[1] has 'id' '2'",
+    ),
+    "string categories": (_coco(categories=["cat", "dog"]), "categories[0] is 'cat'"),
+    "category name not a string": (_coco(categories=[{"id": 1, "name": 5}]), "'name' 5"),
+    "image not an object": (_coco(images=[3]), "images[0] is 3"),
+    "annotation not an object": (_coco(annotations=["box"]), "annotations[0] is 'box'"),
+    "file_name not a string": (_coco(images__file_name=5), "'file_name' 5"),
+    "image id a list": (_coco(images__id=[1]), "images[0] has 'id' [1]"),
+    "image width negative": (_coco(images__width=-4), "'width' -4"),
+    "bbox not numbers": (_coco(annotations=_ann(bbox=["a", 1, 2, 3])), "annotation 7 has 'bbox' ['a', 1, 2, 3]"),
+    "bbox of 3": (_coco(annotations=_ann(bbox=[1, 2, 3])), "annotation 7 has 'bbox' [1, 2, 3]"),
+    "iscrowd not numeric": (_coco(annotations=_ann(iscrowd="no")), "annotation 7 has 'iscrowd' 'no'"),
+    "image_id a list": (_coco(annotations=_ann(image_id=[1])), "'image_id' [1]"),
+    "NaN box": (_coco(annotations=_ann(bbox=[float("nan"), 3, 10, 12])), "non-finite coordinate"),
+    "infinite box": (_coco(annotations=_ann(bbox=[2, 3, float("inf"), 12])), "non-finite coordinate"),
+    "negative width": (_coco(annotations=_ann(bbox=[20, 3, -10, 12])), "min > max"),
+    "box outside the image": (_coco(annotations=_ann(bbox=[35, 3, 10, 12])), "outside the 40x30 image"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_COCO))
+def test_malformed_coco_annotations_are_one_line_errors(tmp_path, case):
+    from PIL import Image
+
+    from simsiam_kit.evaluation.detection.data import load_coco_json
+
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.jpg")
+    coco, needle = BAD_COCO[case]
+    p = tmp_path / "ann.json"
+    p.write_text(json.dumps(coco))  # NaN/Infinity tokens: what Python's json writes and reads by default
+    with pytest.raises(UserError) as e:
+        load_coco_json(p, tmp_path)
+    msg = str(e.value)
+    assert msg.startswith(str(p)) and needle in msg and "\n" not in msg, msg
+
+
+def test_valid_coco_next_to_the_bad_ones_loads(tmp_path):
+    from PIL import Image
+
+    from simsiam_kit.evaluation.detection.data import load_coco_json
+
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.jpg")
+    (tmp_path / "ann.json").write_text(json.dumps(_coco()))
+    ds = load_coco_json(tmp_path / "ann.json", tmp_path)
+    np.testing.assert_allclose(ds.records[0]["boxes"], [[2, 3, 12, 15]])
+    assert ds.records[0]["labels"].tolist() == [1] and ds.num_classes == 2
+
+
+_VOC_OK = (
+    "<object><name>dog</name><bndbox><xmin>11</xmin><ymin>21</ymin><xmax>30</xmax><ymax>40</ymax></bndbox></object>"
+)
+BAD_VOC = {
+    "no size": ("<annotation>" + _VOC_OK + "</annotation>", "has no <size><width>"),
+    "size not a number": (
+        "<annotation><size><width>wide</width><height>48</height></size>" + _VOC_OK + "</annotation>",
+        "<size><width> is 'wide'",
+    ),
+    "object without a name": ("<object><bndbox><xmin>1</xmin></bndbox></object>", "object 0 has no <name>"),
+    "object without a bndbox": ("<object><name>dog</name></object>", "object 0 (dog) has no <bndbox>"),
+    "coordinate not a number": (_VOC_OK.replace("<xmax>30", "<xmax>3O"), "<bndbox><xmax> is '3O'"),
+    "coordinate missing": (_VOC_OK.replace("<ymax>40</ymax>", ""), "object 0 has no <bndbox><ymax>"),
+    "coordinate NaN": (_VOC_OK.replace("<xmin>11", "<xmin>nan"), "<bndbox><xmin> is 'nan'"),
+    "xmin > xmax": (_VOC_OK.replace("<xmin>11", "<xmin>40"), "min > max"),
+    "box outside the image": (_VOC_OK.replace("<xmax>30", "<xmax>300"), "outside the 64x48 image"),
+    "difficult not 0/1": (_VOC_OK.replace("<name>dog</name>", "<name>dog</name><difficult>x</difficult>"), "'x'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_VOC))
+def test_malformed_voc_annotations_are_one_line_errors(tmp_path, case):
+    from PIL import Image
+
+    from simsiam_kit.evaluation.detection.data import load_voc
+
+    root = tmp_path / "VOCdevkit" / "VOC2007"
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (root / sub).mkdir(parents=True)
+    Image.new("RGB", (64, 48)).save(root / "JPEGImages" / "000001.jpg")
+    xml, needle = BAD_VOC[case]
+    if not xml.startswith("<annotation>"):
+        xml = "<annotation><size><width>64</width><height>48</height></size>" + xml + "</annotation>"
+    (root / "Annotations" / "000001.xml").write_text(xml)
+    (root / "ImageSets" / "Main" / "trainval.txt").write_text("000001\n")
+    with pytest.raises(UserError) as e:
+        load_voc(tmp_path / "VOCdevkit", "2007/trainval")
+    msg = str(e.value)
+    assert msg.startswith(str(root / "Annotations" / "000001.xml")) and needle in msg and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize(
+    "item, needle",
+    [
+        ("train.knn_temperature=0.01", "'train.knn_temperature': 0.01 (expected >= 0.02"),
+        ("train.dist_timeout_s=1e300", "'train.dist_timeout_s': 1e+300 (expected > 0 and <= 2592000 seconds"),
+    ],
+)
+def test_config_floats_are_finite_and_in_a_usable_range(item, needle):
+    with pytest.raises(UserError) as e:
+        config_mod.load_pretrain_config("demo", [item])
+    assert needle in str(e.value), str(e.value)
+    cfg = config_mod.load_pretrain_config("demo", ["train.knn_temperature=0.02", "train.dist_timeout_s=2592000"])
+    assert (cfg.train.knn_temperature, cfg.train.dist_timeout_s) == (0.02, 2592000.0)
