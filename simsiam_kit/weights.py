@@ -393,7 +393,7 @@ def load_backbone(
     obj, digest, size = read_weights_file(path)
     sd, meta, cfg, kind = _extract_backbone_sd(obj, path)
     found_arch = meta.get("arch") or infer_arch(sd)
-    found_stem = meta.get("stem") or infer_stem(sd)
+    found_stem = meta.get("stem") or infer_stem(sd, found_arch)
     want_arch, want_stem = arch or found_arch, stem or found_stem
     model = build_backbone(want_arch, want_stem)
     try:

@@ -188,7 +188,7 @@ def test_parity_failure_fails_loudly_and_writes_nothing(bb, exported, tmp_path, 
     other = tmp_path / "other.pt"
     save_backbone(other, _backbone(5), "resnet18", "cifar", {"image_size": 32, "mean": list(MEAN), "std": list(STD)})
     wrong = onnx.load(str(exported[0]))  # computes the fixture's backbone, not _backbone(5)
-    monkeypatch.setattr(eo, "_to_onnx", lambda net, size, opset: wrong)
+    monkeypatch.setattr(eo, "to_onnx", lambda net, size, opset: wrong)
     with pytest.raises(ParityError, match="parity check failed"):
         export_onnx(str(other), tmp_path / "bad.onnx", parity_data=None)
     assert not (tmp_path / "bad.onnx").exists()
