@@ -1,17 +1,37 @@
-"""Export of pretrained encoders: ONNX with metadata and a parity check, onnxruntime embedder.
+"""Export of pretrained encoders, one family around one encoder loader (detectron2 ``export/``):
 
-``export_onnx`` lives in :mod:`simsiam_kit.export.onnx` (imports torch); ``OnnxEmbedder`` in
-:mod:`simsiam_kit.export.embedder` (numpy only; onnxruntime is imported when a model is opened).
+* :mod:`simsiam_kit.export.encoder`: :func:`load_encoder`, the backbone (+ projector) every format starts from;
+* :mod:`simsiam_kit.export.onnx`: :func:`export_onnx` with :class:`OnnxExportOptions` (graph + metadata +
+  parity check; int8 through :mod:`simsiam_kit.export.quantize`);
+* :mod:`simsiam_kit.export.detectron2`: :func:`export_detectron2` (a ``.pkl`` for ``MODEL.WEIGHTS``);
+* :mod:`simsiam_kit.export.embedder`: :class:`OnnxEmbedder`, the runtime of an exported model (numpy only;
+  onnxruntime is imported when a model is opened).
+
+A new format is one module here beside these and one command in :mod:`simsiam_kit.cli.export`.
 """
 
 from simsiam_kit.export.embedder import OnnxEmbedder, read_metadata
 
-__all__ = ["OnnxEmbedder", "read_metadata", "export_onnx"]
+__all__ = [
+    "OnnxEmbedder",
+    "read_metadata",
+    "export_onnx",
+    "OnnxExportOptions",
+    "load_encoder",
+    "export_detectron2",
+]
+
+_LAZY = {
+    "export_onnx": "simsiam_kit.export.onnx",
+    "OnnxExportOptions": "simsiam_kit.export.onnx",
+    "load_encoder": "simsiam_kit.export.encoder",
+    "export_detectron2": "simsiam_kit.export.detectron2",
+}
 
 
 def __getattr__(name):
-    if name == "export_onnx":  # lazy: keeps `from simsiam_kit.export import OnnxEmbedder` free of torch
-        from simsiam_kit.export.onnx import export_onnx
+    if name in _LAZY:  # lazy: keeps `from simsiam_kit.export import OnnxEmbedder` free of torch
+        import importlib
 
-        return export_onnx
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(name)

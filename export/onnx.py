@@ -6,8 +6,8 @@ The exported graph:
   scaled to [0, 1] then normalised per channel with the ``mean`` / ``std`` in the metadata;
 * output ``embeddings``: float32 ``(N, D)``, the raw encoder output (no l2 normalisation;
   :class:`export.embedder.OnnxEmbedder` normalises by default). ``--head backbone`` gives the pooled
-  ResNet features (D = 512 for ResNet-18/34, 2048 for ResNet-50/101), ``--head projector`` the
-  projector output z (the ``f`` of the paper, D = ``proj_dim``).
+  backbone features (D = the ``feature_dim`` of its entry in :mod:`simsiam_kit.models.backbones`),
+  ``--head projector`` the projector output z (the ``f`` of the paper, D = ``proj_dim``).
 * ``--fp16``: weights and arithmetic in float16, inputs and outputs still float32 (casts in the graph).
 * ``--quantize int8``: the fp32 graph statically quantized by onnxruntime (QDQ: int8 weights, uint8
   activations, calibrated on the user's images), I/O still float32; the parity check of the fp32 graph
@@ -17,17 +17,22 @@ The exported graph:
 Like timm's ``utils/onnx.py``, the function checks the model (``onnx.checker``) and compares
 onnxruntime against the PyTorch encoder before it returns; a model that fails the parity check (or,
 for int8, the accuracy check) is not written, and the figures go to ``<output stem>.export.json``
-either way.
+either way. Both files are written atomically (:mod:`simsiam_kit.utils.io`), the model before the report,
+so a report next to a model always describes it.
+
+The steps of :func:`export_onnx`, each a function here: load the encoder (:mod:`export.encoder`), read
+the check images, build the graph with its metadata (:func:`build_graph`), check parity
+(:func:`parity_check`), quantize (:mod:`export.quantize`), write (:func:`write_export`). Options are one
+:class:`OnnxExportOptions`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -36,6 +41,7 @@ import torch.nn as nn
 from simsiam_kit.config import DEFAULT_KNN_K
 from simsiam_kit.errors import UserError
 from simsiam_kit.export.embedder import FORMAT, decode_metadata, l2_normalize, make_session, preprocess
+from simsiam_kit.export.encoder import HEADS, Encoder, EncoderNet, load_encoder
 from simsiam_kit.export.quantize import (
     DEFAULT_CALIBRATION_IMAGES,
     DEFAULT_CALIBRATION_METHOD,
@@ -50,6 +56,19 @@ from simsiam_kit.export.quantize import (
     quantization_facts,
     quantize_int8,
 )
+from simsiam_kit.models.backbones import BACKBONES, STEMS
+from simsiam_kit.utils.io import atomic_write_bytes, atomic_write_json
+
+__all__ = [
+    "Encoder",
+    "EncoderNet",
+    "OnnxExportOptions",
+    "ParityError",
+    "export_onnx",
+    "load_encoder",
+    "parity_check",
+    "to_onnx",
+]
 
 INPUT_NAME, OUTPUT_NAME = "images", "embeddings"
 DEFAULT_OPSET = 18
@@ -57,7 +76,6 @@ DEFAULT_OPSET = 18
 # converter that fails on ResNets and silently keeps 18, so we refuse them. 23 is the newest opset the
 # pinned onnxruntime (>= 1.18 supports up to 21; 1.2x up to 23) is known to run.
 SUPPORTED_OPSETS = tuple(range(18, 24))
-HEADS = ("backbone", "projector")
 FP32_MAX_ABS_DIFF = 1e-4
 FP16_MIN_COSINE = 0.999
 PARITY_BATCHES = (1, 7)
@@ -66,9 +84,9 @@ DEFAULT_PARITY_DATA = "demo:val[:16]"
 METADATA_DOC = {
     "format": f"'{FORMAT}'",
     "format_version": "'1'",
-    "arch": "resnet18 | resnet34 | resnet50 | resnet101",
-    "stem": "cifar | imagenet",
-    "head": "backbone | projector",
+    "arch": " | ".join(BACKBONES),
+    "stem": " | ".join(STEMS),
+    "head": " | ".join(HEADS),
     "embedding_dim": "D, width of the output",
     "image_size": "H = W of the input",
     "mean": "JSON list, per-channel mean (RGB) subtracted after scaling pixels to [0, 1]",
@@ -87,105 +105,6 @@ METADATA_DOC = {
     "source": "the weights the model was exported from",
     "producer_versions": "JSON: simsiam-kit, torch, onnx versions",
 }
-
-
-@dataclass
-class Encoder:
-    module: nn.Module
-    arch: str
-    stem: str
-    head: str
-    embedding_dim: int
-    image_size: int
-    mean: tuple
-    std: tuple
-    source: str
-
-
-class _EncoderNet(nn.Module):
-    """backbone [+ projector], optionally computing in float16 behind float32 I/O."""
-
-    def __init__(self, backbone: nn.Module, projector: Optional[nn.Module], fp16: bool = False):
-        super().__init__()
-        self.backbone, self.projector, self.fp16 = backbone, projector, fp16
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(torch.float16) if self.fp16 else images
-        z = self.backbone(x)
-        if self.projector is not None:
-            z = self.projector(z)
-        return z.float()
-
-
-def _projector_from_checkpoint(weights: str, feature_dim: int) -> tuple[nn.Module, str]:
-    """The projector of a full simsiam-kit checkpoint (a run dir's checkpoints/last.pt)."""
-    from simsiam_kit.engine.checkpoint import CHECKPOINT_FORMAT, clean_state_dict, load_file
-    from simsiam_kit.models.heads import ProjectionHead
-    from simsiam_kit.weights import load_state_dict_checked
-
-    p = Path(weights).expanduser()
-    if p.is_dir():
-        ck = p / "checkpoints" / "last.pt"
-        if not ck.is_file():
-            raise UserError(
-                f"--head projector needs the projector weights, but {p} has no checkpoints/last.pt "
-                "(backbone.pt holds the backbone only)"
-            )
-        p = ck
-    obj = load_file(p)
-    if not (isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT):
-        raise UserError(
-            f"{p}: --head projector needs a full simsiam-kit checkpoint (a run's checkpoints/last.pt); "
-            "this file holds no projector (use --head backbone)"
-        )
-    sd = clean_state_dict(obj.get("model", {}))
-    proj = {k[len("projector.") :]: v for k, v in sd.items() if k.startswith("projector.")}
-    linears = sorted(
-        (k for k, v in proj.items() if k.endswith(".weight") and v.ndim == 2), key=lambda k: int(k.split(".")[1])
-    )
-    if not linears:
-        raise UserError(f"{p}: checkpoint has no projector weights (no 'projector.*' keys)")
-    in_dim = proj[linears[0]].shape[1]
-    if in_dim != feature_dim:
-        raise UserError(f"{p}: projector input {in_dim} does not match the backbone width {feature_dim}")
-    head = ProjectionHead(in_dim, proj[linears[0]].shape[0], proj[linears[-1]].shape[0], len(linears))
-    load_state_dict_checked(head, proj, f"{p} (projector)")
-    return head, str(p)
-
-
-def load_encoder(
-    weights: str,
-    head: str = "backbone",
-    image_size: Optional[int] = None,
-    arch: Optional[str] = None,
-    stem: Optional[str] = None,
-) -> Encoder:
-    """Backbone (and projector for ``head="projector"``) in eval mode, with its preprocessing facts (the core's
-    one resolver: :func:`simsiam_kit.image_settings.resolve_image_settings`)."""
-    from simsiam_kit.image_settings import resolve_image_settings
-    from simsiam_kit.weights import is_random, load_backbone
-
-    if head not in HEADS:
-        raise UserError(f"unknown head '{head}' (available: {', '.join(HEADS)})")
-    if head == "projector" and is_random(weights):
-        raise UserError("--head projector needs trained weights (a run directory or checkpoint), not 'random'")
-    lb = load_backbone(str(weights), arch=arch, stem=stem)
-    backbone = lb.model.eval()
-    feat_dim = int(backbone.feature_dim)
-    projector, source = None, lb.source
-    if head == "projector":
-        projector, source = _projector_from_checkpoint(str(weights), feat_dim)
-        projector.eval()
-        dim = int(projector.net[-2].out_features)
-    else:
-        dim = feat_dim
-    # option > weights metadata > run config > default (32 px CIFAR stem, 224 px ImageNet stem; ImageNet mean/std)
-    img = resolve_image_settings(
-        option={"image_size": image_size}, weights=lb.weights_settings, config=lb.config_settings, stem=lb.stem
-    )
-    return Encoder(
-        _EncoderNet(backbone, projector).eval(), lb.arch, lb.stem, head, dim, img.image_size, img.mean, img.std, source
-    )
 
 
 def _metadata(enc: Encoder, opset: int, precision: str) -> dict:
@@ -224,7 +143,7 @@ def _metadata(enc: Encoder, opset: int, precision: str) -> dict:
     }
 
 
-def _to_onnx(net: nn.Module, image_size: int, opset: int):
+def to_onnx(net: nn.Module, image_size: int, opset: int):
     """torch.onnx (dynamo) export to a ModelProto with a dynamic batch axis."""
     import logging
     import warnings
@@ -259,7 +178,7 @@ def _to_onnx(net: nn.Module, image_size: int, opset: int):
     return prog.model_proto
 
 
-def _default_opset(model) -> int:
+def default_opset(model) -> int:
     return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), -1)
 
 
@@ -365,22 +284,108 @@ def _set_metadata(model, enc: Encoder, meta: dict) -> None:
     decode_metadata(meta, "the exported model")  # the embedder must be able to read what we wrote
 
 
+@dataclass(frozen=True)
+class OnnxExportOptions:
+    """Everything ``export_onnx`` takes besides the weights and the output path (the ``export onnx`` flags).
+
+    ``parity_data``: real images for the parity check (a dataset spec, a uint8 (N, H, W, 3) array, or None
+    for random images only). ``quantize="int8"``: static int8 quantization of the checked fp32 graph,
+    calibrated on ``calibration_images`` images of ``calibration_data`` (a dataset spec or a uint8 array)
+    with ``calibration_method``, then the accuracy check on ``accuracy_data`` (a labelled dataset spec, or
+    ``(uint8 images, labels)``) with ``max_top1_drop`` and ``knn_k`` (capped at the bank, half the images).
+    """
+
+    head: str = "backbone"
+    image_size: Optional[int] = None
+    opset: int = DEFAULT_OPSET
+    fp16: bool = False
+    arch: Optional[str] = None
+    stem: Optional[str] = None
+    parity_data: Any = DEFAULT_PARITY_DATA
+    device: str = "auto"
+    atol: float = FP32_MAX_ABS_DIFF
+    min_cosine: float = FP16_MIN_COSINE
+    quantize: Optional[str] = None
+    calibration_data: Any = None
+    calibration_images: int = DEFAULT_CALIBRATION_IMAGES
+    calibration_method: str = DEFAULT_CALIBRATION_METHOD
+    accuracy_data: Any = None
+    max_top1_drop: float = MAX_TOP1_DROP
+    knn_k: int = DEFAULT_KNN_K
+
+    @property
+    def precision(self) -> str:
+        return "fp16" if self.fp16 else "fp32"
+
+    def validate(self) -> None:
+        """Impossible combinations and values, refused before anything is loaded."""
+        check_options(
+            self.quantize,
+            self.fp16,
+            self.calibration_data,
+            self.accuracy_data,
+            self.calibration_images,
+            self.calibration_method,
+        )
+        if int(self.opset) not in SUPPORTED_OPSETS:
+            raise UserError(
+                f"unsupported opset {self.opset} (supported: {SUPPORTED_OPSETS[0]}-{SUPPORTED_OPSETS[-1]}; "
+                "the torch exporter produces opset 18 or newer)"
+            )
+
+
+@dataclass
+class CheckImages:
+    """The images the checks run on, read before the export so a bad spec stops the command at once."""
+
+    real: Optional[np.ndarray]  # parity check (None: random images only)
+    calibration: Optional[tuple] = None  # int8: (preprocessed batch, facts)
+    labelled: Optional[tuple] = None  # int8 accuracy check: (images, labels, description)
+
+    @classmethod
+    def read(cls, opts: OnnxExportOptions, enc: Encoder) -> "CheckImages":
+        real = _real_images(opts.parity_data)
+        if not opts.quantize:
+            return cls(real)
+        labelled = accuracy_set(opts.accuracy_data)
+        calib = load_calibration(opts.calibration_data, opts.calibration_images, enc.image_size, enc.mean, enc.std)
+        return cls(real, calib, labelled)
+
+
+def build_graph(enc: Encoder, opts: OnnxExportOptions) -> tuple[Any, dict, float]:
+    """The checked ModelProto with its metadata, the metadata, and the seconds the export took."""
+    net = enc.module.half_precision() if opts.fp16 else enc.module
+    t0 = time.perf_counter()
+    model = to_onnx(net, enc.image_size, int(opts.opset))
+    got_opset = default_opset(model)
+    if got_opset != int(opts.opset):
+        raise UserError(f"unsupported opset {opts.opset}: the exporter produced opset {got_opset}")
+    meta = _metadata(enc, int(opts.opset), opts.precision)
+    _set_metadata(model, enc, meta)
+    return model, meta, time.perf_counter() - t0
+
+
+def _check_parity(enc: Encoder, opts: OnnxExportOptions, session, provider: str, real, say) -> dict:
+    say(
+        f"parity check on onnxruntime {provider} vs PyTorch fp32 "
+        f"({'random + real' if real is not None else 'random'} images, batches {', '.join(map(str, PARITY_BATCHES))})"
+    )
+    parity = parity_check(
+        enc.module, session, enc.image_size, enc.mean, enc.std, real, opts.fp16, opts.atol, opts.min_cosine
+    )
+    for c in parity["checks"]:
+        say(
+            f"  {c['images']:6s} batch {c['batch']:3d}: max abs diff {c['max_abs_diff']:.2e}  "
+            f"min cosine {c['min_cosine']:.7f}"
+        )
+    return parity
+
+
 def _quantize_int8(
-    enc: Encoder,
-    fp32_data: bytes,
-    meta: dict,
-    session32,
-    calib: tuple,
-    labelled: tuple,
-    method: str,
-    max_top1_drop: float,
-    knn_k: int,
-    device: str,
-    output: Path,
-    say: Callable[[str], None],
+    enc: Encoder, opts: OnnxExportOptions, fp32_data: bytes, meta: dict, session32, images: CheckImages, output, say
 ) -> tuple[bytes, dict]:
     """int8 model bytes and the report's quantization and accuracy sections (:mod:`export.quantize`)."""
-    x, info = calib
+    (x, info), method = images.calibration, opts.calibration_method
     batch = calibration_batch(len(x))
     say(
         f"int8: calibrating on {info['images']} images of {info['data']} ({method}, batches of {batch}); "
@@ -390,17 +395,27 @@ def _quantize_int8(
     qmodel = quantize_int8(fp32_data, x, INPUT_NAME, method)
     quant_s = time.perf_counter() - t0
     facts = quantization_facts(info, method, batch)
-    session8, _ = make_session(qmodel.SerializeToString(), device, source=f"{output} (int8)")
+    session8, _ = make_session(qmodel.SerializeToString(), opts.device, source=f"{output} (int8)")
+    labelled = images.labelled
     say(f"accuracy check: kNN top-1 of int8 vs fp32 embeddings on {labelled[2]} ({len(labelled[1])} images)")
     acc = accuracy_check(
-        session32, session8, labelled, enc.image_size, enc.mean, enc.std, INPUT_NAME, OUTPUT_NAME, max_top1_drop, knn_k
+        session32,
+        session8,
+        labelled,
+        enc.image_size,
+        enc.mean,
+        enc.std,
+        INPUT_NAME,
+        OUTPUT_NAME,
+        opts.max_top1_drop,
+        opts.knn_k,
     )
     summary = {k: acc[k] for k in ("fp32_top1", "int8_top1", "difference", "k", "temperature", "images", "data")}
     summary["cosine_mean"] = acc["cosine_int8_vs_fp32"]["mean"]
     qmeta = dict(
         meta,
         precision="int8",
-        opset=str(_default_opset(qmodel)),
+        opset=str(default_opset(qmodel)),
         calibration=metadata_json(facts),
         accuracy_check=metadata_json(summary),
     )
@@ -409,92 +424,9 @@ def _quantize_int8(
     return data, {"metadata": qmeta, "quantization": {**facts, "seconds": round(quant_s, 2)}, "accuracy": acc}
 
 
-def export_onnx(
-    weights: str,
-    output: Union[str, Path],
-    head: str = "backbone",
-    image_size: Optional[int] = None,
-    opset: int = DEFAULT_OPSET,
-    fp16: bool = False,
-    arch: Optional[str] = None,
-    stem: Optional[str] = None,
-    parity_data=DEFAULT_PARITY_DATA,
-    device: str = "auto",
-    atol: float = FP32_MAX_ABS_DIFF,
-    min_cosine: float = FP16_MIN_COSINE,
-    log: Optional[Callable[[str], None]] = None,
-    quantize: Optional[str] = None,
-    calibration_data=None,
-    calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
-    calibration_method: str = DEFAULT_CALIBRATION_METHOD,
-    accuracy_data=None,
-    max_top1_drop: float = MAX_TOP1_DROP,
-    knn_k: int = DEFAULT_KNN_K,
-) -> dict:
-    """Export ``weights`` (run dir, checkpoint, backbone.pt, ...) to ``output`` and return a report dict.
-
-    ``parity_data``: real images for the parity check (a dataset spec, a uint8 (N, H, W, 3) array, or
-    None for random images only). Raises :class:`ParityError` (a :class:`UserError`) when the parity
-    check fails; the report is written to ``<output stem>.export.json`` in both cases.
-
-    ``quantize="int8"``: static int8 quantization of the checked fp32 graph (:mod:`export.quantize`),
-    calibrated on ``calibration_images`` images of ``calibration_data`` (a dataset spec or a uint8
-    (N, H, W, 3) array) with ``calibration_method``, then the accuracy check on ``accuracy_data`` (a
-    labelled dataset spec, or ``(uint8 images, labels)``): raises :class:`AccuracyError` (model not
-    written) when the int8 kNN top-1 is more than ``max_top1_drop`` points below fp32. ``knn_k``: the
-    check's k (default the pretraining monitor's 200; capped at the bank, half the labelled images).
-    """
-
-    from simsiam_kit.utils.io import atomic_write_json
-
-    say = log or (lambda s: None)
-    check_options(quantize, fp16, calibration_data, accuracy_data, calibration_images, calibration_method)
-    if int(opset) not in SUPPORTED_OPSETS:
-        raise UserError(
-            f"unsupported opset {opset} (supported: {SUPPORTED_OPSETS[0]}-{SUPPORTED_OPSETS[-1]}; "
-            "the torch exporter produces opset 18 or newer)"
-        )
-    output = Path(output).expanduser()
-    if output.is_dir():
-        raise UserError(f"--output {output} is a directory; give a file name such as {output / 'encoder.onnx'}")
-    report_path = output.with_name(output.stem + ".export.json")
-    enc = load_encoder(weights, head, image_size, arch, stem)
-    real = _real_images(parity_data)
-    if quantize:  # read both sets before the export, so a bad one stops the command at once
-        labelled = accuracy_set(accuracy_data)
-        calib = load_calibration(calibration_data, calibration_images, enc.image_size, enc.mean, enc.std)
-    net = enc.module
-    if fp16:
-        net = _EncoderNet(enc.module.backbone, enc.module.projector, fp16=True)
-        import copy
-
-        net = copy.deepcopy(net).half().eval()
-    say(
-        f"exporting {enc.arch} ({enc.stem} stem) {enc.head} -> {enc.embedding_dim}-d embeddings, "
-        f"{enc.image_size}px, opset {opset}, {'fp16' if fp16 else 'fp32'}" + (f", then {quantize}" if quantize else "")
-    )
-    t0 = time.perf_counter()
-    model = _to_onnx(net, enc.image_size, int(opset))
-    got_opset = _default_opset(model)
-    if got_opset != int(opset):
-        raise UserError(f"unsupported opset {opset}: the exporter produced opset {got_opset}")
-    meta = _metadata(enc, int(opset), "fp16" if fp16 else "fp32")
-    _set_metadata(model, enc, meta)
-    export_s = time.perf_counter() - t0
-
-    data = model.SerializeToString()
-    session, provider = make_session(data, device, source=str(output))
-    say(
-        f"parity check on onnxruntime {provider} vs PyTorch fp32 "
-        f"({'random + real' if real is not None else 'random'} images, batches {', '.join(map(str, PARITY_BATCHES))})"
-    )
-    parity = parity_check(enc.module, session, enc.image_size, enc.mean, enc.std, real, fp16, atol, min_cosine)
-    for c in parity["checks"]:
-        say(
-            f"  {c['images']:6s} batch {c['batch']:3d}: max abs diff {c['max_abs_diff']:.2e}  "
-            f"min cosine {c['min_cosine']:.7f}"
-        )
-    report = {
+def _report(weights, output: Path, enc: Encoder, opts: OnnxExportOptions, meta, provider, parity, real, seconds, data):
+    parity_data = opts.parity_data
+    return {
         "model": str(output),
         "weights": str(weights),
         "metadata": meta,
@@ -506,22 +438,21 @@ def export_onnx(
         "parity_data": None
         if real is None
         else (str(parity_data) if not isinstance(parity_data, np.ndarray) else f"array {tuple(parity_data.shape)}"),
-        "export_seconds": round(export_s, 2),
+        "export_seconds": round(seconds, 2),
         "size_bytes": len(data),
     }
-    if quantize and parity["passed"]:
-        data, qreport = _quantize_int8(
-            enc, data, meta, session, calib, labelled, calibration_method, max_top1_drop, knn_k, device, output, say
-        )
-        report.update(qreport, size_bytes=len(data), fp32_size_bytes=report["size_bytes"])
-        report["parity"]["graph"] = "the fp32 graph before quantization"
-    atomic_write_json(report_path, report)
+
+
+def write_export(output: Path, data: bytes, report_path: Path, report: dict, say: Callable[[str], None]) -> None:
+    """A model that passed its checks: the model, then the report, each atomically. One that failed: the
+    report only, then :class:`ParityError` or :class:`AccuracyError`."""
+    parity, acc = report["parity"], report.get("accuracy")
     if not parity["passed"]:
+        atomic_write_json(report_path, report)
         raise ParityError(
             f"parity check failed ({parity['criterion']}): max abs diff {parity['max_abs_diff']:.3e}, "
             f"min cosine {parity['min_cosine']:.6f}; model not written, figures in {report_path}"
         )
-    acc = report.get("accuracy")
     if acc is not None:
         cos = acc["cosine_int8_vs_fp32"]
         say(
@@ -530,24 +461,57 @@ def export_onnx(
             f"cosine int8 vs fp32 mean {cos['mean']:.4f}, min {cos['min']:.4f}"
         )
         if not acc["passed"]:
+            atomic_write_json(report_path, report)
             raise AccuracyError(
                 f"int8 accuracy check failed ({acc['criterion']}): kNN top-1 int8 {acc['int8_top1']:.2f}% vs "
                 f"fp32 {acc['fp32_top1']:.2f}% ({acc['difference']:+.2f} points, {acc['images']} images of "
                 f"{acc['data']}); model not written, figures in {report_path}"
             )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, output)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write_bytes(output, data)
+    atomic_write_json(report_path, report)
     passed = f"parity passed ({parity['criterion']})"
     if acc is not None:
         passed = f"parity of the fp32 graph and int8 accuracy check passed ({acc['criterion']})"
     say(f"{passed}; wrote {output} ({len(data) / 1e6:.1f} MB) and {report_path}")
+
+
+def export_onnx(
+    weights: str,
+    output: Union[str, Path],
+    options: Optional[OnnxExportOptions] = None,
+    log: Optional[Callable[[str], None]] = None,
+    **fields,
+) -> dict:
+    """Export ``weights`` (run dir, checkpoint, backbone.pt, ...) to ``output`` and return the report dict
+    (also written to ``<output stem>.export.json``).
+
+    ``options``: an :class:`OnnxExportOptions`; keyword ``fields`` set (or override) its fields, so
+    ``export_onnx(w, out, head="projector", parity_data=None)`` works too. Raises :class:`ParityError`
+    when the parity check fails and :class:`AccuracyError` when the int8 accuracy check fails (both
+    :class:`UserError`; the model is not written, the report is).
+    """
+    opts = replace(options or OnnxExportOptions(), **fields)
+    say = log or (lambda s: None)
+    opts.validate()
+    output = Path(output).expanduser()
+    if output.is_dir():
+        raise UserError(f"--output {output} is a directory; give a file name such as {output / 'encoder.onnx'}")
+    report_path = output.with_name(output.stem + ".export.json")
+    enc = load_encoder(weights, opts.head, opts.image_size, opts.arch, opts.stem)
+    images = CheckImages.read(opts, enc)
+    say(
+        f"exporting {enc.arch} ({enc.stem} stem) {enc.head} -> {enc.embedding_dim}-d embeddings, "
+        f"{enc.image_size}px, opset {opts.opset}, {opts.precision}"
+        + (f", then {opts.quantize}" if opts.quantize else "")
+    )
+    model, meta, seconds = build_graph(enc, opts)
+    data = model.SerializeToString()
+    session, provider = make_session(data, opts.device, source=str(output))
+    parity = _check_parity(enc, opts, session, provider, images.real, say)
+    report = _report(weights, output, enc, opts, meta, provider, parity, images.real, seconds, data)
+    if opts.quantize and parity["passed"]:
+        data, qreport = _quantize_int8(enc, opts, data, meta, session, images, output, say)
+        report.update(qreport, size_bytes=len(data), fp32_size_bytes=report["size_bytes"])
+        report["parity"]["graph"] = "the fp32 graph before quantization"
+    write_export(output, data, report_path, report, say)
     return report

@@ -438,8 +438,12 @@ def validate(cfg, source: str) -> None:
     check_run_name(cfg.name, source)
     d, m, o, t = cfg.data, cfg.model, cfg.optim, cfg.train
     jitter = d.color_jitter
+    from simsiam_kit.models.backbones import BACKBONES  # the architectures and their stems (no torch)
+
+    stems = tuple(BACKBONES[m.arch].stems) if m.arch in BACKBONES else ()
     checks = [
-        (m.stem in ("cifar", "imagenet"), "model.stem", m.stem, "cifar or imagenet"),
+        (m.arch in BACKBONES, "model.arch", m.arch, f"one of {', '.join(BACKBONES)}"),
+        (m.stem in stems, "model.stem", m.stem, " or ".join(stems)),
         (m.proj_layers in (2, 3), "model.proj_layers", m.proj_layers, "2 or 3"),
         (m.proj_dim >= 1, "model.proj_dim", m.proj_dim, ">= 1"),
         (m.proj_hidden >= 1, "model.proj_hidden", m.proj_hidden, ">= 1"),

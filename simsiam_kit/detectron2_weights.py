@@ -140,25 +140,29 @@ def _head_keys(path: Path) -> list[str]:
     return [k for k in keys if k.startswith("fc.")]
 
 
-def convert_weights(weights: str, output: Path, log: Callable[[str], None] = print) -> Conversion:
-    """Load ``weights`` (run dir / checkpoint / backbone.pt / ResNet state dict), write ``output`` (.pkl).
-
-    Prints and returns every key left unconverted (``Conversion.unconverted``), including dropped heads.
-    """
-    from simsiam_kit.weights import load_backbone
-
+def check_output(output) -> Path:
     output = Path(output)
     if output.suffix != ".pkl":
         raise UserError(f"--output {output}: detectron2 reads converted weights from a .pkl file")
-    loaded = load_backbone(weights)
-    if loaded.stem != "imagenet":
-        check_detectron2_stem(loaded.model.state_dict(), loaded.source)
-    conv = convert_state_dict(loaded.model.state_dict(), loaded.source)
-    heads = _head_keys(Path(loaded.source))
+    return output
+
+
+def convert_backbone(
+    state_dict: dict, arch: str, stem: str, source: str, output: Path, log: Callable[[str], None] = print
+) -> Conversion:
+    """Convert a loaded backbone's ``state_dict`` (read from ``source``) and write ``output`` (.pkl).
+
+    Prints and returns every key left unconverted (``Conversion.unconverted``), including the heads the
+    source file holds besides the backbone."""
+    output = check_output(output)
+    if stem != "imagenet":
+        check_detectron2_stem(state_dict, source)
+    conv = convert_state_dict(state_dict, source)
+    heads = _head_keys(Path(source))
     conv.unconverted = heads + conv.unconverted
     # written atomically, with the mode a plain open() gives (0644 under umask 022: simsiam_kit.utils.io)
     write_detectron2_pkl(checkpoint_payload(conv), output)
-    log(f"{loaded.source}: {loaded.arch} backbone, {len(conv.model)} tensors converted -> {output}")
+    log(f"{source}: {arch} backbone, {len(conv.model)} tensors converted -> {output}")
     if conv.unconverted:
         log(f"left unconverted ({len(conv.unconverted)}):")
         for k in conv.unconverted:
@@ -170,6 +174,16 @@ def convert_weights(weights: str, output: Path, log: Callable[[str], None] = pri
                 why = "no detectron2 counterpart"
             log(f"  {k}  ({why})")
     return conv
+
+
+def convert_weights(weights: str, output: Path, log: Callable[[str], None] = print) -> Conversion:
+    """Load ``weights`` (run dir / checkpoint / backbone.pt / ResNet state dict), write ``output`` (.pkl):
+    :func:`convert_backbone` on what :func:`simsiam_kit.weights.load_backbone` reads."""
+    from simsiam_kit.weights import load_backbone
+
+    check_output(output)
+    loaded = load_backbone(weights)
+    return convert_backbone(loaded.model.state_dict(), loaded.arch, loaded.stem, loaded.source, output, log)
 
 
 # ----------------------------------------------------------------------------------------------

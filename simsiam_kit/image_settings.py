@@ -20,10 +20,11 @@ from typing import Mapping, Optional, Sequence
 
 from simsiam_kit.config import IMAGENET_MEAN, IMAGENET_STD
 from simsiam_kit.errors import UserError
+from simsiam_kit.models.backbones import STEMS
 
 SOURCES = ("option", "weights", "config", "default")  # the precedence, first wins
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 4096
-STEM_IMAGE_SIZE = {"cifar": 32, "imagenet": 224}  # image files without a stored size
+STEM_IMAGE_SIZE = {s.name: s.default_image_size for s in STEMS.values()}  # image files without a stored size
 
 
 @dataclass(frozen=True)

@@ -434,7 +434,7 @@ def load_backbone(
     sd, meta, cfg, kind = _extract_backbone_sd(obj, path)
     check_resnet_keys(sd, str(path))
     found_arch = meta.get("arch") or infer_arch(sd)
-    found_stem = meta.get("stem") or infer_stem(sd)
+    found_stem = meta.get("stem") or infer_stem(sd, found_arch)
     want_arch, want_stem = arch or found_arch, stem or found_stem
     model = build_backbone(want_arch, want_stem)
     try:

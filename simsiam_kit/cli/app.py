@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from simsiam_kit.cli import detection, knn, linear, onnx, pretrain
+from simsiam_kit.cli import detection, embed, export, knn, linear, pretrain
 from simsiam_kit.cli.options import new_app
 
 app = new_app(
@@ -12,17 +12,14 @@ app = new_app(
     pretty_exceptions_enable=False,
 )
 eval_app = new_app(help="Evaluate pretrained backbones: linear probe, kNN, detection transfer.", no_args_is_help=True)
-export_app = new_app(help="Export weights: ONNX encoders, Detectron2 checkpoints.", no_args_is_help=True)
 
 app.add_typer(pretrain.app)  # simsiam-kit pretrain
 eval_app.add_typer(knn.app)  # simsiam-kit eval knn
 eval_app.add_typer(linear.app)  # simsiam-kit eval linear
 eval_app.add_typer(detection.eval_app)  # simsiam-kit eval detection
-export_app.add_typer(onnx.export_app)  # simsiam-kit export onnx
-export_app.add_typer(detection.export_app)  # simsiam-kit export detectron2
 app.add_typer(eval_app, name="eval")
-app.add_typer(export_app, name="export")
-app.add_typer(onnx.app)  # simsiam-kit embed, simsiam-kit search
+app.add_typer(export.app, name="export")  # simsiam-kit export onnx, simsiam-kit export detectron2
+app.add_typer(embed.app)  # simsiam-kit embed, simsiam-kit search
 
 
 def main() -> None:

@@ -8,35 +8,9 @@ from typing import List, Optional
 import typer
 
 from simsiam_kit.cli.common import user_errors
-from simsiam_kit.cli.options import Arch, Weights, new_app, precheck
+from simsiam_kit.cli.options import Arch, Weights, new_app
 
 eval_app = new_app()  # simsiam-kit eval detection
-export_app = new_app()  # simsiam-kit export detectron2
-
-
-@export_app.command("detectron2")
-@user_errors
-def export_detectron2(
-    weights: str = typer.Option(
-        ..., "--weights", "-w", help="Run directory, checkpoint, backbone.pt or ResNet state dict."
-    ),
-    output: Path = typer.Option(..., "--output", "-o", help="Detectron2 checkpoint to write (.pkl)."),
-):
-    """Convert a ResNet backbone (ImageNet stem) to a Detectron2 .pkl (MODEL.WEIGHTS), listing keys left out."""
-    precheck(weights)
-    from simsiam_kit.detectron2_weights import convert_weights
-
-    counters = []
-
-    def log(line: str) -> None:  # BatchNorm step counters are many and all alike: one line for them all
-        if line.strip().endswith("num_batches_tracked  (BatchNorm step counter, unused by detectron2)"):
-            counters.append(line.strip().split()[0])
-        else:
-            typer.echo(line)
-
-    convert_weights(weights, output, log=log)
-    if counters:
-        typer.echo(f"  {len(counters)} x *.num_batches_tracked  (BatchNorm step counters, unused by detectron2)")
 
 
 @eval_app.command("detection")

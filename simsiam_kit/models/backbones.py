@@ -1,73 +1,132 @@
-"""Backbones: torchvision ResNets with the ImageNet stem or the CIFAR stem.
+"""Backbones by name: one entry per architecture that builds the module and states its facts.
 
-The classifier ``fc`` is replaced by ``nn.Identity`` so the backbone returns pooled features and its
-state dict keys are exactly torchvision's (minus ``fc.*``), which keeps conversion to detectron2 and
-loading into ``torchvision.models.resnetXX`` prefix-free.
+An entry (:class:`BackboneEntry`, timm ``_registry.py`` style; a dict is enough) says everything the
+rest of the toolkit asks about an architecture, so no other module knows ResNets:
+
+* ``build(stem, zero_init_residual, norm_layer)``: a randomly initialised module returning pooled
+  ``(N, feature_dim)`` features, with ``feature_dim``, ``arch`` and ``stem`` attributes;
+* ``feature_dim``: the width of those features;
+* ``stages``: the feature stages a detector taps, as ``(module name, channels)`` from the stem up
+  (torchvision's ``IntermediateLayerGetter`` names and FPN ``in_channels_list``, detectron2's res2..res5);
+* ``stem_modules``: the modules before the first stage (trained with the stages, frozen with them);
+* ``stems``: the input stems it can be built with (:class:`Stem`: conv kernel and stride, max-pool,
+  default image size);
+* ``matches(state_dict)``: whether a state dict has this entry's layout (:func:`infer_arch` asks every
+  entry), and ``stem_of(state_dict)`` which stem it was built with (:func:`infer_stem`);
+* ``detectron2_depth``: ``MODEL.RESNETS.DEPTH`` of the matching detectron2 backbone, or None.
+
+Adding an architecture (a ViT, say) is one module with its builder and entries, and one line in
+:data:`BACKBONES`. Nothing here imports torch at module level: config validation and the CLI's
+up-front checks ask the entries for free; torch is loaded when a module is built.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
-import torch.nn as nn
-from torchvision import models as tvm
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional
 
 from simsiam_kit.errors import UserError
 
-BACKBONES: dict[str, Callable[..., nn.Module]] = {
-    "resnet18": tvm.resnet18,
-    "resnet34": tvm.resnet34,
-    "resnet50": tvm.resnet50,
-    "resnet101": tvm.resnet101,
-}
 
-STEMS = ("cifar", "imagenet")
+@dataclass(frozen=True)
+class Stem:
+    """An input stem: the first conv (``kernel`` x ``kernel``, ``stride``) and whether a max-pool follows."""
 
+    name: str
+    kernel: int
+    stride: int
+    maxpool: bool
+    default_image_size: int  # the input side for image files when nothing else says (image_settings)
 
-def build_backbone(arch: str = "resnet18", stem: str = "imagenet", zero_init_residual: bool = True) -> nn.Module:
-    """Build a randomly initialised ResNet backbone returning (N, feature_dim) pooled features.
-
-    ``stem="cifar"`` swaps the 7x7/2 conv + max-pool for a 3x3/1 conv and no max-pool (the CIFAR
-    variant of ResNet used in the paper's appendix D). ``zero_init_residual=True`` zero-initialises the
-    last BN of each residual branch, as the official SimSiam code does.
-    """
-    if arch not in BACKBONES:
-        raise UserError(f"unknown backbone '{arch}' (available: {', '.join(BACKBONES)})")
-    if stem not in STEMS:
-        raise UserError(f"unknown stem '{stem}' (available: {', '.join(STEMS)})")
-    net = BACKBONES[arch](weights=None, zero_init_residual=zero_init_residual)
-    if stem == "cifar":
-        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
-        net.maxpool = nn.Identity()
-    net.feature_dim = net.fc.in_features
-    net.fc = nn.Identity()
-    net.arch, net.stem = arch, stem
-    return net
+    @property
+    def reduction(self) -> int:
+        """How much the stem shrinks the input before the first stage."""
+        return self.stride * (2 if self.maxpool else 1)
 
 
-def infer_stem(state_dict) -> str:
-    """'cifar' when conv1 is 3x3, 'imagenet' when 7x7."""
-    w = state_dict.get("conv1.weight")
-    if w is None:
-        raise UserError("state dict has no 'conv1.weight': not a ResNet backbone")
-    return "cifar" if w.shape[-1] == 3 else "imagenet"
+@dataclass(frozen=True)
+class BackboneEntry:
+    name: str
+    builder: Callable[..., object]  # (entry, stem, zero_init_residual, norm_layer) -> nn.Module
+    feature_dim: int
+    stages: tuple[tuple[str, int], ...]  # (module name, output channels), stem side first
+    stem_modules: tuple[str, ...]
+    stems: Mapping[str, Stem]
+    layout: tuple  # what matches() compares, e.g. ("bottleneck", (3, 4, 6, 3)) for a ResNet-50
+    read_layout: Callable[[Mapping], tuple]  # state dict -> layout (the family's reader)
+    read_stem: Callable[[Mapping, Mapping[str, Stem]], str]  # state dict, stems -> stem name
+    describe_layout: Callable[[tuple], str] = repr  # a layout in words, for errors
+    detectron2_depth: Optional[int] = None
+
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        return tuple(n for n, _ in self.stages)
+
+    @property
+    def stage_channels(self) -> tuple[int, ...]:
+        return tuple(c for _, c in self.stages)
+
+    def stem(self, name: str) -> Stem:
+        if name not in self.stems:
+            raise UserError(f"unknown stem '{name}' for {self.name} (available: {', '.join(self.stems)})")
+        return self.stems[name]
+
+    def build(self, stem: str = "imagenet", zero_init_residual: bool = True, norm_layer=None):
+        """A randomly initialised module (see the module docstring); ``norm_layer``: the 2-d norm class
+        (default BatchNorm2d), e.g. a detector's FrozenBatchNorm2d."""
+        return self.builder(self, self.stem(stem), zero_init_residual, norm_layer)
+
+    def matches(self, state_dict: Mapping) -> bool:
+        return self.read_layout(state_dict) == self.layout
+
+    def stem_of(self, state_dict: Mapping) -> str:
+        return self.read_stem(state_dict, self.stems)
+
+    def feature_strides(self, stem: str) -> tuple[int, ...]:
+        """Output stride of each stage with ``stem`` (each stage after the first halves the resolution)."""
+        r = self.stem(stem).reduction
+        return tuple(r * 2**i for i in range(len(self.stages)))
 
 
-def infer_arch(state_dict) -> str:
-    """Guess the ResNet depth from the number of blocks per stage and the block type."""
-    blocks = []
-    for layer in range(1, 5):
-        idx = {int(k.split(".")[1]) for k in state_dict if k.startswith(f"layer{layer}.")}
-        blocks.append(max(idx) + 1 if idx else 0)
-    bottleneck = any(k.endswith("conv3.weight") for k in state_dict if k.startswith("layer1."))
-    table = {
-        (False, (2, 2, 2, 2)): "resnet18",
-        (False, (3, 4, 6, 3)): "resnet34",
-        (True, (3, 4, 6, 3)): "resnet50",
-        (True, (3, 4, 23, 3)): "resnet101",
-    }
-    arch = table.get((bottleneck, tuple(blocks)))
+def _registry() -> dict[str, BackboneEntry]:
+    from simsiam_kit.models.resnet import RESNETS
+
+    return {**RESNETS}  # a new family: {**RESNETS, **VITS}
+
+
+BACKBONES: dict[str, BackboneEntry] = _registry()
+#: every stem some entry supports, by name
+STEMS: dict[str, Stem] = {s.name: s for e in BACKBONES.values() for s in e.stems.values()}
+
+
+def get_backbone_entry(arch: str) -> BackboneEntry:
+    """The entry named ``arch``; an unknown name fails listing the known ones."""
+    try:
+        return BACKBONES[arch]
+    except (KeyError, TypeError):
+        raise UserError(f"unknown backbone '{arch}' (available: {', '.join(BACKBONES)})") from None
+
+
+def build_backbone(arch: str = "resnet18", stem: str = "imagenet", zero_init_residual: bool = True, norm_layer=None):
+    """Build a randomly initialised backbone returning (N, feature_dim) pooled features (the one factory)."""
+    return get_backbone_entry(arch).build(stem, zero_init_residual, norm_layer)
+
+
+def infer_arch(state_dict: Mapping) -> str:
+    """The one entry whose layout the state dict has; a :class:`UserError` describing it otherwise."""
+    found = [name for name, e in BACKBONES.items() if e.matches(state_dict)]
+    if len(found) == 1:
+        return found[0]
+    families = {e.read_layout: e for e in BACKBONES.values()}
+    seen = "; ".join(e.describe_layout(read(state_dict)) for read, e in families.items())
+    what = f"matches {', '.join(found)}" if found else f"none of {', '.join(BACKBONES)}"
+    raise UserError(f"cannot infer the backbone architecture ({seen}: {what})")
+
+
+def infer_stem(state_dict: Mapping, arch: Optional[str] = None) -> str:
+    """The stem a state dict was built with, read by ``arch``'s entry (default: the inferred one; entries
+    of one family share the reader, so any entry reads a stem its layout does not match)."""
+    entry = get_backbone_entry(arch) if arch is not None else next(iter(BACKBONES.values()))
     if arch is None:
-        raise UserError(f"cannot infer the ResNet architecture (blocks per stage {blocks}, bottleneck={bottleneck})")
-    return arch
+        entry = next((e for e in BACKBONES.values() if e.matches(state_dict)), entry)
+    return entry.stem_of(state_dict)

@@ -27,6 +27,7 @@ class ProjectionHead(nn.Module):
             dim = hidden_dim
         layers += [nn.Linear(dim, out_dim, bias=False), nn.BatchNorm1d(out_dim, affine=False)]
         self.net = nn.Sequential(*layers)
+        self.in_dim, self.out_dim = in_dim, out_dim
 
     def forward(self, x):
         return self.net(x)
@@ -49,6 +50,7 @@ class PredictionHead(nn.Module):
             nn.ReLU(inplace=True),
             nn.Linear(hidden_dim, out_dim),
         )
+        self.in_dim, self.out_dim = in_dim, out_dim
 
     def forward(self, x):
         return self.net(x)

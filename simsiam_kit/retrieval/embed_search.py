@@ -17,7 +17,7 @@ dataset, count, index kind, provider, timing).
 
 Where a change goes: the directory layout and manifest here; the search and its order in
 :mod:`simsiam_kit.retrieval.index`; the model runtime (onnxruntime, preprocessing) in
-``export/embedder.py``; options in ``simsiam_kit/cli/onnx.py``.
+``export/embedder.py``; options in ``simsiam_kit/cli/embed.py``.
 """
 
 from __future__ import annotations

@@ -188,12 +188,44 @@ def test_parity_failure_fails_loudly_and_writes_nothing(bb, exported, tmp_path, 
     other = tmp_path / "other.pt"
     save_backbone(other, _backbone(5), "resnet18", "cifar", {"image_size": 32, "mean": list(MEAN), "std": list(STD)})
     wrong = onnx.load(str(exported[0]))  # computes the fixture's backbone, not _backbone(5)
-    monkeypatch.setattr(eo, "_to_onnx", lambda net, size, opset: wrong)
+    monkeypatch.setattr(eo, "to_onnx", lambda net, size, opset: wrong)
     with pytest.raises(ParityError, match="parity check failed"):
         export_onnx(str(other), tmp_path / "bad.onnx", parity_data=None)
     assert not (tmp_path / "bad.onnx").exists()
     rep = json.loads((tmp_path / "bad.export.json").read_text())
     assert rep["parity"]["passed"] is False and rep["parity"]["max_abs_diff"] > 1e-4
+    assert not list(tmp_path.glob(".*.tmp"))  # no temp file left behind
+
+
+def test_model_is_written_before_its_report_both_atomically(bb, exported, tmp_path, monkeypatch):
+    """The graph of the same weights (the fixture's export, so no second trace): parity passes, and the model
+    lands before export.json, each through the project's atomic writer."""
+    import simsiam_kit.export.onnx as eo
+
+    same = onnx.load(str(exported[0]))
+    monkeypatch.setattr(eo, "to_onnx", lambda net, size, opset: same)
+    order = []
+    for name in ("atomic_write_bytes", "atomic_write_json"):
+        real = getattr(eo, name)
+        monkeypatch.setattr(eo, name, lambda path, obj, real=real: (order.append(path.name), real(path, obj)))
+    out = tmp_path / "sub" / "ok.onnx"
+    rep = eo.export_onnx(str(bb[0]), out, eo.OnnxExportOptions(parity_data=None, device="cpu"))
+    assert order == ["ok.onnx", "ok.export.json"]
+    assert rep["parity"]["passed"] and json.loads(out.with_name("ok.export.json").read_text()) == rep
+    assert read_metadata(out)["arch"] == "resnet18" and not list(out.parent.glob(".*.tmp"))
+
+
+def test_options_are_checked_before_anything_is_loaded(tmp_path):
+    from simsiam_kit.errors import UserError
+    from simsiam_kit.export.onnx import OnnxExportOptions
+
+    missing = str(tmp_path / "no-such-weights.pt")
+    with pytest.raises(UserError, match="unsupported opset 13"):
+        export_onnx(missing, tmp_path / "m.onnx", OnnxExportOptions(opset=13))
+    with pytest.raises(UserError, match="apply to --quantize int8 only"):  # keyword fields override the options
+        export_onnx(missing, tmp_path / "m.onnx", OnnxExportOptions(), accuracy_data="demo:val")
+    with pytest.raises(TypeError):
+        export_onnx(missing, tmp_path / "m.onnx", no_such_option=1)
 
 
 # ----------------------------------------------------------------------------- bad input, exit 2
