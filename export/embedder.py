@@ -108,13 +108,9 @@ def _to_rgb_array(img, what: str = "image") -> np.ndarray:
         except Exception as e:
             raise UserError(f"cannot read image {p}: {type(e).__name__}: {e}") from None
     if isinstance(img, Image.Image):
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: scale to 8 bit, not clip
-            a = np.asarray(img, dtype=np.float64)
-            top = 65535.0 if img.mode.startswith("I;16") else max(float(a.max()), 1.0)
-            img = Image.fromarray((a / top * 255.0).round().clip(0, 255).astype(np.uint8))
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        return np.asarray(img, dtype=np.uint8)
+        from simsiam_kit.data import to_rgb  # the one decoding rule (16-bit grayscale scaled, not clipped)
+
+        return np.asarray(img if img.mode == "RGB" else to_rgb(img), dtype=np.uint8)
     a = np.asarray(img)
     if a.dtype != np.uint8:
         raise UserError(
