@@ -33,9 +33,9 @@ def pretrain(
         "results, eval); other files stay. Without it a non-empty directory is refused.",
     ),
 ):
-    """SimSiam pretraining. With no arguments: the built-in demo (4,000 MNIST digits, 8 epochs): about 4 minutes
+    """SimSiam pretraining. With no arguments: the built-in demo (4,000 MNIST digits, 8 epochs), a few minutes
     on 2 idle CPU cores; on cores other processes keep busy it trains with fewer threads (it says so at the
-    start) and takes longer: 6.5 minutes measured at load 2-4.5 (README, "CPU threads")."""
+    start) and takes longer (README: measured times, "CPU threads")."""
     from simsiam_kit.config import load_pretrain_config
     from simsiam_kit.engine.run_dir import RunDir
     from simsiam_kit.errors import UserError
@@ -46,7 +46,8 @@ def pretrain(
         cfg = load_pretrain_config(config, set_)
         precheck(data=[("data.train", cfg.data.train)] + ([("data.val", cfg.data.val)] if cfg.data.val else []))
 
-    from simsiam_kit.pretrain import find_latest_run, load_run_config, run_pretrain
+    from simsiam_kit.engine.resume import find_latest_run, load_run_config
+    from simsiam_kit.pretrain import run_pretrain
     from simsiam_kit.utils import dist
 
     if resume:
