@@ -381,7 +381,7 @@ class Pretrainer:
             return []
         return make_sinks(root, cfg.log.tensorboard, cfg.log.wandb, cfg.log.wandb_project, root.name, to_dict(cfg))
 
-    def save_backbone(self, progress: dict) -> None:
+    def write_backbone(self, progress: dict) -> None:
         """``backbone.pt``: the backbone alone, with its image settings and progress (the checkpoint's companion)."""
         cfg = self.cfg
         settings = {"image_size": cfg.data.image_size, "mean": list(cfg.data.mean), "std": list(cfg.data.std)}
@@ -408,7 +408,7 @@ class Pretrainer:
                 cfg.train.checkpoint_every,
                 extra={"config": to_dict(cfg)},
                 check=p.step.check,
-                companion=self.save_backbone,
+                companion=self.write_backbone,
             ),
         ]
         if self.knn_eval is not None:  # its epoch-0 line (initial weights) is written like every epoch line
