@@ -1,53 +1,47 @@
-"""SimSiam pretraining, as build steps + the shared :class:`~simsiam_kit.engine.Trainer` + a summary.
+"""SimSiam pretraining in the shape of detectron2's ``DefaultTrainer``: a :class:`Pretrainer` with build
+steps, ``resume_or_load()``, ``build_hooks()`` and ``train()`` around the shared
+:class:`~simsiam_kit.engine.Trainer`.
 
-* :func:`build_pretraining` turns a :class:`PretrainConfig` into everything a training loop needs (data,
-  augmentation, model, optimizer, the step function): ``run_pretrain`` and the benchmarks call it, so a
-  benchmark times exactly what ``simsiam-kit pretrain`` runs. It is made of :func:`build_data`,
-  :func:`build_model` and :func:`build_optimizer`.
-* :func:`build_hooks` lists the hooks; their order is the list's order (see each hook's ``priority``).
-* :func:`run_pretrain` adds the run directory (:class:`~simsiam_kit.engine.run_dir.RunDir` owns its layout),
-  checkpoints named objects in one call (:class:`~simsiam_kit.engine.checkpoint.Checkpointables`), trains,
-  and writes ``results/pretrain.json`` and the plots.
+* :func:`build_pretraining` (``Pretrainer.build_pretraining``) turns a :class:`PretrainConfig` into everything
+  a training loop needs (data, augmentation, model, optimizer, the step function): ``run_pretrain`` and the
+  benchmarks call it, so a benchmark times exactly what ``simsiam-kit pretrain`` runs. It is made of
+  ``Pretrainer.build_data``, ``build_model`` and ``build_optimizer``.
+* ``Pretrainer.build_hooks`` lists the hooks; they run in the list's order.
+* :func:`run_pretrain` locks the run directory (:class:`~simsiam_kit.engine.run_dir.RunDir` owns its
+  layout), then a :class:`Pretrainer` resumes or starts (the rules: ``simsiam_kit/engine/resume.py``),
+  trains, checkpoints named objects in one call (the :class:`~simsiam_kit.engine.hooks.Checkpointer` hook
+  over :class:`~simsiam_kit.engine.checkpoint.Checkpointables`), and writes ``results/pretrain.json`` and
+  the plots (``simsiam_kit/engine/report.py``).
 
 What a run directory guarantees (docs/reliability.md): one process trains in it at a time (a lock);
 a directory that holds something else is not overwritten unless asked; ``backbone.pt`` and
 ``checkpoints/last.pt`` are written atomically, backbone first, from finite weights only; a resumed run
 takes the same steps as an uninterrupted one and keeps ``config.yaml`` as written (the changes
-:data:`RESUME_MAY_CHANGE` allows are recorded in ``config.amendments.yaml``).
+:data:`~simsiam_kit.engine.resume.RESUME_MAY_CHANGE` allows are recorded in ``config.amendments.yaml``).
 
 Where a change goes: a new augmentation op -> ``data/transforms.py``; a new backbone -> ``models/backbones.py``;
-a new per-epoch measurement -> a hook in ``engine/hooks.py`` added in :func:`build_hooks`; a new config key ->
-``config.py`` (one dataclass field, read where it is used).
+a new per-epoch measurement -> a hook in ``engine/hooks.py`` added in ``Pretrainer.build_hooks``; a new config
+key -> ``config.py`` (one dataclass field, read where it is used).
 """
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from simsiam_kit.config import PretrainConfig, load_config, save_config, to_dict
+from simsiam_kit.config import PretrainConfig, to_dict
 from simsiam_kit.data import load_dataset
 from simsiam_kit.data.datasets import ImageDataset, resize_in_memory
 from simsiam_kit.data.loaders import make_loader, resolve_device_resident
 from simsiam_kit.data.transforms import BatchAugment
 from simsiam_kit.engine import Trainer
-from simsiam_kit.engine.checkpoint import (
-    Checkpointables,
-    ModelState,
-    RNGState,
-    describe_nonfinite,
-    load_file,
-    nonfinite_tensors,
-    save_backbone,
-    save_checkpoint,
-)
+from simsiam_kit.engine.checkpoint import Checkpointables, ModelState, RNGState, save_backbone
 from simsiam_kit.engine.hooks import (
     Checkpointer,
     CollapseMonitor,
@@ -58,10 +52,19 @@ from simsiam_kit.engine.hooks import (
     MetricsWriter,
     ProgressBar,
     Throughput,
-    read_metrics,
 )
 from simsiam_kit.engine.loggers import closing_all, log_images, make_sinks, png_to_array, view_pairs_grid
 from simsiam_kit.engine.online_probe import OnlineProbe, OnlineProbeMonitor
+from simsiam_kit.engine.report import start_lines, summarise, summary_path
+from simsiam_kit.engine.resume import (
+    RESUME_MAY_CHANGE,
+    ResumePoint,
+    default_run_dir,
+    find_latest_run,
+    load_run_config,
+    prepare_run_dir,
+    prepare_run_files,
+)
 from simsiam_kit.engine.run_dir import RunDir
 from simsiam_kit.engine.step import OptimStep
 from simsiam_kit.errors import TrainingDiverged, UserError
@@ -77,10 +80,25 @@ from simsiam_kit.utils.device import (
     resolve_device,
     resolve_precision,
     resolve_workers,
-    thread_settings,
 )
-from simsiam_kit.utils.io import atomic_write_json, atomic_write_text, defer_sigint
 from simsiam_kit.utils.syncbn import convert_sync_batchnorm
+
+__all__ = [
+    "RESUME_MAY_CHANGE",
+    "PretrainData",
+    "Pretrainer",
+    "PretrainStep",
+    "Pretraining",
+    "build_pretraining",
+    "default_run_dir",
+    "find_latest_run",
+    "load_run_config",
+    "make_knn_eval",
+    "make_probe_eval",
+    "resolve_online_probe",
+    "run_pretrain",
+    "seed_everything",
+]
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -92,22 +110,6 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
     else:
         torch.backends.cudnn.benchmark = True
-
-
-def build_optimizer(model, cfg: PretrainConfig, init_lr: float) -> torch.optim.Optimizer:
-    """SGD as in the official code; on CUDA the fused kernel (one launch for all parameters)."""
-    m = model.module if hasattr(model, "module") else model
-    if cfg.optim.fix_pred_lr and m.has_predictor:
-        groups = [
-            {"params": list(m.backbone.parameters()) + list(m.projector.parameters()), "fix_lr": False},
-            {"params": list(m.predictor.parameters()), "fix_lr": True},
-        ]
-    else:
-        groups = [{"params": [p for p in m.parameters()], "fix_lr": False}]
-    fused = next(m.parameters()).device.type == "cuda"
-    return torch.optim.SGD(
-        groups, lr=init_lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay, fused=fused or None
-    )
 
 
 class PretrainStep:
@@ -200,49 +202,6 @@ class PretrainData:
     workers: int
 
 
-def build_data(cfg: PretrainConfig, device: torch.device, dataset: Optional[ImageDataset] = None) -> PretrainData:
-    """Training set (resized once when in memory), its loader (sharded per process, on the device when
-    resident), the batched augmentation, and the kNN monitor's queries. ``dataset`` replaces
-    ``cfg.data.train`` when the caller holds the images already (benchmarks)."""
-    world = dist.get_world_size()
-    if dataset is None:
-        dataset = load_dataset(cfg.data.train, cfg.data.root, cfg.data.download, cfg.data.skip_bad_images)
-    train = resize_in_memory(dataset, cfg.data.image_size)
-    if cfg.optim.batch_size % world:
-        raise UserError(f"optim.batch_size {cfg.optim.batch_size} is not divisible by the {world} processes")
-    resident = resolve_device_resident(cfg.data.device_resident, train, device)
-    workers = resolve_workers(cfg.data.workers, device, dist.local_world_size())
-    loader = make_loader(
-        train,
-        cfg.optim.batch_size // world,
-        train=True,
-        seed=cfg.train.seed,
-        mode="two_view",
-        image_size=cfg.data.image_size,
-        workers=workers,
-        crop_scale=(cfg.data.crop_min_scale, 1.0),
-        flip_p=cfg.data.flip_prob,
-        device=device if resident else None,
-    )
-    augment = BatchAugment(cfg.data, crop=not loader.two_views_in_loader)
-    val = None
-    if cfg.train.knn_every > 0 and cfg.data.val and train.has_labels:
-        val = resize_in_memory(
-            load_dataset(cfg.data.val, cfg.data.root, cfg.data.download, cfg.data.skip_bad_images), cfg.data.image_size
-        )
-        if not val.has_labels:
-            val = None
-    return PretrainData(train, val, loader, augment, resident, workers)
-
-
-def build_model(cfg: PretrainConfig, device: torch.device, channels_last: bool) -> torch.nn.Module:
-    """SimSiam (backbone + projector + predictor), SyncBN under DDP, on the device."""
-    model = build_simsiam(cfg.model)
-    if dist.is_dist() and cfg.train.sync_bn:
-        model = convert_sync_batchnorm(model, device.type)
-    return model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-
-
 @dataclass
 class Pretraining:
     """Everything one SimSiam training loop needs, built from a config by :func:`build_pretraining`."""
@@ -261,41 +220,6 @@ class Pretraining:
     step: PretrainStep
 
 
-def build_pretraining(
-    cfg: PretrainConfig, device: Optional[torch.device] = None, dataset: Optional[ImageDataset] = None
-) -> Pretraining:
-    """Everything for the loop; the model's initial weights come from torch's global RNG (seed it first)."""
-    device = device or resolve_device(cfg.train.device)
-    precision = resolve_precision(cfg.train.precision, device)
-    channels_last = resolve_channels_last(cfg.train.channels_last, device, precision)
-    compiled = resolve_compile(cfg.train.compile, device)
-    data = build_data(cfg, device, dataset)
-    model = build_model(cfg, device, channels_last)
-    init_lr = cfg.optim.base_lr * cfg.optim.batch_size / 256
-    optimizer = build_optimizer(model, cfg, init_lr)
-    # augmentation draws its parameters where it runs: a CUDA generator keeps the step free of host syncs
-    aug_gen = torch.Generator(device=device if device.type == "cuda" else "cpu")
-    aug_gen.manual_seed(cfg.train.seed * 1000 + dist.get_rank())
-    net = model
-    if dist.is_dist():
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    if compiled:
-        net = torch.compile(net)  # shares the parameters; checkpoints save the plain module
-        if device.type == "cuda":
-            data.augment.compile()
-    probe = None
-    if resolve_online_probe(cfg.train.online_probe, data):
-        probe = OnlineProbe(
-            model.backbone.feature_dim, max(data.train.num_classes, data.val.num_classes), device, cfg.optim.batch_size
-        )
-    step = PretrainStep(net, optimizer, data.augment, precision, device, channels_last, aug_gen, cfg, probe=probe)
-    return Pretraining(
-        cfg, device, precision, channels_last, compiled, data, model, net, optimizer, init_lr, aug_gen, step
-    )
-
-
 def resolve_online_probe(flag: Optional[bool], data: PretrainData) -> bool:
     """``train.online_probe``: needs labelled training images and a labelled val set; auto = on for in-memory
     data (CIFAR-sized runs), off for file datasets (simsiam_kit/engine/online_probe.py)."""
@@ -307,32 +231,257 @@ def resolve_online_probe(flag: Optional[bool], data: PretrainData) -> bool:
     return possible and (bool(flag) if flag is not None else data.train.in_memory)
 
 
-def build_hooks(
-    p: Pretraining,
-    run: RunDir,
-    save: Callable,
-    knn_eval: Optional[Callable],
-    log: Callable[[str], None],
-    sinks: Sequence = (),
-) -> list[Hook]:
-    cfg = p.cfg
-    writer = MetricsWriter(run.metrics, cfg.train.log_every, sinks)
-    hooks: list[Hook] = [
-        LRSchedule(
-            p.optimizer, p.init_lr, cfg.optim.epochs, cfg.optim.warmup_epochs, cfg.optim.schedule, cfg.optim.lr_per_step
-        ),
-        Throughput(),
-        EpochAverages(),
-        CollapseMonitor(cfg.model.proj_dim, cfg.train.collapse_warn_std, log),
-        Checkpointer(save, cfg.train.checkpoint_every),
-        ProgressBar(cfg.train.progress, desc=f"pretrain {cfg.name}"),
-        writer,
-    ]
-    if knn_eval is not None:  # its epoch-0 line (initial weights) is written like every epoch line
-        hooks.append(KNNMonitor(knn_eval, cfg.train.knn_every, record=writer.write, log=log))
-    if p.step.probe is not None:
-        hooks.append(OnlineProbeMonitor(make_probe_eval(p, batch_size=min(512, max(64, cfg.optim.batch_size)))))
-    return hooks
+class Pretrainer:
+    """SimSiam pretraining in one run directory, in the shape of detectron2's ``DefaultTrainer``.
+
+    Construction reads and checks what a resumed run continues from (before anything is built, so a
+    refused resume costs nothing), seeds, builds the parts (:meth:`build_pretraining`), the checkpointables,
+    the metric sinks and the :class:`Trainer` with :meth:`build_hooks`. :meth:`train` then runs
+    :meth:`resume_or_load`, trains the epochs left and writes the summary. The ``build_*`` steps are
+    classmethods or methods a subclass may override; the module's :func:`build_pretraining` is the one
+    benchmarks call."""
+
+    def __init__(
+        self,
+        cfg: PretrainConfig,
+        run: RunDir,
+        device: Optional[torch.device] = None,
+        log: Callable[[str], None] = print,
+        resume: bool = False,
+    ):
+        self.cfg, self.run, self.log = cfg, run, log
+        self.resume_point = ResumePoint.read(run, cfg) if resume else None
+        self.epoch_unfinished = False  # set by resume_or_load: the checkpointed epoch lacks its metrics line
+        self.only_summary_left = False  # set by resume_or_load: killed after its last checkpoint
+        seed_everything(cfg.train.seed + dist.get_rank(), cfg.train.deterministic)
+        self.p = self.build_pretraining(cfg, device)
+        self.checkpointables = self.build_checkpointables()
+        self.knn_eval = make_knn_eval(self.p)
+        self.sinks = self.build_sinks()
+        self.trainer = Trainer(
+            self.p.step, self.p.data.loader, cfg.optim.epochs, max_steps_per_epoch=cfg.train.max_steps_per_epoch
+        )
+        self.trainer.register_hooks(self.build_hooks())
+
+    # ------------------------------------------------------------------------------------------- build steps
+    @classmethod
+    def build_data(
+        cls, cfg: PretrainConfig, device: torch.device, dataset: Optional[ImageDataset] = None
+    ) -> PretrainData:
+        """Training set (resized once when in memory), its loader (sharded per process, on the device when
+        resident), the batched augmentation, and the kNN monitor's queries. ``dataset`` replaces
+        ``cfg.data.train`` when the caller holds the images already (benchmarks)."""
+        world = dist.get_world_size()
+        if dataset is None:
+            dataset = load_dataset(cfg.data.train, cfg.data.root, cfg.data.download, cfg.data.skip_bad_images)
+        train = resize_in_memory(dataset, cfg.data.image_size)
+        if cfg.optim.batch_size % world:
+            raise UserError(f"optim.batch_size {cfg.optim.batch_size} is not divisible by the {world} processes")
+        resident = resolve_device_resident(cfg.data.device_resident, train, device)
+        workers = resolve_workers(cfg.data.workers, device, dist.local_world_size())
+        loader = make_loader(
+            train,
+            cfg.optim.batch_size // world,
+            train=True,
+            seed=cfg.train.seed,
+            mode="two_view",
+            image_size=cfg.data.image_size,
+            workers=workers,
+            crop_scale=(cfg.data.crop_min_scale, 1.0),
+            flip_p=cfg.data.flip_prob,
+            device=device if resident else None,
+        )
+        augment = BatchAugment(cfg.data, crop=not loader.two_views_in_loader)
+        val = None
+        if cfg.train.knn_every > 0 and cfg.data.val and train.has_labels:
+            val = load_dataset(cfg.data.val, cfg.data.root, cfg.data.download, cfg.data.skip_bad_images)
+            val = resize_in_memory(val, cfg.data.image_size)
+            if not val.has_labels:
+                val = None
+        return PretrainData(train, val, loader, augment, resident, workers)
+
+    @classmethod
+    def build_model(cls, cfg: PretrainConfig, device: torch.device, channels_last: bool) -> torch.nn.Module:
+        """SimSiam (backbone + projector + predictor), SyncBN under DDP, on the device."""
+        model = build_simsiam(cfg.model)
+        if dist.is_dist() and cfg.train.sync_bn:
+            model = convert_sync_batchnorm(model, device.type)
+        return model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+    @classmethod
+    def build_optimizer(cls, cfg: PretrainConfig, model: torch.nn.Module, init_lr: float) -> torch.optim.Optimizer:
+        """SGD as in the official code; on CUDA the fused kernel (one launch for all parameters)."""
+        m = model.module if hasattr(model, "module") else model
+        if cfg.optim.fix_pred_lr and m.has_predictor:
+            groups = [
+                {"params": list(m.backbone.parameters()) + list(m.projector.parameters()), "fix_lr": False},
+                {"params": list(m.predictor.parameters()), "fix_lr": True},
+            ]
+        else:
+            groups = [{"params": [p for p in m.parameters()], "fix_lr": False}]
+        fused = next(m.parameters()).device.type == "cuda"
+        return torch.optim.SGD(
+            groups, lr=init_lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay, fused=fused or None
+        )
+
+    @classmethod
+    def wrap_model(cls, model: torch.nn.Module, device: torch.device, compiled: bool) -> torch.nn.Module:
+        """What the step calls: the model under DDP when distributed, compiled when asked (the parameters
+        are shared; checkpoints save the plain module)."""
+        net = model
+        if dist.is_dist():
+            net = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        return torch.compile(net) if compiled else net
+
+    @classmethod
+    def build_pretraining(
+        cls, cfg: PretrainConfig, device: Optional[torch.device] = None, dataset: Optional[ImageDataset] = None
+    ) -> Pretraining:
+        """Everything for the loop; the model's initial weights come from torch's global RNG (seed it first)."""
+        device = device or resolve_device(cfg.train.device)
+        precision = resolve_precision(cfg.train.precision, device)
+        channels_last = resolve_channels_last(cfg.train.channels_last, device, precision)
+        compiled = resolve_compile(cfg.train.compile, device)
+        data = cls.build_data(cfg, device, dataset)
+        model = cls.build_model(cfg, device, channels_last)
+        init_lr = cfg.optim.base_lr * cfg.optim.batch_size / 256
+        optimizer = cls.build_optimizer(cfg, model, init_lr)
+        # augmentation draws its parameters where it runs: a CUDA generator keeps the step free of host syncs
+        aug_gen = torch.Generator(device=device if device.type == "cuda" else "cpu")
+        aug_gen.manual_seed(cfg.train.seed * 1000 + dist.get_rank())
+        net = cls.wrap_model(model, device, compiled)
+        if compiled and device.type == "cuda":
+            data.augment.compile()
+        probe = None
+        if resolve_online_probe(cfg.train.online_probe, data):
+            classes = max(data.train.num_classes, data.val.num_classes)
+            probe = OnlineProbe(model.backbone.feature_dim, classes, device, cfg.optim.batch_size)
+        step = PretrainStep(net, optimizer, data.augment, precision, device, channels_last, aug_gen, cfg, probe=probe)
+        return Pretraining(
+            cfg, device, precision, channels_last, compiled, data, model, net, optimizer, init_lr, aug_gen, step
+        )
+
+    def build_checkpointables(self) -> Checkpointables:
+        """The named objects of a checkpoint (model, optimizer, GradScaler, RNG streams, online probe)."""
+        p = self.p
+        return Checkpointables(
+            model=ModelState(p.model),
+            optimizer=p.optimizer,
+            scaler=p.step.update.scaler,
+            rng=RNGState(p.aug_gen),
+            probe=p.step.probe,
+        )
+
+    def build_sinks(self) -> list:
+        """TensorBoard / W&B, written by rank 0 (none on the other ranks)."""
+        cfg, root = self.cfg, self.run.root
+        if not dist.is_main():
+            return []
+        return make_sinks(root, cfg.log.tensorboard, cfg.log.wandb, cfg.log.wandb_project, root.name, to_dict(cfg))
+
+    def write_backbone(self, progress: dict) -> None:
+        """``backbone.pt``: the backbone alone, with its image settings and progress (the checkpoint's companion)."""
+        cfg = self.cfg
+        settings = {"image_size": cfg.data.image_size, "mean": list(cfg.data.mean), "std": list(cfg.data.std)}
+        save_backbone(
+            self.run.backbone, self.p.model.backbone, cfg.model.arch, cfg.model.stem, {**settings, **progress}
+        )
+
+    def build_hooks(self) -> list[Hook]:
+        """The hooks, in the order they run: the schedule, throughput, epoch averages and the collapse monitor
+        (they fill the epoch's metrics), the checkpointer (the epoch's weights are on disk before anything
+        else runs), the kNN and online-probe monitors, the metrics writer (its epoch line carries their
+        values), the progress bar (it closes after them)."""
+        cfg, p, log = self.cfg, self.p, self.log
+        writer = MetricsWriter(self.run.metrics, cfg.train.log_every, self.sinks)
+        o = cfg.optim
+        hooks: list[Hook] = [
+            LRSchedule(p.optimizer, p.init_lr, o.epochs, o.warmup_epochs, o.schedule, o.lr_per_step),
+            Throughput(),
+            EpochAverages(),
+            CollapseMonitor(cfg.model.proj_dim, cfg.train.collapse_warn_std, log),
+            Checkpointer(
+                self.checkpointables,
+                self.run.checkpoint,
+                cfg.train.checkpoint_every,
+                extra={"config": to_dict(cfg)},
+                check=p.step.check,
+                companion=self.write_backbone,
+            ),
+        ]
+        if self.knn_eval is not None:  # its epoch-0 line (initial weights) is written like every epoch line
+            hooks.append(KNNMonitor(self.knn_eval, cfg.train.knn_every, record=writer.write, log=log))
+        if p.step.probe is not None:
+            hooks.append(OnlineProbeMonitor(make_probe_eval(p, batch_size=min(512, max(64, o.batch_size)))))
+        return hooks + [writer, ProgressBar(cfg.train.progress, desc=f"pretrain {cfg.name}")]
+
+    # ------------------------------------------------------------------------------------------------ running
+    def resume_or_load(self) -> None:
+        """Continue from the checkpoint read at construction, or start fresh; then prepare the run's files
+        (:func:`~simsiam_kit.engine.resume.prepare_run_files`, rank 0). A resumed run that had trained all
+        its epochs has only its summary left, or is refused when it has that too."""
+        point, trainer, epochs = self.resume_point, self.trainer, self.cfg.optim.epochs
+        if point is not None:
+            self.checkpointables.load_state_dict(point.checkpoint, source=str(self.run.checkpoint))
+            trainer.load_state_dict(point.trainer_state)
+            if trainer.start_epoch >= epochs:
+                if summary_path(self.run).is_file():
+                    raise UserError(
+                        f"{self.run.checkpoint}: run already finished ({trainer.start_epoch}/{epochs} "
+                        "epochs); raise optim.epochs with --set to train longer"
+                    )
+                self.only_summary_left = True
+        self.epoch_unfinished = _on_main(prepare_run_files, self.run, self.cfg, point, trainer.start_epoch)
+        dist.barrier()
+
+    def train(self) -> dict:
+        """Resume or start, train the epochs left, write the summary; returns it on rank 0 ({} elsewhere)."""
+        with closing_all(self.sinks):  # flushed and closed however the run ends
+            self.resume_or_load()
+            point = self.resume_point
+            if dist.is_main():
+                amendment = point.amendment if point is not None else {}
+                resumed_after = self.trainer.start_epoch if point is not None else None
+                for line in start_lines(self.p, self.run, self.trainer.steps_per_epoch, resumed_after, amendment):
+                    self.log(line)
+            if self.epoch_unfinished:  # killed after the checkpoint, before the epoch's monitor and metrics line
+                self.trainer.finish_epoch(point.epoch_metrics, after=Checkpointer)
+            if point is None:
+                self.log_view_pairs()
+            t0 = time.time()
+            if not self.only_summary_left:
+                self.trainer.train()
+            elapsed = time.time() - t0
+            summary = summarise(self.p, self.run, elapsed, self.knn_eval) if dist.is_main() else {}
+            self.log_plots()
+            dist.barrier()
+            return summary
+
+    def log_view_pairs(self) -> None:
+        """Two augmented views of the first images, to the sinks (in-memory data, a new run)."""
+        cfg, data = self.cfg, self.p.data
+        if not (self.sinks and cfg.log.view_pairs > 0 and data.train.in_memory):
+            return
+        augment = BatchAugment(cfg.data, masked=False)
+        n = min(cfg.log.view_pairs, len(data.train))
+        grid = view_pairs_grid(data.train.images, augment, cfg.data.mean, cfg.data.std, n=n, seed=cfg.train.seed)
+        log_images(self.sinks, {"views/image_view1_view2": grid})
+
+    def log_plots(self) -> None:
+        """The final plots, to the sinks next to the scalars."""
+        if self.sinks and self.run.plots.is_dir():
+            plots = {f"plots/{f.stem}": png_to_array(f) for f in sorted(self.run.plots.glob("*.png"))}
+            log_images(self.sinks, plots, step=self.trainer.global_step)
+
+
+def build_pretraining(
+    cfg: PretrainConfig, device: Optional[torch.device] = None, dataset: Optional[ImageDataset] = None
+) -> Pretraining:
+    """Everything for the loop (:meth:`Pretrainer.build_pretraining`); the model's initial weights come from
+    torch's global RNG (seed it first)."""
+    return Pretrainer.build_pretraining(cfg, device, dataset)
 
 
 def make_probe_eval(p: Pretraining, batch_size: int) -> Callable[[], float]:
@@ -358,97 +507,6 @@ def make_probe_eval(p: Pretraining, batch_size: int) -> Callable[[], float]:
         return p.step.probe.top1(f, y)
 
     return probe_eval
-
-
-def default_run_dir(cfg: PretrainConfig) -> Path:
-    return Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def find_latest_run(name: str) -> Optional[Path]:
-    runs = sorted(Path("runs").glob(f"{name}-*"), key=lambda p: p.stat().st_mtime) if Path("runs").is_dir() else []
-    runs = [r for r in runs if RunDir(r).has_checkpoint()]
-    return runs[-1] if runs else None
-
-
-#: config keys ``--resume --set`` may change: they do not alter the weights a run computes (optim.epochs
-#: extends the run; the others are logging, monitoring, the DDP timeout, and the loader's worker count,
-#: which the crops do not depend on). Changes are recorded in ``config.amendments.yaml``; ``config.yaml``
-#: stays as first written.
-RESUME_MAY_CHANGE = (
-    "optim.epochs",
-    "train.progress",
-    "train.log_every",
-    "train.plots",
-    "train.collapse_warn_std",
-    "train.knn_every",
-    "train.dist_timeout_s",
-    "data.workers",
-    "log.tensorboard",
-    "log.wandb",
-    "log.wandb_project",
-    "log.view_pairs",
-)
-
-
-def read_amendments(run: RunDir) -> list[dict]:
-    if not run.amendments.is_file():
-        return []
-    import yaml
-
-    try:
-        entries = yaml.safe_load(run.amendments.read_text()) or []
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise UserError(f"{run.amendments}: not readable YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(entries, list) or not all(
-        isinstance(e, dict) and isinstance(e.get("set"), dict) for e in entries
-    ):
-        raise UserError(f"{run.amendments}: expected a list of {{after_epoch, set: {{key: value}}}} entries")
-    return entries
-
-
-def load_run_config(run_dir: Path, overrides: list[str] | None) -> PretrainConfig:
-    """A run's config: ``config.yaml``, then its recorded amendments, then ``overrides``."""
-    run = RunDir(run_dir)
-    if not run.config.is_file():
-        raise UserError(f"{run_dir}: no config.yaml, not a simsiam-kit run directory")
-    amended = [f"{k}={json.dumps(v)}" for e in read_amendments(run) for k, v in e["set"].items()]
-    return load_config(PretrainConfig, str(run.config), amended + list(overrides or []))
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def resume_changes(cfg: PretrainConfig, saved: dict, source: str) -> dict:
-    """Keys whose value ``cfg`` changes against the config a checkpoint was written with, as
-    ``{key: new value}``; a :class:`UserError` when one of them is not in :data:`RESUME_MAY_CHANGE`."""
-    old, new = _flat(saved or {}), _flat(to_dict(cfg))
-    changed = {k: v for k, v in new.items() if k in old and old[k] != v}
-    for k, v in changed.items():
-        if k not in RESUME_MAY_CHANGE:
-            raise UserError(
-                f"{source}: resuming would change '{k}' from {old[k]!r} to {v!r}; a resumed run keeps its "
-                f"config (only {', '.join(RESUME_MAY_CHANGE)} may change): start a new run instead"
-            )
-    return changed
-
-
-def _trim_metrics(path: Path, completed_epochs: int) -> None:
-    """Drop metric lines written after the checkpoint we resume from (they will be written again)."""
-    recs = read_metrics(path)
-    keep = [
-        r
-        for r in recs
-        if (r.get("type") == "epoch" and r["epoch"] <= completed_epochs)
-        or (r.get("type") != "epoch" and r.get("epoch", 0) < completed_epochs)
-    ]
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def make_knn_eval(p: Pretraining, batch_size: int = FEATURE_BATCH) -> Optional[Callable]:
@@ -510,48 +568,6 @@ def _on_main(fn: Callable, *args):
     return outcome[1]
 
 
-def prepare_run_dir(run: RunDir, resume: bool, overwrite: bool, log: Callable[[str], None]) -> None:
-    """Lock the run directory for this process and check that it may be used (rank 0)."""
-    run.lock()
-    if resume:
-        if not run.has_checkpoint():
-            raise UserError(f"--resume: no checkpoint at {run.checkpoint}")
-    elif not run.is_empty():
-        if not overwrite:
-            if run.has_checkpoint():
-                raise UserError(
-                    f"{run} already holds a run; resume it (--resume), replace it (--overwrite) "
-                    "or pick another output directory"
-                )
-            raise UserError(
-                f"{run} is not empty and holds no checkpoint to resume; replace its run files "
-                "(--overwrite) or pick another output directory"
-            )
-        run.remove_run_files()
-    n, size = run.remove_stale_temp_files()
-    if n:
-        log(f"removed {n} temp file{'s' if n > 1 else ''} ({size / 1e6:.1f} MB) left by interrupted writes in {run}")
-
-
-def _load_checkpoint(run: RunDir) -> dict:
-    if not run.has_checkpoint():
-        raise UserError(f"--resume: no checkpoint at {run.checkpoint}")
-    ckpt = load_file(run.checkpoint)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "simsiam-kit-checkpoint":
-        raise UserError(f"{run.checkpoint}: not a simsiam-kit checkpoint")
-    bad, total = nonfinite_tensors(ckpt.get("model"))
-    if bad:
-        raise UserError(
-            f"{run.checkpoint}: non-finite weights, {describe_nonfinite(bad, total)}; cannot resume from them"
-        )
-    return ckpt
-
-
-def _epoch_line_missing(run: RunDir, epoch: int) -> bool:
-    lines = read_metrics(run.metrics)
-    return epoch > 0 and not any(r.get("type") == "epoch" and r.get("epoch") == epoch for r in lines)
-
-
 def run_pretrain(
     cfg: PretrainConfig,
     output: Optional[Path] = None,
@@ -576,234 +592,6 @@ def run_pretrain(
     run = RunDir(output if output is not None else default_run_dir(cfg))
     try:
         _on_main(prepare_run_dir, run, resume, overwrite, log)
-        return _train(cfg, run, resume, device, log)
+        return Pretrainer(cfg, run, device, log, resume=resume).train()
     finally:
         run.unlock()
-
-
-def _train(cfg: PretrainConfig, run: RunDir, resume: bool, device: torch.device, log: Callable[[str], None]) -> dict:
-    ckpt = _load_checkpoint(run) if resume else None
-    amendment = resume_changes(cfg, ckpt.get("config"), f"{run.checkpoint}") if ckpt is not None else {}
-    seed_everything(cfg.train.seed + dist.get_rank(), cfg.train.deterministic)
-    p = build_pretraining(cfg, device)
-    objects = Checkpointables(
-        model=ModelState(p.model),
-        optimizer=p.optimizer,
-        scaler=p.step.update.scaler,
-        rng=RNGState(p.aug_gen),
-        probe=p.step.probe,
-    )
-
-    def save(trainer) -> None:
-        p.step.check(trainer)  # never write weights from a step whose loss was not finite
-        state = objects.state_dict()  # collective under DDP (RNG states of every rank)
-        bad, total = nonfinite_tensors(state)
-        if dist.any_rank(bool(bad)):  # never write non-finite weights (an update can diverge with a finite loss)
-            raise TrainingDiverged(
-                f"weights became non-finite in epoch {trainer.epoch} (step {trainer.global_step}): "
-                f"{describe_nonfinite(bad, total) if bad else 'on another process'}; training stopped, the last good "
-                "checkpoint is kept (try a lower optim.base_lr or optim.weight_decay, or train.precision=fp32)"
-            )
-        if not dist.is_main():
-            return
-        gen = {"epoch": trainer.epoch, "global_step": trainer.global_step}
-        with defer_sigint():  # Ctrl-C waits for the pair; the backbone goes first, so it is never the older one
-            save_backbone(
-                run.backbone,
-                p.model.backbone,
-                cfg.model.arch,
-                cfg.model.stem,
-                {"image_size": cfg.data.image_size, "mean": list(cfg.data.mean), "std": list(cfg.data.std), **gen},
-            )
-            save_checkpoint(
-                run.checkpoint,
-                **state,
-                trainer=trainer.state_dict(),
-                **gen,
-                config=to_dict(cfg),
-                metrics=trainer.epoch_metrics,
-            )
-
-    knn_eval = make_knn_eval(p)
-    sinks = (
-        make_sinks(run.root, cfg.log.tensorboard, cfg.log.wandb, cfg.log.wandb_project, run.root.name, to_dict(cfg))
-        if dist.is_main()
-        else []
-    )  # TensorBoard / W&B: rank 0 writes
-    trainer = Trainer(
-        p.step,
-        p.data.loader,
-        cfg.optim.epochs,
-        build_hooks(p, run, save, knn_eval, log, sinks),
-        max_steps_per_epoch=cfg.train.max_steps_per_epoch,
-    )
-    with closing_all(sinks):  # flushed and closed however the run ends
-        world = dist.get_world_size()
-        finishing = False  # resuming a run killed after its last checkpoint: only its summary is left to write
-        if ckpt is not None:
-            objects.load_state_dict(ckpt, source=str(run.checkpoint))
-            trainer.load_state_dict(ckpt.get("trainer") or ckpt)  # version-1 checkpoints keep epoch/global_step on top
-            if trainer.start_epoch >= cfg.optim.epochs:
-                if (run.results / "pretrain.json").is_file():
-                    raise UserError(
-                        f"{run.checkpoint}: run already finished ({trainer.start_epoch}/{cfg.optim.epochs} "
-                        "epochs); raise optim.epochs with --set to train longer"
-                    )
-                finishing = True
-
-        def write_start() -> bool:
-            run.checkpoints.mkdir(parents=True, exist_ok=True)
-            if ckpt is None:
-                save_config(cfg, run.config)
-                atomic_write_text(run.metrics, "")
-                return False
-            if amendment and run.config.is_file():
-                recorded = _flat(to_dict(load_run_config(run.root, None)))  # config.yaml + earlier amendments
-                new = {k: v for k, v in amendment.items() if recorded.get(k) != v}
-                if new:
-                    import yaml
-
-                    entries = read_amendments(run) + [{"after_epoch": trainer.start_epoch, "set": new}]
-                    atomic_write_text(run.amendments, yaml.safe_dump(entries, sort_keys=False))
-            _trim_metrics(run.metrics, trainer.start_epoch)
-            return _epoch_line_missing(run, trainer.start_epoch)
-
-        unfinished_epoch = _on_main(write_start)
-        dist.barrier()
-
-        if dist.is_main():
-            data = p.data
-            log(f"run directory: {run}")
-            log(
-                f"device {device} ({world} process{'es' if world > 1 else ''}), precision {p.precision.name}, "
-                f"channels_last {p.channels_last}, compile {p.compiled}, data on device {data.device_resident}"
-                + ("" if data.train.in_memory else f", {data.workers} loader workers")
-                + "; "
-                f"{len(data.train)} train images, batch {cfg.optim.batch_size}, "
-                f"lr {p.init_lr:g}, {trainer.steps_per_epoch} steps/epoch"
-                + (f"; resuming after epoch {trainer.start_epoch}" if ckpt is not None else "")
-                + (f" (amended: {', '.join(f'{k}={v}' for k, v in amendment.items())})" if amendment else "")
-            )
-            for line in start_notes(cfg, p.device):
-                log(line)
-        if unfinished_epoch:  # killed after the checkpoint, before the epoch's monitor and metrics line
-            trainer.finish_epoch(ckpt.get("metrics") or {}, after=Checkpointer)
-        if sinks and cfg.log.view_pairs > 0 and p.data.train.in_memory and ckpt is None:
-            grid = view_pairs_grid(
-                p.data.train.images,
-                BatchAugment(cfg.data, masked=False),
-                cfg.data.mean,
-                cfg.data.std,
-                n=min(cfg.log.view_pairs, len(p.data.train)),
-                seed=cfg.train.seed,
-            )
-            log_images(sinks, {"views/image_view1_view2": grid})
-        t0 = time.time()
-        if not finishing:
-            trainer.train()
-        elapsed = time.time() - t0
-        summary = summarise(p, run, elapsed, knn_eval) if dist.is_main() else {}
-        if sinks and run.plots.is_dir():  # the final plots, next to the scalars
-            log_images(
-                sinks,
-                {f"plots/{f.stem}": png_to_array(f) for f in sorted(run.plots.glob("*.png"))},
-                step=trainer.global_step,
-            )
-        dist.barrier()
-        return summary
-
-
-def start_notes(cfg: PretrainConfig, device: torch.device) -> list[str]:
-    """Lines printed when a run starts: the image settings and CPU threads in force, and warnings for a busy
-    machine and for the demo's MNIST settings applied to other data."""
-    th = thread_settings()
-    lines = [
-        f"images {cfg.data.image_size} px, mean {list(cfg.data.mean)}, std {list(cfg.data.std)}; "
-        f"{th['threads']} CPU thread{'s' if th['threads'] != 1 else ''} ({th['chosen_by']}"
-        + (
-            f", load average {th['load_average']:g} on {th['usable_cores']} usable cores"
-            if th.get("load_average") is not None
-            else ""
-        )
-        + ")"
-    ]
-    if device.type == "cpu" and th.get("busy"):
-        lines.append(
-            f"warning: load average {th['load_average']:g} on {th['usable_cores']} usable cores: other "
-            "processes keep the CPU busy, so this run is slower than the README's figures"
-            + (
-                ""
-                if th["threads"] == 1 or th["chosen_by"] != "OMP_NUM_THREADS"
-                else f"; {th['threads']} threads (OMP_NUM_THREADS) spin against them, 1 is usually much faster"
-            )
-        )
-    demo = load_config(PretrainConfig, "demo").data
-    if not str(cfg.data.train).startswith("demo") and (
-        cfg.data.image_size,
-        tuple(cfg.data.mean),
-        tuple(cfg.data.std),
-    ) == (demo.image_size, tuple(demo.mean), tuple(demo.std)):
-        lines.append(
-            f"warning: data.train is {cfg.data.train}, but the demo's MNIST settings are in force "
-            f"({demo.image_size} px, mean {list(demo.mean)}, std {list(demo.std)}); set data.image_size, "
-            "data.mean and data.std for these images, or start from --config cifar10_resnet18"
-        )
-    return lines
-
-
-def summarise(p: Pretraining, run: RunDir, elapsed: float, knn_eval: Optional[Callable]) -> dict:
-    """``results/pretrain.json`` (last epoch's loss, std, throughput; kNN against a random-init backbone of
-    the same architecture, seed and image settings) and the plots."""
-    cfg = p.cfg
-    recs = [r for r in read_metrics(run.metrics) if r.get("type") == "epoch"]
-    last = recs[-1] if recs else {}
-    summary = {
-        "run_dir": str(run),
-        "epochs": cfg.optim.epochs,
-        "final_loss": last.get("loss"),
-        "final_std": last.get("std"),
-        "std_x_sqrt_d": last.get("std_x_sqrt_d"),
-        "images_per_s": last.get("images_per_s"),
-        "train_seconds": round(elapsed, 1),
-        "precision": p.precision.name,
-        "channels_last": p.channels_last,
-        "compile": p.compiled,
-        "device_resident": p.data.device_resident,
-        "loader_workers": 0 if p.data.train.in_memory else p.data.workers,
-        "device": str(p.device),
-        "world_size": dist.get_world_size(),
-        "threads": thread_settings(),
-        "image_size": cfg.data.image_size,
-        "mean": list(cfg.data.mean),
-        "std": list(cfg.data.std),
-    }
-    if knn_eval is not None:
-        summary["knn_top1"] = last.get("knn_top1")
-        # the random-init row is the run's own epoch-0 point (its initial weights, scored before training by the
-        # kNN monitor); a run that has none (started by an older version) scores the same weights now
-        initial = next((r["knn_top1"] for r in recs if r.get("epoch") == 0 and r.get("knn_top1") is not None), None)
-        if initial is None:
-            from simsiam_kit.weights import random_backbone
-
-            initial = knn_eval(
-                random_backbone(cfg.model.arch, cfg.model.stem, cfg.model.zero_init_residual, cfg.train.seed).to(
-                    p.device
-                )
-            )
-        summary["knn_top1_random_init"] = initial
-        summary["knn"] = {
-            "k": cfg.train.knn_k,
-            "temperature": cfg.train.knn_temperature,
-            "bank": cfg.data.train,
-            "queries": cfg.data.val,
-            "precision": feature_precision("auto", p.device).name,
-            "random_init": f"the run's initial weights (epoch 0, seed {cfg.train.seed})",
-        }
-    atomic_write_json(run.results / "pretrain.json", summary)
-    if cfg.train.plots:
-        from simsiam_kit.plots import plot_pretrain_metrics
-
-        plot_pretrain_metrics(
-            run.metrics, run.plots, dim=cfg.model.proj_dim, baseline=summary.get("knn_top1_random_init")
-        )
-    return summary

@@ -1,11 +1,13 @@
 """Hooks for :class:`simsiam_kit.engine.Trainer`: LR schedule, metrics, progress, checkpoints,
-collapse and kNN monitors, plots.
+collapse and kNN monitors.
 
-Order at the end of an epoch (lower priority first): the schedule, throughput and epoch averages,
-the collapse monitor, then the :class:`Checkpointer` (the epoch's weights are safe on disk before
-anything else runs), then the :class:`KNNMonitor`, then the :class:`MetricsWriter` (its epoch line
-carries the monitor's result). A run killed after its checkpoint but before the epoch line resumes by
-running the hooks after the checkpointer for that epoch again (``Trainer.finish_epoch``).
+Hooks run in the order they are registered. Pretraining registers them (``Pretrainer.build_hooks`` in
+``simsiam_kit/pretrain.py``) as: the schedule, throughput and epoch averages, the collapse monitor, then
+the :class:`Checkpointer` (the epoch's weights are safe on disk before anything else runs), then the
+:class:`KNNMonitor` and the online probe's monitor, then the :class:`MetricsWriter` (its epoch line
+carries the monitors' results), and the :class:`ProgressBar` last. A run killed after its checkpoint but
+before the epoch line resumes by running the hooks registered after the checkpointer for that epoch
+again (``Trainer.finish_epoch``).
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from simsiam_kit.engine.trainer import Hook
+from simsiam_kit.engine.checkpoint import Checkpointables, describe_nonfinite, nonfinite_tensors, save_checkpoint
+from simsiam_kit.engine.trainer import Hook, Trainer
+from simsiam_kit.errors import TrainingDiverged
 from simsiam_kit.utils import dist
+from simsiam_kit.utils.io import defer_sigint
 
 
 def _f(v):
@@ -39,8 +44,6 @@ class LRSchedule(Hook):
     ``lr_per_step=True`` evaluates it at fractional epochs. Param groups with ``fix_lr=True`` (the
     predictor under ``fix_pred_lr``) stay at the initial lr, as in the official code.
     """
-
-    priority = 10
 
     def __init__(
         self,
@@ -81,8 +84,6 @@ class Throughput(Hook):
     queue is drained at both ends only (two syncs per epoch), so steps are counted when they ran, not
     when they were queued; the mid-epoch value shown by the progress bar is approximate on a GPU."""
 
-    priority = 20
-
     def before_epoch(self, trainer) -> None:
         self.images, self.t0, self.rate = 0, None, 0.0
 
@@ -112,8 +113,6 @@ class EpochAverages(Hook):
     """Mean of each step output over the epoch (loss, std, ...), reduced over ranks. Tensor outputs are
     summed where they live (no host sync per step); the sums are read once, at the end of the epoch."""
 
-    priority = 21
-
     def before_epoch(self, trainer) -> None:
         self.sums: dict = {}
         self.n = 0
@@ -135,8 +134,6 @@ class EpochAverages(Hook):
 class CollapseMonitor(Hook):
     """Warn when the std of the l2-normalised projector output falls toward 0 (paper Fig. 2)."""
 
-    priority = 30
-
     def __init__(self, dim: int, warn_ratio: float = 0.1, log: Callable[[str], None] = print):
         self.dim, self.ratio, self.log = dim, warn_ratio, log
 
@@ -155,14 +152,12 @@ class CollapseMonitor(Hook):
 
 class KNNMonitor(Hook):
     """Weighted kNN accuracy of backbone features every ``every`` epochs (and at the end), rank 0.
-    Runs after the :class:`Checkpointer`: whatever happens in it, the epoch's weights are saved.
+    Registered after the :class:`Checkpointer`: whatever happens in it, the epoch's weights are saved.
 
     A run that starts from scratch (not a resumed one) is scored once more before its first step: the
     epoch-0 point, the run's own initial weights, i.e. its random-init baseline. ``record`` receives that
     point as an epoch line (``{"type": "epoch", "epoch": 0, "step": 0, "knn_top1": ...}``). ``log`` prints
     each score after its epoch's progress bar has closed."""
-
-    priority = 35
 
     def __init__(
         self,
@@ -214,25 +209,58 @@ class KNNMonitor(Hook):
 
 
 class Checkpointer(Hook):
-    """Save ``checkpoints/last.pt`` atomically every ``every`` epochs and at the end, before the
-    monitors and the metrics line of the epoch.
+    """Save the named objects of ``objects``, the trainer's progress and hook state, the epoch's metrics and
+    ``extra`` to ``path`` (atomically) every ``every`` epochs and at the end, before the monitors and the
+    metrics line of the epoch.
 
-    ``save`` is called on every rank (it may gather per-rank state) and writes on rank 0 only."""
+    Finite weights only: ``check(trainer)`` runs first (the step function's pending loss check), then every
+    floating tensor of the state is tested on every rank; one that holds a nan or an infinity (an update
+    can diverge with a finite loss) stops training with :class:`TrainingDiverged`, and the last good
+    checkpoint stays. ``companion(progress)`` writes the file that goes with the checkpoint (a run's
+    ``backbone.pt``) just before it, in the same block Ctrl-C waits for, so it is never the older one.
 
-    priority = 33
+    Collective under DDP (the state gathers every rank's RNG streams, the ranks agree on finiteness);
+    rank 0 writes."""
 
-    def __init__(self, save: Callable[[object], None], every: int):
-        self.save, self.every = save, every
+    def __init__(
+        self,
+        objects: Checkpointables,
+        path: Path,
+        every: int,
+        extra: dict | None = None,
+        check: Callable[[Trainer], None] | None = None,
+        companion: Callable[[dict], None] | None = None,
+    ):
+        self.objects, self.path, self.every = objects, Path(path), every
+        self.extra, self.check, self.companion = dict(extra or {}), check, companion
 
     def after_epoch(self, trainer) -> None:
         if trainer.epoch % self.every == 0 or trainer.epoch == trainer.epochs:
             self.save(trainer)
             dist.barrier()
 
+    def save(self, trainer) -> None:
+        if self.check is not None:
+            self.check(trainer)  # never write weights from a step whose loss was not finite
+        state = self.objects.state_dict()  # collective under DDP (RNG states of every rank)
+        bad, total = nonfinite_tensors(state)
+        if dist.any_rank(bool(bad)):
+            raise TrainingDiverged(
+                f"weights became non-finite in epoch {trainer.epoch} (step {trainer.global_step}): "
+                f"{describe_nonfinite(bad, total) if bad else 'on another process'}; training stopped, the last good "
+                "checkpoint is kept (try a lower optim.base_lr or optim.weight_decay, or train.precision=fp32)"
+            )
+        if not dist.is_main():
+            return
+        progress = {"epoch": trainer.epoch, "global_step": trainer.global_step}
+        with defer_sigint():  # Ctrl-C waits for the pair; the companion goes first, so it is never the older one
+            if self.companion is not None:
+                self.companion(progress)
+            payload = {**state, "trainer": trainer.state_dict(), **progress, **self.extra}
+            save_checkpoint(self.path, **payload, metrics=trainer.epoch_metrics)
+
 
 class ProgressBar(Hook):
-    priority = 45
-
     def __init__(self, enabled: bool = True, desc: str = "train", postfix_every_s: float = 1.0):
         self.enabled = enabled and dist.is_main()
         self.desc = desc
@@ -274,11 +302,9 @@ class ProgressBar(Hook):
 class MetricsWriter(Hook):
     """One JSON object per line in ``metrics.jsonl``: step lines every ``every`` steps and one epoch line.
 
-    Runs after the checkpointer and the monitors (so the epoch line has their values): every epoch line
+    Registered after the checkpointer and the monitors (so the epoch line has their values): every epoch line
     describes a checkpointed epoch (or one between checkpoints, which resuming trims and writes again).
     A run killed after a checkpoint and before its epoch line writes that line when it resumes."""
-
-    priority = 38
 
     def __init__(self, path: Path, every: int = 10, sinks: Sequence = ()):
         self.path, self.every = Path(path), every

@@ -67,8 +67,6 @@ class OnlineProbe:
 class OnlineProbeMonitor(Hook):
     """Val top-1 of the online probe after every epoch (rank 0), after the epoch's checkpoint."""
 
-    priority = 36
-
     def __init__(self, evaluate: Callable[[], float]):
         self.evaluate = evaluate
 

@@ -3,6 +3,9 @@
 Pretraining and the linear probe both run :class:`Trainer` with their own step function.
 A step function takes ``(batch, trainer)`` and returns a dict of scalars (floats or 0-d tensors),
 which hooks read from ``trainer.outputs``; hooks add per-epoch values to ``trainer.epoch_metrics``.
+
+Hooks run in the order they are registered (detectron2 ``TrainerBase.register_hooks``), at every event:
+a hook that reads what another writes into ``epoch_metrics`` is registered after it.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from typing import Callable, Iterable, Optional
 
 
 class Hook:
-    priority = 50  # lower runs first
+    """Callbacks of :class:`Trainer`; each does nothing unless overridden."""
 
     def before_train(self, trainer: "Trainer") -> None: ...
 
@@ -47,7 +50,8 @@ class Trainer:
         self.step_fn = step_fn
         self.loader = loader
         self.epochs = epochs
-        self.hooks = sorted(hooks, key=lambda h: h.priority)
+        self.hooks: list[Hook] = []
+        self.register_hooks(hooks)
         self.epoch = start_epoch
         self.start_epoch = start_epoch
         self.global_step = global_step
@@ -58,6 +62,10 @@ class Trainer:
         self.step_time = 0.0  # host time of the last step (on a GPU: the time to queue it, see Throughput)
         self.step_start = 0.0
         self.state: dict = {}  # free-form shared state between hooks
+
+    def register_hooks(self, hooks: Iterable[Hook]) -> None:
+        """Append ``hooks``; they run after those registered before, in the order given."""
+        self.hooks.extend(hooks)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -93,16 +101,15 @@ class Trainer:
         self._call("after_train")
 
     def finish_epoch(self, epoch_metrics: dict, after: type) -> None:
-        """Run ``after_epoch`` again for the hooks ordered after the (first) hook of type ``after``, on the
+        """Run ``after_epoch`` again for the hooks registered after the (first) hook of type ``after``, on the
         completed epoch ``self.epoch`` with its saved ``epoch_metrics``: the end of an epoch that a killed
         run checkpointed but did not finish (its kNN monitor, its metrics line)."""
-        cut = next((h.priority for h in self.hooks if isinstance(h, after)), None)
+        cut = next((i for i, h in enumerate(self.hooks) if isinstance(h, after)), None)
         if cut is None:
             return
         self.epoch_metrics = dict(epoch_metrics)
-        for h in self.hooks:
-            if h.priority > cut:
-                h.after_epoch(self)
+        for h in self.hooks[cut + 1 :]:
+            h.after_epoch(self)
 
     def state_dict(self) -> dict:
         """Progress and the state of every hook that has one, keyed by hook class."""

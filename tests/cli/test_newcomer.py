@@ -491,13 +491,13 @@ def test_apply_thread_choice_sets_the_environment():
 
 
 def test_start_notes_warn_on_busy_cores_and_demo_settings(monkeypatch):
-    import simsiam_kit.pretrain as pretrain
+    import simsiam_kit.engine.report as report
     from simsiam_kit.config import load_pretrain_config
 
     busy = {"threads": 2, "chosen_by": "OMP_NUM_THREADS", "usable_cores": 2, "load_average": 4.5, "busy": True}
-    monkeypatch.setattr(pretrain, "thread_settings", lambda: busy)
+    monkeypatch.setattr(report, "thread_settings", lambda: busy)
     cpu = torch.device("cpu")
-    notes = pretrain.start_notes(load_pretrain_config("demo", ["data.train=/data/mine.npz"]), cpu)
+    notes = report.start_notes(load_pretrain_config("demo", ["data.train=/data/mine.npz"]), cpu)
     assert notes[0].startswith(
         "images 16 px, mean [0.1307, 0.1307, 0.1307], std [0.3081, 0.3081, 0.3081]; 2 CPU "
         "threads (OMP_NUM_THREADS, load average 4.5 on 2 usable cores)"
@@ -505,9 +505,9 @@ def test_start_notes_warn_on_busy_cores_and_demo_settings(monkeypatch):
     assert any(n.startswith("warning: load average 4.5") and "1 is usually much faster" in n for n in notes)
     assert any(n.startswith("warning: data.train is /data/mine.npz, but the demo's MNIST settings") for n in notes)
     idle = dict(busy, threads=2, chosen_by="auto", load_average=0.1, busy=False)
-    monkeypatch.setattr(pretrain, "thread_settings", lambda: idle)
-    assert len(pretrain.start_notes(load_pretrain_config("demo", None), cpu)) == 1
-    assert len(pretrain.start_notes(load_pretrain_config("cifar10_resnet18", ["data.train=/x.npz"]), cpu)) == 1
+    monkeypatch.setattr(report, "thread_settings", lambda: idle)
+    assert len(report.start_notes(load_pretrain_config("demo", None), cpu)) == 1
+    assert len(report.start_notes(load_pretrain_config("cifar10_resnet18", ["data.train=/x.npz"]), cpu)) == 1
 
 
 @pytest.mark.parametrize(
