@@ -460,7 +460,7 @@ def main() -> None:
     if args.smoke:  # every option once, on the smallest case, with tiny image counts
         args.cases, args.reps, args.accuracy_images, args.calibration_images = "cifar", 1, 64, 32
         args.no_variants, args.ort_profile, args.int8_formats, args.per_channel = True, True, "qdq,qoperator", "on,off"
-        args.threads = "1"
+        args.threads, args.torch_int8 = "1", True
     args.out = args.out or (
         "/tmp/embed_throughput_smoke.json"
         if args.smoke
