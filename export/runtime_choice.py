@@ -38,6 +38,9 @@ RUNTIMES = ("auto", "ort-int8", "torch-bf16", "ort-fp32")
 #: bf16 rounding stays far above the fp32 bound, int8 quantisation above the int8 one
 MIN_COSINE = {"fp32": 0.99, "fp16": 0.99, "int8": 0.95}
 CHECK_IMAGES = 4
+#: seconds before each timed probe call: onnxruntime's intra-op threads spin after a run and would slow the
+#: runtime timed next (``benchmarks/embed_throughput.py`` pauses alike)
+PAUSE_S = 0.2
 
 
 def _sha256(path: Path) -> str:
@@ -98,15 +101,16 @@ def torch_runtime(onnx: OnnxEmbedder) -> tuple[Optional[TorchEmbedder], str]:
 
 
 def runtime_candidates(
-    model, device: str = "auto", batch_size: int = 64, threads: Optional[int] = None, log=None
+    model, device: str = "auto", batch_size: int = 64, threads: Optional[int] = None, log=None, torch: bool = True
 ) -> dict:
     """``{runtime name: embedder}`` of the model file: its onnxruntime runtime (``ort-int8`` or ``ort-fp32`` by
-    its precision), and ``torch-bf16`` where available on the CPU (why not is logged)."""
+    its precision), and ``torch-bf16`` where available on the CPU (why not is logged; ``torch=False``: not
+    tried)."""
     say = log or (lambda s: None)
     ort = OnnxEmbedder(model, device=device, batch_size=batch_size, threads=threads)
     name = "ort-int8" if ort.meta.get("precision") == "int8" else "ort-fp32"
     out = {name: ort}
-    if ort.provider != "CPUExecutionProvider":
+    if ort.provider != "CPUExecutionProvider" or not torch:
         return out  # a GPU: onnxruntime's provider, no CPU probe
     tr, why = torch_runtime(ort)
     if tr is not None:
@@ -124,10 +128,12 @@ def choose_runtime(
     rounds: int = 2,
     cache: Optional[Path] = None,
     use_cache: bool = True,
+    pause: float = PAUSE_S,
 ):
     """The fastest of ``candidates`` (``{name: embedder with .embed(batch)}``) on ``sample`` (one batch of
     images), as a :class:`simsiam_kit.utils.probe.Choice`. ``facts`` join the CPU model and flags in the cache
-    key (the model's sha256, at least); ``force``: a runtime name, chosen without timing."""
+    key (the model's sha256, at least); ``force``: a runtime name, chosen without timing; ``pause``: seconds
+    before each timed call (:data:`PAUSE_S`)."""
     from simsiam_kit.utils.probe import choose_fastest
 
     if force is not None and force != "auto" and force not in candidates:
@@ -142,6 +148,7 @@ def choose_runtime(
         rounds=rounds,
         cache=cache,
         use_cache=use_cache,
+        pause=pause,
     )
 
 
@@ -218,7 +225,8 @@ def open_embedder(
     if runtime not in RUNTIMES:
         raise UserError(f"--runtime {runtime}: unknown (available: {', '.join(RUNTIMES)})")
     path = Path(model)
-    candidates = runtime_candidates(path, device, batch_size, threads, log=log)
+    # a forced onnxruntime runtime needs no torch weights: not loaded, nothing said about them
+    candidates = runtime_candidates(path, device, batch_size, threads, log=log, torch=not runtime.startswith("ort-"))
     if runtime != "auto" and runtime not in candidates:
         have = ", ".join(candidates)
         raise UserError(f"--runtime {runtime}: not available for {path.name} here (available: {have})")

@@ -9,7 +9,7 @@ embedding search (:mod:`simsiam_kit.retrieval.embed_search`: ``simsiam-kit embed
 Backends:
 
 * ``torch``: exact chunked matmul + top-k (:func:`knn_search_torch`; on the CPU a two-stage
-  selection through block maxima, :func:`_select_topk`), on ``device`` when given, else on the GPU
+  selection through block maxima, :func:`select_topk`), on ``device`` when given, else on the GPU
   when torch sees one (``use_gpu`` decides), else on the CPU.
 * ``torch`` with ``kind="bf16"`` (approximate, opt-in): similarities from a bf16 GEMM against the
   centred bank, the candidates around the k-th place re-scored in fp32 (:func:`knn_search_bf16`); its

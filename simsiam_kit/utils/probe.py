@@ -87,10 +87,16 @@ def _write_cache(path: Path, entries: dict) -> None:
 
 
 def time_candidates(
-    fns: Mapping[str, Callable[[], object]], rounds: int = 2, warmup: int = 1, clock=time.perf_counter
+    fns: Mapping[str, Callable[[], object]],
+    rounds: int = 2,
+    warmup: int = 1,
+    clock=time.perf_counter,
+    pause: float = 0.0,
 ) -> dict[str, float]:
     """``{name: median seconds}`` of each zero-argument callable: ``warmup`` untimed calls each, then ``rounds``
-    rounds with every callable once, the order rotating each round."""
+    rounds with every callable once, the order rotating each round, each timed call after ``pause`` seconds
+    (the worker threads of a runtime that just ran, onnxruntime's or OpenMP's, spin for a while after it and
+    would slow whichever candidate runs next)."""
     names = list(fns)
     for _ in range(warmup):
         for n in names:
@@ -99,6 +105,8 @@ def time_candidates(
     for r in range(max(1, rounds)):
         k = r % len(names)
         for n in names[k:] + names[:k]:
+            if pause > 0:
+                time.sleep(pause)
             t = clock()
             fns[n]()
             times[n].append(clock() - t)
@@ -139,6 +147,7 @@ def choose_fastest(
     use_cache: bool = True,
     cpu: Optional[Mapping] = None,
     clock=time.perf_counter,
+    pause: float = 0.0,
 ) -> Choice:
     """The fastest of ``fns`` (see the module docstring). ``force``: one of the names, chosen without timing
     (a name that is not a candidate is a :class:`UserError`); ``cache``: the file (default :func:`cache_path`);
@@ -159,7 +168,7 @@ def choose_fastest(
     if hit is not None and hit["choice"] in fns:
         secs = hit.get("seconds") if isinstance(hit.get("seconds"), dict) else {}
         return Choice(hit["choice"], "cached", secs, _reason(hit["choice"], secs, "cached"))
-    seconds = time_candidates(fns, rounds, warmup, clock)
+    seconds = time_candidates(fns, rounds, warmup, clock, pause)
     best = min(names, key=lambda n: seconds[n])
     if use_cache:
         entries[key] = {
