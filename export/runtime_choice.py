@@ -31,7 +31,7 @@ from typing import Callable, Mapping, Optional
 import numpy as np
 
 from simsiam_kit.errors import UserError
-from simsiam_kit.export.embedder import OnnxEmbedder, l2_normalize, preprocess
+from simsiam_kit.export.embedder import OnnxEmbedder, _is_batch, l2_normalize, preprocess
 
 RUNTIMES = ("auto", "ort-int8", "torch-bf16", "ort-fp32")
 #: agreement of the torch runtime with the exported model on the first images (minimum cosine over them):
@@ -205,8 +205,10 @@ class AutoEmbedder:
 
     def embed(self, images, normalize: Optional[bool] = None) -> np.ndarray:
         if self.chosen is None:
-            if not isinstance(images, (list, tuple, np.ndarray)):
+            if not _is_batch(images):
                 images = [images]
+            elif isinstance(images, tuple):
+                images = list(images)
             self._choose(images)
         return self.chosen.embed(images, normalize=normalize)
 

@@ -198,3 +198,15 @@ def test_cli_runtime_forced_auto_and_unavailable(exported, tmp_path):
     assert res.exit_code == 0, res.output
     first = json.loads((tmp_path / "a" / "search.json").read_text())["results"][0]["neighbours"][0]
     assert first["row"] == 7 and first["score"] > 0.999
+
+
+def test_auto_embedder_takes_one_image_as_a_batch_of_one(tmp_path, cpu):
+    emb = AutoEmbedder({"a": Fake(0.0), "b": Fake(0.0)}, {"m": 1}, cache=tmp_path / "c", pause=0)
+    assert emb.embed(np.zeros((8, 8, 3), np.uint8)).shape == (1, 2)  # one (H, W, 3) image, not 8 rows
+
+
+def test_unknown_runtime_is_refused_before_the_model_is_opened(tmp_path):
+    from simsiam_kit.export.runtime_choice import open_embedder
+
+    with pytest.raises(UserError, match="--runtime tensorrt: unknown .*auto, ort-int8, torch-bf16, ort-fp32"):
+        open_embedder(tmp_path / "missing.onnx", "tensorrt")
