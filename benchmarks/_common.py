@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -13,20 +12,42 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def cpu_kind(flags: dict) -> str:
+    """A short name of the CPU kind a figure holds on, from the flags of :func:`cpu_record`: the columns of
+    docs/benchmarks.md ("AMX (bf16 + int8 tiles)", "AVX512-BF16, no AMX", ...)."""
+    if flags.get("amx_bf16") or flags.get("amx_int8"):
+        tiles = [t for t, f in (("bf16", "amx_bf16"), ("int8", "amx_int8")) if flags.get(f)]
+        return f"AMX ({' + '.join(tiles)} tiles)"
+    if flags.get("avx512_bf16"):
+        return "AVX512-BF16, no AMX" + (" (VNNI int8)" if flags.get("avx512_vnni") else "")
+    if flags.get("avx512_vnni"):
+        return "AVX512-VNNI, no bf16"
+    return "no bf16 / int8 dot-product instructions"
+
+
+def cpu_record() -> dict:
+    """What every benchmark JSON records about its CPU (one rule for all scripts): the model name, the flags
+    that decide the fast low-precision path (avx512_bf16, amx_bf16, amx_int8, avx512_vnni), their short
+    :func:`cpu_kind`, the usable cores and the 1/5/15-minute load at the time of the call."""
+    from simsiam_kit.utils.device import cpu_facts, usable_cores
+
+    facts = cpu_facts()
+    return {
+        "cpu": facts["model"],
+        "cpu_flags": facts["flags"],
+        "cpu_kind": cpu_kind(facts["flags"]),
+        "usable_cores": usable_cores(),
+        "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+    }
+
+
 def machine() -> dict:
     import torch
 
-    cpu = platform.processor() or ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    rec = cpu_record()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {
-        "cpu": cpu,
+        **rec,
         "cores": os.cpu_count(),
         "load_average_1min": load,
         "torch": torch.__version__,

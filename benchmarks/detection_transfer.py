@@ -30,6 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 DATA = REPO.parent / "shared" / "data" / "coco128_det"
 
+from _common import cpu_record  # noqa: E402  (benchmarks/ is on the path of a script run from it)
+
 
 def pretrain(out: Path, epochs: int, image_size: int, batch_size: int, device: str) -> Path:
     """SimSiam on the coco128 train images (an ImageFolder of symlinks, one dummy class)."""
@@ -159,6 +161,7 @@ def main() -> None:
         "pretrain_seconds": pre_s,
         "total_seconds": round(time.time() - t0, 1),
         "machine": {
+            **cpu_record(),
             "platform": platform.platform(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),

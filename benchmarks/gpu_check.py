@@ -107,7 +107,10 @@ def sync(dev):
 
 
 def machine(dev) -> dict:
+    from _common import cpu_record  # the CPU model and flags, as in every benchmark JSON
+
     info = {
+        **cpu_record(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cores": os.cpu_count(),

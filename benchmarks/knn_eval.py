@@ -46,6 +46,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _common import cpu_record  # noqa: E402
+
 from simsiam_kit.evaluation.knn import classify  # noqa: E402
 from simsiam_kit.retrieval.index import EmbeddingIndex  # noqa: E402
 from simsiam_kit.utils.io import atomic_write_json  # noqa: E402
@@ -331,6 +333,7 @@ def main(argv=None) -> None:
         "queries": list(fq.shape),
         "knn": knn,
         "machine": {
+            **cpu_record(),
             "platform": platform.platform(),
             "processor": platform.processor(),
             "cpu_count": os.cpu_count(),

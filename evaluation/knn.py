@@ -321,13 +321,13 @@ def run_knn_eval(s: KNNSettings, output: Path, log: Callable[[str], None] = prin
 
     if s.backend not in BACKENDS:
         raise UserError(f"unknown --backend '{s.backend}' (available: {', '.join(BACKENDS)})")
-    if s.index not in KINDS:
-        raise UserError(f"unknown --index '{s.index}' (available: {', '.join(KINDS)})")
+    if s.index not in KINDS and s.index != "auto":
+        raise UserError(f"unknown --index '{s.index}' (available: auto, {', '.join(KINDS)})")
     need = KIND_BACKEND.get(s.index)  # checked before feature extraction; EmbeddingIndex checks it again
     if need and s.backend not in ("auto", need):
         raise UserError(f"--index {s.index} needs --backend {need} or auto ({s.backend} has no {s.index} search)")
-    if s.rerank is not None and (s.index != "bf16" or s.rerank < 0):
-        raise UserError(f"--rerank {s.rerank}: only with --index bf16, and at least 0")
+    if s.rerank is not None and (s.index not in ("bf16", "auto") or s.rerank < 0):
+        raise UserError(f"--rerank {s.rerank}: only with --index bf16 or auto, and at least 0")
     temps = tuple(float(t) for t in (s.temperatures or PROTOCOL_TEMPERATURES))
     if min(temps) <= 0:
         raise UserError(f"--temperature must be positive, got {min(temps)}")
@@ -367,7 +367,14 @@ def run_knn_eval(s: KNNSettings, output: Path, log: Callable[[str], None] = prin
     save_features(output / "features" / "train", fb, lb, [train.ids[i] for i in ib.tolist()])
     save_features(output / "features" / "test", fq, lq, [test.ids[i] for i in iq.tolist()])
 
-    res = classify(fb, lb, fq, lq, ks, temps, len(classes), s.backend, s.index, rerank=s.rerank)
+    kind, index_choice = s.index, None
+    if s.index == "auto":  # exact or bf16, by measured speed and recall (simsiam_kit/retrieval/index_choice.py)
+        from simsiam_kit.retrieval.index_choice import choose_index_kind
+
+        index_choice = choose_index_kind(fb, fq, max(ks), s.backend, rerank=s.rerank)
+        kind = index_choice["kind"]
+        log(f"--index auto: {kind} ({index_choice['reason']})")
+    res = classify(fb, lb, fq, lq, ks, temps, len(classes), s.backend, kind, rerank=s.rerank)
     if s.save_index:
         res["index"].save(output / "index")
     main_k, main_t = int(ks[0]), temps[0]
@@ -386,6 +393,8 @@ def run_knn_eval(s: KNNSettings, output: Path, log: Callable[[str], None] = prin
         device=str(device),
         precision=precision.name,
         backend=res["backend"],
+        index_chosen=kind,
+        index_choice=index_choice,
         bank_size=int(len(fb)),
         queries=int(len(fq)),
         feature_dim=int(fb.shape[1]),

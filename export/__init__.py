@@ -5,7 +5,9 @@
   parity check; int8 through :mod:`simsiam_kit.export.quantize`);
 * :mod:`simsiam_kit.export.detectron2`: :func:`export_detectron2` (a ``.pkl`` for ``MODEL.WEIGHTS``);
 * :mod:`simsiam_kit.export.embedder`: :class:`OnnxEmbedder`, the runtime of an exported model (numpy only;
-  onnxruntime is imported when a model is opened).
+  onnxruntime is imported when a model is opened);
+* :mod:`simsiam_kit.export.runtime_choice`: :func:`open_embedder`, the fastest runtime of a model on this
+  machine (ORT int8 / fp32, torch bf16 + channels_last), measured on the first batch and cached.
 
 A new format is one module here beside these and one command in :mod:`simsiam_kit.cli.export`.
 """
@@ -19,6 +21,7 @@ __all__ = [
     "OnnxExportOptions",
     "load_encoder",
     "export_detectron2",
+    "open_embedder",
 ]
 
 _LAZY = {
@@ -26,6 +29,7 @@ _LAZY = {
     "OnnxExportOptions": "simsiam_kit.export.onnx",
     "load_encoder": "simsiam_kit.export.encoder",
     "export_detectron2": "simsiam_kit.export.detectron2",
+    "open_embedder": "simsiam_kit.export.runtime_choice",
 }
 
 

@@ -331,11 +331,15 @@ def quantize_int8(
     method: str = DEFAULT_CALIBRATION_METHOD,
     exclude_nodes: Sequence[str] = (),
     activation_type: str = ACTIVATION_TYPE,
+    quant_format: str = "qdq",
+    per_channel: bool = True,
 ):
     """Static int8 quantization (see the module docstring) of a serialised fp32 model: an int8 ModelProto.
 
     ``exclude_nodes``: node names of the fp32 graph left in float; ``activation_type``: "uint8" (the
-    default, fastest here) or "int8" (for measuring the alternative)."""
+    default, fastest here) or "int8"; ``quant_format`` "qdq" (the default) or "qoperator" (QLinearConv
+    nodes) and ``per_channel=False`` (one weight scale per tensor): the alternatives measured by
+    ``benchmarks/embed_throughput.py``."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -361,8 +365,8 @@ def quantize_int8(
                     str(pre),
                     str(out),
                     _Reader(calib, input_name, calibration_batch(len(calib))),
-                    quant_format=QuantFormat.QDQ,
-                    per_channel=True,
+                    quant_format={"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}[quant_format],
+                    per_channel=per_channel,
                     activation_type={"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[activation_type],
                     weight_type=QuantType.QInt8,
                     calibrate_method=calib_method,

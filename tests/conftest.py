@@ -10,6 +10,13 @@ from helpers import CIFAR_VAL, cli, need, tiny_overrides, write_tiny_npz
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_choice_cache(tmp_path_factory):
+    """Runtime / index choices measured by tests go to a cache of their own, never the user's
+    (``simsiam_kit.utils.probe.cache_path``)."""
+    os.environ["SIMSIAM_KIT_CACHE"] = str(tmp_path_factory.mktemp("simsiam_kit_cache"))
+
+
 @pytest.fixture
 def cifar_val() -> Path:
     return need(CIFAR_VAL)

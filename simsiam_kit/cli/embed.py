@@ -30,6 +30,12 @@ def embed_cmd(
     ),
     backend: str = typer.Option("faiss", "--backend", help="faiss, or torch (exact flat search without FAISS)."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when onnxruntime-gpu sees a GPU), cpu or cuda."),
+    runtime: str = typer.Option(
+        "auto",
+        "--runtime",
+        help="auto (the fastest here, timed on the first batch, cached per machine) | ort-int8 | ort-fp32 (the "
+        "model in onnxruntime, by its precision) | torch-bf16 (its source weights, bf16 + channels_last).",
+    ),
     skip_bad_images: SkipBadImages = False,
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ):
@@ -39,11 +45,11 @@ def embed_cmd(
     if not model.is_file():
         raise UserError(f"--model {model}: no such file (an encoder written by 'simsiam-kit export onnx')")
     precheck(data=[("--data", data)])
-    from simsiam_kit.export.embedder import OnnxEmbedder
+    from simsiam_kit.export.runtime_choice import open_embedder
     from simsiam_kit.retrieval.embed_search import embed_dataset_to_dir
 
     embed_dataset_to_dir(
-        OnnxEmbedder(model, device=device, batch_size=batch_size),
+        open_embedder(model, runtime, device=device, batch_size=batch_size, log=typer.echo),
         data,
         output,
         index_kind=index,
@@ -72,14 +78,14 @@ def search_cmd(
     for option, path in (("--query", query), ("--model", model)):
         if path is not None and not path.exists():
             raise UserError(f"{option} {path}: no such file or directory")
-    from simsiam_kit.export.embedder import OnnxEmbedder
+    from simsiam_kit.export.runtime_choice import open_for_index
     from simsiam_kit.retrieval.embed_search import format_search_table, search_images
 
     out = output if output is not None else index / "search.json"
     report = search_images(
         index,
         query,
-        lambda path: OnnxEmbedder(path, device=device),
+        lambda path: open_for_index(path, index, device=device, log=lambda s: typer.echo(s, err=True)),
         k=k,
         model=model,
         output=out,

@@ -65,13 +65,14 @@ def knn(
         "flat",
         "--index",
         help="flat (exact, default) | bf16 (approximate: bf16 similarities, the cut re-scored in fp32; torch) | "
-        "ivf | hnsw (approximate, faiss). Approximate searches report their recall against the exact one on 500 "
-        "queries.",
+        "ivf | hnsw (approximate, faiss) | auto (bf16 where it is faster here and finds 0.99 of the exact "
+        "neighbours on 256 queries, else flat). Approximate searches report their recall against the exact one on "
+        "500 queries.",
     ),
     rerank: Optional[int] = typer.Option(
         None,
         "--rerank",
-        help="--index bf16: the 2 x N candidates around the k-th place are re-scored in fp32 (default 16; "
+        help="--index bf16 / auto: the 2 x N candidates around the k-th place are re-scored in fp32 (default 16; "
         "N >= k re-scores all k + N).",
     ),
     batch_size: BatchSize = DEFAULT_FEATURE_BATCH,

@@ -9,7 +9,7 @@ embedding search (:mod:`simsiam_kit.retrieval.embed_search`: ``simsiam-kit embed
 Backends:
 
 * ``torch``: exact chunked matmul + top-k (:func:`knn_search_torch`; on the CPU a two-stage
-  selection through block maxima, :func:`_select_topk`), on ``device`` when given, else on the GPU
+  selection through block maxima, :func:`select_topk`), on ``device`` when given, else on the GPU
   when torch sees one (``use_gpu`` decides), else on the CPU.
 * ``torch`` with ``kind="bf16"`` (approximate, opt-in): similarities from a bf16 GEMM against the
   centred bank, the candidates around the k-th place re-scored in fp32 (:func:`knn_search_bf16`); its
@@ -32,7 +32,8 @@ return the same neighbours.
 
 Where a change goes: a new backend is a branch of :meth:`EmbeddingIndex.add` / ``search`` / ``save``
 / ``load`` that hands its k + 1 best (exact) or k best (approximate) to :func:`settle_ties`; the order
-of neighbours changes in :func:`settle_ties` only; what is done with neighbours (votes, accuracy,
+of neighbours changes in :func:`settle_ties` only (and its torch form for approximate lists,
+:func:`order_ties`, which the bf16 kind uses to stay off numpy); what is done with neighbours (votes, accuracy,
 retrieval metrics, search tables) lives with their consumers, never here.
 """
 
@@ -143,56 +144,75 @@ def knn_search_bf16(
        similarities by the same q.mean (added back in fp32), so the ranking is unchanged, while the bf16
        rounding (of the inputs and of the bf16 output of the CPU GEMM) shrinks with ||b - mean|| instead
        of ||b||. On clustered features (all similarities near 1, as a random-init ResNet's) this is the
-       difference between finding 5 % and 95 % of the true neighbours (tests/test_retrieval.py);
-    2. the cut in fp32: with m = ``rerank``, the k + m best by bf16 similarity are the candidates; the
-       k - m best of them are kept with their bf16 similarities (within ~1.5e-3 of fp32 on the
-       benchmark's features), the 2m candidates around the k-th place are re-scored exactly (fp32 dot
-       products with the stored vectors) and the m best of those fill the last m places. With
-       m >= k every candidate is re-scored and every similarity returned is fp32.
+       difference between finding 5 % and 95 % of the true neighbours (tests/retrieval/test_index.py);
+    2. the cut in fp32: with m = ``rerank``, the k + m best by bf16 similarity are the candidates (selected
+       in two exact stages through block maxima, :func:`select_topk`, on the bf16 matrix itself: no copy
+       or conversion of the (chunk x N) similarities); the k - m best of them are kept with their bf16
+       similarities (within ~1.5e-3 of fp32 on the benchmark's features), the 2m candidates around the k-th
+       place are re-scored exactly (fp32 dot products with the stored vectors, gathered ``sub`` queries at a
+       time) and the m best of those fill the last m places. With m >= k every candidate is re-scored and
+       every similarity returned is fp32.
 
     A true neighbour is lost when its bf16 similarity ranks it below k + m others, or above k - m
     by mistake of another; the recall is measured, not guaranteed (``eval knn`` reports it against the
-    exact search; ``benchmarks/knn_eval.py``). Ties are ordered by :func:`settle_ties` as for the
-    other approximate kinds (the cut stays as found).
+    exact search; ``benchmarks/knn_eval.py``). The k found are ordered by the tie rule for approximate
+    lists (:func:`order_ties`, the torch form of :func:`settle_ties` without a row: the cut stays as
+    found), written straight into the (Q, k) result: the time above the bare bf16 GEMM is what
+    ``benchmarks/knn_profile.py`` measures.
     """
-    n = bank.shape[0]
+    n, nq = bank.shape[0], queries.shape[0]
     k = min(k, n)
     m = max(0, int(rerank))
     kc = min(n, k + m)  # candidates
     keep = max(0, k - m)  # places kept with their bf16 similarities; the rest of the candidates is the band
     band = kc - keep
-    sims, idxs = [], []
+    out_v = torch.empty((nq, k), dtype=torch.float32, device=bank.device)
+    out_i = torch.empty((nq, k), dtype=torch.int64, device=bank.device)
+    if nq == 0:
+        return out_v, out_i
     bank_t = bank_c16.t()
-    approx_out = _buffer(min(chunk, queries.shape[0]), n, bank_c16)
-    rows_out = _buffer(min(sub, queries.shape[0]) * band, bank.shape[1], bank)
-    for s in range(0, queries.shape[0], chunk):
+    approx_out = _buffer(min(chunk, nq), n, bank_c16)
+    rows_out = _buffer(min(sub, nq) * band, bank.shape[1], bank) if kc < n else None
+    select = select_topk if bank.device.type == "cpu" else lambda x, kk: torch.topk(x, kk, dim=1)
+    for s in range(0, nq, chunk):
         q = queries[s : s + chunk]
+        if kc == n:  # the candidates are the whole bank: exact scores of everything
+            v, i = torch.topk(q @ bank.t(), k, dim=1)
+            out_v[s : s + len(q)], out_i[s : s + len(q)] = order_ties(v, i)
+            continue
         approx = torch.matmul(q.to(torch.bfloat16), bank_t, out=approx_out[: q.shape[0]])
-        if kc < n:
-            av, cand = torch.topk(approx, kc, dim=1, sorted=keep > 0)
-        for u in range(0, q.shape[0], sub):
-            qs = q[u : u + sub]
-            if kc == n:  # the candidates are the whole bank: exact scores of everything
-                v, i = torch.topk(qs @ bank.t(), k, dim=1)
-            else:
-                ids = cand[u : u + sub]
-                if keep:  # sorted by bf16 similarity (topk sorted=True)
-                    v, i = av[u : u + sub, :keep].float() + (qs @ mean).unsqueeze(1), ids[:, :keep]
-                if band:
-                    band_ids = ids[:, keep:]
-                    rows = torch.index_select(bank, 0, band_ids.reshape(-1), out=rows_out[: band_ids.numel()])
-                    ex = torch.bmm(rows.view(ids.shape[0], band, -1), qs.unsqueeze(2)).squeeze(2)
-                    bv, j = torch.topk(ex, k - keep, dim=1)
-                    bi = torch.gather(band_ids, 1, j)
-                    if keep:
-                        v, o = torch.sort(torch.cat([v, bv], 1), dim=1, descending=True)
-                        i = torch.gather(torch.cat([i, bi], 1), 1, o)
-                    else:
-                        v, i = bv, bi
-            v, i = settle_ties(v.cpu().numpy(), i.cpu().numpy(), k)
-            sims.append(v)
-            idxs.append(i)
-    return _stacked(sims, idxs, k, bank)
+        av, cand = select(approx, kc)  # sorted by bf16 similarity, descending
+        parts_v, parts_i = [], []
+        if keep:
+            parts_v.append(av[:, :keep].float() + (q @ mean).unsqueeze(1))
+            parts_i.append(cand[:, :keep])
+        if band:
+            band_ids = cand[:, keep:]
+            bv = torch.empty((len(q), k - keep), dtype=torch.float32, device=bank.device)
+            bi = torch.empty((len(q), k - keep), dtype=torch.int64, device=bank.device)
+            for u in range(0, q.shape[0], sub):
+                ids = band_ids[u : u + sub]
+                rows = torch.index_select(bank, 0, ids.reshape(-1), out=rows_out[: ids.numel()])
+                ex = torch.bmm(rows.view(ids.shape[0], band, -1), q[u : u + sub].unsqueeze(2)).squeeze(2)
+                v, j = torch.topk(ex, k - keep, dim=1)
+                bv[u : u + sub], bi[u : u + sub] = v, torch.gather(ids, 1, j)
+            parts_v.append(bv)
+            parts_i.append(bi)
+        v = parts_v[0] if len(parts_v) == 1 else torch.cat(parts_v, 1)
+        i = parts_i[0] if len(parts_i) == 1 else torch.cat(parts_i, 1)
+        out_v[s : s + len(q)], out_i[s : s + len(q)] = order_ties(v, i)
+    return out_v, out_i
+
+
+def order_ties(v: torch.Tensor, i: torch.Tensor):
+    """:func:`settle_ties` for an approximate list (kk = k, no ``row``), in torch and without a copy to numpy:
+    similarities descending, equal similarities by increasing id, whatever order ``v`` / ``i`` (Q, k) come in
+    (the ids of a row are distinct). Two small sorts of the (Q, k) lists: by id, then stably by similarity."""
+    if v.shape[1] <= 1:
+        return v.contiguous(), i.contiguous()
+    by_id, o = torch.sort(i, dim=1)
+    vs, o2 = torch.sort(torch.gather(v, 1, o), dim=1, descending=True, stable=True)
+    return vs, torch.gather(by_id, 1, o2)
 
 
 def _buffer(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
@@ -204,10 +224,11 @@ def _buffer(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
 BLOCK = 16
 
 
-def _select_topk(sim: torch.Tensor, kk: int, block: int = BLOCK):
-    """``torch.topk(sim, kk, dim=1)`` (the same values; equal values at the cut may come from other
-    columns, which :func:`settle_ties` settles) in two exact stages, faster on the CPU for kk << columns
-    (measured 58 vs 74 ms for 1,024 x 45,000 at kk=201 on 2 cores):
+def select_topk(sim: torch.Tensor, kk: int, block: int = BLOCK):
+    """``torch.topk(sim, kk, dim=1)`` (the same values, sorted descending; equal values at the cut may come from
+    other columns, which :func:`settle_ties` settles) in two exact stages, faster on the CPU for kk << columns
+    (measured 58 vs 74 ms for 1,024 x 45,000 at kk=201 on 2 cores); any dtype (the bf16 kind selects on its
+    bf16 similarities):
 
     1. the columns are grouped into ``nb = n // block`` blocks, block j holding columns j, j + nb,
        j + 2 nb, ... (a strided grouping: the block maxima are ``block`` element-wise maxima of
@@ -231,6 +252,9 @@ def _select_topk(sim: torch.Tensor, kk: int, block: int = BLOCK):
         cols = torch.cat([cols, torch.arange(nb * block, n).expand(rows, -1)], 1)
     v, j = torch.topk(torch.gather(sim, 1, cols), kk, dim=1)
     return v, torch.gather(cols, 1, j)
+
+
+_select_topk = select_topk  # the name the exact search (and older callers) use
 
 
 # ------------------------------------------------------------------------------------ the index

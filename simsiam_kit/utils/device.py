@@ -237,6 +237,40 @@ def thread_settings() -> dict:
     return out
 
 
+#: the CPU flags that decide which low-precision path is fastest (recorded with every benchmark figure and in
+#: the key of every cached runtime choice): bf16 dot products on AVX512 (AMD EPYC, Intel Xeon since Cooper
+#: Lake), AMX tiles for bf16 and int8 (Intel Xeon since Sapphire Rapids), int8 dot products on AVX512 (VNNI)
+CPU_FLAGS = ("avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni")
+
+
+def cpu_facts(cpuinfo: str | None = None) -> dict:
+    """``{"model": "AMD EPYC ...", "flags": {flag: bool for each of CPU_FLAGS}}`` from ``/proc/cpuinfo`` (the
+    first processor's entry; ``cpuinfo`` replaces the file in tests); the model falls back to
+    ``platform.processor()`` and the flags to False where the file cannot be read (non-Linux)."""
+    import platform
+
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", "rb") as f:
+                cpuinfo = f.read(1 << 20).decode("utf-8", "replace")
+        except OSError:  # pragma: no cover - non-Linux
+            cpuinfo = ""
+    model, flags = "", set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and not model:
+            model = value.strip()
+        elif key in ("flags", "Features") and not flags:
+            flags = set(value.split())
+        if model and flags:
+            break
+    return {
+        "model": model or platform.processor() or platform.machine(),
+        "flags": {f: f in flags for f in CPU_FLAGS},
+    }
+
+
 def cpu_supports_bf16() -> bool:
     """True when the CPU has native bf16 matmul (AVX512-BF16 or AMX), where bf16 autocast pays off."""
     import torch

@@ -70,3 +70,23 @@ def test_recheck_at_epoch_boundary_raises_threads_when_the_other_job_ends(monkey
         assert recheck_threads(sampler) is None
     finally:
         torch.set_num_threads(threads)
+
+
+def test_cpu_facts_read_model_and_the_flags_that_matter():
+    """What every benchmark JSON and every cached runtime choice records about the CPU: the model name and the four
+    flags that decide the fast low-precision path, from /proc/cpuinfo text (the first processor's entry)."""
+    from simsiam_kit.utils.device import cpu_facts
+
+    xeon = (
+        "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\n"
+        "flags\t\t: fpu sse avx2 avx512f avx512_vnni avx512_bf16 amx_bf16 amx_tile amx_int8\n\n"
+        "processor\t: 1\nmodel name\t: something else\nflags\t\t: fpu\n"
+    )
+    assert cpu_facts(xeon) == {
+        "model": "Intel(R) Xeon(R) Platinum 8480+",
+        "flags": {"avx512_bf16": True, "amx_bf16": True, "amx_int8": True, "avx512_vnni": True},
+    }
+    epyc = "model name\t: AMD EPYC 9654\nflags\t\t: avx2 avx512f avx512_bf16 avx512_vnni\n"
+    assert cpu_facts(epyc)["flags"] == {"avx512_bf16": True, "amx_bf16": False, "amx_int8": False, "avx512_vnni": True}
+    # a flag is a whole word: "amx_bf16x" or a substring of another flag does not count
+    assert cpu_facts("model name: X\nflags: amx_bf16x avx512_bf16_extra\n")["flags"]["amx_bf16"] is False

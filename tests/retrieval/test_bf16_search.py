@@ -1,0 +1,84 @@
+"""The selection and ordering routines of the approximate bf16 search, against torch.topk and settle_ties on tiny
+inputs with the ties worked out by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from simsiam_kit.retrieval.index import EmbeddingIndex, knn_search_bf16, order_ties, select_topk, settle_ties
+
+
+def test_select_topk_by_hand_with_ties_inside_one_block():
+    # 32 columns, block 2 -> 16 blocks, block j = columns {j, j + 16}. Value 3 at columns 5 and 21 (one block),
+    # value 2 at columns 0, 9 and 30, 1 at column 17 (block 1), 0 elsewhere.
+    row = torch.zeros(32)
+    row[[5, 21]] = 3.0
+    row[[0, 9, 30]] = 2.0
+    row[17] = 1.0
+    sim = torch.stack([row, row.flip(0)])  # the second row: the same values at columns 31 - c
+    v, i = select_topk(sim, 4, block=2)
+    assert v.tolist() == [[3.0, 3.0, 2.0, 2.0]] * 2  # torch.topk's values, sorted descending
+    assert torch.equal(v, torch.topk(sim, 4, dim=1).values)
+    assert set(i[0, :2].tolist()) == {5, 21} and set(i[0, 2:].tolist()) <= {0, 9, 30}
+    assert set(i[1, :2].tolist()) == {26, 10} and set(i[1, 2:].tolist()) <= {31, 22, 1}
+    # ordered by the tie rule: equal similarities by increasing column
+    ov, oi = order_ties(v, i)
+    assert oi[0, :2].tolist() == [5, 21] and oi[1, :2].tolist() == [10, 26]
+    assert oi[0, 2] < oi[0, 3] and oi[1, 2] < oi[1, 3]
+
+
+def test_select_topk_keeps_a_tail_that_is_not_a_whole_block():
+    # 35 columns, block 2 -> 17 blocks over columns 0..33; column 34 is the tail, holding the maximum
+    sim = torch.arange(35, dtype=torch.float32).remainder(7).unsqueeze(0)  # 0..6 repeating: 6 at 6, 13, 20, 27, 34
+    v, i = select_topk(sim, 4, block=2)
+    assert v.tolist() == [[6.0, 6.0, 6.0, 6.0]]
+    assert set(i[0].tolist()) <= {6, 13, 20, 27, 34} and len(set(i[0].tolist())) == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_select_topk_matches_torch_topk_on_tie_heavy_input(dtype):
+    g = torch.Generator().manual_seed(0)
+    sim = torch.randint(0, 6, (9, 301), generator=g).to(dtype)  # six values: ties everywhere, at every cut
+    for kk in (1, 7, 18):
+        v, i = select_topk(sim, kk, block=4)
+        assert v.dtype == dtype and torch.equal(v, torch.topk(sim, kk, dim=1).values)
+        assert torch.equal(torch.gather(sim, 1, i), v)  # the ids hold those values
+        assert all(len(set(r)) == kk for r in i.tolist())  # distinct columns
+
+
+def test_order_ties_by_hand_and_as_settle_ties():
+    v = torch.tensor([[0.5, 0.9, 0.5, 0.7, 0.5], [0.1, 0.1, 0.1, 0.1, 0.2]])
+    i = torch.tensor([[9, 4, 2, 8, 3], [7, 1, 5, 0, 6]])
+    ov, oi = order_ties(v, i)
+    assert torch.equal(ov, torch.tensor([[0.9, 0.7, 0.5, 0.5, 0.5], [0.2, 0.1, 0.1, 0.1, 0.1]]))
+    assert oi.tolist() == [[4, 8, 2, 3, 9], [6, 0, 1, 5, 7]]
+    # the same order as the numpy tie rule for an approximate list (kk = k, no row), on tie-heavy input
+    g = torch.Generator().manual_seed(1)
+    v = torch.randint(0, 4, (50, 12), generator=g).float()
+    i = torch.stack([torch.randperm(100, generator=g)[:12] for _ in range(50)])
+    v, o = torch.sort(v, dim=1, descending=True)  # settle_ties takes lists sorted by similarity
+    i = torch.gather(i, 1, o)
+    sv, si = settle_ties(v.numpy().copy(), i.numpy().copy(), 12)
+    ov, oi = order_ties(v, i)
+    assert np.array_equal(ov.numpy(), sv) and np.array_equal(oi.numpy(), si)
+    shuffle = torch.randperm(12, generator=g)  # any order in: order_ties sorts whole lists
+    ov, oi = order_ties(v[:, shuffle], i[:, shuffle])
+    assert np.array_equal(ov.numpy(), sv) and np.array_equal(oi.numpy(), si)
+
+
+def test_bf16_search_with_every_candidate_re_scored_is_the_exact_search():
+    """rerank >= k: every candidate scored in fp32; on well-spread vectors (no bf16 ties at the candidate cut
+    that matter) the k found are the exact ones, ties ordered the same way."""
+    g = torch.Generator().manual_seed(2)
+    bank = torch.nn.functional.normalize(torch.randn(3000, 32, generator=g), dim=1)
+    bank[10] = bank[20]  # an exact tie: the same vector twice
+    q = torch.cat([bank[20:21], torch.nn.functional.normalize(torch.randn(30, 32, generator=g), dim=1)])
+    ex_s, ex_i = EmbeddingIndex(32, "flat", "torch").add(bank).search(q, 5)
+    mean = bank.mean(0)
+    s, i = knn_search_bf16(bank, (bank - mean).bfloat16(), mean, q, 5, rerank=40, chunk=8, sub=3)
+    assert torch.equal(i, ex_i) and torch.allclose(s, ex_s, atol=1e-6, rtol=0)
+    assert i[0, :2].tolist() == [10, 20]  # the tie: lower id first
+    empty_s, empty_i = knn_search_bf16(bank, (bank - mean).bfloat16(), mean, q[:0], 5)
+    assert empty_s.shape == empty_i.shape == (0, 5)
