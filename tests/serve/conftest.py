@@ -7,54 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from helpers import DATA, need
+from helpers import DATA, need, write_thumbnail_encoder
 
 pytest.importorskip("onnxruntime")  # the [cpu] or [gpu] extra
 
 PHOTOS = DATA / "coco128_det" / "images"
-SIZE = 32  # the encoder's input side
-
-
-def thumbnail_encoder(path: Path, size: int = SIZE, pool: int = 4) -> Path:
-    """A simsiam-kit 'encoder' made by hand: the embedding is the normalised image average-pooled to
-    (size / pool)^2 cells, 3 x 64 = 192 numbers at the defaults, so different photos differ."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    cells = (size // pool) ** 2 * 3
-    nodes = [
-        helper.make_node("AveragePool", ["images"], ["pooled"], kernel_shape=[pool, pool], strides=[pool, pool]),
-        helper.make_node("Flatten", ["pooled"], ["embeddings"], axis=1),
-    ]
-    g = helper.make_graph(
-        nodes,
-        "thumbnail",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, size, size])],
-        [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, ["batch", cells])],
-    )
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
-    meta = {
-        "format": "simsiam-kit-onnx-encoder",
-        "image_size": str(size),
-        "mean": "[0.485, 0.456, 0.406]",
-        "std": "[0.229, 0.224, 0.225]",
-        "channel_order": "RGB",
-        "embedding_dim": str(cells),
-        "input_name": "images",
-        "output_name": "embeddings",
-        "arch": "thumbnail",
-        "head": "backbone",
-    }
-    for k, v in meta.items():
-        m.metadata_props.add(key=k, value=v)
-    onnx.checker.check_model(m)
-    onnx.save(m, str(path))
-    return path
 
 
 @pytest.fixture(scope="session")
 def encoder(tmp_path_factory) -> Path:
-    return thumbnail_encoder(tmp_path_factory.mktemp("serve_model") / "thumb.onnx")
+    return write_thumbnail_encoder(tmp_path_factory.mktemp("serve_model") / "thumb.onnx")
 
 
 def _embed(encoder: Path, data: str, out: Path, kind: str = "flat") -> Path:
@@ -83,6 +45,7 @@ def hnsw_index(encoder, shared_tiny_npz, tmp_path_factory) -> Path:
     return _embed(encoder, str(shared_tiny_npz), tmp_path_factory.mktemp("serve_hnsw") / "emb", kind="hnsw")
 
 
-def photo(i: int = 0) -> Path:
-    """The i-th coco128 photo (sorted by name), as indexed by ``photo_index``."""
-    return sorted(need(PHOTOS).glob("*.jpg"))[i]
+@pytest.fixture(scope="session")
+def photos() -> list[Path]:
+    """The coco128 photos sorted by name: row i of ``photo_index`` is ``photos[i]``."""
+    return sorted(need(PHOTOS).glob("*.jpg"))
