@@ -14,7 +14,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 def require_serve_extra() -> None:
     """FastAPI, uvicorn and python-multipart, or one message naming the extra to install."""
-    for module in ("fastapi", "uvicorn", "multipart"):
+    for module in ("fastapi", "uvicorn", "python_multipart"):
         require_extra(module, "serve")
 
 

@@ -49,3 +49,51 @@ def hnsw_index(encoder, shared_tiny_npz, tmp_path_factory) -> Path:
 def photos() -> list[Path]:
     """The coco128 photos sorted by name: row i of ``photo_index`` is ``photos[i]``."""
     return sorted(need(PHOTOS).glob("*.jpg"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def photo_server(photo_index, tmp_path_factory):
+    """``simsiam-kit serve`` of ``photo_index`` in a subprocess on a free loopback port (default host),
+    ``--max-upload-mb 1``: yields ``(base_url, process)``; stopped at the end of the session."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    pytest.importorskip("fastapi")  # the [serve] extra
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve_log") / "server.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["serve", "--index", str(photo_index), "--port", str(port), "--max-upload-mb", "1", "--threads", "1"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "simsiam_kit", *args], stdout=out, stderr=subprocess.STDOUT, env=env
+        )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base}/healthz", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"serve did not start: {log.read_text()[-2000:]}")
+        time.sleep(0.2)
+    yield base, proc, log
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
