@@ -5,6 +5,8 @@
 const $ = (id) => document.getElementById(id);
 let lastQuery = null; // {file} or {row}: what "change k" searches again
 let maxK = 100;
+let latest = 0; // only the newest search may draw: an older answer arriving late is dropped
+let objectURL = null; // the preview of the picked file, revoked when another replaces it
 
 function setStatus(text, isError) {
   $("status").textContent = text;
@@ -75,14 +77,17 @@ function render(result) {
 }
 
 async function run(request, what) {
+  const mine = ++latest;
   document.body.dataset.ready = "0";
   setStatus(`searching ${what}\u2026`, false);
   const t0 = performance.now();
   try {
     const result = await getJSON(await request());
+    if (mine !== latest) return;
     render(result);
     setStatus(`${what}: ${(performance.now() - t0).toFixed(0)} ms`, false);
   } catch (e) {
+    if (mine !== latest) return;
     $("grid").replaceChildren();
     setStatus(e.message, true);
     document.body.dataset.ready = "error";
@@ -91,7 +96,9 @@ async function run(request, what) {
 
 function searchFile(file) {
   lastQuery = { file };
-  showQuery(URL.createObjectURL(file), file.name);
+  if (objectURL) URL.revokeObjectURL(objectURL);
+  objectURL = URL.createObjectURL(file);
+  showQuery(objectURL, file.name);
   const body = new FormData();
   body.append("image", file);
   return run(() => fetch(`/search?k=${kValue()}`, { method: "POST", body }), file.name);
