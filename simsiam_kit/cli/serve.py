@@ -27,7 +27,10 @@ def serve_cmd(
     max_upload_mb: float = typer.Option(10.0, "--max-upload-mb", help="Largest image file accepted (MiB)."),
     max_k: int = typer.Option(100, "--max-k", help="Most neighbours one request may ask for."),
     batching: bool = typer.Option(
-        True, "--batching/--no-batching", help="Batch encoder calls of requests arriving together."
+        False,
+        "--batching/--no-batching",
+        help="Batch the encoder calls of requests arriving together (wait <= --batch-wait-ms); "
+        "benchmarks/serve_load.py measures both.",
     ),
     batch_wait_ms: float = typer.Option(5.0, "--batch-wait-ms", help="With --batching: longest wait for a batch."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when onnxruntime-gpu sees a GPU), cpu or cuda."),

@@ -20,8 +20,8 @@ Every request is bounded before work is done for it: the body by ``max_upload_mb
 Content-Length over it is refused unread; a chunked body is cut when it passes it), one file and a few
 fields per form, an image by its pixel count read from the header (a decompression bomb is refused before
 decoding), ``k`` by ``max_k``, a row by the index's size. Decoding, encoding and searching run off the
-event loop; encoder calls of requests arriving together are batched (:mod:`simsiam_kit.serve.batching`)
-unless ``batching=False``.
+event loop; with ``batching=True`` encoder calls of requests arriving together are batched
+(:mod:`simsiam_kit.serve.batching`), else each request makes its own call.
 """
 
 # no `from __future__ import annotations`: FastAPI reads the endpoints' annotations (Request, ...) at runtime
@@ -55,7 +55,7 @@ class ServeSettings:
     max_pixels: int = MAX_IMAGE_PIXELS  # width x height, read from the header before decoding
     thumbnail_px: int = 128
     thumbnail_cache: int = 512  # thumbnails kept in memory (PNG bytes)
-    batching: bool = True  # dynamic batching of encoder calls
+    batching: bool = False  # dynamic batching of encoder calls (opt-in until the load benchmark says it helps)
     max_wait_ms: float = MAX_WAIT_MS
     max_batch: int = MAX_BATCH
 
@@ -302,6 +302,7 @@ def create_app(gallery, embedder, settings: ServeSettings = ServeSettings()):
             "index": info,
             "model": model_name,
             "batching": settings.batching,
+            "encoder_calls": encoder.calls,  # requests / calls = the mean batch
             "max_k": settings.max_k,
             "max_upload_mb": settings.max_upload_mb,
         }

@@ -3,6 +3,7 @@ images (coco128 photos; the tiny CIFAR npz, labelled; an approximate HNSW index 
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -59,41 +60,56 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def photo_server(photo_index, tmp_path_factory):
-    """``simsiam-kit serve`` of ``photo_index`` in a subprocess on a free loopback port (default host),
-    ``--max-upload-mb 1``: yields ``(base_url, process)``; stopped at the end of the session."""
+@contextlib.contextmanager
+def running_server(index_dir: Path, log: Path, *args: str):
+    """``simsiam-kit serve --index INDEX_DIR ARGS`` in a subprocess on a free loopback port (default host),
+    ``--max-upload-mb 1 --threads 1``: yields ``(base_url, process, log)``; stopped on exit."""
     import os
     import subprocess
     import sys
     import time
     import urllib.request
 
-    pytest.importorskip("fastapi")  # the [serve] extra
     port = _free_port()
-    log = tmp_path_factory.mktemp("serve_log") / "server.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = ["serve", "--index", str(photo_index), "--port", str(port), "--max-upload-mb", "1", "--threads", "1"]
+    argv = ["serve", "--index", str(index_dir), "--port", str(port), "--max-upload-mb", "1", "--threads", "1", *args]
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "simsiam_kit", *args], stdout=out, stderr=subprocess.STDOUT, env=env
+            [sys.executable, "-m", "simsiam_kit", *argv], stdout=out, stderr=subprocess.STDOUT, env=env
         )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"{base}/healthz", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"serve did not start: {log.read_text()[-2000:]}")
-        time.sleep(0.2)
-    yield base, proc, log
-    proc.terminate()
     try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/healthz", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"serve did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.2)
+        yield base, proc, log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="session")
+def photo_server(photo_index, tmp_path_factory):
+    """``photo_index`` served with the default settings (one encoder call per request)."""
+    pytest.importorskip("fastapi")  # the [serve] extra
+    with running_server(photo_index, tmp_path_factory.mktemp("serve_log") / "server.log") as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def photo_server_batching(photo_index, tmp_path_factory):
+    """``photo_index`` served with ``--batching`` (dynamic batching of encoder calls)."""
+    pytest.importorskip("fastapi")  # the [serve] extra
+    with running_server(photo_index, tmp_path_factory.mktemp("serve_log") / "server.log", "--batching") as srv:
+        yield srv

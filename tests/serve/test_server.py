@@ -145,9 +145,12 @@ def test_memory_stays_bounded_under_bad_requests(photo_server, photos):
     assert post_image(base, good)[0] == 200
 
 
-def test_bounded_load_of_concurrent_searches(photo_server, photos):
-    """4 clients x 25 searches on loopback: every answer correct (the photo itself first)."""
-    base, proc, _ = photo_server
+@pytest.mark.parametrize("server", ["photo_server", "photo_server_batching"])
+def test_bounded_load_of_concurrent_searches(server, photos, request):
+    """4 clients x 25 searches on loopback, without and with dynamic batching: every answer correct (the photo
+    itself first)."""
+    base, proc, _ = request.getfixturevalue(server)
+    calls0 = get_json(base, "/healthz")[1]["encoder_calls"]
     clients, per_client = 4, 25
     errors, latencies = [], []
     queries = [(p.name, p.read_bytes()) for p in photos[: clients * 2]]
@@ -171,8 +174,14 @@ def test_bounded_load_of_concurrent_searches(photo_server, photos):
     assert not any(t.is_alive() for t in threads), "load test did not finish in 120 s"
     assert not errors, errors[:3]
     assert len(latencies) == clients * per_client
-    print(f"{clients * per_client} searches in {wall:.2f} s ({clients * per_client / wall:.0f} req/s)")
-    assert get_json(base, "/healthz")[0] == 200
+    status, health = get_json(base, "/healthz")
+    calls = health["encoder_calls"] - calls0
+    print(f"{server}: {clients * per_client} searches in {wall:.2f} s, {calls} encoder calls")
+    assert status == 200 and 1 <= calls <= clients * per_client
+    if health["batching"]:
+        assert server == "photo_server_batching"
+    else:
+        assert calls == clients * per_client
 
 
 def test_serve_without_the_extra_names_it(photo_index, monkeypatch):
