@@ -28,7 +28,7 @@ event loop; with ``batching=True`` encoder calls of requests arriving together a
 import asyncio
 import html
 import io
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -335,5 +335,4 @@ def create_app(gallery, embedder, settings: ServeSettings = ServeSettings()):
         out["query"] = {"row": row, **gallery.item(row)}
         return out
 
-    app.state.describe = lambda: {"settings": asdict(settings), "index": info, "model": model_name}
     return app
