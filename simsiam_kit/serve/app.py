@@ -55,6 +55,7 @@ class ServeSettings:
     max_pixels: int = MAX_IMAGE_PIXELS  # width x height, read from the header before decoding
     thumbnail_px: int = 128
     thumbnail_cache: int = 512  # thumbnails kept in memory (PNG bytes)
+    max_decoding: int = 4  # uploads decoded at once (each up to max_pixels x 3 bytes)
     batching: bool = False  # dynamic batching of encoder calls (opt-in until the load benchmark says it helps)
     max_wait_ms: float = MAX_WAIT_MS
     max_batch: int = MAX_BATCH
@@ -68,6 +69,7 @@ class ServeSettings:
             ("thumbnail_px", 8 <= self.thumbnail_px <= 1024, "in [8, 1024]"),
             ("max_wait_ms", 0 <= self.max_wait_ms <= 1000, "in [0, 1000]"),
             ("max_batch", 1 <= self.max_batch <= 4096, "in [1, 4096]"),
+            ("max_decoding", 1 <= self.max_decoding <= 256, "in [1, 256]"),
         )
         for name, ok, want in checks:
             if not ok:
@@ -228,6 +230,8 @@ def create_app(gallery, embedder, settings: ServeSettings = ServeSettings()):
         return JSONResponse({"detail": f"internal error ({type(exc).__name__})"}, 500)
 
     # --------------------------------------------------------------------- helpers
+    decoding = asyncio.Semaphore(settings.max_decoding)  # bounds the memory of decoded uploads
+
     async def read_image(request: Request):
         ctype = request.headers.get("content-type", "")
         if not ctype.lower().startswith("multipart/form-data"):
@@ -251,7 +255,8 @@ def create_app(gallery, embedder, settings: ServeSettings = ServeSettings()):
             raise HTTPException(413, f"image larger than the {settings.max_upload_mb:g} MiB allowed (--max-upload-mb)")
         if not data:
             raise HTTPException(400, f"the file in form field '{FIELD}' is empty")
-        return await run_in_threadpool(open_image, io.BytesIO(data), settings.max_pixels, "the uploaded file")
+        async with decoding:
+            return await run_in_threadpool(open_image, io.BytesIO(data), settings.max_pixels, "the uploaded file")
 
     async def encode(images: list) -> np.ndarray:
         if settings.batching:
@@ -276,6 +281,14 @@ def create_app(gallery, embedder, settings: ServeSettings = ServeSettings()):
         if not 0 <= row < gallery.count:
             raise HTTPException(404, f"row {row} is not in the index (rows 0..{gallery.count - 1})")
         return row
+
+    async def row_image(fn, row: int):
+        """``fn(row)`` (the row's image or thumbnail) off the event loop; an image that cannot be read (the
+        dataset moved, a file went bad) is a 404 naming why."""
+        try:
+            return await run_in_threadpool(fn, row_or_404(row))
+        except UserError as e:
+            raise HTTPException(404, str(e)) from None
 
     K = Query(settings.default_k, ge=1, le=settings.max_k, description=f"neighbours (1..{settings.max_k})")
 
@@ -325,12 +338,12 @@ def create_app(gallery, embedder, settings: ServeSettings = ServeSettings()):
 
     @app.get("/items/{row}/thumbnail", summary="A PNG thumbnail of index row `row`", response_class=Response)
     async def thumbnail(row: int):
-        png = await run_in_threadpool(thumb, row_or_404(row))
+        png = await row_image(thumb, row)
         return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
     @app.get("/items/{row}/neighbours", summary="The k nearest indexed images of row `row`'s own image")
     async def item_neighbours(row: int, k: int = K):
-        img = await run_in_threadpool(gallery.image, row_or_404(row))
+        img = await row_image(gallery.image, row)
         out = await neighbours(await encode([img]), k)
         out["query"] = {"row": row, **gallery.item(row)}
         return out

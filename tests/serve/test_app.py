@@ -267,3 +267,21 @@ def test_model_of_another_width_is_refused(photo_index, tmp_path):
     other = write_thumbnail_encoder(tmp_path / "other.onnx", size=16)  # 3 x 16 = 48-d
     with pytest.raises(UserError, match="192-d embeddings but the model gives 48-d"):
         create_app(Gallery.open(photo_index), OnnxEmbedder(other, threads=1))
+
+
+def test_images_of_a_moved_dataset_are_404_and_search_still_works(cifar_index, encoder, tmp_path):
+    d = tmp_path / "emb"
+    shutil.copytree(cifar_index, d)
+    m = json.loads((d / "embed.json").read_text())
+    m["data"] = str(tmp_path / "moved.npz")
+    (d / "embed.json").write_text(json.dumps(m))
+    with _client(d, encoder) as c:
+        msg = _one_message(c.get("/items/3/thumbnail"), 404)
+        assert "not available" in msg and "moved.npz" in msg
+        assert "not available" in _one_message(c.get("/items/3/neighbours"), 404)
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(buf, format="PNG")
+        r = c.post("/search?k=3", files=_upload(buf.getvalue(), "grey.png", "image/png"))
+        assert r.status_code == 200 and len(r.json()["neighbours"]) == 3  # the index answers without its images
