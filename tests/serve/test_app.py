@@ -285,3 +285,20 @@ def test_images_of_a_moved_dataset_are_404_and_search_still_works(cifar_index, e
         Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(buf, format="PNG")
         r = c.post("/search?k=3", files=_upload(buf.getvalue(), "grey.png", "image/png"))
         assert r.status_code == 200 and len(r.json()["neighbours"]) == 3  # the index answers without its images
+
+
+@pytest.mark.parametrize(
+    "kind, backend, exact", [("flat", "torch", True), ("bf16", "torch", False), ("ivf", "faiss", False)]
+)
+def test_every_index_kind_is_served(kind, backend, exact, shared_tiny_npz, encoder, tmp_path):
+    """(flat/faiss and hnsw are the fixtures above.) Each row's own image finds the row first."""
+    from simsiam_kit.retrieval.embed_search import embed_dataset_to_dir
+
+    d = tmp_path / "emb"
+    embed_dataset_to_dir(OnnxEmbedder(encoder, threads=1), str(shared_tiny_npz), d, index_kind=kind, backend=backend)
+    with _client(d, encoder) as c:
+        h = c.get("/healthz").json()["index"]
+        assert (h["kind"], h["backend"], h["exact"]) == (kind, backend, exact)
+        for row in (0, 17, 40):
+            body = c.get(f"/items/{row}/neighbours?k=5").json()
+            assert body["approximate"] is (not exact) and body["neighbours"][0]["row"] == row
