@@ -22,6 +22,8 @@ from typing import Any, Callable, Optional, Sequence
 
 from simsiam_kit.errors import UserError
 
+#: height of one caption line (6 pt text and its spacing)
+CAPTION_INCHES = 0.18
 #: queries per contact sheet of ``search``: one PNG for up to this many, then numbered sheets
 QUERIES_PER_SHEET = 16
 
@@ -47,9 +49,8 @@ def neighbour_grid(rows: Sequence[Sequence[Tile]], path, tile_inches: float = 1.
     nr, nc = len(rows), max(len(r) for r in rows)
     lines = max((t.caption.count("\n") + 1 for r in rows for t in r), default=1)
     plt = _plt()
-    fig, axes = plt.subplots(
-        nr, nc, figsize=(tile_inches * nc, (tile_inches + 0.12 * lines) * nr), dpi=dpi, squeeze=False
-    )
+    row_inches = tile_inches + CAPTION_INCHES * lines + 0.1  # room for the captions above each tile
+    fig, axes = plt.subplots(nr, nc, figsize=(tile_inches * nc, row_inches * nr), dpi=dpi, squeeze=False)
     for r, tiles in enumerate(rows):
         for c in range(nc):
             ax = axes[r, c]

@@ -26,7 +26,7 @@ def test_grid_size_tiles_and_frames(tmp_path):
     p = neighbour_grid(rows, tmp_path / "g.png", tile_inches=1.0, dpi=100)
     im = np.asarray(Image.open(p).convert("RGB")).astype(int)
     lines = 2  # the tallest caption has two lines
-    assert im.shape[:2] == (round((1.0 + 0.12 * lines) * 2 * 100), 3 * 100)
+    assert im.shape[:2] == (round((1.0 + 0.18 * lines + 0.1) * 2 * 100), 3 * 100)
     red = ((im[..., 0] > 240) & (im[..., 1] < 15) & (im[..., 2] < 15)).sum()
     blue = ((im[..., 2] > 240) & (im[..., 0] < 15) & (im[..., 1] < 15)).sum()
     assert red > 2 * 1000 and blue > 2 * 1000  # two red and two blue tiles of ~60 x 60 px
@@ -75,7 +75,8 @@ def test_search_writes_its_pictures_next_to_the_json(indexed, tmp_path):
     report = search_with_pictures(emb, queries, lambda p: OnnxEmbedder(p, threads=1), k=4, output=out)
     assert report["pictures"] == [str(tmp_path / "res" / "search.png")]
     im = Image.open(report["pictures"][0])
-    assert im.size == (round(1.2 * 5 * 110), round((1.2 + 0.12 * 2) * 3 * 110))  # 3 queries x (query + 4)
+    want = (1.2 * 5 * 110, (1.2 + 0.18 * 2 + 0.1) * 3 * 110)  # 3 queries x (query + 4), 2-line captions
+    assert all(abs(got - w) <= 1 for got, w in zip(im.size, want)), (im.size, want)
     # each query (a row of the index) finds itself first
     for r, i in zip(report["results"], (0, 5, 9)):
         assert r["neighbours"][0]["row"] == i and r["neighbours"][0]["score"] == pytest.approx(1.0, abs=1e-5)
