@@ -204,3 +204,20 @@ def test_serve_bad_options(photo_index, args, message):
     argv = ["serve"] + (args if args[0] == "--index" else ["--index", str(photo_index), *args])
     r = cli(*argv)
     assert r.exit_code == 2 and message in r.output, r.output
+
+
+def test_a_host_beyond_loopback_is_warned_about(photo_index, monkeypatch):
+    import uvicorn
+
+    from simsiam_kit.export.embedder import OnnxEmbedder
+    from simsiam_kit.serve.server import run_server
+
+    ran = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: ran.append(self.config.host))  # nothing is bound
+    said = []
+    run_server(photo_index, lambda p: OnnxEmbedder(p, threads=1), host="0.0.0.0", port=8123, log=said.append)
+    assert ran == ["0.0.0.0"] and "http://0.0.0.0:8123/" in said[0]
+    assert "no authentication" in said[1] and "reverse proxy" in said[1]
+    said.clear()
+    run_server(photo_index, lambda p: OnnxEmbedder(p, threads=1), log=said.append)
+    assert ran[-1] == "127.0.0.1" and len(said) == 1
