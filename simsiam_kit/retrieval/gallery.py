@@ -20,6 +20,7 @@ once and the id is its row. Nothing a caller passes but a row number ever choose
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Optional
@@ -179,7 +180,7 @@ class Gallery:
             raise UserError(f"{self.dir}: the manifest records no dataset, so the images cannot be shown")
         kind, path = check_spec(self.data)
         if kind == "folder":
-            return ("folder", path.resolve())
+            return ("folder", Path(os.path.abspath(path)))
         ds = load_dataset(self.data)
         return ("arrays", ds, {i: p for p, i in enumerate(ds.ids)})
 
@@ -199,8 +200,10 @@ class Gallery:
         ident = self.ids[row]
         if source[0] == "folder":
             root = source[1]
-            path = (root / str(ident)).resolve()
-            if not path.is_relative_to(root) or not path.is_file():
+            # normalised, not resolved: ".." and absolute ids cannot leave the root, while the dataset's own
+            # symlinked files (placed there by its owner, read by `embed`) still show
+            path = Path(os.path.normpath(root / str(ident)))
+            if not path.is_relative_to(root) or path == root or not path.is_file():
                 raise UserError(f"row {row}: image '{ident}' is not a file under {root}")
             return open_image(path, max_pixels, f"image of row {row} ({ident})")
         _, ds, pos = source

@@ -118,3 +118,10 @@ def test_open_image_refuses_bombs_and_bad_files():
     buf = io.BytesIO()
     Image.fromarray(np.zeros((5, 7), np.uint8), "L").save(buf, format="PNG")
     assert open_image(io.BytesIO(buf.getvalue())).mode == "RGB"
+
+
+def test_symlinked_files_inside_the_dataset_still_show(folder, enc, tmp_path):
+    (folder / "red" / "2.png").unlink()
+    (folder / "red" / "2.png").symlink_to(tmp_path / "secret.png")  # the dataset owner's own link
+    g = Gallery.open(_embed(folder, tmp_path / "emb", enc))
+    assert np.asarray(g.image(5))[0, 0].tolist() == [7, 7, 7]
