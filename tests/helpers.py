@@ -75,3 +75,40 @@ def cli(*args, sets=(), input=None, env=None):
     for s in sets:
         argv += ["--set", str(s)]
     return CliRunner().invoke(app, argv, input=input, env=env)
+
+
+def write_thumbnail_encoder(path: Path, size: int = 32, pool: int = 4) -> Path:
+    """A simsiam-kit 'encoder' made by hand: the embedding is the normalised image average-pooled to
+    (size / pool)^2 cells, 3 x 64 = 192 numbers at the defaults, so different photos differ."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    cells = (size // pool) ** 2 * 3
+    nodes = [
+        helper.make_node("AveragePool", ["images"], ["pooled"], kernel_shape=[pool, pool], strides=[pool, pool]),
+        helper.make_node("Flatten", ["pooled"], ["embeddings"], axis=1),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "thumbnail",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, ["batch", cells])],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    meta = {
+        "format": "simsiam-kit-onnx-encoder",
+        "image_size": str(size),
+        "mean": "[0.485, 0.456, 0.406]",
+        "std": "[0.229, 0.224, 0.225]",
+        "channel_order": "RGB",
+        "embedding_dim": str(cells),
+        "input_name": "images",
+        "output_name": "embeddings",
+        "arch": "thumbnail",
+        "head": "backbone",
+    }
+    for k, v in meta.items():
+        m.metadata_props.add(key=k, value=v)
+    onnx.checker.check_model(m)
+    onnx.save(m, str(path))
+    return path
