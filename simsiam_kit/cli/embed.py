@@ -79,10 +79,11 @@ def search_cmd(
         if path is not None and not path.exists():
             raise UserError(f"{option} {path}: no such file or directory")
     from simsiam_kit.export.runtime_choice import open_for_index
-    from simsiam_kit.retrieval.embed_search import format_search_table, search_images
+    from simsiam_kit.retrieval.embed_search import format_search_table
+    from simsiam_kit.retrieval.pictures import search_with_pictures
 
     out = output if output is not None else index / "search.json"
-    report = search_images(
+    report = search_with_pictures(
         index,
         query,
         lambda path: open_for_index(path, index, device=device, log=lambda s: typer.echo(s, err=True)),
@@ -94,3 +95,5 @@ def search_cmd(
     typer.echo(f"onnxruntime provider: {report['provider']}; {len(report['results'])} queries, k={report['k']}")
     typer.echo(format_search_table(report))
     typer.echo(f"wrote {out}")
+    for picture in report["pictures"]:
+        typer.echo(f"wrote {picture}")
