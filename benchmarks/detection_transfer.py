@@ -28,6 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common
 DATA = REPO.parent / "shared" / "data" / "coco128_det"
 
 from _common import cpu_record  # noqa: E402  (benchmarks/ is on the path of a script run from it)

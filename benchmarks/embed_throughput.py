@@ -70,6 +70,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common
 
 from _common import cpu_record  # noqa: E402
 
