@@ -82,13 +82,11 @@ def prepare_run_dir(run: RunDir, resume: bool, overwrite: bool, log: Callable[[s
 
 
 def _read_yaml(path: Path) -> Any:
-    """The one YAML read of the resume rules (``config.amendments.yaml``); a one-line error naming the file."""
-    import yaml
+    """The one YAML read of the resume rules (``config.amendments.yaml``): the project's bounded loader (no
+    anchors or aliases, size-capped, regular files only), a one-line error naming the file."""
+    from simsiam_kit.config import load_yaml
 
-    try:
-        return yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not readable YAML ({str(e).splitlines()[0]})") from None
+    return load_yaml(path, expect=list)
 
 
 def read_amendments(run: RunDir) -> list[dict]:

@@ -879,3 +879,20 @@ def test_config_floats_are_finite_and_in_a_usable_range(item, needle):
     assert needle in str(e.value), str(e.value)
     cfg = config_mod.load_pretrain_config("demo", ["train.knn_temperature=0.02", "train.dist_timeout_s=2592000"])
     assert (cfg.train.knn_temperature, cfg.train.dist_timeout_s) == (0.02, 2592000.0)
+
+
+def test_amendments_alias_bomb_is_refused_on_resume(tiny_npz, tmp_path):
+    """A YAML alias bomb in ``config.amendments.yaml`` is refused by the bounded loader (one line, exit 2) instead
+    of expanding in memory on ``--resume``."""
+    from helpers import cli, tiny_overrides
+
+    out = tmp_path / "run"
+    r = cli("pretrain", "--output", out, sets=tiny_overrides(str(tiny_npz)))
+    assert r.exit_code == 0, r.output
+    levels = ["- &l0 [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"- &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]  # 9**9 items if expanded
+    bomb = "\n".join(levels) + "\n"
+    (out / "config.amendments.yaml").write_text(bomb)
+    r = cli("pretrain", "--output", out, "--resume", sets=["optim.epochs=2"])
+    assert r.exit_code == 2, r.output
+    assert "config.amendments.yaml" in r.output and "alias" in r.output.lower()
