@@ -24,7 +24,6 @@ ones exported; before it is used its output on the first images is compared with
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
@@ -32,6 +31,7 @@ import numpy as np
 
 from simsiam_kit.errors import UserError
 from simsiam_kit.export.embedder import OnnxEmbedder, _is_batch, l2_normalize, preprocess
+from simsiam_kit.utils.io import file_sha256
 
 RUNTIMES = ("auto", "ort-int8", "torch-bf16", "ort-fp32")
 #: agreement of the torch runtime with the exported model on the first images (minimum cosine over them):
@@ -41,14 +41,6 @@ CHECK_IMAGES = 4
 #: seconds before each timed probe call: onnxruntime's intra-op threads spin after a run and would slow the
 #: runtime timed next (``benchmarks/embed_throughput.py`` pauses alike)
 PAUSE_S = 0.2
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class TorchEmbedder:
@@ -232,7 +224,7 @@ def open_embedder(
     if runtime != "auto" and runtime not in candidates:
         have = ", ".join(candidates)
         raise UserError(f"--runtime {runtime}: not available for {path.name} here (available: {have})")
-    facts = {"model_sha256": _sha256(path), "device": device, "threads": threads}
+    facts = {"model_sha256": file_sha256(path), "device": device, "threads": threads}
     return AutoEmbedder(
         candidates, facts, force=None if runtime == "auto" else runtime, log=log, cache=cache, use_cache=True
     )

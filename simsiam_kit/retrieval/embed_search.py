@@ -29,6 +29,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from simsiam_kit.errors import UserError
+from simsiam_kit.utils.io import file_sha256
 
 MANIFEST = "embed.json"
 
@@ -90,16 +91,6 @@ def embed_dataset(embedder: Embedder, ds, progress: bool = False) -> tuple[np.nd
     return np.concatenate(outs), np.concatenate(kept)
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def embed_dataset_to_dir(
     embedder: Embedder,
     data: str,
@@ -146,7 +137,7 @@ def embed_dataset_to_dir(
     manifest = {
         "format": "simsiam-kit-embeddings",
         "model": str(emb.path.resolve()),
-        "model_sha256": _sha256(emb.path),
+        "model_sha256": file_sha256(emb.path),
         "model_metadata": {
             k: emb.meta.get(k) for k in ("arch", "stem", "head", "embedding_dim", "image_size", "precision")
         },
@@ -230,7 +221,7 @@ def search_images(
             f"index {store['dir']} was built with a {index.dim}-d model, but {model_path} gives "
             f"{emb.dim}-d embeddings: rebuild it with `simsiam-kit embed --model {model_path}`"
         )
-    if manifest.get("model_sha256") and _sha256(model_path) != manifest["model_sha256"]:
+    if manifest.get("model_sha256") and file_sha256(model_path) != manifest["model_sha256"]:
         say(
             f"warning: {model_path} is not the model that built this index ({manifest.get('model')}); "
             "scores compare embeddings of two different encoders"

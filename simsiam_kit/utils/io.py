@@ -245,3 +245,14 @@ def read_bytes_bounded(path: Path, max_bytes: int, what: str = "") -> bytes:
         label = f" ({what})" if what else ""
         raise UserError(f"{path}{label}: larger than {max_bytes:,} bytes; refused")
     return data
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes (hex), read in 1 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
