@@ -24,14 +24,19 @@ app.add_typer(serve.app)  # simsiam-kit serve
 
 
 def main() -> None:
-    """The console entry point: choose the CPU thread count from the cores and the load before torch is loaded
-    (OpenMP reads OMP_NUM_THREADS once; simsiam_kit.utils.device.choose_threads), then run the command."""
+    """The console entry point: choose the CPU thread count from the idle cores before torch is loaded (OpenMP
+    reads OMP_NUM_THREADS once; simsiam_kit.utils.device.choose_threads), then run the command. Help (no
+    arguments, ``--help``/``-h``) computes nothing, so it skips the 0.5 s idle-time sample and stays instant."""
+    import sys
+
     from simsiam_kit.cli.common import err
     from simsiam_kit.errors import UserError
     from simsiam_kit.utils.device import apply_thread_choice
 
+    argv = sys.argv[1:]
     try:
-        apply_thread_choice()
+        if argv and not {"--help", "-h"} & set(argv):
+            apply_thread_choice()
     except UserError as e:
         err(str(e))
         raise SystemExit(2) from None

@@ -90,3 +90,37 @@ def test_cpu_facts_read_model_and_the_flags_that_matter():
     assert cpu_facts(epyc)["flags"] == {"avx512_bf16": True, "amx_bf16": False, "amx_int8": False, "avx512_vnni": True}
     # a flag is a whole word: "amx_bf16x" or a substring of another flag does not count
     assert cpu_facts("model name: X\nflags: amx_bf16x avx512_bf16_extra\n")["flags"]["amx_bf16"] is False
+
+
+@pytest.mark.parametrize("argv, sampled", [([], False), (["--help"], False), (["eval", "knn", "-h"], False)])
+def test_help_skips_the_idle_time_sample(monkeypatch, argv, sampled):
+    """``simsiam-kit --help`` computes nothing: no 0.5 s /proc/stat sample before it prints."""
+    import importlib
+    import sys
+
+    app_module = importlib.import_module("simsiam_kit.cli.app")
+
+    calls = []
+    monkeypatch.setattr(device, "measure_busy_cores", lambda seconds=0.5: calls.append(seconds) or 0.0)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(sys, "argv", ["simsiam-kit", *argv])
+    with pytest.raises(SystemExit):
+        app_module.main()
+    assert bool(calls) == sampled
+
+
+def test_a_command_takes_the_idle_time_sample(monkeypatch):
+    """A command (here one refused at once) chooses its threads from the sample first; the environment is restored
+    by monkeypatch afterwards."""
+    import importlib
+    import sys
+
+    app_module = importlib.import_module("simsiam_kit.cli.app")
+
+    calls = []
+    monkeypatch.setattr(device, "measure_busy_cores", lambda seconds=0.5: calls.append(seconds) or 0.0)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(sys, "argv", ["simsiam-kit", "search", "--index", "/nonexistent", "--query", "/nonexistent"])
+    with pytest.raises(SystemExit):
+        app_module.main()
+    assert calls == [0.5]
