@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -102,9 +102,11 @@ def load_encoder(
     image_size: Optional[int] = None,
     arch: Optional[str] = None,
     stem: Optional[str] = None,
+    log: Optional[Callable[[str], None]] = None,
 ) -> Encoder:
     """Backbone (and projector for ``head="projector"``) in eval mode, with its preprocessing facts:
-    option > weights metadata > run config > the stem's default size (ImageNet mean/std)."""
+    option > weights metadata > run config > the stem's default size (ImageNet mean/std). ``log``: where
+    the loader's notice goes (what another project's file held; a run still training)."""
     from simsiam_kit.image_settings import resolve_image_settings
     from simsiam_kit.models.backbones import get_backbone_entry
     from simsiam_kit.weights import is_random, load_backbone
@@ -114,6 +116,8 @@ def load_encoder(
     if head == "projector" and is_random(weights):
         raise UserError("--head projector needs trained weights (a run directory or checkpoint), not 'random'")
     lb = load_backbone(str(weights), arch=arch, stem=stem)
+    if log is not None and lb.notice():  # what another project's file held and what was read
+        log(lb.notice())
     backbone = lb.model.eval()
     dim, projector, source = get_backbone_entry(lb.arch).feature_dim, None, lb.source
     if head == "projector":

@@ -497,7 +497,7 @@ def export_onnx(
     if output.is_dir():
         raise UserError(f"--output {output} is a directory; give a file name such as {output / 'encoder.onnx'}")
     report_path = output.with_name(output.stem + ".export.json")
-    enc = load_encoder(weights, opts.head, opts.image_size, opts.arch, opts.stem)
+    enc = load_encoder(weights, opts.head, opts.image_size, opts.arch, opts.stem, log=say)
     images = CheckImages.read(opts, enc)
     say(
         f"exporting {enc.arch} ({enc.stem} stem) {enc.head} -> {enc.embedding_dim}-d embeddings, "

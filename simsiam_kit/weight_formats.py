@@ -86,6 +86,7 @@ class Extracted:
     copies: tuple = ()  # every copy the file holds (what ``FILE#NAME`` may name)
     unused: list = field(default_factory=list)  # every key not loaded, as the file names it
     left_out: list = field(default_factory=list)  # what those keys are, in words
+    prefix: str = ""  # the prefix of the encoder read (its keys not loaded are its fc: grouped as such)
 
     def summary(self) -> str:
         """One line: ``official SimSiam checkpoint (epoch 100, resnet50): 320 encoder tensors, projector
@@ -114,6 +115,9 @@ class Extracted:
             return None
         groups: dict[str, int] = {}
         for k in self.unused:
+            if self.prefix and k.startswith(self.prefix + "fc."):
+                groups[self.prefix + "fc.*"] = groups.get(self.prefix + "fc.*", 0) + 1
+                continue
             parts = k.split(".")
             g = ".".join(parts[:2]) if parts[0] == "module" and len(parts) > 2 else parts[0]
             if g == k:
@@ -276,8 +280,6 @@ def _group_word(key: str, fmt_kind: str) -> str:
         return "projector"
     if first == "fc" and fmt_kind in ("state_dict", "mmpretrain", "lightning"):
         return "classifier (fc)"
-    if first == "num_batches_tracked" or key.endswith("num_batches_tracked"):
-        return "BatchNorm step counters"
     return GROUP_WORDS.get(first, first)
 
 
@@ -380,6 +382,7 @@ def extract_foreign(obj, source: str, select: Optional[str] = None, file_meta: O
         copies=copies if len(copies) > 1 else (),
         unused=unused,
         left_out=words,
+        prefix=(f"{top_name}." if top_name else "") + prefix,
     )
 
 
