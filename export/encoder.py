@@ -10,7 +10,7 @@ formats): ``export onnx`` traces :attr:`Encoder.module`, ``export detectron2`` c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -54,6 +54,7 @@ class Encoder:
     mean: tuple
     std: tuple
     source: str
+    record: dict = field(default_factory=dict)  # what the weights loader recorded (file, sha256, epoch, run)
 
     @property
     def backbone(self) -> nn.Module:
@@ -128,5 +129,14 @@ def load_encoder(
         option={"image_size": image_size}, weights=lb.weights_settings, config=lb.config_settings, stem=lb.stem
     )
     return Encoder(
-        EncoderNet(backbone, projector).eval(), lb.arch, lb.stem, head, dim, img.image_size, img.mean, img.std, source
+        EncoderNet(backbone, projector).eval(),
+        lb.arch,
+        lb.stem,
+        head,
+        dim,
+        img.image_size,
+        img.mean,
+        img.std,
+        source,
+        record=dict(lb.record),
     )

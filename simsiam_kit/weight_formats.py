@@ -295,7 +295,8 @@ def extract_foreign(obj, source: str, select: Optional[str] = None, file_meta: O
     if not top:
         keys = ", ".join(repr(k) for k in list(obj)[:8])
         raise UserError(
-            f"{source}: not a checkpoint this toolkit reads (top-level keys {keys}); expected a state dict, "
+            f"{source}: not a simsiam-kit file nor another checkpoint this toolkit reads (top-level keys {keys}); "
+            "expected a state dict, "
             "a simsiam-kit file, or an official SimSiam/MoCo, DINO, Lightning (lightly, solo-learn), "
             "mmpretrain or timm/torchvision checkpoint"
         )
