@@ -309,3 +309,18 @@ def test_eval_knn_says_what_it_read(tmp_path, nets):
     assert "official SimSiam checkpoint (epoch 100, resnet18): 120 encoder tensors, projector and predictor" in (
         r.output
     )
+
+
+def test_selector_through_the_cli(tmp_path, nets):
+    """FILE#NAME works wherever --weights does: the student of a DINO checkpoint, exported for torchvision."""
+    a, b = _backbone_sd(nets["a"]), _backbone_sd(nets["b"])
+    p = tmp_path / "checkpoint.pth"
+    torch.save({"student": _prefixed(b, "module.backbone."), "teacher": _prefixed(a, "backbone."), "epoch": 5}, p)
+    out = tmp_path / "student.pth"
+    r = cli("export", "torchvision", "--weights", f"{p}#student", "--output", out)
+    assert r.exit_code == 0, r.output
+    assert "DINO checkpoint (epoch 5): 120 student backbone tensors, teacher left out" in r.output
+    sd = torch.load(out, weights_only=True)
+    assert set(sd) == set(b) and all(torch.equal(sd[k], b[k]) for k in b)
+    r = cli("export", "torchvision", "--weights", f"{p}#nobody", "--output", tmp_path / "x.pth")
+    assert r.exit_code == 2 and "no encoder named 'nobody' (it holds: 'teacher', 'student')" in r.output
