@@ -18,5 +18,5 @@ def export_detectron2(weights: str, output: Path, log: Callable[[str], None] = p
     """Convert the backbone of ``weights`` (run dir / checkpoint / backbone.pt / ResNet state dict) to
     ``output`` (.pkl), reporting every key left unconverted."""
     output = check_output(output)
-    enc = load_encoder(weights)
+    enc = load_encoder(weights, log=log)
     return convert_backbone(enc.backbone.state_dict(), enc.arch, enc.stem, enc.source, output, log)

@@ -130,24 +130,12 @@ def _to_rgb_array(img, what: str = "image") -> np.ndarray:
 
 
 def _resize_crop(a: np.ndarray, size: int) -> np.ndarray:
-    """Shorter side to round(size / 0.875) (bilinear), centre crop ``size``; no-op at size x size.
+    """The core's evaluation resize rule (:func:`simsiam_kit.image_settings.eval_resize_crop`): as is at
+    size x size, else shorter side to round(size / 0.875) (PIL bilinear, antialiased) and a centre crop,
+    the same function ``eval knn``/``eval linear`` features go through."""
+    from simsiam_kit.image_settings import eval_resize_crop
 
-    Sizes and crop offsets follow torchvision's ``Resize(int)`` + ``CenterCrop`` on PIL images, so a
-    file dataset embedded here matches :func:`simsiam_kit.features.extract_features` on it.
-    """
-    h, w = a.shape[:2]
-    if h == size and w == size:
-        return a
-    from PIL import Image
-
-    short = int(round(size / CROP_PCT))
-    if w <= h:
-        nw, nh = short, int(short * h / w)
-    else:
-        nw, nh = int(short * w / h), short
-    im = Image.fromarray(a).resize((nw, nh), Image.BILINEAR)
-    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
-    return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    return eval_resize_crop(a, size)
 
 
 def _is_batch(images) -> bool:

@@ -10,9 +10,9 @@ formats): ``export onnx`` traces :attr:`Encoder.module`, ``export detectron2`` c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -54,6 +54,7 @@ class Encoder:
     mean: tuple
     std: tuple
     source: str
+    record: dict = field(default_factory=dict)  # what the weights loader recorded (file, sha256, epoch, run)
 
     @property
     def backbone(self) -> nn.Module:
@@ -102,9 +103,11 @@ def load_encoder(
     image_size: Optional[int] = None,
     arch: Optional[str] = None,
     stem: Optional[str] = None,
+    log: Optional[Callable[[str], None]] = None,
 ) -> Encoder:
     """Backbone (and projector for ``head="projector"``) in eval mode, with its preprocessing facts:
-    option > weights metadata > run config > the stem's default size (ImageNet mean/std)."""
+    option > weights metadata > run config > the stem's default size (ImageNet mean/std). ``log``: where
+    the loader's notice goes (what another project's file held; a run still training)."""
     from simsiam_kit.image_settings import resolve_image_settings
     from simsiam_kit.models.backbones import get_backbone_entry
     from simsiam_kit.weights import is_random, load_backbone
@@ -114,6 +117,8 @@ def load_encoder(
     if head == "projector" and is_random(weights):
         raise UserError("--head projector needs trained weights (a run directory or checkpoint), not 'random'")
     lb = load_backbone(str(weights), arch=arch, stem=stem)
+    if log is not None and lb.notice():  # what another project's file held and what was read
+        log(lb.notice())
     backbone = lb.model.eval()
     dim, projector, source = get_backbone_entry(lb.arch).feature_dim, None, lb.source
     if head == "projector":
@@ -124,5 +129,14 @@ def load_encoder(
         option={"image_size": image_size}, weights=lb.weights_settings, config=lb.config_settings, stem=lb.stem
     )
     return Encoder(
-        EncoderNet(backbone, projector).eval(), lb.arch, lb.stem, head, dim, img.image_size, img.mean, img.std, source
+        EncoderNet(backbone, projector).eval(),
+        lb.arch,
+        lb.stem,
+        head,
+        dim,
+        img.image_size,
+        img.mean,
+        img.std,
+        source,
+        record=dict(lb.record),
     )

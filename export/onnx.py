@@ -56,6 +56,7 @@ from simsiam_kit.export.quantize import (
     quantization_facts,
     quantize_int8,
 )
+from simsiam_kit.image_settings import RESIZE_RULE
 from simsiam_kit.models.backbones import BACKBONES, STEMS
 from simsiam_kit.utils.io import atomic_write_bytes, atomic_write_json
 
@@ -95,7 +96,7 @@ METADATA_DOC = {
     "input_name": f"'{INPUT_NAME}'",
     "input_layout": "'NCHW' (float32, batch axis dynamic)",
     "input_scale": "'pixels / 255' (then (x - mean) / std)",
-    "resize": "how other sizes are brought to image_size (shorter side to image_size/0.875, centre crop)",
+    "resize": "how other sizes are brought to image_size (the evaluation rule: image_settings.RESIZE_RULE)",
     "output_name": f"'{OUTPUT_NAME}'",
     "output_normalization": "'none' (raw features; OnnxEmbedder l2-normalises by default)",
     "precision": "fp32 | fp16 | int8 (weights and arithmetic; I/O is float32)",
@@ -126,8 +127,7 @@ def _metadata(enc: Encoder, opset: int, precision: str) -> dict:
         "input_name": INPUT_NAME,
         "input_layout": "NCHW",
         "input_scale": "pixels / 255",
-        "resize": "as is at image_size x image_size; otherwise shorter side to round(image_size / 0.875) "
-        "(bilinear), centre crop image_size",
+        "resize": RESIZE_RULE,
         "output_name": OUTPUT_NAME,
         "output_normalization": "none",
         "precision": precision,
@@ -497,7 +497,7 @@ def export_onnx(
     if output.is_dir():
         raise UserError(f"--output {output} is a directory; give a file name such as {output / 'encoder.onnx'}")
     report_path = output.with_name(output.stem + ".export.json")
-    enc = load_encoder(weights, opts.head, opts.image_size, opts.arch, opts.stem)
+    enc = load_encoder(weights, opts.head, opts.image_size, opts.arch, opts.stem, log=say)
     images = CheckImages.read(opts, enc)
     say(
         f"exporting {enc.arch} ({enc.stem} stem) {enc.head} -> {enc.embedding_dim}-d embeddings, "

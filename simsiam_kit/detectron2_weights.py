@@ -183,6 +183,8 @@ def convert_weights(weights: str, output: Path, log: Callable[[str], None] = pri
 
     check_output(output)
     loaded = load_backbone(weights)
+    if loaded.notice():
+        log(loaded.notice())
     return convert_backbone(loaded.model.state_dict(), loaded.arch, loaded.stem, loaded.source, output, log)
 
 

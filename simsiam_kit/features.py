@@ -7,8 +7,9 @@ so the same backbone gets the same features, and the same kNN accuracy, from eac
   precision of a run does not leak into its evaluation, and figures do not depend on whether a CPU has
   native bf16;
 * memory layout: contiguous (channels_last changes the convolution kernels, hence the last bits);
-* in-memory images at another size are resized once, antialiased, to uint8, exactly as pretraining
-  resizes its training set (:func:`simsiam_kit.data.datasets.resize_in_memory`);
+* in-memory images at another size are brought to it once, to uint8, by the evaluation rule that file
+  datasets, ``embed`` and the ONNX runtime use (:func:`simsiam_kit.image_settings.eval_resize_crop`:
+  shorter side to size / 0.875, PIL bilinear, centre crop);
 * :data:`FEATURE_BATCH` images per forward (``config.DEFAULT_FEATURE_BATCH``).
 """
 
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from simsiam_kit.config import DEFAULT_FEATURE_BATCH, IMAGENET_MEAN, IMAGENET_STD
-from simsiam_kit.data.datasets import ImageDataset, resize_in_memory
+from simsiam_kit.data.datasets import ImageDataset
 from simsiam_kit.data.loaders import make_loader
 from simsiam_kit.data.transforms import EvalTransform
 from simsiam_kit.utils.device import Precision, resolve_precision
@@ -30,6 +31,23 @@ def feature_precision(name: str, device: torch.device) -> Precision:
     """The precision features are extracted at: ``auto`` means fp32 (see the module docstring); an
     explicit ``fp32``/``bf16``/``fp16`` is checked and used as given."""
     return resolve_precision("fp32" if name == "auto" else name, device)
+
+
+def eval_resized(ds: ImageDataset, size: int) -> ImageDataset:
+    """An in-memory dataset brought to ``size`` by the evaluation rule (unchanged when already that size)."""
+    from simsiam_kit.image_settings import eval_resize_crop
+
+    if not ds.in_memory or (ds.images.shape[1] == size and ds.images.shape[2] == size):
+        return ds
+    images = np.stack([eval_resize_crop(im, size) for im in ds.images])
+    return ImageDataset(
+        name=ds.name,
+        labels=ds.labels,
+        ids=ds.ids,
+        classes=ds.classes,
+        images=np.ascontiguousarray(images),
+        skip_bad_images=ds.skip_bad_images,
+    )
 
 
 @torch.no_grad()
@@ -55,7 +73,7 @@ def extract_features(
     was_training = backbone.training
     backbone.eval()
     if image_size and ds.in_memory:
-        ds = resize_in_memory(ds, int(image_size))  # the pretraining resize: uint8, once
+        ds = eval_resized(ds, int(image_size))  # the evaluation rule, as for files and embed: uint8, once
     loader = make_loader(ds, batch_size, train=False, mode="eval", image_size=image_size, workers=workers)
     tf = EvalTransform(mean, std)
     precision = precision or Precision("fp32", device.type)

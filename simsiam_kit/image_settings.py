@@ -11,6 +11,16 @@ Each value is taken from the first source that has it (timm's ``resolve_data_con
 
 ``eval knn``, ``eval linear`` and ``export onnx`` call :func:`resolve_image_settings`; the result records
 where each value came from (``sources``), and results files store it.
+
+How an image of another size is brought to ``image_size`` at evaluation time is one rule too,
+:func:`eval_resize_crop` (described by :func:`eval_preprocessing` for metadata and sidecars): an image
+already ``image_size`` x ``image_size`` is used as it is; any other has its shorter side resized to
+``round(image_size / 0.875)`` with PIL's bilinear filter (antialiased: it averages over the whole
+footprint when shrinking; ``torchvision.transforms.v2.functional.resize(..., antialias=True)`` on a PIL
+image is the same call) and is centre-cropped to ``image_size`` (torchvision's ``CenterCrop`` offsets).
+``eval knn``/``eval linear`` features (in-memory and file datasets alike), ``embed`` and the ONNX
+runtime all use it. OpenCV's or torch's non-antialiased bilinear resize gives other pixels, so the
+metadata names the filter.
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
-from simsiam_kit.config import IMAGENET_MEAN, IMAGENET_STD
+from simsiam_kit.config import DEFAULT_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD
 from simsiam_kit.errors import UserError
 from simsiam_kit.models.backbones import STEMS
 
@@ -110,3 +120,46 @@ def resolve_image_settings(
     if any(not s > 0 for s in out["std"]):
         raise UserError(f"image std {list(out['std'])} from {where[sources['std']]}: every value must be positive")
     return ImageSettings(size, out["mean"], out["std"], dict(sources))
+
+
+RESIZE_RULE = (
+    "as is at image_size x image_size; otherwise shorter side to round(image_size / 0.875) with PIL "
+    "bilinear (antialiased; = torchvision.transforms.v2.functional.resize(pil_image, short, "
+    "InterpolationMode.BILINEAR, antialias=True)), then a centre crop of image_size (torchvision CenterCrop "
+    "offsets: round((side - image_size) / 2))"
+)
+
+
+def eval_preprocessing(image_size: int) -> dict:
+    """The evaluation-time resize rule for ``image_size``, as data (export metadata and sidecars)."""
+    return {
+        "rule": RESIZE_RULE,
+        "resize_shorter_side_to": int(round(image_size / DEFAULT_CROP_PCT)),
+        "crop_pct": DEFAULT_CROP_PCT,
+        "interpolation": "bilinear",
+        "antialias": True,
+        "library": "PIL.Image.resize(..., Image.BILINEAR)",
+        "center_crop": image_size,
+        "input_scale": "pixels / 255, then (x - mean) / std, RGB",
+    }
+
+
+def eval_resize_crop(image, image_size: int):
+    """One image (H, W, 3) uint8 array or PIL image -> (image_size, image_size, 3) uint8 array by the
+    evaluation rule (module docstring): unchanged at image_size x image_size."""
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(image, dtype=np.uint8)
+    h, w = a.shape[:2]
+    if h == image_size and w == image_size:
+        return a
+    short = int(round(image_size / DEFAULT_CROP_PCT))
+    if w <= h:
+        nw, nh = short, int(short * h / w)
+    else:
+        nw, nh = int(short * w / h), short
+    im = image if isinstance(image, Image.Image) else Image.fromarray(a)
+    im = im.resize((nw, nh), Image.BILINEAR)
+    top, left = int(round((nh - image_size) / 2.0)), int(round((nw - image_size) / 2.0))
+    return np.asarray(im.crop((left, top, left + image_size, top + image_size)), dtype=np.uint8)

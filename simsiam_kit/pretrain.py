@@ -68,7 +68,7 @@ from simsiam_kit.engine.resume import (
 from simsiam_kit.engine.run_dir import RunDir
 from simsiam_kit.engine.step import OptimStep
 from simsiam_kit.errors import TrainingDiverged, UserError
-from simsiam_kit.features import FEATURE_BATCH, extract_features, feature_precision
+from simsiam_kit.features import FEATURE_BATCH, eval_resized, extract_features, feature_precision
 from simsiam_kit.losses import output_std, simsiam_loss
 from simsiam_kit.models import build_simsiam
 from simsiam_kit.retrieval.knn import knn_classify
@@ -200,6 +200,7 @@ class PretrainData:
     augment: BatchAugment
     device_resident: bool
     workers: int
+    bank: Optional[ImageDataset] = None  # the kNN monitor's bank: the training images by the evaluation rule
 
 
 @dataclass
@@ -294,11 +295,14 @@ class Pretrainer:
         augment = BatchAugment(cfg.data, crop=not loader.two_views_in_loader)
         val = None
         if cfg.train.knn_every > 0 and cfg.data.val and train.has_labels:
-            val = load_dataset(cfg.data.val, cfg.data.root, cfg.data.download, cfg.data.skip_bad_images)
-            val = resize_in_memory(val, cfg.data.image_size)
+            val = eval_resized(  # the kNN monitor's queries and bank: the evaluation rule, as eval knn takes them
+                load_dataset(cfg.data.val, cfg.data.root, cfg.data.download, cfg.data.skip_bad_images),
+                cfg.data.image_size,
+            )
             if not val.has_labels:
                 val = None
-        return PretrainData(train, val, loader, augment, resident, workers)
+        bank = eval_resized(dataset, cfg.data.image_size) if val is not None else None  # train itself at that size
+        return PretrainData(train, val, loader, augment, resident, workers, bank)
 
     @classmethod
     def build_model(cls, cfg: PretrainConfig, device: torch.device, channels_last: bool) -> torch.nn.Module:
@@ -526,7 +530,7 @@ def make_knn_eval(p: Pretraining, batch_size: int = FEATURE_BATCH) -> Optional[C
             import copy
 
             bb = copy.deepcopy(bb).to(memory_format=torch.contiguous_format)
-        bank = data.train
+        bank = data.bank if data.bank is not None else data.train
         if cfg.train.knn_bank_limit and len(bank) > cfg.train.knn_bank_limit:
             bank = bank.subset(slice(0, cfg.train.knn_bank_limit))
         kw = dict(

@@ -8,12 +8,18 @@ nowhere else:
   image size and normalisation), or from ``arch``/``stem`` (stem default ``imagenet``, seed 0).
 * a pretraining run directory: ``backbone.pt``, unless ``checkpoints/last.pt`` records a later epoch (a
   run killed between the two writes by a version that wrote the checkpoint first);
-* a file: a simsiam-kit checkpoint or ``backbone.pt``, or a plain torchvision-style ResNet state dict
-  (arch and stem inferred from its keys). Files that are something else (an ONNX model, a Detectron2
-  ``.pkl``, YAML, an ``.npz``) are named as what they are.
+* a file: a simsiam-kit checkpoint or ``backbone.pt``; another project's checkpoint, recognised by its
+  content (official SimSiam / MoCo v2 / MoCo v3 ``.pth.tar``, DINO ``checkpoint.pth``, lightly and
+  solo-learn Lightning ``.ckpt``, mmpretrain, timm / torchvision state dicts, ``.safetensors``: see
+  :mod:`simsiam_kit.weight_formats`); arch and stem inferred from its keys unless the file names them.
+  ``FILE#NAME`` reads another encoder of a file holding several (``#student`` of a DINO checkpoint,
+  ``#encoder_k`` of MoCo v2's). Files that are something else (an ONNX model, a Detectron2 ``.pkl``,
+  YAML, an ``.npz``) are named as what they are.
 
 Every file is read once: its bytes are hashed (sha256) and loaded with ``weights_only=True`` from those
-same bytes, so the hash recorded in an evaluation's ``results.json`` is that of the weights it used
+same bytes (never unpickling more than tensors and plain containers: a class a checkpoint names, such
+as DINO's ``argparse.Namespace``, is read as an inert placeholder; a pickled ``nn.Module`` is refused with
+the re-save advice), so the hash recorded in an evaluation's ``results.json`` is that of the weights it used
 (:attr:`LoadedBackbone.record`). Weights holding NaN or inf are refused (:func:`load_state_dict_checked`).
 A run directory whose lock is held by a live process is a run still training: the record says so.
 
@@ -35,14 +41,17 @@ from simsiam_kit.config import IMAGENET_MEAN, IMAGENET_STD
 from simsiam_kit.engine.run_dir import LOCK_NAME, RunDir
 from simsiam_kit.errors import UserError
 from simsiam_kit.utils.io import open_regular, read_bytes_bounded
+from simsiam_kit.weight_formats import is_safetensors
 
 RANDOM = "random"
 #: the largest weights file read (a ResNet-101 checkpoint with its optimizer state is well under 1 GiB)
 MAX_WEIGHTS_BYTES = 8 << 30
 ACCEPTED = (
-    "a run directory, a simsiam-kit checkpoint or backbone.pt, a torchvision-style ResNet state dict "
-    "(.pt/.pth), or 'random'"
+    "a run directory, a simsiam-kit checkpoint or backbone.pt, a ResNet state dict or checkpoint "
+    "(.pt/.pth/.pth.tar/.ckpt/.safetensors: torchvision, timm, official SimSiam/MoCo, DINO, lightly, "
+    "solo-learn, mmpretrain), or 'random'"
 )
+SELECT = "#"  # FILE#NAME: another encoder of a file holding several
 # torch.save's legacy (non-zip) format starts with this pickled magic number (torch.serialization.MAGIC_NUMBER)
 _TORCH_LEGACY_HEAD = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[2:-1]
 
@@ -59,6 +68,7 @@ class WeightsSpec:
     random: bool
     run_dir: Optional[Path] = None  # the run the weights belong to (for ``random``: the ``like`` run)
     path: Optional[Path] = None  # the file named by the spec (None: random, or a run directory)
+    select: Optional[str] = None  # FILE#NAME: the encoder copy to read (None: the one its project evaluates)
 
     def file(self) -> Path:
         """The file to read: the spec's file, or the run directory's newest weights."""
@@ -84,6 +94,8 @@ def describe_foreign_file(path: Path) -> Optional[str]:
     except (OSError, UserError):
         return None
     suffix = path.suffix.lower()
+    if is_safetensors(head):
+        return None  # weights (timm's and the Hugging Face hub's format)
     if head.startswith(b"PK\x03\x04"):
         try:
             names = zipfile.ZipFile(path).namelist()
@@ -132,7 +144,14 @@ def resolve_weights(spec: str, like: Optional[str] = None) -> WeightsSpec:
         return WeightsSpec(spec, True, like_dir)
     if like is not None:
         raise UserError(f"'like' a run applies to random weights only; {spec} has settings of its own")
-    p = Path(spec).expanduser()
+    p, select = Path(spec).expanduser(), None
+    if not p.exists() and SELECT in spec:  # FILE#NAME (a file whose own name holds '#' is read as it is)
+        head, _, select = spec.rpartition(SELECT)
+        p = Path(head).expanduser()
+        if not select or not select.replace(".", "").replace("_", "").isalnum():
+            raise UserError(f"{spec}: '{SELECT}{select}' is not an encoder name (expected FILE#NAME, e.g. #student)")
+        if p.is_dir():
+            raise UserError(f"{spec}: '{SELECT}NAME' picks an encoder of a file holding several, not of a run")
     if p.is_dir():
         run = RunDir(p)
         if not (run.backbone.is_file() or run.checkpoint.is_file()):
@@ -144,7 +163,7 @@ def resolve_weights(spec: str, like: Optional[str] = None) -> WeightsSpec:
     what = describe_foreign_file(p)
     if what:
         raise UserError(f"cannot load {p}: it is {what}, not PyTorch weights (expected {ACCEPTED})")
-    return WeightsSpec(spec, False, _run_of_file(p), p)
+    return WeightsSpec(spec, False, _run_of_file(p), p, select)
 
 
 def _saved_epoch(path: Path) -> Optional[int]:
@@ -176,6 +195,12 @@ def run_weights_file(run_dir: Path) -> Path:
 def resolve_weights_path(spec: str) -> Path:
     """The file a (non-random) spec reads."""
     return resolve_weights(spec).file()
+
+
+def split_selector(spec: str) -> tuple[str, Optional[str]]:
+    """(file or run spec, encoder name or None) of a weights spec (``FILE#NAME``)."""
+    ws = resolve_weights(spec)
+    return (str(ws.path) if ws.select else spec), ws.select
 
 
 def run_lock_holder(run_dir: Path) -> Optional[int]:
@@ -236,6 +261,8 @@ class LoadedBackbone:
     config_settings: dict = field(default_factory=dict)  # image_size/mean/std of the run's config
     meta: dict = field(default_factory=dict)  # everything else the file records
     record: dict = field(default_factory=dict)  # what results files store about the weights
+    summary: Optional[str] = None  # what a foreign file held and what was read, in one line
+    unused_report: Optional[str] = None  # the keys not loaded, grouped (as detectron2's converter lists)
 
     def _setting(self, name):
         return self.weights_settings.get(name) or self.config_settings.get(name)
@@ -257,7 +284,13 @@ class LoadedBackbone:
         return self.record.get("run_in_progress") is not None
 
     def notice(self) -> Optional[str]:
-        """One line for a run still training (its weights may change under the evaluation), else None."""
+        """What the user is told about the weights, else None: what another project's file held and what
+        was read from it (one line, then the keys not loaded), and a run still training (its weights may
+        change under the evaluation)."""
+        lines = [x for x in (self.summary, self.unused_report, self._training_notice()) if x]
+        return "\n".join(lines) if lines else None
+
+    def _training_notice(self) -> Optional[str]:
         r = self.record
         if r.get("run_in_progress") is None:
             return None
@@ -278,18 +311,22 @@ def _settings_of(cfg: Optional[dict]) -> dict:
     }
 
 
-def _extract_backbone_sd(obj, path: Path) -> tuple[dict, dict, dict, str]:
-    """(backbone state dict, metadata, run config or {}, kind) from a loaded file."""
-    import torch
-
+def _extract(obj, path: Path, select: Optional[str] = None, file_meta: Optional[dict] = None):
+    """What a loaded file holds (:class:`~simsiam_kit.weight_formats.Extracted`): simsiam-kit's own
+    formats here, every other container by :func:`~simsiam_kit.weight_formats.extract_foreign`."""
     from simsiam_kit.engine.checkpoint import BACKBONE_FORMAT, CHECKPOINT_FORMAT, clean_state_dict
+    from simsiam_kit.weight_formats import Extracted, extract_foreign
 
+    own = isinstance(obj, dict) and obj.get("format") in (BACKBONE_FORMAT, CHECKPOINT_FORMAT)
+    if own and select is not None:
+        raise UserError(f"{path}#{select}: a simsiam-kit file holds one backbone; drop '#{select}'")
     if isinstance(obj, dict) and obj.get("format") == BACKBONE_FORMAT:
         meta = {k: v for k, v in obj.items() if k != "state_dict"}
         for k, want in (("arch", str), ("stem", str), ("epoch", int), ("image_size", int)):
             if meta.get(k) is not None and (not isinstance(meta[k], want) or isinstance(meta[k], bool)):
                 raise UserError(f"{path}: '{k}' is {meta[k]!r}, expected a {want.__name__} ({BACKBONE_FORMAT} file)")
-        return clean_state_dict(_tensor_dict(obj, "state_dict", path)), meta, {}, "backbone"
+        sd = clean_state_dict(_tensor_dict(obj, "state_dict", path))
+        return Extracted(sd, "simsiam-kit backbone", "backbone", meta=meta)
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         sd = clean_state_dict(_tensor_dict(obj, "model", path))
         bb = {k[len("backbone.") :]: v for k, v in sd.items() if k.startswith("backbone.")}
@@ -303,21 +340,9 @@ def _extract_backbone_sd(obj, path: Path) -> tuple[dict, dict, dict, str]:
         if epoch is not None and (not isinstance(epoch, int) or isinstance(epoch, bool)):
             raise UserError(f"{path}: 'epoch' is {epoch!r}, expected an integer")
         meta = {"arch": model.get("arch"), "stem": model.get("stem"), "epoch": epoch}
-        return bb, meta, cfg, "checkpoint"
-    if (
-        isinstance(obj, dict)
-        and obj
-        and all(isinstance(k, str) for k in obj)
-        and all(torch.is_tensor(v) for v in obj.values())
-    ):
-        sd = clean_state_dict(obj)
-        if any(k.startswith("backbone.") for k in sd):  # a SimSiam model state dict
-            sd = {k[len("backbone.") :]: v for k, v in sd.items() if k.startswith("backbone.")}
-        sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
-        if "conv1.weight" not in sd:
-            raise UserError(f"{path}: not a simsiam-kit file and not a ResNet state dict (no 'conv1.weight')")
-        return sd, {}, {}, "state_dict"
-    raise UserError(f"{path}: not a simsiam-kit checkpoint or backbone file (expected {ACCEPTED})")
+        return Extracted(bb, "simsiam-kit checkpoint", "checkpoint", meta=meta, config=cfg)
+    label = f"{path}#{select}" if select else str(path)
+    return extract_foreign(obj, label, select, file_meta)
 
 
 def _tensor_dict(obj: dict, key: str, path: Path) -> dict:
@@ -345,9 +370,54 @@ def check_resnet_keys(sd: dict, source: str) -> None:
         raise UserError(f"{source}: 'conv1.weight' has shape {tuple(w.shape)}, not a convolution (4-D)")
 
 
-def read_weights_file(path: Path):
-    """Load ``path`` once: (object, sha256, size). ``weights_only=True``; one-line errors."""
+@dataclass
+class SafetensorsContent:
+    """What a ``.safetensors`` file holds: its tensors and its ``__metadata__`` (strings)."""
+
+    tensors: dict
+    metadata: dict
+
+
+class _Opaque(dict):
+    """A stand-in for a class a checkpoint names besides tensors (DINO's ``argparse.Namespace``, Lightning's
+    ``AttributeDict``): built without running any of that class's code, its state kept as plain data."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+
+    def __setstate__(self, state):
+        self.__dict__["_state"] = state
+
+
+#: classes whose presence means a pickled module (``torch.save(model)``), refused with the re-save advice
+_MODULE_PREFIXES = ("torch.nn.modules.", "torchvision.models.", "timm.models.")
+_PICKLED_MODULE = (
+    "a PyTorch file that stores pickled Python objects (a model: torch.save(model)); weights are read with "
+    "weights_only=True and no code from a file is ever run, so only state dicts and checkpoints load "
+    "(re-save it with torch.save(model.state_dict(), PATH))"
+)
+
+
+def _load_with_placeholders(data: bytes, path: Path):
+    """``torch.load(weights_only=True)`` of a checkpoint that names classes besides tensors: each is
+    replaced by an inert :class:`_Opaque` (nothing is imported or called); a pickled module is refused."""
     import torch
+    from torch.serialization import get_unsafe_globals_in_checkpoint, safe_globals
+
+    names = get_unsafe_globals_in_checkpoint(io.BytesIO(data))
+    if any(n.startswith(_MODULE_PREFIXES) for n in names):
+        raise UserError(f"{path}: {_PICKLED_MODULE}")
+    stubs = [(type(f"Opaque{i}", (_Opaque,), {}), n) for i, n in enumerate(names)]
+    with safe_globals(stubs):
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def read_weights_file(path: Path):
+    """Load ``path`` once: (object, sha256, size); a ``.safetensors`` file (by content) as a
+    :class:`SafetensorsContent`. ``weights_only=True``; one-line errors."""
+    import torch
+
+    from simsiam_kit.weight_formats import is_safetensors, read_safetensors
 
     path = Path(path)
     try:
@@ -358,16 +428,21 @@ def read_weights_file(path: Path):
     if what:
         raise UserError(f"cannot load {path}: it is {what}, not PyTorch weights (expected {ACCEPTED})")
     digest = hashlib.sha256(data).hexdigest()
+    if is_safetensors(data[:16]):
+        tensors, metadata = read_safetensors(data, str(path))
+        return SafetensorsContent(tensors, metadata), digest, len(data)
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
         text = str(e)
         if "Weights only load failed" in text:
-            raise UserError(
-                f"{path}: a PyTorch file that stores pickled Python objects besides tensors; weights "
-                "are read with weights_only=True, so only state dicts and simsiam-kit files load "
-                "(re-save it with torch.save(model.state_dict(), PATH))"
-            ) from None
+            try:
+                obj = _load_with_placeholders(data, path)
+            except UserError:
+                raise
+            except Exception:
+                raise UserError(f"{path}: {_PICKLED_MODULE}") from None
+            return obj, digest, len(data)
         msg = text.splitlines()[0] if text else type(e).__name__
         raise UserError(f"cannot load {path}: not a readable PyTorch checkpoint ({msg[:200]})") from None
     return obj, digest, len(data)
@@ -424,21 +499,30 @@ def load_backbone(
     """The backbone a weights spec names, loaded once. ``arch``/``stem``: what the caller expects; weights
     that do not fit them are refused with the missing / unexpected / mis-shaped keys and what the file
     holds. ``seed``/``like``: for ``random`` (see the module docstring)."""
-    from simsiam_kit.models.backbones import build_backbone, infer_arch, infer_stem
+    from simsiam_kit.models.backbones import build_backbone, check_buildable, infer_arch, infer_stem
+    from simsiam_kit.weight_formats import metadata_from_safetensors
 
     ws = resolve_weights(spec, like)
     if ws.random:
         return _load_random(ws, arch, stem, seed)
     path = ws.file()
     obj, digest, size = read_weights_file(path)
-    sd, meta, cfg, kind = _extract_backbone_sd(obj, path)
-    check_resnet_keys(sd, str(path))
-    found_arch = meta.get("arch") or infer_arch(sd)
+    if isinstance(obj, SafetensorsContent):
+        found = _extract(obj.tensors, path, ws.select, metadata_from_safetensors(obj.metadata))
+        found.format = "safetensors file" + (f" ({found.format})" if found.format != "state dict" else "")
+    else:
+        found = _extract(obj, path, ws.select)
+    sd, meta, cfg, kind = found.state_dict, found.meta, found.config, found.kind
+    label = f"{path}#{ws.select}" if ws.select else str(path)
+    check_resnet_keys(sd, label)
+    check_buildable(sd, label)
+    own = kind in ("backbone", "checkpoint")  # another project's 'arch' is its own name: the layout decides
+    found_arch = (meta.get("arch") if own else None) or infer_arch(sd)
     found_stem = meta.get("stem") or infer_stem(sd, found_arch)
     want_arch, want_stem = arch or found_arch, stem or found_stem
     model = build_backbone(want_arch, want_stem)
     try:
-        load_state_dict_checked(model, sd, str(path))
+        load_state_dict_checked(model, sd, label)
     except UserError as e:
         if (want_arch, want_stem) == (found_arch, found_stem):
             raise
@@ -464,6 +548,8 @@ def load_backbone(
         "run_dir": str(run_dir) if run_dir is not None else None,
         "run_in_progress": holder,
     }
+    if kind not in ("backbone", "checkpoint"):  # another project's file: what was read from it
+        record.update(format=found.format, copy=found.copy or None, unused_keys=len(found.unused))
     weights_settings = {k: meta.get(k) for k in ("image_size", "mean", "std")}
     for k in ("mean", "std"):
         weights_settings[k] = tuple(weights_settings[k]) if weights_settings[k] else None
@@ -476,6 +562,8 @@ def load_backbone(
         config_settings=_settings_of(cfg),
         meta=meta,
         record=record,
+        summary=None if kind in ("backbone", "checkpoint") else found.summary(),
+        unused_report=None if kind in ("backbone", "checkpoint") else found.unused_report(),
     )
 
 
@@ -502,7 +590,8 @@ def load_state_dict_checked(model, sd: dict, source: str) -> None:
                 f"{source}: '{k}' holds {str(sd[k].dtype).replace('torch.', '')} values; weights must be "
                 "floating-point (a cast to integers destroyed them)"
             )
-    missing = [k for k in own if k not in sd]
+    # torch's strict load fills a missing BatchNorm step counter itself (older saves, converted files)
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in sd if k not in own]
     shape = [
         f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape

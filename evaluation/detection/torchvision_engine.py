@@ -441,6 +441,8 @@ def run_torchvision_detection(
     loaded = load_backbone(
         weights, arch=arch if random_init else None, stem="imagenet" if random_init else None, seed=cfg.train.seed
     )
+    if loaded.notice():
+        log(loaded.notice())
     train_set = data.train
     if cfg.data.filter_empty:
         keep = [r for r in train_set.records if int((r["iscrowd"] == 0).sum()) > 0]

@@ -2,7 +2,9 @@
 each parsing its flags and calling that format's library function.
 
 * ``export onnx``: :func:`simsiam_kit.export.onnx.export_onnx` (graph + metadata + parity check, int8);
-* ``export detectron2``: :func:`simsiam_kit.export.detectron2.export_detectron2` (a ``.pkl`` for detectron2).
+* ``export detectron2``: :func:`simsiam_kit.export.detectron2.export_detectron2` (a ``.pkl`` for detectron2);
+* ``export torchvision`` / ``export timm``: :func:`simsiam_kit.export.state_dict.export_state_dict` (a
+  ``.safetensors`` or ``.pth`` state dict + a JSON sidecar).
 
 A new format: its module in ``export/`` and one command here.
 """
@@ -23,7 +25,9 @@ from simsiam_kit.export.quantize import (
     check_options,
 )
 
-app = new_app(help="Export weights: ONNX encoders, Detectron2 checkpoints.", no_args_is_help=True)
+app = new_app(
+    help="Export weights: ONNX encoders, Detectron2 checkpoints, torchvision/timm state dicts.", no_args_is_help=True
+)
 
 
 @app.command("onnx")
@@ -129,3 +133,34 @@ def export_detectron2_cmd(
     export_detectron2(weights, output, log=log)
     if counters:
         typer.echo(f"  {len(counters)} x *.num_batches_tracked  (BatchNorm step counters, unused by detectron2)")
+
+
+def _state_dict_cmd(target: str):
+    def command(
+        weights: str = typer.Option(
+            ...,
+            "--weights",
+            "-w",
+            help="Run directory, checkpoint, backbone.pt or another project's checkpoint (FILE#NAME picks a copy).",
+        ),
+        output: Path = typer.Option(
+            ..., "--output", "-o", help="File to write: .safetensors or .pth (the sidecar goes to <stem>.json)."
+        ),
+        image_size: Optional[int] = typer.Option(
+            None, "--image-size", help="Image size recorded in the sidecar (default: as for export onnx)."
+        ),
+    ):
+        precheck(weights, image_size=image_size)
+        from simsiam_kit.export.state_dict import export_state_dict
+
+        export_state_dict(weights, output, target, image_size=image_size, log=typer.echo)
+
+    command.__doc__ = (
+        f"Write the backbone as a {target} state dict (strict load; fc removed) with a JSON sidecar "
+        "(arch, stem, image size, mean/std, resize rule, source, how to load it)."
+    )
+    return user_errors(command)
+
+
+app.command("torchvision")(_state_dict_cmd("torchvision"))
+app.command("timm")(_state_dict_cmd("timm"))

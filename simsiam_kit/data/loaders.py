@@ -24,7 +24,6 @@ from typing import Optional
 import numpy as np
 import torch
 
-from simsiam_kit.config import DEFAULT_CROP_PCT
 from simsiam_kit.data.datasets import ImageDataset
 from simsiam_kit.errors import UserError
 from simsiam_kit.utils import dist
@@ -157,9 +156,6 @@ class _FileDataset(torch.utils.data.Dataset):
     ):
         self.ds, self.mode, self.size, self.seed = ds, mode, size, seed
         self.crop_scale, self.flip_p = tuple(crop_scale), flip_p
-        from torchvision.transforms import v2 as T
-
-        self.eval_tf = T.Compose([T.Resize(int(round(size / DEFAULT_CROP_PCT)), antialias=True), T.CenterCrop(size)])
 
     def __len__(self):
         return len(self.ds)
@@ -194,8 +190,10 @@ class _FileDataset(torch.utils.data.Dataset):
                 out = (self._to_tensor(self._random_crop(im, gen)), self._to_tensor(self._random_crop(im, gen)))
             else:
                 out = self._to_tensor(self._random_crop(im, gen))
-        else:
-            out = self._to_tensor(self.eval_tf(im))
+        else:  # the one evaluation rule (image_settings.eval_resize_crop), shared with embed and ONNX
+            from simsiam_kit.image_settings import eval_resize_crop
+
+            out = self._to_tensor(eval_resize_crop(im, self.size))
         return out, int(self.ds.labels[i]), i
 
 

@@ -13,6 +13,8 @@ rest of the toolkit asks about an architecture, so no other module knows ResNets
   default image size);
 * ``matches(state_dict)``: whether a state dict has this entry's layout (:func:`infer_arch` asks every
   entry), and ``stem_of(state_dict)`` which stem it was built with (:func:`infer_stem`);
+* ``read_variant(state_dict)``: the name of a variant of the family it cannot build exactly (refused by
+  :func:`check_buildable`, never approximated);
 * ``detectron2_depth``: ``MODEL.RESNETS.DEPTH`` of the matching detectron2 backbone, or None.
 
 Adding an architecture (a ViT, say) is one module with its builder and entries, and one line in
@@ -30,13 +32,27 @@ from simsiam_kit.errors import UserError
 
 @dataclass(frozen=True)
 class Stem:
-    """An input stem: the first conv (``kernel`` x ``kernel``, ``stride``) and whether a max-pool follows."""
+    """An input stem: the first conv (``kernel`` x ``kernel``, ``stride``, ``padding``) and whether a
+    max-pool follows. Two stems with the same tensors but another padding are two stems: weights carry
+    their stem's name (a file's metadata or its container's format) when the shapes cannot tell it."""
 
     name: str
     kernel: int
     stride: int
     maxpool: bool
     default_image_size: int  # the input side for image files when nothing else says (image_settings)
+    padding: Optional[int] = None  # None: kernel // 2 ("same" for odd kernels)
+    origin: str = ""  # whose stem it is, in words (for messages and export sidecars)
+    inferable: bool = True  # recognised from a state dict's shapes alone (the first stem of its kernel)
+
+    @property
+    def conv_padding(self) -> int:
+        return self.kernel // 2 if self.padding is None else self.padding
+
+    def output_side(self, side: int) -> int:
+        """The side of the first stage's input for a ``side`` x ``side`` image."""
+        out = (side + 2 * self.conv_padding - self.kernel) // self.stride + 1
+        return (out + 2 - 3) // 2 + 1 if self.maxpool else out  # max-pool 3x3/2, padding 1
 
     @property
     def reduction(self) -> int:
@@ -56,6 +72,7 @@ class BackboneEntry:
     read_layout: Callable[[Mapping], tuple]  # state dict -> layout (the family's reader)
     read_stem: Callable[[Mapping, Mapping[str, Stem]], str]  # state dict, stems -> stem name
     describe_layout: Callable[[tuple], str] = repr  # a layout in words, for errors
+    read_variant: Callable[[Mapping], Optional[str]] = lambda sd: None  # a variant it cannot build, by name
     detectron2_depth: Optional[int] = None
 
     @property
@@ -121,6 +138,18 @@ def infer_arch(state_dict: Mapping) -> str:
     seen = "; ".join(e.describe_layout(read(state_dict)) for read, e in families.items())
     what = f"matches {', '.join(found)}" if found else f"none of {', '.join(BACKBONES)}"
     raise UserError(f"cannot infer the backbone architecture ({seen}: {what})")
+
+
+def check_buildable(state_dict: Mapping, source: str = "weights") -> None:
+    """Refuse, by name, a variant of a family that no entry builds exactly (a deep stem, SE blocks,
+    grouped convolutions): such weights are never loaded into an approximate network."""
+    for read in {e.read_variant: None for e in BACKBONES.values()}:
+        variant = read(state_dict)
+        if variant:
+            raise UserError(
+                f"{source}: the weights have {variant}; the backbones here are plain torchvision ResNets "
+                f"({', '.join(BACKBONES)}) and another layout is never built approximately"
+            )
 
 
 def infer_stem(state_dict: Mapping, arch: Optional[str] = None) -> str:

@@ -44,12 +44,17 @@ def weighted_vote(sims: torch.Tensor, neighbour_labels: torch.Tensor, num_classe
 
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict:
-    """{"top1": %, "top5": %, ...}: share of rows whose label is among the k highest scores."""
+    """{"top1": %, "top5": %, ...}: share of rows whose label is among the k highest scores **and received
+    votes** (a score above 0). The strict rule: with fewer than k classes among a query's neighbours, a
+    class that got no vote is no prediction, so it never counts as a hit (DINO's ``eval_knn.py``,
+    solo-learn's and lightly's kNN rank zero-score classes in ``sort`` order and count them; see
+    docs/evaluation.md)."""
     out = {}
     for k in ks:
         k_ = min(k, scores.shape[1])
-        top = scores.topk(k_, dim=1).indices
-        out[f"top{k}"] = 100.0 * (top == labels.view(-1, 1)).any(1).float().mean().item()
+        values, top = scores.topk(k_, dim=1)
+        hit = (top == labels.view(-1, 1)) & (values > 0)
+        out[f"top{k}"] = 100.0 * hit.any(1).float().mean().item()
     return out
 
 

@@ -40,17 +40,25 @@ def test_entry_facts_hold_for_the_module_it_builds(built, arch, stem):
     assert (net.arch, net.stem) == (arch, stem)
     # stage channels (what an FPN's in_channels_list needs) and strides, as the hooks saw them
     assert tuple(seen[n][1] for n in entry.stage_names) == entry.stage_channels
-    assert tuple(SIDE // seen[n][2] for n in entry.stage_names) == entry.feature_strides(stem)
+    s = entry.stem(stem)
+    sides = [s.output_side(SIDE)]
+    for _ in entry.stage_names[1:]:  # each later stage: a 3x3/2 conv, padding 1
+        sides.append((sides[-1] - 1) // 2 + 1)
+    assert tuple(seen[n][2] for n in entry.stage_names) == tuple(sides)
+    if s.conv_padding == s.kernel // 2:  # "same" padding: the sides are SIDE / stride exactly
+        assert tuple(SIDE // seen[n][2] for n in entry.stage_names) == entry.feature_strides(stem)
     assert all(name in modules for name in entry.stem_modules)
     conv1 = net.conv1
-    s = entry.stem(stem)
     assert conv1.kernel_size == (s.kernel, s.kernel) and conv1.stride == (s.stride, s.stride)
+    assert conv1.padding == (s.conv_padding, s.conv_padding)
 
 
 @pytest.mark.parametrize("arch, stem", CASES)
 def test_layout_recognition_round_trip(built, arch, stem):
     sd = built[(arch, stem)].state_dict()
-    assert infer_arch(sd) == arch and infer_stem(sd) == stem and infer_stem(sd, arch) == stem
+    # a stem that shapes cannot tell from another (solo-learn's padding-2 CIFAR stem) is never guessed
+    want = stem if STEMS[stem].inferable else next(n for n, s in STEMS.items() if s.inferable and s.kernel == 3)
+    assert infer_arch(sd) == arch and infer_stem(sd) == want and infer_stem(sd, arch) == want
     assert [name for name, e in BACKBONES.items() if e.matches(sd)] == [arch]  # exactly one entry
 
 
@@ -61,7 +69,10 @@ def test_expected_entries_and_facts_by_hand():
     assert (r50.feature_dim, r50.stage_channels) == (2048, (256, 512, 1024, 2048))
     assert r50.stage_names == ("layer1", "layer2", "layer3", "layer4") and r50.stem_modules == ("conv1", "bn1")
     assert r50.feature_strides("imagenet") == (4, 8, 16, 32) and r50.feature_strides("cifar") == (1, 2, 4, 8)
-    assert {n: s.default_image_size for n, s in STEMS.items()} == {"cifar": 32, "imagenet": 224}
+    assert {n: s.default_image_size for n, s in STEMS.items()} == {"cifar": 32, "imagenet": 224, "solo-cifar": 32}
+    assert {n: s.conv_padding for n, s in STEMS.items()} == {"cifar": 1, "imagenet": 3, "solo-cifar": 2}
+    # a 32 px image reaches the first stage at 32 px (cifar), 34 px (solo-learn: padding 2), 8 px (imagenet)
+    assert [STEMS[n].output_side(32) for n in ("cifar", "solo-cifar", "imagenet")] == [32, 34, 8]
     assert [e.detectron2_depth for e in BACKBONES.values()] == [18, 34, 50, 101]
 
 
@@ -88,7 +99,7 @@ def test_unknown_names_fail_listing_the_known_ones():
         build_backbone("vit_b16")
     with pytest.raises(UserError, match=r"unknown backbone 'x'"):
         get_backbone_entry("x")
-    with pytest.raises(UserError, match=r"unknown stem 'tiny' for resnet18 \(available: cifar, imagenet\)"):
+    with pytest.raises(UserError, match=r"unknown stem 'tiny' for resnet18 \(available: cifar, imagenet, solo-cifar\)"):
         build_backbone("resnet18", "tiny")
 
 
@@ -111,7 +122,7 @@ def test_config_validation_asks_the_entries():
         UserError, match=r"'model.arch': 'vit' \(expected one of resnet18, resnet34, resnet50, resnet101"
     ):
         load_pretrain_config("demo", ["model.arch=vit"])
-    with pytest.raises(UserError, match=r"'model.stem': 'patch16' \(expected cifar or imagenet\)"):
+    with pytest.raises(UserError, match=r"'model.stem': 'patch16' \(expected cifar or imagenet or solo-cifar\)"):
         load_pretrain_config("demo", ["model.stem=patch16"])
     assert load_pretrain_config("demo", ["model.arch=resnet50", "model.stem=imagenet"]).model.arch == "resnet50"
 
