@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from simsiam_kit.config import DEFAULT_DATA_ROOT
 from simsiam_kit.engine import Trainer
 from simsiam_kit.engine.hooks import EpochAverages, Hook, LRSchedule, MetricsWriter, ProgressBar, Throughput
+from simsiam_kit.engine.optim import OPTIMIZERS, build_optimizer
 from simsiam_kit.engine.step import OptimStep
 from simsiam_kit.errors import UserError
 
@@ -81,47 +82,6 @@ def check_backbone_unchanged(backbone: torch.nn.Module, reference: dict) -> None
             f"{', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}); the probe must "
             "keep the backbone frozen and in eval mode"
         )
-
-
-class LARS:
-    """Layer-wise adaptive rate scaling around an SGD optimizer, as apex ``LARC(clip=False)`` used by
-    the official ``main_lincls.py --lars``: each tensor's gradient (plus weight decay) is scaled by
-    ``trust * ||w|| / (||g|| + wd ||w|| + eps)`` before the wrapped step; tensors with a zero norm
-    (the zero-initialised bias at the first step) are left unscaled."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, trust_coefficient: float = 0.001, eps: float = 1e-8):
-        self.optim, self.trust, self.eps = optimizer, trust_coefficient, eps
-
-    @property
-    def param_groups(self):
-        return self.optim.param_groups
-
-    def state_dict(self):
-        return self.optim.state_dict()
-
-    def load_state_dict(self, sd):
-        self.optim.load_state_dict(sd)
-
-    def zero_grad(self, set_to_none: bool = True):
-        self.optim.zero_grad(set_to_none=set_to_none)
-
-    @torch.no_grad()
-    def step(self):
-        saved_wd = []
-        for group in self.optim.param_groups:
-            wd = group.get("weight_decay", 0.0)
-            saved_wd.append(wd)
-            group["weight_decay"] = 0.0
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                p_norm, g_norm = torch.norm(p), torch.norm(p.grad)
-                if p_norm != 0 and g_norm != 0:
-                    rate = self.trust * p_norm / (g_norm + p_norm * wd + self.eps)
-                    p.grad.add_(p, alpha=wd).mul_(rate)
-        self.optim.step()
-        for group, wd in zip(self.optim.param_groups, saved_wd):
-            group["weight_decay"] = wd
 
 
 class TensorLoader:
@@ -237,13 +197,11 @@ def train_linear_head(
     sinks=(),
 ) -> list[dict]:
     """Train ``head`` with the shared :class:`Trainer`; returns one record per epoch."""
-    if optimizer not in ("sgd", "lars"):
-        raise UserError(f"unknown --optimizer '{optimizer}' (available: sgd, lars)")
+    if optimizer not in OPTIMIZERS:
+        raise UserError(f"unknown --optimizer '{optimizer}' (available: {', '.join(OPTIMIZERS)})")
     device = device or next(head.parameters()).device
     init_lr = base_lr * batch_size / 256
-    opt = torch.optim.SGD(head.parameters(), init_lr, momentum=momentum, weight_decay=weight_decay)
-    if optimizer == "lars":
-        opt = LARS(opt)
+    opt = build_optimizer(optimizer, head.parameters(), init_lr, momentum=momentum, weight_decay=weight_decay)
     hooks: list[Hook] = [
         LRSchedule(opt, init_lr, epochs),
         Throughput(),

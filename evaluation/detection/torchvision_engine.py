@@ -28,6 +28,7 @@ from simsiam_kit.config import load_config, load_yaml, resolve_config_path, save
 from simsiam_kit.engine import Hook, Trainer
 from simsiam_kit.engine.hooks import EpochAverages, MetricsWriter, ProgressBar, Throughput
 from simsiam_kit.engine.loggers import make_sinks
+from simsiam_kit.engine.step import OptimStep
 from simsiam_kit.errors import TrainingDiverged, UserError
 from simsiam_kit.evaluation.detection.data import DetectionData, DetectionSet
 from simsiam_kit.evaluation.detection.metrics import coco_evaluate, to_coco_detections
@@ -341,11 +342,12 @@ class StepTimes(Hook):
 
 
 class DetectionStep:
-    """One Faster R-CNN training iteration: the detector returns its losses in train mode."""
+    """One Faster R-CNN training iteration: the detector returns its losses in train mode; the update
+    is the shared :class:`OptimStep` (GradScaler for fp16 on CUDA, optional clipping)."""
 
-    def __init__(self, model, optimizer, device, precision, scaler, grad_clip: float):
-        self.model, self.opt, self.device = model, optimizer, device
-        self.precision, self.scaler, self.grad_clip = precision, scaler, grad_clip
+    def __init__(self, model, optimizer, device, precision, grad_clip: float):
+        self.model, self.device, self.precision = model, device, precision
+        self.update = OptimStep(optimizer, precision, grad_clip)
 
     def __call__(self, batch, trainer):
         images, targets = batch
@@ -360,19 +362,7 @@ class DetectionStep:
                 f"detection loss became {loss.item()} at iteration {trainer.global_step + 1} "
                 f"({ {k: round(float(v), 4) for k, v in losses.items()} }); lower solver.base_lr"
             )
-        self.opt.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.opt)
-        else:
-            loss.backward()
-        if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], self.grad_clip)
-        if self.scaler is not None:
-            self.scaler.step(self.opt)
-            self.scaler.update()
-        else:
-            self.opt.step()
+        self.update(loss)
         out = {"loss": loss.detach()}
         out.update({k: v.detach() for k, v in losses.items()})
         out["images"] = len(images)
@@ -466,7 +456,6 @@ def run_torchvision_detection(
     params = [p for p in model.parameters() if p.requires_grad]
     lr = cfg.solver.base_lr * cfg.solver.batch_size / 16
     optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.solver.momentum, weight_decay=cfg.solver.weight_decay)
-    scaler = torch.amp.GradScaler("cuda") if precision.needs_scaler else None
     loader = IterationLoader(
         DetectionTorchDataset(train_set, True, cfg.data.hflip_prob),
         cfg.solver.batch_size,
@@ -496,7 +485,7 @@ def run_torchvision_detection(
         ProgressBar(cfg.train.progress, desc="detection"),
         MetricsWriter(out_dir / "metrics.jsonl", cfg.train.log_every, sinks),
     ]
-    step = DetectionStep(model, optimizer, device, precision, scaler, cfg.solver.grad_clip)
+    step = DetectionStep(model, optimizer, device, precision, cfg.solver.grad_clip)
     trainer = Trainer(step, loader, epochs=1, hooks=hooks, max_steps_per_epoch=cfg.solver.iters)
     log(
         f"torchvision Faster R-CNN {loaded.arch}-FPN ({cfg.model.norm}, {cfg.model.trainable_layers} trainable stages) "

@@ -82,43 +82,27 @@ def eval_detection(
 
     from simsiam_kit.errors import UserError
     from simsiam_kit.evaluation.detection.data import resolve_data
+    from simsiam_kit.evaluation.detection.engines import ENGINES, DetectionRequest, Launch
 
-    if engine not in ("torchvision", "detectron2"):
-        raise UserError(f"--engine {engine!r}: expected torchvision or detectron2")
+    if engine not in ENGINES:
+        raise UserError(f"--engine {engine!r}: expected {' or '.join(ENGINES)}")
     if iters is not None and iters < 1:
         raise UserError(f"--iters {iters}: expected >= 1")
-    if engine == "torchvision" and (num_gpus, num_machines, machine_rank, dist_url) != (1, 1, 0, "auto"):
+    launch = Launch(num_gpus, num_machines, machine_rank, dist_url)
+    if not ENGINES[engine].launches and launch != Launch():
         raise UserError(
             "--num-gpus/--num-machines/--machine-rank/--dist-url launch detectron2's workers; the "
-            "torchvision engine runs one process (use --engine detectron2)"
+            f"{engine} engine runs one process (use --engine detectron2)"
         )
     out_dir = output or Path("runs") / f"detection-{engine}-{time.strftime('%Y%m%d-%H%M%S')}"
     data = resolve_data(train_json, train_images, val_json, val_images, voc_root, voc_train, voc_val)
-    if engine == "torchvision":
-        from simsiam_kit.evaluation.detection.metrics import format_results
-        from simsiam_kit.evaluation.detection.torchvision_engine import load_detection_config, run_torchvision_detection
-
-        cfg = load_detection_config(config or "torchvision_r50_fpn", set_)
-        res = run_torchvision_detection(cfg, weights, data, out_dir, iters=iters, arch=arch, log=typer.echo)
-    else:
-        from simsiam_kit.evaluation.detection.detectron2_engine import run_detectron2_detection
-        from simsiam_kit.evaluation.detection.metrics import format_results
-
-        res = run_detectron2_detection(
-            config or "d2_voc0712_R_50_C4_24k",
-            weights,
-            data,
-            out_dir,
-            iters=iters,
-            overrides=set_,
-            num_gpus=num_gpus,
-            arch=arch,
-            log=typer.echo,
-            num_machines=num_machines,
-            machine_rank=machine_rank,
-            dist_url=dist_url,
-        )
+    request = DetectionRequest(
+        weights, data, out_dir, config=config, iters=iters, overrides=set_, arch=arch, launch=launch
+    )
+    res = ENGINES[engine].run(request, typer.echo)
     if res:
+        from simsiam_kit.evaluation.detection.metrics import format_results
+
         typer.echo("")
         typer.echo(format_results(res))
         typer.echo(f"results: {out_dir / 'results.json'}")

@@ -13,8 +13,8 @@ import torch
 from typer.testing import CliRunner
 
 from simsiam_kit.cli import app
+from simsiam_kit.engine.optim import LARS
 from simsiam_kit.evaluation.linear import (
-    LARS,
     BackboneChanged,
     TensorLoader,
     check_backbone_unchanged,
