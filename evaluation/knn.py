@@ -35,11 +35,11 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from simsiam_kit.config import DEFAULT_DATA_ROOT, DEFAULT_KNN_K, DEFAULT_KNN_TEMPERATURE
+from simsiam_kit.config import DEFAULT_KNN_K, DEFAULT_KNN_TEMPERATURE
 from simsiam_kit.errors import UserError
-from simsiam_kit.features import FEATURE_BATCH
-from simsiam_kit.retrieval.index import RERANK
-from simsiam_kit.retrieval.knn import KNNClassifier
+from simsiam_kit.evaluation.protocol import EvalInputs, EvalSettings
+from simsiam_kit.retrieval.index import RERANK, check_k
+from simsiam_kit.retrieval.knn import KNNClassifier, check_temperatures
 
 RECALL_KS = (1, 5, 10)
 #: queries an approximate search is checked on against the exact one (``approximate`` in results.json)
@@ -104,11 +104,7 @@ def classify(
     n = bank.shape[0]
     if n == 0 or queries.shape[0] == 0:
         raise UserError("kNN needs a non-empty bank and query set")
-    ks = sorted({int(k) for k in ks})
-    if ks[0] < 1:
-        raise UserError(f"--k must be at least 1, got {ks[0]}")
-    if ks[-1] > n:
-        raise UserError(f"--k {ks[-1]} is larger than the kNN bank ({n} training images)")
+    ks = sorted(check_k(ks, n, "--k", f"the kNN bank ({n} training images)"))
     num_classes = num_classes or int(max(bank_labels.max(), query_labels.max())) + 1
     t0 = time.perf_counter()
     knn = KNNClassifier(
@@ -260,32 +256,14 @@ def plot_neighbour_grid(
 
 # ------------------------------------------------------------------------------------------ command
 @dataclass(frozen=True)
-class KNNSettings:
-    weights: str
-    train_data: str
-    test_data: str
+class KNNSettings(EvalSettings):
     # None = the protocol grid (PROTOCOL_KS within the bank size x PROTOCOL_TEMPERATURES); the first k and
     # the first temperature make the headline number
     ks: Optional[tuple] = None
     temperatures: Optional[tuple] = None
-    arch: Optional[str] = None
-    stem: Optional[str] = None
-    like: Optional[str] = None  # with weights "random": the run whose init, arch, stem and image settings to take
     backend: str = "auto"
     index: str = "flat"
     rerank: Optional[int] = None  # --index bf16: 2 x rerank candidates at the cut re-scored in fp32 (default RERANK)
-    batch_size: int = FEATURE_BATCH
-    device: str = "auto"
-    precision: str = "auto"  # feature extraction: auto = fp32 (simsiam_kit.features.feature_precision)
-    image_size: Optional[int] = None
-    mean: Optional[tuple] = None
-    std: Optional[tuple] = None
-    workers: int = 2
-    root: str = DEFAULT_DATA_ROOT
-    download: bool = False
-    skip_bad_images: bool = False
-    overwrite: bool = False  # replace the results of an earlier evaluation in the output directory
-    plots: bool = True
     save_index: bool = False
     grid_queries: int = 8
     grid_neighbours: int = 8
@@ -295,8 +273,7 @@ def _choose_ks(asked: Optional[Sequence[int]], bank: int, what: str, default: Op
     """The k to score: the asked ones (each at most the bank size), else the protocol's that fit the bank
     (the bank size itself when none does)."""
     if asked:
-        if max(asked) > bank:
-            raise UserError(f"--k {max(asked)} is larger than the kNN bank ({bank}{what})")
+        check_k(asked, bank, "--k", f"the kNN bank ({bank}{what})")
         return tuple(int(k) for k in asked)
     fit = tuple(k for k in (default or PROTOCOL_KS) if k <= bank)
     return fit or (bank,)
@@ -306,147 +283,162 @@ def run_knn_eval(s: KNNSettings, output: Path, log: Callable[[str], None] = prin
     """Extract features, search, classify; write features, results.json and plots under ``output``.
 
     An output directory that holds an earlier evaluation's results is refused unless ``s.overwrite``."""
-    from simsiam_kit.evaluation.common import (
-        check_output,
-        check_same_classes,
-        eval_image_settings,
-        load_labelled,
-        prepare_output,
-    )
-    from simsiam_kit.features import extract_features, feature_precision, save_features
-    from simsiam_kit.retrieval.index import BACKENDS, KIND_BACKEND, KINDS
-    from simsiam_kit.utils.device import resolve_device
-    from simsiam_kit.utils.io import atomic_write_json
-    from simsiam_kit.weights import load_backbone
+    return KNNProtocol(s).run(output, log)
 
-    if s.backend not in BACKENDS:
-        raise UserError(f"unknown --backend '{s.backend}' (available: {', '.join(BACKENDS)})")
-    if s.index not in KINDS and s.index != "auto":
-        raise UserError(f"unknown --index '{s.index}' (available: auto, {', '.join(KINDS)})")
-    need = KIND_BACKEND.get(s.index)  # checked before feature extraction; EmbeddingIndex checks it again
-    if need and s.backend not in ("auto", need):
-        raise UserError(f"--index {s.index} needs --backend {need} or auto ({s.backend} has no {s.index} search)")
-    if s.rerank is not None and (s.index not in ("bf16", "auto") or s.rerank < 0):
-        raise UserError(f"--rerank {s.rerank}: only with --index bf16 or auto, and at least 0")
-    temps = tuple(float(t) for t in (s.temperatures or PROTOCOL_TEMPERATURES))
-    if min(temps) <= 0:
-        raise UserError(f"--temperature must be positive, got {min(temps)}")
-    if s.ks is not None and (not s.ks or min(s.ks) < 1):
-        raise UserError(f"--k must be at least 1, got {list(s.ks)}")
-    output = Path(output)
-    check_output(output, s.overwrite)
-    train = load_labelled(s.train_data, "train", s.root, s.download, s.skip_bad_images)
-    test = load_labelled(s.test_data, "test", s.root, s.download, s.skip_bad_images)
-    classes = check_same_classes(train, test, s.train_data, s.test_data)
-    ks = _choose_ks(s.ks, len(train), f" training images in '{s.train_data}'")
-    loaded = load_backbone(s.weights, s.arch, s.stem, like=s.like)
-    if loaded.notice():
-        log(loaded.notice())
-    img = eval_image_settings(loaded, train, s.image_size, s.mean, s.std)
-    device = resolve_device(s.device)
-    precision = feature_precision(s.precision, device)
-    backbone = loaded.model.to(device)
-    prepare_output(output, s.overwrite)
 
-    kw = dict(
-        device=device,
-        batch_size=s.batch_size,
-        precision=precision,
-        mean=img.mean,
-        std=img.std,
-        image_size=img.image_size,
-        workers=s.workers,
-    )
-    t0 = time.perf_counter()
-    fb, lb, ib = extract_features(backbone, train, **kw)
-    fq, lq, iq = extract_features(backbone, test, **kw)
-    extract_s = time.perf_counter() - t0
-    if len(fb) == 0 or len(fq) == 0:
-        raise UserError("no readable images left after skipping unreadable ones")
-    ks = _choose_ks(s.ks, len(fb), " readable training images", ks)
-    save_features(output / "features" / "train", fb, lb, [train.ids[i] for i in ib.tolist()])
-    save_features(output / "features" / "test", fq, lq, [test.ids[i] for i in iq.tolist()])
+class KNNProtocol:
+    """The kNN protocol: options checked once (:meth:`validate`), :meth:`run` on the shared inputs to the
+    results.json record, :meth:`write` of its own files (features, confusion matrix, plots, results)."""
 
-    kind, index_choice = s.index, None
-    if s.index == "auto":  # exact or bf16, by measured speed and recall (simsiam_kit/retrieval/index_choice.py)
+    name = "knn"
+
+    def __init__(self, settings: KNNSettings):
+        self.s = settings
+        self.temps = tuple(float(t) for t in (settings.temperatures or PROTOCOL_TEMPERATURES))
+        self.validate()
+
+    def validate(self) -> None:
+        from simsiam_kit.retrieval.index import BACKENDS, KIND_BACKEND, KINDS
+
+        s = self.s
+        if s.backend not in BACKENDS:
+            raise UserError(f"unknown --backend '{s.backend}' (available: {', '.join(BACKENDS)})")
+        if s.index not in KINDS and s.index != "auto":
+            raise UserError(f"unknown --index '{s.index}' (available: auto, {', '.join(KINDS)})")
+        need = KIND_BACKEND.get(s.index)  # checked before feature extraction; EmbeddingIndex checks it again
+        if need and s.backend not in ("auto", need):
+            raise UserError(f"--index {s.index} needs --backend {need} or auto ({s.backend} has no {s.index} search)")
+        if s.rerank is not None and (s.index not in ("bf16", "auto") or s.rerank < 0):
+            raise UserError(f"--rerank {s.rerank}: only with --index bf16 or auto, and at least 0")
+        check_temperatures(self.temps, "--temperature")
+        if s.ks is not None:
+            check_k(s.ks, name="--k")
+
+    def run(self, output: Path, log: Callable[[str], None] = print) -> dict:
+        s = self.s
+        ks: tuple = ()
+
+        def check_bank(train) -> None:
+            nonlocal ks
+            ks = _choose_ks(s.ks, len(train), f" training images in '{s.train_data}'")
+
+        inputs = EvalInputs.build(s, output, log, check_train=check_bank)
+        inputs.prepare_output(s.overwrite)
+        feats = self._features(inputs, ks)
+        kind, index_choice = self._index_kind(feats, log)
+        res = classify(
+            feats["fb"], feats["lb"], feats["fq"], feats["lq"], feats["ks"], self.temps, len(inputs.classes),
+            s.backend, kind, rerank=s.rerank,
+        )  # fmt: skip
+        res.update(index_chosen=kind, index_choice=index_choice)
+        results = self._results(inputs, feats, res)
+        self.write(inputs, feats, res, results)
+        return results
+
+    def _features(self, inputs: EvalInputs, ks: tuple) -> dict:
+        """Features of both sets (saved under OUTPUT/features), and the k that fit the readable bank."""
+        from simsiam_kit.features import extract_features, save_features
+
+        backbone = inputs.loaded.model.to(inputs.device)
+        kw = inputs.feature_kwargs(self.s.batch_size, self.s.workers)
+        t0 = time.perf_counter()
+        fb, lb, ib = extract_features(backbone, inputs.train, **kw)
+        fq, lq, iq = extract_features(backbone, inputs.test, **kw)
+        extract_s = time.perf_counter() - t0
+        if len(fb) == 0 or len(fq) == 0:
+            raise UserError("no readable images left after skipping unreadable ones")
+        ks = _choose_ks(self.s.ks, len(fb), " readable training images", ks)
+        out = inputs.output
+        save_features(out / "features" / "train", fb, lb, [inputs.train.ids[i] for i in ib.tolist()])
+        save_features(out / "features" / "test", fq, lq, [inputs.test.ids[i] for i in iq.tolist()])
+        return dict(fb=fb, lb=lb, ib=ib, fq=fq, lq=lq, iq=iq, ks=ks, extract_s=extract_s)
+
+    def _index_kind(self, feats: dict, log: Callable[[str], None]) -> tuple[str, Optional[dict]]:
+        """The index kind to search with: ``--index`` as given, or for ``auto`` exact or bf16 by measured speed
+        and recall on these features (:func:`simsiam_kit.retrieval.index_choice.choose_index_kind`)."""
+        s = self.s
+        if s.index != "auto":
+            return s.index, None
         from simsiam_kit.retrieval.index_choice import choose_index_kind
 
-        index_choice = choose_index_kind(fb, fq, max(ks), s.backend, rerank=s.rerank)
-        kind = index_choice["kind"]
-        log(f"--index auto: {kind} ({index_choice['reason']})")
-    res = classify(fb, lb, fq, lq, ks, temps, len(classes), s.backend, kind, rerank=s.rerank)
-    if s.save_index:
-        res["index"].save(output / "index")
-    main_k, main_t = int(ks[0]), temps[0]
-    main = res["per_k"][main_k]
-    settings = asdict(s)
-    settings.update(
-        ks=list(ks),
-        temperatures=list(temps),
-        mean=list(img.mean),
-        std=list(img.std),
-        image_size=img.image_size,
-        image_settings_from=dict(img.sources),
-        arch=loaded.arch,
-        stem=loaded.stem,
-        weights_source=loaded.source,
-        device=str(device),
-        precision=precision.name,
-        backend=res["backend"],
-        index_chosen=kind,
-        index_choice=index_choice,
-        bank_size=int(len(fb)),
-        queries=int(len(fq)),
-        feature_dim=int(fb.shape[1]),
-        search_depth=res["depth"],
-        num_classes=len(classes),
-    )
-    results = {
-        "top1": main["top1"],
-        "top5": main["top5"],
-        "k": main_k,
-        "temperature": main_t,
-        "headline": {"k": main_k, "temperature": main_t},
-        "per_k": {str(k): {"top1": res["per_k"][k]["top1"], "top5": res["per_k"][k]["top5"]} for k in sorted(ks)},
-        "grid": [
-            {"k": k, "temperature": t, "top1": g["top1"], "top5": g["top5"]}
-            for (k, t), g in sorted(res["grid"].items())
-        ],
-        **res["retrieval"],
-        "map_at_r_depth": res["depth"],
-        "weights": loaded.record,
-        "settings": settings,
-        "timing_s": {"features": round(extract_s, 3), "search": round(res["search_s"], 3)},
-        "approximate": res["approximate"],  # null for the exact search
-        "classes": [str(c) for c in classes],
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    cm = confusion_matrix(main["pred"], lq, len(classes))
-    np.save(output / "confusion_matrix.npy", cm)
-    if s.plots:
-        plots = output / "plots"
-        plots.mkdir(exist_ok=True)
-        plot_confusion(
-            cm, classes, plots / "confusion_matrix.png", f"kNN k={main_k} T={main_t:g}: top-1 {main['top1']:.2f}%"
+        choice = choose_index_kind(feats["fb"], feats["fq"], max(feats["ks"]), s.backend, rerank=s.rerank)
+        log(f"--index auto: {choice['kind']} ({choice['reason']})")
+        return choice["kind"], choice
+
+    def _results(self, inputs: EvalInputs, feats: dict, res: dict) -> dict:
+        ks, temps, fb, fq = feats["ks"], self.temps, feats["fb"], feats["fq"]
+        main_k, main_t = int(ks[0]), temps[0]
+        main = res["per_k"][main_k]
+        settings = asdict(self.s)
+        settings.update(ks=list(ks), temperatures=list(temps))
+        settings.update(inputs.settings_record())
+        settings.update(
+            backend=res["backend"],
+            index_chosen=res["index_chosen"],
+            index_choice=res["index_choice"],
+            bank_size=int(len(fb)),
+            queries=int(len(fq)),
+            feature_dim=int(fb.shape[1]),
+            search_depth=res["depth"],
+            num_classes=len(inputs.classes),
         )
-        nq = min(s.grid_queries, len(fq))
+        return {
+            "top1": main["top1"],
+            "top5": main["top5"],
+            "k": main_k,
+            "temperature": main_t,
+            "headline": {"k": main_k, "temperature": main_t},
+            "per_k": {str(k): {"top1": res["per_k"][k]["top1"], "top5": res["per_k"][k]["top5"]} for k in sorted(ks)},
+            "grid": [
+                {"k": k, "temperature": t, "top1": g["top1"], "top5": g["top5"]}
+                for (k, t), g in sorted(res["grid"].items())
+            ],
+            **res["retrieval"],
+            "map_at_r_depth": res["depth"],
+            "weights": inputs.loaded.record,
+            "settings": settings,
+            "timing_s": {"features": round(feats["extract_s"], 3), "search": round(res["search_s"], 3)},
+            "approximate": res["approximate"],  # null for the exact search
+            "classes": [str(c) for c in inputs.classes],
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+
+    def write(self, inputs: EvalInputs, feats: dict, res: dict, results: dict) -> None:
+        """The index (``save_index``), confusion matrix, plots and results.json (last, atomically)."""
+        from simsiam_kit.utils.io import atomic_write_json
+
+        output, classes = inputs.output, inputs.classes
+        if self.s.save_index:
+            res["index"].save(output / "index")
+        main_k, main_t = results["k"], results["temperature"]
+        cm = confusion_matrix(res["per_k"][main_k]["pred"], feats["lq"], len(classes))
+        np.save(output / "confusion_matrix.npy", cm)
+        if self.s.plots:
+            plots = output / "plots"
+            plots.mkdir(exist_ok=True)
+            title = f"kNN k={main_k} T={main_t:g}: top-1 {results['top1']:.2f}%"
+            plot_confusion(cm, classes, plots / "confusion_matrix.png", title)
+            self._neighbour_grid(inputs, feats, res, plots / "neighbours.png")
+            results["plots"] = ["plots/confusion_matrix.png", "plots/neighbours.png"]
+        atomic_write_json(output / "results.json", results)
+
+    def _neighbour_grid(self, inputs: EvalInputs, feats: dict, res: dict, path: Path) -> None:
+        fq, iq, lq, ib, lb = feats["fq"], feats["iq"], feats["lq"], feats["ib"], feats["lb"]
+        nq = min(self.s.grid_queries, len(fq))
         rows = np.linspace(0, len(fq) - 1, nq).round().astype(int)
-        nn_ = min(s.grid_neighbours, res["depth"])
+        nn_ = min(self.s.grid_neighbours, res["depth"])
         ids = res["ids"][rows, :nn_].numpy()
         plot_neighbour_grid(
-            test,
+            inputs.test,
             iq[rows].numpy(),
-            train,
+            inputs.train,
             ib.numpy()[ids],
             res["sims"][rows, :nn_].numpy(),
             lq[rows].tolist(),
             lb.numpy()[ids],
-            [str(c) for c in classes],
-            plots / "neighbours.png",
+            [str(c) for c in inputs.classes],
+            path,
         )
-        results["plots"] = ["plots/confusion_matrix.png", "plots/neighbours.png"]
-    atomic_write_json(output / "results.json", results)
-    return results
 
 
 def results_table(results: dict) -> str:

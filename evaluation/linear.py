@@ -37,12 +37,12 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from simsiam_kit.config import DEFAULT_DATA_ROOT
 from simsiam_kit.engine import Trainer
 from simsiam_kit.engine.hooks import EpochAverages, Hook, LRSchedule, MetricsWriter, ProgressBar, Throughput
 from simsiam_kit.engine.optim import OPTIMIZERS, build_optimizer
 from simsiam_kit.engine.step import OptimStep
 from simsiam_kit.errors import UserError
+from simsiam_kit.evaluation.protocol import EvalInputs, EvalSettings
 
 HEAD_FORMAT = "simsiam-kit-linear-head"
 
@@ -232,10 +232,7 @@ def train_linear_head(
 
 # ------------------------------------------------------------------------------------------ command
 @dataclass(frozen=True)
-class LinearSettings:
-    weights: str
-    train_data: str
-    test_data: str
+class LinearSettings(EvalSettings):
     epochs: int = 90
     cached_features: bool = False
     batch_size: int = 256
@@ -244,22 +241,8 @@ class LinearSettings:
     momentum: float = 0.9
     weight_decay: float = 0.0
     crop_min_scale: float = 0.08
-    arch: Optional[str] = None
-    stem: Optional[str] = None
-    like: Optional[str] = None  # with weights "random": the run whose init, arch, stem and image settings to take
-    device: str = "auto"
-    precision: str = "auto"  # feature extraction: auto = fp32 (simsiam_kit.features.feature_precision)
-    image_size: Optional[int] = None
-    mean: Optional[tuple] = None
-    std: Optional[tuple] = None
-    workers: int = 2
     seed: int = 0
-    root: str = DEFAULT_DATA_ROOT
-    download: bool = False
-    skip_bad_images: bool = False
-    overwrite: bool = False  # replace the results of an earlier evaluation in the output directory
     progress: bool = False
-    plots: bool = True
     lr_sweep: bool = False  # cached features only: one head per (lr, wd), chosen on held-out training images
     tensorboard: Optional[bool] = None  # OUTPUT/tensorboard; None = when the tensorboard package is installed
 
@@ -268,84 +251,99 @@ def run_linear_probe(s: LinearSettings, output: Path, log: Callable[[str], None]
     """Train and score the head(s); write results.json, head.pt, metrics.jsonl, plots (and TensorBoard).
 
     An output directory that holds an earlier evaluation's results is refused unless ``s.overwrite``."""
-    from simsiam_kit.engine.loggers import make_sinks
-    from simsiam_kit.evaluation.common import check_output, prepare_output
+    from simsiam_kit.evaluation.common import check_output
 
     check_output(Path(output), s.overwrite)
-    _check_settings(s)
-    prepare_output(Path(output), s.overwrite)
-    sinks = make_sinks(Path(output), s.tensorboard)
-    try:
-        res = _run_linear_probe(s, Path(output), log, sinks)
-        for sk in sinks:  # the test scores next to the curves
-            sk.scalars({"type": "eval", "step": s.epochs, "test_top1": res["top1"], "test_top5": res["top5"]})
-        return res
-    finally:
-        for sk in sinks:
-            sk.close()
+    return LinearProtocol(s).run(output, log)
 
 
-def _check_settings(s: LinearSettings) -> None:
-    if s.epochs < 1:
-        raise UserError(f"--epochs must be at least 1, got {s.epochs}")
-    if s.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {s.batch_size}")
-    if s.lr <= 0:
-        raise UserError(f"--lr must be positive, got {s.lr}")
-    if s.optimizer not in ("sgd", "lars"):
-        raise UserError(f"unknown --optimizer '{s.optimizer}' (available: sgd, lars)")
-    if s.lr_sweep and not s.cached_features:
-        raise UserError("--lr-sweep trains its heads on cached features: add --cached-features")
-    if s.lr_sweep and s.optimizer != "sgd":
-        raise UserError("--lr-sweep sweeps SGD learning rates: use --optimizer sgd")
+class LinearProtocol:
+    """The linear probe: options checked once (:meth:`validate`), :meth:`run` on the shared inputs
+    (prepare features or the augmented loader, train the head or the sweep, score) to the results.json
+    record, :meth:`write` of its own files (head.pt, plots, results.json)."""
 
+    name = "linear"
 
-def _run_linear_probe(s: LinearSettings, output: Path, log: Callable[[str], None], sinks) -> dict:
-    from simsiam_kit.config import DataConfig
-    from simsiam_kit.data.loaders import make_loader
-    from simsiam_kit.data.transforms import BatchAugment
-    from simsiam_kit.evaluation.common import check_same_classes, eval_image_settings, load_labelled
-    from simsiam_kit.features import extract_features, feature_precision
-    from simsiam_kit.utils.device import resolve_device
-    from simsiam_kit.utils.io import atomic_write_json
-    from simsiam_kit.weights import load_backbone
+    def __init__(self, settings: LinearSettings):
+        self.s = settings
+        self.validate()
 
-    train = load_labelled(s.train_data, "train", s.root, s.download, s.skip_bad_images)
-    test = load_labelled(s.test_data, "test", s.root, s.download, s.skip_bad_images)
-    classes = check_same_classes(train, test, s.train_data, s.test_data)
-    loaded = load_backbone(s.weights, s.arch, s.stem, seed=s.seed, like=s.like)
-    if loaded.notice():
-        log(loaded.notice())
-    img = eval_image_settings(loaded, train, s.image_size, s.mean, s.std)
-    device = resolve_device(s.device)
-    precision = feature_precision(s.precision, device)
-    backbone = freeze(loaded.model.to(device))
-    reference = snapshot_state(backbone)
-    output = Path(output)
-    torch.manual_seed(s.seed)
+    def validate(self) -> None:
+        s = self.s
+        if s.epochs < 1:
+            raise UserError(f"--epochs must be at least 1, got {s.epochs}")
+        if s.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {s.batch_size}")
+        if s.lr <= 0:
+            raise UserError(f"--lr must be positive, got {s.lr}")
+        if s.optimizer not in OPTIMIZERS:
+            raise UserError(f"unknown --optimizer '{s.optimizer}' (available: {', '.join(OPTIMIZERS)})")
+        if s.lr_sweep and not s.cached_features:
+            raise UserError("--lr-sweep trains its heads on cached features: add --cached-features")
+        if s.lr_sweep and s.optimizer != "sgd":
+            raise UserError("--lr-sweep sweeps SGD learning rates: use --optimizer sgd")
 
-    kw = dict(
-        device=device,
-        batch_size=max(s.batch_size, 64),
-        precision=precision,
-        mean=img.mean,
-        std=img.std,
-        image_size=img.image_size,
-        workers=s.workers,
-        normalize=False,
-    )
-    t0 = time.perf_counter()
-    fq, lq, _ = extract_features(backbone, test, **kw)
-    bs = min(s.batch_size, len(train))
-    if s.cached_features:
-        ft, lt, _ = extract_features(backbone, train, **kw)
-        if len(ft) == 0:
-            raise UserError(f"no readable images in train dataset '{s.train_data}'")
-        loader = TensorLoader(ft, lt, bs, shuffle=True, seed=s.seed)
+    def run(self, output: Path, log: Callable[[str], None] = print) -> dict:
+        from simsiam_kit.engine.loggers import make_sinks
+        from simsiam_kit.evaluation.common import prepare_output
 
-        def features_fn(batch):
-            return batch["features"].to(device, non_blocking=True)
-    else:
+        s = self.s
+        prepare_output(Path(output), s.overwrite)
+        sinks = make_sinks(Path(output), s.tensorboard)
+        try:
+            inputs = EvalInputs.build(s, output, log, seed=s.seed)
+            prep = self._prepare(inputs)
+            trained = self._train(inputs, prep, sinks)
+            check_backbone_unchanged(prep["backbone"], prep["reference"])  # the official sanity check
+            results = self._results(inputs, prep, trained)
+            self.write(inputs, prep, trained, results, log)
+            for sk in sinks:  # the test scores next to the curves
+                sk.scalars(
+                    {"type": "eval", "step": s.epochs, "test_top1": results["top1"], "test_top5": results["top5"]}
+                )
+            return results
+        finally:
+            for sk in sinks:
+                sk.close()
+
+    def _prepare(self, inputs: EvalInputs) -> dict:
+        """Frozen backbone and its reference state, test features, and the training batches: cached
+        features or augmented images through the frozen backbone."""
+        from simsiam_kit.features import extract_features
+
+        s, device = self.s, inputs.device
+        backbone = freeze(inputs.loaded.model.to(device))
+        reference = snapshot_state(backbone)
+        torch.manual_seed(s.seed)
+        kw = inputs.feature_kwargs(max(s.batch_size, 64), s.workers, normalize=False)
+        t0 = time.perf_counter()
+        fq, lq, _ = extract_features(backbone, inputs.test, **kw)
+        bs = min(s.batch_size, len(inputs.train))
+        ft = lt = None
+        if s.cached_features:
+            ft, lt, _ = extract_features(backbone, inputs.train, **kw)
+            if len(ft) == 0:
+                raise UserError(f"no readable images in train dataset '{s.train_data}'")
+            loader = TensorLoader(ft, lt, bs, shuffle=True, seed=s.seed)
+
+            def features_fn(batch):
+                return batch["features"].to(device, non_blocking=True)
+        else:
+            loader, features_fn = self._augmented(inputs, backbone, bs)
+        if len(fq) == 0:
+            raise UserError(f"no readable images in test dataset '{s.test_data}'")
+        return dict(
+            backbone=backbone, reference=reference, fq=fq, lq=lq, ft=ft, lt=lt, bs=bs,
+            loader=loader, features_fn=features_fn, prep_s=time.perf_counter() - t0,
+        )  # fmt: skip
+
+    def _augmented(self, inputs: EvalInputs, backbone, bs: int):
+        """The full protocol's loader and features: RandomResizedCrop + flip, then the frozen backbone."""
+        from simsiam_kit.config import DataConfig
+        from simsiam_kit.data.loaders import make_loader
+        from simsiam_kit.data.transforms import BatchAugment
+
+        s, img, device, precision, train = self.s, inputs.img, inputs.device, inputs.precision, inputs.train
         loader = make_loader(
             train,
             bs,
@@ -369,113 +367,96 @@ def _run_linear_probe(s: LinearSettings, output: Path, log: Callable[[str], None
                 f = backbone(x)
             return f.float()
 
-    if len(fq) == 0:
-        raise UserError(f"no readable images in test dataset '{s.test_data}'")
-    prep_s = time.perf_counter() - t0
+        return loader, features_fn
 
-    t1 = time.perf_counter()
-    if s.lr_sweep:  # all heads in one pass (evaluation/linear_sweep.py); the chosen head is scored on test
-        from simsiam_kit.evaluation.linear_sweep import plot_sweep, run_sweep, sweep_table
+    def _train(self, inputs: EvalInputs, prep: dict, sinks) -> dict:
+        """One head (SGD or LARS) or, with ``lr_sweep``, every head of the sweep in one pass
+        (evaluation/linear_sweep.py) with the chosen one kept."""
+        s, device, output = self.s, inputs.device, inputs.output
+        t1 = time.perf_counter()
+        if s.lr_sweep:
+            from simsiam_kit.evaluation.linear_sweep import run_sweep
 
-        sweep = run_sweep(
-            ft,
-            lt,
-            len(classes),
-            s.epochs,
-            bs,
-            device,
-            momentum=s.momentum,
-            seed=s.seed,
-            metrics_path=output / "metrics.jsonl",
-            progress=s.progress,
-            sinks=sinks,
-        )
-        head, history = sweep.bank.head(sweep.selected).to(device), sweep.history
-        chosen = sweep.grid[sweep.selected]
-        lr, weight_decay, protocol = chosen["lr"], chosen["weight_decay"], "cached-features, lr sweep"
-    else:
-        head = make_head(int(fq.shape[1]), len(classes)).to(device)
-        history = train_linear_head(
-            head,
-            loader,
-            features_fn,
-            s.epochs,
-            base_lr=s.lr,
+            sweep = run_sweep(
+                prep["ft"], prep["lt"], len(inputs.classes), s.epochs, prep["bs"], device, momentum=s.momentum,
+                seed=s.seed, metrics_path=output / "metrics.jsonl", progress=s.progress, sinks=sinks,
+            )  # fmt: skip
+            head, history = sweep.bank.head(sweep.selected).to(device), sweep.history
+            chosen = sweep.grid[sweep.selected]
+            lr, weight_decay, protocol = chosen["lr"], chosen["weight_decay"], "cached-features, lr sweep"
+        else:
+            sweep = None
+            head = make_head(int(prep["fq"].shape[1]), len(inputs.classes)).to(device)
+            history = train_linear_head(
+                head, prep["loader"], prep["features_fn"], s.epochs, base_lr=s.lr, batch_size=prep["bs"],
+                optimizer=s.optimizer, momentum=s.momentum, weight_decay=s.weight_decay,
+                eval_features=prep["fq"], eval_labels=prep["lq"], metrics_path=output / "metrics.jsonl",
+                progress=s.progress, backbone=prep["backbone"], device=device, sinks=sinks,
+            )  # fmt: skip
+            lr, weight_decay, protocol = s.lr, s.weight_decay, "cached-features" if s.cached_features else "full"
+        return dict(
+            head=head, history=history, sweep=sweep, lr=lr, weight_decay=weight_decay, protocol=protocol,
+            train_s=time.perf_counter() - t1,
+        )  # fmt: skip
+
+    def _results(self, inputs: EvalInputs, prep: dict, trained: dict) -> dict:
+        s, fq, bs, lr = self.s, prep["fq"], prep["bs"], trained["lr"]
+        final = evaluate_head(trained["head"], fq, prep["lq"])
+        settings = asdict(s)
+        settings.update(inputs.settings_record())
+        settings.update(
             batch_size=bs,
-            optimizer=s.optimizer,
-            momentum=s.momentum,
-            weight_decay=s.weight_decay,
-            eval_features=fq,
-            eval_labels=lq,
-            metrics_path=output / "metrics.jsonl",
-            progress=s.progress,
-            backbone=backbone,
-            device=device,
-            sinks=sinks,
+            init_lr=lr * bs / 256,
+            lr=lr,
+            weight_decay=trained["weight_decay"],
+            protocol=trained["protocol"],
+            train_images=len(inputs.train),
+            test_images=int(len(fq)),
+            feature_dim=int(fq.shape[1]),
+            num_classes=len(inputs.classes),
         )
-        lr, weight_decay, protocol = s.lr, s.weight_decay, "cached-features" if s.cached_features else "full"
-    train_s = time.perf_counter() - t1
-    check_backbone_unchanged(backbone, reference)  # the official sanity check: raises if anything moved
-
-    final = evaluate_head(head, fq, lq)
-    settings = asdict(s)
-    settings.update(
-        mean=list(img.mean),
-        std=list(img.std),
-        image_size=img.image_size,
-        image_settings_from=dict(img.sources),
-        arch=loaded.arch,
-        stem=loaded.stem,
-        weights_source=loaded.source,
-        device=str(device),
-        precision=precision.name,
-        batch_size=bs,
-        init_lr=lr * bs / 256,
-        lr=lr,
-        weight_decay=weight_decay,
-        protocol=protocol,
-        train_images=len(train),
-        test_images=int(len(fq)),
-        feature_dim=int(fq.shape[1]),
-        num_classes=len(classes),
-    )
-    if s.lr_sweep:
-        outcome = {
-            "selected": {**chosen, "test_top1": final["top1"], "test_top5": final["top5"]},
-            "sweep": sweep.grid,
-            "selection": "held-out 10% of the training features (seeded), never the test set",
+        history, sweep = trained["history"], trained["sweep"]
+        if sweep is not None:
+            chosen = sweep.grid[sweep.selected]
+            outcome = {
+                "selected": {**chosen, "test_top1": final["top1"], "test_top5": final["top5"]},
+                "sweep": sweep.grid,
+                "selection": "held-out 10% of the training features (seeded), never the test set",
+            }
+        else:
+            best = max(history, key=lambda r: r.get("test_top1", -1))
+            outcome = {"best_top1": best.get("test_top1"), "best_epoch": best.get("epoch")}
+        return {
+            "top1": final["top1"],
+            "top5": final["top5"],
+            **outcome,
+            "settings": settings,
+            **_run_record(history, prep["prep_s"], trained["train_s"], inputs.classes, inputs.loaded),
         }
-    else:
-        best = max(history, key=lambda r: r.get("test_top1", -1))
-        outcome = {"best_top1": best.get("test_top1"), "best_epoch": best.get("epoch")}
-    results = {
-        "top1": final["top1"],
-        "top5": final["top5"],
-        **outcome,
-        "settings": settings,
-        **_run_record(history, prep_s, train_s, classes, loaded),
-    }
-    head_extra = {"lr": lr, "weight_decay": weight_decay} if s.lr_sweep else {}
-    _save_head(output / "head.pt", head, loaded, int(fq.shape[1]), classes, img, **head_extra)
-    if s.plots and s.lr_sweep:
-        plot_sweep(
-            sweep.grid,
-            sweep.selected,
-            output / "plots" / "lr_sweep.png",
-            f"linear probe lr sweep, {loaded.arch}/{loaded.stem}",
-        )
-        results["plots"] = ["plots/lr_sweep.png"]
-    elif s.plots:
-        plot_curves(
-            history,
-            output / "plots" / "linear_curves.png",
-            f"linear probe ({settings['protocol']}), {loaded.arch}/{loaded.stem}",
-        )
-        results["plots"] = ["plots/linear_curves.png"]
-    if s.lr_sweep:
-        log(sweep_table(sweep.grid, sweep.selected))
-    atomic_write_json(output / "results.json", results)
-    return results
+
+    def write(self, inputs: EvalInputs, prep: dict, trained: dict, results: dict, log: Callable[[str], None]) -> None:
+        """head.pt, the curves or sweep plot, the sweep table, and results.json (last, atomically)."""
+        from simsiam_kit.utils.io import atomic_write_json
+
+        s, output, loaded, sweep = self.s, inputs.output, inputs.loaded, trained["sweep"]
+        head_extra = {"lr": trained["lr"], "weight_decay": trained["weight_decay"]} if sweep is not None else {}
+        feature_dim = int(prep["fq"].shape[1])
+        _save_head(output / "head.pt", trained["head"], loaded, feature_dim, inputs.classes, inputs.img, **head_extra)
+        if s.plots and sweep is not None:
+            from simsiam_kit.evaluation.linear_sweep import plot_sweep
+
+            title = f"linear probe lr sweep, {loaded.arch}/{loaded.stem}"
+            plot_sweep(sweep.grid, sweep.selected, output / "plots" / "lr_sweep.png", title)
+            results["plots"] = ["plots/lr_sweep.png"]
+        elif s.plots:
+            title = f"linear probe ({results['settings']['protocol']}), {loaded.arch}/{loaded.stem}"
+            plot_curves(trained["history"], output / "plots" / "linear_curves.png", title)
+            results["plots"] = ["plots/linear_curves.png"]
+        if sweep is not None:
+            from simsiam_kit.evaluation.linear_sweep import sweep_table
+
+            log(sweep_table(sweep.grid, sweep.selected))
+        atomic_write_json(output / "results.json", results)
 
 
 def _save_head(path: Path, head: torch.nn.Module, loaded, feature_dim: int, classes, img, **extra) -> None:

@@ -207,8 +207,9 @@ def search_images(
     from simsiam_kit.utils.io import atomic_write_json
 
     say = log or (lambda s: None)
-    if k < 1:
-        raise UserError(f"--k must be >= 1 (got {k})")
+    from simsiam_kit.retrieval.index import check_k
+
+    check_k(k, name="--k")
     store = load_embeddings_dir(index_dir)
     manifest, index = store["manifest"], store["index"]
     model_path = Path(model).expanduser() if model else Path(manifest.get("model", ""))

@@ -57,6 +57,18 @@ INDEX_JSON_KEYS = {"dim": int, "kind": str, "backend": str, "nlist": int, "nprob
 
 
 # ------------------------------------------------------------------------------------ the tie rule
+def check_k(k, limit: Optional[int] = None, name: str = "k", pool: str = "") -> tuple:
+    """The one check of a neighbour count: ``k`` (an int or several) as ints without repeats, in order.
+    Raises when one is below 1 or, given ``limit`` (the vectors searched), above it; ``name`` is the
+    caller's name for k (the CLI layer passes its option) and ``pool`` says what was searched."""
+    ks = tuple(dict.fromkeys(int(x) for x in (k if isinstance(k, (list, tuple)) else (k,))))
+    if not ks or min(ks) < 1:
+        raise UserError(f"{name} must be at least 1, got {min(ks) if ks else 'none'}")
+    if limit is not None and max(ks) > limit:
+        raise UserError(f"{name} {max(ks)} is larger than {pool or f'the number of vectors ({limit})'}")
+    return ks
+
+
 def settle_ties(v: np.ndarray, i: np.ndarray, k: int, row: Optional[Callable[[int], np.ndarray]] = None):
     """The tie rule, for every backend: ``(similarities, ids)`` (Q, k), similarities descending, equal
     similarities by increasing id, and at the cut the lowest ids among those tying with the k-th.
@@ -398,10 +410,7 @@ class EmbeddingIndex:
         n = self.ntotal
         if n == 0:
             raise UserError("the index is empty")
-        if k > n:
-            raise UserError(f"k={k} is larger than the number of indexed vectors ({n})")
-        if k < 1:
-            raise UserError(f"k must be at least 1, got {k}")
+        check_k(k, n, pool=f"the number of indexed vectors ({n})")
         if self.backend == "torch":
             qt = q if isinstance(q, torch.Tensor) else torch.from_numpy(q)
             if self.kind == "bf16":

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from simsiam_kit.config import DEFAULT_KNN_K, DEFAULT_KNN_TEMPERATURE
 from simsiam_kit.errors import UserError
-from simsiam_kit.retrieval.index import RERANK, EmbeddingIndex
+from simsiam_kit.retrieval.index import RERANK, EmbeddingIndex, check_k
 
 
 def weighted_vote(sims: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: int, temperature: float):
@@ -60,6 +60,15 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict
 
 def _tuple(x) -> tuple:
     return tuple(x) if isinstance(x, (list, tuple)) else (x,)
+
+
+def check_temperatures(temperature, name: str = "temperature") -> tuple:
+    """The one check of kNN temperatures: each as a float without repeats, in order; raises unless all
+    are positive (``name`` as for :func:`check_k`)."""
+    temps = tuple(dict.fromkeys(float(t) for t in _tuple(temperature)))
+    if not temps or min(temps) <= 0:
+        raise UserError(f"{name} must be positive, got {min(temps) if temps else 'none'}")
+    return temps
 
 
 @dataclass(frozen=True)
@@ -112,12 +121,8 @@ class KNNClassifier:
         min_depth: int = 0,
         rerank: int = RERANK,
     ):
-        self.ks = tuple(dict.fromkeys(int(x) for x in _tuple(k)))
-        self.temperatures = tuple(dict.fromkeys(float(t) for t in _tuple(temperature)))
-        if not self.ks or min(self.ks) < 1:
-            raise ValueError(f"k must be at least 1, got {list(self.ks)}")
-        if not self.temperatures or min(self.temperatures) <= 0:
-            raise ValueError(f"temperature must be positive, got {list(self.temperatures)}")
+        self.ks = check_k(k)
+        self.temperatures = check_temperatures(temperature)
         self.num_classes = num_classes
         self.backend, self.kind, self.device = backend, kind, device
         self.normalize, self.min_depth, self.rerank = normalize, int(min_depth), rerank
@@ -148,8 +153,7 @@ class KNNClassifier:
         n = 0 if self.index is None else self.index.ntotal
         if n == 0:
             raise UserError("the kNN bank is empty")
-        if max(self.ks) > n:
-            raise UserError(f"k={max(self.ks)} is larger than the kNN bank ({n} vectors)")
+        check_k(self.ks, n, pool=f"the kNN bank ({n} vectors)")
         q = self._features(test_features)
         sims, ids = self.index.search(q, min(n, max(max(self.ks), self.min_depth)))
         if len(self._labels) > 1:
