@@ -433,23 +433,7 @@ def run_torchvision_detection(
     )
     if loaded.notice():
         log(loaded.notice())
-    train_set = data.train
-    if cfg.data.filter_empty:
-        keep = [r for r in train_set.records if int((r["iscrowd"] == 0).sum()) > 0]
-        dropped = len(train_set.records) - len(keep)
-        train_set = DetectionSet(
-            train_set.name,
-            train_set.images_dir,
-            keep,
-            train_set.categories,
-            train_set.coco,
-            train_set.json_path,
-            train_set.dropped_boxes,
-        )
-    else:
-        dropped = 0
-    if not train_set.records:
-        raise UserError(f"{data.train.json_path or data.train.name}: no training image has a box")
+    train_set, dropped = _training_set(data.train, cfg.data.filter_empty)
     model, report = build_detector(cfg, loaded, data.train.num_classes)
     model.to(device)
 
@@ -468,23 +452,8 @@ def run_torchvision_detection(
     make_readable(out_dir / "config.yaml")
     (out_dir / "metrics.jsonl").write_text("")
     sinks = make_sinks(out_dir)  # TensorBoard in OUTPUT/tensorboard when installed (simsiam_kit.engine.loggers)
-    steps = [max(1, int(round(f * cfg.solver.iters))) for f in cfg.solver.steps if f < 1]
     timer = StepTimes()
-    hooks = [
-        WarmupMultiStepLR(
-            optimizer,
-            lr,
-            min(cfg.solver.warmup_iters, cfg.solver.iters),
-            cfg.solver.warmup_factor,
-            steps,
-            cfg.solver.gamma,
-        ),
-        Throughput(),
-        EpochAverages(),
-        timer,
-        ProgressBar(cfg.train.progress, desc="detection"),
-        MetricsWriter(out_dir / "metrics.jsonl", cfg.train.log_every, sinks),
-    ]
+    hooks = _build_hooks(cfg, optimizer, lr, timer, out_dir, sinks)
     step = DetectionStep(model, optimizer, device, precision, cfg.solver.grad_clip)
     trainer = Trainer(step, loader, epochs=1, hooks=hooks, max_steps_per_epoch=cfg.solver.iters)
     log(
@@ -504,8 +473,64 @@ def run_torchvision_detection(
     t1 = time.time()
     metrics, dets, preds = evaluate_detector(model, data.val, device, cfg.test.batch_size, precision)
     eval_s = time.time() - t1
-    times = timer.times[1:] if len(timer.times) > 1 else timer.times
     results = {
+        **_results_head(cfg, weights, loaded, device, precision),
+        **{k: metrics[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")},
+        "per_class": metrics["per_class"],
+        "num_detections": metrics["num_detections"],
+        "backbone_load": report,
+        **_timing(timer, train_s, eval_s),
+        "train_images": len(train_set.records),
+        "val_images": len(data.val.records),
+        "final_loss": trainer.epoch_metrics.get("loss"),
+    }
+    _write_outputs(cfg, data, out_dir, model, results, dets, preds, sinks)
+    return results
+
+
+def _training_set(train_set: DetectionSet, filter_empty: bool) -> tuple[DetectionSet, int]:
+    """The training images (without those that have no box, with ``filter_empty``) and how many were dropped."""
+    dropped = 0
+    if filter_empty:
+        keep = [r for r in train_set.records if int((r["iscrowd"] == 0).sum()) > 0]
+        dropped = len(train_set.records) - len(keep)
+        train_set = DetectionSet(
+            train_set.name,
+            train_set.images_dir,
+            keep,
+            train_set.categories,
+            train_set.coco,
+            train_set.json_path,
+            train_set.dropped_boxes,
+        )
+    if not train_set.records:
+        raise UserError(f"{train_set.json_path or train_set.name}: no training image has a box")
+    return train_set, dropped
+
+
+def _build_hooks(cfg: TorchvisionDetectionConfig, optimizer, lr: float, timer: StepTimes, out_dir: Path, sinks) -> list:
+    """The training hooks, in the order they run: warmup + multi-step LR, throughput, epoch averages,
+    step times, progress bar, metrics.jsonl."""
+    steps = [max(1, int(round(f * cfg.solver.iters))) for f in cfg.solver.steps if f < 1]
+    return [
+        WarmupMultiStepLR(
+            optimizer,
+            lr,
+            min(cfg.solver.warmup_iters, cfg.solver.iters),
+            cfg.solver.warmup_factor,
+            steps,
+            cfg.solver.gamma,
+        ),
+        Throughput(),
+        EpochAverages(),
+        timer,
+        ProgressBar(cfg.train.progress, desc="detection"),
+        MetricsWriter(out_dir / "metrics.jsonl", cfg.train.log_every, sinks),
+    ]
+
+
+def _results_head(cfg: TorchvisionDetectionConfig, weights, loaded, device, precision) -> dict:
+    return {
         "engine": "torchvision",
         "config": cfg.name,
         "weights": str(weights),
@@ -516,17 +541,23 @@ def run_torchvision_detection(
         "min_size": cfg.model.min_size,
         "device": str(device),
         "precision": precision.name,
-        **{k: metrics[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")},
-        "per_class": metrics["per_class"],
-        "num_detections": metrics["num_detections"],
-        "backbone_load": report,
+    }
+
+
+def _timing(timer: StepTimes, train_s: float, eval_s: float) -> dict:
+    times = timer.times[1:] if len(timer.times) > 1 else timer.times  # the first step warms up
+    return {
         "seconds_per_iter": round(statistics.median(times), 4) if times else None,
         "train_seconds": round(train_s, 1),
         "eval_seconds": round(eval_s, 1),
-        "train_images": len(train_set.records),
-        "val_images": len(data.val.records),
-        "final_loss": trainer.epoch_metrics.get("loss"),
     }
+
+
+def _write_outputs(
+    cfg: TorchvisionDetectionConfig, data: DetectionData, out_dir: Path, model, results, dets, preds, sinks
+):
+    """coco_detections.json, results.json, the box metrics next to the training curves, predictions.png and
+    (``train.save_model``) model_final.pt."""
     write_json(out_dir / "coco_detections.json", dets)
     write_json(out_dir / "results.json", results)
     for s in sinks:  # the box metrics next to the training curves
@@ -557,4 +588,3 @@ def run_torchvision_detection(
             out_dir / "model_final.pt",
         )
         make_readable(out_dir / "model_final.pt")
-    return results
