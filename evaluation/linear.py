@@ -202,20 +202,6 @@ def train_linear_head(
     device = device or next(head.parameters()).device
     init_lr = base_lr * batch_size / 256
     opt = build_optimizer(optimizer, head.parameters(), init_lr, momentum=momentum, weight_decay=weight_decay)
-    hooks: list[Hook] = [
-        LRSchedule(opt, init_lr, epochs),
-        Throughput(),
-        EpochAverages(),
-        ProgressBar(progress, desc="linear"),
-    ]
-    ev = None
-    if eval_features is not None:
-        ev = HeadEvaluation(head, eval_features, eval_labels)
-        hooks.append(ev)
-    if metrics_path is not None:
-        Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(metrics_path).write_text("")
-        hooks.append(MetricsWriter(metrics_path, log_every, sinks))
     history: list[dict] = []
 
     class _Record(Hook):
@@ -224,7 +210,16 @@ def train_linear_head(
         def after_epoch(self, trainer) -> None:
             history.append({"epoch": trainer.epoch, "lr": trainer.state.get("lr"), **trainer.epoch_metrics})
 
-    hooks.append(_Record())
+    # in the order they run (their priorities): schedule, timing, averages, test scores (before the metrics
+    # line that carries them), metrics.jsonl, progress, record
+    hooks: list[Hook] = [LRSchedule(opt, init_lr, epochs), Throughput(), EpochAverages()]
+    if eval_features is not None:
+        hooks.append(HeadEvaluation(head, eval_features, eval_labels))
+    if metrics_path is not None:
+        Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(metrics_path).write_text("")
+        hooks.append(MetricsWriter(metrics_path, log_every, sinks))
+    hooks += [ProgressBar(progress, desc="linear"), _Record()]
     head.train()
     Trainer(LinearStep(head, opt, features_fn, device, backbone), loader, epochs, hooks).train()
     return history

@@ -171,17 +171,13 @@ def run_sweep(
         def after_epoch(self, trainer) -> None:
             history.append({"epoch": trainer.epoch, "lr_factor": trainer.state.get("lr"), **trainer.epoch_metrics})
 
-    hooks: list[Hook] = [
-        LRSchedule(opt, 1.0, epochs),
-        Throughput(),
-        EpochAverages(),
-        ProgressBar(progress, desc="linear sweep"),
-        _Record(),
-    ]
+    # in the order they run (their priorities): schedule, timing, averages, metrics.jsonl, progress, record
+    hooks: list[Hook] = [LRSchedule(opt, 1.0, epochs), Throughput(), EpochAverages()]
     if metrics_path is not None:
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text("")
         hooks.append(MetricsWriter(metrics_path, log_every, sinks))
+    hooks += [ProgressBar(progress, desc="linear sweep"), _Record()]
     Trainer(SweepStep(bank, opt, device), loader, epochs, hooks).train()
     top1, _ = bank_accuracy(bank, features[hold], labels[hold])
     top1 = torch.nan_to_num(top1, nan=-1.0)

@@ -510,7 +510,7 @@ def _training_set(train_set: DetectionSet, filter_empty: bool) -> tuple[Detectio
 
 def _build_hooks(cfg: TorchvisionDetectionConfig, optimizer, lr: float, timer: StepTimes, out_dir: Path, sinks) -> list:
     """The training hooks, in the order they run: warmup + multi-step LR, throughput, epoch averages,
-    step times, progress bar, metrics.jsonl."""
+    step times, metrics.jsonl, progress bar."""
     steps = [max(1, int(round(f * cfg.solver.iters))) for f in cfg.solver.steps if f < 1]
     return [
         WarmupMultiStepLR(
@@ -524,8 +524,8 @@ def _build_hooks(cfg: TorchvisionDetectionConfig, optimizer, lr: float, timer: S
         Throughput(),
         EpochAverages(),
         timer,
-        ProgressBar(cfg.train.progress, desc="detection"),
         MetricsWriter(out_dir / "metrics.jsonl", cfg.train.log_every, sinks),
+        ProgressBar(cfg.train.progress, desc="detection"),
     ]
 
 
