@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -412,7 +412,6 @@ def run_torchvision_detection(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Fine-tune Faster R-CNN R-FPN on ``data.train`` from ``weights``, evaluate on ``data.val``."""
-    from dataclasses import replace
 
     from simsiam_kit.weights import is_random, load_backbone
 
@@ -494,15 +493,7 @@ def _training_set(train_set: DetectionSet, filter_empty: bool) -> tuple[Detectio
     if filter_empty:
         keep = [r for r in train_set.records if int((r["iscrowd"] == 0).sum()) > 0]
         dropped = len(train_set.records) - len(keep)
-        train_set = DetectionSet(
-            train_set.name,
-            train_set.images_dir,
-            keep,
-            train_set.categories,
-            train_set.coco,
-            train_set.json_path,
-            train_set.dropped_boxes,
-        )
+        train_set = replace(train_set, records=keep)
     if not train_set.records:
         raise UserError(f"{train_set.json_path or train_set.name}: no training image has a box")
     return train_set, dropped
