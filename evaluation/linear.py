@@ -164,9 +164,7 @@ def evaluate_head(head: torch.nn.Module, features: torch.Tensor, labels: torch.T
 class HeadEvaluation(Hook):
     """Test top-1/top-5 after every epoch, on features extracted once (the backbone is frozen).
 
-    Runs before the metrics writer (priority 38) so the epoch line of metrics.jsonl carries the scores."""
-
-    priority = 35
+    Registered before the metrics writer so the epoch line of metrics.jsonl carries the scores."""
 
     def __init__(self, head, features: torch.Tensor, labels: torch.Tensor):
         self.head, self.features, self.labels = head, features, labels
@@ -205,12 +203,10 @@ def train_linear_head(
     history: list[dict] = []
 
     class _Record(Hook):
-        priority = 80
-
         def after_epoch(self, trainer) -> None:
             history.append({"epoch": trainer.epoch, "lr": trainer.state.get("lr"), **trainer.epoch_metrics})
 
-    # in the order they run (their priorities): schedule, timing, averages, test scores (before the metrics
+    # hooks run in the order registered: schedule, timing, averages, test scores (before the metrics
     # line that carries them), metrics.jsonl, progress, record
     hooks: list[Hook] = [LRSchedule(opt, init_lr, epochs), Throughput(), EpochAverages()]
     if eval_features is not None:

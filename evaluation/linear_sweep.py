@@ -166,12 +166,10 @@ def run_sweep(
     history: list[dict] = []
 
     class _Record(Hook):
-        priority = 80
-
         def after_epoch(self, trainer) -> None:
             history.append({"epoch": trainer.epoch, "lr_factor": trainer.state.get("lr"), **trainer.epoch_metrics})
 
-    # in the order they run (their priorities): schedule, timing, averages, metrics.jsonl, progress, record
+    # hooks run in the order registered: schedule, timing, averages, metrics.jsonl, progress, record
     hooks: list[Hook] = [LRSchedule(opt, 1.0, epochs), Throughput(), EpochAverages()]
     if metrics_path is not None:
         metrics_path.parent.mkdir(parents=True, exist_ok=True)

@@ -309,8 +309,6 @@ def _seed_worker(worker_id: int) -> None:
 class WarmupMultiStepLR(Hook):
     """Linear warm-up from ``warmup_factor * lr`` over ``warmup_iters``, then ``lr * gamma^k`` after each step."""
 
-    priority = 10
-
     def __init__(self, optimizer, base_lr: float, warmup_iters: int, warmup_factor: float, steps: list, gamma: float):
         self.opt, self.base_lr, self.warmup_iters, self.warmup_factor = optimizer, base_lr, warmup_iters, warmup_factor
         self.steps, self.gamma = sorted(steps), gamma
@@ -331,8 +329,6 @@ class WarmupMultiStepLR(Hook):
 
 class StepTimes(Hook):
     """Seconds per iteration (data + forward + backward + update) for the benchmark and results.json."""
-
-    priority = 22
 
     def __init__(self):
         self.times: list = []
