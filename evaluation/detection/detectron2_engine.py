@@ -573,11 +573,54 @@ def load_weights_pkl(weights: str) -> Optional[dict]:
     return load_detectron2_pkl(weights)
 
 
-def weights_for_detectron2(weights: str, checked_pkl: Optional[dict], out_dir: Path, log: Callable[[str], None]) -> str:
+def check_backbone_fits(cfg, arch: Optional[str], what: str, config_name: str) -> None:
+    """Refuse a config whose ResNet is not the backbone's, asking the backbone entry: its detectron2 depth
+    (``MODEL.RESNETS.DEPTH``) and its first stage's channels (``MODEL.RESNETS.RES2_OUT_CHANNELS``).
+    detectron2 would otherwise skip every tensor whose shape differs with only a warning and fine-tune
+    a mostly random backbone. ``arch`` None (a ready ``.pkl``, random init without ``--arch``): nothing to ask.
+    Configs with another backbone builder than detectron2's ResNets are not checked."""
+    if arch is None or "resnet" not in str(cfg.MODEL.BACKBONE.NAME):
+        return
+    from simsiam_kit.models.backbones import get_backbone_entry
+
+    entry = get_backbone_entry(arch)
+    depth, res2 = cfg.MODEL.RESNETS.DEPTH, cfg.MODEL.RESNETS.RES2_OUT_CHANNELS
+    if entry.detectron2_depth is None:
+        raise UserError(f"{what}: {arch} has no detectron2 backbone; use --engine torchvision")
+    if entry.detectron2_depth != depth:
+        raise UserError(
+            f"{what}: a {arch} backbone, but {config_name} builds a ResNet-{depth} (MODEL.RESNETS.DEPTH {depth}): "
+            f"use a config for depth {entry.detectron2_depth} or --set MODEL.RESNETS.DEPTH={entry.detectron2_depth}"
+        )
+    first = entry.stage_channels[0]
+    if res2 != first:
+        raise UserError(
+            f"{what}: a {arch} backbone, whose first stage has {first} channels, but {config_name} sets "
+            f"MODEL.RESNETS.RES2_OUT_CHANNELS {res2}: --set MODEL.RESNETS.RES2_OUT_CHANNELS={first}"
+        )
+
+
+def _backbone_to_convert(weights: str, checked_pkl: Optional[dict], log: Callable[[str], None]):
+    """The backbone ``weights`` holds (read once: converted later, its entry asked first), or None for random
+    init and a ready ``.pkl``."""
+    if checked_pkl is not None or is_random(weights):
+        return None
+    from simsiam_kit.weights import load_backbone
+
+    loaded = load_backbone(weights)
+    if loaded.notice():
+        log(loaded.notice())
+    return loaded
+
+
+def weights_for_detectron2(
+    weights: str, checked_pkl: Optional[dict], out_dir: Path, log: Callable[[str], None], loaded=None
+) -> str:
     """``MODEL.WEIGHTS``: "" for random init; for a ``.pkl``, a copy written from what the restricted
     unpickler accepted (``checked_pkl``, :func:`load_weights_pkl`) into ``out_dir``; anything else is
-    converted into ``out_dir`` as ``backbone_detectron2.pkl``."""
-    from simsiam_kit.detectron2_weights import convert_weights, write_detectron2_pkl
+    converted into ``out_dir`` as ``backbone_detectron2.pkl`` (from ``loaded``, the backbone already read
+    from ``weights``, when given)."""
+    from simsiam_kit.detectron2_weights import convert_backbone, convert_weights, write_detectron2_pkl
 
     if is_random(weights):
         return ""  # detectron2's own random init
@@ -589,7 +632,10 @@ def weights_for_detectron2(weights: str, checked_pkl: Optional[dict], out_dir: P
         )
         return str(path.resolve())
     pkl_path = Path(out_dir) / "backbone_detectron2.pkl"
-    convert_weights(weights, pkl_path, log=log)
+    if loaded is None:
+        convert_weights(weights, pkl_path, log=log)
+    else:
+        convert_backbone(loaded.model.state_dict(), loaded.arch, loaded.stem, loaded.source, pkl_path, log)
     return str(pkl_path.resolve())
 
 
@@ -665,8 +711,12 @@ def run_detectron2_detection(
                     "config (d2_voc0712_R_50_C4_24k, d2_coco_R_18_FPN_quick) or --set MODEL.MASK_ON=False"
                 )
 
+    loaded = _backbone_to_convert(weights, checked_pkl, log)
+    what = loaded.source if loaded else f"--arch {arch}"
+    check_backbone_fits(cfg, loaded.arch if loaded else arch, what, cfg_path.name)
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    pkl = job.weights_pkl = weights_for_detectron2(weights, checked_pkl, out_dir, log)
+    pkl = job.weights_pkl = weights_for_detectron2(weights, checked_pkl, out_dir, log, loaded)
     # COCO sets held in memory only are written out as COCO JSON for register_coco_instances
     for ds, sets in ((data.train, train), (data.val, [val])):
         if sets[0].kind == "coco" and ds.json_path is None:

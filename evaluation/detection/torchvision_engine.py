@@ -1,11 +1,12 @@
 """Detection transfer with ``torchvision.models.detection``: Faster R-CNN, ResNet-FPN, on the same
 backbone weights the detectron2 engine uses. Runs on CPU or one GPU, in CI and everywhere.
 
-Protocol: the pretrained backbone is loaded into a fresh torchvision ResNet with the chosen norm layer
-(BN, SyncBN or FrozenBN) with zero missing keys (checked and reported), wrapped in an FPN
-(``BackboneWithFPN``), and the whole detector is fine-tuned for a fixed number of iterations with SGD,
-linear warm-up and step decay, horizontal flips, then evaluated with pycocotools. Training runs on the
-shared :class:`simsiam_kit.engine.Trainer` with a detection step function.
+Protocol: the pretrained backbone is loaded into a fresh module built by its backbone entry
+(:mod:`simsiam_kit.models.backbones`) with the chosen norm layer (BN, SyncBN or FrozenBN) with zero missing
+keys (checked and reported), wrapped in an FPN over the stages the entry names (``BackboneWithFPN``), and
+the whole detector is fine-tuned for a fixed number of iterations with SGD, linear warm-up and step decay,
+horizontal flips, then evaluated with pycocotools. Training runs on the shared
+:class:`simsiam_kit.engine.Trainer` with a detection step function.
 
 Output directory: ``config.yaml`` (resolved), ``metrics.jsonl``, ``results.json``,
 ``coco_detections.json``, ``predictions.png`` (and ``model_final.pt`` with ``train.save_model``).
@@ -44,7 +45,9 @@ NORMS = ("bn", "syncbn", "frozen_bn")
 @dataclass(frozen=True)
 class DetModelConfig:
     norm: str = "syncbn"  # bn | syncbn (BN on one process) | frozen_bn (torchvision's default for fine-tuning)
-    trainable_layers: int = 5  # 5 = all of conv1..layer4 (the paper fine-tunes everything); 3 = torchvision default
+    # the last n stages train, the stem too at stages + 1 (a ResNet's 5: all of conv1..layer4, as the paper
+    # fine-tunes everything); 3 = torchvision's default
+    trainable_layers: int = 5
     fpn_channels: int = 256
     min_size: int = 800  # shorter image side after resizing (torchvision GeneralizedRCNNTransform)
     max_size: int = 1333
@@ -115,9 +118,13 @@ def load_detection_config(name_or_path: str, overrides=None) -> TorchvisionDetec
     if "_BASE_" in raw or any(k.isupper() for k in raw):
         raise UserError(f"{path} is a detectron2 config; use it with --engine detectron2")
     cfg = load_config(TorchvisionDetectionConfig, str(path), overrides, group="detection")
+    from simsiam_kit.models.backbones import BACKBONES
+
+    # up front, the most any entry trains (stages + stem); build_fpn_backbone checks the one loaded
+    most = max(len(trainable_groups(e)) for e in BACKBONES.values())
     checks = [
         (cfg.model.norm in NORMS, "model.norm", cfg.model.norm, " | ".join(NORMS)),
-        (0 <= cfg.model.trainable_layers <= 5, "model.trainable_layers", cfg.model.trainable_layers, "0..5"),
+        (0 <= cfg.model.trainable_layers <= most, "model.trainable_layers", cfg.model.trainable_layers, f"0..{most}"),
         (cfg.model.min_size >= 32, "model.min_size", cfg.model.min_size, ">= 32"),
         (cfg.solver.iters >= 1, "solver.iters", cfg.solver.iters, ">= 1"),
         (cfg.solver.batch_size >= 1, "solver.batch_size", cfg.solver.batch_size, ">= 1"),
@@ -153,47 +160,58 @@ def _norm_layer(norm: str):
     return nn.BatchNorm2d
 
 
+#: the strides of the feature maps the FPN taps (its levels P2..P5; the anchor sizes 32..512 assume them)
+FPN_STRIDES = (4, 8, 16, 32)
+
+
+def trainable_groups(entry) -> list[tuple[str, ...]]:
+    """What ``model.trainable_layers = n`` trains: the first n groups, the last stage first and the stem
+    modules last (torchvision's ``resnet_fpn_backbone`` rule: 3 = the last three stages)."""
+    return [(name,) for name in reversed(entry.stage_names)] + [tuple(entry.stem_modules)]
+
+
 def build_fpn_backbone(loaded, norm: str, trainable_layers: int, out_channels: int = 256):
-    """A torchvision ResNet (with ``norm``) loaded from ``loaded.model``'s weights, wrapped in an FPN.
+    """The backbone ``loaded.arch``'s entry builds (with ``norm``), loaded from ``loaded.model``'s weights
+    and wrapped in an FPN over the entry's stages (their names and channels).
 
     Returns ``(BackboneWithFPN, report)``; the load must leave no backbone key missing."""
-    from torchvision import models as tvm
     from torchvision.models.detection.backbone_utils import BackboneWithFPN
     from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-    if loaded.stem != "imagenet":
+    from simsiam_kit.models.backbones import get_backbone_entry
+
+    entry = get_backbone_entry(loaded.arch)
+    check_fpn_stem(entry, loaded.stem, loaded.source)
+    groups = trainable_groups(entry)
+    if not 0 <= trainable_layers <= len(groups):
         raise UserError(
-            f"{loaded.source}: the backbone has the CIFAR stem (3x3/1 conv, no max-pool); detection needs the "
-            "ImageNet stem (7x7/2 conv + max-pool) for the FPN strides 4..32. Pretrain with model.stem=imagenet"
+            f"model.trainable_layers {trainable_layers}: {entry.name} has {len(groups)} groups to train "
+            f"({len(entry.stages)} stages and the stem); expected 0..{len(groups)}"
         )
-    body = getattr(tvm, loaded.arch)(weights=None, norm_layer=_norm_layer(norm))
+    body = entry.build(loaded.stem, zero_init_residual=False, norm_layer=_norm_layer(norm))
     sd = loaded.model.state_dict()
     if norm == "frozen_bn":  # FrozenBatchNorm2d has no step counter
         sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
     res = body.load_state_dict(sd, strict=False)
-    missing = [k for k in res.missing_keys if not k.startswith("fc.")]
-    if missing or res.unexpected_keys:
+    if res.missing_keys or res.unexpected_keys:
         raise UserError(
-            f"{loaded.source}: backbone weights do not fit torchvision {loaded.arch}: "
-            f"missing {missing[:5]}, unexpected {list(res.unexpected_keys)[:5]}"
+            f"{loaded.source}: backbone weights do not fit {entry.name}: "
+            f"missing {list(res.missing_keys)[:5]}, unexpected {list(res.unexpected_keys)[:5]}"
         )
     report = {
-        "backbone_keys": len([k for k in body.state_dict() if not k.startswith("fc.")]),
+        "backbone_keys": len(body.state_dict()),
         "loaded": len(sd),
-        "missing": missing,
+        "missing": list(res.missing_keys),
         "unexpected": list(res.unexpected_keys),
         "source": loaded.source,
     }
-    train_names = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
-    if trainable_layers == 5:
-        train_names.append("bn1")
+    train_names = [name for group in groups[:trainable_layers] for name in group]
     for name, p in body.named_parameters():
-        p.requires_grad_(any(name.startswith(t) for t in train_names))
-    stage_ch = [64, 128, 256, 512] if loaded.arch in ("resnet18", "resnet34") else [256, 512, 1024, 2048]
+        p.requires_grad_(any(name == t or name.startswith(t + ".") for t in train_names))
     backbone = BackboneWithFPN(
         body,
-        {f"layer{i + 1}": str(i) for i in range(4)},
-        stage_ch,
+        {name: str(i) for i, name in enumerate(entry.stage_names)},
+        list(entry.stage_channels),
         out_channels,
         extra_blocks=LastLevelMaxPool(),
         norm_layer=None,
@@ -201,6 +219,19 @@ def build_fpn_backbone(loaded, norm: str, trainable_layers: int, out_channels: i
     if norm == "syncbn":
         backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
     return backbone, report
+
+
+def check_fpn_stem(entry, stem: str, source: str) -> None:
+    """Refuse a stem whose stages do not have the FPN's strides (4..32), naming the stems that do."""
+    strides = entry.feature_strides(stem)
+    if strides != FPN_STRIDES:
+        s = entry.stem(stem)
+        fits = [name for name in entry.stems if entry.feature_strides(name) == FPN_STRIDES]
+        raise UserError(
+            f"{source}: the backbone has the {stem} stem ({s.kernel}x{s.kernel}/{s.stride} conv, "
+            f"{'max-pool' if s.maxpool else 'no max-pool'}), so its stages have strides {list(strides)}; the "
+            f"FPN needs strides {list(FPN_STRIDES)}. Pretrain with model.stem={' or '.join(fits) or '(none)'}"
+        )
 
 
 def build_detector(cfg: TorchvisionDetectionConfig, loaded, num_classes: int):

@@ -229,8 +229,41 @@ def test_fpn_backbone_loads_every_weight(norm, tmp_path):
 
 def test_cifar_stem_refused_by_torchvision_engine(tmp_path):
     save_backbone(tmp_path / "c.pt", build_backbone("resnet18", "cifar"), "resnet18", "cifar")
-    with pytest.raises(UserError, match="CIFAR stem"):
+    with pytest.raises(UserError, match="cifar stem"):
         build_fpn_backbone(load_backbone(str(tmp_path / "c.pt")), "bn", 5)
+
+
+def test_fpn_backbone_taps_the_entrys_stages(tmp_path):
+    """ResNet-50: the FPN's inputs are the entry's four stages with their channels (256..2048, where the
+    ResNet-18 of the test above has 64..512); trainable_layers counts stages from the top, then the stem."""
+    from simsiam_kit.evaluation.detection.torchvision_engine import trainable_groups
+    from simsiam_kit.models.backbones import get_backbone_entry
+
+    torch.manual_seed(0)
+    save_backbone(tmp_path / "bb.pt", build_backbone("resnet50", "imagenet"), "resnet50", "imagenet")
+    loaded = load_backbone(str(tmp_path / "bb.pt"))
+    fpn, report = build_fpn_backbone(loaded, "frozen_bn", trainable_layers=5)
+    assert report["missing"] == [] and report["backbone_keys"] == report["loaded"]
+    assert [b[0].in_channels for b in fpn.fpn.inner_blocks] == [256, 512, 1024, 2048]
+    feats = fpn(torch.zeros(1, 3, 64, 64))
+    assert [tuple(v.shape[-2:]) for v in feats.values()] == [(16, 16), (8, 8), (4, 4), (2, 2), (1, 1)]
+    assert all(p.requires_grad for p in fpn.body.parameters())
+    assert trainable_groups(get_backbone_entry("resnet18")) == [
+        ("layer4",), ("layer3",), ("layer2",), ("layer1",), ("conv1", "bn1")
+    ]  # fmt: skip
+    fpn, _ = build_fpn_backbone(loaded, "bn", trainable_layers=0)
+    assert not any(p.requires_grad for p in fpn.body.parameters())
+    with pytest.raises(UserError, match=r"model.trainable_layers 6: resnet50 has 5 groups to train.*0\.\.5"):
+        build_fpn_backbone(loaded, "bn", trainable_layers=6)
+    with pytest.raises(UserError, match=r"model.trainable_layers.*expected 0\.\.5"):
+        load_detection_config("torchvision_quick", ["model.trainable_layers=6"])
+
+
+def test_fpn_refuses_a_stem_without_its_strides_naming_the_one_that_fits(tmp_path):
+    save_backbone(tmp_path / "s.pt", build_backbone("resnet18", "solo-cifar"), "resnet18", "solo-cifar")
+    with pytest.raises(UserError, match=r"solo-cifar stem \(3x3/1 conv, no max-pool\).*strides \[1, 2, 4, 8\]"
+                       r".*model.stem=imagenet$"):  # fmt: skip
+        build_fpn_backbone(load_backbone(str(tmp_path / "s.pt")), "bn", 5)
 
 
 def test_torchvision_engine_rejects_detectron2_yaml():
@@ -323,7 +356,7 @@ def test_cli_bad_inputs_exit_2(tmp_path):
         str(tmp_path / "o"),
     ]
     cases = [
-        (["--weights", str(tmp_path / "c.pt"), "--val-json", str(DATA / "instances_val.json")], "CIFAR stem"),
+        (["--weights", str(tmp_path / "c.pt"), "--val-json", str(DATA / "instances_val.json")], "cifar stem"),
         (["--weights", str(tmp_path / "heads.pt"), "--val-json", str(DATA / "instances_val.json")], "no backbone"),
         (
             ["--weights", "random", "--arch", "resnet18", "--val-json", str(tmp_path / "val79.json")],
@@ -453,6 +486,46 @@ def test_launcher_options_refused_up_front():
     for args, msg in cases:
         with pytest.raises(UserError, match=msg.replace("(", r"\(")):
             check_launch(*args[:4], visible_gpus=args[4])
+
+
+def test_detectron2_config_must_build_the_backbones_resnet():
+    """The entry's facts against MODEL.RESNETS (a stand-in for detectron2's CfgNode: only these keys are read)."""
+    from types import SimpleNamespace
+
+    from simsiam_kit.evaluation.detection.detectron2_engine import check_backbone_fits
+
+    def cfg(depth, res2, name="build_resnet_fpn_backbone"):
+        return SimpleNamespace(
+            MODEL=SimpleNamespace(
+                BACKBONE=SimpleNamespace(NAME=name), RESNETS=SimpleNamespace(DEPTH=depth, RES2_OUT_CHANNELS=res2)
+            )
+        )
+
+    check_backbone_fits(cfg(18, 64), "resnet18", "bb.pt", "r18.yaml")
+    check_backbone_fits(cfg(50, 256), "resnet50", "bb.pt", "r50.yaml")
+    check_backbone_fits(cfg(18, 64), None, "x.pkl", "r18.yaml")  # a ready .pkl: no entry to ask
+    check_backbone_fits(cfg(18, 64, "build_vit_backbone"), "resnet50", "bb.pt", "vit.yaml")  # not a ResNet config
+    with pytest.raises(UserError, match=r"^bb.pt: a resnet50 backbone, but r18.yaml builds a ResNet-18 .*DEPTH=50$"):
+        check_backbone_fits(cfg(18, 64), "resnet50", "bb.pt", "r18.yaml")
+    with pytest.raises(UserError, match=r"first stage has 64 channels.*RES2_OUT_CHANNELS 256: --set .*=64$"):
+        check_backbone_fits(cfg(34, 256), "resnet34", "bb.pt", "r34.yaml")
+    with pytest.raises(UserError, match="--arch resnet101: a resnet101 backbone, but r50.yaml builds a ResNet-50"):
+        check_backbone_fits(cfg(50, 256), "resnet101", "--arch resnet101", "r50.yaml")
+
+
+@needs_data
+def test_detectron2_cli_refuses_a_config_of_another_depth_before_writing(tmp_path):
+    pytest.importorskip("detectron2")
+    save_backbone(tmp_path / "bb.pt", build_backbone("resnet50", "imagenet"), "resnet50", "imagenet")
+    base = ["eval", "detection", "--engine", "detectron2", "--config", "d2_coco_R_18_FPN_quick", "--iters", "1"]
+    data = ["--train-json", str(DATA / "instances_train.json"), "--train-images", str(DATA / "images")]
+    data += ["--val-json", str(DATA / "instances_val.json"), "--val-images", str(DATA / "images")]
+    for weights, what in (([str(tmp_path / "bb.pt")], str(tmp_path / "bb.pt")),
+                          (["random", "--arch", "resnet50"], "--arch resnet50")):  # fmt: skip
+        r = CliRunner().invoke(app, base + ["--weights", *weights, *data, "--output", str(tmp_path / "o")])
+        assert r.exit_code == 2, r.output
+        assert f"{what}: a resnet50 backbone, but d2_coco_R_18_FPN_quick.yaml builds a ResNet-18" in r.output
+        assert not (tmp_path / "o").exists()
 
 
 @needs_data
