@@ -118,7 +118,7 @@ def knn_search_torch(bank: torch.Tensor, queries: torch.Tensor, k: int, chunk: i
     for s in range(0, queries.shape[0], chunk):
         q = queries[s : s + chunk]
         sim = torch.matmul(q, bank_t, out=out[: q.shape[0]])
-        v, i = _select_topk(sim, kk) if sim.device.type == "cpu" else torch.topk(sim, kk, dim=1)
+        v, i = select_topk(sim, kk) if sim.device.type == "cpu" else torch.topk(sim, kk, dim=1)
         v, i = settle_ties(v.cpu().numpy(), i.cpu().numpy(), k, lambda r, sim=sim: sim[r].cpu().numpy())
         sims.append(v)
         idxs.append(i)
@@ -264,9 +264,6 @@ def select_topk(sim: torch.Tensor, kk: int, block: int = BLOCK):
         cols = torch.cat([cols, torch.arange(nb * block, n).expand(rows, -1)], 1)
     v, j = torch.topk(torch.gather(sim, 1, cols), kk, dim=1)
     return v, torch.gather(cols, 1, j)
-
-
-_select_topk = select_topk  # the name the exact search (and older callers) use
 
 
 # ------------------------------------------------------------------------------------ the index

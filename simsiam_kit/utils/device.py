@@ -37,7 +37,7 @@ def load_average() -> float | None:
         return None
 
 
-def _read_proc_stat(text: str | None = None) -> dict[int, tuple[int, int]] | None:
+def read_proc_stat(text: str | None = None) -> dict[int, tuple[int, int]] | None:
     """``{cpu: (busy jiffies, total jiffies)}`` for each ``cpuN`` line of ``/proc/stat`` (idle and iowait count as
     idle; guest time is already inside user/nice). None where the file cannot be read (non-Linux)."""
     if text is None:
@@ -94,7 +94,7 @@ class CpuSampler:
     measures the interval itself: sampled over ~0.5 s at start, and over a whole epoch at each epoch boundary
     (free: two reads of /proc/stat)."""
 
-    def __init__(self, cpus: set[int] | None = None, reader=_read_proc_stat, own=_own_cpu_jiffies):
+    def __init__(self, cpus: set[int] | None = None, reader=read_proc_stat, own=_own_cpu_jiffies):
         try:
             self.cpus = set(os.sched_getaffinity(0)) if cpus is None else set(cpus)
         except (AttributeError, OSError):  # pragma: no cover

@@ -36,7 +36,7 @@ from typing import Any, BinaryIO, Callable, Optional
 from simsiam_kit.errors import UserError
 
 TEMP_SUFFIX = ".tmp"
-#: names of the temp files :func:`_atomic` creates: ``.`` + target name + ``.`` + mkstemp's 8 characters + ``.tmp``
+#: names of the temp files :func:`atomic_write` creates: ``.`` + target name + ``.`` + mkstemp's 8 characters + ``.tmp``
 TEMP_RE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
 
 
@@ -91,7 +91,12 @@ def _os_error(e: BaseException):
     return None
 
 
-def _atomic(path: Path, write: Callable[[Any], None], mode: str) -> None:
+def atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
+    """The one atomic writer: ``write(f)`` fills a temp file beside ``path`` (opened with ``mode``, given the
+    mode the target has or a new file would get), which is flushed, fsynced and renamed over ``path``; SIGINT
+    waits until it is done. A failed write removes the temp file, leaves the old ``path`` as it was and is a
+    :class:`UserError` naming the file (an ``OSError``); any other exception passes through. Every
+    ``atomic_write_*`` below calls it by this module's name, which the fault tests replace."""
     path = Path(path)
     with defer_sigint():
         try:
@@ -145,7 +150,7 @@ def remove_stale_temp_files(directory: Path) -> tuple[int, int]:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    _atomic(path, lambda f: f.write(text), "w")
+    atomic_write(path, lambda f: f.write(text), "w")
 
 
 def _nonfinite_key(obj: Any, where: str = "") -> Optional[tuple[str, float]]:
@@ -184,11 +189,11 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 def atomic_torch_save(obj: Any, path: Path) -> None:
     import torch
 
-    _atomic(path, lambda f: torch.save(obj, f), "wb")
+    atomic_write(path, lambda f: torch.save(obj, f), "wb")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    _atomic(path, lambda f: f.write(data), "wb")
+    atomic_write(path, lambda f: f.write(data), "wb")
 
 
 # --------------------------------------------------------------------------------------------- reading

@@ -16,7 +16,7 @@ from simsiam_kit.cli import app
 from simsiam_kit.engine.checkpoint import save_backbone
 from simsiam_kit.evaluation.knn import classify, confusion_matrix, retrieval_metrics
 from simsiam_kit.models import build_backbone
-from simsiam_kit.retrieval.index import EmbeddingIndex, _select_topk, knn_search_torch
+from simsiam_kit.retrieval.index import EmbeddingIndex, knn_search_torch, select_topk
 from simsiam_kit.retrieval.knn import knn_classify, weighted_vote
 
 runner = CliRunner()
@@ -187,7 +187,7 @@ def test_two_stage_selection_equals_topk(n):
     mixed[::2, 100:400] = 7.0  # 300 equal entries spread over many blocks
     for sim in (cont, ties, mixed):
         for kk in (1, 2, 11, 46):
-            v, i = _select_topk(sim, kk)
+            v, i = select_topk(sim, kk)
             ref = torch.topk(sim, kk, dim=1).values
             assert torch.equal(v, ref), kk
             assert torch.equal(torch.gather(sim, 1, i), v)

@@ -3,7 +3,7 @@
 for in-memory data and for an ImageFolder read by 2 DataLoader workers; a DDP job (2 processes, gloo)
 whose worker is killed tears down and leaves its run directory usable.
 
-Kills inside writes go through a shim (``SHIM`` below) that runs the CLI with ``simsiam_kit.utils.io._atomic``
+Kills inside writes go through a shim (``SHIM`` below) that runs the CLI with ``simsiam_kit.utils.io.atomic_write``
 wrapped: on the n-th write of a named file it fires a signal at a chosen stage (``mid``: after 64 KiB of
 the temp file; ``before_rename``: the temp file complete; ``after_rename``: the new file in place, e.g.
 between ``backbone.pt`` and ``checkpoints/last.pt``). Nothing in the package knows about it.
@@ -40,7 +40,7 @@ from pathlib import Path
 from simsiam_kit.utils import io
 
 sig, name, nth, stage = os.environ["SIMSIAM_KIT_TEST_FAULT"].split(":")
-nth, count, orig = int(nth), [0], io._atomic
+nth, count, orig = int(nth), [0], io.atomic_write
 
 def fire():
     os.kill(os.getpid(), signal.SIGKILL if sig == "kill" else signal.SIGINT)
@@ -58,7 +58,7 @@ class Cut:
     def __getattr__(self, k):
         return getattr(self.f, k)
 
-def _atomic(path, write, mode):
+def cut_write(path, write, mode):
     if Path(path).name != name:
         return orig(path, write, mode)
     count[0] += 1
@@ -75,7 +75,7 @@ def _atomic(path, write, mode):
     if stage == "after_rename":
         fire()
 
-io._atomic = _atomic
+io.atomic_write = cut_write
 from simsiam_kit.cli import main
 sys.argv = ["simsiam-kit"] + sys.argv[1:]
 main()

@@ -19,7 +19,7 @@ class FakeProc:
         self.frames, self.own_frames, self.i = frames, own, 0
 
     def reader(self):
-        return device._read_proc_stat(self.frames[self.i])
+        return device.read_proc_stat(self.frames[self.i])
 
     def own(self):
         return self.own_frames[self.i]
