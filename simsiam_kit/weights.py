@@ -35,13 +35,16 @@ import pickle
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from simsiam_kit.config import IMAGENET_MEAN, IMAGENET_STD
 from simsiam_kit.engine.run_dir import LOCK_NAME, RunDir
 from simsiam_kit.errors import UserError
 from simsiam_kit.utils.io import open_regular, read_bytes_bounded
 from simsiam_kit.weight_formats import is_safetensors
+
+if TYPE_CHECKING:
+    import torch
 
 RANDOM = "random"
 #: the largest weights file read (a ResNet-101 checkpoint with its optimizer state is well under 1 GiB)
@@ -74,7 +77,11 @@ class WeightsSpec:
         """The file to read: the spec's file, or the run directory's newest weights."""
         if self.random:
             raise ValueError("random weights have no file")
-        return self.path if self.path is not None else run_weights_file(self.run_dir)
+        if self.path is not None:
+            return self.path
+        if self.run_dir is None:  # not reached: a spec names a file, a run or random
+            raise ValueError(f"{self.spec}: names neither a file nor a run")
+        return run_weights_file(self.run_dir)
 
 
 def _run_of_file(path: Path) -> Optional[Path]:
@@ -253,7 +260,7 @@ def run_lock_holder(run_dir: Path) -> Optional[int]:
 
 @dataclass
 class LoadedBackbone:
-    model: object  # torch.nn.Module
+    model: torch.nn.Module
     arch: str
     stem: str
     source: str  # the file read, or "random"
@@ -357,19 +364,6 @@ def _tensor_dict(obj: dict, key: str, path: Path) -> dict:
     return sd
 
 
-def check_resnet_keys(sd: dict, source: str) -> None:
-    """What :func:`~simsiam_kit.models.backbones.infer_arch` reads must be there and well formed: stage
-    keys ``layerN.<block index>.…`` and a 4-D ``conv1.weight``; else one line naming the key."""
-    for k in sd:
-        if k.startswith("layer"):
-            parts = k.split(".")
-            if len(parts) < 3 or not parts[1].isdigit() or not parts[1].isascii():
-                raise UserError(f"{source}: key '{k}' is not a ResNet stage key (layerN.<block index>.<name>)")
-    w = sd.get("conv1.weight")
-    if w is not None and w.dim() != 4:
-        raise UserError(f"{source}: 'conv1.weight' has shape {tuple(w.shape)}, not a convolution (4-D)")
-
-
 @dataclass
 class SafetensorsContent:
     """What a ``.safetensors`` file holds: its tensors and its ``__metadata__`` (strings)."""
@@ -407,7 +401,7 @@ def _load_with_placeholders(data: bytes, path: Path):
     names = get_unsafe_globals_in_checkpoint(io.BytesIO(data))
     if any(n.startswith(_MODULE_PREFIXES) for n in names):
         raise UserError(f"{path}: {_PICKLED_MODULE}")
-    stubs = [(type(f"Opaque{i}", (_Opaque,), {}), n) for i, n in enumerate(names)]
+    stubs: list[Any] = [(type(f"Opaque{i}", (_Opaque,), {}), n) for i, n in enumerate(names)]
     with safe_globals(stubs):
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
@@ -514,8 +508,7 @@ def load_backbone(
         found = _extract(obj, path, ws.select)
     sd, meta, cfg, kind = found.state_dict, found.meta, found.config, found.kind
     label = f"{path}#{ws.select}" if ws.select else str(path)
-    check_resnet_keys(sd, label)
-    check_buildable(sd, label)
+    check_buildable(sd, label)  # the families' key checks, then variants no entry builds
     own = kind in ("backbone", "checkpoint")  # another project's 'arch' is its own name: the layout decides
     found_arch = (meta.get("arch") if own else None) or infer_arch(sd)
     found_stem = meta.get("stem") or infer_stem(sd, found_arch)

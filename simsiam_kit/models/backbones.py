@@ -13,8 +13,10 @@ rest of the toolkit asks about an architecture, so no other module knows ResNets
   default image size);
 * ``matches(state_dict)``: whether a state dict has this entry's layout (:func:`infer_arch` asks every
   entry), and ``stem_of(state_dict)`` which stem it was built with (:func:`infer_stem`);
-* ``read_variant(state_dict)``: the name of a variant of the family it cannot build exactly (refused by
-  :func:`check_buildable`, never approximated);
+* ``check_keys(state_dict, source)``: the family's check that the keys its readers use are well formed
+  (a hostile or damaged file is one line naming the key), and ``read_variant(state_dict)``: the name of a
+  variant of the family it cannot build exactly; :func:`check_buildable` runs both, so a variant is
+  refused by name, never approximated;
 * ``detectron2_depth``: ``MODEL.RESNETS.DEPTH`` of the matching detectron2 backbone, or None.
 
 Adding an architecture (a ViT, say) is one module with its builder and entries, and one line in
@@ -73,6 +75,7 @@ class BackboneEntry:
     read_stem: Callable[[Mapping, Mapping[str, Stem]], str]  # state dict, stems -> stem name
     describe_layout: Callable[[tuple], str] = repr  # a layout in words, for errors
     read_variant: Callable[[Mapping], Optional[str]] = lambda sd: None  # a variant it cannot build, by name
+    check_keys: Callable[[Mapping, str], None] = lambda sd, source: None  # raises on malformed keys it reads
     detectron2_depth: Optional[int] = None
 
     @property
@@ -141,8 +144,11 @@ def infer_arch(state_dict: Mapping) -> str:
 
 
 def check_buildable(state_dict: Mapping, source: str = "weights") -> None:
-    """Refuse, by name, a variant of a family that no entry builds exactly (a deep stem, SE blocks,
-    grouped convolutions): such weights are never loaded into an approximate network."""
+    """Before any entry reads a state dict: every family's check of the keys it reads (one line naming a
+    malformed key), then refuse, by name, a variant of a family that no entry builds exactly (a deep stem,
+    SE blocks, grouped convolutions): such weights are never loaded into an approximate network."""
+    for check in {e.check_keys: None for e in BACKBONES.values()}:
+        check(state_dict, source)
     for read in {e.read_variant: None for e in BACKBONES.values()}:
         variant = read(state_dict)
         if variant:

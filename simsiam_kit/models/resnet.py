@@ -98,6 +98,19 @@ def read_resnet_stem(state_dict: Mapping, stems: Mapping[str, Stem]) -> str:
     raise UserError(f"conv1.weight is {k[0]}x{k[1]}: no ResNet stem has that first conv ({known})")
 
 
+def check_resnet_keys(state_dict: Mapping, source: str) -> None:
+    """What :func:`read_resnet_layout` and :func:`read_resnet_stem` read must be well formed: stage keys
+    ``layerN.<block index>.…`` and a 4-D ``conv1.weight``; else one line naming the key."""
+    for k in state_dict:
+        if k.startswith("layer"):
+            parts = k.split(".")
+            if len(parts) < 3 or not parts[1].isdigit() or not parts[1].isascii():
+                raise UserError(f"{source}: key '{k}' is not a ResNet stage key (layerN.<block index>.<name>)")
+    w = state_dict.get("conv1.weight")
+    if w is not None and len(w.shape) != 4:
+        raise UserError(f"{source}: 'conv1.weight' has shape {tuple(w.shape)}, not a convolution (4-D)")
+
+
 def read_resnet_variant(state_dict: Mapping) -> Optional[str]:
     """The name of a ResNet variant this family cannot build exactly, read from a state dict's keys and
     shapes, or None for a plain torchvision layout (timm's ``resnet50.a1_in1k`` is one)."""
@@ -132,6 +145,7 @@ def _entry(name: str, block: str, blocks: tuple, widths: tuple, depth: int) -> B
         read_stem=read_resnet_stem,
         describe_layout=describe_resnet_layout,
         read_variant=read_resnet_variant,
+        check_keys=check_resnet_keys,
         detectron2_depth=depth,
     )
 
