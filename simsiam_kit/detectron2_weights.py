@@ -101,7 +101,9 @@ class Conversion:
 def convert_state_dict(state_dict: dict, source: str = "weights") -> Conversion:
     """Convert a torchvision-style ResNet state dict (BasicBlock or Bottleneck) to detectron2 names."""
     check_detectron2_stem(state_dict, source)
-    out, mapping, unconverted = {}, {}, []
+    out: dict[str, np.ndarray] = {}
+    mapping: dict[str, str] = {}
+    unconverted: list[str] = []
     for k, v in state_dict.items():
         new = convert_key(k)
         if new is None:
@@ -183,8 +185,9 @@ def convert_weights(weights: str, output: Path, log: Callable[[str], None] = pri
 
     check_output(output)
     loaded = load_backbone(weights)
-    if loaded.notice():
-        log(loaded.notice())
+    notice = loaded.notice()
+    if notice:
+        log(notice)
     return convert_backbone(loaded.model.state_dict(), loaded.arch, loaded.stem, loaded.source, output, log)
 
 

@@ -37,7 +37,7 @@ def eval_resized(ds: ImageDataset, size: int) -> ImageDataset:
     """An in-memory dataset brought to ``size`` by the evaluation rule (unchanged when already that size)."""
     from simsiam_kit.image_settings import eval_resize_crop
 
-    if not ds.in_memory or (ds.images.shape[1] == size and ds.images.shape[2] == size):
+    if ds.images is None or (ds.images.shape[1] == size and ds.images.shape[2] == size):
         return ds
     images = np.stack([eval_resize_crop(im, size) for im in ds.images])
     return ImageDataset(

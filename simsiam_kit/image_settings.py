@@ -160,6 +160,6 @@ def eval_resize_crop(image, image_size: int):
     else:
         nw, nh = int(short * w / h), short
     im = image if isinstance(image, Image.Image) else Image.fromarray(a)
-    im = im.resize((nw, nh), Image.BILINEAR)
+    im = im.resize((nw, nh), Image.Resampling.BILINEAR)
     top, left = int(round((nh - image_size) / 2.0)), int(round((nw - image_size) / 2.0))
     return np.asarray(im.crop((left, top, left + image_size, top + image_size)), dtype=np.uint8)

@@ -30,7 +30,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ from simsiam_kit.data.datasets import ImageDataset, resize_in_memory
 from simsiam_kit.data.loaders import make_loader, resolve_device_resident
 from simsiam_kit.data.transforms import BatchAugment
 from simsiam_kit.engine import Trainer
-from simsiam_kit.engine.checkpoint import Checkpointables, ModelState, RNGState, save_backbone
+from simsiam_kit.engine.checkpoint import Checkpointables, ModelState, RNGState, save_backbone, unwrap
 from simsiam_kit.engine.hooks import (
     Checkpointer,
     CollapseMonitor,
@@ -71,6 +71,8 @@ from simsiam_kit.errors import TrainingDiverged, UserError
 from simsiam_kit.features import FEATURE_BATCH, eval_resized, extract_features, feature_precision
 from simsiam_kit.losses import output_std, simsiam_loss
 from simsiam_kit.models import build_simsiam
+from simsiam_kit.models.backbones import get_backbone_entry
+from simsiam_kit.models.simsiam import SimSiam
 from simsiam_kit.retrieval.knn import knn_classify
 from simsiam_kit.utils import dist
 from simsiam_kit.utils.device import (
@@ -141,7 +143,7 @@ class PretrainStep:
         if check_every is None:
             check_every = 1 if torch.device(device).type == "cpu" else max(1, cfg.train.log_every)
         self.check_every = check_every
-        self._nonfinite = None  # device bool: a non-finite loss since the last check
+        self._nonfinite: Optional[torch.Tensor] = None  # device bool: a non-finite loss since the last check
 
     def check(self, trainer) -> None:
         """Raise :class:`TrainingDiverged` if a loss since the last check was not finite (a host sync)."""
@@ -213,7 +215,7 @@ class Pretraining:
     channels_last: bool
     compiled: bool
     data: PretrainData
-    model: torch.nn.Module  # the plain module (checkpoints, kNN monitor)
+    model: SimSiam  # the plain module (checkpoints, kNN monitor)
     net: torch.nn.Module  # what the step calls: DDP-wrapped and/or compiled
     optimizer: torch.optim.Optimizer
     init_lr: float
@@ -305,18 +307,18 @@ class Pretrainer:
         return PretrainData(train, val, loader, augment, resident, workers, bank)
 
     @classmethod
-    def build_model(cls, cfg: PretrainConfig, device: torch.device, channels_last: bool) -> torch.nn.Module:
+    def build_model(cls, cfg: PretrainConfig, device: torch.device, channels_last: bool) -> SimSiam:
         """SimSiam (backbone + projector + predictor), SyncBN under DDP, on the device."""
         model = build_simsiam(cfg.model)
         if dist.is_dist() and cfg.train.sync_bn:
-            model = convert_sync_batchnorm(model, device.type)
+            model = cast(SimSiam, convert_sync_batchnorm(model, device.type))  # the same module, its BNs swapped
         return model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     @classmethod
     def build_optimizer(cls, cfg: PretrainConfig, model: torch.nn.Module, init_lr: float) -> torch.optim.Optimizer:
         """SGD as in the official code; on CUDA the fused kernel (one launch for all parameters)."""
-        m = model.module if hasattr(model, "module") else model
-        if cfg.optim.fix_pred_lr and m.has_predictor:
+        m = unwrap(model)
+        if cfg.optim.fix_pred_lr and isinstance(m, SimSiam) and m.has_predictor:
             groups = [
                 {"params": list(m.backbone.parameters()) + list(m.projector.parameters()), "fix_lr": False},
                 {"params": list(m.predictor.parameters()), "fix_lr": True},
@@ -337,7 +339,7 @@ class Pretrainer:
             net = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None
             )
-        return torch.compile(net) if compiled else net
+        return cast(torch.nn.Module, torch.compile(net)) if compiled else net  # compiling a module gives one
 
     @classmethod
     def build_pretraining(
@@ -359,9 +361,9 @@ class Pretrainer:
         if compiled and device.type == "cuda":
             data.augment.compile()
         probe = None
-        if resolve_online_probe(cfg.train.online_probe, data):
+        if resolve_online_probe(cfg.train.online_probe, data) and data.val is not None:  # it refuses a val-less true
             classes = max(data.train.num_classes, data.val.num_classes)
-            probe = OnlineProbe(model.backbone.feature_dim, classes, device, cfg.optim.batch_size)
+            probe = OnlineProbe(get_backbone_entry(cfg.model.arch).feature_dim, classes, device, cfg.optim.batch_size)
         step = PretrainStep(net, optimizer, data.augment, precision, device, channels_last, aug_gen, cfg, probe=probe)
         return Pretraining(
             cfg, device, precision, channels_last, compiled, data, model, net, optimizer, init_lr, aug_gen, step
@@ -450,7 +452,8 @@ class Pretrainer:
                 resumed_after = self.trainer.start_epoch if point is not None else None
                 for line in start_lines(self.p, self.run, self.trainer.steps_per_epoch, resumed_after, amendment):
                     self.log(line)
-            if self.epoch_unfinished:  # killed after the checkpoint, before the epoch's monitor and metrics line
+            # killed after the checkpoint, before the epoch's monitor and metrics line
+            if self.epoch_unfinished and point is not None:
                 self.trainer.finish_epoch(point.epoch_metrics, after=Checkpointer)
             if point is None:
                 self.log_view_pairs()
@@ -493,10 +496,11 @@ def make_probe_eval(p: Pretraining, batch_size: int) -> Callable[[], float]:
     offline linear probe sees them."""
 
     def probe_eval() -> float:
-        cfg = p.cfg
+        cfg, val, probe = p.cfg, p.data.val, p.step.probe
+        assert val is not None and probe is not None  # the probe runs only with a labelled val set
         f, y, _ = extract_features(
             p.model.backbone,
-            p.data.val,
+            val,
             device=p.device,
             batch_size=batch_size,
             precision=feature_precision("auto", p.device),
@@ -508,7 +512,7 @@ def make_probe_eval(p: Pretraining, batch_size: int) -> Callable[[], float]:
             normalize=False,
             out_device=p.device,
         )
-        return p.step.probe.top1(f, y)
+        return probe.top1(f, y)
 
     return probe_eval
 
@@ -519,8 +523,8 @@ def make_knn_eval(p: Pretraining, batch_size: int = FEATURE_BATCH) -> Optional[C
 
     Features follow the one extraction rule of ``simsiam_kit/features.py`` (fp32, contiguous, whatever the
     training precision and memory format), so ``eval knn`` on the same weights and data gives the same number."""
-    cfg, data = p.cfg, p.data
-    if data.val is None:
+    cfg, data, val = p.cfg, p.data, p.data.val
+    if val is None:
         return None
     precision = feature_precision("auto", p.device)
 
@@ -533,7 +537,7 @@ def make_knn_eval(p: Pretraining, batch_size: int = FEATURE_BATCH) -> Optional[C
         bank = data.bank if data.bank is not None else data.train
         if cfg.train.knn_bank_limit and len(bank) > cfg.train.knn_bank_limit:
             bank = bank.subset(slice(0, cfg.train.knn_bank_limit))
-        kw = dict(
+        kw: dict[str, Any] = dict(
             device=p.device,
             batch_size=batch_size,
             precision=precision,
@@ -544,14 +548,14 @@ def make_knn_eval(p: Pretraining, batch_size: int = FEATURE_BATCH) -> Optional[C
             out_device=p.device,
         )  # features stay on the device: the search runs there too
         fb, lb, _ = extract_features(bb, bank, **kw)
-        fq, lq, _ = extract_features(bb, data.val, **kw)
+        fq, lq, _ = extract_features(bb, val, **kw)
         pred, _ = knn_classify(
             fb,
             lb,
             fq,
             k=min(cfg.train.knn_k, len(fb)),
             temperature=cfg.train.knn_temperature,
-            num_classes=max(data.train.num_classes, data.val.num_classes),
+            num_classes=max(data.train.num_classes, val.num_classes),
         )
         return 100.0 * (pred == lq.to(pred.device)).float().mean().item()
 

@@ -301,7 +301,7 @@ def extract_foreign(obj, source: str, select: Optional[str] = None, file_meta: O
             "mmpretrain or timm/torchvision checkpoint"
         )
     # every ResNet in the file, by copy name
-    candidates: dict[str, tuple[str, str, dict]] = {}  # copy -> (top-level copy, prefix, layout)
+    candidates: dict[str, tuple[str, str, str]] = {}  # copy -> (top-level copy, prefix, layout)
     for top_name, sd in top.items():
         if not isinstance(sd, dict):
             continue

@@ -88,8 +88,9 @@ def export_onnx_cmd(
     """Export the encoder to ONNX (dynamic batch, preprocessing in metadata_props) and check it against PyTorch."""
     check_options(quantize, fp16, calibration_data, accuracy_data, calibration_images, calibration_method)
     specs = [("--parity-data", parity_data)]
-    if quantize:
-        specs += [("--calibration-data", calibration_data), ("--accuracy-data", accuracy_data)]
+    if quantize:  # check_options has made sure both are given
+        given = (("--calibration-data", calibration_data), ("--accuracy-data", accuracy_data))
+        specs += [(option, spec) for option, spec in given if spec is not None]
     precheck(weights, None, specs, image_size=image_size)
     from simsiam_kit.export.onnx import OnnxExportOptions, export_onnx
 

@@ -153,8 +153,9 @@ class ImageDataset:
         """Open image i as RGB PIL; raises UserError naming the file (or returns None when skipping)."""
         from PIL import Image
 
-        if self.in_memory:
+        if self.images is not None:
             return Image.fromarray(self.images[i])
+        assert self.files is not None  # a dataset holds images or files
         path = self.files[i]
         try:
             with Image.open(path) as im:
@@ -172,7 +173,7 @@ class ImageDataset:
             labels=self.labels[idx],
             ids=[self.ids[i] for i in idx],
             classes=self.classes,
-            images=self.images[idx] if self.in_memory else None,
+            images=self.images[idx] if self.images is not None else None,
             files=[self.files[i] for i in idx] if self.files is not None else None,
             skip_bad_images=self.skip_bad_images,
         )
@@ -184,14 +185,15 @@ def resize_in_memory(ds: ImageDataset, size: int) -> ImageDataset:
     RandomResizedCrop of the resized image equals, up to resampling, the crop of the original resized
     to ``size``; doing the resize once keeps small-resolution runs (demo, budget experiments) cheap and
     free of aliasing."""
-    if not ds.in_memory or (ds.images.shape[1] == size and ds.images.shape[2] == size):
+    images = ds.images
+    if images is None or (images.shape[1] == size and images.shape[2] == size):
         return ds
     import torch
     import torch.nn.functional as F
 
     out = []
     for s in range(0, len(ds), 2048):
-        x = torch.from_numpy(ds.images[s : s + 2048]).permute(0, 3, 1, 2).float()
+        x = torch.from_numpy(images[s : s + 2048]).permute(0, 3, 1, 2).float()
         y = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         out.append(y.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
     return ImageDataset(
@@ -254,6 +256,7 @@ def load_dataset(
         lname = name.lower()
         ds = load_torchvision(lname, split or TORCHVISION_SETS[lname][0], root, download)
     else:
+        assert path is not None  # check_spec gives npz and folder specs their path
         if kind == "npz":
             ds, sl = load_npz(path, sl), None  # sliced while reading
         else:
@@ -359,7 +362,7 @@ def load_npz(path: Path, sl: Optional[slice] = None) -> ImageDataset:
 
 
 def load_image_folder(path: Path, skip_bad_images: bool = False) -> ImageDataset:
-    classes = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes: Optional[list[str]] = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     files, labels = [], []
     if classes:
         for ci, c in enumerate(classes):

@@ -78,7 +78,7 @@ def resolve_device_resident(
     if device.type != "cuda":
         return False
     total = torch.cuda.get_device_properties(device).total_memory
-    return ds.images.nbytes <= max_fraction * total
+    return ds.images is not None and ds.images.nbytes <= max_fraction * total
 
 
 class ArrayLoader:
@@ -186,6 +186,7 @@ class _FileDataset(torch.utils.data.Dataset):
             return None
         if self.mode in ("two_view", "train_crop"):
             gen = sample_generator(self.seed, epoch, i)
+            out: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
             if self.mode == "two_view":
                 out = (self._to_tensor(self._random_crop(im, gen)), self._to_tensor(self._random_crop(im, gen)))
             else:
@@ -206,6 +207,7 @@ def _collate(items):
     if not good:
         return {"images": None, "labels": None, "index": None, "skipped": skipped}
     imgs, labels, idx = zip(*good)
+    images: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
     if isinstance(imgs[0], tuple):
         images = (torch.stack([a for a, _ in imgs]), torch.stack([b for _, b in imgs]))
     else:

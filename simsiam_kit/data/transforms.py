@@ -102,7 +102,7 @@ def resized_crop_flip(x: torch.Tensor, boxes: torch.Tensor, size: int, flip: tor
     theta[:, 0, 2] = cx
     theta[:, 1, 1] = sy
     theta[:, 1, 2] = cy
-    grid = F.affine_grid(theta, (b, x.shape[1], size, size), align_corners=False)
+    grid = F.affine_grid(theta, [b, x.shape[1], size, size], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -239,7 +239,8 @@ class BatchAugment:
             p["gray"] = torch.rand(n, generator=gen, device=dev) < self.gray_p
             if self.blur_p > 0:
                 p["blur"] = torch.rand(n, generator=gen, device=dev) < self.blur_p
-                p["sigma"] = _rand(gen, n, *self.blur_sigma, dev)
+                lo, hi = self.blur_sigma
+                p["sigma"] = _rand(gen, n, lo, hi, dev)
         return p
 
     def __call__(self, images: torch.Tensor, gen: Optional[torch.Generator] = None) -> torch.Tensor:

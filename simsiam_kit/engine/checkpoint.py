@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -21,7 +21,8 @@ BACKBONE_FORMAT = "simsiam-kit-backbone"
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
+    inner = getattr(model, "module", None)  # DDP's wrapped module
+    return inner if isinstance(inner, torch.nn.Module) else model
 
 
 def clean_state_dict(sd: dict) -> dict:
@@ -36,7 +37,8 @@ def clean_state_dict(sd: dict) -> dict:
 
 
 def get_rng_state(aug_gen: torch.Generator | None = None) -> dict:
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # legacy=True: (name, keys, pos, has_gauss, cached)
     state = {
         "torch": torch.get_rng_state(),
         "numpy": {
@@ -146,7 +148,7 @@ class RNGState:
             return state
         import torch.distributed as tdist
 
-        states = [None] * dist.get_world_size()
+        states: list[Optional[dict]] = [None] * dist.get_world_size()
         tdist.all_gather_object(states, state)
         return states
 

@@ -16,7 +16,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -85,7 +85,8 @@ class Throughput(Hook):
     when they were queued; the mid-epoch value shown by the progress bar is approximate on a GPU."""
 
     def before_epoch(self, trainer) -> None:
-        self.images, self.t0, self.rate = 0, None, 0.0
+        self.images, self.rate = 0, 0.0
+        self.t0: Optional[float] = None
 
     def after_step(self, trainer) -> None:
         n = int(trainer.outputs.get("images", 0)) * dist.get_world_size()
@@ -167,8 +168,8 @@ class KNNMonitor(Hook):
         log: Callable[[str], None] | None = None,
     ):
         self.evaluate, self.every, self.record, self.log = evaluate, every, record, log
-        self.initial = None  # epoch 0 of this process's run (None when resumed)
-        self._pending = None
+        self.initial: Optional[float] = None  # epoch 0 of this process's run (None when resumed)
+        self._pending: Optional[str] = None
 
     def before_train(self, trainer) -> None:
         if self.every <= 0 or trainer.start_epoch > 0:  # resuming: epoch 0 is in metrics.jsonl already
@@ -264,7 +265,7 @@ class ProgressBar(Hook):
     def __init__(self, enabled: bool = True, desc: str = "train", postfix_every_s: float = 1.0):
         self.enabled = enabled and dist.is_main()
         self.desc = desc
-        self.bar = None
+        self.bar: Any = None  # a tqdm bar while an epoch runs
         self.postfix_every_s = postfix_every_s  # reading a GPU value waits for the GPU: about once a second
         self._last = 0.0
 
@@ -345,7 +346,7 @@ class MetricsWriter(Hook):
 
 
 def read_metrics(path: Path) -> list[dict]:
-    out = []
+    out: list[dict] = []
     p = Path(path)
     if not p.is_file():
         return out

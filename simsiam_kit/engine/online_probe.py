@@ -27,7 +27,7 @@ class OnlineProbe:
         self.head = torch.nn.Linear(feature_dim, num_classes).to(device)
         torch.nn.init.normal_(self.head.weight, std=0.01)  # as the offline probe (main_lincls.py)
         torch.nn.init.zeros_(self.head.bias)
-        self.net = self.head
+        self.net: torch.nn.Module = self.head
         if dist.is_dist():  # one head for all processes: its gradients are averaged like the model's
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.head, device_ids=[device.index] if device.type == "cuda" else None

@@ -5,7 +5,7 @@ and the plots)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
@@ -89,7 +89,7 @@ def summarise(p: Pretraining, run: RunDir, elapsed: float, knn_eval: Optional[Ca
     cfg = p.cfg
     recs = [r for r in read_metrics(run.metrics) if r.get("type") == "epoch"]
     last = recs[-1] if recs else {}
-    summary = {
+    summary: dict[str, Any] = {
         "run_dir": str(run),
         "epochs": cfg.optim.epochs,
         "final_loss": last.get("loss"),

@@ -120,7 +120,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def resume_changes(cfg: PretrainConfig, saved: dict, source: str) -> dict:
+def resume_changes(cfg: PretrainConfig, saved: Optional[dict], source: str) -> dict:
     """Keys whose value ``cfg`` changes against the config a checkpoint was written with, as
     ``{key: new value}``; a :class:`UserError` when one of them is not in :data:`RESUME_MAY_CHANGE`."""
     old, new = _flat(saved or {}), _flat(to_dict(cfg))

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Iterable, Protocol
 
 import numpy as np
 
@@ -67,7 +67,7 @@ def embed_dataset(embedder: Embedder, ds, progress: bool = False) -> tuple[np.nd
     (unreadable files are skipped when the dataset has ``skip_bad_images``)."""
     bs = embedder.batch_size
     rows = np.arange(len(ds))
-    chunks = range(0, len(ds), bs)
+    chunks: Iterable[int] = range(0, len(ds), bs)
     if progress:
         from tqdm import tqdm
 

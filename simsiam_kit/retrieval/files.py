@@ -114,8 +114,8 @@ def load_npy(path: Path, kinds: str, ndim: int, shape: Optional[tuple] = None) -
         want = {"f": "floating-point", "iu": "integer"}.get(kinds, kinds)
         raise UserError(f"{p}: expected {want} values, got dtype {dtype}")
     if len(got) != ndim or (shape is not None and any(w is not None and w != g for w, g in zip(shape, got))):
-        want = tuple("*" if w is None else w for w in shape) if shape is not None else f"{ndim}-D"
-        raise UserError(f"{p}: shape {got}, expected {want}")
+        expected = tuple("*" if w is None else w for w in shape) if shape is not None else f"{ndim}-D"
+        raise UserError(f"{p}: shape {got}, expected {expected}")
     try:
         with open_regular(p) as f:  # the file whose header was checked, not what the path names by now
             return np.load(f, allow_pickle=False)

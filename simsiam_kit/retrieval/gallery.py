@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -95,7 +95,7 @@ class Gallery:
         self.classes: Optional[list] = classes if isinstance(classes, list) else None
         self.data: Optional[str] = self.manifest.get("data") if isinstance(self.manifest.get("data"), str) else None
         self._lock = threading.Lock()
-        self._source = None  # lazily: ("folder", root) or ("arrays", dataset, {id: position})
+        self._source: Any = None  # lazily: ("folder", root) or ("arrays", dataset, {id: position})
         self._source_error: Optional[str] = None
 
     @classmethod
@@ -179,7 +179,7 @@ class Gallery:
         if self.data is None:
             raise UserError(f"{self.dir}: the manifest records no dataset, so the images cannot be shown")
         kind, path = check_spec(self.data)
-        if kind == "folder":
+        if kind == "folder" and path is not None:
             return ("folder", Path(os.path.abspath(path)))
         ds = load_dataset(self.data)
         return ("arrays", ds, {i: p for p, i in enumerate(ds.ids)})
@@ -222,7 +222,7 @@ class Gallery:
         from PIL import Image
 
         img = self.image(row)
-        img.thumbnail((size, size), Image.BILINEAR)
+        img.thumbnail((size, size), Image.Resampling.BILINEAR)
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         return buf.getvalue()

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -79,16 +79,17 @@ def settle_ties(v: np.ndarray, i: np.ndarray, k: int, row: Optional[Callable[[in
     similarities to every stored vector, and its k best are rebuilt from them. An approximate backend
     passes kk = k and no ``row``: the ties inside its lists are ordered, its cut stays as found.
 
-    numpy on purpose: the work is small (Q x k) and on a busy 2-core machine small multi-threaded
-    torch ops stall on the OpenMP barrier (measured 10-40 ms for a 45,000-element compare + nonzero,
-    vs 0.05 ms single-threaded).
+    numpy on purpose: the work is small (Q x k) and on a busy machine small multi-threaded torch ops stall
+    on the OpenMP barrier (the figure: docs/benchmarks.md, "Figures behind design choices").
     """
     redo = np.zeros(len(v), dtype=bool)
     if v.shape[1] > k:
         straddle = np.flatnonzero(v[:, k] == v[:, k - 1])
         v, i = v[:, :k].copy(), i[:, :k].copy()
         for r in straddle:
-            x = row(r)
+            if row is None:
+                raise ValueError("a tie across the cut of an exact list (kk = k + 1) needs row() to settle it")
+            x = row(int(r))
             kth = np.partition(x, len(x) - k)[len(x) - k]  # the row's k-th largest similarity
             above = np.flatnonzero(x > kth)  # fewer than k of them
             eq = np.flatnonzero(x == kth)[: k - len(above)]  # lowest ids first
@@ -119,7 +120,7 @@ def knn_search_torch(bank: torch.Tensor, queries: torch.Tensor, k: int, chunk: i
         q = queries[s : s + chunk]
         sim = torch.matmul(q, bank_t, out=out[: q.shape[0]])
         v, i = select_topk(sim, kk) if sim.device.type == "cpu" else torch.topk(sim, kk, dim=1)
-        v, i = settle_ties(v.cpu().numpy(), i.cpu().numpy(), k, lambda r, sim=sim: sim[r].cpu().numpy())
+        v, i = settle_ties(v.cpu().numpy(), i.cpu().numpy(), k, _row_reader(sim))
         sims.append(v)
         idxs.append(i)
     return _stacked(sims, idxs, k, bank)
@@ -155,12 +156,12 @@ def knn_search_bf16(
        bank minus its ``mean``, in bf16. Subtracting one vector from every bank vector shifts a query's
        similarities by the same q.mean (added back in fp32), so the ranking is unchanged, while the bf16
        rounding (of the inputs and of the bf16 output of the CPU GEMM) shrinks with ||b - mean|| instead
-       of ||b||. On clustered features (all similarities near 1, as a random-init ResNet's) this is the
-       difference between finding 5 % and 95 % of the true neighbours (tests/retrieval/test_index.py);
+       of ||b||. On clustered features (all similarities near 1, as a random-init ResNet's) this decides
+       whether the true neighbours are found at all (docs/evaluation.md; tests/retrieval/test_index.py);
     2. the cut in fp32: with m = ``rerank``, the k + m best by bf16 similarity are the candidates (selected
        in two exact stages through block maxima, :func:`select_topk`, on the bf16 matrix itself: no copy
        or conversion of the (chunk x N) similarities); the k - m best of them are kept with their bf16
-       similarities (within ~1.5e-3 of fp32 on the benchmark's features), the 2m candidates around the k-th
+       similarities (their error against fp32: docs/evaluation.md), the 2m candidates around the k-th
        place are re-scored exactly (fp32 dot products with the stored vectors, gathered ``sub`` queries at a
        time) and the m best of those fill the last m places. With m >= k every candidate is re-scored and
        every similarity returned is fp32.
@@ -202,6 +203,7 @@ def knn_search_bf16(
             band_ids = cand[:, keep:]
             bv = torch.empty((len(q), k - keep), dtype=torch.float32, device=bank.device)
             bi = torch.empty((len(q), k - keep), dtype=torch.int64, device=bank.device)
+            assert rows_out is not None  # a band exists only when the candidates are not the whole bank
             for u in range(0, q.shape[0], sub):
                 ids = band_ids[u : u + sub]
                 rows = torch.index_select(bank, 0, ids.reshape(-1), out=rows_out[: ids.numel()])
@@ -227,9 +229,14 @@ def order_ties(v: torch.Tensor, i: torch.Tensor):
     return vs, torch.gather(by_id, 1, o2)
 
 
+def _row_reader(sim: torch.Tensor) -> Callable[[int], np.ndarray]:
+    """``row`` of :func:`settle_ties` for one chunk's similarity matrix."""
+    return lambda r: sim[r].cpu().numpy()
+
+
 def _buffer(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
-    """An output buffer reused by every chunk of a search: a fresh (1,024 x 45,000) result per chunk costs
-    its page faults each time (measured 60-100 ms of a 165-750 ms GEMM on the reference CPUs)."""
+    """An output buffer reused by every chunk of a search: a fresh (chunk x N) result per chunk costs its page
+    faults each time (the figure: docs/benchmarks.md, "Figures behind design choices")."""
     return torch.empty((max(rows, 1), cols), dtype=like.dtype, device=like.device)
 
 
@@ -239,8 +246,8 @@ BLOCK = 16
 def select_topk(sim: torch.Tensor, kk: int, block: int = BLOCK):
     """``torch.topk(sim, kk, dim=1)`` (the same values, sorted descending; equal values at the cut may come from
     other columns, which :func:`settle_ties` settles) in two exact stages, faster on the CPU for kk << columns
-    (measured 58 vs 74 ms for 1,024 x 45,000 at kk=201 on 2 cores); any dtype (the bf16 kind selects on its
-    bf16 similarities):
+    (docs/benchmarks.md, "Figures behind design choices"; ``benchmarks/knn_profile.py`` times it); any dtype
+    (the bf16 kind selects on its bf16 similarities):
 
     1. the columns are grouped into ``nb = n // block`` blocks, block j holding columns j, j + nb,
        j + 2 nb, ... (a strided grouping: the block maxima are ``block`` element-wise maxima of
@@ -314,8 +321,10 @@ class EmbeddingIndex:
         self._parts: list[torch.Tensor] = []  # torch backend storage (zero-copy views of numpy input)
         self._bank: Optional[torch.Tensor] = None
         self._bank_c16: Optional[tuple] = None  # bf16 kind: (the bank minus its mean in bf16, the mean)
-        self._faiss = None
-        self._xb = None  # stored vectors, reconstructed only to settle ties at the cut (faiss flat)
+        self._faiss: Any = None  # a faiss index (the faiss backend)
+        self._xb: Optional[np.ndarray] = (
+            None  # stored vectors, reconstructed only to settle ties at the cut (faiss flat)
+        )
 
     @staticmethod
     def auto_backend(kind: str, use_gpu: Optional[bool] = None) -> str:
@@ -361,6 +370,8 @@ class EmbeddingIndex:
         elif self.kind == "hnsw":
             idx = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         else:
+            if train is None:
+                raise ValueError("an IVF index is trained on the first vectors added")
             n = len(train)
             nlist = self.nlist or max(1, min(int(4 * np.sqrt(n)), n // 39 if n >= 39 else 1))
             quant = faiss.IndexFlatIP(self.dim)

@@ -150,12 +150,13 @@ class KNNClassifier:
     def compute(self, test_features, test_labels=None) -> KNNResult:
         """One search of the bank for every test feature; class scores for every (k, T), and top-1/top-5
         accuracy when ``test_labels`` are given."""
-        n = 0 if self.index is None else self.index.ntotal
-        if n == 0:
+        index = self.index
+        n = 0 if index is None else index.ntotal
+        if index is None or n == 0:
             raise UserError("the kNN bank is empty")
         check_k(self.ks, n, pool=f"the kNN bank ({n} vectors)")
         q = self._features(test_features)
-        sims, ids = self.index.search(q, min(n, max(max(self.ks), self.min_depth)))
+        sims, ids = index.search(q, min(n, max(max(self.ks), self.min_depth)))
         if len(self._labels) > 1:
             self._labels = [torch.cat([lab.cpu() for lab in self._labels])]
         bank_labels = self._labels[0]
@@ -181,7 +182,7 @@ class KNNClassifier:
             accuracy=accuracy,
             ks=self.ks,
             temperatures=self.temperatures,
-            backend=self.index.backend,
+            backend=index.backend,
         )
 
 

@@ -255,7 +255,7 @@ def cpu_facts(cpuinfo: str | None = None) -> dict:
                 cpuinfo = f.read(1 << 20).decode("utf-8", "replace")
         except OSError:  # pragma: no cover - non-Linux
             cpuinfo = ""
-    model, flags = "", set()
+    model, flags = "", set[str]()
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
         key = key.strip()

@@ -7,6 +7,7 @@ Launch with ``torchrun --nproc_per_node N -m simsiam_kit.cli pretrain ...`` (or 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -43,7 +44,7 @@ def init_from_env(device_type: str, timeout_s: float | None = None) -> None:
     backend = "nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    kw = {}
+    kw: dict[str, Any] = {}
     if timeout_s is not None:
         from datetime import timedelta
 

@@ -80,7 +80,7 @@ def defer_sigint():
             signal.raise_signal(signal.SIGINT)  # the restored handler runs: KeyboardInterrupt by default
 
 
-def _os_error(e: BaseException):
+def _os_error(e: Optional[BaseException]) -> Optional[OSError]:
     """The ``OSError`` behind ``e`` (torch.save reports a failed write as a RuntimeError whose context is it)."""
     seen = 0
     while e is not None and seen < 8:

@@ -34,12 +34,13 @@ class GlooSyncBatchNorm(_BatchNorm):
         n = stats[-1]
         mean = stats[:c] / n
         var = (stats[c : 2 * c] / n - mean * mean).clamp_min(0)
-        if self.track_running_stats:
+        rm, rv, tracked = self.running_mean, self.running_var, self.num_batches_tracked
+        if self.track_running_stats and rm is not None and rv is not None and tracked is not None:
             with torch.no_grad():
-                self.num_batches_tracked += 1
-                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-                self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1).clamp_min(1), alpha=m)
+                tracked += 1  # in place: the buffer itself
+                m = self.momentum if self.momentum is not None else 1.0 / float(tracked)
+                rm.mul_(1 - m).add_(mean.detach(), alpha=m)
+                rv.mul_(1 - m).add_(var.detach() * n / (n - 1).clamp_min(1), alpha=m)
         shape = [1, c] + [1] * (x.dim() - 2)
         y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
