@@ -9,10 +9,11 @@ Protocol rules, each with its reason:
   raw pooled features (no l2 normalisation), as in the official code.
 * SGD, momentum 0.9, weight decay 0, lr = base_lr x batch / 256 (base 0.1) with a cosine decay
   evaluated once per epoch; LARS (apex ``LARC`` with trust coefficient 0.001, no clipping, the
-  official ``--lars`` option for batch 4096) is selectable.
-* Training images: RandomResizedCrop(scale 0.08-1) + horizontal flip; evaluation images: resize +
-  center crop (file datasets; 224 px from 256 px for ImageNet) or the image itself (32 px CIFAR
-  arrays). No colour augmentation.
+  official ``--lars`` option for batch 4096) is selectable (both in :mod:`simsiam_kit.engine.optim`).
+* Training images: RandomResizedCrop(scale 0.08-1) + horizontal flip; evaluation images: the one
+  evaluation rule (:func:`simsiam_kit.image_settings.eval_resize_crop`): as they are at the model's size
+  (32 px CIFAR arrays), else the shorter side to size / 0.875 and a centre crop (224 px from 256 px for
+  ImageNet), for files and arrays alike. No colour augmentation.
 * After training, every backbone tensor (weights and BatchNorm buffers) is compared with its value
   before training; any change raises :class:`BackboneChanged` (the official ``sanity_check``).
 

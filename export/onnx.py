@@ -210,9 +210,9 @@ def parity_check(
 
     fp32 export: passes when, in every check, the max absolute difference is <= ``atol`` x max(1, the
     largest |output| of PyTorch): an absolute 1e-4 for features up to 1, relative beyond, since fp32
-    rounding grows with the values (a random-init ResNet-50's features reach ~370 and differ by 3.6e-4 at
-    cosine 1.0); fp16: when the cosine similarity of every embedding pair is >= ``min_cosine``. Both figures
-    are reported either way.
+    rounding grows with the values (a random-init ResNet-50's features are in the hundreds:
+    docs/benchmarks.md, "Figures behind design choices"); fp16: when the cosine similarity of every embedding
+    pair is >= ``min_cosine``. Both figures are reported either way.
     """
     ref_net = net
     rng = np.random.default_rng(seed)
