@@ -535,6 +535,12 @@ class ShardWriter:
             },
         )
 
+    def flush(self, extra: Optional[dict] = None) -> None:
+        """Rewrite the manifest now (with ``extra`` merged in), keeping the lock."""
+        if extra:
+            self.extra.update(extra)
+        self._write_manifest()
+
     def close(self, extra: Optional[dict] = None) -> None:
         """Write the final manifest (``complete`` when no shard is missing) and release the lock."""
         if extra:
