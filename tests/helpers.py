@@ -75,3 +75,43 @@ def cli(*args, sets=(), input=None, env=None):
     for s in sets:
         argv += ["--set", str(s)]
     return CliRunner().invoke(app, argv, input=input, env=env)
+
+
+def conv_onnx_encoder(path: Path, size: int = 8, dim: int = 8, seed: int = 0) -> Path:
+    """A small simsiam-kit ONNX 'encoder' with fixed random weights (3x3 conv, ReLU, global mean pool: D = ``dim``)
+    for ``size`` px inputs, so embed tests run real convolutions in seconds."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(seed).standard_normal((dim, 3, 3, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["images", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["embeddings"], axis=1),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "conv_pool",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, ["batch", dim])],
+        initializer=[numpy_helper.from_array(w, "w")],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    props = {
+        "format": "simsiam-kit-onnx-encoder",
+        "arch": "conv-pool",
+        "head": "backbone",
+        "image_size": str(size),
+        "mean": "[0.485, 0.456, 0.406]",
+        "std": "[0.229, 0.224, 0.225]",
+        "channel_order": "RGB",
+        "embedding_dim": str(dim),
+        "input_name": "images",
+        "output_name": "embeddings",
+    }
+    for k, v in props.items():
+        m.metadata_props.add(key=k, value=v)
+    onnx.checker.check_model(m)
+    onnx.save(m, str(path))
+    return path

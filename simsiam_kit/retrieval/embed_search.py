@@ -22,7 +22,6 @@ Where a change goes: the directory layout and manifest here; the search and its 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -44,6 +43,10 @@ class Embedder(Protocol):
 
     def embed(self, images) -> np.ndarray:
         """l2-normalised float32 (N, D) embeddings of a batch (PIL images, paths or uint8 arrays)."""
+
+    # Optional, used by the streaming pipeline when present (``OnnxEmbedder`` has both): ``preprocess(images)``
+    # -> float32 (N, 3, S, S), run in the decoding workers, and ``run(x)`` -> raw (N, D) rows, in the encoder;
+    # ``chunk``: the most images per ``run`` call. See simsiam_kit/retrieval/pipeline.py.
 
 
 def list_images(path) -> list[Path]:
@@ -109,65 +112,26 @@ def embed_dataset_to_dir(
     skip_bad_images: bool = False,
     progress: bool = False,
     log=None,
+    **options,
 ) -> dict:
-    """Embed a dataset spec with ``embedder``; write ``embeddings.npy``, ``ids.json``, ``labels.npy``
-    (when labelled), the index (``index.json`` + ``index.faiss``) and ``embed.json``; return the manifest."""
-    from simsiam_kit.data.datasets import load_dataset
-    from simsiam_kit.retrieval.index import EmbeddingIndex
-    from simsiam_kit.utils.io import atomic_write_json
+    """Embed a dataset spec with ``embedder``; write the shards (``manifest.json``, ``shards/``), then
+    ``embeddings.npy``, ``ids.json``, ``labels.npy`` (when labelled), the index (``index.json`` +
+    ``index.faiss``) and ``embed.json``; return the manifest. The streaming pipeline and its ``options``
+    (``shard_size``, ``dtype``, ``resume``, ``workers``, ``batch_size``) are
+    :func:`simsiam_kit.retrieval.pipeline.embed_to_dir`'s."""
+    from simsiam_kit.retrieval.pipeline import embed_to_dir
 
-    say = log or (lambda s: None)
-    out = Path(output).expanduser()
-    if out.is_file():
-        raise UserError(f"--output {out} is a file; give a directory")
-    emb = embedder
-    # validate the index settings before spending time on the embeddings
-    EmbeddingIndex(emb.dim, index_kind, backend)
-    ds = load_dataset(data, skip_bad_images=skip_bad_images)
-    say(
-        f"embedding {len(ds)} images of {ds.name} with {emb.path.name} ({emb.meta.get('arch')} {emb.meta.get('head')}, "
-        f"{emb.dim}-d, {emb.meta.get('image_size')}px) on {emb.provider}"
+    return embed_to_dir(
+        embedder,
+        data,
+        output,
+        index_kind=index_kind,
+        backend=backend,
+        skip_bad_images=skip_bad_images,
+        progress=progress,
+        log=log,
+        **options,
     )
-    t0 = time.perf_counter()
-    z, rows = embed_dataset(emb, ds, progress=progress)
-    secs = time.perf_counter() - t0
-    index = EmbeddingIndex(emb.dim, index_kind, backend).add(z)
-    out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "embeddings.npy", z)
-    ids = [ds.ids[int(i)] for i in rows]
-    atomic_write_json(out / "ids.json", [i if isinstance(i, (int, str)) else str(i) for i in ids])
-    labels = ds.labels[rows]
-    has_labels = len(labels) > 0 and bool((labels >= 0).all())
-    if has_labels:
-        np.save(out / "labels.npy", labels.astype(np.int64))
-    elif (out / "labels.npy").exists():
-        (out / "labels.npy").unlink()  # stale labels of an earlier run would misalign
-    index.save(out)
-    manifest = {
-        "format": "simsiam-kit-embeddings",
-        "model": str(emb.path.resolve()),
-        "model_sha256": _sha256(emb.path),
-        "model_metadata": {
-            k: emb.meta.get(k) for k in ("arch", "stem", "head", "embedding_dim", "image_size", "precision")
-        },
-        "data": data,
-        "count": int(len(z)),
-        "skipped": int(len(ds) - len(z)),
-        "dim": emb.dim,
-        "normalized": True,
-        "labels": bool(has_labels),
-        "classes": ds.classes if has_labels else None,
-        "index": {"kind": index.kind, "backend": index.backend},
-        "provider": emb.provider,
-        "seconds": round(secs, 3),
-        "images_per_s": round(len(z) / max(secs, 1e-9), 1),
-    }
-    atomic_write_json(out / MANIFEST, manifest)
-    say(
-        f"wrote {len(z)} embeddings ({secs:.1f} s, {manifest['images_per_s']:.0f} images/s) and a "
-        f"{index.kind} index ({index.backend}) to {out}"
-    )
-    return manifest
 
 
 def load_embeddings_dir(index_dir) -> dict:

@@ -1,0 +1,243 @@
+"""The streaming embed pipeline (retrieval/pipeline.py) and the inputs at scale (data/webdataset.py): vectors equal
+to today's one-image-at-a-time embed, the same shards for any number of workers, tar shards and path lists giving
+the same rows as the folder they were made from, bad images counted and listed."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from simsiam_kit.data.datasets import load_dataset
+from simsiam_kit.data.webdataset import TarShards, expand_braces
+from simsiam_kit.errors import UserError
+from simsiam_kit.export.embedder import OnnxEmbedder
+from simsiam_kit.retrieval.embed_search import embed_dataset, load_embeddings_dir
+from simsiam_kit.retrieval.pipeline import embed_to_dir
+from simsiam_kit.retrieval.shards import iter_shards, read_manifest
+
+from helpers import CIFAR_VAL, DATA, conv_onnx_encoder, need
+
+COCO = DATA / "coco128_det" / "images"
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory) -> Path:
+    return conv_onnx_encoder(tmp_path_factory.mktemp("enc") / "conv.onnx", size=8, dim=8)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """An ImageFolder of 12 real COCO photos (JPEG, assorted sizes) in two classes, 6 each."""
+    files = sorted(need(COCO).glob("*.jpg"))[:12]
+    root = tmp_path_factory.mktemp("photos") / "folder"
+    for i, f in enumerate(files):
+        d = root / ("a" if i < 6 else "b")
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, d / f.name)
+    return root
+
+
+def _folder_files(root: Path) -> list[tuple[Path, int]]:
+    return [
+        (f, ci) for ci, c in enumerate(sorted(p.name for p in root.iterdir())) for f in sorted((root / c).iterdir())
+    ]
+
+
+def write_tars(root: Path, out: Path, per_tar: int = 5, corrupt: tuple = ()) -> list[Path]:
+    """img2dataset-style tars (KEY.jpg, KEY.cls, KEY.json) of the folder's images, in the folder's order."""
+    out.mkdir(parents=True, exist_ok=True)
+    items = _folder_files(root)
+    tars = []
+    for t in range(0, len(items), per_tar):
+        p = out / f"{t // per_tar:05d}.tar"
+        with tarfile.open(p, "w") as tf:
+            for k, (f, label) in enumerate(items[t : t + per_tar], start=t):
+                key = f"{k:09d}"
+                data = b"\xff\xd8 not a jpeg" if k in corrupt else f.read_bytes()
+                for name, payload in (
+                    (f"{key}.jpg", data),
+                    (f"{key}.cls", str(label).encode()),
+                    (f"{key}.json", json.dumps({"key": key, "url": f.name}).encode()),
+                ):
+                    ti = tarfile.TarInfo(name)
+                    ti.size = len(payload)
+                    tf.addfile(ti, io.BytesIO(payload))
+        tars.append(p)
+    return tars
+
+
+def _run(encoder, data, out, **kw):
+    kw.setdefault("shard_size", 4)
+    kw.setdefault("workers", 0)
+    return embed_to_dir(OnnxEmbedder(encoder, batch_size=4), str(data), out, **kw)
+
+
+# ----------------------------------------------------------------------------- parity with today's embed
+@pytest.mark.parametrize("workers", [0, 2])
+def test_npz_vectors_equal_todays_embed_bit_for_bit(encoder, tmp_path, workers):
+    spec = f"{need(CIFAR_VAL)}[:40]"
+    emb = OnnxEmbedder(encoder, batch_size=8)
+    ref, rows = embed_dataset(emb, load_dataset(spec))  # the one-process loop `embed` ran before shards
+    m = embed_to_dir(emb, spec, tmp_path / "e", shard_size=16, workers=workers)
+    z = np.load(tmp_path / "e" / "embeddings.npy")
+    assert z.dtype == np.float32 and np.array_equal(z, ref)
+    assert json.loads((tmp_path / "e" / "ids.json").read_text()) == list(range(40))
+    assert m["count"] == 40 and m["skipped"] == 0 and m["shards"]["shard_size"] == 16
+    man = read_manifest(tmp_path / "e")
+    assert man["complete"] and [(s.first_row, s.rows) for s in man["shards"]] == [(0, 16), (16, 16), (32, 8)]
+
+
+def test_shards_are_the_same_bytes_for_any_number_of_workers(encoder, photos, tmp_path):
+    _run(encoder, photos, tmp_path / "w0", workers=0)
+    _run(encoder, photos, tmp_path / "w2", workers=2)
+    for ext in ("npy", "parquet"):
+        for i in range(3):
+            a = (tmp_path / "w0" / "shards" / f"{i:05d}.{ext}").read_bytes()
+            assert a == (tmp_path / "w2" / "shards" / f"{i:05d}.{ext}").read_bytes()
+
+
+def test_folder_of_photos_table_and_search_layout(encoder, photos, tmp_path):
+    emb = OnnxEmbedder(encoder, batch_size=4)
+    ref, _ = embed_dataset(emb, load_dataset(str(photos)))
+    _run(encoder, photos, tmp_path / "e")
+    assert np.array_equal(np.load(tmp_path / "e" / "embeddings.npy"), ref)
+    tables = [t for _, _, t in iter_shards(tmp_path / "e")]
+    t = pa.concat_tables(tables)
+    files = _folder_files(photos)
+    assert t.column("row").to_pylist() == list(range(12))
+    assert t.column("offset").to_pylist() == [0, 1, 2, 3] * 3
+    assert t.column("id").to_pylist() == [f"{f.parent.name}/{f.name}" for f, _ in files]
+    assert t.column("label").to_pylist() == [c for _, c in files]
+    sizes = [Image.open(f).size for f, _ in files]
+    assert list(zip(t.column("width").to_pylist(), t.column("height").to_pylist())) == sizes
+    store = load_embeddings_dir(tmp_path / "e")  # what `search` and the HTTP service read
+    assert store["ids"] == t.column("id").to_pylist() and store["index"].ntotal == 12
+    assert store["labels"].tolist() == [c for _, c in files] and store["manifest"]["classes"] == ["a", "b"]
+
+
+def test_float16_shards_search_layout_stays_float32(encoder, photos, tmp_path):
+    _run(encoder, photos, tmp_path / "e", dtype="float16")
+    z16 = np.concatenate([z for _, z, _ in iter_shards(tmp_path / "e")])
+    z = np.load(tmp_path / "e" / "embeddings.npy")
+    assert z16.dtype == np.float16 and z.dtype == np.float32
+    assert np.array_equal(z, z16.astype(np.float32))
+
+
+# ----------------------------------------------------------------------------- tar shards and path lists
+def test_brace_expansion():
+    assert expand_braces("s/{00000..00002}.tar") == ["s/00000.tar", "s/00001.tar", "s/00002.tar"]
+    assert expand_braces("{a,b}/{8..10}.tar") == ["a/8.tar", "a/9.tar", "a/10.tar", "b/8.tar", "b/9.tar", "b/10.tar"]
+    assert expand_braces("plain.tar") == ["plain.tar"]
+    for bad, msg in (("s/{3..1}.tar", "runs backwards"), ("s/{x}.tar", "expected"), ("s/{0..2.tar", "unbalanced")):
+        with pytest.raises(UserError, match=msg):
+            expand_braces(bad)
+
+
+def test_tar_shards_give_the_folder_rows(encoder, photos, tmp_path):
+    tars = write_tars(photos, tmp_path / "tars", per_tar=5)  # 5 + 5 + 2 samples: shards cross tar boundaries
+    spec = str(tmp_path / "tars" / "{00000..00002}.tar")
+    assert len(TarShards(spec)) == 12
+    _run(encoder, photos, tmp_path / "folder")
+    m = _run(encoder, spec, tmp_path / "tar")
+    assert m["count"] == 12 and m["labels"] is True
+    assert np.array_equal(np.load(tmp_path / "tar" / "embeddings.npy"), np.load(tmp_path / "folder" / "embeddings.npy"))
+    assert np.array_equal(np.load(tmp_path / "tar" / "labels.npy"), np.load(tmp_path / "folder" / "labels.npy"))
+    ids = json.loads((tmp_path / "tar" / "ids.json").read_text())
+    assert ids[0] == f"{tars[0]}::000000000" and ids[11] == f"{tars[2]}::000000011"
+    # a slice of the tar rows, as for any spec
+    m = _run(encoder, spec + "[3:9]", tmp_path / "slice")
+    assert np.array_equal(
+        np.load(tmp_path / "slice" / "embeddings.npy"), np.load(tmp_path / "folder" / "embeddings.npy")[3:9]
+    )
+
+
+@pytest.mark.parametrize("kind", ["txt", "parquet"])
+def test_path_lists_give_the_folder_rows(encoder, photos, tmp_path, kind):
+    files = _folder_files(photos)
+    lst = tmp_path / f"list.{kind}"
+    if kind == "txt":  # relative paths are relative to the list's folder; labels after a tab; blank lines skipped
+        lines = [f"{os.path.relpath(f, tmp_path)}\t{c}\n" for f, c in files]
+        lst.write_text("".join(lines[:4]) + "\n" + "".join(lines[4:]))
+    else:
+        pq.write_table(pa.table({"path": [str(f) for f, _ in files], "label": [c for _, c in files]}), lst)
+    _run(encoder, photos, tmp_path / "folder")
+    _run(encoder, lst, tmp_path / "list")
+    assert np.array_equal(
+        np.load(tmp_path / "list" / "embeddings.npy"), np.load(tmp_path / "folder" / "embeddings.npy")
+    )
+    assert np.load(tmp_path / "list" / "labels.npy").tolist() == [c for _, c in files]
+    ds = load_dataset(str(lst))  # the same spec works for every command that reads files (pretrain, eval)
+    assert len(ds) == 12 and not ds.in_memory and ds.labels.tolist() == [c for _, c in files]
+
+
+def test_bad_path_lists(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(UserError, match="lists no image paths"):
+        load_dataset(str(tmp_path / "empty.txt"))
+    (tmp_path / "missing.txt").write_text("nowhere.jpg\n")
+    with pytest.raises(UserError, match=r"missing.txt: lists .*nowhere.jpg, which does not exist"):
+        load_dataset(str(tmp_path / "missing.txt"))
+    (tmp_path / "label.txt").write_text("a.jpg\tcat\n")
+    with pytest.raises(UserError, match="line 1: label 'cat' is not an integer"):
+        load_dataset(str(tmp_path / "label.txt"))
+    pq.write_table(pa.table({"file": ["a.jpg"]}), tmp_path / "nopath.parquet")
+    with pytest.raises(UserError, match="no column 'path'"):
+        load_dataset(str(tmp_path / "nopath.parquet"))
+
+
+def test_tar_spec_is_refused_where_random_access_is_needed(tmp_path):
+    with pytest.raises(UserError, match="read as a stream, which only `simsiam-kit embed` does"):
+        load_dataset(str(tmp_path / "{00000..00003}.tar"))
+
+
+# ----------------------------------------------------------------------------- bad images
+def test_corrupt_image_inside_a_tar(encoder, photos, tmp_path):
+    write_tars(photos, tmp_path / "tars", per_tar=6, corrupt=(7,))
+    spec = str(tmp_path / "tars" / "{00000..00001}.tar")
+    with pytest.raises(UserError, match=r"cannot read image .*00001.tar::000000007.*--skip-bad-images"):
+        _run(encoder, spec, tmp_path / "strict")
+    m = _run(encoder, spec, tmp_path / "skip", skip_bad_images=True)
+    assert m["count"] == 11 and m["skipped"] == 1
+    assert m["skipped_images"][0]["row"] == 7 and m["skipped_images"][0]["id"].endswith("00001.tar::000000007")
+    man = read_manifest(tmp_path / "skip")
+    assert [(s.inputs, s.rows) for s in man["shards"]] == [(4, 4), (4, 3), (4, 4)]
+    assert man["shards"][1].skipped[0]["row"] == 7
+    rows = pa.concat_tables([t for _, _, t in iter_shards(tmp_path / "skip")]).column("row").to_pylist()
+    assert rows == [0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11]
+    _run(encoder, photos, tmp_path / "folder")
+    full = np.load(tmp_path / "folder" / "embeddings.npy")
+    assert np.array_equal(np.load(tmp_path / "skip" / "embeddings.npy"), np.delete(full, 7, axis=0))
+
+
+def test_a_tar_cut_short(encoder, photos, tmp_path):
+    tars = write_tars(photos, tmp_path / "tars", per_tar=6)
+    data = tars[1].read_bytes()
+    tars[1].write_bytes(data[: len(data) // 2])  # a download cut in the middle of a member
+    spec = str(tmp_path / "tars" / "{00000..00001}.tar")
+    with pytest.raises(UserError, match=r"00001.tar: member .* runs past the end of the file .* --skip-bad-images"):
+        _run(encoder, spec, tmp_path / "strict")
+    n_ok = len(TarShards(spec, skip_bad=True))
+    assert 6 <= n_ok < 12
+    m = _run(encoder, spec, tmp_path / "skip", skip_bad_images=True)
+    assert m["count"] == n_ok and m["damaged_inputs"][0]["tar"] == str(tars[1])
+    _run(encoder, photos, tmp_path / "folder")
+    assert np.array_equal(
+        np.load(tmp_path / "skip" / "embeddings.npy"), np.load(tmp_path / "folder" / "embeddings.npy")[:n_ok]
+    )
+    # cut exactly between members: no member runs past the end, but the end-of-archive block is missing
+    tars[1].write_bytes(data)
+    with tarfile.open(tars[1]) as tf:
+        cut = tf.getmember("000000008.jpg").offset
+    tars[1].write_bytes(data[:cut])
+    with pytest.raises(UserError, match="no end-of-archive block"):
+        TarShards(spec)
