@@ -87,7 +87,6 @@ DEFAULT_TARGET_RECALL = 0.9
 DEFAULT_MAX_MEMORY = "4G"
 EXACT_BLOCK = 16_384  # columns of the (queries x block) similarity matrix of the exact search
 INDEX_FILE, IVFDATA_FILE, META_FILE = "index.faiss", "index.ivfdata", "index.json"
-LOCK_FILE = ".index.lock"
 TMP_PREFIX = ".index-build-"
 
 
@@ -319,6 +318,28 @@ def chunk_source(chunks: Callable[[], Iterable[np.ndarray]], n: Optional[int] = 
     return VectorSource(chunks, n, dim)
 
 
+def shards_source(directory, verify: bool = True) -> VectorSource:
+    """The embeddings of a complete shard directory (``simsiam-kit embed``), shard by shard in the
+    manifest's order (rows are numbered in that order); each shard's files are checked against the
+    manifest's sizes and sha256 on every pass (:func:`simsiam_kit.retrieval.shards.iter_shards`)."""
+    from simsiam_kit.retrieval.shards import iter_shards, read_manifest
+
+    d = Path(directory).expanduser()
+    m = read_manifest(d)
+    if m is None:
+        raise UserError(f"--embeddings {d}: no manifest.json (a directory written by `simsiam-kit embed`)")
+    if not m.get("complete"):
+        raise UserError(f"--embeddings {d}: the shards are not complete; finish them with `simsiam-kit embed --resume`")
+    n = sum(s.rows for s in m["shards"])
+
+    def chunks():
+        for _, z, _ in iter_shards(d, verify=verify):
+            if len(z):
+                yield np.asarray(z, dtype=np.float32)
+
+    return VectorSource(chunks, n, m["dim"], f"the shards of {d}")
+
+
 def array_source(x: np.ndarray, chunk_rows: int = 65_536) -> VectorSource:
     """A :class:`VectorSource` over an in-memory (or memory-mapped) (n, d) array, in chunks."""
     x = np.asarray(x) if not isinstance(x, np.memmap) else x
@@ -412,20 +433,6 @@ def _knob_values(plan: IndexPlan) -> list[int]:
     return []
 
 
-def _lock(out: Path):
-    import fcntl
-
-    out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        msg = f"{out}: another `index build` is writing this index; wait for it or pick another --output"
-        raise UserError(msg) from None
-    return fd
-
-
 def build_index(
     source: VectorSource,
     output,
@@ -468,8 +475,10 @@ def build_index(
         f"index {plan.factory()} for {n} vectors of dim {d} from {source.describe}: about {format_bytes(est)}"
         f"{' on disk' if on_disk else ''}; training on {n_train}, recall on {n_queries} held-out vectors"
     )
+    from simsiam_kit.retrieval.shards import DirLock
+
     out = Path(output).expanduser()
-    fd = _lock(out)
+    lock = DirLock(out, "embedding run or index build").acquire()  # the lock of embed's shard writer too
     try:
         for stale in out.glob(TMP_PREFIX + "*"):
             shutil.rmtree(stale, ignore_errors=True)  # a killed build's; we hold the lock
@@ -569,7 +578,7 @@ def build_index(
         _commit(work, out, on_disk, meta)
         shutil.rmtree(work, ignore_errors=True)
     finally:
-        os.close(fd)
+        lock.release()
     say(
         f"wrote {plan.factory()} ({meta['ntotal']} vectors) to {out}"
         + (f": recall@10 {meta['recall_at_10']:.3f} at {'nprobe' if plan.ivf else 'ef'}={knob}" if sweep else "")
