@@ -188,7 +188,10 @@ class IndexPlan:
     def make(self):
         """An empty (untrained) FAISS index of the plan, inner product."""
         faiss = require_extra("faiss", "cpu")
-        return faiss.index_factory(self.dim, self.factory(), faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(self.dim, self.factory(), faiss.METRIC_INNER_PRODUCT)
+        if self.pq_m:  # the factory turns on polysemous training (Hamming-distance filtering we never use): slow
+            faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False
+        return index
 
 
 def default_nlist(n: int) -> int:
