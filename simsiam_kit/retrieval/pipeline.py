@@ -305,10 +305,13 @@ def embed_to_shards(
     log=None,
     source: Optional[RowSource] = None,
     on_complete: Optional[Callable[[dict], None]] = None,
+    engine: Optional[Callable] = None,
 ) -> dict:
     """Embed ``data`` into shards under ``output`` (see the module docstring); return a summary
     (rows, inputs, skipped, seconds, images/s, shards written and kept). ``on_complete(summary)`` runs once
-    every shard is written, while the directory's lock is still held (the finishing step)."""
+    every shard is written, while the directory's lock is still held (the finishing step). ``engine(source,
+    todo, shard_size, total, batch_size, skip_bad)``, when given, yields the encoded batches (``z`` set) in
+    place of this process's loader and encoder (``--engine ray``: :mod:`simsiam_kit.retrieval.ray_engine`)."""
     say = log or (lambda s: None)
     out = Path(output).expanduser()
     if out.is_file():
@@ -358,12 +361,17 @@ def embed_to_shards(
         done_rows = 0
         preprocess, encoder = stages(embedder)
         try:
-            for b in iter_batches(src, preprocess, todo, shard_size, total, bs, skip_bad_images, workers):
+            if engine is not None:
+                batches = engine(src, todo, shard_size, total, bs, skip_bad_images)
+            else:
+                batches = iter_batches(src, preprocess, todo, shard_size, total, bs, skip_bad_images, workers)
+            for b in batches:
                 if "error" in b:
                     raise UserError(b["error"])
-                x = _as_numpy(b.pop("x"))
-                b["z"] = encoder(x) if x is not None else np.zeros((0, embedder.dim), np.float32)
-                del x
+                if "z" not in b:
+                    x = _as_numpy(b.pop("x"))
+                    b["z"] = encoder(x) if x is not None else np.zeros((0, embedder.dim), np.float32)
+                    del x
                 for k in ("row", "label", "width", "height"):
                     b[k] = _as_numpy(b[k])
                 parts = pending.setdefault(b["shard"], [])
@@ -513,6 +521,7 @@ def embed_to_dir(
     batch_size: Optional[int] = None,
     progress: bool = False,
     log=None,
+    engine: Optional[Callable] = None,
 ) -> dict:
     """Embed a dataset spec into shards, then (``index_kind != "none"``) the files ``search`` reads; write
     ``embed.json`` and return its content (see the module docstring)."""
@@ -576,6 +585,7 @@ def embed_to_dir(
         log=log,
         source=src,
         on_complete=finish,
+        engine=engine,
     )
     out = run["dir"]
     if run["skipped"]:
