@@ -23,7 +23,7 @@ Where a change goes: the directory layout and manifest here; the search and its 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Optional, Protocol
 
 import numpy as np
 
@@ -171,12 +171,22 @@ def load_embeddings_dir(index_dir) -> dict:
 
 
 def search_images(
-    index_dir, query, open_embedder: Callable[[Path], Embedder], k: int = 10, model=None, output=None, log=None
+    index_dir,
+    query,
+    open_embedder: Callable[[Path], Embedder],
+    k: int = 10,
+    model=None,
+    output=None,
+    log=None,
+    nprobe: Optional[int] = None,
+    ef: Optional[int] = None,
 ) -> dict:
     """k nearest indexed images (cosine similarity) of an image file or every image under a directory.
 
     ``open_embedder(path)`` opens the model: ``model`` when given, else the one recorded in the
-    directory's manifest."""
+    directory's manifest. ``nprobe`` / ``ef``: the search-time knobs of an approximate index
+    (:meth:`~simsiam_kit.retrieval.index.EmbeddingIndex.set_search_params`); the report says whether the
+    index is approximate and the recall@10 its build measured."""
     from simsiam_kit.utils.io import atomic_write_json
 
     say = log or (lambda s: None)
@@ -184,6 +194,7 @@ def search_images(
         raise UserError(f"--k must be >= 1 (got {k})")
     store = load_embeddings_dir(index_dir)
     manifest, index = store["manifest"], store["index"]
+    index.set_search_params(nprobe=nprobe, ef=ef)
     model_path = Path(model).expanduser() if model else Path(manifest.get("model", ""))
     if not model_path.is_file():
         raise UserError(f"model {model_path} (recorded in {store['dir'] / MANIFEST}) not found; pass --model FILE.onnx")
@@ -223,6 +234,9 @@ def search_images(
         "provider": emb.provider,
         "k": k_eff,
         "index_kind": index.kind,
+        "approximate": index.approximate,
+        "recall_at_10": index.recall,
+        "search_params": index.search_params(),
         "results": results,
     }
     if output is not None:

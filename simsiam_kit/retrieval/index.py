@@ -325,6 +325,31 @@ class EmbeddingIndex:
             self._apply_search_params()
         return self
 
+    def search_params(self) -> dict:
+        """The search-time knobs in effect: ``nprobe`` (IVF kinds), ``ef`` (HNSW, when set), else nothing."""
+        if self.kind in IVF_KINDS:
+            return {"nprobe": min(self.nprobe, self.nlist) if self.nlist else self.nprobe}
+        if self.kind == "hnsw" and self.ef_search is not None:
+            return {"ef": self.ef_search}
+        return {}
+
+    def describe(self) -> str:
+        """One line for people: the kind, whether it is exact, and the recall its build measured."""
+        if not self.approximate:
+            return f"{self.kind} index: exact"
+        knobs = ", ".join(f"{k}={v}" for k, v in self.search_params().items())
+        measured = self.meta.get("recall_sweep") or []
+        at = ""
+        if measured:
+            key = "nprobe" if self.kind in IVF_KINDS else "ef"
+            at = f" at {key}={measured[-1].get(key)}"
+        recall = (
+            f"recall@10 {self.recall:.3f} measured on {self.meta.get('recall_queries')} held-out vectors{at}"
+            if self.recall is not None
+            else "recall not measured (build it with `simsiam-kit index build` to measure it)"
+        )
+        return f"{self.kind} index: approximate, {recall}" + (f"; searching with {knobs}" if knobs else "")
+
     def _apply_search_params(self) -> None:
         faiss = require_extra("faiss", "cpu")
         if self.kind in IVF_KINDS:
