@@ -33,11 +33,11 @@ OPQ + IVF-PQ with the largest code that fits. The number of lists follows autofa
 near 4 sqrt(n) below 1M vectors, 16,384 below 10M, 65,536 beyond), never more than n / 39 (faiss's
 minimum of points per centroid) and overridable (``nlist``).
 
-**Recall.** ``queries`` held-out vectors (rows of the input, chosen with the sample and not used to
-train) are searched with the built index and exactly; recall@10 is the share of the exact 10 nearest
-found among the index's 10 (each query's own row left out of both lists: it is trivially found). The
-search-time knob (``nprobe`` for IVF kinds, ``ef`` for HNSW) is swept upward and the smallest value
-reaching ``target_recall`` is stored in the index as its default; the sweep is written to
+**Recall.** ``queries`` held-out vectors (at most a tenth of the rows of the input, chosen with the
+sample and not used to train) are searched with the built index and exactly; recall@10 is the share of
+the exact 10 nearest found among the index's 10 (each query's own row left out of both lists: it is
+trivially found). The search-time knob (``nprobe`` for IVF kinds, ``ef`` for HNSW) is swept upward
+and the smallest value reaching ``target_recall`` is stored in the index as its default; the sweep is written to
 ``index.json`` (``recall_at_10``, ``recall_sweep``), so ``search`` can say how approximate the index is.
 
 **Memory** (bounded, independent of n except for the index itself): one input chunk, the training sample
@@ -470,10 +470,11 @@ def build_index(
         on_disk = plan.ivf and est > budget
     if on_disk and not plan.ivf:
         raise UserError(f"on-disk inverted lists need an IVF kind (ivf, ivfpq, opq_ivfpq), not {plan.kind}")
-    n_train = train_size(plan, n, max_train)
+    # the held-out queries first (at most a tenth of the vectors), the training sample from the rest
+    n_queries = min(queries, n // 10) if plan.approximate else 0
+    n_train = min(train_size(plan, n, max_train), n - n_queries)
     if n_train * d * 4 > budget / 2 and n_train > MIN_POINTS_PER_LIST * plan.nlist:
         n_train = max(MIN_POINTS_PER_LIST * plan.nlist, int(budget / 2 / (4 * d)))
-    n_queries = min(queries, max(0, n - n_train - 1)) if plan.approximate else 0
     say(
         f"index {plan.factory()} for {n} vectors of dim {d} from {source.describe}: about {format_bytes(est)}"
         f"{' on disk' if on_disk else ''}; training on {n_train}, recall on {n_queries} held-out vectors"
