@@ -515,8 +515,9 @@ def build_index(
                     block, block_n = faiss.read_index(str(trained)), 0
             else:
                 index.add(chunk)
+            if (start + len(chunk)) * 10 // n > start * 10 // n:  # every tenth
+                say(f"  added {start + len(chunk)}/{n}")
             start += len(chunk)
-            say(f"  added {start}/{n}")
         if on_disk:
             if block_n:
                 blocks.append(work / f"block{len(blocks):05d}.faiss")

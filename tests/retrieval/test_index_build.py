@@ -352,3 +352,30 @@ def test_sigkilled_build_leaves_no_index_and_a_rerun_gives_the_same_bytes(tmp_pa
         assert (out / name).read_bytes() == (ref / name).read_bytes(), name
     a, b = (json.loads((d / "index.json").read_text()) for d in (ref, out))
     assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+
+
+# ------------------------------------------------------------------------------------------ the command
+def test_index_build_command(tmp_path):
+    from helpers import cli
+
+    x = clustered(2_000, 8)
+    _shards(tmp_path / "emb", x)
+    r = cli(
+        "index", "build", "--embeddings", str(tmp_path / "emb"), "--index", "ivf", "--nlist", "8", "--queries", "50"
+    )
+    assert r.exit_code == 0, r.output
+    assert "IVF8,Flat" in r.output and "recall@10 sweep on 50 held-out vectors: nprobe=1:" in r.output
+    m = json.loads((tmp_path / "emb" / "index.json").read_text())
+    assert m["kind"] == "ivf" and m["ntotal"] == 2_000 and m["recall_queries"] == 50
+    ix = EmbeddingIndex.load(tmp_path / "emb", use_gpu=False)
+    assert ix.describe().startswith(
+        f"ivf index: approximate, recall@10 {m['recall_at_10']:.3f} measured on 50 held-out"
+    )
+    for args, msg in [
+        (["--max-index-memory", "lots"], "--max-index-memory 'lots': expected a size such as 4G"),
+        (["--index", "lsh"], "unknown index kind 'lsh'"),
+    ]:
+        r = cli("index", "build", "--embeddings", str(tmp_path / "emb"), *args)
+        assert r.exit_code == 2 and msg in r.output, r.output
+    r = cli("index", "build", "--embeddings", str(tmp_path / "none"))
+    assert r.exit_code == 2 and "no such directory" in r.output
