@@ -241,3 +241,38 @@ def test_a_tar_cut_short(encoder, photos, tmp_path):
     tars[1].write_bytes(data[:cut])
     with pytest.raises(UserError, match="no end-of-archive block"):
         TarShards(spec)
+
+
+# ----------------------------------------------------------------------------- the torch runtime
+@pytest.mark.parametrize("precision", ["fp32", "auto"])
+def test_torch_runtime_matches_the_onnx_model(encoder, photos, tmp_path, precision):
+    """The torch module of helpers.conv_onnx_encoder (same weights), with the ONNX model's preprocessing: the same
+    rows, embeddings equal to 1e-5 in fp32 (bf16 where the CPU has it: to 2e-2)."""
+    import functools
+
+    import torch
+
+    from simsiam_kit.export.embedder import preprocess
+    from simsiam_kit.retrieval.torch_runtime import TorchEmbedder
+
+    onnx_emb = OnnxEmbedder(encoder)
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.from_numpy(np.random.default_rng(0).standard_normal((8, 3, 3, 3)).astype(np.float32)))
+    module = torch.nn.Sequential(conv, torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    emb = TorchEmbedder(
+        module,
+        {"arch": "conv-pool", "head": "backbone", "embedding_dim": 8, "image_size": 8},
+        encoder,
+        functools.partial(preprocess, image_size=8, mean=onnx_emb.mean, std=onnx_emb.std),
+        batch_size=4,
+        device="cpu",
+        precision=precision,
+    )
+    _run(encoder, photos, tmp_path / "onnx")
+    m = embed_to_dir(emb, str(photos), tmp_path / "torch", shard_size=4, workers=0)
+    assert m["runtime"].startswith(f"torch-{emb.precision.name}")
+    tol = 1e-5 if emb.precision.name == "fp32" else 2e-2
+    a, b = np.load(tmp_path / "onnx" / "embeddings.npy"), np.load(tmp_path / "torch" / "embeddings.npy")
+    assert a.shape == b.shape and np.abs(a - b).max() < tol
+    assert (tmp_path / "onnx" / "ids.json").read_text() == (tmp_path / "torch" / "ids.json").read_text()
