@@ -276,3 +276,44 @@ def test_torch_runtime_matches_the_onnx_model(encoder, photos, tmp_path, precisi
     a, b = np.load(tmp_path / "onnx" / "embeddings.npy"), np.load(tmp_path / "torch" / "embeddings.npy")
     assert a.shape == b.shape and np.abs(a - b).max() < tol
     assert (tmp_path / "onnx" / "ids.json").read_text() == (tmp_path / "torch" / "ids.json").read_text()
+
+
+def _cifar_tars(out: Path, n: int, per_tar: int) -> str:
+    """``n`` real CIFAR val images as PNG samples in tars of ``per_tar``; returns the brace spec."""
+    with np.load(need(CIFAR_VAL)) as d:
+        images, labels = d["images"][:n], d["labels"][:n]
+    out.mkdir(parents=True)
+    n_tars = -(-n // per_tar)
+    for t in range(n_tars):
+        with tarfile.open(out / f"{t:03d}.tar", "w") as tf:
+            for k in range(t * per_tar, min(n, (t + 1) * per_tar)):
+                buf = io.BytesIO()
+                Image.fromarray(images[k]).save(buf, "PNG")
+                for name, payload in ((f"{k:06d}.png", buf.getvalue()), (f"{k:06d}.cls", str(labels[k]).encode())):
+                    ti = tarfile.TarInfo(name)
+                    ti.size = len(payload)
+                    tf.addfile(ti, io.BytesIO(payload))
+    return str(out / f"{{000..{n_tars - 1:03d}}}.tar")
+
+
+def test_pipeline_memory_does_not_grow_with_the_number_of_images(encoder, tmp_path):
+    """Peak traced allocation of the whole embed (index "none") over 640 tar images is that of 64 plus the manifest
+    entries of the extra shards: nothing is kept per image. Kept, 576 more rows would add their embeddings, ids,
+    tables and 576 decoded images (each 32 x 32 x 3 bytes + its 8 x 8 float32 input), about 2 MB."""
+    import tracemalloc
+
+    emb = OnnxEmbedder(encoder, batch_size=8)
+
+    def peak(n: int) -> int:
+        spec = _cifar_tars(tmp_path / f"t{n}", n, per_tar=64)
+        tracemalloc.start()
+        embed_to_dir(emb, spec, tmp_path / f"e{n}", index_kind="none", shard_size=16, workers=0)
+        got = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert read_manifest(tmp_path / f"e{n}")["complete"]
+        return got
+
+    peak(16)  # first use: lazy imports and caches, not the run's own memory
+    small, large = peak(64), peak(640)
+    extra_shards = (640 - 64) // 16
+    assert large - small < extra_shards * 3000 + 200_000, (small, large)
