@@ -158,6 +158,8 @@ def load_embeddings_dir(index_dir) -> dict:
     for key, ok, want in checks:
         if key in manifest and not ok(manifest[key]):
             raise UserError(f"{mp}: key '{key}' must be {want}, got {repr(manifest[key])[:80]}")
+    if manifest.get("index", True) is None and not (d / "ids.json").is_file():
+        raise UserError(f"{d}: embedded with --index none (shards only, no index to search); build one from its shards")
     ids = read_json(d / "ids.json", list, "the ids of the indexed images")
     labels = None
     if (d / "labels.npy").is_file():
