@@ -317,3 +317,26 @@ def test_pipeline_memory_does_not_grow_with_the_number_of_images(encoder, tmp_pa
     small, large = peak(64), peak(640)
     extra_shards = (640 - 64) // 16
     assert large - small < extra_shards * 3000 + 200_000, (small, large)
+
+
+def test_index_none_writes_shards_only_and_search_says_so(encoder, photos, tmp_path):
+    from simsiam_kit.retrieval.embed_search import search_images
+
+    m = _run(encoder, photos, tmp_path / "e", index_kind="none")
+    assert m["index"] is None and m["count"] == 12
+    assert not (tmp_path / "e" / "embeddings.npy").exists() and not (tmp_path / "e" / "ids.json").exists()
+    assert read_manifest(tmp_path / "e")["complete"]
+    with pytest.raises(UserError, match="embedded with --index none"):
+        search_images(tmp_path / "e", next(photos.rglob("*.jpg")), OnnxEmbedder)
+
+
+def test_a_directory_of_the_previous_layout_is_rewritten(encoder, photos, tmp_path):
+    """A directory written before shards (embeddings.npy, ids.json, embed.json, no manifest.json) is replaced as
+    before, with no --resume needed."""
+    out = tmp_path / "e"
+    out.mkdir()
+    (out / "embed.json").write_text("{}")
+    (out / "labels.npy").write_bytes(b"stale")
+    m = _run(encoder, photos / "a", out)  # a flat folder of 6 unlabelled photos
+    assert m["count"] == 6 and m["labels"] is False and not (out / "labels.npy").exists()
+    assert len(json.loads((out / "ids.json").read_text())) == 6
