@@ -401,18 +401,54 @@ def embed_to_shards(
     return summary
 
 
+def embed_one_shard(
+    embedder,
+    source: RowSource,
+    directory,
+    index: int,
+    shard_size: int,
+    batch_size: int,
+    dtype: str = "float32",
+    skip_bad_images: bool = False,
+):
+    """Embed and write shard ``index`` in this process (no lock, no manifest): the unit of work of a
+    distributed run (a Ray actor per model), whose result the one writer records with
+    :meth:`~simsiam_kit.retrieval.shards.ShardWriter.add`. The same batches as :func:`embed_to_shards`, so the
+    same files. Returns the :class:`~simsiam_kit.retrieval.shards.ShardInfo`."""
+    from simsiam_kit.retrieval.shards import write_shard_files
+
+    total = len(source)
+    preprocess, encoder = stages(embedder)
+    parts = []
+    for shard, a, b in batch_ranges([index], shard_size, total, batch_size):
+        part = make_batch(source, preprocess, shard, a, b, skip_bad_images)
+        if "error" in part:
+            raise UserError(part["error"])
+        x = part.pop("x")
+        part["z"] = encoder(x) if x is not None else np.zeros((0, embedder.dim), np.float32)
+        parts.append(part)
+    z, cols, skipped = _assemble(parts, embedder.dim)
+    inputs = len(range(*shard_range(index, shard_size, total)))
+    return write_shard_files(directory, index, z, cols, inputs, dtype, skipped, shard_size=shard_size)
+
+
 def _int_ids(src: RowSource) -> bool:
     """Ids that are array rows (npz, torchvision, demo): ids.json keeps them as numbers."""
     return isinstance(src, DatasetSource) and all(isinstance(i, (int, np.integer)) for i in src.ds.ids)
 
 
-def _write(writer: ShardWriter, parts: list[dict], shard_size: int, total: int) -> None:
-    parts.sort(key=lambda p: p["start"])
-    shard = parts[0]["shard"]
-    z = np.concatenate([p["z"] for p in parts]) if parts else np.zeros((0, writer.dim), np.float32)
+def _assemble(parts: list[dict], dim: int) -> tuple:
+    """One shard's (embeddings, columns, skipped) from its batches, in row order."""
+    parts = sorted(parts, key=lambda p: p["start"])
+    z = np.concatenate([p["z"] for p in parts]) if parts else np.zeros((0, dim), np.float32)
     cols = {k: np.concatenate([p[k] for p in parts]) for k in ("row", "label", "width", "height")}
     cols["id"] = [str(i) for p in parts for i in p["id"]]
-    skipped = [s for p in parts for s in p["skipped"]]
+    return z, cols, [s for p in parts for s in p["skipped"]]
+
+
+def _write(writer: ShardWriter, parts: list[dict], shard_size: int, total: int) -> None:
+    shard = parts[0]["shard"]
+    z, cols, skipped = _assemble(parts, writer.dim)
     writer.write_shard(shard, z, cols, inputs=len(range(*shard_range(shard, shard_size, total))), skipped=skipped)
 
 

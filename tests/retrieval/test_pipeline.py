@@ -340,3 +340,20 @@ def test_a_directory_of_the_previous_layout_is_rewritten(encoder, photos, tmp_pa
     m = _run(encoder, photos / "a", out)  # a flat folder of 6 unlabelled photos
     assert m["count"] == 6 and m["labels"] is False and not (out / "labels.npy").exists()
     assert len(json.loads((out / "ids.json").read_text())) == 6
+
+
+def test_one_shard_at_a_time_gives_the_pipelines_files(encoder, photos, tmp_path):
+    """embed_one_shard (the unit of a distributed run) + ShardWriter.add, shards out of order: the same files and
+    manifest entries as the single-process pipeline."""
+    from simsiam_kit.retrieval.pipeline import embed_one_shard, open_source
+    from simsiam_kit.retrieval.shards import ShardWriter
+
+    _run(encoder, photos, tmp_path / "ref")
+    emb = OnnxEmbedder(encoder, batch_size=4)
+    src = open_source(str(photos))
+    w = ShardWriter(tmp_path / "d", dim=8, shard_size=4, total=len(src))
+    for i in (2, 0, 1):
+        w.add(embed_one_shard(emb, src, tmp_path / "d", i, shard_size=4, batch_size=4))
+    w.close()
+    got, ref = read_manifest(tmp_path / "d"), read_manifest(tmp_path / "ref")
+    assert got["complete"] and [s.to_json() for s in got["shards"]] == [s.to_json() for s in ref["shards"]]
