@@ -90,6 +90,13 @@ def expand_braces(pattern: str) -> list[str]:
     return out
 
 
+class DamagedTar(UserError):
+    """A tar shard cut short or damaged; a command may use its complete samples instead (``remedy``, as for an
+    unreadable image: see ``simsiam_kit/cli/common.py``)."""
+
+    remedy = "skip_bad_images"
+
+
 def is_tar_spec(base: str) -> bool:
     """A spec naming tar shards: ends in ``.tar`` (possibly after a brace pattern)."""
     return str(base).lower().endswith(".tar")
@@ -206,9 +213,7 @@ class TarShards:
             samples, problem = scan_tar(p)
             if problem:
                 if not skip_bad:
-                    raise UserError(
-                        f"{p}: {problem}; pass --skip-bad-images to use its {len(samples)} complete samples"
-                    )
+                    raise DamagedTar(f"{p}: {problem}; {len(samples)} complete samples before it")
                 self.damaged.append({"tar": str(p), "samples": len(samples), "error": problem})
             counts.append(len(samples))
         self.counts = np.asarray(counts, dtype=np.int64)

@@ -164,7 +164,7 @@ def make_batch(source: RowSource, preprocess: Callable, shard: int, start: int, 
     for row, ident, label, img in source.read(start, stop):
         if isinstance(img, Exception):
             if not skip_bad:
-                return {"error": f"{img}; pass --skip-bad-images to skip unreadable images"}
+                return {"error": str(img), "remedy": getattr(img, "remedy", None)}
             skipped.append({"row": int(row), "id": str(ident), "error": str(img)[:300]})
             continue
         w, h = _image_size(img)
@@ -189,6 +189,14 @@ def make_batch(source: RowSource, preprocess: Callable, shard: int, start: int, 
     }
 
 
+def batch_error(batch: dict) -> UserError:
+    """The error a worker reported, raised here as one line; an unreadable image keeps its ``remedy``."""
+    from simsiam_kit.data.datasets import UnreadableImage
+
+    cls = UnreadableImage if batch.get("remedy") == UnreadableImage.remedy else UserError
+    return cls(batch["error"])
+
+
 def _torch_dataset(source, preprocess, todo, shard_size, total, batch_size, skip_bad):
     import torch
 
@@ -201,7 +209,7 @@ def _torch_dataset(source, preprocess, todo, shard_size, total, batch_size, skip
                     try:
                         yield make_batch(source, preprocess, shard, a, b, skip_bad)
                     except UserError as e:  # a bad tar label, a missing file: one line in the main process
-                        yield {"error": str(e)}
+                        yield {"error": str(e), "remedy": getattr(e, "remedy", None)}
 
     return Batches()
 
@@ -360,7 +368,7 @@ def embed_to_shards(
         try:
             for b in iter_batches(src, preprocess, todo, shard_size, total, bs, skip_bad_images, workers):
                 if "error" in b:
-                    raise UserError(b["error"])
+                    raise batch_error(b)
                 x = _as_numpy(b.pop("x"))
                 b["z"] = encoder(x) if x is not None else np.zeros((0, embedder.dim), np.float32)
                 del x
@@ -423,7 +431,7 @@ def embed_one_shard(
     for shard, a, b in batch_ranges([index], shard_size, total, batch_size):
         part = make_batch(source, preprocess, shard, a, b, skip_bad_images)
         if "error" in part:
-            raise UserError(part["error"])
+            raise batch_error(part)
         x = part.pop("x")
         part["z"] = encoder(x) if x is not None else np.zeros((0, embedder.dim), np.float32)
         parts.append(part)
