@@ -214,8 +214,11 @@ def _torch_dataset(source, preprocess, todo, shard_size, total, batch_size, skip
     return Batches()
 
 
-def iter_batches(source, preprocess, todo, shard_size, total, batch_size, skip_bad, workers: int) -> Iterator[dict]:
-    """The batches of :func:`batch_ranges`, in that order, prepared by ``workers`` DataLoader workers."""
+def iter_batches(
+    source, preprocess, todo, shard_size, total, batch_size, skip_bad, workers: int, pin_memory: bool = False
+) -> Iterator[dict]:
+    """The batches of :func:`batch_ranges`, in that order, prepared by ``workers`` DataLoader workers
+    (``pin_memory``: in page-locked memory, for an encoder on CUDA)."""
     if workers <= 0:
         for shard, a, b in batch_ranges(todo, shard_size, total, batch_size):
             yield make_batch(source, preprocess, shard, a, b, skip_bad)
@@ -227,7 +230,7 @@ def iter_batches(source, preprocess, todo, shard_size, total, batch_size, skip_b
         batch_size=None,  # a worker's dict is the batch (no collation)
         num_workers=workers,
         prefetch_factor=PREFETCH,
-        pin_memory=False,  # onnxruntime takes numpy; the torch runtime pins on its own
+        pin_memory=pin_memory,
     )
     # with every worker yielding every n-th batch, the loader's round robin returns them in batch order
     yield from loader
@@ -366,7 +369,8 @@ def embed_to_shards(
         done_rows = 0
         preprocess, encoder = stages(embedder)
         try:
-            for b in iter_batches(src, preprocess, todo, shard_size, total, bs, skip_bad_images, workers):
+            pin = getattr(getattr(embedder, "device", None), "type", None) == "cuda"  # the torch runtime on CUDA
+            for b in iter_batches(src, preprocess, todo, shard_size, total, bs, skip_bad_images, workers, pin):
                 if "error" in b:
                     raise batch_error(b)
                 x = _as_numpy(b.pop("x"))

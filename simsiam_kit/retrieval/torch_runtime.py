@@ -57,8 +57,8 @@ class TorchEmbedder:
         import torch
 
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-        if self.device.type == "cuda":
-            t = t.pin_memory().to(self.device, non_blocking=True)
+        if self.device.type == "cuda":  # the pipeline's loader pins batches already on CUDA
+            t = (t if t.is_pinned() else t.pin_memory()).to(self.device, non_blocking=True)
         if self.channels_last:
             t = t.contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), self.precision.autocast():
