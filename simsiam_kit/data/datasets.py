@@ -6,7 +6,7 @@ Spec syntax (``data.train``, ``--train-data``, ``--data`` ...)::
     PATH.npz                              arrays 'images' (uint8 N,H,W,3) and 'labels' (optional 'class_names')
     DIR                                   ImageFolder tree: DIR/<class>/<image>
     LIST.txt | LIST.parquet               image paths, one per line / a 'path' column (data/webdataset.py)
-    shards/{00000..00099}.tar             WebDataset tar shards, streamed by `embed` (data/webdataset.py)
+    shards/{00000..00099}.tar             WebDataset tar shards (data/webdataset.py)
     cifar10[:train|test]                  torchvision CIFAR-10 under data.root (download with data.download=true)
     cifar100[:train|test]                 torchvision CIFAR-100
     stl10[:unlabeled|train|test|train+unlabeled]   torchvision STL-10
@@ -244,7 +244,10 @@ def load_dataset(
     elif kind in ("tar", "list"):
         from simsiam_kit.data.webdataset import load_path_list, tar_dataset
 
-        ds = load_path_list(path, skip_bad_images) if kind == "list" else tar_dataset(base)
+        if kind == "list":
+            ds = load_path_list(path, skip_bad_images)
+        else:
+            ds, sl = tar_dataset(base, skip_bad_images, sl), None  # sliced while indexing
     else:
         if kind == "npz":
             ds, sl = load_npz(path, sl), None  # sliced while reading

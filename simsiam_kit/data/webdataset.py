@@ -1,7 +1,6 @@
 """The inputs people have at scale: WebDataset tar shards and lists of image paths, streamed by row range.
 
-Specs (also accepted by every ``--data`` option through :func:`simsiam_kit.data.datasets.load_dataset`
-where a command can use them; see there)::
+Specs (accepted by every ``--data`` option through :func:`simsiam_kit.data.datasets.load_dataset`)::
 
     shards/{00000..00099}.tar      WebDataset tar shards (img2dataset's output); brace ranges keep their
                                    zero padding, ``{a,b,c}`` lists alternatives; several braces multiply
@@ -23,6 +22,11 @@ skipped) and keeps only the number of samples of each tar, so its memory is prop
 of tars, not of images; a reader (:meth:`TarShards.read`) re-scans the one tar it is in and keeps that
 tar's member offsets while it reads from it.
 
+**Two ways to read tars.** ``embed`` streams them by row ranges (:class:`TarShards`: one count per tar
+in memory). ``pretrain`` and the evaluations, which shuffle and need any image at any time, get a
+random-access dataset (:func:`tar_dataset`: each image's tar, offset and size, read on access), so their
+sharding across DDP ranks and workers and their exact resume are those of an ImageFolder.
+
 **Damaged tars.** A tar that ends without its end-of-archive block, or whose last member runs past the
 end of the file (a download cut short), or with an unreadable header, is reported with the tar's path
 and the byte offset; with ``skip_bad=True`` its complete samples are used and the damage is listed in
@@ -38,7 +42,7 @@ import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -84,6 +88,13 @@ def expand_braces(pattern: str) -> list[str]:
     for combo in itertools.product(*alts):
         out.append("".join(p + c for p, c in zip(parts, combo)) + rest)
     return out
+
+
+class DamagedTar(UserError):
+    """A tar shard cut short or damaged; a command may use its complete samples instead (``remedy``, as for an
+    unreadable image: see ``simsiam_kit/cli/common.py``)."""
+
+    remedy = "skip_bad_images"
 
 
 def is_tar_spec(base: str) -> bool:
@@ -202,9 +213,7 @@ class TarShards:
             samples, problem = scan_tar(p)
             if problem:
                 if not skip_bad:
-                    raise UserError(
-                        f"{p}: {problem}; pass --skip-bad-images to use its {len(samples)} complete samples"
-                    )
+                    raise DamagedTar(f"{p}: {problem}; {len(samples)} complete samples before it")
                 self.damaged.append({"tar": str(p), "samples": len(samples), "error": problem})
             counts.append(len(samples))
         self.counts = np.asarray(counts, dtype=np.int64)
@@ -306,12 +315,75 @@ def load_path_list(path: Path, skip_bad_images: bool = False):
     )
 
 
-def tar_dataset(spec: str):
-    """Tar shards as a random-access dataset: not offered (they are read as a stream, by row ranges).
+class TarMember(io.BytesIO):
+    """The bytes of one tar member, named ``TAR::KEY`` (what an error about it says)."""
 
-    ``simsiam-kit embed`` streams them (:class:`TarShards`); a command that needs random access to every
-    image (pretraining with shuffling, the evaluations) refuses them with this one line."""
-    raise UserError(
-        f"'{spec}': WebDataset tar shards are read as a stream, which only `simsiam-kit embed` does so far; "
-        "for this command list the images in a .txt/.parquet file or unpack them into a folder"
+    def __init__(self, data: bytes, name: str):
+        super().__init__(data)
+        self.name = name
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class TarMembers(Sequence):
+    """The image members of tar shards by row, read on access (``files`` of a tar dataset): each item is a
+    :class:`TarMember` that PIL opens like a file. Holds three integers per image (tar, offset, size)."""
+
+    def __init__(self, paths: list, tar: np.ndarray, offset: np.ndarray, size: np.ndarray, keys: list):
+        self.paths, self.tar, self.offset, self.size, self.keys = paths, tar, offset, size, keys
+
+    def __len__(self) -> int:
+        return len(self.tar)
+
+    def name(self, i: int) -> str:
+        return f"{self.paths[int(self.tar[i])]}::{self.keys[i]}"
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        path = self.paths[int(self.tar[i])]
+        with open(path, "rb") as f:
+            data = read_member(f, (int(self.offset[i]), int(self.size[i])))
+        return TarMember(data, self.name(i))
+
+
+def tar_dataset(spec: str, skip_bad_images: bool = False, sl: Optional[slice] = None):
+    """Tar shards as a random-access :class:`~simsiam_kit.data.datasets.ImageDataset` (``pretrain``, the
+    evaluations): the headers of every tar are scanned once and each image's tar, offset and size kept (three
+    integers per image, plus its key); an image is read when a loader asks for it (one seek and one read), so
+    shuffling, the split across DDP ranks and DataLoader workers, deterministic crops and exact resume are
+    those of an ImageFolder. Labels are the ``KEY.cls`` integers (-1 where a sample has none). A damaged tar is
+    refused, or with ``skip_bad_images`` its complete samples are used (see :class:`TarShards`). ``sl``: only
+    those rows (a slice of the spec)."""
+    from simsiam_kit.data.datasets import ImageDataset
+
+    shards = TarShards(spec, skip_bad=skip_bad_images)
+    tar, offset, size, keys, labels = [], [], [], [], []
+    for t, p in enumerate(shards.paths):
+        samples = scan_tar(p)[0][: int(shards.counts[t])]
+        with open(p, "rb") as f:
+            for s in samples:
+                tar.append(t)
+                offset.append(s.image[0])
+                size.append(s.image[1])
+                keys.append(s.key)
+                labels.append(_label(read_member(f, s.cls), f"{p}::{s.key}.cls") if s.cls else -1)
+    keep = np.arange(len(tar))[sl] if sl is not None else np.arange(len(tar))
+    if len(keep) == 0:
+        raise UserError(f"dataset '{spec}' is empty" + (f" in rows [{sl.start or ''}:{sl.stop or ''}]" if sl else ""))
+    members = TarMembers(
+        [str(p) for p in shards.paths],
+        np.asarray(tar, np.int32)[keep],
+        np.asarray(offset, np.int64)[keep],
+        np.asarray(size, np.int64)[keep],
+        [keys[i] for i in keep],
+    )
+    labels = np.asarray(labels, np.int64)[keep]
+    return ImageDataset(
+        name=spec + (f"[{sl.start or ''}:{sl.stop or ''}]" if sl is not None else ""),
+        labels=labels,
+        ids=[members.name(i) for i in range(len(members))],
+        files=members,
+        skip_bad_images=skip_bad_images,
     )

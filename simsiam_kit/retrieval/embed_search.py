@@ -9,14 +9,18 @@ command layer passes ``export.OnnxEmbedder`` (the core never imports ``export``)
     report = search_images("emb/", "photo.png", open_embedder=OnnxEmbedder, k=10)
     print(format_search_table(report))
 
+:func:`embed_dataset_to_dir` runs the streaming pipeline (:mod:`simsiam_kit.retrieval.pipeline`): decoding
+workers, embeddings written in atomic, resumable shards (``manifest.json`` + ``shards/``, the format of
+:mod:`simsiam_kit.retrieval.shards`), then the files search reads, streamed from the shards.
 A directory written by :func:`embed_dataset_to_dir` holds ``embeddings.npy`` (float32 (N, D),
 l2-normalised), ``ids.json`` (file path relative to an ImageFolder root, or the row of an array
 dataset), ``labels.npy`` (only when every image is labelled), the index (``index.json`` +
 ``index.faiss`` or ``index_vectors.npy``) and ``embed.json`` (model path and sha256, model metadata,
 dataset, count, index kind, provider, timing).
 
-Where a change goes: the directory layout and manifest here; the search and its order in
-:mod:`simsiam_kit.retrieval.index`; the model runtime (onnxruntime, preprocessing) in
+Where a change goes: the shard format in :mod:`simsiam_kit.retrieval.shards`; the pipeline (workers,
+batches, resume, the finishing step) in :mod:`simsiam_kit.retrieval.pipeline`; loading and searching here;
+the search and its order in :mod:`simsiam_kit.retrieval.index`; the model runtime (onnxruntime, preprocessing) in
 ``export/embedder.py``; options in ``simsiam_kit/cli/onnx.py``.
 """
 
@@ -158,6 +162,8 @@ def load_embeddings_dir(index_dir) -> dict:
     for key, ok, want in checks:
         if key in manifest and not ok(manifest[key]):
             raise UserError(f"{mp}: key '{key}' must be {want}, got {repr(manifest[key])[:80]}")
+    if manifest.get("index", True) is None and not (d / "ids.json").is_file():
+        raise UserError(f"{d}: embedded with --index none (shards only, no index to search); build one from its shards")
     ids = read_json(d / "ids.json", list, "the ids of the indexed images")
     labels = None
     if (d / "labels.npy").is_file():

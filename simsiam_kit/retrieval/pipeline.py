@@ -164,7 +164,7 @@ def make_batch(source: RowSource, preprocess: Callable, shard: int, start: int, 
     for row, ident, label, img in source.read(start, stop):
         if isinstance(img, Exception):
             if not skip_bad:
-                return {"error": f"{img}; pass --skip-bad-images to skip unreadable images"}
+                return {"error": str(img), "remedy": getattr(img, "remedy", None)}
             skipped.append({"row": int(row), "id": str(ident), "error": str(img)[:300]})
             continue
         w, h = _image_size(img)
@@ -189,6 +189,14 @@ def make_batch(source: RowSource, preprocess: Callable, shard: int, start: int, 
     }
 
 
+def batch_error(batch: dict) -> UserError:
+    """The error a worker reported, raised here as one line; an unreadable image keeps its ``remedy``."""
+    from simsiam_kit.data.datasets import UnreadableImage
+
+    cls = UnreadableImage if batch.get("remedy") == UnreadableImage.remedy else UserError
+    return cls(batch["error"])
+
+
 def _torch_dataset(source, preprocess, todo, shard_size, total, batch_size, skip_bad):
     import torch
 
@@ -201,13 +209,16 @@ def _torch_dataset(source, preprocess, todo, shard_size, total, batch_size, skip
                     try:
                         yield make_batch(source, preprocess, shard, a, b, skip_bad)
                     except UserError as e:  # a bad tar label, a missing file: one line in the main process
-                        yield {"error": str(e)}
+                        yield {"error": str(e), "remedy": getattr(e, "remedy", None)}
 
     return Batches()
 
 
-def iter_batches(source, preprocess, todo, shard_size, total, batch_size, skip_bad, workers: int) -> Iterator[dict]:
-    """The batches of :func:`batch_ranges`, in that order, prepared by ``workers`` DataLoader workers."""
+def iter_batches(
+    source, preprocess, todo, shard_size, total, batch_size, skip_bad, workers: int, pin_memory: bool = False
+) -> Iterator[dict]:
+    """The batches of :func:`batch_ranges`, in that order, prepared by ``workers`` DataLoader workers
+    (``pin_memory``: in page-locked memory, for an encoder on CUDA)."""
     if workers <= 0:
         for shard, a, b in batch_ranges(todo, shard_size, total, batch_size):
             yield make_batch(source, preprocess, shard, a, b, skip_bad)
@@ -219,7 +230,7 @@ def iter_batches(source, preprocess, todo, shard_size, total, batch_size, skip_b
         batch_size=None,  # a worker's dict is the batch (no collation)
         num_workers=workers,
         prefetch_factor=PREFETCH,
-        pin_memory=False,  # onnxruntime takes numpy; the torch runtime pins on its own
+        pin_memory=pin_memory,
     )
     # with every worker yielding every n-th batch, the loader's round robin returns them in batch order
     yield from loader
@@ -361,14 +372,15 @@ def embed_to_shards(
         done_rows = 0
         preprocess, encoder = stages(embedder)
         try:
+            pin = getattr(getattr(embedder, "device", None), "type", None) == "cuda"  # the torch runtime on CUDA
             if engine is not None:
                 batches = engine(src, todo, shard_size, total, bs, skip_bad_images)
             else:
-                batches = iter_batches(src, preprocess, todo, shard_size, total, bs, skip_bad_images, workers)
+                batches = iter_batches(src, preprocess, todo, shard_size, total, bs, skip_bad_images, workers, pin)
             for b in batches:
                 if "error" in b:
-                    raise UserError(b["error"])
-                if "z" not in b:
+                    raise batch_error(b)
+                if "z" not in b:  # an engine hands back encoded batches
                     x = _as_numpy(b.pop("x"))
                     b["z"] = encoder(x) if x is not None else np.zeros((0, embedder.dim), np.float32)
                     del x
@@ -409,18 +421,54 @@ def embed_to_shards(
     return summary
 
 
+def embed_one_shard(
+    embedder,
+    source: RowSource,
+    directory,
+    index: int,
+    shard_size: int,
+    batch_size: int,
+    dtype: str = "float32",
+    skip_bad_images: bool = False,
+):
+    """Embed and write shard ``index`` in this process (no lock, no manifest): the unit of work of a
+    distributed run (a Ray actor per model), whose result the one writer records with
+    :meth:`~simsiam_kit.retrieval.shards.ShardWriter.add`. The same batches as :func:`embed_to_shards`, so the
+    same files. Returns the :class:`~simsiam_kit.retrieval.shards.ShardInfo`."""
+    from simsiam_kit.retrieval.shards import write_shard_files
+
+    total = len(source)
+    preprocess, encoder = stages(embedder)
+    parts = []
+    for shard, a, b in batch_ranges([index], shard_size, total, batch_size):
+        part = make_batch(source, preprocess, shard, a, b, skip_bad_images)
+        if "error" in part:
+            raise batch_error(part)
+        x = part.pop("x")
+        part["z"] = encoder(x) if x is not None else np.zeros((0, embedder.dim), np.float32)
+        parts.append(part)
+    z, cols, skipped = _assemble(parts, embedder.dim)
+    inputs = len(range(*shard_range(index, shard_size, total)))
+    return write_shard_files(directory, index, z, cols, inputs, dtype, skipped, shard_size=shard_size)
+
+
 def _int_ids(src: RowSource) -> bool:
     """Ids that are array rows (npz, torchvision, demo): ids.json keeps them as numbers."""
     return isinstance(src, DatasetSource) and all(isinstance(i, (int, np.integer)) for i in src.ds.ids)
 
 
-def _write(writer: ShardWriter, parts: list[dict], shard_size: int, total: int) -> None:
-    parts.sort(key=lambda p: p["start"])
-    shard = parts[0]["shard"]
-    z = np.concatenate([p["z"] for p in parts]) if parts else np.zeros((0, writer.dim), np.float32)
+def _assemble(parts: list[dict], dim: int) -> tuple:
+    """One shard's (embeddings, columns, skipped) from its batches, in row order."""
+    parts = sorted(parts, key=lambda p: p["start"])
+    z = np.concatenate([p["z"] for p in parts]) if parts else np.zeros((0, dim), np.float32)
     cols = {k: np.concatenate([p[k] for p in parts]) for k in ("row", "label", "width", "height")}
     cols["id"] = [str(i) for p in parts for i in p["id"]]
-    skipped = [s for p in parts for s in p["skipped"]]
+    return z, cols, [s for p in parts for s in p["skipped"]]
+
+
+def _write(writer: ShardWriter, parts: list[dict], shard_size: int, total: int) -> None:
+    shard = parts[0]["shard"]
+    z, cols, skipped = _assemble(parts, writer.dim)
     writer.write_shard(shard, z, cols, inputs=len(range(*shard_range(shard, shard_size, total))), skipped=skipped)
 
 

@@ -72,7 +72,7 @@ class EncodeActor:
             try:
                 b = make_batch(self.source, self.preprocess, int(shard), int(start), int(stop), self.skip_bad)
             except UserError as e:  # a bad tar label, a missing file: one line in the driver
-                b = {"error": str(e)}
+                b = {"error": str(e), "remedy": getattr(e, "remedy", None)}
             if "error" not in b:
                 x = _as_numpy(b.pop("x"))
                 b["z"] = self.encode(x) if x is not None else np.zeros((0, self.embedder.dim), np.float32)

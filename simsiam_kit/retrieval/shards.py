@@ -45,6 +45,10 @@ height     int32     height of the decoded image before resizing (pixels)
      ],
      "extra": {...}}                # free-form facts of the writer (classes, timing)
 
+**Cost of the manifest.** It is rewritten whole (and fsynced) after every shard, so a run of ``S`` shards
+writes ``O(S^2)`` manifest bytes (about 0.5 KB per entry): choose the shard size so that a run has at most
+a few thousand shards (``--shard-size 100000`` for 100 million images).
+
 **Atomicity.** A shard is written as two temp files (``shards/.NNNNN.npy.XXXXXXXX.tmp``), each fsynced
 and renamed into place, and only then recorded in the manifest (itself replaced atomically). A file
 that is not in the manifest is not a finished shard, whatever its name; a listed file whose size or
