@@ -12,8 +12,10 @@ own length and against the other files of the directory:
 * :func:`check_faiss_file`: the FAISS index file is parsed before faiss reads it. ``faiss.read_index``
   allocates every vector at the size the file declares (up to 1 TB by default) before it reads the
   vector's bytes, so a few changed bytes in a 43 KB file asked for 15.7 GB. The parser walks the
-  layout faiss writes for the three kinds simsiam-kit builds (``IndexFlatIP``, ``IndexIVFFlat`` over an
-  ``IndexFlatIP`` quantizer with array inverted lists, ``IndexHNSWFlat`` over an ``IndexFlatIP``), checks
+  layout faiss writes for the kinds simsiam-kit builds (``IndexFlatIP``, ``IndexIVFFlat`` and ``IndexIVFPQ``
+  over an ``IndexFlatIP`` quantizer, an OPQ ``IndexPreTransform`` around an ``IndexIVFPQ``, ``IndexHNSWFlat``
+  over an ``IndexFlatIP``; inverted lists in the file or on disk in ``index.ivfdata``, whose every list must
+  lie inside that file and hold ids of stored vectors), checks
   every declared count against the bytes left in the file and against ``index.json`` (dimension,
   number of vectors, number of lists), bounds the search-time sizes stored in the file (``nprobe`` <=
   ``nlist``, HNSW ``efSearch``/``efConstruction`` <= :data:`MAX_EF`), checks that every id and graph
@@ -21,9 +23,11 @@ own length and against the other files of the directory:
   only called on a file whose every allocation is bounded by its length.
 
 Layout reference: ``faiss/impl/index_write.cpp`` (``write_index_header``, ``WRITEXBVECTOR``,
-``write_ivf_header``, ``write_direct_map``, ``write_InvertedLists``, ``write_HNSW``), unchanged from
-faiss 1.8 to 1.15 for these three kinds; ``tests/test_untrusted_files.py`` round-trips each kind through
-the installed faiss.
+``write_ivf_header``, ``write_direct_map``, ``write_InvertedLists``, ``write_HNSW``,
+``write_ProductQuantizer``, ``write_VectorTransform``; ``OnDiskInvertedListsIOHook::write``), unchanged from
+faiss 1.8 to 1.15 for flat, IVF-Flat and HNSW (IVF-PQ, OPQ and on-disk lists checked against 1.15);
+``tests/reliability/test_untrusted_files.py`` and ``tests/retrieval/test_index_build.py`` round-trip each
+kind through the installed faiss.
 """
 
 from __future__ import annotations

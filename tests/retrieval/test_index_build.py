@@ -379,3 +379,15 @@ def test_index_build_command(tmp_path):
         assert r.exit_code == 2 and msg in r.output, r.output
     r = cli("index", "build", "--embeddings", str(tmp_path / "none"))
     assert r.exit_code == 2 and "no such directory" in r.output
+
+
+@pytest.mark.parametrize("kind", ["ivfpq", "opq_ivfpq"])
+def test_embedding_index_builds_the_pq_kinds_in_memory_too(tmp_path, kind):
+    """`embed --index ivfpq` goes through EmbeddingIndex.add (trained on the first batch): saved, checked, loaded."""
+    x = clustered(2_000, 16)
+    ix = EmbeddingIndex(16, kind, "faiss", nlist=8, use_gpu=False).add(x)
+    assert (ix.nlist, ix.pq_m) == (8, 4) and ix.opq_dim == (20 if kind == "opq_ivfpq" else 0)  # (min(16 // 4, 6) + 1) x 4
+    ix.save(tmp_path / kind)
+    back = EmbeddingIndex.load(tmp_path / kind, use_gpu=False)
+    assert back.approximate and back.recall is None and "recall not measured" in back.describe()
+    np.testing.assert_array_equal(back.search(x[:5], 3)[1], ix.search(x[:5], 3)[1])
