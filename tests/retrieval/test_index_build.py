@@ -386,7 +386,8 @@ def test_embedding_index_builds_the_pq_kinds_in_memory_too(tmp_path, kind):
     """`embed --index ivfpq` goes through EmbeddingIndex.add (trained on the first batch): saved, checked, loaded."""
     x = clustered(2_000, 16)
     ix = EmbeddingIndex(16, kind, "faiss", nlist=8, use_gpu=False).add(x)
-    assert (ix.nlist, ix.pq_m) == (8, 4) and ix.opq_dim == (20 if kind == "opq_ivfpq" else 0)  # (min(16 // 4, 6) + 1) x 4
+    # 4 code bytes (the largest <= d / 4 dividing 16); OPQ output (min(16 // 4, 6) + 1) x 4 = 20
+    assert (ix.nlist, ix.pq_m) == (8, 4) and ix.opq_dim == (20 if kind == "opq_ivfpq" else 0)
     ix.save(tmp_path / kind)
     back = EmbeddingIndex.load(tmp_path / kind, use_gpu=False)
     assert back.approximate and back.recall is None and "recall not measured" in back.describe()
