@@ -14,8 +14,9 @@ shards are assembled from batches sorted by their first row, whatever order Ray 
 **Runtime.** A local Ray runtime is started (and shut down at the end) unless ``address`` (or the
 ``RAY_ADDRESS`` environment variable) names a running cluster to join (``ray start --head`` on one
 machine, ``ray start --address HEAD:6379`` on the others; every machine must see the model file and
-the data at the same paths). The writer stays in this process: the output directory needs to be on
-this machine only.
+the data at the same paths; each actor works in the command's working directory when that exists on its
+machine, so relative paths mean what they mean to the command). The writer stays in this process: the
+output directory needs to be on this machine only.
 
 **Faults.** Actors are created with unlimited restarts and task retries: a killed actor process is
 restarted by Ray and its batch recomputed. This process keeps one result per batch (keyed by its first
@@ -56,9 +57,11 @@ class EncodeActor:
     """One Ray actor of the pool: opens the input and one encoder session once, then reads, decodes,
     preprocesses and encodes each batch it is given (``shard``, ``start``, ``stop`` columns)."""
 
-    def __init__(self, open_embedder: Callable, data: str, skip_bad: bool):
+    def __init__(self, open_embedder: Callable, data: str, skip_bad: bool, cwd: Optional[str] = None):
         from simsiam_kit.retrieval.pipeline import open_source, stages
 
+        if cwd and os.path.isdir(cwd):  # relative paths in the spec (and in path lists) as the command saw them
+            os.chdir(cwd)
         self.embedder = open_embedder()
         self.source = open_source(data, skip_bad)
         self.preprocess, self.encode = stages(self.embedder)
@@ -143,7 +146,7 @@ class RayEngine:
             ds = ray.data.from_items(items, override_num_blocks=min(len(items), 4 * size))
             ds = ds.map_batches(
                 EncodeActor,
-                fn_constructor_args=(self.open_embedder, self.data, skip_bad),
+                fn_constructor_args=(self.open_embedder, self.data, skip_bad, os.getcwd()),
                 batch_size=1,  # one pipeline batch (batch_size images) per call
                 compute=ray.data.ActorPoolStrategy(size=size),
                 num_cpus=self.cpus_per_actor,
