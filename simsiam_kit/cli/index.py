@@ -81,3 +81,42 @@ def build_cmd(
     if sweep:
         typer.echo(f"recall@10 sweep on {m['recall_queries']} held-out vectors: {sweep}")
     typer.echo(f"wrote {r.output / 'index.json'}")
+
+
+# ------------------------------------------------------------------------------- embed --engine (shared wiring)
+ENGINE_HELP = (
+    "local (this process, decoding in DataLoader workers) or ray (Ray Data: an actor pool, one encoder "
+    "session per actor; pip install -e '.[scale]')."
+)
+RAY_ADDRESS_HELP = "With --engine ray: join this Ray cluster (default: $RAY_ADDRESS, else start a local runtime)."
+ACTORS_HELP = "With --engine ray: actors in the pool (default: one per CPU of the cluster)."
+
+
+def embed_engine(
+    engine: str,
+    model: Path,
+    data: str,
+    device: str = "auto",
+    batch_size: int = 64,
+    ray_address: Optional[str] = None,
+    actors: Optional[int] = None,
+):
+    """The ``engine`` argument of ``embed_dataset_to_dir`` / ``pipeline.embed_to_dir`` for ``embed --engine``:
+    None for ``local``, a :class:`~simsiam_kit.retrieval.ray_engine.RayEngine` opening ``model`` with the
+    command's device and batch size in each actor for ``ray``; a :class:`UserError` for anything else, or
+    for Ray options without ``--engine ray``."""
+    import functools
+
+    from simsiam_kit.errors import UserError
+
+    if engine not in ("local", "ray"):
+        raise UserError(f"--engine must be local or ray, got '{engine}'")
+    if engine == "local":
+        if ray_address or actors is not None:
+            raise UserError("--ray-address / --actors apply to --engine ray")
+        return None
+    from simsiam_kit.export.embedder import OnnxEmbedder
+    from simsiam_kit.retrieval.ray_engine import RayEngine
+
+    opener = functools.partial(OnnxEmbedder, Path(model).resolve(), device=device, batch_size=batch_size)
+    return RayEngine(opener, data, address=ray_address, actors=actors, log=typer.echo)

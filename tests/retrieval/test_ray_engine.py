@@ -95,3 +95,19 @@ def test_a_killed_actor_is_retried_and_no_row_is_lost_or_duplicated(ray_local, i
     _same(got, want)
     rows = [r for _, _, _, t in got for r in t["row"]]
     assert sorted(rows) == list(range(30)) and len(rows) == len(set(rows))
+
+
+def test_embed_engine_option(inputs):
+    from simsiam_kit.cli.index import embed_engine
+    from simsiam_kit.retrieval.ray_engine import RayEngine
+
+    enc, npz, _ = inputs
+    assert embed_engine("local", enc, str(npz)) is None
+    with pytest.raises(UserError, match="--engine must be local or ray, got 'spark'"):
+        embed_engine("spark", enc, str(npz))
+    with pytest.raises(UserError, match="--ray-address / --actors apply to --engine ray"):
+        embed_engine("local", enc, str(npz), actors=2)
+    pytest.importorskip("ray")
+    e = embed_engine("ray", enc, str(npz), ray_address="10.0.0.1:6379", actors=3)
+    assert isinstance(e, RayEngine) and (e.address, e.actors) == ("10.0.0.1:6379", 3)
+    assert e.open_embedder().dim == 8  # the actors' encoder: the command's model
