@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from simsiam_kit.cli import detection, knn, linear, onnx, pretrain
+from simsiam_kit.cli import detection, embed_scale, knn, linear, onnx, pretrain
 from simsiam_kit.cli import index as index_cli
 from simsiam_kit.cli.options import new_app
 
@@ -24,6 +24,7 @@ export_app.add_typer(detection.export_app)  # simsiam-kit export detectron2
 app.add_typer(eval_app, name="eval")
 app.add_typer(export_app, name="export")
 app.add_typer(onnx.app)  # simsiam-kit embed, simsiam-kit search
+app.add_typer(embed_scale.app)  # simsiam-kit embed (streaming, sharded; replaces onnx.app's)
 app.add_typer(index_cli.app, name="index")  # simsiam-kit index build
 
 

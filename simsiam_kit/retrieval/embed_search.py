@@ -21,7 +21,7 @@ dataset, count, index kind, provider, timing).
 Where a change goes: the shard format in :mod:`simsiam_kit.retrieval.shards`; the pipeline (workers,
 batches, resume, the finishing step) in :mod:`simsiam_kit.retrieval.pipeline`; loading and searching here;
 the search and its order in :mod:`simsiam_kit.retrieval.index`; the model runtime (onnxruntime, preprocessing) in
-``export/embedder.py``; options in ``simsiam_kit/cli/onnx.py``.
+``export/embedder.py``; options in ``simsiam_kit/cli/embed_scale.py`` (embed) and ``simsiam_kit/cli/onnx.py`` (search).
 """
 
 from __future__ import annotations

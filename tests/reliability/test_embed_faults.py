@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import resource
 import shutil
 import signal
 import subprocess
@@ -26,24 +27,6 @@ from helpers import DATA, REPO, conv_onnx_encoder, need
 
 SHARD, BATCH, N = 4, 2, 40
 
-# One `embed` run as a process of its own (resume on; RLIMIT_FSIZE = argv[4] bytes when not 0, the way a full
-# disk looks to a writer); a UserError is one line and exit code 2, as at the CLI.
-DRIVER = """
-import resource, signal, sys
-from simsiam_kit.errors import UserError
-if int(sys.argv[4]):
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[4]), int(sys.argv[4])))
-from simsiam_kit.export.embedder import OnnxEmbedder
-from simsiam_kit.retrieval.pipeline import embed_to_dir
-try:
-    embed_to_dir(OnnxEmbedder(sys.argv[1], batch_size=%d), sys.argv[2], sys.argv[3], shard_size=%d, workers=1,
-                 resume=True)
-except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-""" % (BATCH, SHARD)
-
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
@@ -61,12 +44,32 @@ def setup(tmp_path_factory):
     return enc, photos, ref, time.perf_counter() - t0
 
 
-def _cmd(enc, data, out, fsize_limit=0):
-    return [sys.executable, "-c", DRIVER, str(enc), str(data), str(out), str(fsize_limit)]
+def _cmd(enc, data, out):
+    """A real `simsiam-kit embed` run, resuming whatever the directory holds (one decoding worker)."""
+    args = ["--model", enc, "--data", data, "--output", out, "--shard-size", SHARD, "--batch-size", BATCH]
+    args += ["--workers", 1, "--resume", "--no-progress"]
+    return [sys.executable, "-m", "simsiam_kit", "embed", *map(str, args)]
+
+
+def _file_size_limit(limit: int):
+    """In the child: files may not grow past ``limit`` bytes (how a full disk looks to a writer)."""
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of death by signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
 
 
 def _embed(enc, data, out, fsize_limit=0):
-    return subprocess.run(_cmd(enc, data, out, fsize_limit), cwd=REPO, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        _cmd(enc, data, out),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_file_size_limit(fsize_limit) if fsize_limit else None,
+    )
 
 
 def _same_result(a: Path, b: Path) -> None:
@@ -94,8 +97,8 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(setup
     enc, photos, ref, ref_secs = setup
     out = tmp_path / "e"
     rng = random.Random(20261203)
-    mid_run_kills = 0
-    for attempt in range(5):
+    mid_run_kills, finished_dirs = 0, []
+    for attempt in range(6):
         p = subprocess.Popen(_cmd(enc, photos, out), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         if attempt == 0:  # anywhere from start-up on
             time.sleep(rng.uniform(0.1, ref_secs))
@@ -105,16 +108,21 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(setup
                 time.sleep(0.01)
             time.sleep(rng.uniform(0.0, 0.2))
         if p.poll() is not None:
+            assert p.returncode == 0, p.stderr.read()[-2000:]
             break  # finished before the kill
         p.send_signal(signal.SIGKILL)
         p.wait(timeout=60)
         assert p.returncode == -signal.SIGKILL
         done = _shards_done(out)
         mid_run_kills += 0 < done < N // SHARD
+        if done == N // SHARD and mid_run_kills == 0:  # killed in the finishing step: resume it aside, start over
+            finished_dirs.append(out.with_name(f"finish{attempt}"))
+            out.rename(finished_dirs[-1])
     assert mid_run_kills >= 1, "no kill landed between the first and the last shard"
-    r = _embed(enc, photos, out)  # resume to the end
-    assert r.returncode == 0, r.stderr[-2000:]
-    _same_result(ref, out)
+    for d in [out, *finished_dirs]:
+        r = _embed(enc, photos, d)  # resume to the end
+        assert r.returncode == 0, r.stderr[-2000:]
+        _same_result(ref, d)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "tamper", "delete"])

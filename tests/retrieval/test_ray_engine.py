@@ -111,3 +111,17 @@ def test_embed_engine_option(inputs):
     e = embed_engine("ray", enc, str(npz), ray_address="10.0.0.1:6379", actors=3)
     assert isinstance(e, RayEngine) and (e.address, e.actors) == ("10.0.0.1:6379", 3)
     assert e.open_embedder().dim == 8  # the actors' encoder: the command's model
+
+
+def test_embed_command_with_engine_ray(ray_local, inputs, tmp_path):
+    from helpers import cli
+
+    enc, npz, want = inputs
+    out = tmp_path / "cli"
+    args = ["embed", "--model", enc, "--data", npz, "--output", out, "--shard-size", "8", "--batch-size", "4"]
+    r = cli(*args, "--index", "none", "--no-progress", "--engine", "ray", "--actors", "2")
+    assert r.exit_code == 0, r.output
+    assert "Ray Data: 8 batches on 2 actor(s)" in r.output
+    _same(_shards(out), want)
+    r = cli(*args, "--engine", "local", "--actors", "2")
+    assert r.exit_code == 2 and "--ray-address / --actors apply to --engine ray" in r.output
