@@ -26,6 +26,7 @@ app.add_typer(export_app, name="export")
 app.add_typer(onnx.app)  # simsiam-kit embed, simsiam-kit search
 app.add_typer(embed_scale.app)  # simsiam-kit embed (streaming, sharded; replaces onnx.app's)
 app.add_typer(index_cli.app, name="index")  # simsiam-kit index build
+app.add_typer(index_cli.search_app)  # simsiam-kit search (--nprobe/--ef; replaces onnx.app's)
 
 
 def main() -> None:

@@ -120,3 +120,51 @@ def embed_engine(
 
     opener = functools.partial(OnnxEmbedder, Path(model).resolve(), device=device, batch_size=batch_size)
     return RayEngine(opener, data, address=ray_address, actors=actors, log=typer.echo)
+
+
+# ------------------------------------------------------------------------------- search with the index's knobs
+search_app = new_app()  # simsiam-kit search (registered after cli/onnx.py's app, whose search it replaces)
+
+
+@search_app.command("search")
+@user_errors
+def search_cmd(
+    index: Path = typer.Option(..., "--index", "-i", help="Directory written by `simsiam-kit embed`."),
+    query: Path = typer.Option(..., "--query", "-q", help="An image file or a directory of images."),
+    k: int = typer.Option(10, "--k", "-k", help="Neighbours per query."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Encoder (default: the one recorded by `embed`)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="JSON results (default <index>/search.json)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    nprobe: Optional[int] = typer.Option(
+        None, "--nprobe", help="IVF indexes: lists visited per query (default: the index's, set by `index build`)."
+    ),
+    ef: Optional[int] = typer.Option(None, "--ef", help="HNSW indexes: candidates kept while searching the graph."),
+):
+    """Nearest indexed images of each query, with cosine similarities: a table, and JSON; says whether the index
+    is approximate and the recall@10 its build measured."""
+    from simsiam_kit.errors import UserError
+
+    if not (index / "embed.json").is_file():
+        raise UserError(f"--index {index}: no embed.json there (a directory written by 'simsiam-kit embed')")
+    for option, path in (("--query", query), ("--model", model)):
+        if path is not None and not path.exists():
+            raise UserError(f"{option} {path}: no such file or directory")
+    from simsiam_kit.export.embedder import OnnxEmbedder
+    from simsiam_kit.retrieval.embed_search import format_search_table, search_images
+
+    out = output if output is not None else index / "search.json"
+    report = search_images(
+        index,
+        query,
+        lambda path: OnnxEmbedder(path, device=device),
+        k=k,
+        model=model,
+        output=out,
+        log=lambda s: typer.echo(s, err=True),
+        nprobe=nprobe,
+        ef=ef,
+    )
+    typer.echo(f"onnxruntime provider: {report['provider']}; {len(report['results'])} queries, k={report['k']}")
+    typer.echo(report["index_description"])
+    typer.echo(format_search_table(report))
+    typer.echo(f"wrote {out}")

@@ -243,6 +243,7 @@ def search_images(
         "approximate": index.approximate,
         "recall_at_10": index.recall,
         "search_params": index.search_params(),
+        "index_description": index.describe(),
         "results": results,
     }
     if output is not None:

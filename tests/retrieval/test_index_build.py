@@ -392,3 +392,28 @@ def test_embedding_index_builds_the_pq_kinds_in_memory_too(tmp_path, kind):
     back = EmbeddingIndex.load(tmp_path / kind, use_gpu=False)
     assert back.approximate and back.recall is None and "recall not measured" in back.describe()
     np.testing.assert_array_equal(back.search(x[:5], 3)[1], ix.search(x[:5], 3)[1])
+
+
+def test_search_command_takes_nprobe_and_states_the_recall(tmp_path):
+    from PIL import Image
+
+    from helpers import cli, conv_onnx_encoder, write_tiny_npz
+
+    enc = conv_onnx_encoder(tmp_path / "enc.onnx", size=16, dim=8)
+    npz = write_tiny_npz(tmp_path / "t.npz", n=400, size=16)
+    emb = tmp_path / "emb"
+    r = cli("embed", "--model", enc, "--data", npz, "--output", emb, "--workers", "0", "--no-progress")
+    assert r.exit_code == 0, r.output
+    r = cli("index", "build", "--embeddings", emb, "--index", "ivf", "--nlist", "8", "--queries", "40")
+    assert r.exit_code == 0, r.output
+    m = json.loads((emb / "index.json").read_text())
+    Image.fromarray(np.load(npz)["images"][3]).save(tmp_path / "q.png")
+    r = cli("search", "--index", emb, "--query", tmp_path / "q.png", "--k", "3", "--nprobe", "8")
+    assert r.exit_code == 0, r.output
+    assert f"ivf index: approximate, recall@10 {m['recall_at_10']:.3f} measured on 40 held-out vectors" in r.output
+    assert "searching with nprobe=8" in r.output
+    report = json.loads((emb / "search.json").read_text())
+    assert report["approximate"] and report["search_params"] == {"nprobe": 8}
+    assert report["results"][0]["neighbours"][0]["row"] == 3  # nprobe = nlist: exact, the image itself first
+    r = cli("search", "--index", emb, "--query", tmp_path / "q.png", "--ef", "64")
+    assert r.exit_code == 2 and "--ef applies to hnsw indexes; this one is ivf" in r.output
