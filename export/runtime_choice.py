@@ -210,9 +210,10 @@ class AutoEmbedder:
         return True
 
     def choose(self, images, prefer: Optional[str] = None) -> None:
-        """Choose the runtime on ``images`` (a list of images) unless chosen already. ``prefer``: a runtime taken without
-        timing when it is available and none is forced (``embed --resume`` keeps the runtime of the shards
-        already written); no images (every one of the first batch unreadable): the model in onnxruntime."""
+        """Choose the runtime on ``images`` (a list of images) unless chosen already. ``prefer``: a runtime
+        taken without timing when it is available and none is forced (``embed --resume`` keeps the runtime of
+        the shards already written); no images (every one of the first batch unreadable): the model in
+        onnxruntime."""
         if self.chosen is not None:
             return
         images = list(images)

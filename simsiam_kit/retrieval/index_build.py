@@ -479,10 +479,10 @@ def build_index(
         f"index {plan.factory()} for {n} vectors of dim {d} from {source.describe}: about {format_bytes(est)}"
         f"{' on disk' if on_disk else ''}; training on {n_train}, recall on {n_queries} held-out vectors"
     )
-    from simsiam_kit.retrieval.shards import DirLock
+    from simsiam_kit.retrieval.shards import shard_lock
 
     out = Path(output).expanduser()
-    lock = DirLock(out, "embedding run or index build").acquire()  # the lock of embed's shard writer too
+    lock = shard_lock(out, "embedding run or index build").acquire()  # the lock of embed's shard writer too
     try:
         for stale in out.glob(TMP_PREFIX + "*"):
             shutil.rmtree(stale, ignore_errors=True)  # a killed build's; we hold the lock

@@ -42,8 +42,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -494,30 +492,6 @@ def _write(writer: ShardWriter, parts: list[dict], shard_size: int, total: int) 
 
 
 # ------------------------------------------------------------------------------------------ finish
-@contextlib.contextmanager
-def _atomic_stream(path: Path):
-    """A binary file written in pieces, then fsynced and renamed over ``path`` (named like the temp files
-    of :mod:`simsiam_kit.utils.io`, so a killed write is removed the same way)."""
-    from simsiam_kit.utils.io import TEMP_SUFFIX
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise UserError(
-                f"cannot write {path}: {e.strerror or e}; the previous file, if any, is unchanged"
-            ) from None
-        raise
-
-
 def _npy_header(f, shape: tuple, descr: str) -> None:
     np.lib.format.write_array_header_1_0(f, {"descr": descr, "fortran_order": False, "shape": shape})
 
@@ -529,6 +503,7 @@ def finish_dir(out: Path, index_kind: str = "flat", backend: str = "faiss") -> d
 
     from simsiam_kit.retrieval.index import EmbeddingIndex
     from simsiam_kit.retrieval.shards import read_manifest
+    from simsiam_kit.utils.io import atomic_stream
 
     m = read_manifest(out)
     if m is None or not m.get("complete"):
@@ -545,9 +520,9 @@ def finish_dir(out: Path, index_kind: str = "flat", backend: str = "faiss") -> d
     index = EmbeddingIndex(dim, index_kind, backend)
     incremental = index_kind in ("flat", "hnsw") and index.backend == "faiss"
     with contextlib.ExitStack() as stack:
-        fe = stack.enter_context(_atomic_stream(out / "embeddings.npy"))
-        fi = stack.enter_context(_atomic_stream(out / "ids.json"))
-        fl = stack.enter_context(_atomic_stream(out / "labels.npy")) if labelled else None
+        fe = stack.enter_context(atomic_stream(out / "embeddings.npy"))
+        fi = stack.enter_context(atomic_stream(out / "ids.json"))
+        fl = stack.enter_context(atomic_stream(out / "labels.npy")) if labelled else None
         _npy_header(fe, (n, dim), "<f4")
         if fl is not None:
             _npy_header(fl, (n,), "<i8")

@@ -55,10 +55,11 @@ that is not in the manifest is not a finished shard, whatever its name; a listed
 sha256 disagrees with the manifest is corrupt. Readers trust only the manifest, and
 :func:`iter_shards` checks every file against it (``verify=True``) before using it.
 
-**One writer.** :class:`ShardWriter` takes an exclusive ``flock`` on ``OUT/.lock`` (opened with
-``O_NOFOLLOW``: a symlink planted there is refused) for its lifetime; a second writer on the directory
-gets a :class:`UserError`. The kernel drops the lock when the process dies, so a SIGKILLed run never
-leaves a stale lock. Forked children (DataLoader workers) close their inherited copy at fork.
+**One writer.** :class:`ShardWriter` takes an exclusive ``flock`` on ``OUT/.lock`` for its lifetime (the lock
+of a run directory, :class:`simsiam_kit.utils.dirlock.DirLock`: a symlink, hard link or device planted there
+is refused); a second writer on the directory gets a :class:`UserError`. The kernel drops the lock when the
+process dies, so a SIGKILLed run never leaves a stale lock. Forked children (DataLoader workers) close their
+inherited copy at fork.
 
 **Memory.** :class:`ShardWriter` holds at most one shard: the rows handed to
 :meth:`ShardWriter.write_shard` and their encoded ``.npy`` + Parquet bytes while they are written
@@ -70,8 +71,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
@@ -79,8 +78,8 @@ from typing import Iterator, Optional, Sequence, Union
 import numpy as np
 
 from simsiam_kit.errors import UserError
+from simsiam_kit.utils.dirlock import DirLock
 from simsiam_kit.utils.io import (
-    TEMP_SUFFIX,
     atomic_write_bytes,
     atomic_write_json,
     file_sha256,
@@ -91,28 +90,10 @@ FORMAT = "simsiam-kit-embedding-shards"
 VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
-LOCK_NAME = ".lock"
 DTYPES = ("float16", "float32")
 #: the Parquet columns, in order, with their Arrow types (as strings, so pyarrow loads lazily)
 COLUMNS = {"row": "int64", "offset": "int32", "id": "string", "label": "int64", "width": "int32", "height": "int32"}
 MAX_SHARDS = 100_000  # NNNNN: five digits
-
-_HELD: set = set()  # lock descriptors of this process
-
-
-def _close_inherited_locks() -> None:
-    # A forked child (a DataLoader worker) shares the flock; closing its copy keeps the lock's life the
-    # writer's own (the same rule as engine/run_dir.py).
-    for fd in list(_HELD):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    _HELD.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
 def shard_name(index: int) -> str:
@@ -182,57 +163,10 @@ class ShardInfo:
 
 
 # ----------------------------------------------------------------------------------- the lock
-class DirLock:
-    """An exclusive ``flock`` on ``DIR/.lock`` for the life of the process (see the module docstring)."""
-
-    def __init__(self, root: Union[str, Path], what: str = "embedding run"):
-        self.root, self.what = Path(root), what
-        self._fd: Optional[int] = None
-
-    @property
-    def path(self) -> Path:
-        return self.root / LOCK_NAME
-
-    @property
-    def locked(self) -> bool:
-        return self._fd is not None
-
-    def acquire(self) -> "DirLock":
-        import fcntl
-
-        if self._fd is not None:
-            return self
-        if self.root.exists() and not self.root.is_dir():
-            raise UserError(f"{self.root}: exists and is not a directory")
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
-        except OSError as e:
-            raise UserError(f"cannot lock {self.path}: {e.strerror or e}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                holder = int(os.pread(fd, 32, 0).decode().strip() or 0) or None
-            except (OSError, ValueError):
-                holder = None
-            os.close(fd)
-            pid = f" (pid {holder})" if holder else ""
-            raise UserError(
-                f"{self.root}: another {self.what} is writing to this directory{pid}; "
-                "wait for it or pick another output directory"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
-        _HELD.add(fd)
-        return self
-
-    def release(self) -> None:
-        if self._fd is not None:
-            _HELD.discard(self._fd)
-            os.close(self._fd)  # closing the descriptor releases the flock
-            self._fd = None
+def shard_lock(root: Union[str, Path], what: str = "embedding run") -> DirLock:
+    """The one-writer lock of an embedding directory (:class:`simsiam_kit.utils.dirlock.DirLock`): a second
+    ``what`` is refused while it is held."""
+    return DirLock(root, f"another {what} is writing to this directory", "an embedding directory", "writer")
 
 
 # ----------------------------------------------------------------------------------- encoding
@@ -430,7 +364,7 @@ class ShardWriter:
         self.fingerprint = dict(fingerprint or {})
         self.extra = dict(extra or {})
         self.dropped: list[str] = []
-        self._lock = DirLock(self.root).acquire()
+        self._lock = shard_lock(self.root).acquire()
         try:
             remove_stale_temp_files(self.root)
             remove_stale_temp_files(self.root / SHARDS_DIR)
@@ -557,28 +491,3 @@ class ShardWriter:
     def __exit__(self, *exc) -> None:
         if self._lock.locked:
             self._lock.release()  # an error: the manifest already lists every finished shard
-
-
-def stream_to_file(path: Path, write) -> None:
-    """Write a large file atomically with ``write(f)`` streaming into it: a temp file next to ``path``
-    (named like :mod:`simsiam_kit.utils.io`'s, so a killed write is cleaned up the same way), fsync,
-    rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise UserError(
-                f"cannot write {path}: {e.strerror or e}; the previous file, if any, is unchanged"
-            ) from None
-        raise
