@@ -395,3 +395,33 @@ def test_one_shard_at_a_time_gives_the_pipelines_files(encoder, photos, tmp_path
     w.close()
     got, ref = read_manifest(tmp_path / "d"), read_manifest(tmp_path / "ref")
     assert got["complete"] and [s.to_json() for s in got["shards"]] == [s.to_json() for s in ref["shards"]]
+
+
+def test_a_resumed_run_keeps_the_runtime_its_shards_were_written_with(encoder, photos, tmp_path):
+    """An embedder that picks its runtime by timing (export.runtime_choice.AutoEmbedder) chooses on the first batch
+    before the fingerprint; resumed, it takes the runtime in the shards' fingerprint instead of timing again (here
+    the slower one, which timing would not pick), so the resume is not refused and redoes the shard identically."""
+    import time
+
+    from simsiam_kit.export.runtime_choice import AutoEmbedder
+
+    class Slow(OnnxEmbedder):
+        def embed(self, images, normalize=None):
+            time.sleep(0.05)
+            return super().embed(images, normalize)
+
+    def auto(force=None, log=None):
+        runtimes = {"ort-fp32": OnnxEmbedder(encoder, batch_size=4), "slow": Slow(encoder, batch_size=4)}
+        return AutoEmbedder(runtimes, {"model_sha256": "x"}, force=force, log=log, cache=tmp_path / "c.json", pause=0)
+
+    out = tmp_path / "e"
+    m = embed_to_dir(auto(force="slow"), str(photos), out, shard_size=4, workers=0)
+    assert m["runtime"] == "slow" and m["provider"] == "slow: CPUExecutionProvider"
+    assert read_manifest(out)["fingerprint"]["runtime"] == "slow"
+    before = (out / "shards" / "00001.npy").read_bytes()
+    (out / "shards" / "00001.npy").unlink()
+    said = []
+    m = embed_to_dir(auto(log=said.append), str(photos), out, shard_size=4, workers=0, resume=True)
+    assert "runtime: slow, as the run being resumed" in said and m["runtime"] == "slow"
+    assert (out / "shards" / "00001.npy").read_bytes() == before
+    assert not (tmp_path / "c.json").exists()  # nothing was timed
