@@ -38,7 +38,7 @@ import numpy as np
 
 from simsiam_kit.config import DEFAULT_CROP_PCT
 from simsiam_kit.errors import UserError, require_extra
-from simsiam_kit.retrieval.pipeline import l2_normalize  # the core's, the one every runtime uses
+from simsiam_kit.utils.vectors import l2_normalize  # the core's, the one every runtime uses
 
 log = logging.getLogger("simsiam_kit.export")
 

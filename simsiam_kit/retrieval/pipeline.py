@@ -51,6 +51,7 @@ import numpy as np
 from simsiam_kit.errors import UserError
 from simsiam_kit.retrieval.shards import ShardWriter, iter_shards, num_shards, shard_range
 from simsiam_kit.utils.io import file_sha256
+from simsiam_kit.utils.vectors import l2_normalize
 
 DEFAULT_SHARD_SIZE = 10_000
 PREFETCH = 2  # batches each worker prepares ahead
@@ -255,12 +256,6 @@ def stages(embedder) -> tuple[Callable, Callable]:
     if callable(getattr(embedder, "preprocess", None)) and callable(getattr(embedder, "run", None)):
         return embedder.preprocess, lambda x: encode(embedder, x)
     return keep_images, lambda x: np.asarray(embedder.embed(x), np.float32)
-
-
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Rows scaled to unit length, float32 (every runtime's, ``export.embedder`` included)."""
-    n = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(n, eps)).astype(np.float32)
 
 
 def encode(embedder, x: np.ndarray) -> np.ndarray:

@@ -77,7 +77,7 @@ class TorchEmbedder:
     def embed(self, images, normalize: Optional[bool] = None) -> np.ndarray:
         """float32 (N, D) embeddings of one image or a batch (what ``preprocess`` takes), l2-normalised unless
         ``normalize`` (default :attr:`normalize`) is False."""
-        from simsiam_kit.retrieval.pipeline import l2_normalize
+        from simsiam_kit.utils.vectors import l2_normalize
 
         x = self.preprocess(images)
         z = np.concatenate([self.run(x[s : s + self.chunk]) for s in range(0, len(x), self.chunk)])
