@@ -38,6 +38,7 @@ import numpy as np
 
 from simsiam_kit.config import DEFAULT_CROP_PCT
 from simsiam_kit.errors import UserError, require_extra
+from simsiam_kit.utils.vectors import l2_normalize  # the core's, the one every runtime uses
 
 log = logging.getLogger("simsiam_kit.export")
 
@@ -168,11 +169,6 @@ def preprocess(images, image_size: int, mean: Sequence[float], std: Sequence[flo
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    n = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(n, eps)).astype(np.float32)
-
-
 # --------------------------------------------------------------------------- metadata
 def read_metadata(path) -> dict:
     """The simsiam-kit ``metadata_props`` of an exported model, values decoded (lists, ints)."""
@@ -280,6 +276,12 @@ class OnnxEmbedder:
             f"OnnxEmbedder({str(self.path)!r}, arch={self.meta.get('arch')}, head={self.meta.get('head')}, "
             f"dim={self.dim}, image_size={self.image_size}, provider={self.provider})"
         )
+
+    @property
+    def runtime(self) -> str:
+        """The runtime's name (``export.runtime_choice.RUNTIMES``): ``ort-int8`` for an int8 model, else
+        ``ort-fp32``."""
+        return "ort-int8" if self.meta.get("precision") == "int8" else "ort-fp32"
 
     def preprocess(self, images) -> np.ndarray:
         return preprocess(images, self.image_size, self.mean, self.std)

@@ -14,8 +14,14 @@ does; on Intel Xeon with AMX the bf16 tiles close much of the gap, see docs/benc
 :func:`choose_runtime` takes the candidate encoders and a sample batch and returns the fastest, through the
 core's probe (:func:`simsiam_kit.utils.probe.choose_fastest`: alternating timed calls, a JSON cache keyed by
 the CPU model, its bf16/AMX/VNNI flags and the model's sha256). :func:`open_embedder` builds the candidates
-of a model file and returns an embedder that chooses on its first batch (what ``simsiam-kit embed`` runs);
-a streaming pipeline that has its own first batch calls :func:`runtime_candidates` and :func:`choose_runtime`.
+of a model file and returns an embedder that chooses on its first batch; the streaming pipeline
+(:mod:`simsiam_kit.retrieval.pipeline`, what ``simsiam-kit embed`` runs) calls its ``choose`` on the first
+batch it reads, then splits the chosen runtime into the workers' ``preprocess`` and the encoder's ``run``.
+
+One more runtime needs no exported model: ``torch`` (:func:`weights_embedder`), the PyTorch encoder of a
+``--weights`` spec, at the precision the device rules pick (bf16 on CUDA and on CPUs with native bf16, else
+fp32). :func:`open_runtime` is the one entry that turns ``embed``'s ``--model`` / ``--weights`` / ``--runtime``
+into an embedder.
 
 The torch runtime computes the same function as the exported model only while its source weights are the
 ones exported; before it is used its output on the first images is compared with the model's (cosine
@@ -30,10 +36,12 @@ from typing import Callable, Mapping, Optional
 import numpy as np
 
 from simsiam_kit.errors import UserError
-from simsiam_kit.export.embedder import OnnxEmbedder, _is_batch, l2_normalize, preprocess
+from simsiam_kit.export.embedder import OnnxEmbedder, _is_batch, preprocess
 from simsiam_kit.utils.io import file_sha256
 
 RUNTIMES = ("auto", "ort-int8", "torch-bf16", "ort-fp32")
+#: ``embed --runtime torch``: the encoder of ``--weights`` in PyTorch, without an exported model
+WEIGHTS_RUNTIME = "torch"
 #: agreement of the torch runtime with the exported model on the first images (minimum cosine over them):
 #: bf16 rounding stays far above the fp32 bound, int8 quantisation above the int8 one
 MIN_COSINE = {"fp32": 0.99, "fp16": 0.99, "int8": 0.95}
@@ -43,31 +51,15 @@ CHECK_IMAGES = 4
 PAUSE_S = 0.2
 
 
-class TorchEmbedder:
-    """The encoder an ONNX model was exported from, in PyTorch on the CPU under bf16 autocast with channels_last;
-    the same preprocessing and attributes as :class:`~simsiam_kit.export.embedder.OnnxEmbedder` (``path`` and
-    ``meta`` are the ONNX model's: the embeddings stand for it)."""
+def torch_runtime(onnx: OnnxEmbedder):
+    """(the torch bf16 runtime of ``onnx``'s source weights, "") or (None, why it is not available here).
 
-    def __init__(self, onnx: OnnxEmbedder, module, source: str):
-        import torch
+    The runtime is the core's :class:`~simsiam_kit.retrieval.torch_runtime.TorchEmbedder` on the CPU under bf16
+    autocast with channels_last, with the model's preprocessing, ``path`` and ``meta`` (the embeddings stand for
+    the model)."""
+    import functools
 
-        self.path, self.meta, self.dim = onnx.path, onnx.meta, onnx.dim
-        self.batch_size, self.normalize, self.source = onnx.batch_size, onnx.normalize, source
-        self.image_size, self.mean, self.std = onnx.image_size, onnx.mean, onnx.std
-        self.module = module.eval().to(memory_format=torch.channels_last)
-        self.provider = "torch bf16 autocast + channels_last (CPU)"
-
-    def embed(self, images, normalize: Optional[bool] = None) -> np.ndarray:
-        import torch
-
-        x = torch.from_numpy(preprocess(images, self.image_size, self.mean, self.std))
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            z = self.module(x.contiguous(memory_format=torch.channels_last)).float().numpy()
-        return l2_normalize(z) if (self.normalize if normalize is None else normalize) else z
-
-
-def torch_runtime(onnx: OnnxEmbedder) -> tuple[Optional[TorchEmbedder], str]:
-    """(the torch bf16 runtime of ``onnx``'s source weights, "") or (None, why it is not available here)."""
+    from simsiam_kit.retrieval.torch_runtime import TorchEmbedder
     from simsiam_kit.utils.device import cpu_supports_bf16
 
     if not cpu_supports_bf16():
@@ -89,7 +81,41 @@ def torch_runtime(onnx: OnnxEmbedder) -> tuple[Optional[TorchEmbedder], str]:
         return None, f"its source weights do not load ({str(e)[:200]})"
     if enc.embedding_dim != onnx.dim or not np.allclose(enc.mean, onnx.mean) or not np.allclose(enc.std, onnx.std):
         return None, f"its source weights {source} no longer describe the model (width or mean/std differ)"
-    return TorchEmbedder(onnx, enc.module, source), ""
+    pre = functools.partial(preprocess, image_size=onnx.image_size, mean=onnx.mean, std=onnx.std)
+    tr = TorchEmbedder(
+        enc.module, onnx.meta, onnx.path, pre, batch_size=onnx.batch_size, device="cpu", precision="bf16", source=source
+    )
+    tr.normalize = onnx.normalize
+    return tr, ""
+
+
+def weights_embedder(weights: str, head: str = "backbone", device: str = "auto", batch_size: int = 64):
+    """``--runtime torch``: the PyTorch encoder of ``weights`` (a run directory, checkpoint or backbone.pt), no
+    exported model needed, with the preprocessing an export of it would carry (:func:`preprocess` with the
+    encoder's image size, mean and std); precision and channels_last by the device (bf16 on CUDA and on CPUs with
+    native bf16, else fp32). ``path`` is the weights file, so ``embed.json`` records it as the model."""
+    import functools
+
+    from simsiam_kit.export.encoder import load_encoder
+    from simsiam_kit.retrieval.torch_runtime import TorchEmbedder
+    from simsiam_kit.weights import is_random
+
+    if is_random(weights):
+        raise UserError(
+            "--runtime torch needs trained weights (a run directory, checkpoint or backbone.pt), not 'random'"
+        )
+    enc = load_encoder(weights, head=head)
+    meta = {
+        "arch": enc.arch,
+        "stem": enc.stem,
+        "head": enc.head,
+        "embedding_dim": enc.embedding_dim,
+        "image_size": enc.image_size,
+        "mean": list(enc.mean),
+        "std": list(enc.std),
+    }
+    pre = functools.partial(preprocess, image_size=enc.image_size, mean=enc.mean, std=enc.std)
+    return TorchEmbedder(enc.module, meta, Path(enc.source), pre, batch_size=batch_size, device=device)
 
 
 def runtime_candidates(
@@ -100,8 +126,7 @@ def runtime_candidates(
     tried)."""
     say = log or (lambda s: None)
     ort = OnnxEmbedder(model, device=device, batch_size=batch_size, threads=threads)
-    name = "ort-int8" if ort.meta.get("precision") == "int8" else "ort-fp32"
-    out = {name: ort}
+    out = {ort.runtime: ort}
     if ort.provider != "CPUExecutionProvider" or not torch:
         return out  # a GPU: onnxruntime's provider, no CPU probe
     tr, why = torch_runtime(ort)
@@ -184,16 +209,52 @@ class AutoEmbedder:
             return False
         return True
 
-    def _choose(self, images) -> None:
+    def choose(self, images, prefer: Optional[str] = None) -> None:
+        """Choose the runtime on ``images`` (a list of images) unless chosen already. ``prefer``: a runtime
+        taken without timing when it is available and none is forced (``embed --resume`` keeps the runtime of
+        the shards already written); no images (every one of the first batch unreadable): the model in
+        onnxruntime."""
+        if self.chosen is not None:
+            return
+        images = list(images)
+        if len(images) == 0:
+            name = self.force or next(k for k in self.candidates if k.startswith("ort-"))
+            self.choice = choose_runtime(self.candidates, [], self.facts, name, **self.choose_kw)
+            self.chosen = self.candidates[self.choice.name]
+            self.log(f"runtime: {self.choice.name}, {self.choice.reason} (no readable image to time on)")
+            return
         if len(self.candidates) > 1:
             for name in [k for k in self.candidates if k == "torch-bf16"]:
                 if not self._agrees(name, images):
                     if self.force == name:
                         raise UserError(f"--runtime {name}: its weights do not compute {self.path.name}")
                     del self.candidates[name]
-        self.choice = choose_runtime(self.candidates, images, self.facts, self.force, **self.choose_kw)
+        resumed = self.force is None and prefer in self.candidates and len(self.candidates) > 1
+        force = prefer if resumed else self.force
+        self.choice = choose_runtime(self.candidates, images, self.facts, force, **self.choose_kw)
         self.chosen = self.candidates[self.choice.name]
-        self.log(f"runtime: {self.choice.name}, {self.choice.reason}")
+        self.log(f"runtime: {self.choice.name}, {'as the run being resumed' if resumed else self.choice.reason}")
+
+    def _runtime(self):
+        if self.chosen is None:
+            raise RuntimeError("AutoEmbedder: choose(images) before preprocess/run (embed chooses on its first batch)")
+        return self.chosen
+
+    @property
+    def runtime(self) -> str:
+        """The chosen runtime's name (:data:`RUNTIMES`), "auto" before the choice."""
+        return self.choice.name if self.choice is not None else "auto"
+
+    # the streaming pipeline's halves (simsiam_kit.retrieval.pipeline.stages): the chosen runtime's
+    def preprocess(self, images) -> np.ndarray:
+        return self._runtime().preprocess(images)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return self._runtime().run(x)
+
+    @property
+    def chunk(self) -> int:
+        return self._runtime().chunk
 
     def embed(self, images, normalize: Optional[bool] = None) -> np.ndarray:
         if self.chosen is None:
@@ -201,7 +262,7 @@ class AutoEmbedder:
                 images = [images]
             elif isinstance(images, tuple):
                 images = list(images)
-            self._choose(images)
+            self.choose(images)
         return self.chosen.embed(images, normalize=normalize)
 
 
@@ -228,6 +289,46 @@ def open_embedder(
     return AutoEmbedder(
         candidates, facts, force=None if runtime == "auto" else runtime, log=log, cache=cache, use_cache=True
     )
+
+
+def open_runtime(
+    model=None,
+    runtime: str = "auto",
+    weights: Optional[str] = None,
+    head: str = "backbone",
+    device: str = "auto",
+    batch_size: int = 64,
+    log=None,
+    onnxruntime_only: bool = False,
+):
+    """The embedder of ``simsiam-kit embed``: ``model`` (an exported ``.onnx``) on ``runtime`` (one of
+    :data:`RUNTIMES`, through :func:`open_embedder`), or the encoder of ``weights`` in PyTorch (``runtime``
+    "torch" or "auto", :func:`weights_embedder`). A wrong pairing is one :class:`UserError` naming the options.
+    ``onnxruntime_only`` (``--engine ray``, whose actors open the model themselves): the model's
+    :class:`OnnxEmbedder`, ``runtime`` being auto or its own."""
+    known = (*RUNTIMES, WEIGHTS_RUNTIME)
+    if runtime not in known:
+        raise UserError(f"--runtime {runtime}: unknown (available: {', '.join(known)})")
+    if onnxruntime_only and (weights is not None or not (runtime == "auto" or runtime.startswith("ort-"))):
+        raise UserError("--engine ray runs the --model file in onnxruntime (--runtime auto, ort-int8 or ort-fp32)")
+    if weights is not None:
+        if model is not None:
+            raise UserError("give --model FILE.onnx or --weights RUN (--runtime torch), not both")
+        if runtime not in ("auto", WEIGHTS_RUNTIME):
+            raise UserError(f"--weights goes with --runtime torch; --runtime {runtime} runs the --model file")
+        return weights_embedder(weights, head=head, device=device, batch_size=batch_size)
+    if runtime == WEIGHTS_RUNTIME:
+        raise UserError("--runtime torch needs --weights (a run directory, checkpoint or backbone.pt)")
+    if model is None:
+        raise UserError("--model FILE.onnx is needed (or --weights RUN for the torch encoder)")
+    if not Path(model).is_file():
+        raise UserError(f"--model {model}: no such file (an encoder written by 'simsiam-kit export onnx')")
+    if onnxruntime_only:
+        ort = OnnxEmbedder(model, device=device, batch_size=batch_size)
+        if runtime not in ("auto", ort.runtime):
+            raise UserError(f"--runtime {runtime}: not available for {Path(model).name} (available: {ort.runtime})")
+        return ort
+    return open_embedder(model, runtime, device=device, batch_size=batch_size, log=log)
 
 
 def index_runtime(index_dir) -> Optional[str]:

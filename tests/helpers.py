@@ -77,22 +77,18 @@ def cli(*args, sets=(), input=None, env=None):
     return CliRunner().invoke(app, argv, input=input, env=env)
 
 
-def write_thumbnail_encoder(path: Path, size: int = 32, pool: int = 4) -> Path:
-    """A simsiam-kit 'encoder' made by hand: the embedding is the normalised image average-pooled to
-    (size / pool)^2 cells, 3 x 64 = 192 numbers at the defaults, so different photos differ."""
+def _save_onnx_encoder(path: Path, nodes, name: str, size: int, dim: int, arch: str, initializer=()) -> Path:
+    """Save a hand-built graph (``images`` [batch, 3, size, size] -> ``embeddings`` [batch, dim]) with the
+    metadata simsiam-kit's export writes, so the embedder loads it like an exported encoder."""
     import onnx
     from onnx import TensorProto, helper
 
-    cells = (size // pool) ** 2 * 3
-    nodes = [
-        helper.make_node("AveragePool", ["images"], ["pooled"], kernel_shape=[pool, pool], strides=[pool, pool]),
-        helper.make_node("Flatten", ["pooled"], ["embeddings"], axis=1),
-    ]
     g = helper.make_graph(
         nodes,
-        "thumbnail",
+        name,
         [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, size, size])],
-        [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, ["batch", cells])],
+        [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, ["batch", dim])],
+        initializer=list(initializer),
     )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
     meta = {
@@ -101,10 +97,10 @@ def write_thumbnail_encoder(path: Path, size: int = 32, pool: int = 4) -> Path:
         "mean": "[0.485, 0.456, 0.406]",
         "std": "[0.229, 0.224, 0.225]",
         "channel_order": "RGB",
-        "embedding_dim": str(cells),
+        "embedding_dim": str(dim),
         "input_name": "images",
         "output_name": "embeddings",
-        "arch": "thumbnail",
+        "arch": arch,
         "head": "backbone",
     }
     for k, v in meta.items():
@@ -112,3 +108,30 @@ def write_thumbnail_encoder(path: Path, size: int = 32, pool: int = 4) -> Path:
     onnx.checker.check_model(m)
     onnx.save(m, str(path))
     return path
+
+
+def write_thumbnail_encoder(path: Path, size: int = 32, pool: int = 4) -> Path:
+    """A simsiam-kit 'encoder' made by hand: the embedding is the normalised image average-pooled to
+    (size / pool)^2 cells, 3 x 64 = 192 numbers at the defaults, so different photos differ."""
+    from onnx import helper
+
+    nodes = [
+        helper.make_node("AveragePool", ["images"], ["pooled"], kernel_shape=[pool, pool], strides=[pool, pool]),
+        helper.make_node("Flatten", ["pooled"], ["embeddings"], axis=1),
+    ]
+    return _save_onnx_encoder(path, nodes, "thumbnail", size, (size // pool) ** 2 * 3, "thumbnail")
+
+
+def conv_onnx_encoder(path: Path, size: int = 8, dim: int = 8, seed: int = 0) -> Path:
+    """A small simsiam-kit ONNX 'encoder' with fixed random weights (3x3 conv, ReLU, global mean pool: D = ``dim``)
+    for ``size`` px inputs, so embed tests run real convolutions in seconds."""
+    from onnx import helper, numpy_helper
+
+    w = np.random.default_rng(seed).standard_normal((dim, 3, 3, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["images", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["embeddings"], axis=1),
+    ]
+    return _save_onnx_encoder(path, nodes, "conv_pool", size, dim, "conv-pool", [numpy_helper.from_array(w, "w")])

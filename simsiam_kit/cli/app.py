@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from simsiam_kit.cli import detection, embed, export, knn, linear, pretrain, serve
+from simsiam_kit.cli import index as index_cli
 from simsiam_kit.cli.options import new_app
 
 app = new_app(
@@ -20,6 +21,7 @@ eval_app.add_typer(detection.eval_app)  # simsiam-kit eval detection
 app.add_typer(eval_app, name="eval")
 app.add_typer(export.app, name="export")  # simsiam-kit export onnx, simsiam-kit export detectron2
 app.add_typer(embed.app)  # simsiam-kit embed, simsiam-kit search
+app.add_typer(index_cli.app, name="index")  # simsiam-kit index build
 app.add_typer(serve.app)  # simsiam-kit serve
 
 

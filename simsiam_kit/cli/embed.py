@@ -1,5 +1,8 @@
-"""``simsiam-kit embed`` and ``simsiam-kit search``: the core's embed/search application
-(:mod:`simsiam_kit.retrieval.embed_search`) with an exported encoder, export's ``OnnxEmbedder``, as its model."""
+"""``simsiam-kit embed`` and ``simsiam-kit search``: the core's streaming embed pipeline
+(:mod:`simsiam_kit.retrieval.pipeline`) and search (:mod:`simsiam_kit.retrieval.embed_search`), with the runtime
+export chooses (:func:`simsiam_kit.export.runtime_choice.open_runtime`: the exported model in onnxruntime, its
+source weights in torch bf16, or the torch encoder of ``--weights``) as the model; ``--engine ray`` runs the
+same pipeline on Ray Data (:mod:`simsiam_kit.retrieval.ray_engine`)."""
 
 from __future__ import annotations
 
@@ -13,51 +16,116 @@ from simsiam_kit.cli.options import SkipBadImages, new_app, precheck
 
 app = new_app()  # simsiam-kit embed, simsiam-kit search
 
+RUNTIME_HELP = (
+    "auto (the fastest here of the --model file in onnxruntime and its source weights in torch bf16, timed on "
+    "the first batch, cached per machine) | ort-int8 | ort-fp32 (the model in onnxruntime, by its precision) | "
+    "torch-bf16 (its source weights, bf16 + channels_last) | torch (the --weights encoder, no exported model: "
+    "bf16 where the device has it, else fp32; CPU or CUDA)."
+)
+ENGINE_HELP = (
+    "local (this process, decoding in DataLoader workers) or ray (Ray Data: an actor pool, one onnxruntime "
+    "session per actor; pip install -e '.[scale]')."
+)
+RAY_ADDRESS_HELP = "With --engine ray: join this Ray cluster (default: $RAY_ADDRESS, else start a local runtime)."
+ACTORS_HELP = "With --engine ray: actors in the pool (default: one per CPU of the cluster)."
+
 
 @app.command("embed")
 @user_errors(remedies=EMBED_REMEDIES)
 def embed_cmd(
-    model: Path = typer.Option(..., "--model", "-m", help="Encoder exported with `simsiam-kit export onnx`."),
     data: str = typer.Option(
-        ..., "--data", "-d", help="Dataset spec: ImageFolder dir, .npz, cifar10, ... (slice with [a:b])."
+        ...,
+        "--data",
+        "-d",
+        help="Dataset spec: ImageFolder dir, .npz, a .txt/.parquet list of image paths, WebDataset tar shards "
+        "('shards/{00000..00099}.tar'), cifar10, ... (slice with [a:b]).",
     ),
     output: Path = typer.Option(
-        ..., "--output", "-o", help="Directory for embeddings.npy, ids.json, labels.npy, the index."
+        ...,
+        "--output",
+        "-o",
+        help="Directory for the shards (manifest.json, shards/), embeddings.npy, ids.json, labels.npy, the index.",
     ),
-    batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per onnxruntime call."),
+    model: Optional[Path] = typer.Option(
+        None, "--model", "-m", help="Encoder exported with `simsiam-kit export onnx` (or --weights)."
+    ),
+    runtime: str = typer.Option("auto", "--runtime", help=RUNTIME_HELP),
+    weights: Optional[str] = typer.Option(
+        None, "--weights", "-w", help="Instead of --model: run directory, checkpoint or backbone.pt (--runtime torch)."
+    ),
+    head: str = typer.Option("backbone", "--head", help="With --weights: backbone or projector."),
+    batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per encoder call."),
     index: str = typer.Option(
-        "flat", "--index", help="flat (exact), ivf or hnsw (approximate, FAISS), bf16 (approximate, --backend torch)."
+        "flat",
+        "--index",
+        help="flat (exact), ivf or hnsw (approximate, FAISS), bf16 (approximate, --backend torch), or none "
+        "(shards only; then `simsiam-kit index build`).",
     ),
     backend: str = typer.Option("faiss", "--backend", help="faiss, or torch (exact flat search without FAISS)."),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA when onnxruntime-gpu sees a GPU), cpu or cuda."),
-    runtime: str = typer.Option(
-        "auto",
-        "--runtime",
-        help="auto (the fastest here, timed on the first batch, cached per machine) | ort-int8 | ort-fp32 (the "
-        "model in onnxruntime, by its precision) | torch-bf16 (its source weights, bf16 + channels_last).",
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu or cuda."),
+    shard_size: Optional[int] = typer.Option(
+        None, "--shard-size", help="Input images per shard (default: 10000, pipeline.DEFAULT_SHARD_SIZE)."
+    ),
+    dtype: str = typer.Option("float32", "--dtype", help="Shard embeddings: float32 or float16."),
+    workers: Optional[int] = typer.Option(
+        None, "--workers", help="Decoding worker processes (default: the cores but one; 0: in this process)."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the run in --output from its finished shards (a killed run)."
     ),
     skip_bad_images: SkipBadImages = False,
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar (images/s, ETA)."),
+    engine: str = typer.Option("local", "--engine", help=ENGINE_HELP),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
+    actors: Optional[int] = typer.Option(None, "--actors", help=ACTORS_HELP),
 ):
-    """Embed a dataset with an exported encoder (onnxruntime) and build a nearest-neighbour index."""
+    """Embed a dataset in shards (streamed, resumable) with an exported encoder or the torch one, and build an
+    index."""
     from simsiam_kit.errors import UserError
+    from simsiam_kit.retrieval.ray_engine import ENGINES
 
-    if not model.is_file():
-        raise UserError(f"--model {model}: no such file (an encoder written by 'simsiam-kit export onnx')")
+    if engine not in ENGINES:
+        raise UserError(f"--engine must be {' or '.join(ENGINES)}, got '{engine}'")
+    if engine == "local" and (ray_address or actors is not None):
+        raise UserError("--ray-address / --actors apply to --engine ray")
     precheck(data=[("--data", data)])
-    from simsiam_kit.export.runtime_choice import open_embedder
-    from simsiam_kit.retrieval.embed_search import embed_dataset_to_dir
+    from simsiam_kit.retrieval.pipeline import DEFAULT_SHARD_SIZE, embed_to_dir
+    from simsiam_kit.retrieval.shards import DTYPES
 
-    embed_dataset_to_dir(
-        open_embedder(model, runtime, device=device, batch_size=batch_size, log=typer.echo),
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype}: expected {' or '.join(DTYPES)}")
+    from simsiam_kit.export.runtime_choice import open_runtime
+
+    embedder = open_runtime(
+        model, runtime, weights, head, device, batch_size, log=typer.echo, onnxruntime_only=engine == "ray"
+    )
+    embed_to_dir(
+        embedder,
         data,
         output,
         index_kind=index,
         backend=backend,
+        shard_size=DEFAULT_SHARD_SIZE if shard_size is None else shard_size,
+        dtype=dtype,
+        resume=resume,
         skip_bad_images=skip_bad_images,
+        workers=workers,
         progress=progress,
         log=typer.echo,
+        engine=ray_engine(model, data, device, batch_size, ray_address, actors) if engine == "ray" else None,
     )
+
+
+def ray_engine(model: Path, data: str, device: str, batch_size: int, ray_address: Optional[str], actors):
+    """The ``engine`` of :func:`~simsiam_kit.retrieval.pipeline.embed_to_dir` for ``--engine ray``: a
+    :class:`~simsiam_kit.retrieval.ray_engine.RayEngine` opening ``model`` in onnxruntime in each actor."""
+    import functools
+
+    from simsiam_kit.export.embedder import OnnxEmbedder
+    from simsiam_kit.retrieval.ray_engine import RayEngine
+
+    opener = functools.partial(OnnxEmbedder, Path(model).resolve(), device=device, batch_size=batch_size)
+    return RayEngine(opener, data, address=ray_address, actors=actors, log=typer.echo)
 
 
 @app.command("search")
@@ -69,8 +137,13 @@ def search_cmd(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Encoder (default: the one recorded by `embed`)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="JSON results (default <index>/search.json)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    nprobe: Optional[int] = typer.Option(
+        None, "--nprobe", help="IVF indexes: lists visited per query (default: the index's, set by `index build`)."
+    ),
+    ef: Optional[int] = typer.Option(None, "--ef", help="HNSW indexes: candidates kept while searching the graph."),
 ):
-    """Nearest indexed images of each query, with cosine similarities: a table, and JSON."""
+    """Nearest indexed images of each query, with cosine similarities: a table, JSON and a picture per query;
+    says whether the index is approximate and the recall@10 its build measured."""
     from simsiam_kit.errors import UserError
 
     if not (index / "embed.json").is_file():
@@ -91,8 +164,11 @@ def search_cmd(
         model=model,
         output=out,
         log=lambda s: typer.echo(s, err=True),
+        nprobe=nprobe,
+        ef=ef,
     )
     typer.echo(f"onnxruntime provider: {report['provider']}; {len(report['results'])} queries, k={report['k']}")
+    typer.echo(report["index_description"])
     typer.echo(format_search_table(report))
     typer.echo(f"wrote {out}")
     for picture in report["pictures"]:

@@ -5,6 +5,8 @@ Spec syntax (``data.train``, ``--train-data``, ``--data`` ...)::
     demo[:train|val|all]                  built-in MNIST digits (5,000 real images, no network)
     PATH.npz                              arrays 'images' (uint8 N,H,W,3) and 'labels' (optional 'class_names')
     DIR                                   ImageFolder tree: DIR/<class>/<image>
+    LIST.txt | LIST.parquet               image paths, one per line / a 'path' column (data/webdataset.py)
+    shards/{00000..00099}.tar             WebDataset tar shards (data/webdataset.py)
     cifar10[:train|test]                  torchvision CIFAR-10 under data.root (download with data.download=true)
     cifar100[:train|test]                 torchvision CIFAR-100
     stl10[:unlabeled|train|test|train+unlabeled]   torchvision STL-10
@@ -225,6 +227,10 @@ def check_spec(spec: str) -> tuple[str, Optional[Path]]:
         return "demo", None
     if lname in TORCHVISION_SETS and not Path(base).exists():
         return "torchvision", None
+    from simsiam_kit.data.webdataset import LIST_SUFFIXES, is_tar_spec  # tar shards, path lists
+
+    if is_tar_spec(base):
+        return "tar", None
     path = Path(base).expanduser()
     if not path.exists():
         raise UserError(
@@ -234,6 +240,8 @@ def check_spec(spec: str) -> tuple[str, Optional[Path]]:
     if not path.is_dir() and not path.is_file():  # a link to /dev/zero, a FIFO, a device
         open_regular(path, "dataset").close()
     if path.is_file():
+        if path.suffix.lower() in LIST_SUFFIXES:
+            return "list", path
         if path.suffix != ".npz":
             raise UserError(f"unsupported dataset file {path} (expected .npz with 'images' and 'labels')")
         return "npz", path
@@ -255,6 +263,13 @@ def load_dataset(
     elif kind == "torchvision":
         lname = name.lower()
         ds = load_torchvision(lname, split or TORCHVISION_SETS[lname][0], root, download)
+    elif kind in ("tar", "list"):
+        from simsiam_kit.data.webdataset import load_path_list, tar_dataset
+
+        if kind == "list":
+            ds = load_path_list(path, skip_bad_images)
+        else:
+            ds, sl = tar_dataset(base, skip_bad_images, sl), None  # sliced while indexing
     else:
         assert path is not None  # check_spec gives npz and folder specs their path
         if kind == "npz":

@@ -16,46 +16,26 @@ Every command that reads or writes a run directory goes through :class:`RunDir`.
 
 One process at a time trains in a run directory: :meth:`RunDir.lock` takes an exclusive ``flock`` on
 ``RUN/.lock`` and holds it until the process exits or dies (the kernel releases it then, so a crashed
-run never leaves a stale lock to clear by hand). Under DDP rank 0 holds it for the job. The lock file is
-opened without following links and must be a regular file with one name: a directory received from
-someone else whose ``.lock`` leads elsewhere is refused before anything is written.
+run never leaves a stale lock to clear by hand). Under DDP rank 0 holds it for the job. The lock is
+:class:`simsiam_kit.utils.dirlock.DirLock` (the lock file is opened without following links and must be a
+regular file with one name: a directory received from someone else whose ``.lock`` leads elsewhere is refused
+before anything is written).
 """
 
 from __future__ import annotations
 
-import errno
-import os
 import shutil
-import stat
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
-from simsiam_kit.errors import UserError
+from simsiam_kit.utils.dirlock import LOCK_NAME, DirLock
 from simsiam_kit.utils.io import remove_stale_temp_files
-
-LOCK_NAME = ".lock"
-_HELD: set = set()  # lock descriptors of this process
-
-
-def _close_inherited_locks() -> None:
-    # A forked child (a DataLoader worker) shares the lock; were it to keep it, the lock would outlive
-    # the training process by the worker's few seconds of orphan life. Only the locking process holds it.
-    for fd in list(_HELD):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    _HELD.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
 class RunDir:
     def __init__(self, root: Union[str, Path]):
         self.root = Path(root)
-        self._lock_fd: Optional[int] = None
+        self._lock = DirLock(self.root, "another simsiam-kit run is using this directory", "a run directory")
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.root)!r})"
@@ -135,54 +115,15 @@ class RunDir:
         """Create the directory if needed and take its lock for the life of this process.
 
         Raises :class:`UserError` naming the directory when another live process holds it."""
-        import fcntl
-
-        if self._lock_fd is not None:
-            return self
-        if self.root.exists() and not self.root.is_dir():
-            raise UserError(f"{self.root}: exists and is not a directory")
-        for _ in range(3):
-            try:
-                self.root.mkdir(parents=True, exist_ok=True)
-                fd = _open_lock_file(self.lock_file)
-            except UserError:
-                raise
-            except OSError as e:
-                where = f" ({e.filename})" if e.filename and str(e.filename) != str(self.root) else ""
-                raise UserError(f"cannot use {self.root} as a run directory: {e.strerror or e}{where}") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _read_pid(fd)
-                os.close(fd)
-                pid = f" (pid {holder})" if holder else ""
-                raise UserError(
-                    f"{self.root}: another simsiam-kit run is using this directory{pid}; "
-                    "wait for it or pick another output directory"
-                ) from None
-            # the file we locked must still be the one at the path (not unlinked and re-created meanwhile)
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.lock_file).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-                self._lock_fd = fd
-                _HELD.add(fd)
-                return self
-            os.close(fd)
-        raise UserError(f"{self.root}: could not lock {self.lock_file} (it keeps being replaced)")
+        self._lock.acquire()
+        return self
 
     def unlock(self) -> None:
-        if self._lock_fd is not None:
-            _HELD.discard(self._lock_fd)
-            os.close(self._lock_fd)  # closing the descriptor releases the flock
-            self._lock_fd = None
+        self._lock.release()
 
     @property
     def locked(self) -> bool:
-        return self._lock_fd is not None
+        return self._lock.locked
 
     def remove_stale_temp_files(self) -> tuple[int, int]:
         """Delete temp files of killed atomic writes (checkpoint, backbone, config, metrics, results).
@@ -204,39 +145,3 @@ class RunDir:
                 shutil.rmtree(p)
             elif p.exists() or p.is_symlink():
                 p.unlink()
-
-
-def _open_lock_file(path: Path) -> int:
-    """Open (creating it) the lock file without following a link, and only if it is a regular file of one
-    name. A run directory may come from someone else: a ``.lock`` that is a symbolic link, a hard link
-    (more than one name) or a device would make the pid written into it land in some other file."""
-    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        st = None
-    if st is not None and not stat.S_ISREG(st.st_mode):
-        kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
-        raise UserError(f"{path}: {kind}; a run's lock file must be a regular file (remove it and try again)")
-    try:
-        fd = os.open(path, flags, 0o666)
-    except OSError as e:
-        if e.errno == errno.ELOOP:  # replaced by a link between the check and the open
-            raise UserError(
-                f"{path}: a symbolic link; a run's lock file must be a regular file (remove it and try again)"
-            ) from None
-        raise
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-        os.close(fd)
-        kind = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"a file with {st.st_nlink} names (hard link)"
-        raise UserError(f"{path}: {kind}; a run's lock file must be a regular file (remove it and try again)")
-    os.set_blocking(fd, True)
-    return fd
-
-
-def _read_pid(fd: int) -> Optional[int]:
-    try:
-        return int(os.pread(fd, 32, 0).decode().strip() or 0) or None
-    except (OSError, ValueError):
-        return None

@@ -9,22 +9,25 @@ command layer passes ``export.OnnxEmbedder`` (the core never imports ``export``)
     report = search_images("emb/", "photo.png", open_embedder=OnnxEmbedder, k=10)
     print(format_search_table(report))
 
+:func:`embed_dataset_to_dir` runs the streaming pipeline (:mod:`simsiam_kit.retrieval.pipeline`): decoding
+workers, embeddings written in atomic, resumable shards (``manifest.json`` + ``shards/``, the format of
+:mod:`simsiam_kit.retrieval.shards`), then the files search reads, streamed from the shards.
 A directory written by :func:`embed_dataset_to_dir` holds ``embeddings.npy`` (float32 (N, D),
 l2-normalised), ``ids.json`` (file path relative to an ImageFolder root, or the row of an array
 dataset), ``labels.npy`` (only when every image is labelled), the index (``index.json`` +
 ``index.faiss`` or ``index_vectors.npy``) and ``embed.json`` (model path and sha256, model metadata,
 dataset, count, index kind, provider, timing).
 
-Where a change goes: the directory layout and manifest here; the search and its order in
-:mod:`simsiam_kit.retrieval.index`; the model runtime (onnxruntime, preprocessing) in
-``export/embedder.py``; options in ``simsiam_kit/cli/embed.py``.
+Where a change goes: the shard format in :mod:`simsiam_kit.retrieval.shards`; the pipeline (workers,
+batches, resume, the finishing step) in :mod:`simsiam_kit.retrieval.pipeline`; loading and searching here;
+the search and its order in :mod:`simsiam_kit.retrieval.index`; the model runtime (onnxruntime, preprocessing) in
+``export/embedder.py``; options in ``simsiam_kit/cli/embed.py`` (embed, search).
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, Optional, Protocol
 
 import numpy as np
 
@@ -45,6 +48,10 @@ class Embedder(Protocol):
 
     def embed(self, images) -> np.ndarray:
         """l2-normalised float32 (N, D) embeddings of a batch (PIL images, paths or uint8 arrays)."""
+
+    # Optional, used by the streaming pipeline when present (``OnnxEmbedder`` has both): ``preprocess(images)``
+    # -> float32 (N, 3, S, S), run in the decoding workers, and ``run(x)`` -> raw (N, D) rows, in the encoder;
+    # ``chunk``: the most images per ``run`` call. See simsiam_kit/retrieval/pipeline.py.
 
 
 def list_images(path) -> list[Path]:
@@ -100,65 +107,26 @@ def embed_dataset_to_dir(
     skip_bad_images: bool = False,
     progress: bool = False,
     log=None,
+    **options,
 ) -> dict:
-    """Embed a dataset spec with ``embedder``; write ``embeddings.npy``, ``ids.json``, ``labels.npy``
-    (when labelled), the index (``index.json`` + ``index.faiss``) and ``embed.json``; return the manifest."""
-    from simsiam_kit.data.datasets import load_dataset
-    from simsiam_kit.retrieval.index import EmbeddingIndex
-    from simsiam_kit.utils.io import atomic_write_json
+    """Embed a dataset spec with ``embedder``; write the shards (``manifest.json``, ``shards/``), then
+    ``embeddings.npy``, ``ids.json``, ``labels.npy`` (when labelled), the index (``index.json`` +
+    ``index.faiss``) and ``embed.json``; return the manifest. The streaming pipeline and its ``options``
+    (``shard_size``, ``dtype``, ``resume``, ``workers``, ``batch_size``) are
+    :func:`simsiam_kit.retrieval.pipeline.embed_to_dir`'s."""
+    from simsiam_kit.retrieval.pipeline import embed_to_dir
 
-    say = log or (lambda s: None)
-    out = Path(output).expanduser()
-    if out.is_file():
-        raise UserError(f"--output {out} is a file; give a directory")
-    emb = embedder
-    # validate the index settings before spending time on the embeddings
-    EmbeddingIndex(emb.dim, index_kind, backend)
-    ds = load_dataset(data, skip_bad_images=skip_bad_images)
-    say(
-        f"embedding {len(ds)} images of {ds.name} with {emb.path.name} ({emb.meta.get('arch')} {emb.meta.get('head')}, "
-        f"{emb.dim}-d, {emb.meta.get('image_size')}px) on {emb.provider}"
+    return embed_to_dir(
+        embedder,
+        data,
+        output,
+        index_kind=index_kind,
+        backend=backend,
+        skip_bad_images=skip_bad_images,
+        progress=progress,
+        log=log,
+        **options,
     )
-    t0 = time.perf_counter()
-    z, rows = embed_dataset(emb, ds, progress=progress)
-    secs = time.perf_counter() - t0
-    index = EmbeddingIndex(emb.dim, index_kind, backend).add(z)
-    out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "embeddings.npy", z)
-    ids = [ds.ids[int(i)] for i in rows]
-    atomic_write_json(out / "ids.json", [i if isinstance(i, (int, str)) else str(i) for i in ids])
-    labels = ds.labels[rows]
-    has_labels = len(labels) > 0 and bool((labels >= 0).all())
-    if has_labels:
-        np.save(out / "labels.npy", labels.astype(np.int64))
-    elif (out / "labels.npy").exists():
-        (out / "labels.npy").unlink()  # stale labels of an earlier run would misalign
-    index.save(out)
-    manifest = {
-        "format": "simsiam-kit-embeddings",
-        "model": str(emb.path.resolve()),
-        "model_sha256": file_sha256(emb.path),
-        "model_metadata": {
-            k: emb.meta.get(k) for k in ("arch", "stem", "head", "embedding_dim", "image_size", "precision")
-        },
-        "data": data,
-        "count": int(len(z)),
-        "skipped": int(len(ds) - len(z)),
-        "dim": emb.dim,
-        "normalized": True,
-        "labels": bool(has_labels),
-        "classes": ds.classes if has_labels else None,
-        "index": {"kind": index.kind, "backend": index.backend},
-        "provider": emb.provider,
-        "seconds": round(secs, 3),
-        "images_per_s": round(len(z) / max(secs, 1e-9), 1),
-    }
-    atomic_write_json(out / MANIFEST, manifest)
-    say(
-        f"wrote {len(z)} embeddings ({secs:.1f} s, {manifest['images_per_s']:.0f} images/s) and a "
-        f"{index.kind} index ({index.backend}) to {out}"
-    )
-    return manifest
 
 
 def load_embeddings_dir(index_dir) -> dict:
@@ -185,6 +153,8 @@ def load_embeddings_dir(index_dir) -> dict:
     for key, ok, want in checks:
         if key in manifest and not ok(manifest[key]):
             raise UserError(f"{mp}: key '{key}' must be {want}, got {repr(manifest[key])[:80]}")
+    if manifest.get("index", True) is None and not (d / "ids.json").is_file():
+        raise UserError(f"{d}: embedded with --index none (shards only, no index to search); build one from its shards")
     ids = read_json(d / "ids.json", list, "the ids of the indexed images")
     labels = None
     if (d / "labels.npy").is_file():
@@ -198,12 +168,22 @@ def load_embeddings_dir(index_dir) -> dict:
 
 
 def search_images(
-    index_dir, query, open_embedder: Callable[[Path], Embedder], k: int = 10, model=None, output=None, log=None
+    index_dir,
+    query,
+    open_embedder: Callable[[Path], Embedder],
+    k: int = 10,
+    model=None,
+    output=None,
+    log=None,
+    nprobe: Optional[int] = None,
+    ef: Optional[int] = None,
 ) -> dict:
     """k nearest indexed images (cosine similarity) of an image file or every image under a directory.
 
     ``open_embedder(path)`` opens the model: ``model`` when given, else the one recorded in the
-    directory's manifest."""
+    directory's manifest. ``nprobe`` / ``ef``: the search-time knobs of an approximate index
+    (:meth:`~simsiam_kit.retrieval.index.EmbeddingIndex.set_search_params`); the report says whether the
+    index is approximate and the recall@10 its build measured."""
     from simsiam_kit.utils.io import atomic_write_json
 
     say = log or (lambda s: None)
@@ -212,6 +192,7 @@ def search_images(
     check_k(k, name="--k")
     store = load_embeddings_dir(index_dir)
     manifest, index = store["manifest"], store["index"]
+    index.set_search_params(nprobe=nprobe, ef=ef)
     model_path = Path(model).expanduser() if model else Path(manifest.get("model", ""))
     if not model_path.is_file():
         raise UserError(f"model {model_path} (recorded in {store['dir'] / MANIFEST}) not found; pass --model FILE.onnx")
@@ -251,6 +232,10 @@ def search_images(
         "provider": emb.provider,
         "k": k_eff,
         "index_kind": index.kind,
+        "approximate": index.approximate,
+        "recall_at_10": index.recall,
+        "search_params": index.search_params(),
+        "index_description": index.describe(),
         "results": results,
     }
     if output is not None:

@@ -15,8 +15,10 @@ own length and against the other files of the directory:
 * :func:`check_faiss_file`: the FAISS index file is parsed before faiss reads it. ``faiss.read_index``
   allocates every vector at the size the file declares (up to 1 TB by default) before it reads the
   vector's bytes, so a few changed bytes in a 43 KB file asked for 15.7 GB. The parser walks the
-  layout faiss writes for the three kinds simsiam-kit builds (``IndexFlatIP``, ``IndexIVFFlat`` over an
-  ``IndexFlatIP`` quantizer with array inverted lists, ``IndexHNSWFlat`` over an ``IndexFlatIP``), checks
+  layout faiss writes for the kinds simsiam-kit builds (``IndexFlatIP``, ``IndexIVFFlat`` and ``IndexIVFPQ``
+  over an ``IndexFlatIP`` quantizer, an OPQ ``IndexPreTransform`` around an ``IndexIVFPQ``, ``IndexHNSWFlat``
+  over an ``IndexFlatIP``; inverted lists in the file or on disk in ``index.ivfdata``, whose every list must
+  lie inside that file and hold ids of stored vectors), checks
   every declared count against the bytes left in the file and against ``index.json`` (dimension,
   number of vectors, number of lists), bounds the search-time sizes stored in the file (``nprobe`` <=
   ``nlist``, HNSW ``efSearch``/``efConstruction`` <= :data:`MAX_EF`), checks that every id and graph
@@ -24,9 +26,11 @@ own length and against the other files of the directory:
   only called on a file whose every allocation is bounded by its length.
 
 Layout reference: ``faiss/impl/index_write.cpp`` (``write_index_header``, ``WRITEXBVECTOR``,
-``write_ivf_header``, ``write_direct_map``, ``write_InvertedLists``, ``write_HNSW``), unchanged from
-faiss 1.8 to 1.15 for these three kinds; ``tests/reliability/test_untrusted_files.py`` round-trips each kind through
-the installed faiss.
+``write_ivf_header``, ``write_direct_map``, ``write_InvertedLists``, ``write_HNSW``,
+``write_ProductQuantizer``, ``write_VectorTransform``; ``OnDiskInvertedListsIOHook::write``), unchanged from
+faiss 1.8 to 1.15 for flat, IVF-Flat and HNSW (IVF-PQ, OPQ and on-disk lists checked against 1.15);
+``tests/reliability/test_untrusted_files.py`` and ``tests/retrieval/test_index_build.py`` round-trip each
+kind through the installed faiss.
 """
 
 from __future__ import annotations
@@ -199,45 +203,147 @@ def _flat(r: _Reader, what: str, dim: int, ntotal: Optional[int]) -> int:
     return n
 
 
-def _ivf(r: _Reader, dim: int, ntotal: int, nlist: int) -> None:
-    """``IndexIVFFlat``: ivf header (index header, nlist, nprobe, quantizer, direct map), array inverted lists."""
-    _header(r, "IVF index", dim, ntotal)
-    n_lists = r.field("Q", "IVF nlist")
-    nprobe = r.field("Q", "IVF nprobe")
+def _ivf_header(r: _Reader, what: str, dim: int, ntotal: int, nlist: int) -> int:
+    """faiss ``write_ivf_header``: index header, nlist, nprobe, the ``IndexFlatIP`` quantizer, the direct map."""
+    _header(r, what, dim, ntotal)
+    n_lists = r.field("Q", f"{what} nlist")
+    nprobe = r.field("Q", f"{what} nprobe")
     if n_lists != nlist or n_lists < 1:
-        raise _Corrupt(f"IVF index has {n_lists} lists, index.json says {nlist}")
+        raise _Corrupt(f"{what} has {n_lists} lists, index.json says {nlist}")
     if not 1 <= nprobe <= n_lists:
-        raise _Corrupt(f"IVF nprobe {nprobe} is not in [1, nlist={n_lists}]")
-    _flat(r, "IVF quantizer", dim, n_lists)  # the centroids: n_lists x dim floats in the file bound n_lists
-    if r.field("B", "IVF direct map type") != 0 or r.vector_len(8, "IVF direct map") != 0:
-        raise _Corrupt("IVF index has a direct map (simsiam-kit never builds one)")
-    if r.fourcc("IVF inverted lists type") != b"ilar":
-        raise _Corrupt("IVF inverted lists are not array lists")
-    if r.field("Q", "IVF inverted lists nlist") != n_lists:
-        raise _Corrupt("IVF inverted lists disagree with the index on nlist")
-    if r.field("Q", "IVF code size") != 4 * dim:
-        raise _Corrupt(f"IVF code size is not 4 x {dim}")
-    kind = r.fourcc("IVF list sizes type")
+        raise _Corrupt(f"{what} nprobe {nprobe} is not in [1, nlist={n_lists}]")
+    _flat(r, f"{what} quantizer", dim, n_lists)  # the centroids: n_lists x dim floats in the file bound n_lists
+    if r.field("B", f"{what} direct map type") != 0 or r.vector_len(8, f"{what} direct map") != 0:
+        raise _Corrupt(f"{what} has a direct map (simsiam-kit never builds one)")
+    return n_lists
+
+
+def _ivf(r: _Reader, dim: int, ntotal: int, nlist: int, ivfdata: Optional[Path] = None) -> None:
+    """``IndexIVFFlat``: ivf header, then inverted lists of 4 x dim byte codes."""
+    n_lists = _ivf_header(r, "IVF index", dim, ntotal, nlist)
+    _invlists(r, "IVF", n_lists, 4 * dim, ntotal, ivfdata)
+
+
+def _ivfpq(r: _Reader, what: str, dim: int, ntotal: int, nlist: int, pq_m: int, ivfdata: Optional[Path]) -> None:
+    """``IndexIVFPQ``: ivf header, by_residual, code_size, the product quantizer (d, M, nbits, centroids),
+    then inverted lists of M-byte codes (8 bits per sub-quantizer: the only kind simsiam-kit builds)."""
+    n_lists = _ivf_header(r, what, dim, ntotal, nlist)
+    if r.field("B", f"{what} by_residual") not in (0, 1):
+        raise _Corrupt(f"{what} by_residual is not a boolean")
+    code_size = r.field("Q", f"{what} code size")
+    d, m, nbits = (r.field("Q", f"{what} PQ {w}") for w in ("d", "M", "nbits"))
+    if d != dim or m != pq_m or nbits != 8 or code_size != m:
+        raise _Corrupt(
+            f"{what} product quantizer (d {d}, M {m}, nbits {nbits}, code size {code_size}) is not the "
+            f"{pq_m}-byte, 8-bit quantizer of dimension {dim} index.json records"
+        )
+    if r.vector_len(4, f"{what} PQ centroids") != 256 * dim:
+        raise _Corrupt(f"{what} PQ centroids are not 256 x {dim} floats")
+    r.skip(4 * 256 * dim, f"{what} PQ centroids")
+    _invlists(r, what, n_lists, code_size, ntotal, ivfdata)
+
+
+def _opq_ivfpq(r: _Reader, dim: int, ntotal: int, nlist: int, pq_m: int, opq_dim: int, ivfdata: Optional[Path]) -> None:
+    """``IndexPreTransform``: header, one ``LTra`` (the OPQ rotation: have_bias, A, b, d_in, d_out,
+    is_trained), then the ``IndexIVFPQ`` of the rotated vectors."""
+    _header(r, "OPQ index", dim, ntotal)
+    if r.field("i", "OPQ chain length") != 1 or r.fourcc("OPQ transform type") != b"LTra":
+        raise _Corrupt("OPQ index does not hold exactly one linear transform")
+    bias = r.field("B", "OPQ have_bias")
+    a = r.vector_len(4, "OPQ matrix")
+    if a != opq_dim * dim:
+        raise _Corrupt(f"OPQ matrix holds {a} floats, not {opq_dim} x {dim}")
+    r.skip(4 * a, "OPQ matrix")
+    b = r.vector_len(4, "OPQ bias")
+    if b != (opq_dim if bias else 0):
+        raise _Corrupt(f"OPQ bias holds {b} floats")
+    r.skip(4 * b, "OPQ bias")
+    d_in, d_out, trained = r.field("i", "OPQ d_in"), r.field("i", "OPQ d_out"), r.field("B", "OPQ is_trained")
+    if (d_in, d_out, trained) != (dim, opq_dim, 1):
+        raise _Corrupt(f"OPQ transform maps {d_in} -> {d_out} (trained {trained}), index.json says {dim} -> {opq_dim}")
+    if r.fourcc("OPQ inner index type") != b"IwPQ":
+        raise _Corrupt("OPQ inner index is not an IndexIVFPQ")
+    _ivfpq(r, "OPQ IVF-PQ index", opq_dim, ntotal, nlist, pq_m, ivfdata)
+
+
+def _invlists(r: _Reader, what: str, n_lists: int, code_size: int, ntotal: int, ivfdata: Optional[Path]) -> None:
+    """Array inverted lists (``ilar``: sizes, then each list's codes and ids in the file), or on-disk ones
+    (``ilod``: each list's size, capacity and offset in ``ivfdata``, whose length must cover them all)."""
+    kind = r.fourcc(f"{what} inverted lists type")
+    if kind == b"ilod":
+        _ondisk_lists(r, what, n_lists, code_size, ntotal, ivfdata)
+        return
+    if kind != b"ilar":
+        raise _Corrupt(f"{what} inverted lists are not array lists")
+    if ivfdata is not None:
+        raise _Corrupt(f"{what} inverted lists are in the file, index.json says on disk")
+    if r.field("Q", f"{what} inverted lists nlist") != n_lists:
+        raise _Corrupt(f"{what} inverted lists disagree with the index on nlist")
+    if r.field("Q", f"{what} code size") != code_size:
+        raise _Corrupt(f"{what} code size is not {code_size}")
+    kind = r.fourcc(f"{what} list sizes type")
     sizes = np.zeros(n_lists, dtype=np.uint64)
     if kind == b"full":
-        sizes = r.array("<u8", r.vector_len(8, "IVF list sizes"), "IVF list sizes")
+        sizes = r.array("<u8", r.vector_len(8, f"{what} list sizes"), f"{what} list sizes")
         if len(sizes) != n_lists:
-            raise _Corrupt(f"IVF list sizes has {len(sizes)} entries for {n_lists} lists")
+            raise _Corrupt(f"{what} list sizes has {len(sizes)} entries for {n_lists} lists")
     elif kind == b"sprs":
-        pairs = r.array("<u8", r.vector_len(8, "IVF list sizes"), "IVF list sizes")
+        pairs = r.array("<u8", r.vector_len(8, f"{what} list sizes"), f"{what} list sizes")
         if len(pairs) % 2 or (len(pairs) and pairs[0::2].max() >= n_lists):
-            raise _Corrupt("IVF sparse list sizes are malformed")
+            raise _Corrupt(f"{what} sparse list sizes are malformed")
         sizes[pairs[0::2]] = pairs[1::2]
     else:
-        raise _Corrupt(f"IVF list sizes type {kind!r} unknown")
+        raise _Corrupt(f"{what} list sizes type {kind!r} unknown")
     if len(sizes) and sizes.max() > ntotal or int(sizes.sum(dtype=np.uint64)) != ntotal:
-        raise _Corrupt(f"IVF lists hold {int(sizes.sum(dtype=np.uint64))} entries, not {ntotal}")
+        raise _Corrupt(f"{what} lists hold {int(sizes.sum(dtype=np.uint64))} entries, not {ntotal}")
     for i in np.flatnonzero(sizes):
         n = int(sizes[i])
-        r.skip(n * 4 * dim, f"IVF list {i} codes")
-        ids = r.array("<i8", n, f"IVF list {i} ids")
+        r.skip(n * code_size, f"{what} list {i} codes")
+        ids = r.array("<i8", n, f"{what} list {i} ids")
         if ids.min() < 0 or ids.max() >= ntotal:
-            raise _Corrupt(f"IVF list {i} holds ids outside [0, {ntotal})")
+            raise _Corrupt(f"{what} list {i} holds ids outside [0, {ntotal})")
+
+
+def _ondisk_lists(r: _Reader, what: str, n_lists: int, code_size: int, ntotal: int, ivfdata: Optional[Path]) -> None:
+    """``OnDiskInvertedLists``: nlist, code_size, lists (size, capacity, offset), free slots (offset,
+    capacity), the data file's name, its total size. faiss maps ``totsize`` bytes of the data file and
+    reads each list where its offset says: every list must lie inside the file, which must be that long,
+    and every id in it must point at a stored vector."""
+    if ivfdata is None:
+        raise _Corrupt(f"{what} inverted lists are on disk, index.json says they are not")
+    if r.field("Q", f"{what} on-disk nlist") != n_lists or r.field("Q", f"{what} on-disk code size") != code_size:
+        raise _Corrupt(f"{what} on-disk lists disagree with the index on nlist or code size")
+    count = r.vector_len(24, f"{what} on-disk lists")
+    if count != n_lists:
+        raise _Corrupt(f"{what} on-disk lists has {count} entries for {n_lists} lists")
+    lists = r.array("<u8", 3 * count, f"{what} on-disk lists").reshape(count, 3).astype(np.uint64)
+    r.skip(16 * r.vector_len(16, f"{what} on-disk free slots"), f"{what} on-disk free slots")
+    name = r.take(r.vector_len(1, f"{what} on-disk file name"), f"{what} on-disk file name")
+    totsize = r.field("Q", f"{what} on-disk total size")
+    if name.decode("utf-8", "replace").rsplit("/", 1)[-1] != ivfdata.name:
+        raise _Corrupt(f"{what} lists live in {name[:80]!r}, not in {ivfdata.name}")
+    try:
+        size = ivfdata.stat().st_size if not ivfdata.is_symlink() else -1
+    except FileNotFoundError:
+        raise _Corrupt(f"its lists' file {ivfdata} is missing") from None
+    if size != totsize:
+        raise _Corrupt(f"{ivfdata.name} holds {size} bytes, the index says {totsize}")
+    sizes, caps, offs = lists[:, 0], lists[:, 1], lists[:, 2]
+    per = np.uint64(code_size + 8)
+    if (sizes > caps).any() or (caps > np.uint64(totsize)).any() or (offs > np.uint64(totsize)).any():
+        raise _Corrupt(f"{what} on-disk lists declare sizes or offsets beyond {ivfdata.name}")
+    if ((offs + caps * per) > np.uint64(totsize)).any():
+        raise _Corrupt(f"{what} on-disk lists reach past the end of {ivfdata.name}")
+    if int(sizes.sum(dtype=np.uint64)) != ntotal:
+        raise _Corrupt(f"{what} on-disk lists hold {int(sizes.sum(dtype=np.uint64))} entries, not {ntotal}")
+    if ntotal:
+        data = np.memmap(ivfdata, dtype=np.uint8, mode="r", shape=(totsize,))
+        for i in np.flatnonzero(sizes):
+            start = int(offs[i] + caps[i] * np.uint64(code_size))
+            ids = data[start : start + 8 * int(sizes[i])].view("<i8")
+            if ids.min() < 0 or ids.max() >= ntotal:
+                raise _Corrupt(f"{what} on-disk list {i} holds ids outside [0, {ntotal})")
+        del data
 
 
 def _hnsw(r: _Reader, dim: int, ntotal: int) -> None:
@@ -276,12 +382,23 @@ def _hnsw(r: _Reader, dim: int, ntotal: int) -> None:
     r.skip(4 * floats, "HNSW storage vectors")
 
 
-def check_faiss_file(path: Path, kind: str, dim: int, ntotal: int, nlist: int) -> None:
+def check_faiss_file(
+    path: Path,
+    kind: str,
+    dim: int,
+    ntotal: int,
+    nlist: int,
+    pq_m: int = 0,
+    opq_dim: int = 0,
+    ivfdata: Optional[Path] = None,
+) -> None:
     """Raise :class:`UserError` naming ``path`` unless it is a FAISS index of ``kind`` ("flat", "ivf",
-    "hnsw") that simsiam-kit writes, with ``dim``, ``ntotal`` (and ``nlist`` lists for "ivf") as
-    ``index.json`` records them, every declared size within the file (see the module docstring)."""
+    "hnsw", "ivfpq", "opq_ivfpq") that simsiam-kit writes, with ``dim``, ``ntotal`` (and ``nlist`` lists,
+    ``pq_m`` code bytes, ``opq_dim`` rotated dimensions where they apply) as ``index.json`` records them,
+    every declared size within the file (see the module docstring). ``ivfdata``: the file of on-disk
+    inverted lists (``index.ivfdata``) when ``index.json`` says the lists are on disk."""
     p = Path(path)
-    expect = {"flat": b"IxFI", "ivf": b"IwFl", "hnsw": b"IHNf"}[kind]
+    expect = {"flat": b"IxFI", "ivf": b"IwFl", "hnsw": b"IHNf", "ivfpq": b"IwPQ", "opq_ivfpq": b"IxPT"}[kind]
     try:
         with open_regular(p) as f:
             r = _Reader(f, f.seek(0, 2))
@@ -289,11 +406,17 @@ def check_faiss_file(path: Path, kind: str, dim: int, ntotal: int, nlist: int) -
             got = r.fourcc("index type")
             if got != expect:
                 raise _Corrupt(f"index type {got!r} is not the {kind} index ({expect!r}) index.json records")
+            if ivfdata is not None and kind not in ("ivf", "ivfpq", "opq_ivfpq"):
+                raise _Corrupt(f"index.json says on-disk lists, which a {kind} index does not have")
             if kind == "flat":
                 r.f.seek(0)
                 _flat(r, "flat index", dim, ntotal)
             elif kind == "ivf":
-                _ivf(r, dim, ntotal, nlist)
+                _ivf(r, dim, ntotal, nlist, ivfdata)
+            elif kind == "ivfpq":
+                _ivfpq(r, "IVF-PQ index", dim, ntotal, nlist, pq_m, ivfdata)
+            elif kind == "opq_ivfpq":
+                _opq_ivfpq(r, dim, ntotal, nlist, pq_m, opq_dim, ivfdata)
             else:
                 _hnsw(r, dim, ntotal)
             if r.left:

@@ -14,8 +14,13 @@ Backends:
 * ``torch`` with ``kind="bf16"`` (approximate, opt-in): similarities from a bf16 GEMM against the
   centred bank, the candidates around the k-th place re-scored in fp32 (:func:`knn_search_bf16`); its
   recall is measured, not guaranteed (``eval knn`` reports it against the exact search on 500 queries).
-* ``faiss``: ``IndexFlatIP`` (exact), ``IndexIVFFlat`` (``kind="ivf"``) or ``IndexHNSWFlat``
-  (``kind="hnsw"``); moved to the GPU when faiss-gpu sees one. faiss is imported lazily.
+* ``faiss``: ``IndexFlatIP`` (exact), ``IndexIVFFlat`` (``kind="ivf"``), ``IndexHNSWFlat``
+  (``kind="hnsw"``), ``IndexIVFPQ`` (``kind="ivfpq"``) or OPQ + ``IndexIVFPQ`` (``kind="opq_ivfpq"``);
+  moved to the GPU when faiss-gpu sees one (not HNSW, not on-disk lists). faiss is imported lazily.
+  Indexes larger than RAM are built by :mod:`simsiam_kit.retrieval.index_build` (``simsiam-kit index
+  build``), which also measures their recall@10 against the exact search and records it in
+  ``index.json`` (:attr:`EmbeddingIndex.recall`); :meth:`EmbeddingIndex.set_search_params` sets the
+  search-time knobs (``nprobe`` of the IVF kinds, ``ef`` of HNSW).
 * ``auto`` (a fixed, documented rule, backed by ``benchmarks/knn_eval.py``):
 
   - ``ivf`` / ``hnsw``: faiss (torch has no such index); ``bf16``: torch (faiss has no such search);
@@ -48,9 +53,11 @@ import torch
 
 from simsiam_kit.errors import UserError, require_extra
 
-KINDS = ("flat", "bf16", "ivf", "hnsw")
+KINDS = ("flat", "bf16", "ivf", "hnsw", "ivfpq", "opq_ivfpq")
 #: the backend each kind needs (``flat``: either); also what ``auto`` picks for them
-KIND_BACKEND = {"bf16": "torch", "ivf": "faiss", "hnsw": "faiss"}
+KIND_BACKEND = {"bf16": "torch", "ivf": "faiss", "hnsw": "faiss", "ivfpq": "faiss", "opq_ivfpq": "faiss"}
+#: kinds with an inverted-file coarse quantizer (``nprobe`` at search time)
+IVF_KINDS = ("ivf", "ivfpq", "opq_ivfpq")
 BACKENDS = ("auto", "faiss", "torch")
 #: What :meth:`EmbeddingIndex.save` writes to ``index.json`` and :meth:`EmbeddingIndex.load` requires.
 INDEX_JSON_KEYS = {"dim": int, "kind": str, "backend": str, "nlist": int, "nprobe": int, "hnsw_m": int, "ntotal": int}
@@ -311,6 +318,7 @@ class EmbeddingIndex:
             raise UserError(f"rerank (extra candidates re-scored in fp32) must be an integer >= 0, got {rerank!r}")
         self.rerank = rerank
         self.dim, self.kind, self.nlist, self.nprobe, self.hnsw_m = int(dim), kind, nlist, nprobe, hnsw_m
+        self.pq_m = self.opq_dim = 0  # code bytes and OPQ output dimension of the ivfpq / opq_ivfpq kinds
         self.use_gpu = use_gpu
         self.backend = self.auto_backend(kind, use_gpu) if backend == "auto" else backend
         if device is not None:
@@ -322,9 +330,76 @@ class EmbeddingIndex:
         self._bank: Optional[torch.Tensor] = None
         self._bank_c16: Optional[tuple] = None  # bf16 kind: (the bank minus its mean in bf16, the mean)
         self._faiss: Any = None  # a faiss index (the faiss backend)
-        self._xb: Optional[np.ndarray] = (
-            None  # stored vectors, reconstructed only to settle ties at the cut (faiss flat)
+        self._xb: Optional[np.ndarray] = None  # stored vectors, reconstructed only to settle ties (faiss flat)
+        self.ef_search: Optional[int] = None  # HNSW efSearch (None: faiss's default, or what the file holds)
+        self.recall: Optional[float] = None  # recall@10 measured by `index build`, when it built the index
+        self.on_disk = False  # inverted lists memory-mapped from index.ivfdata (built by `index build`)
+        self.meta: dict = {}  # index.json of a loaded index
+
+    @property
+    def approximate(self) -> bool:
+        """Whether a search may miss true neighbours (every kind but ``flat``)."""
+        return self.kind != "flat"
+
+    def set_search_params(self, nprobe: Optional[int] = None, ef: Optional[int] = None) -> "EmbeddingIndex":
+        """Search-time knobs: ``nprobe`` (IVF kinds: lists visited per query, 1..nlist) and ``ef`` (HNSW:
+        candidates kept while walking the graph); more of either finds more true neighbours, slower."""
+        from simsiam_kit.retrieval.files import MAX_EF
+
+        for name, v, kinds in (("nprobe", nprobe, IVF_KINDS), ("ef", ef, ("hnsw",))):
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise UserError(f"--{name} must be a positive integer, got {v!r}")
+            if self.kind not in kinds:
+                raise UserError(f"--{name} applies to {' / '.join(kinds)} indexes; this one is {self.kind}")
+        if nprobe is not None:
+            if self.nlist and nprobe > self.nlist:
+                raise UserError(f"--nprobe {nprobe} is larger than the index's {self.nlist} lists")
+            self.nprobe = nprobe
+        if ef is not None:
+            if ef > MAX_EF:
+                raise UserError(f"--ef {ef} is larger than {MAX_EF}")
+            self.ef_search = ef
+        if self._faiss is not None:
+            self._apply_search_params()
+        return self
+
+    def search_params(self) -> dict:
+        """The search-time knobs in effect: ``nprobe`` (IVF kinds), ``ef`` (HNSW, when set), else nothing."""
+        if self.kind in IVF_KINDS:
+            return {"nprobe": min(self.nprobe, self.nlist) if self.nlist else self.nprobe}
+        if self.kind == "hnsw" and self.ef_search is not None:
+            return {"ef": self.ef_search}
+        return {}
+
+    def describe(self) -> str:
+        """One line for people: the kind, whether it is exact, and the recall its build measured."""
+        if not self.approximate:
+            return f"{self.kind} index: exact"
+        knobs = ", ".join(f"{k}={v}" for k, v in self.search_params().items())
+        measured = self.meta.get("recall_sweep") or []
+        at = ""
+        if measured:
+            key = "nprobe" if self.kind in IVF_KINDS else "ef"
+            at = f" at {key}={measured[-1].get(key)}"
+        recall = (
+            f"recall@10 {self.recall:.3f} measured on {self.meta.get('recall_queries')} held-out vectors{at}"
+            if self.recall is not None
+            else "recall not measured (build it with `simsiam-kit index build` to measure it)"
         )
+        return f"{self.kind} index: approximate, {recall}" + (f"; searching with {knobs}" if knobs else "")
+
+    def _apply_search_params(self) -> None:
+        faiss = require_extra("faiss", "cpu")
+        if self.kind in IVF_KINDS:
+            ivf = faiss.try_extract_index_ivf(self._faiss)
+            if ivf is not None:
+                ivf.nprobe = min(self.nprobe, ivf.nlist)
+            elif hasattr(self._faiss, "nprobe"):  # a GPU index
+                self._faiss.nprobe = min(self.nprobe, self.nlist or self.nprobe)
+        elif self.kind == "hnsw" and self.ef_search is not None:
+            faiss.downcast_index(self._faiss).hnsw.efSearch = self.ef_search
 
     @staticmethod
     def auto_backend(kind: str, use_gpu: Optional[bool] = None) -> str:
@@ -369,6 +444,14 @@ class EmbeddingIndex:
             idx = faiss.IndexFlatIP(self.dim)
         elif self.kind == "hnsw":
             idx = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        elif self.kind in ("ivfpq", "opq_ivfpq"):  # trained on the first batch added, like ivf
+            from simsiam_kit.retrieval.index_build import choose_plan
+
+            plan = choose_plan(len(train), self.dim, kind=self.kind, nlist=self.nlist or None)
+            idx = plan.make()
+            idx.train(train)
+            self.nlist, self.pq_m, self.opq_dim = plan.nlist, plan.pq_m, plan.opq_dim
+            faiss.extract_index_ivf(idx).nprobe = min(self.nprobe, plan.nlist)
         else:
             if train is None:
                 raise ValueError("an IVF index is trained on the first vectors added")
@@ -383,6 +466,8 @@ class EmbeddingIndex:
         if want_gpu and self.kind != "hnsw" and faiss_has_gpu(faiss):
             self._gpu_res = faiss.StandardGpuResources()
             idx = faiss.index_cpu_to_gpu(self._gpu_res, 0, idx)
+        self._faiss = idx
+        self._apply_search_params()
         return idx
 
     def add(self, x) -> "EmbeddingIndex":
@@ -465,6 +550,10 @@ class EmbeddingIndex:
             "rerank": self.rerank,
             "ntotal": self.ntotal,
         }
+        if self.on_disk:
+            raise UserError("an index with on-disk lists is written by `simsiam-kit index build`, not saved again")
+        if self.kind in ("ivfpq", "opq_ivfpq"):
+            meta.update(pq_m=self.pq_m, opq_dim=self.opq_dim, approximate=True)
         if self.backend == "torch":
             vec = self._torch_bank().cpu().numpy() if self._parts else np.zeros((0, self.dim), np.float32)
             np.save(d / "index_vectors.npy", vec)
@@ -503,6 +592,7 @@ class EmbeddingIndex:
                 want = f"in [1, {MAX_DIM}]" if key == "dim" else f">= {low}"
                 raise UserError(f"{meta_p}: key '{key}' must be {want}, got {meta[key]}")
         rerank = meta.get("rerank", RERANK)  # optional: index.json files written before the bf16 kind lack it
+        opt = _optional_index_keys(meta, meta_p)
         try:
             self = cls(
                 meta["dim"],
@@ -516,6 +606,10 @@ class EmbeddingIndex:
             )
         except UserError as e:
             raise UserError(f"{meta_p}: {e}") from None
+        self.meta, self.recall, self.on_disk = meta, opt["recall_at_10"], opt["on_disk"]
+        self.pq_m, self.opq_dim, self.ef_search = opt["pq_m"], opt["opq_dim"], opt["ef_search"]
+        if self.kind in ("ivfpq", "opq_ivfpq") and not self.pq_m or self.kind == "opq_ivfpq" and not self.opq_dim:
+            raise UserError(f"{meta_p}: a {self.kind} index needs 'pq_m'{' and opq_dim' * (self.kind == 'opq_ivfpq')}")
         if self.backend == "torch":
             vec = load_npy(d / "index_vectors.npy", "f", 2, (meta["ntotal"], meta["dim"]))
             if len(vec):
@@ -523,13 +617,51 @@ class EmbeddingIndex:
         else:
             faiss = require_extra("faiss", "cpu")
             path = d / "index.faiss"
-            check_faiss_file(path, self.kind, self.dim, meta["ntotal"], meta["nlist"])
-            try:
-                idx = faiss.read_index(str(path))
+            ivfdata = d / "index.ivfdata" if self.on_disk else None
+            check_faiss_file(path, self.kind, self.dim, meta["ntotal"], meta["nlist"], self.pq_m, self.opq_dim, ivfdata)
+            from simsiam_kit.retrieval.index_build import quiet_stdout
+
+            try:  # on-disk lists: their file is found next to the index, whatever path the index file names
+                with quiet_stdout():
+                    idx = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR if self.on_disk else 0)
             except Exception as e:
                 raise UserError(f"{path}: cannot read FAISS index ({str(e).splitlines()[0][:300]})") from None
-            if (use_gpu if use_gpu is not None else True) and self.kind != "hnsw" and faiss_has_gpu(faiss):
+            gpu_ok = self.kind != "hnsw" and not self.on_disk
+            if (use_gpu if use_gpu is not None else True) and gpu_ok and faiss_has_gpu(faiss):
                 self._gpu_res = faiss.StandardGpuResources()
                 idx = faiss.index_cpu_to_gpu(self._gpu_res, 0, idx)
             self._faiss = idx
+            self._apply_search_params()
         return self
+
+
+#: optional keys of ``index.json`` (written by ``index build``): type check, default
+_OPTIONAL = {
+    "pq_m": (int, 0),
+    "opq_dim": (int, 0),
+    "ef_search": (int, None),
+    "on_disk": (bool, False),
+    "recall_at_10": (float, None),
+}
+
+
+def _optional_index_keys(meta: dict, meta_p: Path) -> dict:
+    """The optional keys of ``index.json``, checked: ``pq_m`` / ``opq_dim`` within [0, MAX_DIM], ``ef_search``
+    within [1, MAX_EF], ``recall_at_10`` within [0, 1]; missing or null ones get their defaults."""
+    from simsiam_kit.retrieval.files import MAX_DIM, MAX_EF
+
+    out = {}
+    for key, (tp, default) in _OPTIONAL.items():
+        v = meta.get(key)
+        if v is None:
+            out[key] = default
+            continue
+        ok = isinstance(v, bool) if tp is bool else isinstance(v, (int, float) if tp is float else int)
+        ok = ok and (tp is bool or not isinstance(v, bool))
+        if ok and tp is not bool:
+            low, high = {"ef_search": (1, MAX_EF), "recall_at_10": (0, 1)}.get(key, (0, MAX_DIM))
+            ok = low <= v <= high
+        if not ok:
+            raise UserError(f"{meta_p}: key '{key}' has an invalid value {repr(v)[:80]}")
+        out[key] = float(v) if tp is float else v
+    return out

@@ -123,13 +123,16 @@ def write_search_pictures(
     return paths
 
 
-def search_with_pictures(index_dir, query, open_embedder, k: int = 10, model=None, output=None, log=None) -> dict:
-    """:func:`~simsiam_kit.retrieval.embed_search.search_images`, then its pictures next to ``output``
-    (default ``<index>/search.json``): the report gains ``pictures`` (the PNG paths)."""
+def search_with_pictures(
+    index_dir, query, open_embedder, k: int = 10, model=None, output=None, log=None, nprobe=None, ef=None
+) -> dict:
+    """:func:`~simsiam_kit.retrieval.embed_search.search_images` (``nprobe`` / ``ef``: an approximate index's
+    search knobs), then its pictures next to ``output`` (default ``<index>/search.json``): the report gains
+    ``pictures`` (the PNG paths)."""
     from simsiam_kit.retrieval.embed_search import search_images
     from simsiam_kit.retrieval.gallery import Gallery
 
     out = Path(output).expanduser() if output is not None else Path(index_dir).expanduser() / "search.json"
-    report = search_images(index_dir, query, open_embedder, k=k, model=model, output=out, log=log)
+    report = search_images(index_dir, query, open_embedder, k=k, model=model, output=out, log=log, nprobe=nprobe, ef=ef)
     report["pictures"] = [str(p) for p in write_search_pictures(report, Gallery.open(index_dir), out, log=log)]
     return report

@@ -91,43 +91,52 @@ def _os_error(e: Optional[BaseException]) -> Optional[OSError]:
     return None
 
 
-def atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
-    """The one atomic writer: ``write(f)`` fills a temp file beside ``path`` (opened with ``mode``, given the
-    mode the target has or a new file would get), which is flushed, fsynced and renamed over ``path``; SIGINT
-    waits until it is done. A failed write removes the temp file, leaves the old ``path`` as it was and is a
-    :class:`UserError` naming the file (an ``OSError``); any other exception passes through. Every
-    ``atomic_write_*`` below calls it by this module's name, which the fault tests replace."""
+@contextlib.contextmanager
+def atomic_stream(path: Path, mode: str = "wb"):
+    """A file written in pieces (``with atomic_stream(p) as f: f.write(...)``), then fsynced and renamed over
+    ``path``: a temp file next to it until then (removed on an error; :func:`remove_stale_temp_files` removes
+    one a killed process left). A failed write is one :class:`UserError` naming ``path``."""
     path = Path(path)
-    with defer_sigint():
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    except OSError as e:
+        why = e.strerror or str(e)
+        for parent in (path.parent, *path.parent.parents):
+            if parent.exists():
+                if not parent.is_dir():
+                    why = f"{parent} is not a directory"
+                break
+        raise UserError(f"cannot write {path}: {why}") from None
+    try:
+        os.fchmod(fd, _new_file_mode(path))
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-        except OSError as e:
-            why = e.strerror or str(e)
-            for parent in (path.parent, *path.parent.parents):
-                if parent.exists():
-                    if not parent.is_dir():
-                        why = f"{parent} is not a directory"
-                    break
-            raise UserError(f"cannot write {path}: {why}") from None
-        try:
-            os.fchmod(fd, _new_file_mode(path))
-            with os.fdopen(fd, mode) as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException as e:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            ose = _os_error(e)
-            if ose is not None:
-                raise UserError(
-                    f"cannot write {path}: {ose.strerror or ose}; the previous file, if any, is unchanged"
-                ) from None
-            raise
+            os.unlink(tmp)
+        except OSError:
+            pass
+        ose = _os_error(e)
+        if ose is not None:
+            raise UserError(
+                f"cannot write {path}: {ose.strerror or ose}; the previous file, if any, is unchanged"
+            ) from None
+        raise
+
+
+def atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
+    """The one atomic writer (over :func:`atomic_stream`): ``write(f)`` fills a temp file beside ``path``
+    (opened with ``mode``, given the mode the target has or a new file would get), which is flushed,
+    fsynced and renamed over ``path``; SIGINT waits until it is done. A failed write removes the temp file,
+    leaves the old ``path`` as it was and is a :class:`UserError` naming the file (an ``OSError``); any
+    other exception passes through. Every ``atomic_write_*`` below calls it by this module's name, which
+    the fault tests replace."""
+    with defer_sigint(), atomic_stream(path, mode) as f:
+        write(f)
 
 
 def remove_stale_temp_files(directory: Path) -> tuple[int, int]:

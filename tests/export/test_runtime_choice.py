@@ -210,3 +210,18 @@ def test_unknown_runtime_is_refused_before_the_model_is_opened(tmp_path):
 
     with pytest.raises(UserError, match="--runtime tensorrt: unknown .*auto, ort-int8, torch-bf16, ort-fp32"):
         open_embedder(tmp_path / "missing.onnx", "tensorrt")
+
+
+def test_nothing_to_time_on_takes_onnxruntime_and_a_preference_is_taken_untimed(tmp_path, cpu):
+    said = []
+    emb = AutoEmbedder(
+        {"torch-bf16": Fake(0.0), "ort-fp32": Fake(0.0)}, {"m": 1}, log=said.append, cache=tmp_path / "c"
+    )
+    assert emb.runtime == "auto"
+    emb.choose([])  # every image of the first batch unreadable
+    assert emb.runtime == "ort-fp32" and said == ["runtime: ort-fp32, forced (no readable image to time on)"]
+    slow, fast = Fake(0.02), Fake(0.0)
+    emb = AutoEmbedder({"slow": slow, "fast": fast}, {"m": 1}, log=said.append, cache=tmp_path / "c", pause=0)
+    emb.choose(list(SAMPLE), prefer="slow")
+    assert emb.runtime == "slow" and said[-1] == "runtime: slow, as the run being resumed"
+    assert slow.calls == fast.calls == 0 and not (tmp_path / "c").exists()

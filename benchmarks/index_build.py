@@ -1,0 +1,300 @@
+"""`index build` at scale: synthetic clustered vectors generated shard by shard, the index built in bounded memory,
+its recall@10 against brute force and its queries/s at recall >= 0.9; autofaiss on the same vectors as the peer.
+
+    python benchmarks/index_build.py                       # 10M x 512, --max-index-memory 4G (about 30 min on 2 cores)
+    python benchmarks/index_build.py --smoke               # 20k x 32 in seconds, JSON to /tmp (proves the script runs)
+    python benchmarks/index_build.py --kind opq_ivfpq --nlist 4096 --pq-m 64 --vectors 10000000
+
+The vectors: a mixture of ``--clusters`` Gaussian clusters on the unit sphere (centres drawn once, each vector a
+centre plus isotropic noise of ``--noise``, l2-normalised), generated on the fly in chunks of ``--chunk`` rows
+from seeded generators, so every pass (sample, add, ground truth) sees the same vectors without holding them
+(not uniform noise, where nearest neighbours carry no structure and recall means nothing). The queries are
+``--queries`` further draws from the same mixture, not in the index; their exact 10 nearest neighbours come
+from brute force over all vectors (a streamed top-k, ``ExactTopK``).
+
+Measured, each build in its own process (peak RSS is that process's ``ru_maxrss``): build seconds, peak RSS,
+index bytes on disk, the recall@10 that `index build` recorded (held-out rows of the index), and for the
+external queries a sweep of the search knob (nprobe / ef): recall@10 vs brute force and queries/s (all
+queries in one batch, best of 3), with the fastest setting reaching recall@10 >= 0.9.
+
+Peer: autofaiss ``build_index`` (when installed: ``pip install autofaiss``) on the same vectors written as
+``.npy`` files under ``--work`` (4 x n x d bytes of disk), with the same ``max_index_memory``; its index is
+measured the same way. Targets (the issue, 2 cores): build <= 30 min, peak RSS <= 6 GB, >= 500 queries/s at
+recall@10 >= 0.9.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _common import RESULTS, print_table, write_json  # noqa: E402
+
+
+class Mixture:
+    """The clustered vectors: chunk i is a function of (seed, i) only."""
+
+    def __init__(self, n: int, dim: int, clusters: int, noise: float, chunk: int, seed: int = 0):
+        self.n, self.dim, self.clusters, self.noise, self.chunk, self.seed = n, dim, clusters, noise, chunk, seed
+        c = np.random.default_rng(seed).standard_normal((clusters, dim)).astype(np.float32)
+        self.centres = c / np.linalg.norm(c, axis=1, keepdims=True)
+
+    def draw(self, rows: int, seed) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        x = self.centres[rng.integers(0, self.clusters, rows)]
+        x = x + (self.noise / np.sqrt(self.dim)) * rng.standard_normal((rows, self.dim)).astype(np.float32)
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    def chunks(self):
+        for i, s in enumerate(range(0, self.n, self.chunk)):
+            yield self.draw(min(self.chunk, self.n - s), (self.seed, 1, i))
+
+    def queries(self, q: int) -> np.ndarray:
+        return self.draw(q, (self.seed, 2))
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def _ours(args, out: str, queue) -> None:
+    from simsiam_kit.retrieval.index_build import VectorSource, build_index
+
+    mix = Mixture(args.vectors, args.dim, args.clusters, args.noise, args.chunk)
+    src = VectorSource(mix.chunks, mix.n, mix.dim, "synthetic clustered mixture")
+    t0 = time.perf_counter()
+    r = build_index(
+        src,
+        out,
+        kind=args.kind,
+        max_index_memory=args.max_index_memory,
+        nlist=args.nlist,
+        pq_m=args.pq_m,
+        queries=args.build_queries,
+        log=print,
+    )
+    queue.put({"seconds": time.perf_counter() - t0, "peak_rss": peak_rss_bytes(), "meta": r.meta})
+
+
+def _autofaiss(args, out: str, work: str, queue) -> None:
+    from autofaiss import build_index as af_build
+
+    mix = Mixture(args.vectors, args.dim, args.clusters, args.noise, args.chunk)
+    emb = Path(work) / "npy"
+    emb.mkdir(parents=True, exist_ok=True)
+    for i, c in enumerate(mix.chunks()):
+        np.save(emb / f"{i:05d}.npy", c)
+    t0 = time.perf_counter()
+    af_build(
+        embeddings=str(emb),
+        index_path=str(Path(out) / "knn.index"),
+        index_infos_path=str(Path(out) / "infos.json"),
+        max_index_memory_usage=args.max_index_memory,
+        current_memory_available=args.memory_available,
+        metric_type="ip",
+        save_on_disk=True,
+    )
+    queue.put({"seconds": time.perf_counter() - t0, "peak_rss": peak_rss_bytes()})
+
+
+def _in_child(target, *a) -> dict:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=target, args=(*a, q))
+    p.start()
+    res = q.get()
+    p.join()
+    return res
+
+
+def ground_truth(args, queries: np.ndarray) -> np.ndarray:
+    from simsiam_kit.retrieval.index_build import ExactTopK
+
+    mix = Mixture(args.vectors, args.dim, args.clusters, args.noise, args.chunk)
+    t = ExactTopK(queries, 10)
+    for c in mix.chunks():
+        t.update(c)
+    return t.i
+
+
+def sweep(index, knob: str, values, queries, truth) -> list[dict]:
+    """recall@10 vs brute force and queries/s (one batch, best of 3) for each knob value."""
+    rows = []
+    for v in values:
+        index.set_search_params(**{knob: v}) if knob else None
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            _, ids = index.search(queries, 10)
+            best = min(best, time.perf_counter() - t0)
+        recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids.tolist(), truth.tolist())]))
+        rows.append(
+            {knob or "setting": v, "recall_at_10": round(recall, 4), "queries_per_s": round(len(queries) / best)}
+        )
+    return rows
+
+
+def _knob(kind: str, nlist: int):
+    if kind == "hnsw":
+        return "ef", [16, 32, 64, 128, 256, 512]
+    if kind in ("ivf", "ivfpq", "opq_ivfpq"):
+        return "nprobe", [v for v in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if v <= nlist]
+    return None, ["exact"]
+
+
+def index_bytes(d: Path) -> int:
+    return sum(p.stat().st_size for p in d.iterdir() if p.is_file() and p.suffix in (".faiss", ".ivfdata", ".index"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vectors", type=int, default=10_000_000)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--clusters", type=int, default=10_000)
+    ap.add_argument("--noise", type=float, default=0.6, help="noise norm relative to the unit centres")
+    ap.add_argument("--chunk", type=int, default=100_000)
+    ap.add_argument("--queries", type=int, default=1_000)
+    ap.add_argument("--build-queries", type=int, default=1_000, help="held-out rows `index build` measures on")
+    ap.add_argument("--kind", default="auto")
+    ap.add_argument("--nlist", type=int, default=None)
+    ap.add_argument("--pq-m", type=int, default=None)
+    ap.add_argument("--max-index-memory", default="4G")
+    ap.add_argument("--memory-available", default="6G", help="autofaiss's current_memory_available")
+    ap.add_argument("--no-autofaiss", action="store_true")
+    ap.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
+    ap.add_argument("--smoke", action="store_true", help="10k x 16, 20 clusters, IVF-PQ, 100 queries; JSON to /tmp")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.smoke:  # IVF-PQ on 10k x 16 unless told otherwise
+        args.vectors, args.dim, args.clusters, args.chunk = 10_000, 16, 20, 2_500
+        args.queries = args.build_queries = 100
+        if args.kind == "auto":
+            args.kind, args.nlist, args.pq_m = "ivfpq", args.nlist or 64, args.pq_m or 8
+    out_json = args.out or (
+        str(Path(tempfile.gettempdir()) / "index_build_smoke.json") if args.smoke else str(RESULTS / "index_build.json")
+    )
+    work = Path(args.work or tempfile.mkdtemp(prefix="index_build_bench_"))
+    from simsiam_kit.retrieval.index import EmbeddingIndex
+
+    mix = Mixture(args.vectors, args.dim, args.clusters, args.noise, args.chunk)
+    queries = mix.queries(args.queries)
+    t0 = time.perf_counter()
+    truth = ground_truth(args, queries)
+    gt_seconds = time.perf_counter() - t0
+    rows, results = [], {}
+
+    ours_dir = work / "ours"
+    res = _in_child(_ours, args, str(ours_dir))
+    index = EmbeddingIndex.load(ours_dir, use_gpu=False)
+    knob, values = _knob(index.kind, index.nlist)
+    table = sweep(index, knob, values, queries, truth)
+    ok = [r for r in table if r["recall_at_10"] >= 0.9]
+    best = max(ok, key=lambda r: r["queries_per_s"]) if ok else None
+    results["simsiam_kit"] = {
+        "factory": res["meta"]["factory"],
+        "build_seconds": round(res["seconds"], 1),
+        "peak_rss_bytes": res["peak_rss"],
+        "index_bytes": index_bytes(ours_dir),
+        "on_disk": res["meta"]["on_disk"],
+        "build_recall_at_10": res["meta"]["recall_at_10"],
+        "build_meta": res["meta"],
+        "sweep": table,
+        "best_at_recall_0.9": best,
+    }
+    rows.append(_row("simsiam-kit index build", results["simsiam_kit"]))
+    del index
+
+    if not args.no_autofaiss:
+        try:
+            import autofaiss  # noqa: F401
+        except ImportError:
+            results["autofaiss"] = {"skipped": "autofaiss is not installed (pip install autofaiss)"}
+        else:
+            af_dir = work / "autofaiss"
+            af_dir.mkdir(parents=True, exist_ok=True)
+            res = _in_child(_autofaiss, args, str(af_dir), str(work))
+            import faiss
+
+            idx = faiss.read_index(str(af_dir / "knn.index"))
+            ivf = faiss.try_extract_index_ivf(idx)
+            params = faiss.ParameterSpace()
+            table = []
+            for v in _knob("ivf" if ivf is not None else "hnsw", ivf.nlist if ivf is not None else 0)[1]:
+                params.set_index_parameter(idx, "nprobe" if ivf is not None else "efSearch", v)
+                table += sweep(_Raw(idx), None, [v], queries, truth)
+            ok = [r for r in table if r["recall_at_10"] >= 0.9]
+            results["autofaiss"] = {
+                "build_seconds": round(res["seconds"], 1),
+                "peak_rss_bytes": res["peak_rss"],
+                "index_bytes": index_bytes(af_dir),
+                "sweep": table,
+                "best_at_recall_0.9": max(ok, key=lambda r: r["queries_per_s"]) if ok else None,
+            }
+            rows.append(_row("autofaiss build_index", results["autofaiss"]))
+    text = print_table(rows, ["builder", "build s", "peak RSS GB", "index GB", "knob", "recall@10", "queries/s"])
+    write_json_to(
+        out_json,
+        {
+            "args": vars(args),
+            "ground_truth_seconds": round(gt_seconds, 1),
+            "results": results,
+            "table": text,
+            "targets": {"build_seconds": 1800, "peak_rss_bytes": 6e9, "queries_per_s_at_recall_0.9": 500},
+        },
+    )
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+class _Raw:
+    """A raw faiss index with the EmbeddingIndex calls `sweep` makes."""
+
+    def __init__(self, idx):
+        self.idx = idx
+
+    def search(self, q, k):
+        return self.idx.search(q, k)
+
+
+def _row(name: str, r: dict) -> dict:
+    b = r.get("best_at_recall_0.9") or {}
+    knob = next(((k, v) for k, v in b.items() if k not in ("recall_at_10", "queries_per_s")), ("-", "-"))
+    return {
+        "builder": name,
+        "build s": r["build_seconds"],
+        "peak RSS GB": round(r["peak_rss_bytes"] / 1e9, 2),
+        "index GB": round(r["index_bytes"] / 1e9, 3),
+        "knob": f"{knob[0]}={knob[1]}" if b else "recall < 0.9",
+        "recall@10": b.get("recall_at_10"),
+        "queries/s": b.get("queries_per_s"),
+    }
+
+
+def write_json_to(path: str, payload: dict) -> None:
+    p = Path(path)
+    if p.parent == RESULTS:
+        write_json(p.name, payload)
+        return
+    import json
+
+    from _common import machine
+
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps({"machine": machine(), **payload}, indent=2, default=str) + "\n")
+    print(f"wrote {p}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""`simsiam-kit embed` at the command line: shards, --resume, the options' checks, bad images named with the
+command's option, the torch runtime against the exported model, then `search` on the result."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import DATA, cli, conv_onnx_encoder, need
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory) -> Path:
+    return conv_onnx_encoder(tmp_path_factory.mktemp("enc") / "conv.onnx", size=8, dim=8)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("photos") / "flat"
+    root.mkdir()
+    for f in sorted(need(DATA / "coco128_det" / "images").glob("*.jpg"))[:10]:
+        shutil.copy(f, root / f.name)
+    return root
+
+
+def _embed(encoder, data, out, *extra):
+    return cli(
+        "embed", "--model", encoder, "--data", data, "--output", out, "--shard-size", 4, "--batch-size", 4,
+        "--workers", 0, "--no-progress", *extra,
+    )  # fmt: skip
+
+
+def test_embed_resume_and_search(encoder, photos, tmp_path):
+    out = tmp_path / "e"
+    r = _embed(encoder, photos, out)
+    assert r.exit_code == 0, r.output
+    assert "3 shard(s) of 4 to write" in r.output and "wrote 10 embeddings in 3 shard(s)" in r.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["complete"] and [s["rows"] for s in m["shards"]] == [4, 4, 2]
+    r = _embed(encoder, photos, out)  # again, without --resume: refused, nothing changed
+    assert r.exit_code == 2 and "already holds embedding shards" in r.output and "--resume" in r.output
+    before = (out / "shards" / "00001.npy").read_bytes()
+    (out / "shards" / "00001.npy").unlink()
+    r = _embed(encoder, photos, out, "--resume")
+    assert r.exit_code == 0, r.output
+    assert "redoing a shard" in r.output and "1 shard(s) of 4 to write, 2 kept from the previous run" in r.output
+    assert (out / "shards" / "00001.npy").read_bytes() == before
+    q = next(photos.iterdir())
+    r = cli("search", "--index", out, "--query", q, "--k", 2)
+    assert r.exit_code == 0, r.output
+    first = json.loads((out / "search.json").read_text())["results"][0]["neighbours"][0]
+    assert first["id"] == q.name and first["score"] > 0.9999
+
+
+def test_option_checks(encoder, photos, tmp_path):
+    cases = [
+        (("--dtype", "float8"), "--dtype float8: expected float16 or float32"),
+        (("--shard-size", 0), "--shard-size must be >= 1"),
+        (("--workers", -1), "--workers must be >= 0"),
+        (("--runtime", "tvm"), "--runtime tvm: unknown (available: auto, ort-int8, torch-bf16, ort-fp32, torch)"),
+        (("--weights", "random"), "give --model FILE.onnx or --weights RUN (--runtime torch), not both"),
+        (("--runtime", "torch"), "--runtime torch needs --weights"),
+    ]
+    for extra, msg in cases:
+        r = _embed(encoder, photos, tmp_path / "e", *extra)
+        assert r.exit_code == 2 and msg in r.output, (extra, r.output)
+    r = cli("embed", "--data", photos, "--output", tmp_path / "e")
+    assert r.exit_code == 2 and "--model FILE.onnx is needed" in r.output
+    r = cli("embed", "--runtime", "torch", "--data", photos, "--output", tmp_path / "e")
+    assert r.exit_code == 2 and "--runtime torch needs --weights" in r.output
+
+
+def test_corrupt_image_in_a_tar_names_the_option(encoder, photos, tmp_path):
+    files = sorted(photos.iterdir())[:3]
+    with tarfile.open(tmp_path / "00000.tar", "w") as tf:
+        for k, f in enumerate(files):
+            data = b"broken" if k == 1 else f.read_bytes()
+            ti = tarfile.TarInfo(f"{k:05d}.jpg")
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    spec = str(tmp_path / "{00000..00000}.tar")
+    r = _embed(encoder, spec, tmp_path / "strict")
+    assert r.exit_code == 2
+    assert "00000.tar::00001" in r.output and "(--skip-bad-images skips unreadable images)" in r.output
+    r = _embed(encoder, spec, tmp_path / "skip", "--skip-bad-images")
+    assert r.exit_code == 0, r.output
+    assert "skipped 1 unreadable image(s)" in r.output
+    assert json.loads((tmp_path / "skip" / "embed.json").read_text())["skipped"] == 1
+
+
+def test_torch_runtime_matches_the_exported_model(tiny_run, shared_tiny_npz, tmp_path):
+    from simsiam_kit.utils.device import cpu_supports_bf16
+
+    onnx = tmp_path / "enc.onnx"
+    r = cli("export", "onnx", "--weights", tiny_run, "--output", onnx)
+    assert r.exit_code == 0, r.output
+    common = ("--data", shared_tiny_npz, "--shard-size", 16, "--workers", 0, "--no-progress")
+    r = cli("embed", "--model", onnx, "--output", tmp_path / "onnx", *common)
+    assert r.exit_code == 0, r.output
+    r = cli("embed", "--runtime", "torch", "--weights", tiny_run, "--output", tmp_path / "torch", *common)
+    assert r.exit_code == 0, r.output
+    a, b = np.load(tmp_path / "onnx" / "embeddings.npy"), np.load(tmp_path / "torch" / "embeddings.npy")
+    tol = 3e-2 if cpu_supports_bf16() else 1e-4  # bf16 autocast where the CPU has it
+    assert a.shape == b.shape == (48, a.shape[1]) and np.abs(a - b).max() < tol
+    assert json.loads((tmp_path / "torch" / "embed.json").read_text())["runtime"].startswith("torch-")
