@@ -202,12 +202,27 @@ def knn_search_bf16(
 def order_ties(v: torch.Tensor, i: torch.Tensor):
     """:func:`settle_ties` for an approximate list (kk = k, no ``row``), in torch and without a copy to numpy:
     similarities descending, equal similarities by increasing id, whatever order ``v`` / ``i`` (Q, k) come in
-    (the ids of a row are distinct). Two small sorts of the (Q, k) lists: by id, then stably by similarity."""
+    (the ids of a row are distinct).
+
+    float32 similarities and ids below 2^31 (every bank that fits in memory): one sort of an int64 key per
+    entry, the similarity's bits made order-preserving as an integer (negative floats: every bit but the sign
+    flipped; -0.0 counted as 0.0) in the high 33 bits and 2^31 - 1 - id in the low 31, so that descending keys
+    are descending similarities, then increasing ids (half the time of two sorts: 25 vs 48 ms for 1,024 x 200 on
+    one core). Other dtypes: two sorts, by id, then stably by similarity."""
     if v.shape[1] <= 1:
         return v.contiguous(), i.contiguous()
+    if v.dtype == torch.float32 and i.dtype == torch.int64:
+        bits = (v + 0.0).view(torch.int32)  # + 0.0: -0.0 becomes 0.0, which it equals
+        key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+        key = key.bitwise_left_shift_(31).bitwise_or_(_ID_MASK - i)
+        key, o = torch.sort(key, dim=1, descending=True)
+        return torch.gather(v, 1, o), key.bitwise_and_(_ID_MASK).neg_().add_(_ID_MASK)
     by_id, o = torch.sort(i, dim=1)
     vs, o2 = torch.sort(torch.gather(v, 1, o), dim=1, descending=True, stable=True)
     return vs, torch.gather(by_id, 1, o2)
+
+
+_ID_MASK = 2**31 - 1  # order_ties' key: the ids it orders are below 2^31
 
 
 def _buffer(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
