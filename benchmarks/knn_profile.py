@@ -2,7 +2,8 @@
 fraction of the GEMM, per chunk size and rerank, with the recall of the exact neighbours.
 
     python benchmarks/knn_profile.py [--features cifar|synthetic] [--backbone RUN/backbone.pt] [--reps 5]
-                                     [--chunks 256,512,1024] [--reranks 16,32] [--torch-profile] [--out FILE]
+                                     [--chunks 256,512,1024] [--reranks 16,32] [--torch-profile]
+                                     [--baseline GIT_REV] [--out FILE]
     python benchmarks/knn_profile.py --smoke     # seconds: synthetic 3,000 x 64 bank, writes /tmp
 
 Bank and queries as ``benchmarks/knn_eval.py`` (default: CIFAR-10 features of a random-init ResNet-18, 45,000 x 512
@@ -15,6 +16,11 @@ timed in alternation (every row once per round, the order rotating), one untimed
   ``gemm+topk/chunk C``: the same with a plain ``torch.topk`` over every column (the selection before issue 25);
 * ``search/chunk C/rerank R``: ``knn_search_bf16`` itself (GEMM, selection, fp32 re-scoring of the band,
   ordering), what ``eval knn --index bf16`` runs after building the index.
+
+* ``baseline search/chunk C/rerank R`` (with ``--baseline REV``): ``knn_search_bf16`` as it was at git revision
+  REV (``simsiam_kit/retrieval/index.py`` read with ``git show``), timed in the same alternation: before and
+  after a change in one run, so load from other processes hits both alike. Each search row then records
+  whether its results are identical to the baseline's (``identical_to_baseline``).
 
 Reported per search row: ``overhead_vs_gemm = (search - gemm) / gemm`` at the same chunk size (target <= 0.5, the
 issue's), the recall@k of the exact neighbours and the share of rows identical to the exact search.
@@ -69,6 +75,22 @@ def alternate(fns: dict, reps: int) -> dict:
     return {n: statistics.median(v) for n, v in times.items()}
 
 
+def baseline_module(rev: str):
+    """``simsiam_kit/retrieval/index.py`` at git revision ``rev``, as a module of its own."""
+    import subprocess
+    import types
+
+    src = subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{rev}:simsiam_kit/retrieval/index.py"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    mod = types.ModuleType(f"index_at_{rev}")
+    exec(compile(src, f"{rev}:simsiam_kit/retrieval/index.py", "exec"), mod.__dict__)
+    return mod
+
+
 def profile(bank, c16, mean, fq, k, rerank, chunk) -> str:
     from torch.profiler import ProfilerActivity, profile
 
@@ -86,6 +108,7 @@ def main(argv=None) -> None:
     ap.add_argument("--chunks", default="256,512,1024", help="queries per GEMM, comma-separated")
     ap.add_argument("--reranks", default="16,32", help="--rerank values, comma-separated")
     ap.add_argument("--torch-profile", action="store_true", help="torch's operator table of one search call")
+    ap.add_argument("--baseline", default=None, help="git revision whose knn_search_bf16 is timed alongside")
     ap.add_argument("--smoke", action="store_true", help="seconds-long run on a small synthetic bank; writes /tmp")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
@@ -123,6 +146,7 @@ def main(argv=None) -> None:
 
         return run
 
+    base = baseline_module(a.baseline) if a.baseline else None
     fns = {}
     for c in chunks:
         fns[f"gemm_bf16/chunk {c}"] = gemm(c)
@@ -131,18 +155,23 @@ def main(argv=None) -> None:
         fns[f"gemm+topk/chunk {c}"] = gemm(c, lambda sim, kc=kc: torch.topk(sim, kc, dim=1))
         for r in reranks:
             fns[f"search/chunk {c}/rerank {r}"] = lambda c=c, r=r: knn_search_bf16(fb, c16, mean, fq, k, r, chunk=c)
+            if base is not None:
+                fns[f"baseline search/chunk {c}/rerank {r}"] = lambda c=c, r=r: base.knn_search_bf16(
+                    fb, c16, mean, fq, k, r, chunk=c
+                )
     med = alternate(fns, a.reps)
 
     _, exact = EmbeddingIndex(fb.shape[1], "flat", "torch").add(fb).search(fq, k)
     rows = []
-    print(f"\n{'row':34s} {'median s':>9s} {'above GEMM':>11s} {'recall@k':>9s} {'rows = exact':>12s}")
+    print(f"\n{'row':43s} {'median s':>9s} {'above GEMM':>11s} {'recall@k':>9s} {'rows = exact':>12s}")
     for name, sec in med.items():
         c = int(name.split("chunk ")[1].split("/")[0])
         g = med[f"gemm_bf16/chunk {c}"]
         row = {"row": name, "chunk": c, "median_s": sec, "overhead_vs_gemm": (sec - g) / g}
-        if name.startswith("search/"):
+        if "search/" in name:
             r = int(name.split("rerank ")[1])
-            _, ids = knn_search_bf16(fb, c16, mean, fq, k, r, chunk=c)
+            search = base.knn_search_bf16 if name.startswith("baseline") else knn_search_bf16
+            sims, ids = search(fb, c16, mean, fq, k, r, chunk=c)
             hit = (ids.unsqueeze(2) == exact.unsqueeze(1)).any(2).float().mean(1)
             row.update(
                 rerank=r,
@@ -151,9 +180,12 @@ def main(argv=None) -> None:
                 rows_identical_to_exact=float((ids == exact).all(1).float().mean()),
                 meets_overhead_target=(sec - g) / g <= TARGET_OVERHEAD,
             )
+            if base is not None and not name.startswith("baseline"):
+                bs, bi = base.knn_search_bf16(fb, c16, mean, fq, k, r, chunk=c)
+                row["identical_to_baseline"] = bool(torch.equal(bs, sims) and torch.equal(bi, ids))
         rows.append(row)
         extra = f" {row['recall_at_k']:9.4f} {row['rows_identical_to_exact']:12.3f}" if "recall_at_k" in row else ""
-        print(f"{name:34s} {sec:9.4f} {100 * row['overhead_vs_gemm']:10.1f}%{extra}")
+        print(f"{name:43s} {sec:9.4f} {100 * row['overhead_vs_gemm']:10.1f}%{extra}")
     result = {
         "benchmark": "knn_profile",
         "features": a.features if a.features == "synthetic" else f"cifar ({a.backbone})",
@@ -161,6 +193,7 @@ def main(argv=None) -> None:
         "queries": list(fq.shape),
         "k": k,
         "reps": a.reps,
+        "baseline": a.baseline,
         "target_overhead_vs_gemm": TARGET_OVERHEAD,
         "rows": rows,
         "machine": {**before, "torch": torch.__version__, "threads": torch.get_num_threads()},

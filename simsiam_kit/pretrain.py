@@ -51,6 +51,7 @@ from simsiam_kit.engine.hooks import (
     LRSchedule,
     MetricsWriter,
     ProgressBar,
+    ThreadRecheck,
     Throughput,
 )
 from simsiam_kit.engine.loggers import closing_all, log_images, make_sinks, png_to_array, view_pairs_grid
@@ -396,7 +397,8 @@ class Pretrainer:
         )
 
     def build_hooks(self) -> list[Hook]:
-        """The hooks, in the order they run: the schedule, throughput, epoch averages and the collapse monitor
+        """The hooks, in the order they run: the CPU thread re-check (the epoch's end already runs with the
+        count it chooses), the schedule, throughput, epoch averages and the collapse monitor
         (they fill the epoch's metrics), the checkpointer (the epoch's weights are on disk before anything
         else runs), the kNN and online-probe monitors, the metrics writer (its epoch line carries their
         values), the progress bar (it closes after them)."""
@@ -404,6 +406,7 @@ class Pretrainer:
         writer = MetricsWriter(self.run.metrics, cfg.train.log_every, self.sinks)
         o = cfg.optim
         hooks: list[Hook] = [
+            ThreadRecheck(log),
             LRSchedule(p.optimizer, p.init_lr, o.epochs, o.warmup_epochs, o.schedule, o.lr_per_step),
             Throughput(),
             EpochAverages(),

@@ -29,7 +29,7 @@ def test_knn_profile_smoke(tmp_path):
     import knn_profile
 
     out = tmp_path / "p.json"
-    knn_profile.main(["--smoke", "--out", str(out)])
+    knn_profile.main(["--smoke", "--baseline", "HEAD", "--out", str(out)])
     rep = json.loads(out.read_text())
     assert set(rep["machine"]["cpu_flags"]) == FLAGS and rep["k"] == 20
     rows = {r["row"]: r for r in rep["rows"]}
@@ -38,6 +38,10 @@ def test_knn_profile_smoke(tmp_path):
         s = rows[f"search/chunk {chunk}/rerank 4"]
         assert s["median_s"] > 0 and 0.9 <= s["recall_at_k"] <= 1.0 and "meets_overhead_target" in s
     assert "aten::" in rep["torch_profile"]
+    # --baseline: the committed search timed alongside; the same code gives the same results
+    assert rep["baseline"] == "HEAD" and rows["baseline search/chunk 64/rerank 4"]["median_s"] > 0
+    assert "identical_to_baseline" not in rows["baseline search/chunk 64/rerank 4"]
+    assert isinstance(rows["search/chunk 64/rerank 4"]["identical_to_baseline"], bool)
 
 
 @pytest.mark.slow

@@ -2,7 +2,8 @@
 collapse and kNN monitors.
 
 Hooks run in the order they are registered. Pretraining registers them (``Pretrainer.build_hooks`` in
-``simsiam_kit/pretrain.py``) as: the schedule, throughput and epoch averages, the collapse monitor, then
+``simsiam_kit/pretrain.py``) as: the CPU thread re-check (:class:`ThreadRecheck`), the schedule, throughput
+and epoch averages, the collapse monitor, then
 the :class:`Checkpointer` (the epoch's weights are safe on disk before anything else runs), then the
 :class:`KNNMonitor` and the online probe's monitor, then the :class:`MetricsWriter` (its epoch line
 carries the monitors' results), and the :class:`ProgressBar` last. A run killed after its checkpoint but
@@ -24,6 +25,7 @@ from simsiam_kit.engine.checkpoint import Checkpointables, describe_nonfinite, n
 from simsiam_kit.engine.trainer import Hook, Trainer
 from simsiam_kit.errors import TrainingDiverged
 from simsiam_kit.utils import dist
+from simsiam_kit.utils.device import CpuSampler, recheck_threads
 from simsiam_kit.utils.io import defer_sigint
 
 
@@ -130,6 +132,25 @@ class EpochAverages(Hook):
         for k, v in self.sums.items():
             t = dist.all_reduce_mean(torch.tensor(_f(v) / max(1, self.n), dtype=torch.float64))
             trainer.epoch_metrics[k] = float(t)
+
+
+class ThreadRecheck(Hook):
+    """Re-choose the CPU thread count at every epoch boundary from the idle CPU time of the epoch that just
+    ended (:func:`~simsiam_kit.utils.device.recheck_threads`: ``/proc/stat`` less this process's own time, two
+    reads of a file per epoch), so a run that started during someone else's job takes the cores back when
+    that job ends, and gives one back when another starts. A count from ``OMP_NUM_THREADS`` (or one the
+    command line did not choose) is never changed. Registered first, so the epoch's end (checkpoint, kNN
+    monitor) already runs with the new count; ``sampler`` builds the sampler (tests give a fake one)."""
+
+    def __init__(self, log: Callable[[str], None] = print, sampler: Callable | None = None):
+        self.log, self.make_sampler, self.sampler = log, sampler, None
+
+    def before_train(self, trainer) -> None:
+        self.sampler = (self.make_sampler or CpuSampler)()
+
+    def after_epoch(self, trainer) -> None:
+        if self.sampler is not None:
+            recheck_threads(self.sampler, self.log)
 
 
 class CollapseMonitor(Hook):

@@ -49,20 +49,18 @@ def start_notes(cfg: PretrainConfig, device: torch.device) -> list[str]:
     """Lines printed when a run starts: the image settings and CPU threads in force, and warnings for a busy
     machine and for the demo's MNIST settings applied to other data."""
     th = thread_settings()
+    busy = _busy_phrase(th)
     lines = [
         f"images {cfg.data.image_size} px, mean {list(cfg.data.mean)}, std {list(cfg.data.std)}; "
         f"{th['threads']} CPU thread{'s' if th['threads'] != 1 else ''} ({th['chosen_by']}"
-        + (
-            f", load average {th['load_average']:g} on {th['usable_cores']} usable cores"
-            if th.get("load_average") is not None
-            else ""
-        )
+        + (f", {busy}" if busy else "")
         + ")"
     ]
-    if device.type == "cpu" and th.get("busy"):
+    if device.type == "cpu" and th.get("busy") and busy:
         lines.append(
-            f"warning: load average {th['load_average']:g} on {th['usable_cores']} usable cores: other "
-            "processes keep the CPU busy, so this run is slower than the README's figures"
+            f"warning: {busy}"
+            + ("" if busy.startswith("other processes") else ": other processes keep the CPU busy")
+            + ", so this run is slower than the README's figures"
             + (
                 ""
                 if th["threads"] == 1 or th["chosen_by"] != "OMP_NUM_THREADS"
@@ -81,6 +79,17 @@ def start_notes(cfg: PretrainConfig, device: torch.device) -> list[str]:
             "data.mean and data.std for these images, or start from --config cifar10_resnet18"
         )
     return lines
+
+
+def _busy_phrase(th: dict) -> str:
+    """What the thread count was judged from, in words: idle CPU time measured from ``/proc/stat`` when it was
+    (``measured_by``), the 1-minute load average otherwise; "" when neither is known."""
+    cores = th.get("usable_cores")
+    if str(th.get("measured_by") or "").startswith("/proc/stat") and th.get("busy_cores") is not None:
+        return f"other processes kept {th['busy_cores']:g} of {cores} usable cores busy ({th['measured_by']})"
+    if th.get("load_average") is not None:
+        return f"load average {th['load_average']:g} on {cores} usable cores"
+    return ""
 
 
 def summarise(p: Pretraining, run: RunDir, elapsed: float, knn_eval: Optional[Callable]) -> dict:

@@ -149,14 +149,15 @@ def choose_threads(env=None, cores: int | None = None, load: float | None = None
     also want, a team of threads loses most of its time (docs/benchmarks.md). And why not the load average: it
     lags by a minute, so right after another job ends an idle machine still reads as busy. Returns
     ``{"threads", "chosen_by", "usable_cores", "busy_cores", "measured_by", "load_average", "busy"}``;
-    ``busy``: other processes leave less than one core idle."""
+    ``busy``: other processes leave less than one core idle (under ``OMP_NUM_THREADS``, judged from the load
+    average, which costs no sample)."""
     env = os.environ if env is None else env
     cores = usable_cores() if cores is None else cores
     raw = env.get("OMP_NUM_THREADS", "").strip()
     if load is not None:
         busy_cores, measured_by = float(load), "given"
-    elif raw:
-        busy_cores, measured_by = None, None
+    elif raw:  # the user's count: nothing to sample for (0.5 s saved); the busy warning reads the load average
+        busy_cores, measured_by = load_average(), "1-minute load average"
     else:
         busy_cores, measured_by = measure_busy_cores(), "/proc/stat over 0.5 s"
         if busy_cores is None:
@@ -194,7 +195,8 @@ def recheck_threads(sampler: "CpuSampler", log=None) -> int | None:
     import torch
 
     n = threads_for(int(_THREADS.get("usable_cores") or usable_cores()), busy)
-    if n == torch.get_num_threads():
+    was = torch.get_num_threads()
+    if n == was:
         return None
     torch.set_num_threads(n)
     _THREADS.update(
@@ -204,7 +206,10 @@ def recheck_threads(sampler: "CpuSampler", log=None) -> int | None:
         busy=busy > _THREADS["usable_cores"] - 0.5,
     )
     if log is not None:
-        log(f"CPU threads: {n} (other processes kept {busy:g} of {_THREADS['usable_cores']} cores busy last epoch)")
+        log(
+            f"CPU threads: {was} -> {n} (other processes kept {busy:g} of {_THREADS['usable_cores']} usable cores "
+            "busy during the last epoch)"
+        )
     return n
 
 

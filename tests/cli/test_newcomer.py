@@ -480,8 +480,11 @@ def test_choose_threads(env, cores, load, want):
     assert (c["threads"], c["chosen_by"], c["busy"]) == want
 
 
-def test_apply_thread_choice_sets_the_environment():
+def test_apply_thread_choice_sets_the_environment(monkeypatch):
+    from simsiam_kit.utils import device
     from simsiam_kit.utils.device import apply_thread_choice
+
+    monkeypatch.setattr(device, "_THREADS", {})  # the choice stays in this test (no re-check in later runs)
 
     env = {}
     c = apply_thread_choice(env)
@@ -508,6 +511,22 @@ def test_start_notes_warn_on_busy_cores_and_demo_settings(monkeypatch):
     monkeypatch.setattr(report, "thread_settings", lambda: idle)
     assert len(report.start_notes(load_pretrain_config("demo", None), cpu)) == 1
     assert len(report.start_notes(load_pretrain_config("cifar10_resnet18", ["data.train=/x.npz"]), cpu)) == 1
+    # chosen from idle CPU time (issue 25), the notes say so and not the lagging load average (1.21 just after
+    # another job ended, on cores idle now)
+    sampled = dict(idle, busy_cores=0.05, load_average=1.21, measured_by="/proc/stat over 0.5 s")
+    monkeypatch.setattr(report, "thread_settings", lambda: sampled)
+    notes = report.start_notes(load_pretrain_config("demo", None), cpu)
+    assert notes == [
+        "images 16 px, mean [0.1307, 0.1307, 0.1307], std [0.3081, 0.3081, 0.3081]; 2 CPU threads (auto, other "
+        "processes kept 0.05 of 2 usable cores busy (/proc/stat over 0.5 s))"
+    ]
+    full = dict(sampled, threads=1, busy_cores=1.8, busy=True)
+    monkeypatch.setattr(report, "thread_settings", lambda: full)
+    notes = report.start_notes(load_pretrain_config("demo", None), cpu)
+    assert notes[1] == (
+        "warning: other processes kept 1.8 of 2 usable cores busy (/proc/stat over 0.5 s), so this run is slower "
+        "than the README's figures"
+    )
 
 
 @pytest.mark.parametrize(

@@ -68,6 +68,26 @@ def test_order_ties_by_hand_and_as_settle_ties():
     assert np.array_equal(ov.numpy(), sv) and np.array_equal(oi.numpy(), si)
 
 
+def test_order_ties_key_handles_signs_zeros_and_large_ids():
+    """The one-sort key (float32): negative similarities, -0.0 equal to 0.0, ids up to 2^31 - 1; the same order as
+    the two-sort form (float64 input takes it) and as the numpy tie rule."""
+    big = 2**31 - 1
+    v = torch.tensor([[-0.5, 0.0, -0.0, 0.25, -0.5, -1e-30, 3e38]], dtype=torch.float32)
+    i = torch.tensor([[7, big, 3, 0, big - 1, 12, 5]])
+    ov, oi = order_ties(v, i)
+    assert oi.tolist() == [[5, 0, 3, big, 12, 7, big - 1]]  # 0.0 and -0.0 tie: by id; -1e-30 < 0; -0.5 twice: by id
+    assert torch.equal(ov, torch.tensor([[3e38, 0.25, 0.0, 0.0, -1e-30, -0.5, -0.5]], dtype=torch.float32))
+    g = torch.Generator().manual_seed(3)
+    v = (torch.randint(-4, 5, (40, 16), generator=g).float() / 3).contiguous()
+    i = torch.stack([torch.randperm(1000, generator=g)[:16] * 2_000_000 for _ in range(40)])  # ids up to ~2e9
+    one_sort = order_ties(v, i)
+    two_sorts = order_ties(v.double(), i)
+    assert torch.equal(one_sort[1], two_sorts[1]) and torch.equal(one_sort[0].double(), two_sorts[0])
+    vs, o = torch.sort(v, dim=1, descending=True)
+    sv, si = settle_ties(vs.numpy().copy(), torch.gather(i, 1, o).numpy().copy(), 16)
+    assert np.array_equal(one_sort[0].numpy(), sv) and np.array_equal(one_sort[1].numpy(), si)
+
+
 def test_bf16_search_with_every_candidate_re_scored_is_the_exact_search():
     """rerank >= k: every candidate scored in fp32; on well-spread vectors (no bf16 ties at the candidate cut
     that matter) the k found are the exact ones, ties ordered the same way."""

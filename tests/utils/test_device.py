@@ -64,7 +64,8 @@ def test_recheck_at_epoch_boundary_raises_threads_when_the_other_job_ends(monkey
         sampler = type("S", (), {"sample": lambda self: next(busy)})()
         said = []
         assert recheck_threads(sampler, said.append) == 2
-        assert torch.get_num_threads() == 2 and said and "0.1 of 2 cores" in said[0]
+        assert torch.get_num_threads() == 2
+        assert said == ["CPU threads: 1 -> 2 (other processes kept 0.1 of 2 usable cores busy during the last epoch)"]
         # OMP_NUM_THREADS given: never changed
         monkeypatch.setattr(device, "_THREADS", {"chosen_by": "OMP_NUM_THREADS", "usable_cores": 2})
         assert recheck_threads(sampler) is None
@@ -103,6 +104,7 @@ def test_help_skips_the_idle_time_sample(monkeypatch, argv, sampled):
     calls = []
     monkeypatch.setattr(device, "measure_busy_cores", lambda seconds=0.5: calls.append(seconds) or 0.0)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(device, "_THREADS", {})  # the choice main() makes stays in this test
     monkeypatch.setattr(sys, "argv", ["simsiam-kit", *argv])
     with pytest.raises(SystemExit):
         app_module.main()
@@ -120,6 +122,7 @@ def test_a_command_takes_the_idle_time_sample(monkeypatch):
     calls = []
     monkeypatch.setattr(device, "measure_busy_cores", lambda seconds=0.5: calls.append(seconds) or 0.0)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(device, "_THREADS", {})  # the choice main() makes stays in this test
     monkeypatch.setattr(sys, "argv", ["simsiam-kit", "search", "--index", "/nonexistent", "--query", "/nonexistent"])
     with pytest.raises(SystemExit):
         app_module.main()
