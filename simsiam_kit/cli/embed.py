@@ -99,6 +99,10 @@ def embed_cmd(
     embedder = open_runtime(
         model, runtime, weights, head, device, batch_size, log=typer.echo, onnxruntime_only=engine == "ray"
     )
+    ray = None
+    if engine == "ray":
+        assert model is not None  # open_runtime refuses --engine ray without --model
+        ray = ray_engine(model, data, device, batch_size, ray_address, actors)
     embed_to_dir(
         embedder,
         data,
@@ -112,7 +116,7 @@ def embed_cmd(
         workers=workers,
         progress=progress,
         log=typer.echo,
-        engine=ray_engine(model, data, device, batch_size, ray_address, actors) if engine == "ray" else None,
+        engine=ray,
     )
 
 

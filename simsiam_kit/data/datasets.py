@@ -26,7 +26,7 @@ import gzip
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -126,7 +126,7 @@ class ImageDataset:
     ids: list
     classes: Optional[list] = None
     images: Optional[np.ndarray] = None
-    files: Optional[list] = None
+    files: Optional[Sequence] = None  # paths, or a tar dataset's TarMembers (read on access)
     skip_bad_images: bool = False
 
     def __post_init__(self):
@@ -267,6 +267,7 @@ def load_dataset(
         from simsiam_kit.data.webdataset import load_path_list, tar_dataset
 
         if kind == "list":
+            assert path is not None  # check_spec gives a path list spec its path
             ds = load_path_list(path, skip_bad_images)
         else:
             ds, sl = tar_dataset(base, skip_bad_images, sl), None  # sliced while indexing

@@ -244,6 +244,7 @@ class TarShards:
             path = self.paths[t]
             with open(path, "rb") as f:
                 for s in samples[lo:hi]:
+                    assert s.image is not None  # scan_tar keeps only samples that have an image member
                     sid = f"{path}::{s.key}"
                     label = _label(read_member(f, s.cls), f"{sid}.cls") if s.cls else -1
                     yield row, sid, label, read_member(f, s.image)
@@ -364,6 +365,7 @@ def tar_dataset(spec: str, skip_bad_images: bool = False, sl: Optional[slice] = 
         samples = scan_tar(p)[0][: int(shards.counts[t])]
         with open(p, "rb") as f:
             for s in samples:
+                assert s.image is not None  # scan_tar keeps only samples that have an image member
                 tar.append(t)
                 offset.append(s.image[0])
                 size.append(s.image[1])
@@ -379,10 +381,9 @@ def tar_dataset(spec: str, skip_bad_images: bool = False, sl: Optional[slice] = 
         np.asarray(size, np.int64)[keep],
         [keys[i] for i in keep],
     )
-    labels = np.asarray(labels, np.int64)[keep]
     return ImageDataset(
         name=spec + (f"[{sl.start or ''}:{sl.stop or ''}]" if sl is not None else ""),
-        labels=labels,
+        labels=np.asarray(labels, np.int64)[keep],
         ids=[members.name(i) for i in range(len(members))],
         files=members,
         skip_bad_images=skip_bad_images,

@@ -466,6 +466,8 @@ class EmbeddingIndex:
         elif self.kind in ("ivfpq", "opq_ivfpq"):  # trained on the first batch added, like ivf
             from simsiam_kit.retrieval.index_build import choose_plan
 
+            if train is None:
+                raise ValueError(f"a {self.kind} index is trained on its first batch: give the vectors")
             plan = choose_plan(len(train), self.dim, kind=self.kind, nlist=self.nlist or None)
             idx = plan.make()
             idx.train(train)
@@ -669,7 +671,7 @@ def _optional_index_keys(meta: dict, meta_p: Path) -> dict:
     within [1, MAX_EF], ``recall_at_10`` within [0, 1]; missing or null ones get their defaults."""
     from simsiam_kit.retrieval.files import MAX_DIM, MAX_EF
 
-    out = {}
+    out: dict[str, Any] = {}
     for key, (tp, default) in _OPTIONAL.items():
         v = meta.get(key)
         if v is None:

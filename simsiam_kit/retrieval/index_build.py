@@ -318,6 +318,7 @@ def chunk_source(chunks: Callable[[], Iterable[np.ndarray]], n: Optional[int] = 
             n, dim = n + len(c), dim or c.shape[1]
         if not n:
             raise UserError("no vectors to index")
+        assert dim is not None  # the first of the n > 0 rows' chunks set it
     return VectorSource(chunks, n, dim)
 
 
@@ -376,7 +377,7 @@ class ExactTopK:
 def recall_at_k(found: np.ndarray, exact: np.ndarray, own_rows: np.ndarray, k: int = RECALL_K) -> float:
     """Mean share of each query's exact k nearest (its own row left out) among the k it was given (own row
     left out too): ``found`` and ``exact`` hold at least k + 1 ids per query, best first."""
-    hits = 0
+    hits = 0.0
     for f, e, r in zip(found, exact, own_rows):
         f = [x for x in f.tolist() if x != r and x >= 0][:k]
         e = [x for x in e.tolist() if x != r][:k]
@@ -496,8 +497,8 @@ def build_index(
             index.train(train_x)
         del train_x
         t_train = time.perf_counter() - t0
-        exact = ExactTopK(query_x, RECALL_K + 1) if n_queries else None
-        blocks = []
+        exact = ExactTopK(query_x, RECALL_K + 1) if n_queries and query_x is not None else None
+        blocks: list[Path] = []
         if on_disk:
             trained = work / "trained.faiss"
             faiss.write_index(index, str(trained))
@@ -530,7 +531,7 @@ def build_index(
             trained.unlink()
         t_add = time.perf_counter() - t0 - t_train
         sweep, knob, recall = [], None, (1.0 if not plan.approximate else None)
-        if n_queries:
+        if exact is not None:  # n_queries > 0
             values = _knob_values(plan)
             for v in values:
                 _set_knob(index, plan, v)
@@ -545,14 +546,19 @@ def build_index(
             _set_knob(index, plan, knob)
         if plan.ivf and knob is None:
             knob = 1
+        nprobe, ef_search = 16, None
+        if plan.ivf or plan.kind == "hnsw":
+            assert knob is not None  # set by the sweep or the defaults above
+            nprobe = int(knob) if plan.ivf else 16
+            ef_search = int(knob) if plan.kind == "hnsw" else None
         meta = {
             "dim": d,
             "kind": plan.kind,
             "backend": "faiss",
             "nlist": plan.nlist,
-            "nprobe": int(knob) if plan.ivf else 16,
+            "nprobe": nprobe,
             "hnsw_m": plan.hnsw_m,
-            "ef_search": int(knob) if plan.kind == "hnsw" else None,
+            "ef_search": ef_search,
             "rerank": 16,
             "ntotal": int(index.ntotal),
             "factory": plan.factory(),

@@ -44,7 +44,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -475,7 +475,7 @@ def _assemble(parts: list[dict], dim: int) -> tuple:
     """One shard's (embeddings, columns, skipped) from its batches, in row order."""
     parts = sorted(parts, key=lambda p: p["start"])
     z = np.concatenate([p["z"] for p in parts]) if parts else np.zeros((0, dim), np.float32)
-    cols = {k: np.concatenate([p[k] for p in parts]) for k in ("row", "label", "width", "height")}
+    cols: dict[str, Any] = {k: np.concatenate([p[k] for p in parts]) for k in ("row", "label", "width", "height")}
     cols["id"] = [str(i) for p in parts for i in p["id"]]
     return z, cols, [s for p in parts for s in p["skipped"]]
 

@@ -73,7 +73,7 @@ import hashlib
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -313,7 +313,7 @@ def load_shard(directory: Union[str, Path], info: ShardInfo, dim: int, verify: b
     return z, table
 
 
-def iter_shards(directory: Union[str, Path], verify: bool = True) -> Iterator[tuple[ShardInfo, np.ndarray, object]]:
+def iter_shards(directory: Union[str, Path], verify: bool = True) -> Iterator[tuple[ShardInfo, np.ndarray, Any]]:
     """``(info, embeddings, table)`` of each finished shard, in index order, one shard in memory at a time."""
     m = read_manifest(directory)
     if m is None:
