@@ -143,7 +143,8 @@ class ThreadRecheck(Hook):
     monitor) already runs with the new count; ``sampler`` builds the sampler (tests give a fake one)."""
 
     def __init__(self, log: Callable[[str], None] = print, sampler: Callable | None = None):
-        self.log, self.make_sampler, self.sampler = log, sampler, None
+        self.log, self.make_sampler = log, sampler
+        self.sampler: Any = None  # a CpuSampler once training starts
 
     def before_train(self, trainer) -> None:
         self.sampler = (self.make_sampler or CpuSampler)()

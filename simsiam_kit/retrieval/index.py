@@ -202,6 +202,7 @@ def knn_search_bf16(
             v, i = torch.topk(q @ bank.t(), k, dim=1)
             ov[:], oi[:] = order_ties(v, i)
             continue
+        assert q16 is not None  # set whenever the candidates are not the whole bank
         approx = torch.matmul(q16[s : s + len(q)], bank_t, out=approx_out[: q.shape[0]])
         av, cand = select(approx, kc)  # sorted by bf16 similarity, descending
         if keep:

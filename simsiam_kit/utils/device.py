@@ -154,6 +154,7 @@ def choose_threads(env=None, cores: int | None = None, load: float | None = None
     env = os.environ if env is None else env
     cores = usable_cores() if cores is None else cores
     raw = env.get("OMP_NUM_THREADS", "").strip()
+    busy_cores: float | None
     if load is not None:
         busy_cores, measured_by = float(load), "given"
     elif raw:  # the user's count: nothing to sample for (0.5 s saved); the busy warning reads the load average

@@ -27,7 +27,7 @@ class FakeProc:
 
     def reader(self):
         self.i += 1
-        return device._read_proc_stat(_stat(self.frames[self.i][0]))
+        return device.read_proc_stat(_stat(self.frames[self.i][0]))
 
     def own(self):
         return self.frames[self.i][1]
