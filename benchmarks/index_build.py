@@ -26,7 +26,9 @@ recall@10 >= 0.9.
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
+import os
 import resource
 import shutil
 import sys
@@ -109,12 +111,21 @@ def _autofaiss(args, out: str, work: str, queue) -> None:
     queue.put({"seconds": time.perf_counter() - t0, "peak_rss": peak_rss_bytes()})
 
 
-def _in_child(target, *a) -> dict:
+def _in_child(target, *a, timeout: float | None = None) -> dict:
+    """Run ``target`` in a fresh process (its own peak RSS); past ``timeout`` seconds it is killed and the
+    result says so (``{"timed_out": seconds}``)."""
+    import queue as queue_mod
+
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     p = ctx.Process(target=target, args=(*a, q))
     p.start()
-    res = q.get()
+    try:
+        res = q.get(timeout=timeout)
+    except queue_mod.Empty:
+        p.kill()
+        p.join()
+        return {"timed_out": timeout}
     p.join()
     return res
 
@@ -173,6 +184,7 @@ def main() -> None:
     ap.add_argument("--max-index-memory", default="4G")
     ap.add_argument("--memory-available", default="6G", help="autofaiss's current_memory_available")
     ap.add_argument("--no-autofaiss", action="store_true")
+    ap.add_argument("--peer-timeout", type=float, default=3600, help="seconds autofaiss may take before it is stopped")
     ap.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
     ap.add_argument("--smoke", action="store_true", help="10k x 16, 20 clusters, IVF-PQ, 100 queries; JSON to /tmp")
     ap.add_argument("--out", default=None)
@@ -188,6 +200,7 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="index_build_bench_"))
     from simsiam_kit.retrieval.index import EmbeddingIndex
 
+    load_before = [round(v, 2) for v in os.getloadavg()]
     mix = Mixture(args.vectors, args.dim, args.clusters, args.noise, args.chunk)
     queries = mix.queries(args.queries)
     t0 = time.perf_counter()
@@ -224,29 +237,42 @@ def main() -> None:
         else:
             af_dir = work / "autofaiss"
             af_dir.mkdir(parents=True, exist_ok=True)
-            res = _in_child(_autofaiss, args, str(af_dir), str(work))
+            res = _in_child(_autofaiss, args, str(af_dir), str(work), timeout=args.peer_timeout)
             import faiss
 
-            idx = faiss.read_index(str(af_dir / "knn.index"))
-            ivf = faiss.try_extract_index_ivf(idx)
-            params = faiss.ParameterSpace()
-            table = []
-            for v in _knob("ivf" if ivf is not None else "hnsw", ivf.nlist if ivf is not None else 0)[1]:
-                params.set_index_parameter(idx, "nprobe" if ivf is not None else "efSearch", v)
-                table += sweep(_Raw(idx), None, [v], queries, truth)
-            ok = [r for r in table if r["recall_at_10"] >= 0.9]
-            results["autofaiss"] = {
-                "build_seconds": round(res["seconds"], 1),
-                "peak_rss_bytes": res["peak_rss"],
-                "index_bytes": index_bytes(af_dir),
-                "sweep": table,
-                "best_at_recall_0.9": max(ok, key=lambda r: r["queries_per_s"]) if ok else None,
-            }
-            rows.append(_row("autofaiss build_index", results["autofaiss"]))
-    text = print_table(rows, ["builder", "build s", "peak RSS GB", "index GB", "knob", "recall@10", "queries/s"])
+            if "timed_out" in res:
+                results["autofaiss"] = {"timed_out_after_seconds": res["timed_out"]}
+                rows.append({"builder": f"autofaiss build_index: stopped after {res['timed_out']:.0f} s"})
+            else:
+                idx = faiss.read_index(str(af_dir / "knn.index"))
+                ivf = faiss.try_extract_index_ivf(idx)
+                params = faiss.ParameterSpace()
+                table = []
+                name = "nprobe" if ivf is not None else "efSearch"
+                for v in _knob("ivf" if ivf is not None else "hnsw", ivf.nlist if ivf is not None else 0)[1]:
+                    params.set_index_parameter(idx, name, v)
+                    r = sweep(_Raw(idx), None, [v], queries, truth)[0]
+                    table.append({name: r.pop("setting"), **r})
+                ok = [r for r in table if r["recall_at_10"] >= 0.9]
+                info = json.loads((af_dir / "infos.json").read_text()) if (af_dir / "infos.json").is_file() else {}
+                results["autofaiss"] = {
+                    "factory": info.get("index_key"),
+                    "build_seconds": round(res["seconds"], 1),
+                    "peak_rss_bytes": res["peak_rss"],
+                    "index_bytes": index_bytes(af_dir),
+                    "infos": info,
+                    "sweep": table,
+                    "best_at_recall_0.9": max(ok, key=lambda r: r["queries_per_s"]) if ok else None,
+                }
+                rows.append(_row("autofaiss build_index", results["autofaiss"]))
+    text = print_table(
+        rows, ["builder", "factory", "build s", "peak RSS GB", "index GB", "knob", "recall@10", "queries/s"]
+    )
     write_json_to(
         out_json,
         {
+            "load_before": load_before,
+            "load_after": [round(v, 2) for v in os.getloadavg()],
             "args": vars(args),
             "ground_truth_seconds": round(gt_seconds, 1),
             "results": results,
@@ -273,6 +299,7 @@ def _row(name: str, r: dict) -> dict:
     knob = next(((k, v) for k, v in b.items() if k not in ("recall_at_10", "queries_per_s")), ("-", "-"))
     return {
         "builder": name,
+        "factory": r.get("factory"),
         "build s": r["build_seconds"],
         "peak RSS GB": round(r["peak_rss_bytes"] / 1e9, 2),
         "index GB": round(r["index_bytes"] / 1e9, 3),
@@ -287,8 +314,6 @@ def write_json_to(path: str, payload: dict) -> None:
     if p.parent == RESULTS:
         write_json(p.name, payload)
         return
-    import json
-
     from _common import machine
 
     p.parent.mkdir(parents=True, exist_ok=True)

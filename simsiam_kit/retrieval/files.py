@@ -191,9 +191,10 @@ def _header(r: _Reader, what: str, dim: int, ntotal: Optional[int]) -> int:
     return n
 
 
-def _flat(r: _Reader, what: str, dim: int, ntotal: Optional[int]) -> int:
-    """``IndexFlatIP``: header, then ``WRITEXBVECTOR`` (count of floats, the floats)."""
-    if r.fourcc(f"{what} type") != b"IxFI":
+def _flat(r: _Reader, what: str, dim: int, ntotal: Optional[int], type_read: bool = False) -> int:
+    """``IndexFlatIP``: header, then ``WRITEXBVECTOR`` (count of floats, the floats). ``type_read``: the
+    caller has read the type code already."""
+    if not type_read and r.fourcc(f"{what} type") != b"IxFI":
         raise _Corrupt(f"{what} is not an IndexFlatIP")
     n = _header(r, what, dim, ntotal)
     floats = r.vector_len(4, f"{what} vectors")
@@ -204,7 +205,9 @@ def _flat(r: _Reader, what: str, dim: int, ntotal: Optional[int]) -> int:
 
 
 def _ivf_header(r: _Reader, what: str, dim: int, ntotal: int, nlist: int) -> int:
-    """faiss ``write_ivf_header``: index header, nlist, nprobe, the ``IndexFlatIP`` quantizer, the direct map."""
+    """faiss ``write_ivf_header``: index header, nlist, nprobe, the quantizer (an ``IndexFlatIP``, or an
+    ``IndexHNSWFlat`` over the centroids from :data:`~simsiam_kit.retrieval.index_build.COARSE_HNSW_FROM`
+    lists), the direct map."""
     _header(r, what, dim, ntotal)
     n_lists = r.field("Q", f"{what} nlist")
     nprobe = r.field("Q", f"{what} nprobe")
@@ -212,7 +215,14 @@ def _ivf_header(r: _Reader, what: str, dim: int, ntotal: int, nlist: int) -> int
         raise _Corrupt(f"{what} has {n_lists} lists, index.json says {nlist}")
     if not 1 <= nprobe <= n_lists:
         raise _Corrupt(f"{what} nprobe {nprobe} is not in [1, nlist={n_lists}]")
-    _flat(r, f"{what} quantizer", dim, n_lists)  # the centroids: n_lists x dim floats in the file bound n_lists
+    # the centroids: n_lists x dim floats in the file bound n_lists
+    q = r.fourcc(f"{what} quantizer type")
+    if q == b"IxFI":
+        _flat(r, f"{what} quantizer", dim, n_lists, type_read=True)
+    elif q == b"IHNf":
+        _hnsw(r, dim, n_lists, f"{what} HNSW quantizer")
+    else:
+        raise _Corrupt(f"{what} quantizer type {q!r} is neither an IndexFlatIP nor an IndexHNSWFlat")
     if r.field("B", f"{what} direct map type") != 0 or r.vector_len(8, f"{what} direct map") != 0:
         raise _Corrupt(f"{what} has a direct map (simsiam-kit never builds one)")
     return n_lists
@@ -346,40 +356,42 @@ def _ondisk_lists(r: _Reader, what: str, n_lists: int, code_size: int, ntotal: i
         del data
 
 
-def _hnsw(r: _Reader, dim: int, ntotal: int) -> None:
-    """``IndexHNSWFlat``: header, the graph (``write_HNSW``), then its ``IndexFlatIP`` storage."""
-    _header(r, "HNSW index", dim, ntotal)
-    r.skip(8 * r.vector_len(8, "HNSW assign_probas"), "HNSW assign_probas")
-    what = "HNSW cum_nneighbor_per_level"
+def _hnsw(r: _Reader, dim: int, ntotal: int, name: str = "HNSW index") -> None:
+    """``IndexHNSWFlat`` (the type code read): header, the graph (``write_HNSW``), then its ``IndexFlatIP``
+    storage. ``name``: what the messages call it (the index, or an IVF index's quantizer)."""
+    p = "" if name == "HNSW index" else f"{name}: "  # the quantizer of an IVF index says so
+    _header(r, name, dim, ntotal)
+    r.skip(8 * r.vector_len(8, f"{p}HNSW assign_probas"), f"{p}HNSW assign_probas")
+    what = f"{p}HNSW cum_nneighbor_per_level"
     cum = r.array("<i4", r.vector_len(4, what), what).astype(np.int64)
-    levels = r.array("<i4", r.vector_len(4, "HNSW levels"), "HNSW levels").astype(np.int64)
-    offsets = r.array("<u8", r.vector_len(8, "HNSW offsets"), "HNSW offsets")
-    neighbors = r.array("<i4", r.vector_len(4, "HNSW neighbors"), "HNSW neighbors")
+    levels = r.array("<i4", r.vector_len(4, f"{p}HNSW levels"), f"{p}HNSW levels").astype(np.int64)
+    offsets = r.array("<u8", r.vector_len(8, f"{p}HNSW offsets"), f"{p}HNSW offsets")
+    neighbors = r.array("<i4", r.vector_len(4, f"{p}HNSW neighbors"), f"{p}HNSW neighbors")
     entry, max_level, ef_construction, ef_search, _ = (
-        r.field("i", f"HNSW {w}") for w in ("entry_point", "max_level", "efConstruction", "efSearch", "upper_beam")
+        r.field("i", f"{p}HNSW {w}") for w in ("entry_point", "max_level", "efConstruction", "efSearch", "upper_beam")
     )
     if len(levels) != ntotal or len(offsets) != ntotal + 1:
-        raise _Corrupt(f"HNSW graph has {len(levels)} levels and {len(offsets)} offsets for {ntotal} vectors")
+        raise _Corrupt(f"{p}HNSW graph has {len(levels)} levels and {len(offsets)} offsets for {ntotal} vectors")
     if len(cum) == 0 or cum[0] != 0 or (np.diff(cum) < 0).any():
-        raise _Corrupt("HNSW cum_nneighbor_per_level is not a non-decreasing list from 0")
+        raise _Corrupt(f"{p}HNSW cum_nneighbor_per_level is not a non-decreasing list from 0")
     if ntotal and (levels.min() < 1 or levels.max() >= len(cum)):
-        raise _Corrupt(f"HNSW levels outside [1, {len(cum)})")
+        raise _Corrupt(f"{p}HNSW levels outside [1, {len(cum)})")
     expect = np.concatenate([[0], np.cumsum(cum[levels])]).astype(np.int64)
     if not np.array_equal(offsets.astype(np.int64), expect) or int(offsets[-1]) > len(neighbors):
-        raise _Corrupt("HNSW offsets do not match the levels and neighbour counts")
+        raise _Corrupt(f"{p}HNSW offsets do not match the levels and neighbour counts")
     if len(neighbors) and (neighbors.min() < -1 or neighbors.max() >= ntotal):
-        raise _Corrupt(f"HNSW links point outside [0, {ntotal})")
+        raise _Corrupt(f"{p}HNSW links point outside [0, {ntotal})")
     if not -1 <= entry < ntotal or not -1 <= max_level < len(cum):
-        raise _Corrupt(f"HNSW entry point {entry} / max level {max_level} out of range")
+        raise _Corrupt(f"{p}HNSW entry point {entry} / max level {max_level} out of range")
     if not (1 <= ef_search <= MAX_EF and 1 <= ef_construction <= MAX_EF):
-        raise _Corrupt(f"HNSW efSearch {ef_search} / efConstruction {ef_construction} outside [1, {MAX_EF}]")
-    if r.fourcc("HNSW storage type") != b"IxFI":
-        raise _Corrupt("HNSW storage is not an IndexFlatIP")
-    n = _header(r, "HNSW storage", dim, ntotal)
-    floats = r.vector_len(4, "HNSW storage vectors")
+        raise _Corrupt(f"{p}HNSW efSearch {ef_search} / efConstruction {ef_construction} outside [1, {MAX_EF}]")
+    if r.fourcc(f"{p}HNSW storage type") != b"IxFI":
+        raise _Corrupt(f"{p}HNSW storage is not an IndexFlatIP")
+    n = _header(r, f"{p}HNSW storage", dim, ntotal)
+    floats = r.vector_len(4, f"{p}HNSW storage vectors")
     if floats != n * dim:
-        raise _Corrupt(f"HNSW storage stores {floats} floats, not {n} x {dim}")
-    r.skip(4 * floats, "HNSW storage vectors")
+        raise _Corrupt(f"{p}HNSW storage stores {floats} floats, not {n} x {dim}")
+    r.skip(4 * floats, f"{p}HNSW storage vectors")
 
 
 def check_faiss_file(

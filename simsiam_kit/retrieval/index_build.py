@@ -33,6 +33,13 @@ OPQ + IVF-PQ with the largest code that fits. The number of lists follows autofa
 near 4 sqrt(n) below 1M vectors, 16,384 below 10M, 65,536 beyond), never more than n / 39 (faiss's
 minimum of points per centroid) and overridable (``nlist``).
 
+**Many lists.** From :data:`COARSE_HNSW_FROM` (4,096) lists on, the coarse quantizer is an HNSW graph over
+the centroids (``IVF65536_HNSW32``, autofaiss's choice too; its ``efSearch`` :data:`COARSE_EF_SEARCH`, and
+never below ``nprobe``) and the centroids come from faiss's two-level k-means (``two_level_clustering``:
+sqrt(nlist) clusters, then each split in proportion to its size, spherical), with no floor of 39 points per
+list: a flat quantizer costs nlist x d per vector added and per k-means point and iteration, which at
+65,536 lists and 10M vectors is hours on a few cores, the HNSW graph about log(nlist) x M x d.
+
 **Recall.** ``queries`` held-out vectors (at most a tenth of the rows of the input, chosen with the
 sample and not used to train) are searched with the built index and exactly; recall@10 is the share of
 the exact 10 nearest found among the index's 10 (each query's own row left out of both lists: it is
@@ -41,9 +48,9 @@ and the smallest value reaching ``target_recall`` is stored in the index as its 
 ``index.json`` (``recall_at_10``, ``recall_sweep``), so ``search`` can say how approximate the index is.
 
 **Memory** (bounded, independent of n except for the index itself): one input chunk, the training sample
-(at most ``max_train`` vectors, default 256 x nlist capped at 1M, a ``UserError`` above
-``max_index_memory`` / 2), the (queries x 16,384) similarity block of the exact search, and the index
-in RAM, or for on-disk builds one block of ``block_rows`` codes.
+(at most ``max_train`` vectors, default 256 x nlist capped at 1M, cut to ``max_index_memory`` / 2 together
+with its OPQ-rotated copy when two-level k-means needs one), the (queries x 16,384) similarity block of the
+exact search, and the index in RAM, or for on-disk builds one block of ``block_rows`` codes.
 
 **Faults.** The index is built in a temporary directory inside ``output`` and moved into place only when
 complete (``index.ivfdata``, then ``index.faiss``, then ``index.json``, the last one atomically: a
@@ -81,6 +88,12 @@ FLAT_BELOW, QUANTIZE_FROM, IVF_FLAT_BELOW = 1_000, 10_000, 1_000_000
 #: PQ code sizes (bytes per vector) tried from the largest, as autofaiss does
 PQ_CODES = (256, 128, 64, 48, 32, 24, 16, 8, 4)
 MIN_POINTS_PER_LIST = 39  # faiss warns below this many training points per centroid
+#: from this many lists on, the coarse quantizer is an HNSW graph over the centroids (``IVF{n}_HNSW32``, as
+#: autofaiss builds it) and the centroids come from faiss's two-level k-means: a flat quantizer costs
+#: nlist x d per vector added and per k-means point, which at 65,536 lists is hours on a few cores
+COARSE_HNSW_FROM = 4_096
+#: efSearch of the HNSW coarse quantizer (at least nprobe at search time: faiss searches it for nprobe lists)
+COARSE_EF_SEARCH = 128
 RECALL_K = 10
 DEFAULT_QUERIES = 1_000
 DEFAULT_TARGET_RECALL = 0.9
@@ -161,14 +174,21 @@ class IndexPlan:
     def ivf(self) -> bool:
         return self.kind in ("ivf", "ivfpq", "opq_ivfpq")
 
+    @property
+    def coarse_hnsw(self) -> bool:
+        """Whether the IVF lists are found through an HNSW graph over the centroids (see
+        :data:`COARSE_HNSW_FROM`)."""
+        return self.ivf and self.nlist >= COARSE_HNSW_FROM
+
     def factory(self) -> str:
         """The ``faiss.index_factory`` string of the plan."""
+        ivf = f"IVF{self.nlist}" + ("_HNSW32" if self.coarse_hnsw else "")
         return {
             "flat": "Flat",
             "hnsw": f"HNSW{self.hnsw_m},Flat",
-            "ivf": f"IVF{self.nlist},Flat",
-            "ivfpq": f"IVF{self.nlist},PQ{self.pq_m}x8",
-            "opq_ivfpq": f"OPQ{self.pq_m}_{self.opq_dim},IVF{self.nlist},PQ{self.pq_m}x8",
+            "ivf": f"{ivf},Flat",
+            "ivfpq": f"{ivf},PQ{self.pq_m}x8",
+            "opq_ivfpq": f"OPQ{self.pq_m}_{self.opq_dim},{ivf},PQ{self.pq_m}x8",
         }[self.kind]
 
     def index_bytes(self, n: int) -> int:
@@ -178,7 +198,7 @@ class IndexPlan:
             return 4 * d * n
         if self.kind == "hnsw":
             return (4 * d + 8 * self.hnsw_m) * n
-        coarse = 4 * d * self.nlist
+        coarse = (4 * (self.opq_dim or d) + (8 * 32 if self.coarse_hnsw else 0)) * self.nlist
         if self.kind == "ivf":
             return (4 * d + 8) * n + coarse
         sub = self.opq_dim or d
@@ -191,7 +211,39 @@ class IndexPlan:
         index = faiss.index_factory(self.dim, self.factory(), faiss.METRIC_INNER_PRODUCT)
         if self.pq_m:  # the factory turns on polysemous training (Hamming-distance filtering we never use): slow
             faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False
+        if self.coarse_hnsw:
+            faiss.downcast_index(faiss.extract_index_ivf(index).quantizer).hnsw.efSearch = COARSE_EF_SEARCH
         return index
+
+    def train(self, index, x: np.ndarray, seed: int = 0) -> None:
+        """Train ``index`` (from :meth:`make`) on the sample ``x``. Below :data:`COARSE_HNSW_FROM` lists this is
+        faiss's ``index.train``; from there on the OPQ rotation is trained and applied first, the centroids come
+        from faiss's two-level k-means (``faiss.contrib.clustering.two_level_clustering``: sqrt(nlist) clusters,
+        then each split in proportion to its size; spherical, as the vectors are compared by inner product),
+        are added to the HNSW quantizer, and the IVF finishes its own training (the PQ codebooks)."""
+        faiss = require_extra("faiss", "cpu")
+        _seed_training(index, seed)
+        if not self.coarse_hnsw:
+            index.train(x)
+            return
+        from faiss.contrib.clustering import two_level_clustering
+
+        top = faiss.downcast_index(index)
+        inner, xt = top, x
+        if isinstance(top, faiss.IndexPreTransform):
+            for i in range(top.chain.size()):
+                vt = top.chain.at(i)
+                vt.train(xt)
+                xt = vt.apply(xt)
+            inner = faiss.downcast_index(top.index)
+        ivf = faiss.extract_index_ivf(inner)
+        with quiet_stdout():
+            centroids, _ = two_level_clustering(
+                xt, int(round(math.sqrt(self.nlist))), self.nlist, seed=seed, spherical=True, verbose=False
+            )
+        ivf.quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
+        ivf.train(xt)  # the quantizer holds nlist centroids: faiss trains only the codes (PQ) now
+        top.is_trained = True
 
 
 def default_nlist(n: int) -> int:
@@ -277,7 +329,7 @@ def train_size(plan: IndexPlan, n: int, max_train: Optional[int] = None) -> int:
     if plan.pq_m:
         want = max(want, 10_000)
     cap = max_train if max_train is not None else 1_000_000
-    floor = MIN_POINTS_PER_LIST * plan.nlist
+    floor = 0 if plan.coarse_hnsw else MIN_POINTS_PER_LIST * plan.nlist  # two-level k-means: groups of ~sqrt(nlist)
     return int(min(n, max(min(want, cap), floor)))
 
 
@@ -474,8 +526,10 @@ def build_index(
     # the held-out queries first (at most a tenth of the vectors), the training sample from the rest
     n_queries = min(queries, n // 10) if plan.approximate else 0
     n_train = min(train_size(plan, n, max_train), n - n_queries)
-    if n_train * d * 4 > budget / 2 and n_train > MIN_POINTS_PER_LIST * plan.nlist:
-        n_train = max(MIN_POINTS_PER_LIST * plan.nlist, int(budget / 2 / (4 * d)))
+    row_bytes = 4 * (d + (plan.opq_dim if plan.coarse_hnsw else 0))  # + the rotated copy two-level k-means needs
+    floor = 0 if plan.coarse_hnsw else MIN_POINTS_PER_LIST * plan.nlist
+    if n_train * row_bytes > budget / 2 and n_train > floor:
+        n_train = max(floor, int(budget / 2 / row_bytes))
     say(
         f"index {plan.factory()} for {n} vectors of dim {d} from {source.describe}: about {format_bytes(est)}"
         f"{' on disk' if on_disk else ''}; training on {n_train}, recall on {n_queries} held-out vectors"
@@ -493,8 +547,7 @@ def build_index(
         train_x, query_x = _gather(source, [train_rows, query_rows]) if (n_train or n_queries) else (None, None)
         index = plan.make()
         if n_train:
-            _seed_training(index, seed)
-            index.train(train_x)
+            plan.train(index, train_x, seed)
         del train_x
         t_train = time.perf_counter() - t0
         exact = ExactTopK(query_x, RECALL_K + 1) if n_queries and query_x is not None else None

@@ -231,9 +231,23 @@ def iter_batches(
         num_workers=workers,
         prefetch_factor=PREFETCH,
         pin_memory=pin_memory,
+        multiprocessing_context=worker_start_method(),
     )
     # with every worker yielding every n-th batch, the loader's round robin returns them in batch order
     yield from loader
+
+
+def worker_start_method() -> Optional[str]:
+    """How the decoding workers start: forked (the platform's default, ``None``), except in a process where a Ray
+    runtime is up, whose threads (gRPC, the core worker) may hold locks at the moment of a fork: a forked worker
+    then waits on them for ever (seen: the single-process pipeline run after a Ray run in one process hung in
+    its first worker). There the workers come from a ``forkserver``, a clean process started for them."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and getattr(ray, "is_initialized", lambda: False)():
+        return "forkserver"
+    return None
 
 
 def _as_numpy(x):

@@ -68,9 +68,10 @@ def test_auto_follows_autofaiss_rule():
     # 500k x (512 + 8) + 2048 lists x 512 = 261 MB: fits (4 sqrt(500k) = 2828 -> 2048 lists)
     p = choose_plan(500_000, 128, "270M")
     assert (p.kind, p.nlist) == ("ivf", 2048) and default_nlist(500_000) == 2048
-    # 10M x 512 in 1 GiB: OPQ + IVF-PQ with the largest code that fits: (64 + 8) x 10M = 720 MB (+ lists)
+    # 10M x 512 in 1 GiB: OPQ + IVF-PQ with the largest code that fits: (64 + 8) x 10M = 720 MB (+ lists);
+    # 65,536 lists are found through an HNSW graph over the centroids, as autofaiss builds it
     p = choose_plan(10_000_000, 512, "1G")
-    assert p.factory() == "OPQ64_448,IVF65536,PQ64x8"
+    assert p.factory() == "OPQ64_448,IVF65536_HNSW32,PQ64x8"
     assert p.index_bytes(10_000_000) <= G
     # nothing fits: one line with the smallest index's size
     with pytest.raises(UserError, match=r"too small for 10000000 vectors of dimension 512: the smallest index \(OPQ4_"):
@@ -85,6 +86,9 @@ def test_nlist_rule_and_overrides():
     # 4 sqrt(50k) = 894 -> 1024 lists; the largest code <= d / 4 that divides 64: 16 bytes
     assert choose_plan(50_000, 64, kind="ivfpq").factory() == "IVF1024,PQ16x8"
     assert choose_plan(50_000, 64, kind="opq_ivfpq", nlist=64, pq_m=8).factory() == "OPQ8_56,IVF64,PQ8x8"
+    # from 4,096 lists on the coarse quantizer is an HNSW graph (a flat one costs nlist x d per vector added)
+    assert choose_plan(50_000, 64, kind="ivf", nlist=2048).factory() == "IVF2048,Flat"
+    assert choose_plan(500_000, 64, kind="ivfpq", nlist=4096).factory() == "IVF4096_HNSW32,PQ16x8"
     with pytest.raises(UserError, match="must divide the dimension"):
         choose_plan(50_000, 60, kind="ivfpq", pq_m=16)
     with pytest.raises(UserError, match="unknown index kind 'lsh'"):
@@ -146,6 +150,32 @@ def test_each_kind_builds_loads_and_reports_its_measured_recall(tmp_path, kind):
     assert [s[knob] for s in m["recall_sweep"]][-1] == (m["ef_search"] if kind == "hnsw" else m["nprobe"])
     if m["recall_at_10"] < m["target_recall"]:  # the sweep ran to its end
         assert m["recall_sweep"][-1][knob] == (1024 if kind == "hnsw" else 16)
+
+
+@pytest.mark.parametrize("kind", ["ivf", "opq_ivfpq"])
+def test_many_lists_train_two_level_and_search_through_an_hnsw_quantizer(tmp_path, kind):
+    # 4,096 lists: two-level k-means (64 clusters, then each split), centroids in an HNSW graph; 25k x 16
+    x = clustered(25_000, 16, centres=200, noise=0.3)
+    kw = {"pq_m": 8} if kind == "opq_ivfpq" else {}
+    r = build_index(array_source(x, 5_000), tmp_path / kind, kind=kind, nlist=4096, queries=200, **kw)
+    assert "IVF4096_HNSW32" in r.meta["factory"]
+    # no floor of 39 points per list (two-level k-means), so every row but the held-out queries trains
+    assert r.meta["train_vectors"] == 25_000 - 200
+    m = json.loads((tmp_path / kind / "index.json").read_text())
+    _check(tmp_path / kind, m)  # the file check reads the HNSW quantizer's graph
+    ivf = faiss.extract_index_ivf(faiss.read_index(str(tmp_path / kind / "index.faiss")))
+    q = faiss.downcast_index(ivf.quantizer)
+    assert isinstance(q, faiss.IndexHNSWFlat) and q.ntotal == 4096 and q.metric_type == faiss.METRIC_INNER_PRODUCT
+    # every centroid is a unit vector (spherical k-means: the vectors are compared by inner product)
+    c = q.storage.reconstruct_n(0, 4096)
+    np.testing.assert_allclose(np.linalg.norm(c, axis=1), 1.0, atol=1e-4)
+    ix = EmbeddingIndex.load(tmp_path / kind, use_gpu=False)
+    assert ix.recall == m["recall_at_10"] and m["recall_at_10"] >= 0.9  # the sweep reached the target
+    if kind == "ivf":  # every list visited: the exact answer (the quantizer's efSearch >= nprobe)
+        ix.set_search_params(nprobe=4096)
+        ref = EmbeddingIndex(16, "flat", "torch", device="cpu").add(x)
+        qv = clustered(6, 16, centres=200, noise=0.3, seed=4)
+        np.testing.assert_array_equal(ix.search(qv, 10)[1], ref.search(qv, 10)[1])
 
 
 def test_search_params_are_checked_and_applied(tmp_path):

@@ -72,6 +72,33 @@ def test_ray_run_writes_the_single_process_shards(ray_local, inputs, tmp_path):
     assert sorted(r for _, _, _, t in got for r in t["row"]) == list(range(30))
 
 
+def test_single_process_workers_after_a_ray_run_in_the_same_process(ray_local, inputs, tmp_path):
+    # forked DataLoader workers of a process with a Ray runtime up waited for ever on a lock a Ray thread held at
+    # the fork (the benchmark's single-process run after its Ray runs); they now come from a forkserver
+    import threading
+
+    from simsiam_kit.retrieval.pipeline import worker_start_method
+    from simsiam_kit.retrieval.ray_engine import RayEngine
+
+    enc, npz, want = inputs
+    engine = RayEngine(functools.partial(OnnxEmbedder, enc, batch_size=4), str(npz), actors=1)
+    embed_to_dir(OnnxEmbedder(enc, batch_size=4), str(npz), tmp_path / "r", shard_size=8, engine=engine,
+                 index_kind="none")  # fmt: skip
+    assert ray_local.is_initialized() and worker_start_method() == "forkserver"
+    done: dict = {}
+
+    def run():
+        done["m"] = embed_to_dir(OnnxEmbedder(enc, batch_size=4), str(npz), tmp_path / "w", shard_size=8, workers=2,
+                                 index_kind="none")  # fmt: skip
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout=180)
+    assert not t.is_alive(), "the pipeline with 2 decoding workers did not finish within 180 s after a Ray run"
+    assert done["m"]["count"] == 30
+    _same(_shards(tmp_path / "w"), want)
+
+
 def test_a_killed_actor_is_retried_and_no_row_is_lost_or_duplicated(ray_local, inputs, tmp_path):
     from simsiam_kit.retrieval.ray_engine import RayEngine
 
