@@ -29,7 +29,8 @@ kind           FAISS index                                     bytes per vector 
 ``auto`` picks from the number of vectors n, the dimension d and ``max_index_memory`` with autofaiss's
 rule (``get_optimal_index_keys_v2``), restated in :func:`choose_plan`: flat below 1,000 vectors, HNSW
 below 10,000 or whenever an HNSW graph with M >= 8 fits, IVF-Flat below 1M vectors when it fits, else
-OPQ + IVF-PQ with the largest code that fits. The number of lists follows autofaiss too (a power of two
+OPQ + IVF-PQ with the largest code that fits (without the OPQ rotation when the code has more than d / 4
+bytes, :data:`OPQ_MIN_SUBDIM`: our deviation). The number of lists follows autofaiss too (a power of two
 near 4 sqrt(n) below 1M vectors, 16,384 below 10M, 65,536 beyond), never more than n / 39 (faiss's
 minimum of points per centroid) and overridable (``nlist``).
 
@@ -87,6 +88,10 @@ BUILD_KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq", "opq_ivfpq")
 FLAT_BELOW, QUANTIZE_FROM, IVF_FLAT_BELOW = 1_000, 10_000, 1_000_000
 #: PQ code sizes (bytes per vector) tried from the largest, as autofaiss does
 PQ_CODES = (256, 128, 64, 48, 32, 24, 16, 8, 4)
+#: ``auto`` rotates (OPQ) only when each PQ sub-vector has at least this many dimensions (d / m >= 4): for finer
+#: codes the rotation gains little and its training (about 240 rounds of k-means of all m sub-quantizers) is most of
+#: the build (a deviation from autofaiss, which always rotates)
+OPQ_MIN_SUBDIM = 4
 MIN_POINTS_PER_LIST = 39  # faiss warns below this many training points per centroid
 #: from this many lists on, the coarse quantizer is an HNSW graph over the centroids (``IVF{n}_HNSW32``, as
 #: autofaiss builds it) and the centroids come from faiss's two-level k-means: a flat quantizer costs
@@ -239,7 +244,13 @@ class IndexPlan:
         ivf = faiss.extract_index_ivf(inner)
         with quiet_stdout():
             centroids, _ = two_level_clustering(
-                xt, int(round(math.sqrt(self.nlist))), self.nlist, seed=seed, spherical=True, verbose=False
+                xt,
+                int(round(math.sqrt(self.nlist))),
+                self.nlist,
+                seed=seed,
+                spherical=True,
+                verbose=False,
+                min_points_per_centroid=1,
             )
         ivf.quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
         ivf.train(xt)  # the quantizer holds nlist centroids: faiss trains only the codes (PQ) now
@@ -297,7 +308,10 @@ def choose_plan(
         for m in (pq_m,) if pq_m else PQ_CODES:
             if m >= dim and not pq_m:
                 continue
-            plan = IndexPlan("opq_ivfpq", dim, nlist=lists, pq_m=m, opq_dim=_opq_dim(dim, m))
+            if m * OPQ_MIN_SUBDIM > dim and dim % m == 0:  # sub-vectors of < 4 dims: PQ alone (see above)
+                plan = IndexPlan("ivfpq", dim, nlist=lists, pq_m=m)
+            else:
+                plan = IndexPlan("opq_ivfpq", dim, nlist=lists, pq_m=m, opq_dim=_opq_dim(dim, m))
             if plan.index_bytes(n) <= budget:
                 return plan
         smallest = IndexPlan("opq_ivfpq", dim, nlist=lists, pq_m=pq_m or 4, opq_dim=_opq_dim(dim, pq_m or 4))
