@@ -62,6 +62,25 @@ def encoder(work: Path, args) -> Path:
     return out
 
 
+def run_single_in_child(model: Path, data: str, out: Path, batch: int) -> float:
+    """The single-process pipeline in a fresh process (its decoding workers forked there, away from this
+    process's Ray threads, as a user's `embed` runs): the seconds it timed itself, start-up excluded."""
+    import subprocess
+
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from benchmarks.embed_ray import run_once; "
+        "from pathlib import Path; print(run_once(Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4]), None, "
+        "int(sys.argv[5])))"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT), str(model), data, str(out), str(batch)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return float(p.stdout.strip().splitlines()[-1])
+
+
 def run_once(model: Path, data: str, out: Path, engine, batch: int) -> float:
     from simsiam_kit.export.embedder import OnnxEmbedder
     from simsiam_kit.retrieval.pipeline import embed_to_dir
@@ -107,7 +126,10 @@ def main() -> None:
         times: dict = {name: [] for name, _ in configs}
         for r in range(args.reps):
             for name, engine in configs[r % len(configs) :] + configs[: r % len(configs)]:
-                times[name].append(run_once(model, data, work / "out", engine, args.batch))
+                if engine is None:
+                    times[name].append(run_single_in_child(model, data, work / "out", args.batch))
+                else:
+                    times[name].append(run_once(model, data, work / "out", engine, args.batch))
         ray.shutdown()
         rows = []
         single = args.images / statistics.median(times["single process"])

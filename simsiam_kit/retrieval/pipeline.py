@@ -219,7 +219,7 @@ def iter_batches(
 ) -> Iterator[dict]:
     """The batches of :func:`batch_ranges`, in that order, prepared by ``workers`` DataLoader workers
     (``pin_memory``: in page-locked memory, for an encoder on CUDA)."""
-    if workers <= 0:
+    if workers <= 0 or fork_is_unsafe():
         for shard, a, b in batch_ranges(todo, shard_size, total, batch_size):
             yield make_batch(source, preprocess, shard, a, b, skip_bad)
         return
@@ -231,23 +231,21 @@ def iter_batches(
         num_workers=workers,
         prefetch_factor=PREFETCH,
         pin_memory=pin_memory,
-        multiprocessing_context=worker_start_method(),
     )
     # with every worker yielding every n-th batch, the loader's round robin returns them in batch order
     yield from loader
 
 
-def worker_start_method() -> Optional[str]:
-    """How the decoding workers start: forked (the platform's default, ``None``), except in a process where a Ray
-    runtime is up, whose threads (gRPC, the core worker) may hold locks at the moment of a fork: a forked worker
-    then waits on them for ever (seen: the single-process pipeline run after a Ray run in one process hung in
-    its first worker). There the workers come from a ``forkserver``, a clean process started for them."""
+def fork_is_unsafe() -> bool:
+    """Whether forked decoding workers could hang: in a process where a Ray runtime is up, whose threads (gRPC,
+    the core worker) may hold locks at the moment of a fork, a forked worker waits on them for ever (seen: the
+    single-process pipeline run after a Ray run in one process hung in its first worker). There the pipeline
+    decodes in its own process instead (``workers`` 0): slower, never stuck. (Started workers that do not
+    fork, ``forkserver``/``spawn``, would need the embedder pickled, and an onnxruntime session is not.)"""
     import sys
 
     ray = sys.modules.get("ray")
-    if ray is not None and getattr(ray, "is_initialized", lambda: False)():
-        return "forkserver"
-    return None
+    return bool(ray is not None and getattr(ray, "is_initialized", lambda: False)())
 
 
 def _as_numpy(x):

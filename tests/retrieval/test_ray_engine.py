@@ -74,17 +74,17 @@ def test_ray_run_writes_the_single_process_shards(ray_local, inputs, tmp_path):
 
 def test_single_process_workers_after_a_ray_run_in_the_same_process(ray_local, inputs, tmp_path):
     # forked DataLoader workers of a process with a Ray runtime up waited for ever on a lock a Ray thread held at
-    # the fork (the benchmark's single-process run after its Ray runs); they now come from a forkserver
+    # the fork (the benchmark's single-process run after its Ray runs); there the pipeline decodes in-process
     import threading
 
-    from simsiam_kit.retrieval.pipeline import worker_start_method
+    from simsiam_kit.retrieval.pipeline import fork_is_unsafe
     from simsiam_kit.retrieval.ray_engine import RayEngine
 
     enc, npz, want = inputs
     engine = RayEngine(functools.partial(OnnxEmbedder, enc, batch_size=4), str(npz), actors=1)
     embed_to_dir(OnnxEmbedder(enc, batch_size=4), str(npz), tmp_path / "r", shard_size=8, engine=engine,
                  index_kind="none")  # fmt: skip
-    assert ray_local.is_initialized() and worker_start_method() == "forkserver"
+    assert ray_local.is_initialized() and fork_is_unsafe()
     done: dict = {}
 
     def run():
