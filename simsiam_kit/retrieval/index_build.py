@@ -561,6 +561,7 @@ def build_index(
         train_x, query_x = _gather(source, [train_rows, query_rows]) if (n_train or n_queries) else (None, None)
         index = plan.make()
         if n_train:
+            assert train_x is not None  # gathered above whenever n_train > 0
             plan.train(index, train_x, seed)
         del train_x
         t_train = time.perf_counter() - t0
