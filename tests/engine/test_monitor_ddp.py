@@ -4,7 +4,6 @@ that stopped (until the process group's timeout)."""
 
 import os
 import socket
-import time
 from datetime import timedelta
 from types import SimpleNamespace
 
@@ -42,13 +41,12 @@ def _worker(rank, port, q):
     ]
     out = {}
     for name, call in runs:
-        t0 = time.monotonic()
         try:
             call()
             got = None
         except BaseException as e:
             got = (type(e).__name__, str(e))
-        out[name] = (got, time.monotonic() - t0)
+        out[name] = got
     q.put((rank, out, said, dict(trainer.epoch_metrics)))
     tdist.barrier()
     tdist.destroy_process_group()
@@ -73,10 +71,10 @@ def test_a_monitor_error_on_rank_0_stops_every_rank_at_once():
                 p.kill()
     for rank in (0, 1):
         out, said, metrics = res[rank]
-        # the NaN error: the same UserError (one line from the command) on both ranks, none waiting for a timeout
-        assert out["knn before_train"][0] == ("UserError", NAN), (rank, out)
-        assert out["knn after_epoch"][0] == ("UserError", NAN), (rank, out)
-        assert all(sec < 20 for _, sec in out.values()), (rank, out)
+        # the NaN error: the same UserError (one line from the command) on both ranks; a rank left waiting would
+        # have failed with gloo's timeout error instead, after 30 s
+        assert out["knn before_train"] == ("UserError", NAN), (rank, out)
+        assert out["knn after_epoch"] == ("UserError", NAN), (rank, out)
         # another error: rank 0 raises its own, the other ranks say which one stopped rank 0
         want = (
             ("MemoryError", "no room for the bank")
@@ -86,8 +84,8 @@ def test_a_monitor_error_on_rank_0_stops_every_rank_at_once():
                 "rank 0 failed: MemoryError: no room for the bank",
             )
         )
-        assert out["probe after_epoch"][0] == want, (rank, out)
-        assert out["knn fine"][0] is None and out["probe fine"][0] is None
+        assert out["probe after_epoch"] == want, (rank, out)
+        assert out["knn fine"] is None and out["probe fine"] is None
         # rank 0 scores, records and says; the other ranks only wait for it
         if rank == 0:
             assert said == ["epoch 0/1 (initial weights): kNN top-1 42.50 %"]
