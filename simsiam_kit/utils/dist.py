@@ -94,34 +94,35 @@ def on_main(fn: Callable, *args):
     would leave the other ranks waiting there for a rank 0 that raised (until the process group's timeout)."""
     if not is_dist():
         return fn(*args)
-    outcome: tuple = ("ok", None)
+    # ("ok", result, ""), ("user", the UserError's class, its message) or ("error", "", what was raised)
+    outcome: tuple[str, Any, str] = ("ok", None, "")
     error: Optional[BaseException] = None
     if is_main():
         try:
-            outcome = ("ok", fn(*args))
-        except BaseException as e:  # Ctrl-C included: the other ranks must not wait for a result
-            error = e
-            user = isinstance(e, UserError)
-            outcome = ("user", type(e), str(e)) if user else ("error", f"{type(e).__name__}: {e}")
+            outcome = ("ok", fn(*args), "")
+        except BaseException as exc:  # Ctrl-C included: the other ranks must not wait for a result
+            error = exc
+            user = isinstance(exc, UserError)
+            outcome = ("user", type(exc), str(exc)) if user else ("error", "", f"{type(exc).__name__}: {exc}")
         try:  # what cannot be pickled would raise in the broadcast on rank 0 alone
             pickle.dumps(outcome)
-        except Exception as e:
+        except Exception as exc:
             if outcome[0] == "user":
                 outcome = ("user", UserError, outcome[2])
             else:
-                outcome = ("error", f"its result cannot be sent to the other ranks ({type(e).__name__}: {e})")
-    outcome = broadcast_object(outcome)
+                outcome = ("error", "", f"its result cannot be sent to the other ranks ({type(exc).__name__}: {exc})")
+    kind, value, text = broadcast_object(outcome)
     if error is not None:
         raise error
-    if outcome[0] == "user":
+    if kind == "user":
         try:
-            e = outcome[1](outcome[2])
+            err = value(text)
         except Exception:  # a subclass that needs more than its message
-            e = UserError(outcome[2])
-        raise e
-    if outcome[0] == "error":
-        raise RuntimeError(f"rank 0 failed: {outcome[1]}")
-    return outcome[1]
+            err = UserError(text)
+        raise err
+    if kind == "error":
+        raise RuntimeError(f"rank 0 failed: {text}")
+    return value
 
 
 def any_rank(flag: bool) -> bool:
