@@ -442,7 +442,7 @@ class Pretrainer:
                         "epochs); raise optim.epochs with --set to train longer"
                     )
                 self.only_summary_left = True
-        self.epoch_unfinished = _on_main(prepare_run_files, self.run, self.cfg, point, trainer.start_epoch)
+        self.epoch_unfinished = dist.on_main(prepare_run_files, self.run, self.cfg, point, trainer.start_epoch)
         dist.barrier()
 
     def train(self) -> dict:
@@ -464,10 +464,11 @@ class Pretrainer:
             if not self.only_summary_left:
                 self.trainer.train()
             elapsed = time.time() - t0
-            summary = summarise(self.p, self.run, elapsed, self.knn_eval) if dist.is_main() else {}
+            # collective: a kNN error in the summary (rank 0) stops every rank instead of leaving them at a barrier
+            summary = dist.on_main(summarise, self.p, self.run, elapsed, self.knn_eval)
             self.log_plots()
             dist.barrier()
-            return summary
+            return summary if dist.is_main() else {}
 
     def log_view_pairs(self) -> None:
         """Two augmented views of the first images, to the sinks (in-memory data, a new run)."""
@@ -565,20 +566,6 @@ def make_knn_eval(p: Pretraining, batch_size: int = FEATURE_BATCH) -> Optional[C
     return knn_eval
 
 
-def _on_main(fn: Callable, *args):
-    """Run ``fn`` on rank 0; every rank returns its result or raises its :class:`UserError`."""
-    outcome = None
-    if dist.is_main():
-        try:
-            outcome = ("ok", fn(*args))
-        except UserError as e:
-            outcome = ("error", str(e))
-    outcome = dist.broadcast_object(outcome)
-    if outcome[0] == "error":
-        raise UserError(outcome[1])
-    return outcome[1]
-
-
 def run_pretrain(
     cfg: PretrainConfig,
     output: Optional[Path] = None,
@@ -602,7 +589,7 @@ def run_pretrain(
         device = torch.device("cuda", dist.local_rank())
     run = RunDir(output if output is not None else default_run_dir(cfg))
     try:
-        _on_main(prepare_run_dir, run, resume, overwrite, log)
+        dist.on_main(prepare_run_dir, run, resume, overwrite, log)
         return Pretrainer(cfg, run, device, log, resume=resume).train()
     finally:
         run.unlock()

@@ -176,6 +176,8 @@ class CollapseMonitor(Hook):
 class KNNMonitor(Hook):
     """Weighted kNN accuracy of backbone features every ``every`` epochs (and at the end), rank 0.
     Registered after the :class:`Checkpointer`: whatever happens in it, the epoch's weights are saved.
+    Under DDP the other ranks wait for rank 0's score (:func:`simsiam_kit.utils.dist.on_main`) and raise its
+    error with it, rather than wait for a rank that stopped.
 
     A run that starts from scratch (not a resumed one) is scored once more before its first step: the
     epoch-0 point, the run's own initial weights, i.e. its random-init baseline. ``record`` receives that
@@ -196,24 +198,28 @@ class KNNMonitor(Hook):
     def before_train(self, trainer) -> None:
         if self.every <= 0 or trainer.start_epoch > 0:  # resuming: epoch 0 is in metrics.jsonl already
             return
-        if dist.is_main():
-            self.initial = self.evaluate()
+
+        def initial() -> float:
+            acc = self.evaluate()
             if self.record is not None:
-                self.record({"type": "epoch", "epoch": 0, "step": 0, "knn_top1": self.initial})
-            self._say(f"epoch 0/{trainer.epochs} (initial weights): kNN top-1 {self.initial:.2f} %")
-        dist.barrier()
+                self.record({"type": "epoch", "epoch": 0, "step": 0, "knn_top1": acc})
+            return acc
+
+        acc = dist.on_main(initial)  # collective: an error on rank 0 (NaN features, ...) stops every rank
+        if dist.is_main():
+            self.initial = acc
+            self._say(f"epoch 0/{trainer.epochs} (initial weights): kNN top-1 {acc:.2f} %")
 
     def after_epoch(self, trainer) -> None:
         last = trainer.epoch == trainer.epochs
         if self.every <= 0 or not (trainer.epoch % self.every == 0 or last):
             return
+        acc = dist.on_main(self.evaluate)  # collective, as in before_train
         if dist.is_main():
-            acc = self.evaluate()
             trainer.epoch_metrics["knn_top1"] = acc
             self._pending = f"epoch {trainer.epoch}/{trainer.epochs}: kNN top-1 {acc:.2f} %" + (
                 f" (epoch 0: {self.initial:.2f} %)" if self.initial is not None else ""
             )
-        dist.barrier()
 
     def _say(self, line: str) -> None:
         if self.log is not None:

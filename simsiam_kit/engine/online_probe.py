@@ -71,6 +71,6 @@ class OnlineProbeMonitor(Hook):
         self.evaluate = evaluate
 
     def after_epoch(self, trainer) -> None:
+        acc = dist.on_main(self.evaluate)  # collective: an error on rank 0 stops every rank, none waits for it
         if dist.is_main():
-            trainer.epoch_metrics["online_probe_top1"] = self.evaluate()
-        dist.barrier()
+            trainer.epoch_metrics["online_probe_top1"] = acc

@@ -113,11 +113,49 @@ def settle_ties(v: np.ndarray, i: np.ndarray, k: int, row: Optional[Callable[[in
 
 
 # ------------------------------------------------------------------------------------ torch backend
+#: memory budget, in bytes, of the similarity block of one GEMM of a chunked search (chunk x bank rows entries)
+CHUNK_MEMORY = 256 * 2**20
+#: the most queries per GEMM of the exact fp32 search (:func:`knn_search_torch`)
+FP32_CHUNK = 1024
+#: the most queries per GEMM of the bf16 search (:func:`knn_search_bf16`): the selection's cost above the bare GEMM,
+#: as a share of it, fell from 65-80 % at 1,024 queries to 34-42 % at 2,048 (one thread, docs/benchmarks.md, "The
+#: approximate kNN against its GEMM floor")
+BF16_CHUNK = 2048
+
+
+def query_chunk(bank_rows: int, itemsize: int, largest: int, memory: int = CHUNK_MEMORY) -> int:
+    """Queries per GEMM of a chunked search: ``largest``, halved until the (chunk x ``bank_rows``) similarity
+    block of ``itemsize``-byte entries (the largest buffer of the search, reused by every chunk) fits in
+    ``memory`` bytes; at least 1 (a bank so large that one row of similarities exceeds ``memory`` is searched
+    one query at a time).
+
+    Worked numbers at the default budget (:data:`CHUNK_MEMORY`, 256 MiB = 268,435,456 bytes):
+
+    * bf16 (2 bytes, ``largest`` :data:`BF16_CHUNK` = 2,048): a 45,000-row bank (CIFAR-10's train set) takes
+      2,048 (2,048 x 45,000 x 2 = 184,320,000 bytes, 176 MiB); 65,536 rows still 2,048 (exactly 256 MiB); 100,000
+      rows 1,024 (2,048 would need 409,600,000 bytes; 1,024 needs 204,800,000); 1,281,167 rows (ImageNet's train
+      set) 64 (64 x 1,281,167 x 2 = 163,989,376 bytes; 128 would need 327,978,752);
+    * fp32 (4 bytes, ``largest`` :data:`FP32_CHUNK` = 1,024): 45,000 rows 1,024 (184,320,000 bytes); 1,281,167
+      rows 32.
+
+    The chunk changes the time and the memory, never a result: every query row is searched on its own."""
+    per_query = max(1, int(bank_rows)) * int(itemsize)
+    c = max(1, int(largest))
+    while c > 1 and c * per_query > memory:
+        c //= 2
+    return c
+
+
 @torch.no_grad()
-def knn_search_torch(bank: torch.Tensor, queries: torch.Tensor, k: int, chunk: int = 1024):
+def knn_search_torch(
+    bank: torch.Tensor, queries: torch.Tensor, k: int, chunk: Optional[int] = None, memory: int = CHUNK_MEMORY
+):
     """Exact inner-product top-k by chunked matmul on the bank's device: (similarities, indices),
-    each (Q, k), in the order of :func:`settle_ties`."""
+    each (Q, k), in the order of :func:`settle_ties`. ``chunk``: queries per GEMM; None: :func:`query_chunk`
+    of the bank (at most :data:`FP32_CHUNK`, the similarity block within ``memory`` bytes)."""
     n = bank.shape[0]
+    if chunk is None:
+        chunk = query_chunk(n, bank.element_size(), FP32_CHUNK, memory)
     k = min(k, n)
     kk = min(k + 1, n)  # one extra: a tie across the cut shows as v[k] == v[k-1]
     sims, idxs = [], []
@@ -154,8 +192,9 @@ def knn_search_bf16(
     queries: torch.Tensor,
     k: int,
     rerank: int = RERANK,
-    chunk: int = 1024,
+    chunk: Optional[int] = None,
     sub: int = 256,
+    memory: int = CHUNK_MEMORY,
 ):
     """Approximate inner-product top-k (the ``bf16`` index kind): (similarities, indices), each (Q, k).
 
@@ -179,8 +218,16 @@ def knn_search_bf16(
     lists (:func:`order_ties`, the torch form of :func:`settle_ties` without a row: the cut stays as
     found), written straight into the (Q, k) result: the time above the bare bf16 GEMM is what
     ``benchmarks/knn_profile.py`` measures.
+
+    ``chunk``: queries per GEMM. None (the default) chooses it from the bank and a memory budget
+    (:func:`query_chunk`): the (chunk x N) bf16 similarity block, ``chunk x N x 2`` bytes, must fit in ``memory``
+    (:data:`CHUNK_MEMORY`, 256 MiB); the chunk is :data:`BF16_CHUNK` (2,048, where the selection's overhead above
+    the GEMM measured lowest) when it fits, halved until it does for larger banks: 2,048 up to 65,536 bank
+    rows, 1,024 for 100,000, 64 for ImageNet's 1,281,167. Results do not depend on the chunk.
     """
     n, nq = bank.shape[0], queries.shape[0]
+    if chunk is None:
+        chunk = query_chunk(n, 2, BF16_CHUNK, memory)  # the similarities are bf16
     k = min(k, n)
     m = max(0, int(rerank))
     kc = min(n, k + m)  # candidates

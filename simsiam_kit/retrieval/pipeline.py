@@ -49,7 +49,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 
 from simsiam_kit.errors import UserError
-from simsiam_kit.retrieval.shards import ShardWriter, iter_shards, num_shards, shard_range
+from simsiam_kit.retrieval.shards import ShardWriter, iter_shards, num_shards, shard_lock, shard_range
 from simsiam_kit.utils.io import file_sha256
 from simsiam_kit.utils.vectors import l2_normalize
 
@@ -358,19 +358,25 @@ def embed_to_shards(
         raise UserError(f"--workers must be >= 0 (got {workers})")
     src = source if source is not None else open_source(data, skip_bad_images)
     total = len(src)
-    choose = getattr(embedder, "choose", None)
-    if callable(choose) and engine is None:  # a runtime chosen by timing: on the first batch, before the fingerprint
-        choose(first_images(src, bs, 4 * bs), prefer=_recorded_runtime(out) if resume else None)
-    writer = ShardWriter(
-        out,
-        dim=embedder.dim,
-        dtype=dtype,
-        shard_size=shard_size,
-        fingerprint=fingerprint_of(embedder, src, data, bs),
-        resume=resume,
-        total=total,
-        extra={"classes": src.classes, "source": src.name, "int_ids": _int_ids(src)},
-    )
+    lock = shard_lock(out).acquire()  # first: a run refused because another one writes here times nothing
+    try:
+        choose = getattr(embedder, "choose", None)
+        if callable(choose) and engine is None:  # a runtime chosen by timing: first batch, before the fingerprint
+            choose(first_images(src, bs, 4 * bs), prefer=_recorded_runtime(out) if resume else None)
+        writer = ShardWriter(
+            out,
+            dim=embedder.dim,
+            dtype=dtype,
+            shard_size=shard_size,
+            fingerprint=fingerprint_of(embedder, src, data, bs),
+            resume=resume,
+            total=total,
+            extra={"classes": src.classes, "source": src.name, "int_ids": _int_ids(src)},
+            lock=lock,
+        )
+    except BaseException:
+        lock.release()
+        raise
     with writer:
         for why in writer.dropped:
             say(f"redoing a shard: {why}")

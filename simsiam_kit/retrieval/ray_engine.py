@@ -150,8 +150,9 @@ class RayEngine:
                 batch_size=1,  # one pipeline batch (batch_size images) per call
                 compute=ray.data.ActorPoolStrategy(size=size),
                 num_cpus=self.cpus_per_actor,
-                max_restarts=-1,  # a killed actor is restarted ...
-                max_task_retries=-1,  # ... and its batch recomputed
+                # no **ray_remote_args (deprecated in Ray 2.60, removed in 2.64): Ray Data creates an actor pool's
+                # actors with max_restarts=-1 and max_task_retries=-1 by default (a killed actor is restarted and
+                # its batch recomputed; tests/retrieval/test_ray_engine.py kills one)
             )
             seen: set = set()
             for row in ds.iter_rows():

@@ -335,6 +335,8 @@ class ShardWriter:
             w.write_shard(i, z, columns, inputs=n_in, skipped=[...])
         w.close()                                # marks the manifest complete when nothing is missing
 
+    ``lock``: the directory's :func:`shard_lock` when the caller took it already (``embed`` takes it before
+    timing its runtime), released by the writer from then on.
     ``resume=False`` on a directory that already holds a manifest is a :class:`UserError` (nothing is
     overwritten by accident); ``resume=True`` keeps every listed shard whose files match the manifest
     (sha256), drops the others (``dropped`` says which and why) and refuses a different ``fingerprint``,
@@ -350,6 +352,7 @@ class ShardWriter:
         resume: bool = False,
         total: Optional[int] = None,
         extra: Optional[dict] = None,
+        lock: Optional[DirLock] = None,
     ):
         if dtype not in DTYPES:
             raise UserError(f"unknown embedding dtype '{dtype}' (available: {', '.join(DTYPES)})")
@@ -364,7 +367,7 @@ class ShardWriter:
         self.fingerprint = dict(fingerprint or {})
         self.extra = dict(extra or {})
         self.dropped: list[str] = []
-        self._lock = shard_lock(self.root).acquire()
+        self._lock = (lock or shard_lock(self.root)).acquire()  # ``lock``: the directory's, taken by the caller
         try:
             remove_stale_temp_files(self.root)
             remove_stale_temp_files(self.root / SHARDS_DIR)

@@ -7,10 +7,13 @@ Launch with ``torchrun --nproc_per_node N -m simsiam_kit.cli pretrain ...`` (or 
 from __future__ import annotations
 
 import os
-from typing import Any
+import pickle
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
+
+from simsiam_kit.errors import UserError
 
 
 def is_dist() -> bool:
@@ -81,6 +84,45 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_main(fn: Callable, *args):
+    """``fn(*args)`` run on rank 0, its outcome handed to every rank: a collective (every rank calls it; without
+    a process group it is ``fn(*args)``). Every rank returns rank 0's result, or every rank raises: rank 0 its own
+    exception; the others a :class:`UserError` of the same class and message when it was one (so the command
+    ends with the same line everywhere), else a ``RuntimeError`` naming it. Rank 0 work followed by a barrier
+    would leave the other ranks waiting there for a rank 0 that raised (until the process group's timeout)."""
+    if not is_dist():
+        return fn(*args)
+    # ("ok", result, ""), ("user", the UserError's class, its message) or ("error", "", what was raised)
+    outcome: tuple[str, Any, str] = ("ok", None, "")
+    error: Optional[BaseException] = None
+    if is_main():
+        try:
+            outcome = ("ok", fn(*args), "")
+        except BaseException as exc:  # Ctrl-C included: the other ranks must not wait for a result
+            error = exc
+            user = isinstance(exc, UserError)
+            outcome = ("user", type(exc), str(exc)) if user else ("error", "", f"{type(exc).__name__}: {exc}")
+        try:  # what cannot be pickled would raise in the broadcast on rank 0 alone
+            pickle.dumps(outcome)
+        except Exception as exc:
+            if outcome[0] == "user":
+                outcome = ("user", UserError, outcome[2])
+            else:
+                outcome = ("error", "", f"its result cannot be sent to the other ranks ({type(exc).__name__}: {exc})")
+    kind, value, text = broadcast_object(outcome)
+    if error is not None:
+        raise error
+    if kind == "user":
+        try:
+            err = value(text)
+        except Exception:  # a subclass that needs more than its message
+            err = UserError(text)
+        raise err
+    if kind == "error":
+        raise RuntimeError(f"rank 0 failed: {text}")
+    return value
 
 
 def any_rank(flag: bool) -> bool:

@@ -529,6 +529,28 @@ def test_start_notes_warn_on_busy_cores_and_demo_settings(monkeypatch):
     )
 
 
+def test_readme_demo_transcript_start_lines_are_what_the_code_prints(monkeypatch):
+    """The README's demo transcript shows the thread rule's start lines as the code prints them now: the busy-core
+    figure read from the README goes through the thread rule (choose_threads, /proc/stat measured) and start_notes;
+    the README's two lines must come out word for word (a changed message fails here until the README follows)."""
+    import re
+
+    import simsiam_kit.engine.report as report
+    from simsiam_kit.config import load_pretrain_config
+    from simsiam_kit.utils import device
+
+    text = (REPO / "README.md").read_text()
+    block = text.split("run directory: /tmp/demo15\n", 1)[1].split("```", 1)[0].splitlines()
+    shown = [ln for ln in block if ln.startswith(("images 16 px", "warning: "))]
+    assert len(shown) == 2, shown
+    busy = float(re.search(r"other processes kept ([0-9.]+) of 2 usable cores busy", shown[0]).group(1))
+    monkeypatch.setattr(device, "measure_busy_cores", lambda seconds=0.5: busy)
+    choice = device.choose_threads(env={}, cores=2)
+    assert (choice["threads"], choice["busy"]) == (1, True)  # what the transcript says: 1 thread, and the warning
+    monkeypatch.setattr(report, "thread_settings", lambda: choice)
+    assert report.start_notes(load_pretrain_config("demo", None), torch.device("cpu")) == shown
+
+
 @pytest.mark.parametrize(
     "values, baseline, want",
     [

@@ -7,7 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from simsiam_kit.retrieval.index import EmbeddingIndex, knn_search_bf16, order_ties, select_topk, settle_ties
+from simsiam_kit.retrieval.index import (
+    BF16_CHUNK,
+    CHUNK_MEMORY,
+    FP32_CHUNK,
+    EmbeddingIndex,
+    knn_search_bf16,
+    knn_search_torch,
+    order_ties,
+    query_chunk,
+    select_topk,
+    settle_ties,
+)
 
 
 def test_select_topk_by_hand_with_ties_inside_one_block():
@@ -102,3 +113,62 @@ def test_bf16_search_with_every_candidate_re_scored_is_the_exact_search():
     assert i[0, :2].tolist() == [10, 20]  # the tie: lower id first
     empty_s, empty_i = knn_search_bf16(bank, (bank - mean).bfloat16(), mean, q[:0], 5)
     assert empty_s.shape == empty_i.shape == (0, 5)
+
+
+def test_query_chunk_from_the_bank_size_and_the_memory_budget():
+    """The worked numbers of query_chunk's docstring: the (chunk x bank rows) similarity block within 256 MiB."""
+    assert CHUNK_MEMORY == 268_435_456 and (BF16_CHUNK, FP32_CHUNK) == (2048, 1024)
+    assert query_chunk(45_000, 2, BF16_CHUNK) == 2048  # 2,048 x 45,000 x 2 = 184,320,000 bytes
+    assert query_chunk(65_536, 2, BF16_CHUNK) == 2048  # exactly 268,435,456 bytes
+    assert query_chunk(65_537, 2, BF16_CHUNK) == 1024  # one row more: halved
+    assert query_chunk(100_000, 2, BF16_CHUNK) == 1024  # 409,600,000 -> 204,800,000 bytes
+    assert query_chunk(1_281_167, 2, BF16_CHUNK) == 64  # 128 would need 327,978,752 bytes
+    assert query_chunk(45_000, 4, FP32_CHUNK) == 1024 and query_chunk(1_281_167, 4, FP32_CHUNK) == 32
+    # a tiny bank: 10 rows x 2 bytes = 20 bytes per query; 100 bytes hold 5 queries -> 2048 halved to 4
+    assert query_chunk(10, 2, BF16_CHUNK, memory=100) == 4
+    assert query_chunk(10, 2, BF16_CHUNK, memory=19) == 1  # not even one query's row fits: one at a time
+
+
+def _exact_bank_and_queries():
+    """Vectors whose every dot product is exact in bf16 and fp32 whatever the summation order (entries multiples of
+    1/4 in [-1, 1], 8 dimensions: products multiples of 1/16 up to 8), with many ties; each bank vector is there with
+    its negation, so the bank's mean is exactly 0 and its centred bf16 copy equals it."""
+    g = torch.Generator().manual_seed(5)
+    half = torch.randint(-4, 5, (20, 8), generator=g).float() / 4
+    bank = torch.cat([half, -half])  # 40 rows
+    queries = torch.randint(-4, 5, (23, 8), generator=g).float() / 4
+    return bank, queries
+
+
+def test_bf16_search_chooses_its_chunk_from_the_bank_and_gives_the_same_results_at_any_chunk(monkeypatch):
+    bank, q = _exact_bank_and_queries()
+    mean = bank.mean(0)
+    assert torch.equal(mean, torch.zeros(8))
+    c16 = (bank - mean).bfloat16()
+    seen = []
+    matmul = torch.matmul
+
+    def spy(a, b, **kw):
+        seen.append(a.shape[0])
+        return matmul(a, b, **kw)
+
+    monkeypatch.setattr(torch, "matmul", spy)
+    # 40 bank rows x 2 bytes = 80 bytes per query: a 400-byte budget holds 5 queries -> chunks of 4 (23 = 5 x 4 + 3)
+    s, i = knn_search_bf16(bank, c16, mean, q, 5, rerank=2, sub=3, memory=400)
+    assert seen == [4, 4, 4, 4, 4, 3]
+    seen.clear()
+    knn_search_bf16(bank, c16, mean, q, 5, rerank=2, sub=3)  # the default budget: all 23 queries in one GEMM
+    assert seen == [23]
+    for chunk in (1, 3, 7, 2048):
+        cs, ci = knn_search_bf16(bank, c16, mean, q, 5, rerank=2, sub=3, chunk=chunk)
+        assert torch.equal(cs, s) and torch.equal(ci, i), chunk
+    # the exact search likewise: 40 x 4 bytes = 160 bytes per query, 400 bytes -> chunks of 2
+    seen.clear()
+    es, ei = knn_search_torch(bank, q, 5, memory=400)
+    assert seen == [2] * 11 + [1]
+    for chunk in (1, 5, 1024):
+        cs, ci = knn_search_torch(bank, q, 5, chunk=chunk)
+        assert torch.equal(cs, es) and torch.equal(ci, ei), chunk
+    # and the scores are the true inner products, ties by increasing id (the tie rule)
+    assert torch.equal(es, torch.gather(q @ bank.t(), 1, ei))
+    assert bool(((es[:, 1:] < es[:, :-1]) | ((es[:, 1:] == es[:, :-1]) & (ei[:, 1:] > ei[:, :-1]))).all())

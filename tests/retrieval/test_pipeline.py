@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -425,3 +426,30 @@ def test_a_resumed_run_keeps_the_runtime_its_shards_were_written_with(encoder, p
     assert "runtime: slow, as the run being resumed" in said and m["runtime"] == "slow"
     assert (out / "shards" / "00001.npy").read_bytes() == before
     assert not (tmp_path / "c.json").exists()  # nothing was timed
+
+
+def test_a_run_refused_by_the_directory_lock_times_no_runtime(encoder, photos, tmp_path):
+    """embed takes its output directory's lock before the runtime probe: a run refused because another embed writes
+    to the directory has made no encoder call and cached no choice; once the lock is free it times, chooses, writes."""
+    from simsiam_kit.export.runtime_choice import AutoEmbedder
+    from simsiam_kit.retrieval.shards import shard_lock
+
+    calls = []
+
+    class Counted(OnnxEmbedder):
+        def embed(self, images, normalize=None):
+            calls.append(len(images))
+            return super().embed(images, normalize)
+
+    runtimes = {"ort-fp32": Counted(encoder, batch_size=4), "ort-again": Counted(encoder, batch_size=4)}
+    emb = AutoEmbedder(runtimes, {"model_sha256": "x"}, cache=tmp_path / "c.json", pause=0)
+    out = tmp_path / "e"
+    held = shard_lock(out).acquire()  # the other writer (flock is per open file: this process holding it counts)
+    try:
+        with pytest.raises(UserError, match=re.escape(f"{out}: another embedding run is writing to this directory")):
+            embed_to_dir(emb, str(photos), out, shard_size=4, workers=0)
+    finally:
+        held.release()
+    assert calls == [] and emb.runtime == "auto" and not (tmp_path / "c.json").exists()
+    m = embed_to_dir(emb, str(photos), out, shard_size=4, workers=0)
+    assert calls and m["runtime"] in runtimes and m["count"] == 12 and (tmp_path / "c.json").exists()
