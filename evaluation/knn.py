@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from simsiam_kit.config import DEFAULT_DATA_ROOT, DEFAULT_KNN_K, DEFAULT_KNN_TEMPERATURE
-from simsiam_kit.errors import UserError
+from simsiam_kit.errors import UserError, check_number
 from simsiam_kit.features import FEATURE_BATCH
 from simsiam_kit.retrieval.index import RERANK
 from simsiam_kit.retrieval.knn import KNNClassifier
@@ -302,6 +302,23 @@ def _choose_ks(asked: Optional[Sequence[int]], bank: int, what: str, default: Op
     return fit or (bank,)
 
 
+def check_knn_settings(s: KNNSettings) -> None:
+    """The numbers of ``s``, each finite and in range (one line naming the option and the value)."""
+    from simsiam_kit.config import MIN_KNN_TEMPERATURE
+
+    for t in s.temperatures or ():
+        # below MIN_KNN_TEMPERATURE the float32 vote exp(sim / T) overflows and every class ties
+        check_number("--temperature", t, MIN_KNN_TEMPERATURE)
+    if s.ks is not None and not s.ks:
+        raise UserError("--k: give at least one value")
+    for k in s.ks or ():
+        check_number("--k", k, 1, integer=True)
+    check_number("--batch-size", s.batch_size, 1, integer=True)
+    check_number("--workers", s.workers, 0, integer=True)
+    if s.rerank is not None:
+        check_number("--rerank", s.rerank, 0, integer=True)
+
+
 def run_knn_eval(s: KNNSettings, output: Path, log: Callable[[str], None] = print) -> dict:
     """Extract features, search, classify; write features, results.json and plots under ``output``.
 
@@ -328,11 +345,8 @@ def run_knn_eval(s: KNNSettings, output: Path, log: Callable[[str], None] = prin
         raise UserError(f"--index {s.index} needs --backend {need} or auto ({s.backend} has no {s.index} search)")
     if s.rerank is not None and (s.index not in ("bf16", "auto") or s.rerank < 0):
         raise UserError(f"--rerank {s.rerank}: only with --index bf16 or auto, and at least 0")
+    check_knn_settings(s)
     temps = tuple(float(t) for t in (s.temperatures or PROTOCOL_TEMPERATURES))
-    if min(temps) <= 0:
-        raise UserError(f"--temperature must be positive, got {min(temps)}")
-    if s.ks is not None and (not s.ks or min(s.ks) < 1):
-        raise UserError(f"--k must be at least 1, got {list(s.ks)}")
     output = Path(output)
     check_output(output, s.overwrite)
     train = load_labelled(s.train_data, "train", s.root, s.download, s.skip_bad_images)

@@ -41,7 +41,7 @@ from simsiam_kit.config import DEFAULT_DATA_ROOT
 from simsiam_kit.engine import Trainer
 from simsiam_kit.engine.hooks import EpochAverages, Hook, LRSchedule, MetricsWriter, ProgressBar, Throughput
 from simsiam_kit.engine.step import OptimStep
-from simsiam_kit.errors import UserError
+from simsiam_kit.errors import UserError, check_number
 
 HEAD_FORMAT = "simsiam-kit-linear-head"
 
@@ -328,12 +328,15 @@ def run_linear_probe(s: LinearSettings, output: Path, log: Callable[[str], None]
 
 
 def _check_settings(s: LinearSettings) -> None:
-    if s.epochs < 1:
-        raise UserError(f"--epochs must be at least 1, got {s.epochs}")
-    if s.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {s.batch_size}")
-    if s.lr <= 0:
-        raise UserError(f"--lr must be positive, got {s.lr}")
+    from simsiam_kit.config import FLOAT32_MAX
+
+    check_number("--epochs", s.epochs, 1, integer=True)
+    check_number("--batch-size", s.batch_size, 1, integer=True)
+    check_number("--workers", s.workers, 0, integer=True)
+    check_number("--seed", s.seed, 0, 2**32 - 1, integer=True)
+    # the optimizer holds lr x batch / 256 and the weight decay as float32 scalars
+    check_number("--lr", s.lr, 0, FLOAT32_MAX * 256 / max(s.batch_size, 1), low_open=True)
+    check_number("--weight-decay", s.weight_decay, 0, FLOAT32_MAX)
     if s.optimizer not in ("sgd", "lars"):
         raise UserError(f"unknown --optimizer '{s.optimizer}' (available: sgd, lars)")
     if s.lr_sweep and not s.cached_features:

@@ -80,13 +80,16 @@ def eval_detection(
     """
     import time
 
-    from simsiam_kit.errors import UserError
+    from simsiam_kit.errors import UserError, check_number
     from simsiam_kit.evaluation.detection.data import resolve_data
 
     if engine not in ("torchvision", "detectron2"):
         raise UserError(f"--engine {engine!r}: expected torchvision or detectron2")
-    if iters is not None and iters < 1:
-        raise UserError(f"--iters {iters}: expected >= 1")
+    if iters is not None:
+        check_number("--iters", iters, 1, integer=True)
+    check_number("--num-gpus", num_gpus, 1, integer=True)
+    check_number("--num-machines", num_machines, 1, integer=True)
+    check_number("--machine-rank", machine_rank, 0, num_machines - 1, integer=True)
     if engine == "torchvision" and (num_gpus, num_machines, machine_rank, dist_url) != (1, 1, 0, "auto"):
         raise UserError(
             "--num-gpus/--num-machines/--machine-rank/--dist-url launch detectron2's workers; the "
