@@ -437,9 +437,7 @@ class Pretrainer:
                         "epochs); raise optim.epochs with --set to train longer"
                     )
                 self.only_summary_left = True
-        self.epoch_unfinished = _on_main(
-            prepare_run_files, self.run, self.cfg, point, trainer.start_epoch, self.log
-        )
+        self.epoch_unfinished = _on_main(prepare_run_files, self.run, self.cfg, point, trainer.start_epoch, self.log)
         dist.barrier()
 
     def train(self) -> dict:

@@ -247,9 +247,11 @@ def _read_image(path) -> torch.Tensor:
     from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor
 
+    from simsiam_kit.data import to_rgb  # the one decoding rule (16-bit grayscale scaled, not clipped)
+
     try:
         with Image.open(path) as im:
-            return pil_to_tensor(im.convert("RGB")).float().div_(255)
+            return pil_to_tensor(to_rgb(im)).float().div_(255)
     except OSError as e:
         raise UserError(f"cannot read image {path}: {e}") from None
 

@@ -18,6 +18,8 @@ def save_predictions_png(
     import matplotlib.pyplot as plt
     from PIL import Image
 
+    from simsiam_kit.data import to_rgb
+
     n = min(max_images, len(records))
     if n == 0:
         return path
@@ -30,7 +32,7 @@ def save_predictions_png(
         rec, pred = records[i], predictions[i]
         ax = axes.ravel()[i]
         with Image.open(rec["file"]) as im:
-            ax.imshow(np.asarray(im.convert("RGB")))
+            ax.imshow(np.asarray(to_rgb(im)))  # the one decoding rule (16-bit grayscale scaled)
         for b in rec["boxes"]:
             ax.add_patch(plt.Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, ec="lime", lw=1.2, ls="--"))
         keep = np.asarray(pred["scores"]) >= score_thresh

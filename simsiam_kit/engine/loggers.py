@@ -121,8 +121,10 @@ def closing_all(sinks: Sequence):
 def png_to_array(path: Path) -> np.ndarray:
     from PIL import Image
 
+    from simsiam_kit.data.datasets import to_rgb
+
     with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+        return np.asarray(to_rgb(im))
 
 
 def log_images(sinks: Sequence, images: dict, step: int = 0) -> None:
