@@ -368,6 +368,7 @@ def _rows(c: Path, new: Path) -> dict[str, Callable[[], Case]]:
     }
     rows.update(_hostile_rows(c, new))
     rows.update(_issue24_rows(c, new))
+    rows.update(_issue24b_rows(c, new))
     return rows
 
 
@@ -816,6 +817,75 @@ def _issue24_rows(c: Path, new: Path) -> dict[str, Callable[[], Case]]:
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# issue 24 (part B): every number an option or a config takes is finite and in range
+
+
+def _eval_args(c: Path, new: Path, kind: str, *extra) -> list[str]:
+    tiny = str(c / "tiny.npz")
+    args = ["eval", kind, "--weights", "random", "--arch", "resnet18", "--stem", "cifar", "--image-size", "16"]
+    args += ["--train-data", tiny, "--test-data", tiny, "--output", str(new / kind), "--no-plots"]
+    if kind == "knn":
+        args += ["--k", "5"]
+    else:
+        args += ["--epochs", "1", "--cached-features", "--no-progress"]
+    return args + [str(e) for e in extra]
+
+
+def _issue24b_rows(c: Path, new: Path) -> dict[str, Callable[[], Case]]:
+    def knn(*extra):
+        return _eval_args(c, new, "knn", *extra)
+
+    def linear(*extra):
+        return _eval_args(c, new, "linear", *extra)
+
+    def detection(*extra):
+        return ["eval", "detection", "--weights", "random", "--arch", "resnet18", *_coco_args()] + [
+            "--output",
+            str(new / "det"),
+            *extra,
+        ]
+
+    gone = _absent(new)
+    return {
+        "eval knn: --temperature nan": lambda: Case(knn("--temperature", "nan"), ["--temperature nan"], after=gone),
+        "eval knn: --temperature inf": lambda: Case(knn("--temperature", "inf"), ["--temperature inf"], after=gone),
+        "eval knn: --temperature 0.001": lambda: Case(
+            knn("--temperature", "0.001"), ["--temperature 0.001", ">= 0.02"]
+        ),
+        "eval knn: --batch-size 0": lambda: Case(knn("--batch-size", "0"), ["--batch-size 0", ">= 1"], after=gone),
+        "eval knn: --batch-size -1": lambda: Case(knn("--batch-size", "-1"), ["--batch-size -1"], after=gone),
+        "eval knn: --workers -1": lambda: Case(knn("--workers", "-1"), ["--workers -1", ">= 0"], after=gone),
+        "eval linear: --lr nan": lambda: Case(linear("--lr", "nan"), ["--lr nan", "finite"], after=gone),
+        "eval linear: --lr inf": lambda: Case(linear("--lr", "inf"), ["--lr inf"], after=gone),
+        "eval linear: --weight-decay -1": lambda: Case(
+            linear("--weight-decay", "-1"), ["--weight-decay -1"], after=gone
+        ),
+        "eval linear: --weight-decay nan": lambda: Case(linear("--weight-decay", "nan"), ["--weight-decay nan"]),
+        "eval linear: --workers -1": lambda: Case(linear("--workers", "-1"), ["--workers -1"], after=gone),
+        "eval detection: --set solver.momentum=nan": lambda: Case(
+            detection("--set", "solver.momentum=.nan"), ["'solver.momentum'", "nan", "finite"], after=gone
+        ),
+        "eval detection: --set test.score_thresh=2": lambda: Case(
+            detection("--set", "test.score_thresh=2"), ["'test.score_thresh'", "2"], after=gone
+        ),
+        "eval detection: --machine-rank 3 of 1": lambda: Case(
+            detection("--engine", "detectron2", "--machine-rank", "3"), ["--machine-rank 3", "<= 0"], after=gone
+        ),
+        "serve: --port 70000": lambda: Case(
+            ["serve", "--index", str(new / "none"), "--port", "70000"], ["--port 70000", "<= 65535"]
+        ),
+    }
+
+
+ISSUE24B_IDS = list(_issue24b_rows(Path("/nonexistent"), Path("/nonexistent")).keys())
+
+
+def test_table_covers_issue_24_part_b():
+    """Issue 24, part B (docs/reliability.md): numbers of options and configs."""
+    assert len(ISSUE24B_IDS) >= 15 and set(ISSUE24B_IDS) <= set(ROW_IDS)
+
+
 def _resume_case(c: Path, name: str, mutate, extra_sets, needles) -> Case:
     run = _copy_run(c, name)
     _poison_checkpoint(run, mutate)
@@ -913,7 +983,7 @@ PART_B_IDS = list(_hostile_rows(Path("/nonexistent"), Path("/nonexistent")).keys
 
 def test_table_covers_part_a():
     """The figure docs/reliability.md states."""
-    assert len(ROW_IDS) - len(PART_B_IDS) - len(ISSUE24_IDS) >= 40
+    assert len(ROW_IDS) - len(PART_B_IDS) - len(ISSUE24_IDS) - len(ISSUE24B_IDS) >= 40
 
 
 ISSUE24_IDS = list(_issue24_rows(Path("/nonexistent"), Path("/nonexistent")).keys())
