@@ -500,3 +500,28 @@ def test_ddp_killed_and_resumed_bit_identical(workdir, memory_npz):
     assert r.returncode == 0, r.stderr[-3000:]
     assert _max_diff(_weights(ref), _weights(run)) == 0.0
     _report("ddp_kill_resume", {"kills": 1, "resumed_runs_bit_identical": 1, "lost_bytes": state["lost_bytes"]})
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 24, part B: metrics.jsonl lines that are not records, on --resume
+
+
+def test_resume_skips_metrics_lines_that_are_not_records_with_a_note(tiny_run, shared_tiny_npz, tmp_path):
+    """``5``, ``[1, 2]``, ``{"type": "epoch"}`` and an epoch of the wrong type used to crash ``--resume`` with a
+    traceback; they are dropped with one note naming the file and the first of them, the records are kept."""
+    from helpers import cli
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    good = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('5\n[1, 2]\n{"type": "epoch"}\n{"type": "epoch", "epoch": "1", "step": 3}\n')
+    r = cli("pretrain", "--output", run, "--resume", sets=["optim.epochs=2"])
+    assert r.exit_code == 0, (r.output, repr(r.exception))
+    assert (
+        f"note: {run / 'metrics.jsonl'}: dropped 4 line(s) that are not metric records (line {len(good) + 1}: '5')"
+        in (r.stdout)
+    )
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines[: len(good)] == good
+    assert [x["epoch"] for x in lines if x["type"] == "epoch"] == [0, 1, 2]
