@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -78,6 +79,22 @@ def check_output(output: Path, overwrite: bool = False) -> None:
         raise OutputExists(
             f"{output} already holds the results of an earlier evaluation ({res.name} of {when}); they are kept"
         )
+
+
+@contextmanager
+def writing_output(output: Path, overwrite: bool = False):
+    """Hold ``output``'s lock (the one lock of the project, ``OUTPUT/.lock``: :class:`RunDir`) while an evaluation
+    writes there, after :func:`prepare_output`: a second evaluation into the same directory at the same time is
+    refused with one line naming the holder's pid, instead of replacing the first one's files. Released when the
+    block ends (the kernel releases it if the process dies)."""
+    from simsiam_kit.engine.run_dir import RunDir
+
+    lock = RunDir(output, "an evaluation's output directory")
+    lock.lock()
+    try:
+        yield prepare_output(output, overwrite)
+    finally:
+        lock.unlock()
 
 
 def prepare_output(output: Path, overwrite: bool = False) -> Path:

@@ -40,6 +40,7 @@ from simsiam_kit.errors import UserError, check_number
 from simsiam_kit.features import FEATURE_BATCH
 from simsiam_kit.retrieval.index import RERANK
 from simsiam_kit.retrieval.knn import KNNClassifier
+from simsiam_kit.utils.io import atomic_savefig
 
 RECALL_KS = (1, 5, 10)
 #: queries an approximate search is checked on against the exact one (``approximate`` in results.json)
@@ -214,7 +215,7 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path, title: st
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_savefig(fig, path)
     plt.close(fig)
     return path
 
@@ -253,7 +254,7 @@ def plot_neighbour_grid(
             ax.set_yticks([])
     axes[0, 0].spines["left"].set_linewidth(0)
     fig.tight_layout(pad=0.3)
-    fig.savefig(path)
+    atomic_savefig(fig, path)
     plt.close(fig)
     return path
 
@@ -328,12 +329,12 @@ def run_knn_eval(s: KNNSettings, output: Path, log: Callable[[str], None] = prin
         check_same_classes,
         eval_image_settings,
         load_labelled,
-        prepare_output,
+        writing_output,
     )
     from simsiam_kit.features import extract_features, feature_precision, save_features
     from simsiam_kit.retrieval.index import BACKENDS, KIND_BACKEND, KINDS
     from simsiam_kit.utils.device import resolve_device
-    from simsiam_kit.utils.io import atomic_write_json
+    from simsiam_kit.utils.io import atomic_save_npy, atomic_write_json
     from simsiam_kit.weights import load_backbone
 
     if s.backend not in BACKENDS:
@@ -360,107 +361,106 @@ def run_knn_eval(s: KNNSettings, output: Path, log: Callable[[str], None] = prin
     device = resolve_device(s.device)
     precision = feature_precision(s.precision, device)
     backbone = loaded.model.to(device)
-    prepare_output(output, s.overwrite)
-
-    kw = dict(
-        device=device,
-        batch_size=s.batch_size,
-        precision=precision,
-        mean=img.mean,
-        std=img.std,
-        image_size=img.image_size,
-        workers=s.workers,
-    )
-    t0 = time.perf_counter()
-    fb, lb, ib = extract_features(backbone, train, **kw)
-    fq, lq, iq = extract_features(backbone, test, **kw)
-    extract_s = time.perf_counter() - t0
-    if len(fb) == 0 or len(fq) == 0:
-        raise UserError("no readable images left after skipping unreadable ones")
-    ks = _choose_ks(s.ks, len(fb), " readable training images", ks)
-    save_features(output / "features" / "train", fb, lb, [train.ids[i] for i in ib.tolist()])
-    save_features(output / "features" / "test", fq, lq, [test.ids[i] for i in iq.tolist()])
-
-    kind, index_choice = s.index, None
-    if s.index == "auto":  # exact or bf16, by measured speed and recall (simsiam_kit/retrieval/index_choice.py)
-        from simsiam_kit.retrieval.index_choice import choose_index_kind
-
-        index_choice = choose_index_kind(fb, fq, max(ks), s.backend, rerank=s.rerank)
-        kind = index_choice["kind"]
-        log(f"--index auto: {kind} ({index_choice['reason']})")
-    res = classify(fb, lb, fq, lq, ks, temps, len(classes), s.backend, kind, rerank=s.rerank)
-    if s.save_index:
-        res["index"].save(output / "index")
-    main_k, main_t = int(ks[0]), temps[0]
-    main = res["per_k"][main_k]
-    settings = asdict(s)
-    settings.update(
-        ks=list(ks),
-        temperatures=list(temps),
-        mean=list(img.mean),
-        std=list(img.std),
-        image_size=img.image_size,
-        image_settings_from=dict(img.sources),
-        arch=loaded.arch,
-        stem=loaded.stem,
-        weights_source=loaded.source,
-        device=str(device),
-        precision=precision.name,
-        backend=res["backend"],
-        index_chosen=kind,
-        index_choice=index_choice,
-        bank_size=int(len(fb)),
-        queries=int(len(fq)),
-        feature_dim=int(fb.shape[1]),
-        search_depth=res["depth"],
-        num_classes=len(classes),
-    )
-    results = {
-        "top1": main["top1"],
-        "top5": main["top5"],
-        "k": main_k,
-        "temperature": main_t,
-        "headline": {"k": main_k, "temperature": main_t},
-        "per_k": {str(k): {"top1": res["per_k"][k]["top1"], "top5": res["per_k"][k]["top5"]} for k in sorted(ks)},
-        "grid": [
-            {"k": k, "temperature": t, "top1": g["top1"], "top5": g["top5"]}
-            for (k, t), g in sorted(res["grid"].items())
-        ],
-        **res["retrieval"],
-        "map_at_r_depth": res["depth"],
-        "weights": loaded.record,
-        "settings": settings,
-        "timing_s": {"features": round(extract_s, 3), "search": round(res["search_s"], 3)},
-        "approximate": res["approximate"],  # null for the exact search
-        "classes": [str(c) for c in classes],
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    cm = confusion_matrix(main["pred"], lq, len(classes))
-    np.save(output / "confusion_matrix.npy", cm)
-    if s.plots:
-        plots = output / "plots"
-        plots.mkdir(exist_ok=True)
-        plot_confusion(
-            cm, classes, plots / "confusion_matrix.png", f"kNN k={main_k} T={main_t:g}: top-1 {main['top1']:.2f}%"
+    with writing_output(output, s.overwrite):  # locked: one evaluation at a time writes here
+        kw = dict(
+            device=device,
+            batch_size=s.batch_size,
+            precision=precision,
+            mean=img.mean,
+            std=img.std,
+            image_size=img.image_size,
+            workers=s.workers,
         )
-        nq = min(s.grid_queries, len(fq))
-        rows = np.linspace(0, len(fq) - 1, nq).round().astype(int)
-        nn_ = min(s.grid_neighbours, res["depth"])
-        ids = res["ids"][rows, :nn_].numpy()
-        plot_neighbour_grid(
-            test,
-            iq[rows].numpy(),
-            train,
-            ib.numpy()[ids],
-            res["sims"][rows, :nn_].numpy(),
-            lq[rows].tolist(),
-            lb.numpy()[ids],
-            [str(c) for c in classes],
-            plots / "neighbours.png",
+        t0 = time.perf_counter()
+        fb, lb, ib = extract_features(backbone, train, **kw)
+        fq, lq, iq = extract_features(backbone, test, **kw)
+        extract_s = time.perf_counter() - t0
+        if len(fb) == 0 or len(fq) == 0:
+            raise UserError("no readable images left after skipping unreadable ones")
+        ks = _choose_ks(s.ks, len(fb), " readable training images", ks)
+        save_features(output / "features" / "train", fb, lb, [train.ids[i] for i in ib.tolist()])
+        save_features(output / "features" / "test", fq, lq, [test.ids[i] for i in iq.tolist()])
+
+        kind, index_choice = s.index, None
+        if s.index == "auto":  # exact or bf16, by measured speed and recall (simsiam_kit/retrieval/index_choice.py)
+            from simsiam_kit.retrieval.index_choice import choose_index_kind
+
+            index_choice = choose_index_kind(fb, fq, max(ks), s.backend, rerank=s.rerank)
+            kind = index_choice["kind"]
+            log(f"--index auto: {kind} ({index_choice['reason']})")
+        res = classify(fb, lb, fq, lq, ks, temps, len(classes), s.backend, kind, rerank=s.rerank)
+        if s.save_index:
+            res["index"].save(output / "index")
+        main_k, main_t = int(ks[0]), temps[0]
+        main = res["per_k"][main_k]
+        settings = asdict(s)
+        settings.update(
+            ks=list(ks),
+            temperatures=list(temps),
+            mean=list(img.mean),
+            std=list(img.std),
+            image_size=img.image_size,
+            image_settings_from=dict(img.sources),
+            arch=loaded.arch,
+            stem=loaded.stem,
+            weights_source=loaded.source,
+            device=str(device),
+            precision=precision.name,
+            backend=res["backend"],
+            index_chosen=kind,
+            index_choice=index_choice,
+            bank_size=int(len(fb)),
+            queries=int(len(fq)),
+            feature_dim=int(fb.shape[1]),
+            search_depth=res["depth"],
+            num_classes=len(classes),
         )
-        results["plots"] = ["plots/confusion_matrix.png", "plots/neighbours.png"]
-    atomic_write_json(output / "results.json", results)
-    return results
+        results = {
+            "top1": main["top1"],
+            "top5": main["top5"],
+            "k": main_k,
+            "temperature": main_t,
+            "headline": {"k": main_k, "temperature": main_t},
+            "per_k": {str(k): {"top1": res["per_k"][k]["top1"], "top5": res["per_k"][k]["top5"]} for k in sorted(ks)},
+            "grid": [
+                {"k": k, "temperature": t, "top1": g["top1"], "top5": g["top5"]}
+                for (k, t), g in sorted(res["grid"].items())
+            ],
+            **res["retrieval"],
+            "map_at_r_depth": res["depth"],
+            "weights": loaded.record,
+            "settings": settings,
+            "timing_s": {"features": round(extract_s, 3), "search": round(res["search_s"], 3)},
+            "approximate": res["approximate"],  # null for the exact search
+            "classes": [str(c) for c in classes],
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        cm = confusion_matrix(main["pred"], lq, len(classes))
+        atomic_save_npy(output / "confusion_matrix.npy", cm)
+        if s.plots:
+            plots = output / "plots"
+            plots.mkdir(exist_ok=True)
+            plot_confusion(
+                cm, classes, plots / "confusion_matrix.png", f"kNN k={main_k} T={main_t:g}: top-1 {main['top1']:.2f}%"
+            )
+            nq = min(s.grid_queries, len(fq))
+            rows = np.linspace(0, len(fq) - 1, nq).round().astype(int)
+            nn_ = min(s.grid_neighbours, res["depth"])
+            ids = res["ids"][rows, :nn_].numpy()
+            plot_neighbour_grid(
+                test,
+                iq[rows].numpy(),
+                train,
+                ib.numpy()[ids],
+                res["sims"][rows, :nn_].numpy(),
+                lq[rows].tolist(),
+                lb.numpy()[ids],
+                [str(c) for c in classes],
+                plots / "neighbours.png",
+            )
+            results["plots"] = ["plots/confusion_matrix.png", "plots/neighbours.png"]
+        atomic_write_json(output / "results.json", results)
+        return results
 
 
 def results_table(results: dict) -> str:

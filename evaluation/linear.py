@@ -42,6 +42,7 @@ from simsiam_kit.engine import Trainer
 from simsiam_kit.engine.hooks import EpochAverages, Hook, LRSchedule, MetricsWriter, ProgressBar, Throughput
 from simsiam_kit.engine.step import OptimStep
 from simsiam_kit.errors import UserError, check_number
+from simsiam_kit.utils.io import atomic_savefig
 
 HEAD_FORMAT = "simsiam-kit-linear-head"
 
@@ -310,21 +311,17 @@ def run_linear_probe(s: LinearSettings, output: Path, log: Callable[[str], None]
     """Train and score the head(s); write results.json, head.pt, metrics.jsonl, plots (and TensorBoard).
 
     An output directory that holds an earlier evaluation's results is refused unless ``s.overwrite``."""
-    from simsiam_kit.engine.loggers import make_sinks
-    from simsiam_kit.evaluation.common import check_output, prepare_output
+    from simsiam_kit.engine.loggers import closing_all, make_sinks
+    from simsiam_kit.evaluation.common import check_output, writing_output
 
     check_output(Path(output), s.overwrite)
     _check_settings(s)
-    prepare_output(Path(output), s.overwrite)
-    sinks = make_sinks(Path(output), s.tensorboard)
-    try:
-        res = _run_linear_probe(s, Path(output), log, sinks)
-        for sk in sinks:  # the test scores next to the curves
-            sk.scalars({"type": "eval", "step": s.epochs, "test_top1": res["top1"], "test_top5": res["top5"]})
-        return res
-    finally:
-        for sk in sinks:
-            sk.close()
+    with writing_output(Path(output), s.overwrite):  # locked: one evaluation at a time writes here
+        with closing_all(make_sinks(Path(output), s.tensorboard)) as sinks:
+            res = _run_linear_probe(s, Path(output), log, sinks)
+            for sk in sinks:  # the test scores next to the curves
+                sk.scalars({"type": "eval", "step": s.epochs, "test_top1": res["top1"], "test_top5": res["top5"]})
+            return res
 
 
 def _check_settings(s: LinearSettings) -> None:
@@ -581,7 +578,7 @@ def plot_curves(history: Sequence[dict], path: Path, title: str) -> Path:
     a2.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_savefig(fig, path)
     plt.close(fig)
     return path
 

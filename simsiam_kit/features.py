@@ -99,11 +99,15 @@ def extract_features(
 
 
 def save_features(out_dir, feats: torch.Tensor, labels: torch.Tensor, ids: list) -> None:
+    """``features.npy``, ``labels.npy`` and ``ids.json`` in ``out_dir``, each written atomically (a full disk is
+    one line naming the file)."""
     import json
     from pathlib import Path
 
+    from simsiam_kit.utils.io import atomic_save_npy, atomic_write_text
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    np.save(out_dir / "features.npy", feats.numpy().astype(np.float32))
-    np.save(out_dir / "labels.npy", labels.numpy().astype(np.int64))
-    (out_dir / "ids.json").write_text(json.dumps([i if isinstance(i, (int, str)) else str(i) for i in ids]))
+    atomic_save_npy(out_dir / "features.npy", feats.numpy().astype(np.float32))
+    atomic_save_npy(out_dir / "labels.npy", labels.numpy().astype(np.int64))
+    atomic_write_text(out_dir / "ids.json", json.dumps([i if isinstance(i, (int, str)) else str(i) for i in ids]))

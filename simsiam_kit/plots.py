@@ -11,6 +11,8 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
+from simsiam_kit.utils.io import atomic_savefig
+
 KNN_MIN_SPAN = 10.0  # percentage points: the smallest y-range of the kNN plot
 
 
@@ -74,7 +76,7 @@ def plot_pretrain_metrics(
         ax.grid(alpha=0.3)
         f.tight_layout()
         p = out_dir / name
-        f.savefig(p)
+        atomic_savefig(f, p)
         plt.close(f)
         written.append(p)
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from simsiam_kit.utils.io import atomic_savefig
+
 
 def save_predictions_png(
     records: list, predictions: list, class_names: list, path: Path, score_thresh: float = 0.5, max_images: int = 4
@@ -51,6 +53,6 @@ def save_predictions_png(
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
+    atomic_savefig(fig, path, dpi=80)
     plt.close(fig)
     return path

@@ -24,7 +24,7 @@ from simsiam_kit.engine.checkpoint import Checkpointables, describe_nonfinite, n
 from simsiam_kit.engine.trainer import Hook, Trainer
 from simsiam_kit.errors import TrainingDiverged
 from simsiam_kit.utils import dist
-from simsiam_kit.utils.io import defer_sigint
+from simsiam_kit.utils.io import append_text, defer_sigint
 
 
 def _f(v):
@@ -315,8 +315,7 @@ class MetricsWriter(Hook):
         """Append one record to metrics.jsonl and hand it to every sink (rank 0)."""
         if not dist.is_main():
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(obj) + "\n")
+        append_text(self.path, json.dumps(obj) + "\n")
         for s in self.sinks:
             s.scalars(obj)
 

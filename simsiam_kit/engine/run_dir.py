@@ -53,8 +53,9 @@ if hasattr(os, "register_at_fork"):
 
 
 class RunDir:
-    def __init__(self, root: Union[str, Path]):
+    def __init__(self, root: Union[str, Path], what: str = "a run directory"):
         self.root = Path(root)
+        self.what = what  # for messages: "a run directory", "an evaluation's output directory"
         self._lock_fd: Optional[int] = None
 
     def __repr__(self) -> str:
@@ -149,7 +150,7 @@ class RunDir:
                 raise
             except OSError as e:
                 where = f" ({e.filename})" if e.filename and str(e.filename) != str(self.root) else ""
-                raise UserError(f"cannot use {self.root} as a run directory: {e.strerror or e}{where}") from None
+                raise UserError(f"cannot use {self.root} as {self.what}: {e.strerror or e}{where}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -875,7 +875,41 @@ def _issue24b_rows(c: Path, new: Path) -> dict[str, Callable[[], Case]]:
         "serve: --port 70000": lambda: Case(
             ["serve", "--index", str(new / "none"), "--port", "70000"], ["--port 70000", "<= 65535"]
         ),
+        # --- two evaluations into one --output at once: the second is refused, the first one's files kept
+        "eval knn: --output in use by another evaluation": lambda: _busy_output_case(new, knn()),
+        "eval linear: --output in use by another evaluation": lambda: _busy_output_case(new, linear()),
+        # --- a full disk (ulimit -f): one line naming the file, no traceback (TensorBoard's thread included)
+        "eval knn: disk full while saving features": lambda: Case(
+            knn(), [str(new / "knn" / "features" / "train" / "features.npy")], subprocess_limit_fsize=50_000
+        ),
+        "eval linear: disk full while appending metrics.jsonl": lambda: Case(
+            linear(), [str(new / "linear" / "metrics.jsonl"), "File too large"], subprocess_limit_fsize=100
+        ),
+        "eval linear: disk full in TensorBoard's writer thread": lambda: _tensorboard_full_case(new, linear()),
+        "export onnx: disk full while writing the model": lambda: Case(
+            ["export", "onnx", "--weights", str(c / "run"), "--output", str(new / "m.onnx")]
+            + ["--parity-data", str(c / "tiny.npz")],
+            [str(new / "m.onnx"), "File too large"],
+            subprocess_limit_fsize=1_000_000,
+            after=_absent(new / "m.onnx", new / "m.export.json"),
+        ),
     }
+
+
+def _busy_output_case(new: Path, args: list[str]) -> Case:
+    out = Path(args[args.index("--output") + 1])
+    out.mkdir(parents=True)
+    (out / "notes.txt").write_text("the other evaluation's\n")
+    return Case(args, [str(out), "another simsiam-kit run is using this directory"], watch=out, hold_lock=True)
+
+
+def _tensorboard_full_case(new: Path, args: list[str]) -> Case:
+    pytest.importorskip("tensorboard")
+    return Case(
+        args,
+        [f"cannot write TensorBoard events in {new / 'linear' / 'tensorboard'}", "File too large"],
+        subprocess_limit_fsize=300,
+    )
 
 
 ISSUE24B_IDS = list(_issue24b_rows(Path("/nonexistent"), Path("/nonexistent")).keys())
@@ -883,7 +917,7 @@ ISSUE24B_IDS = list(_issue24b_rows(Path("/nonexistent"), Path("/nonexistent")).k
 
 def test_table_covers_issue_24_part_b():
     """Issue 24, part B (docs/reliability.md): numbers of options and configs."""
-    assert len(ISSUE24B_IDS) >= 15 and set(ISSUE24B_IDS) <= set(ROW_IDS)
+    assert len(ISSUE24B_IDS) >= 21 and set(ISSUE24B_IDS) <= set(ROW_IDS)
 
 
 def _resume_case(c: Path, name: str, mutate, extra_sets, needles) -> Case:
