@@ -119,9 +119,10 @@ def _atomic(path: Path, write: Callable[[Any], None], mode: str) -> None:
                 pass
             ose = os_error_behind(e)
             if ose is not None:
-                raise UserError(
-                    f"cannot write {path}: {ose.strerror or ose}; the previous file, if any, is unchanged"
-                ) from None
+                why = ose.strerror or str(ose)
+                if ose.errno is None and "written" in why:  # numpy's short write ("N requested and M written")
+                    why = f"File too large or disk full ({why})"
+                raise UserError(f"cannot write {path}: {why}; the previous file, if any, is unchanged") from None
             raise
 
 

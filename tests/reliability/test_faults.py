@@ -525,3 +525,46 @@ def test_resume_skips_metrics_lines_that_are_not_records_with_a_note(tiny_run, s
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert lines[: len(good)] == good
     assert [x["epoch"] for x in lines if x["type"] == "epoch"] == [0, 1, 2]
+
+
+SAVE_INDEX = r"""
+import sys
+import numpy as np
+from simsiam_kit.errors import UserError
+from simsiam_kit.retrieval.index import EmbeddingIndex
+
+idx = EmbeddingIndex(16, backend=sys.argv[2])
+idx.add(np.random.default_rng(0).standard_normal((2000, 16)).astype(np.float32))
+try:
+    idx.save(sys.argv[1])
+except UserError as e:
+    print(e)
+    sys.exit(2)
+"""
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_saving_an_index_on_a_full_disk_names_the_file(tmp_path, backend):
+    """What ``eval knn --save-index`` writes (``index_vectors.npy`` or ``index.faiss``, 128 KB here) under a
+    64 KB file-size limit: one line naming the file, nothing half-written left behind."""
+    if backend == "faiss":
+        pytest.importorskip("faiss")
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+
+    out = tmp_path / "index"
+    r = subprocess.run(
+        [sys.executable, "-c", SAVE_INDEX, str(out), backend],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        preexec_fn=limit,
+        timeout=300,
+    )
+    name = "index_vectors.npy" if backend == "torch" else "index.faiss"
+    assert r.returncode == 2 and "Traceback" not in r.stderr, (r.returncode, r.stderr[-2000:])
+    assert r.stdout.startswith(f"cannot write {out / name}: File too large"), r.stdout
+    assert r.stdout.count("\n") == 1 and "unchanged" in r.stdout
+    assert sorted(p.name for p in out.iterdir()) == []
