@@ -124,6 +124,26 @@ def load_labelled(
     return ds
 
 
+def skipped_images(ds: ImageDataset, kept_index, show: int = 10) -> dict:
+    """What ``--skip-bad-images`` left out of ``ds``: ``{"count": N, "ids": [the first ``show`` ids]}``, from the
+    dataset positions that were kept (the index returned by feature extraction)."""
+    kept = set(int(i) for i in kept_index)
+    missing = [i for i in range(len(ds)) if i not in kept]
+    return {"count": len(missing), "ids": [str(ds.ids[i]) for i in missing[:show]]}
+
+
+def skipped_line(skipped: dict) -> Optional[str]:
+    """One line for the log when images were skipped (``skipped``: role -> :func:`skipped_images`), else None."""
+    parts = [f"{role} {s['count']}" for role, s in skipped.items() if s["count"]]
+    if not parts:
+        return None
+    first = next(s["ids"] for s in skipped.values() if s["count"])
+    return (
+        f"--skip-bad-images: skipped {sum(s['count'] for s in skipped.values())} unreadable images "
+        f"({', '.join(parts)}; first: {', '.join(first[:3])}); results.json lists them under 'skipped_images'"
+    )
+
+
 def check_same_classes(train: ImageDataset, test: ImageDataset, train_spec: str, test_spec: str) -> list:
     """The two sets must share one class list; returns it (names, or indices as strings)."""
     if train.classes is not None and test.classes is not None:

@@ -329,6 +329,8 @@ def run_knn_eval(s: KNNSettings, output: Path, log: Callable[[str], None] = prin
         check_same_classes,
         eval_image_settings,
         load_labelled,
+        skipped_images,
+        skipped_line,
         writing_output,
     )
     from simsiam_kit.features import extract_features, feature_precision, save_features
@@ -377,6 +379,9 @@ def run_knn_eval(s: KNNSettings, output: Path, log: Callable[[str], None] = prin
         extract_s = time.perf_counter() - t0
         if len(fb) == 0 or len(fq) == 0:
             raise UserError("no readable images left after skipping unreadable ones")
+        skipped = {"train": skipped_images(train, ib), "test": skipped_images(test, iq)}
+        if skipped_line(skipped):
+            log(skipped_line(skipped))
         ks = _choose_ks(s.ks, len(fb), " readable training images", ks)
         save_features(output / "features" / "train", fb, lb, [train.ids[i] for i in ib.tolist()])
         save_features(output / "features" / "test", fq, lq, [test.ids[i] for i in iq.tolist()])
@@ -432,6 +437,7 @@ def run_knn_eval(s: KNNSettings, output: Path, log: Callable[[str], None] = prin
             "settings": settings,
             "timing_s": {"features": round(extract_s, 3), "search": round(res["search_s"], 3)},
             "approximate": res["approximate"],  # null for the exact search
+            "skipped_images": skipped,  # --skip-bad-images: how many (and which) were left out
             "classes": [str(c) for c in classes],
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }

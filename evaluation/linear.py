@@ -346,7 +346,13 @@ def _run_linear_probe(s: LinearSettings, output: Path, log: Callable[[str], None
     from simsiam_kit.config import DataConfig
     from simsiam_kit.data.loaders import make_loader
     from simsiam_kit.data.transforms import BatchAugment
-    from simsiam_kit.evaluation.common import check_same_classes, eval_image_settings, load_labelled
+    from simsiam_kit.evaluation.common import (
+        check_same_classes,
+        eval_image_settings,
+        load_labelled,
+        skipped_images,
+        skipped_line,
+    )
     from simsiam_kit.features import extract_features, feature_precision
     from simsiam_kit.utils.device import resolve_device
     from simsiam_kit.utils.io import atomic_write_json
@@ -377,12 +383,14 @@ def _run_linear_probe(s: LinearSettings, output: Path, log: Callable[[str], None
         normalize=False,
     )
     t0 = time.perf_counter()
-    fq, lq, _ = extract_features(backbone, test, **kw)
+    fq, lq, iq = extract_features(backbone, test, **kw)
+    skipped = {"test": skipped_images(test, iq)}
     bs = min(s.batch_size, len(train))
     if s.cached_features:
-        ft, lt, _ = extract_features(backbone, train, **kw)
+        ft, lt, it = extract_features(backbone, train, **kw)
         if len(ft) == 0:
             raise UserError(f"no readable images in train dataset '{s.train_data}'")
+        skipped = {"train": skipped_images(train, it), **skipped}
         loader = TensorLoader(ft, lt, bs, shuffle=True, seed=s.seed)
 
         def features_fn(batch):
@@ -413,6 +421,8 @@ def _run_linear_probe(s: LinearSettings, output: Path, log: Callable[[str], None
 
     if len(fq) == 0:
         raise UserError(f"no readable images in test dataset '{s.test_data}'")
+    if skipped_line(skipped):
+        log(skipped_line(skipped))
     prep_s = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -496,6 +506,9 @@ def _run_linear_probe(s: LinearSettings, output: Path, log: Callable[[str], None
         **outcome,
         "settings": settings,
         **_run_record(history, prep_s, train_s, classes, loaded),
+        # --skip-bad-images: how many test images (and, with cached features, training images) were left out;
+        # in full mode the loader skips unreadable training images again in every epoch
+        "skipped_images": skipped,
     }
     head_extra = {"lr": lr, "weight_decay": weight_decay} if s.lr_sweep else {}
     _save_head(output / "head.pt", head, loaded, int(fq.shape[1]), classes, img, **head_extra)

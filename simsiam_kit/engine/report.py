@@ -42,7 +42,13 @@ def start_lines(
         + (f"; resuming after epoch {resumed_after}" if resumed_after is not None else "")
         + (f" (amended: {', '.join(f'{k}={v}' for k, v in amendment.items())})" if amendment else "")
     )
-    return [f"run directory: {run}", setup] + start_notes(cfg, p.device)
+    lines = [f"run directory: {run}", setup] + start_notes(cfg, p.device)
+    if data.monitor_off:
+        lines.append(
+            f"note: the kNN monitor is off: {data.monitor_off}; metrics.jsonl and results/pretrain.json will have "
+            "no kNN top-1 (train.knn_every=0 turns it off without this note)"
+        )
+    return lines
 
 
 def start_notes(cfg: PretrainConfig, device: torch.device) -> list[str]:
