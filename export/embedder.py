@@ -223,6 +223,19 @@ def decode_metadata(raw: dict, source: str) -> dict:
 
 
 # --------------------------------------------------------------------------- embedder
+def check_finite_embeddings(z: np.ndarray, what: str) -> np.ndarray:
+    """``z`` when every value is finite; else a :class:`UserError` (``what``: the model and output) instead of
+    NaN embeddings that would make a NaN index and meaningless neighbours."""
+    ok = np.isfinite(z).all(axis=1) if z.ndim == 2 else np.isfinite(z)
+    if not np.all(ok):
+        bad = np.flatnonzero(~ok)
+        raise UserError(
+            f"{what} is not finite (NaN or inf) for {len(bad)} of {len(z)} images (first: image {int(bad[0])} of "
+            "the batch); refused: a NaN embedding makes a NaN index"
+        )
+    return z
+
+
 class OnnxEmbedder:
     """Embed images with an exported simsiam-kit encoder.
 
@@ -293,7 +306,7 @@ class OnnxEmbedder:
                 f"{self.path}: output '{self.output_name}' has shape {out.shape} for {len(x)} images; "
                 f"an encoder gives ({len(x)}, {self.dim}) (metadata embedding_dim={self.dim})"
             )
-        return out
+        return check_finite_embeddings(out, f"{self.path}: output '{self.output_name}'")
 
     @property
     def chunk(self) -> int:

@@ -30,7 +30,7 @@ from typing import Callable, Mapping, Optional
 import numpy as np
 
 from simsiam_kit.errors import UserError
-from simsiam_kit.export.embedder import OnnxEmbedder, _is_batch, l2_normalize, preprocess
+from simsiam_kit.export.embedder import OnnxEmbedder, _is_batch, check_finite_embeddings, l2_normalize, preprocess
 from simsiam_kit.utils.io import file_sha256
 
 RUNTIMES = ("auto", "ort-int8", "torch-bf16", "ort-fp32")
@@ -63,6 +63,7 @@ class TorchEmbedder:
         x = torch.from_numpy(preprocess(images, self.image_size, self.mean, self.std))
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             z = self.module(x.contiguous(memory_format=torch.channels_last)).float().numpy()
+        check_finite_embeddings(z, f"{self.source} (torch bf16 runtime of {self.path})")
         return l2_normalize(z) if (self.normalize if normalize is None else normalize) else z
 
 

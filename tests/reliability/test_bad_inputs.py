@@ -886,6 +886,26 @@ def _issue24b_rows(c: Path, new: Path) -> dict[str, Callable[[], Case]]:
             linear(), [str(new / "linear" / "metrics.jsonl"), "File too large"], subprocess_limit_fsize=100
         ),
         "eval linear: disk full in TensorBoard's writer thread": lambda: _tensorboard_full_case(new, linear()),
+        # --- an encoder whose output is not finite: refused instead of a NaN index
+        "eval knn: backbone output overflows to inf/NaN": lambda: Case(
+            _knn_weights(c, new, str(_overflowing_backbone(c))),
+            ["not finite", "tiny.npz"],
+            after=_absent(new / "knn" / "results.json", new / "knn" / "features"),
+        ),
+        "embed: ONNX encoder output NaN/inf": lambda: Case(
+            [
+                "embed",
+                "--model",
+                str(hostile.onnx_encoder(_issue24_dir(c) / "nan.onnx", nan=True)),
+                "--data",
+                str(c / "tiny.npz"),
+                "--output",
+                str(new / "emb"),
+                "--no-progress",
+            ],
+            [str(_issue24_dir(c) / "nan.onnx"), "not finite"],
+            after=_absent(new / "emb" / "embed.json"),
+        ),
         "export onnx: disk full while writing the model": lambda: Case(
             ["export", "onnx", "--weights", str(c / "run"), "--output", str(new / "m.onnx")]
             + ["--parity-data", str(c / "tiny.npz")],
@@ -894,6 +914,15 @@ def _issue24b_rows(c: Path, new: Path) -> dict[str, Callable[[], Case]]:
             after=_absent(new / "m.onnx", new / "m.export.json"),
         ),
     }
+
+
+def _overflowing_backbone(c: Path) -> Path:
+    """Finite weights whose output is not: every convolution x 1e6 (20 in a row overflow float32)."""
+    p = _issue24_dir(c) / "overflow.pt"
+    bb = torch.load(c / "run" / "backbone.pt", weights_only=True)
+    bb["state_dict"] = {k: v * 1e6 if v.ndim == 4 else v for k, v in bb["state_dict"].items()}
+    torch.save(bb, p)
+    return p
 
 
 def _busy_output_case(new: Path, args: list[str]) -> Case:
