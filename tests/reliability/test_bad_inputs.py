@@ -1060,3 +1060,35 @@ def test_table_covers_issue_24():
 def test_table_covers_part_b():
     """Hostile files (docs/reliability.md, "Untrusted files"): all in the table."""
     assert len(PART_B_IDS) >= 30 and set(PART_B_IDS) <= set(ROW_IDS)
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 24 (part B): what is left out is said, not silent
+
+
+def test_eval_knn_skip_bad_images_counts_and_names_what_it_skipped(ctx, tmp_path):
+    folder = str(ctx / "folder")  # 16 PNGs, b/3.png truncated
+    args = ["eval", "knn", "--weights", "random", "--arch", "resnet18", "--stem", "cifar", "--image-size", "16"]
+    args += ["--train-data", folder, "--test-data", folder, "--k", "5", "--no-plots", "--skip-bad-images"]
+    r = runner.invoke(app, args + ["--output", str(tmp_path / "knn")])
+    assert r.exit_code == 0, r.output
+    assert "--skip-bad-images: skipped 2 unreadable images (train 1, test 1; first: b/3.png)" in r.stdout, r.stdout
+    res = json.loads((tmp_path / "knn" / "results.json").read_text())
+    assert res["skipped_images"] == {
+        "train": {"count": 1, "ids": ["b/3.png"]},
+        "test": {"count": 1, "ids": ["b/3.png"]},
+    }
+    assert res["settings"]["bank_size"] == 15 and res["settings"]["queries"] == 15
+
+
+def test_knn_monitor_that_cannot_run_says_why_at_start(ctx, tmp_path):
+    """Unlabelled val data (labels -1) used to turn the kNN monitor off without a word."""
+    unlabelled = tmp_path / "unlabelled.npz"
+    with np.load(ctx / "tiny.npz") as z:
+        np.savez(unlabelled, images=z["images"], labels=np.full(len(z["labels"]), -1, np.int64))
+    overrides = _tiny(ctx) + [f"data.val={unlabelled}", "train.max_steps_per_epoch=1"]
+    r = runner.invoke(app, ["pretrain", "--output", str(tmp_path / "run")] + sets(overrides))
+    assert r.exit_code == 0, r.output
+    note = f"note: the kNN monitor is off: data.val ({unlabelled}) has images without labels (-1)"
+    assert note in r.stdout, r.stdout
+    assert "knn_top1" not in json.loads((tmp_path / "run" / "results" / "pretrain.json").read_text())
