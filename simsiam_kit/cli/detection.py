@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from simsiam_kit.cli.common import user_errors
-from simsiam_kit.cli.options import Arch, Weights, new_app
+from simsiam_kit.cli.options import ArchNoLike, Weights, new_app
 
 eval_app = new_app()  # simsiam-kit eval detection
 
@@ -48,7 +48,7 @@ def eval_detection(
         "-s",
         help="Config override: solver.base_lr=0.01 (torchvision) or SOLVER.BASE_LR=0.01 (detectron2).",
     ),
-    arch: Arch = None,
+    arch: ArchNoLike = None,
     num_gpus: int = typer.Option(
         1,
         "--num-gpus",
@@ -96,6 +96,9 @@ def eval_detection(
             "torchvision engine runs one process (use --engine detectron2)"
         )
     out_dir = output or Path("runs") / f"detection-{engine}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from simsiam_kit.cli.options import check_writable
+
+    check_writable("--output", out_dir, directory=True)
     data = resolve_data(train_json, train_images, val_json, val_images, voc_root, voc_train, voc_val)
     if engine == "torchvision":
         from simsiam_kit.evaluation.detection.metrics import format_results
