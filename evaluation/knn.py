@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from simsiam_kit.config import DEFAULT_DATA_ROOT, DEFAULT_KNN_K, DEFAULT_KNN_TEMPERATURE
-from simsiam_kit.errors import UserError, check_number
+from simsiam_kit.errors import UserError, check_number, require_extra
 from simsiam_kit.features import FEATURE_BATCH
 from simsiam_kit.retrieval.index import RERANK
 from simsiam_kit.retrieval.knn import KNNClassifier
@@ -288,6 +288,7 @@ class KNNSettings:
     overwrite: bool = False  # replace the results of an earlier evaluation in the output directory
     plots: bool = True
     save_index: bool = False
+    tensorboard: Optional[bool] = None  # OUTPUT/tensorboard (the results' scalars); None = when installed
     grid_queries: int = 8
     grid_neighbours: int = 8
 
@@ -349,6 +350,8 @@ def run_knn_eval(s: KNNSettings, output: Path, log: Callable[[str], None] = prin
     if s.rerank is not None and (s.index not in ("bf16", "auto") or s.rerank < 0):
         raise UserError(f"--rerank {s.rerank}: only with --index bf16 or auto, and at least 0")
     check_knn_settings(s)
+    if "faiss" in (s.backend, need):  # found missing now, not after the features are extracted
+        require_extra("faiss", "cpu")
     temps = tuple(float(t) for t in (s.temperatures or PROTOCOL_TEMPERATURES))
     output = Path(output)
     check_output(output, s.overwrite)
@@ -364,6 +367,10 @@ def run_knn_eval(s: KNNSettings, output: Path, log: Callable[[str], None] = prin
     precision = feature_precision(s.precision, device)
     backbone = loaded.model.to(device)
     with writing_output(output, s.overwrite):  # locked: one evaluation at a time writes here
+        from simsiam_kit.engine.loggers import tensorboard_note
+
+        if tensorboard_note(s.tensorboard):
+            log(tensorboard_note(s.tensorboard))
         kw = dict(
             device=device,
             batch_size=s.batch_size,
@@ -465,8 +472,22 @@ def run_knn_eval(s: KNNSettings, output: Path, log: Callable[[str], None] = prin
                 plots / "neighbours.png",
             )
             results["plots"] = ["plots/confusion_matrix.png", "plots/neighbours.png"]
+        _to_tensorboard(output, s.tensorboard, results)
         atomic_write_json(output / "results.json", results)
         return results
+
+
+def _to_tensorboard(output: Path, tensorboard: Optional[bool], results: dict) -> None:
+    """The results' scalars (every k x T of the grid, recall@K, mAP@R) in ``OUTPUT/tensorboard``, beside the
+    linear probe's and the run's own, so ``tensorboard --logdir runs/`` shows them together."""
+    from simsiam_kit.engine.loggers import closing_all, make_sinks
+
+    with closing_all(make_sinks(output, tensorboard)) as sinks:
+        rec = {"type": "knn", "step": 0, "top1": results["top1"], "top5": results["top5"]}
+        rec.update({f"top1_k{g['k']}_T{g['temperature']:g}": g["top1"] for g in results["grid"]})
+        rec.update({k: results[k] for k in ("recall@1", "recall@5", "recall@10", "map_at_r") if k in results})
+        for sink in sinks:
+            sink.scalars(rec)
 
 
 def results_table(results: dict) -> str:

@@ -311,12 +311,14 @@ def run_linear_probe(s: LinearSettings, output: Path, log: Callable[[str], None]
     """Train and score the head(s); write results.json, head.pt, metrics.jsonl, plots (and TensorBoard).
 
     An output directory that holds an earlier evaluation's results is refused unless ``s.overwrite``."""
-    from simsiam_kit.engine.loggers import closing_all, make_sinks
+    from simsiam_kit.engine.loggers import closing_all, make_sinks, tensorboard_note
     from simsiam_kit.evaluation.common import check_output, writing_output
 
     check_output(Path(output), s.overwrite)
     _check_settings(s)
     with writing_output(Path(output), s.overwrite):  # locked: one evaluation at a time writes here
+        if tensorboard_note(s.tensorboard):
+            log(tensorboard_note(s.tensorboard))
         with closing_all(make_sinks(Path(output), s.tensorboard)) as sinks:
             res = _run_linear_probe(s, Path(output), log, sinks)
             for sk in sinks:  # the test scores next to the curves

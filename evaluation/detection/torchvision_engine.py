@@ -27,7 +27,7 @@ import torch.nn as nn
 from simsiam_kit.config import load_config, load_yaml, resolve_config_path, save_config, to_dict
 from simsiam_kit.engine import Hook, Trainer
 from simsiam_kit.engine.hooks import EpochAverages, MetricsWriter, ProgressBar, Throughput
-from simsiam_kit.engine.loggers import make_sinks
+from simsiam_kit.engine.loggers import make_sinks, tensorboard_note
 from simsiam_kit.errors import TrainingDiverged, UserError
 from simsiam_kit.evaluation.detection.data import DetectionData, DetectionSet
 from simsiam_kit.evaluation.detection.metrics import coco_evaluate, to_coco_detections
@@ -493,6 +493,8 @@ def run_torchvision_detection(
     save_config(cfg, out_dir / "config.yaml")
     make_readable(out_dir / "config.yaml")
     (out_dir / "metrics.jsonl").write_text("")
+    if tensorboard_note():
+        log(tensorboard_note())
     sinks = make_sinks(out_dir)  # TensorBoard in OUTPUT/tensorboard when installed (simsiam_kit.engine.loggers)
     steps = [max(1, int(round(f * cfg.solver.iters))) for f in cfg.solver.steps if f < 1]
     timer = StepTimes()

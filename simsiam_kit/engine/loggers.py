@@ -169,6 +169,20 @@ def close_all(sinks: Sequence, quiet: bool = False) -> None:
         raise first
 
 
+def tensorboard_note(tensorboard: Optional[bool] = None, turned_off_by: str = "") -> Optional[str]:
+    """The line a command prints at start when TensorBoard is off, saying why (so a missing ``tensorboard/``
+    folder is never a surprise); None when it is on. ``turned_off_by``: the setting that turned it off
+    (``log.tensorboard=false``)."""
+    if tensorboard is False:
+        return f"note: TensorBoard is off ({turned_off_by or 'turned off'}); metrics.jsonl has every record"
+    if not tensorboard_available():
+        return (
+            "note: TensorBoard is off: the tensorboard package is not installed (pip install -e '.[log]' turns it "
+            "on); metrics.jsonl and results.json have every record"
+        )
+    return None
+
+
 @contextmanager
 def closing_all(sinks: Sequence):
     """Close every sink when the block ends, however it ends (an error of the block wins over one of closing)."""

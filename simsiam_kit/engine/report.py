@@ -11,6 +11,7 @@ import torch
 
 from simsiam_kit.config import PretrainConfig, load_config
 from simsiam_kit.engine.hooks import read_metrics
+from simsiam_kit.engine.loggers import tensorboard_note
 from simsiam_kit.engine.run_dir import RunDir
 from simsiam_kit.features import feature_precision
 from simsiam_kit.utils import dist
@@ -43,6 +44,9 @@ def start_lines(
         + (f" (amended: {', '.join(f'{k}={v}' for k, v in amendment.items())})" if amendment else "")
     )
     lines = [f"run directory: {run}", setup] + start_notes(cfg, p.device)
+    tb = tensorboard_note(cfg.log.tensorboard, "log.tensorboard=false")
+    if tb:
+        lines.append(tb)
     if data.monitor_off:
         lines.append(
             f"note: the kNN monitor is off: {data.monitor_off}; metrics.jsonl and results/pretrain.json will have "

@@ -821,10 +821,10 @@ def _issue24_rows(c: Path, new: Path) -> dict[str, Callable[[], Case]]:
 # issue 24 (part B): every number an option or a config takes is finite and in range
 
 
-def _eval_args(c: Path, new: Path, kind: str, *extra) -> list[str]:
+def _eval_args(c: Path, new: Path, kind: str, *extra, output: Optional[Path] = None) -> list[str]:
     tiny = str(c / "tiny.npz")
     args = ["eval", kind, "--weights", "random", "--arch", "resnet18", "--stem", "cifar", "--image-size", "16"]
-    args += ["--train-data", tiny, "--test-data", tiny, "--output", str(new / kind), "--no-plots"]
+    args += ["--train-data", tiny, "--test-data", tiny, "--output", str(output or new / kind), "--no-plots"]
     if kind == "knn":
         args += ["--k", "5"]
     else:
@@ -906,6 +906,17 @@ def _issue24b_rows(c: Path, new: Path) -> dict[str, Callable[[], Case]]:
             [str(_issue24_dir(c) / "nan.onnx"), "not finite"],
             after=_absent(new / "emb" / "embed.json"),
         ),
+        # --- a newcomer's edges: --output named and checked first, no silent overwrite, the data before old results
+        "eval linear: --output under a file": lambda: Case(
+            _eval_args(c, new, "linear", output=c / "a_file" / "lin"),
+            ["--output", str(c / "a_file"), "not a directory"],
+        ),
+        "eval detection: --output under a file": lambda: Case(
+            detection()[:-2] + ["--output", str(c / "a_file" / "det")],
+            ["--output", str(c / "a_file"), "not a directory"],
+        ),
+        "export onnx: --output exists, no --overwrite": lambda: _existing_onnx_case(c, new),
+        "eval knn: a missing dataset is not hidden by earlier results": lambda: _earlier_results_case(new, knn()),
         "export onnx: disk full while writing the model": lambda: Case(
             ["export", "onnx", "--weights", str(c / "run"), "--output", str(new / "m.onnx")]
             + ["--parity-data", str(c / "tiny.npz")],
@@ -923,6 +934,22 @@ def _overflowing_backbone(c: Path) -> Path:
     bb["state_dict"] = {k: v * 1e6 if v.ndim == 4 else v for k, v in bb["state_dict"].items()}
     torch.save(bb, p)
     return p
+
+
+def _existing_onnx_case(c: Path, new: Path) -> Case:
+    new.mkdir(parents=True)
+    (new / "m.onnx").write_bytes(b"an earlier model")
+    args = ["export", "onnx", "--weights", str(c / "run"), "--output", str(new / "m.onnx")]
+    return Case(args, ["--output", str(new / "m.onnx"), "exists", "--overwrite"], watch=new)
+
+
+def _earlier_results_case(new: Path, args: list[str]) -> Case:
+    out = Path(args[args.index("--output") + 1])
+    out.mkdir(parents=True)
+    (out / "results.json").write_text("{}\n")
+    i = args.index("--train-data")
+    args = args[: i + 1] + ["cifar10:train"] + args[i + 2 :] + ["--data-root", str(new / "no-data")]
+    return Case(args, ["--train-data cifar10:train", "not found under", "--download"], watch=out)
 
 
 def _busy_output_case(new: Path, args: list[str]) -> Case:
@@ -946,7 +973,7 @@ ISSUE24B_IDS = list(_issue24b_rows(Path("/nonexistent"), Path("/nonexistent")).k
 
 def test_table_covers_issue_24_part_b():
     """Issue 24, part B (docs/reliability.md): numbers of options and configs."""
-    assert len(ISSUE24B_IDS) >= 21 and set(ISSUE24B_IDS) <= set(ROW_IDS)
+    assert len(ISSUE24B_IDS) >= 27 and set(ISSUE24B_IDS) <= set(ROW_IDS)
 
 
 def _resume_case(c: Path, name: str, mutate, extra_sets, needles) -> Case:
@@ -1092,3 +1119,36 @@ def test_knn_monitor_that_cannot_run_says_why_at_start(ctx, tmp_path):
     note = f"note: the kNN monitor is off: data.val ({unlabelled}) has images without labels (-1)"
     assert note in r.stdout, r.stdout
     assert "knn_top1" not in json.loads((tmp_path / "run" / "results" / "pretrain.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 24 (part B): a missing extra is found before the work that needs it, not after
+
+
+def _fail(what: str):
+    def fail(*a, **k):
+        raise AssertionError(f"{what} ran before the missing extra was reported")
+
+    return fail
+
+
+def test_eval_knn_without_faiss_stops_before_extracting_features(ctx, tmp_path, monkeypatch):
+    import simsiam_kit.features
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss -> ImportError
+    monkeypatch.setattr(simsiam_kit.features, "extract_features", _fail("feature extraction"))
+    r = runner.invoke(app, _eval_args(ctx, tmp_path, "knn", "--backend", "faiss"))
+    assert r.exit_code == 2, (r.output, repr(r.exception))
+    assert r.stderr.startswith("error: 'faiss' is not installed") and "pip install" in r.stderr, r.stderr
+    assert not (tmp_path / "knn").exists()
+
+
+def test_export_onnx_without_onnxruntime_stops_before_exporting(ctx, tmp_path, monkeypatch):
+    import simsiam_kit.export.onnx
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    monkeypatch.setattr(simsiam_kit.export.onnx, "load_encoder", _fail("the export"))
+    r = runner.invoke(app, ["export", "onnx", "--weights", str(ctx / "run"), "--output", str(tmp_path / "m.onnx")])
+    assert r.exit_code == 2, (r.output, repr(r.exception))
+    assert r.stderr.startswith("error: 'onnxruntime' is not installed"), r.stderr
+    assert not (tmp_path / "m.onnx").exists()
