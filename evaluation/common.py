@@ -208,25 +208,42 @@ def _pair_path(kind: str, record: dict) -> Optional[Path]:
     return None
 
 
-def baseline_rows(kind: str, results: dict) -> Optional[list]:
-    """The trained row and the random-init row of one run, when this evaluation is one of them and the other
-    one exists at its default place (``RUN/eval/<kind>`` and ``RUN/eval/<kind>-random-init``) with the same
-    data and settings: ``[[label, top1, top5], [label, top1, top5]]``, trained first; else None."""
+def _compared_keys(kind: str, settings: dict) -> tuple:
+    """The settings two evaluations must share; an lr sweep picks each backbone's own lr (that is its point),
+    so swept runs are compared at their chosen lr."""
+    keys = _SAME[kind]
+    if kind == "linear" and "lr sweep" in str(settings.get("protocol", "")):
+        keys = tuple(k for k in keys if k != "lr")
+    return keys
+
+
+def baseline_comparison(kind: str, results: dict) -> tuple[Optional[list], Optional[str]]:
+    """``(rows, None)`` when this evaluation is the trained or the random-init one of a run and the other one
+    exists at its default place (``RUN/eval/<kind>`` and ``RUN/eval/<kind>-random-init``) with the same data
+    and settings: ``[[label, top1, top5], [label, top1, top5]]``, trained first. Else ``(None, why)``: why
+    there is no comparison row (the other evaluation missing, or differing in a named setting); ``why`` is
+    None when this evaluation belongs to no run."""
     import json
 
     rec = results.get("weights") or {}
     other_path = _pair_path(kind, rec)
-    if other_path is None or not other_path.is_file():
-        return None
+    if other_path is None:
+        return None, None
+    if not other_path.is_file():
+        hint = "" if rec.get("kind") == "random" else f" (simsiam-kit eval {kind} --weights random --like RUN)"
+        return None, f"no results at {other_path.parent} yet{hint}"
     try:
         other = json.loads(other_path.read_text())
     except (OSError, ValueError):
-        return None
+        return None, f"{other_path} cannot be read"
     a, b = results.get("settings", {}), other.get("settings", {})
-    if any(a.get(k) != b.get(k) for k in _SAME[kind]):
-        return None
-    if kind == "knn" and (results.get("k"), results.get("temperature")) != (other.get("k"), other.get("temperature")):
-        return None
+    differ = [k for k in _compared_keys(kind, a) if a.get(k) != b.get(k)]
+    if kind == "knn":
+        differ += [k for k in ("k", "temperature") if results.get(k) != other.get(k)]
+    if differ:
+        k = differ[0]
+        mine, theirs = (results.get(k), other.get(k)) if k in ("k", "temperature") else (a.get(k), b.get(k))
+        return None, f"{other_path} differs in {', '.join(differ)} ({k}: {mine!r} here, {theirs!r} there)"
     rows = []
     for r in (results, other):
         w = r.get("weights") or {}
@@ -239,13 +256,21 @@ def baseline_rows(kind: str, results: dict) -> Optional[list]:
                 + (f" (epoch {w['epoch']})" if w.get("epoch") is not None else "")
             )
         rows.append([label, r["top1"], r["top5"]])
-    return sorted(rows, key=lambda row: row[0].startswith("random"))
+    return sorted(rows, key=lambda row: row[0].startswith("random")), None
+
+
+def baseline_rows(kind: str, results: dict) -> Optional[list]:
+    """The rows of :func:`baseline_comparison` (None when there is no comparison)."""
+    return baseline_comparison(kind, results)[0]
 
 
 def baseline_table(kind: str, results: dict) -> Optional[str]:
-    rows = baseline_rows(kind, results)
+    """The comparison with the run's own random init (or trained backbone), or one line saying why there is
+    none; None for an evaluation that belongs to no run."""
+    rows, why = baseline_comparison(kind, results)
     if rows is None:
-        return None
+        other = "trained backbone" if (results.get("weights") or {}).get("kind") == "random" else "random init"
+        return f"no comparison with the run's {other}: {why}" if why else None
     what = f"k={results['k']}, T={results['temperature']:g}" if kind == "knn" else results["settings"]["protocol"]
     return f"against the run's own random init ({what}, same data and image settings):\n" + format_table(
         ["backbone", "top-1 %", "top-5 %"], rows

@@ -193,7 +193,8 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path, title: st
     size = min(12, 2.5 + 0.45 * c)
     fig, ax = plt.subplots(figsize=(size, size * 0.9), dpi=110)
     rows = cm.sum(1, keepdims=True).clip(min=1)
-    im = ax.imshow(cm / rows, cmap="Blues", vmin=0, vmax=1)
+    share = 100.0 * cm / rows  # percent of each true class: the colours, the colour bar and the cells agree
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=100)
     if c <= 30:
         ax.set_xticks(range(c), [str(x) for x in classes], rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(c), [str(x) for x in classes], fontsize=7)
@@ -204,16 +205,16 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path, title: st
                         ax.text(
                             j,
                             i,
-                            str(int(cm[i, j])),
+                            f"{share[i, j]:.0f}%",
                             ha="center",
                             va="center",
                             fontsize=6,
-                            color="white" if cm[i, j] / rows[i, 0] > 0.5 else "black",
+                            color="white" if share[i, j] > 50 else "black",
                         )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="% of the true class", format="%.0f%%")
     fig.tight_layout()
     atomic_savefig(fig, path)
     plt.close(fig)

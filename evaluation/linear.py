@@ -527,6 +527,7 @@ def _run_linear_probe(s: LinearSettings, output: Path, log: Callable[[str], None
             history,
             output / "plots" / "linear_curves.png",
             f"linear probe ({settings['protocol']}), {loaded.arch}/{loaded.stem}",
+            augmented=not s.cached_features,
         )
         results["plots"] = ["plots/linear_curves.png"]
     if s.lr_sweep:
@@ -570,7 +571,9 @@ def _run_record(history, prep_s: float, train_s: float, classes, loaded) -> dict
     }
 
 
-def plot_curves(history: Sequence[dict], path: Path, title: str) -> Path:
+def plot_curves(history: Sequence[dict], path: Path, title: str, augmented: bool = True) -> Path:
+    """Loss and accuracy per epoch. ``augmented``: whether the training accuracy is on augmented crops (the
+    full protocol) or on the cached, unaugmented features (``--cached-features``); the legend says which."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -584,7 +587,8 @@ def plot_curves(history: Sequence[dict], path: Path, title: str) -> Path:
     a1.set_ylabel("train loss")
     a1.grid(alpha=0.3)
     marker = "o" if len(ep) < 30 else None
-    a2.plot(ep, [r.get("acc") for r in history], label="train (augmented) top-1", marker=marker, ms=3)
+    train_label = "train top-1 (augmented crops)" if augmented else "train top-1 (cached features, not augmented)"
+    a2.plot(ep, [r.get("acc") for r in history], label=train_label, marker=marker, ms=3)
     a2.plot(ep, [r.get("test_top1") for r in history], label="test top-1", marker=marker, ms=3)
     a2.plot(ep, [r.get("test_top5") for r in history], label="test top-5", ls="--")
     a2.set_xlabel("epoch")

@@ -125,8 +125,13 @@ def summarise(p: Pretraining, run: RunDir, elapsed: float, knn_eval: Optional[Ca
     if cfg.train.plots:
         from simsiam_kit.plots import plot_pretrain_metrics
 
+        knn_setting = f"k={cfg.train.knn_k}, T={cfg.train.knn_temperature:g}, queries {Path(str(cfg.data.val)).name}"
         plot_pretrain_metrics(
-            run.metrics, run.plots, dim=cfg.model.proj_dim, baseline=summary.get("knn_top1_random_init")
+            run.metrics,
+            run.plots,
+            dim=cfg.model.proj_dim,
+            baseline=summary.get("knn_top1_random_init"),
+            knn_setting=knn_setting,
         )
     return summary
 
