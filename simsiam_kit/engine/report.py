@@ -15,7 +15,7 @@ from simsiam_kit.engine.loggers import tensorboard_note
 from simsiam_kit.engine.run_dir import RunDir
 from simsiam_kit.features import feature_precision
 from simsiam_kit.utils import dist
-from simsiam_kit.utils.device import thread_settings
+from simsiam_kit.utils.device import cpu_facts, thread_settings
 from simsiam_kit.utils.io import atomic_write_json
 
 if TYPE_CHECKING:
@@ -115,6 +115,9 @@ def summarise(p: Pretraining, run: RunDir, elapsed: float, knn_eval: Optional[Ca
         "device": str(p.device),
         "world_size": dist.get_world_size(),
         "threads": thread_settings(),
+        # the last digits of the figures move with the thread count and with the CPU's bf16 kernels (AMX or
+        # AVX512-BF16): both are recorded (README, "the demo's figures")
+        "cpu": cpu_facts(),
         "image_size": cfg.data.image_size,
         "mean": list(cfg.data.mean),
         "std": list(cfg.data.std),

@@ -568,3 +568,20 @@ def test_saving_an_index_on_a_full_disk_names_the_file(tmp_path, backend):
     assert r.stdout.startswith(f"cannot write {out / name}: File too large"), r.stdout
     assert r.stdout.count("\n") == 1 and "unchanged" in r.stdout
     assert sorted(p.name for p in out.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule, identical", [("constant", True), ("cosine", False)])
+def test_resume_set_more_epochs_equals_a_longer_run_only_without_cosine(workdir, memory_npz, schedule, identical):
+    """What docs/reliability.md and the README say of ``--resume --set optim.epochs=N``: the cosine schedule is
+    computed from the total number of epochs, so 1 epoch + 1 more is not a 2-epoch run (its first epoch had
+    another learning rate); with a constant schedule it is, bit for bit."""
+    over = _memory_overrides(memory_npz, epochs=2) + [f"optim.schedule={schedule}", "optim.warmup_epochs=0"]
+    longer, resumed = workdir / f"two-{schedule}", workdir / f"one-plus-one-{schedule}"
+    assert _run(longer, over).returncode == 0
+    r = _run(resumed, over + ["optim.epochs=1"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _resume(resumed, ["optim.epochs=2"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    diff = _max_diff(_weights(longer), _weights(resumed))
+    assert (diff == 0.0) == identical, diff
