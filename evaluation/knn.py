@@ -355,9 +355,9 @@ def run_knn_eval(s: KNNSettings, output: Path, log: Callable[[str], None] = prin
         require_extra("faiss", "cpu")
     temps = tuple(float(t) for t in (s.temperatures or PROTOCOL_TEMPERATURES))
     output = Path(output)
-    check_output(output, s.overwrite)
     train = load_labelled(s.train_data, "train", s.root, s.download, s.skip_bad_images)
     test = load_labelled(s.test_data, "test", s.root, s.download, s.skip_bad_images)
+    check_output(output, s.overwrite)  # after the data: a missing dataset is not hidden behind earlier results
     classes = check_same_classes(train, test, s.train_data, s.test_data)
     ks = _choose_ks(s.ks, len(train), f" training images in '{s.train_data}'")
     loaded = load_backbone(s.weights, s.arch, s.stem, like=s.like)

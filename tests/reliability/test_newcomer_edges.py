@@ -180,3 +180,12 @@ def test_lr_sweeps_are_compared_at_each_ones_chosen_lr(tmp_path):
     text = baseline_table("linear", res({"run_dir": str(run)}, 0.3, 80.0, "cached-features"))
     assert text.startswith("no comparison with the run's random init:"), text
     assert "differs in lr (lr: 0.3 here, 3.0 there)" in text, text
+
+
+def test_pretrain_json_records_the_threads_and_the_cpu(tiny_run):
+    """The demo's last digits move with both (README): each run records them."""
+    from simsiam_kit.utils.device import cpu_facts
+
+    summary = json.loads((tiny_run / "results" / "pretrain.json").read_text())
+    assert summary["threads"]["threads"] >= 1
+    assert summary["cpu"] == cpu_facts() and set(summary["cpu"]["flags"]) >= {"avx512_bf16", "amx_bf16"}
