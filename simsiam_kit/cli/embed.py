@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from simsiam_kit.cli.common import EMBED_REMEDIES, user_errors
-from simsiam_kit.cli.options import SkipBadImages, new_app, precheck
+from simsiam_kit.cli.options import SkipBadImages, check_writable, new_app, precheck
 
 app = new_app()  # simsiam-kit embed, simsiam-kit search
 
@@ -25,6 +25,11 @@ RUNTIME_HELP = (
 ENGINE_HELP = (
     "local (this process, decoding in DataLoader workers) or ray (Ray Data: an actor pool, one onnxruntime "
     "session per actor; pip install -e '.[scale]')."
+)
+#: the kinds ``embed --index`` lists (each one it accepts: tests/retrieval/test_embed_cli.py builds them all)
+INDEX_HELP = (
+    "flat (exact), ivf or hnsw (approximate, FAISS), bf16 (approximate, torch: bf16 candidates re-scored in "
+    "fp32), or none (shards only; then `simsiam-kit index build`, which also builds the compressed kinds)."
 )
 RAY_ADDRESS_HELP = "With --engine ray: join this Ray cluster (default: $RAY_ADDRESS, else start a local runtime)."
 ACTORS_HELP = "With --engine ray: actors in the pool (default: one per CPU of the cluster)."
@@ -58,10 +63,14 @@ def embed_cmd(
     index: str = typer.Option(
         "flat",
         "--index",
-        help="flat (exact), ivf or hnsw (approximate, FAISS), bf16 (approximate, --backend torch), or none "
-        "(shards only; then `simsiam-kit index build`).",
+        help=INDEX_HELP,
     ),
-    backend: str = typer.Option("faiss", "--backend", help="faiss, or torch (exact flat search without FAISS)."),
+    backend: Optional[str] = typer.Option(
+        None,
+        "--backend",
+        help="faiss (the default; ivf and hnsw need it), or torch (exact flat search without FAISS; bf16's, and its "
+        "default).",
+    ),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu or cuda."),
     shard_size: Optional[int] = typer.Option(
         None, "--shard-size", help="Input images per shard (default: 10000, pipeline.DEFAULT_SHARD_SIZE)."
@@ -73,6 +82,12 @@ def embed_cmd(
     resume: bool = typer.Option(
         False, "--resume", help="Continue the run in --output from its finished shards (a killed run)."
     ),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Replace an earlier embedding in --output (its own files; without it or --resume a directory that "
+        "holds files is refused before any work).",
+    ),
     skip_bad_images: SkipBadImages = False,
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar (images/s, ETA)."),
     engine: str = typer.Option("local", "--engine", help=ENGINE_HELP),
@@ -81,19 +96,27 @@ def embed_cmd(
 ):
     """Embed a dataset in shards (streamed, resumable) with an exported encoder or the torch one, and build an
     index."""
-    from simsiam_kit.errors import UserError
+    from simsiam_kit.errors import UserError, check_number
+    from simsiam_kit.retrieval.pipeline import check_embed_output
     from simsiam_kit.retrieval.ray_engine import ENGINES
 
     if engine not in ENGINES:
         raise UserError(f"--engine must be {' or '.join(ENGINES)}, got '{engine}'")
     if engine == "local" and (ray_address or actors is not None):
         raise UserError("--ray-address / --actors apply to --engine ray")
+    check_number("--batch-size", batch_size, 1, integer=True)
+    check_writable("--output", output, directory=True)
+    check_embed_output(output, resume, overwrite)
     precheck(data=[("--data", data)])
     from simsiam_kit.retrieval.pipeline import DEFAULT_SHARD_SIZE, embed_to_dir
     from simsiam_kit.retrieval.shards import DTYPES
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: expected {' or '.join(DTYPES)}")
+    if backend is None:  # each kind's own backend (bf16: torch), else faiss
+        from simsiam_kit.retrieval.index import KIND_BACKEND
+
+        backend = KIND_BACKEND.get(index, "faiss")
     from simsiam_kit.export.runtime_choice import open_runtime
 
     embedder = open_runtime(
@@ -117,6 +140,7 @@ def embed_cmd(
         progress=progress,
         log=typer.echo,
         engine=ray,
+        overwrite=overwrite,
     )
 
 
@@ -155,11 +179,12 @@ def search_cmd(
     for option, path in (("--query", query), ("--model", model)):
         if path is not None and not path.exists():
             raise UserError(f"{option} {path}: no such file or directory")
+    out = output if output is not None else index / "search.json"
+    check_writable("--output", out)  # before the index and the model load, not after the search
     from simsiam_kit.export.runtime_choice import open_for_index
     from simsiam_kit.retrieval.embed_search import format_search_table
     from simsiam_kit.retrieval.pictures import search_with_pictures
 
-    out = output if output is not None else index / "search.json"
     report = search_with_pictures(
         index,
         query,

@@ -73,7 +73,7 @@ import hashlib
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -336,7 +336,8 @@ class ShardWriter:
         w.close()                                # marks the manifest complete when nothing is missing
 
     ``resume=False`` on a directory that already holds a manifest is a :class:`UserError` (nothing is
-    overwritten by accident); ``resume=True`` keeps every listed shard whose files match the manifest
+    overwritten by accident; ``clear(directory)``, called once the lock is held, removes an earlier run's files
+    first: ``embed --overwrite``); ``resume=True`` keeps every listed shard whose files match the manifest
     (sha256), drops the others (``dropped`` says which and why) and refuses a different ``fingerprint``,
     ``dim``, ``dtype`` or ``shard_size``."""
 
@@ -350,6 +351,7 @@ class ShardWriter:
         resume: bool = False,
         total: Optional[int] = None,
         extra: Optional[dict] = None,
+        clear: Optional[Callable[[Path], None]] = None,
     ):
         if dtype not in DTYPES:
             raise UserError(f"unknown embedding dtype '{dtype}' (available: {', '.join(DTYPES)})")
@@ -366,6 +368,8 @@ class ShardWriter:
         self.dropped: list[str] = []
         self._lock = shard_lock(self.root).acquire()
         try:
+            if clear is not None:  # embed --overwrite: the earlier run's files go, now that no one else writes
+                clear(self.root)
             remove_stale_temp_files(self.root)
             remove_stale_temp_files(self.root / SHARDS_DIR)
             self.shards: dict[int, ShardInfo] = {}

@@ -73,6 +73,28 @@ def read_pid(fd: int) -> Optional[int]:
         return None
 
 
+def held_by_another(root: Union[str, Path]) -> Optional[int]:
+    """A reader's look at ``root``'s lock, without taking it or writing anything: None when no process holds
+    it (or there is no regular lock file), else the holder's pid (0 when it wrote none). A shared ``flock``
+    tried without blocking and dropped at once: it fails only while a writer holds the exclusive one."""
+    import fcntl
+
+    path = Path(root) / LOCK_NAME
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None  # a writer refuses such a lock file: no writer holds it
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return read_pid(fd) or 0
+    finally:
+        os.close(fd)  # closing the descriptor drops the shared lock, if taken
+    return None
+
+
 class DirLock:
     """The lock of directory ``root``. ``busy``: what a refused process is told is going on ("another
     simsiam-kit run is using this directory"); ``purpose``: what the directory is for ("a run directory"),

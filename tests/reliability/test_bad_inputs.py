@@ -369,6 +369,7 @@ def _rows(c: Path, new: Path) -> dict[str, Callable[[], Case]]:
     rows.update(_hostile_rows(c, new))
     rows.update(_issue24_rows(c, new))
     rows.update(_issue24b_rows(c, new))
+    rows.update(_issue24_embed_rows(c, new))
     return rows
 
 
@@ -927,6 +928,110 @@ def _issue24b_rows(c: Path, new: Path) -> dict[str, Callable[[], Case]]:
     }
 
 
+def _embed_args(c: Path, out: Path, *extra) -> list[str]:
+    return [
+        "embed",
+        "--model",
+        str(_encoder(c)),
+        "--data",
+        str(c / "tiny.npz"),
+        "--output",
+        str(out),
+        "--no-progress",
+    ] + [*extra]
+
+
+def _files_dir(c: Path) -> Path:
+    """An --output holding an earlier embedding without shards (the files search reads) and a file of the user's."""
+    d = c / "copies" / "emb-files"
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    (d / "embeddings.npy").write_bytes(b"an earlier run's")
+    (d / "notes.txt").write_text("mine\n")
+    return d
+
+
+def _rewrite_shards(d: Path) -> None:
+    """As a later embed run redoing a shard leaves the directory: its last shard gone from an incomplete manifest,
+    the index and embed.json still of the finished run."""
+    m = json.loads((d / "manifest.json").read_text())
+    m["shards"], m["complete"] = m["shards"][:-1], False
+    (d / "manifest.json").write_text(json.dumps(m))
+
+
+def _count_another_run(d: Path) -> None:
+    e = json.loads((d / "embed.json").read_text())
+    e["count"] += 7
+    (d / "embed.json").write_text(json.dumps(e))
+
+
+def _issue24_embed_rows(c: Path, new: Path) -> dict[str, Callable[[], Case]]:
+    """Issue 24's embedding-directory cases (its last line, once issue 21's shards landed) and its embed / search
+    items: no silent overwrite, the options named and checked first, a directory being written or mixing two runs
+    refused by search."""
+
+    def search(d: Path, *extra) -> list[str]:
+        return ["search", "--index", str(d), "--query", str(c / "folder" / "a" / "0.png"), "--k", "3", *extra]
+
+    def emb(name: str, mutate=lambda d: None) -> Path:
+        return _emb_copy(c, name, mutate)
+
+    return {
+        "embed: --output holds files, no --resume/--overwrite": lambda: Case(
+            _embed_args(c, _files_dir(c)),
+            [f"--output {c / 'copies' / 'emb-files'} is not empty", "--overwrite"],
+            watch=c / "copies" / "emb-files",
+        ),
+        "embed: --output holds a finished embedding, no --resume/--overwrite": lambda: Case(
+            _embed_args(c, emb("emb-again")),
+            [str(c / "copies" / "emb-again"), "already holds embedding shards", "--resume", "--overwrite"],
+            watch=c / "copies" / "emb-again",
+        ),
+        "embed: --batch-size 0": lambda: Case(
+            _embed_args(c, new / "emb", "--batch-size", "0"), ["--batch-size 0", ">= 1"], after=_absent(new / "emb")
+        ),
+        "embed: --output under a file": lambda: Case(
+            _embed_args(c, c / "a_file" / "emb"), ["--output", str(c / "a_file"), "not a directory"]
+        ),
+        "search: --output under a file": lambda: Case(
+            search(emb("emb-search-out"), "--output", str(c / "a_file" / "s.json")),
+            ["--output", str(c / "a_file"), "not a directory"],
+            watch=c / "copies" / "emb-search-out",
+        ),
+        "embed --resume: the directory's lock held by another embed": lambda: Case(
+            _embed_args(c, emb("emb-locked"), "--resume"),
+            [str(c / "copies" / "emb-locked"), "another embedding run is writing to this directory"],
+            watch=c / "copies" / "emb-locked",
+            hold_lock=True,
+        ),
+        "search: another embed holds the directory's lock": lambda: Case(
+            search(emb("emb-search-locked")),
+            [str(c / "copies" / "emb-search-locked"), "is writing to this directory", "two runs"],
+            watch=c / "copies" / "emb-search-locked",
+            hold_lock=True,
+        ),
+        "search: shards rewritten after the index was built": lambda: Case(
+            search(emb("emb-rewritten", _rewrite_shards)),
+            [str(c / "copies" / "emb-rewritten" / "manifest.json"), "incomplete", "two runs", "--resume"],
+            watch=c / "copies" / "emb-rewritten",
+        ),
+        "search: embed.json of another run than ids.json": lambda: Case(
+            search(emb("emb-mixed", _count_another_run)),
+            ["embed.json counts 55 embeddings but ids.json lists 48", "two runs"],
+            watch=c / "copies" / "emb-mixed",
+        ),
+    }
+
+
+ISSUE24_EMBED_IDS = list(_issue24_embed_rows(Path("/nonexistent"), Path("/nonexistent")).keys())
+
+
+def test_table_covers_issue_24_embedding_directories():
+    """Issue 24's embed / search items and its embedding-directory cases (docs/reliability.md)."""
+    assert len(ISSUE24_EMBED_IDS) >= 9 and set(ISSUE24_EMBED_IDS) <= set(ROW_IDS)
+
+
 def _overflowing_backbone(c: Path) -> Path:
     """Finite weights whose output is not: every convolution x 1e6 (20 in a row overflow float32)."""
     p = _issue24_dir(c) / "overflow.pt"
@@ -1073,7 +1178,7 @@ PART_B_IDS = list(_hostile_rows(Path("/nonexistent"), Path("/nonexistent")).keys
 
 def test_table_covers_part_a():
     """The figure docs/reliability.md states."""
-    assert len(ROW_IDS) - len(PART_B_IDS) - len(ISSUE24_IDS) - len(ISSUE24B_IDS) >= 40
+    assert len(ROW_IDS) - len(PART_B_IDS) - len(ISSUE24_IDS) - len(ISSUE24B_IDS) - len(ISSUE24_EMBED_IDS) >= 40
 
 
 ISSUE24_IDS = list(_issue24_rows(Path("/nonexistent"), Path("/nonexistent")).keys())
