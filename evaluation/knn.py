@@ -35,7 +35,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from simsiam_kit.config import DEFAULT_KNN_K, DEFAULT_KNN_TEMPERATURE
+from simsiam_kit.config import DEFAULT_KNN_K, DEFAULT_KNN_TEMPERATURE, MIN_KNN_TEMPERATURE
 from simsiam_kit.errors import UserError, check_number, require_extra
 from simsiam_kit.evaluation.protocol import EvalInputs, EvalSettings
 from simsiam_kit.retrieval.index import RERANK, check_k
@@ -313,8 +313,6 @@ class KNNProtocol:
             raise UserError(f"--index {s.index} needs --backend {need} or auto ({s.backend} has no {s.index} search)")
         if s.rerank is not None and (s.index not in ("bf16", "auto") or s.rerank < 0):
             raise UserError(f"--rerank {s.rerank}: only with --index bf16 or auto, and at least 0")
-        from simsiam_kit.config import MIN_KNN_TEMPERATURE
-
         for t in self.temps:
             # below MIN_KNN_TEMPERATURE the float32 vote exp(sim / T) overflows and every class ties
             check_number("--temperature", t, MIN_KNN_TEMPERATURE)
