@@ -13,6 +13,7 @@ import typer
 
 from simsiam_kit.cli.common import EMBED_REMEDIES, user_errors
 from simsiam_kit.cli.options import SkipBadImages, check_writable, new_app, precheck
+from simsiam_kit.errors import UserError
 
 app = new_app()  # simsiam-kit embed, simsiam-kit search
 
@@ -96,8 +97,7 @@ def embed_cmd(
 ):
     """Embed a dataset in shards (streamed, resumable) with an exported encoder or the torch one, and build an
     index."""
-    from simsiam_kit.errors import UserError, check_number
-    from simsiam_kit.retrieval.pipeline import check_embed_output
+    from simsiam_kit.errors import check_number
     from simsiam_kit.retrieval.ray_engine import ENGINES
 
     if engine not in ENGINES:
@@ -144,6 +144,31 @@ def embed_cmd(
     )
 
 
+def check_embed_output(output, resume: bool = False, overwrite: bool = False) -> None:
+    """Before any work (cheap, no model): an ``--output`` that already holds files is refused, naming it,
+    unless ``resume`` (continue the run there: the shard writer checks it is the same run) or ``overwrite``
+    (replace it: :data:`simsiam_kit.retrieval.pipeline.EMBED_FILES` are removed once the directory's lock is
+    held, other files are kept)."""
+    if resume and overwrite:
+        raise UserError("--resume continues the run in --output, --overwrite replaces it: give one of them")
+    out = Path(output).expanduser()
+    if resume or overwrite or not out.is_dir():
+        return
+    there = sorted(p.name for p in out.iterdir() if p.name != ".lock")
+    if not there:
+        return
+    if (out / "manifest.json").exists():
+        raise UserError(
+            f"--output {out} already holds embedding shards ({out / 'manifest.json'}); --resume continues that "
+            "run, --overwrite replaces it, or choose another output directory"
+        )
+    shown = ", ".join(there[:3]) + (", ..." if len(there) > 3 else "")
+    raise UserError(
+        f"--output {out} is not empty ({shown}); --overwrite replaces an earlier embedding there (embed's own "
+        "files only), or choose another output directory"
+    )
+
+
 def ray_engine(model: Path, data: str, device: str, batch_size: int, ray_address: Optional[str], actors):
     """The ``engine`` of :func:`~simsiam_kit.retrieval.pipeline.embed_to_dir` for ``--engine ray``: a
     :class:`~simsiam_kit.retrieval.ray_engine.RayEngine` opening ``model`` in onnxruntime in each actor."""
@@ -172,8 +197,6 @@ def search_cmd(
 ):
     """Nearest indexed images of each query, with cosine similarities: a table, JSON and a picture per query;
     says whether the index is approximate and the recall@10 its build measured."""
-    from simsiam_kit.errors import UserError
-
     if not (index / "embed.json").is_file():
         raise UserError(f"--index {index}: no embed.json there (a directory written by 'simsiam-kit embed')")
     for option, path in (("--query", query), ("--model", model)):

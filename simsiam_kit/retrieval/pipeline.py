@@ -75,30 +75,6 @@ EMBED_FILES = (
 )
 
 
-def check_embed_output(output, resume: bool = False, overwrite: bool = False) -> None:
-    """Before any work (cheap, no model): an ``--output`` that already holds files is refused, naming it,
-    unless ``resume`` (continue the run there: the shard writer checks it is the same run) or ``overwrite``
-    (replace it: :data:`EMBED_FILES` are removed once the directory's lock is held, other files are kept)."""
-    if resume and overwrite:
-        raise UserError("--resume continues the run in --output, --overwrite replaces it: give one of them")
-    out = Path(output).expanduser()
-    if resume or overwrite or not out.is_dir():
-        return
-    there = sorted(p.name for p in out.iterdir() if p.name != ".lock")
-    if not there:
-        return
-    if (out / "manifest.json").exists():
-        raise UserError(
-            f"--output {out} already holds embedding shards ({out / 'manifest.json'}); --resume continues that "
-            "run, --overwrite replaces it, or choose another output directory"
-        )
-    shown = ", ".join(there[:3]) + (", ..." if len(there) > 3 else "")
-    raise UserError(
-        f"--output {out} is not empty ({shown}); --overwrite replaces an earlier embedding there (embed's own "
-        "files only), or choose another output directory"
-    )
-
-
 def clear_embedding_dir(out: Path) -> None:
     """Remove what an earlier embed wrote in ``out`` (:data:`EMBED_FILES` and its search pictures); the
     caller holds the directory's lock."""
