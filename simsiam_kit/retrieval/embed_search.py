@@ -178,9 +178,9 @@ def load_embeddings_dir(index_dir) -> dict:
 def _check_not_being_written(d: Path) -> None:
     """An embed (or ``index build``) holding the directory's lock is rewriting it file by file: what a reader
     would load could mix two runs."""
-    from simsiam_kit.utils.dirlock import held_by_another
+    from simsiam_kit.utils.dirlock import lock_holder
 
-    holder = held_by_another(d)
+    holder = lock_holder(d)
     if holder is not None:
         pid = f" (pid {holder})" if holder else ""
         raise UserError(
