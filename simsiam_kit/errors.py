@@ -6,7 +6,10 @@ The CLI turns it into one line on stderr and exit code 2, never a traceback.
 
 
 class UserError(Exception):
-    """An error caused by input the user controls; its message names the file, key or value."""
+    """An error caused by input the user controls; its message names the file, key or value. ``remedy``: a
+    key the command layer turns into its own words for what to do (``simsiam_kit/cli/common.py``), or None."""
+
+    remedy: "str | None" = None
 
 
 class TrainingDiverged(UserError):

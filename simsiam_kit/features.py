@@ -99,16 +99,16 @@ def extract_features(
     if not feats:  # every image skipped as unreadable: the callers say so
         empty = torch.zeros(0, dtype=torch.int64, device=out_device)
         return torch.zeros((0, 0), device=out_device), empty, empty.clone()
-    feats, labels, index = torch.cat(feats), torch.cat(labels), torch.cat(index)
-    bad = ~torch.isfinite(feats).all(dim=1)  # one reduction, one host sync per extraction
+    out_f, out_l, out_i = torch.cat(feats), torch.cat(labels), torch.cat(index)
+    bad = ~torch.isfinite(out_f).all(dim=1)  # one reduction, one host sync per extraction
     if bad.any():
         rows = torch.nonzero(bad).flatten()
-        first = ds.ids[int(index[rows[0]])]
+        first = ds.ids[int(out_i[rows[0]])]
         raise UserError(
-            f"the backbone's output is not finite (NaN or inf) for {len(rows)} of {len(feats)} images of "
+            f"the backbone's output is not finite (NaN or inf) for {len(rows)} of {len(out_f)} images of "
             f"{ds.name} (first: {first}); refused: NaN features make a NaN index and meaningless neighbours"
         )
-    return feats, labels, index
+    return out_f, out_l, out_i
 
 
 def save_features(out_dir, feats: torch.Tensor, labels: torch.Tensor, ids: list) -> None:

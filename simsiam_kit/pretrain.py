@@ -303,6 +303,7 @@ class Pretrainer:
         elif cfg.train.knn_every > 0 and not train.has_labels:
             off = f"data.train ({cfg.data.train}) has images without labels (-1), and the bank needs labels"
         elif cfg.train.knn_every > 0:
+            assert cfg.data.val is not None  # the first branch took a null data.val
             val = eval_resized(  # the kNN monitor's queries and bank: the evaluation rule, as eval knn takes them
                 load_dataset(cfg.data.val, cfg.data.root, cfg.data.download, cfg.data.skip_bad_images),
                 cfg.data.image_size,
