@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -80,6 +81,23 @@ def check_output(output: Path, overwrite: bool = False) -> None:
         )
 
 
+@contextmanager
+def writing_output(output: Path, overwrite: bool = False):
+    """Hold ``output``'s lock (the project's one directory lock, ``OUTPUT/.lock``:
+    :class:`~simsiam_kit.utils.dirlock.DirLock`, as pretraining holds its run directory's) while an evaluation
+    writes there, after :func:`prepare_output`: a second evaluation into the same directory at the same time is
+    refused with one line naming the holder's pid, instead of replacing the first one's files. Released when the
+    block ends (the kernel releases it if the process dies)."""
+    from simsiam_kit.utils.dirlock import DirLock
+
+    lock = DirLock(output, "another simsiam-kit run is using this directory", "an evaluation's output directory")
+    lock.acquire()
+    try:
+        yield prepare_output(output, overwrite)
+    finally:
+        lock.release()
+
+
 def prepare_output(output: Path, overwrite: bool = False) -> Path:
     """Create ``output``; with ``overwrite`` remove what an earlier evaluation wrote there (only its own
     files), so no stale plot or feature file is mistaken for the new results."""
@@ -105,6 +123,26 @@ def load_labelled(
     if not ds.has_labels:
         raise UserError(f"{role} dataset '{spec}' has unlabelled images (label -1); evaluation needs labels")
     return ds
+
+
+def skipped_images(ds: ImageDataset, kept_index, show: int = 10) -> dict:
+    """What ``--skip-bad-images`` left out of ``ds``: ``{"count": N, "ids": [the first ``show`` ids]}``, from the
+    dataset positions that were kept (the index returned by feature extraction)."""
+    kept = set(int(i) for i in kept_index)
+    missing = [i for i in range(len(ds)) if i not in kept]
+    return {"count": len(missing), "ids": [str(ds.ids[i]) for i in missing[:show]]}
+
+
+def skipped_line(skipped: dict) -> Optional[str]:
+    """One line for the log when images were skipped (``skipped``: role -> :func:`skipped_images`), else None."""
+    parts = [f"{role} {s['count']}" for role, s in skipped.items() if s["count"]]
+    if not parts:
+        return None
+    first = next(s["ids"] for s in skipped.values() if s["count"])
+    return (
+        f"--skip-bad-images: skipped {sum(s['count'] for s in skipped.values())} unreadable images "
+        f"({', '.join(parts)}; first: {', '.join(first[:3])}); results.json lists them under 'skipped_images'"
+    )
 
 
 def check_same_classes(train: ImageDataset, test: ImageDataset, train_spec: str, test_spec: str) -> list:
@@ -171,25 +209,42 @@ def _pair_path(kind: str, record: dict) -> Optional[Path]:
     return None
 
 
-def baseline_rows(kind: str, results: dict) -> Optional[list]:
-    """The trained row and the random-init row of one run, when this evaluation is one of them and the other
-    one exists at its default place (``RUN/eval/<kind>`` and ``RUN/eval/<kind>-random-init``) with the same
-    data and settings: ``[[label, top1, top5], [label, top1, top5]]``, trained first; else None."""
+def _compared_keys(kind: str, settings: dict) -> tuple:
+    """The settings two evaluations must share; an lr sweep picks each backbone's own lr (that is its point),
+    so swept runs are compared at their chosen lr."""
+    keys = _SAME[kind]
+    if kind == "linear" and "lr sweep" in str(settings.get("protocol", "")):
+        keys = tuple(k for k in keys if k != "lr")
+    return keys
+
+
+def baseline_comparison(kind: str, results: dict) -> tuple[Optional[list], Optional[str]]:
+    """``(rows, None)`` when this evaluation is the trained or the random-init one of a run and the other one
+    exists at its default place (``RUN/eval/<kind>`` and ``RUN/eval/<kind>-random-init``) with the same data
+    and settings: ``[[label, top1, top5], [label, top1, top5]]``, trained first. Else ``(None, why)``: why
+    there is no comparison row (the other evaluation missing, or differing in a named setting); ``why`` is
+    None when this evaluation belongs to no run."""
     import json
 
     rec = results.get("weights") or {}
     other_path = _pair_path(kind, rec)
-    if other_path is None or not other_path.is_file():
-        return None
+    if other_path is None:
+        return None, None
+    if not other_path.is_file():
+        hint = "" if rec.get("kind") == "random" else f" (simsiam-kit eval {kind} --weights random --like RUN)"
+        return None, f"no results at {other_path.parent} yet{hint}"
     try:
         other = json.loads(other_path.read_text())
     except (OSError, ValueError):
-        return None
+        return None, f"{other_path} cannot be read"
     a, b = results.get("settings", {}), other.get("settings", {})
-    if any(a.get(k) != b.get(k) for k in _SAME[kind]):
-        return None
-    if kind == "knn" and (results.get("k"), results.get("temperature")) != (other.get("k"), other.get("temperature")):
-        return None
+    differ = [k for k in _compared_keys(kind, a) if a.get(k) != b.get(k)]
+    if kind == "knn":
+        differ += [k for k in ("k", "temperature") if results.get(k) != other.get(k)]
+    if differ:
+        k = differ[0]
+        mine, theirs = (results.get(k), other.get(k)) if k in ("k", "temperature") else (a.get(k), b.get(k))
+        return None, f"{other_path} differs in {', '.join(differ)} ({k}: {mine!r} here, {theirs!r} there)"
     rows = []
     for r in (results, other):
         w = r.get("weights") or {}
@@ -202,13 +257,21 @@ def baseline_rows(kind: str, results: dict) -> Optional[list]:
                 + (f" (epoch {w['epoch']})" if w.get("epoch") is not None else "")
             )
         rows.append([label, r["top1"], r["top5"]])
-    return sorted(rows, key=lambda row: row[0].startswith("random"))
+    return sorted(rows, key=lambda row: row[0].startswith("random")), None
+
+
+def baseline_rows(kind: str, results: dict) -> Optional[list]:
+    """The rows of :func:`baseline_comparison` (None when there is no comparison)."""
+    return baseline_comparison(kind, results)[0]
 
 
 def baseline_table(kind: str, results: dict) -> Optional[str]:
-    rows = baseline_rows(kind, results)
+    """The comparison with the run's own random init (or trained backbone), or one line saying why there is
+    none; None for an evaluation that belongs to no run."""
+    rows, why = baseline_comparison(kind, results)
     if rows is None:
-        return None
+        other = "trained backbone" if (results.get("weights") or {}).get("kind") == "random" else "random init"
+        return f"no comparison with the run's {other}: {why}" if why else None
     what = f"k={results['k']}, T={results['temperature']:g}" if kind == "knn" else results["settings"]["protocol"]
     return f"against the run's own random init ({what}, same data and image settings):\n" + format_table(
         ["backbone", "top-1 %", "top-5 %"], rows

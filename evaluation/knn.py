@@ -35,11 +35,12 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from simsiam_kit.config import DEFAULT_KNN_K, DEFAULT_KNN_TEMPERATURE
-from simsiam_kit.errors import UserError
+from simsiam_kit.config import DEFAULT_KNN_K, DEFAULT_KNN_TEMPERATURE, MIN_KNN_TEMPERATURE
+from simsiam_kit.errors import UserError, check_number, require_extra
 from simsiam_kit.evaluation.protocol import EvalInputs, EvalSettings
 from simsiam_kit.retrieval.index import RERANK, check_k
 from simsiam_kit.retrieval.knn import KNNClassifier, check_temperatures
+from simsiam_kit.utils.io import atomic_savefig
 
 RECALL_KS = (1, 5, 10)
 #: queries an approximate search is checked on against the exact one (``approximate`` in results.json)
@@ -188,7 +189,8 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path, title: st
     size = min(12, 2.5 + 0.45 * c)
     fig, ax = plt.subplots(figsize=(size, size * 0.9), dpi=110)
     rows = cm.sum(1, keepdims=True).clip(min=1)
-    im = ax.imshow(cm / rows, cmap="Blues", vmin=0, vmax=1)
+    share = 100.0 * cm / rows  # percent of each true class: the colours, the colour bar and the cells agree
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=100)
     if c <= 30:
         ax.set_xticks(range(c), [str(x) for x in classes], rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(c), [str(x) for x in classes], fontsize=7)
@@ -199,18 +201,18 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path, title: st
                         ax.text(
                             j,
                             i,
-                            str(int(cm[i, j])),
+                            f"{share[i, j]:.0f}%",
                             ha="center",
                             va="center",
                             fontsize=6,
-                            color="white" if cm[i, j] / rows[i, 0] > 0.5 else "black",
+                            color="white" if share[i, j] > 50 else "black",
                         )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="% of the true class", format="%.0f%%")
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_savefig(fig, path)
     plt.close(fig)
     return path
 
@@ -249,7 +251,7 @@ def plot_neighbour_grid(
             ax.set_yticks([])
     axes[0, 0].spines["left"].set_linewidth(0)
     fig.tight_layout(pad=0.3)
-    fig.savefig(path)
+    atomic_savefig(fig, path)
     plt.close(fig)
     return path
 
@@ -265,6 +267,7 @@ class KNNSettings(EvalSettings):
     index: str = "flat"
     rerank: Optional[int] = None  # --index bf16: 2 x rerank candidates at the cut re-scored in fp32 (default RERANK)
     save_index: bool = False
+    tensorboard: Optional[bool] = None  # OUTPUT/tensorboard (the results' scalars); None = when installed
     grid_queries: int = 8
     grid_neighbours: int = 8
 
@@ -310,9 +313,20 @@ class KNNProtocol:
             raise UserError(f"--index {s.index} needs --backend {need} or auto ({s.backend} has no {s.index} search)")
         if s.rerank is not None and (s.index not in ("bf16", "auto") or s.rerank < 0):
             raise UserError(f"--rerank {s.rerank}: only with --index bf16 or auto, and at least 0")
+        for t in self.temps:
+            # below MIN_KNN_TEMPERATURE the float32 vote exp(sim / T) overflows and every class ties
+            check_number("--temperature", t, MIN_KNN_TEMPERATURE)
         check_temperatures(self.temps, "--temperature")
         if s.ks is not None:
+            for k in s.ks:
+                check_number("--k", k, 1, integer=True)
             check_k(s.ks, name="--k")
+        check_number("--batch-size", s.batch_size, 1, integer=True)
+        check_number("--workers", s.workers, 0, integer=True)
+        if s.rerank is not None:
+            check_number("--rerank", s.rerank, 0, integer=True)
+        if "faiss" in (s.backend, need):  # found missing now, not after the features are extracted
+            require_extra("faiss", "cpu")
 
     def run(self, output: Path, log: Callable[[str], None] = print) -> dict:
         s = self.s
@@ -323,20 +337,26 @@ class KNNProtocol:
             ks = _choose_ks(s.ks, len(train), f" training images in '{s.train_data}'")
 
         inputs = EvalInputs.build(s, output, log, check_train=check_bank)
-        inputs.prepare_output(s.overwrite)
-        feats = self._features(inputs, ks)
-        kind, index_choice = self._index_kind(feats, log)
-        res = classify(
-            feats["fb"], feats["lb"], feats["fq"], feats["lq"], feats["ks"], self.temps, len(inputs.classes),
-            s.backend, kind, rerank=s.rerank,
-        )  # fmt: skip
-        res.update(index_chosen=kind, index_choice=index_choice)
-        results = self._results(inputs, feats, res)
-        self.write(inputs, feats, res, results)
-        return results
+        with inputs.writing_output(s.overwrite):  # locked: one evaluation at a time writes here
+            from simsiam_kit.engine.loggers import tensorboard_note
 
-    def _features(self, inputs: EvalInputs, ks: tuple) -> dict:
-        """Features of both sets (saved under OUTPUT/features), and the k that fit the readable bank."""
+            if tensorboard_note(s.tensorboard):
+                log(tensorboard_note(s.tensorboard))
+            feats = self._features(inputs, ks, log)
+            kind, index_choice = self._index_kind(feats, log)
+            res = classify(
+                feats["fb"], feats["lb"], feats["fq"], feats["lq"], feats["ks"], self.temps, len(inputs.classes),
+                s.backend, kind, rerank=s.rerank,
+            )  # fmt: skip
+            res.update(index_chosen=kind, index_choice=index_choice)
+            results = self._results(inputs, feats, res)
+            self.write(inputs, feats, res, results)
+            return results
+
+    def _features(self, inputs: EvalInputs, ks: tuple, log: Callable[[str], None] = print) -> dict:
+        """Features of both sets (saved under OUTPUT/features), the k that fit the readable bank, and what
+        ``--skip-bad-images`` left out (logged in one line)."""
+        from simsiam_kit.evaluation.common import skipped_images, skipped_line
         from simsiam_kit.features import extract_features, save_features
 
         backbone = inputs.loaded.model.to(inputs.device)
@@ -347,11 +367,14 @@ class KNNProtocol:
         extract_s = time.perf_counter() - t0
         if len(fb) == 0 or len(fq) == 0:
             raise UserError("no readable images left after skipping unreadable ones")
+        skipped = {"train": skipped_images(inputs.train, ib), "test": skipped_images(inputs.test, iq)}
+        if skipped_line(skipped):
+            log(skipped_line(skipped))
         ks = _choose_ks(self.s.ks, len(fb), " readable training images", ks)
         out = inputs.output
         save_features(out / "features" / "train", fb, lb, [inputs.train.ids[i] for i in ib.tolist()])
         save_features(out / "features" / "test", fq, lq, [inputs.test.ids[i] for i in iq.tolist()])
-        return dict(fb=fb, lb=lb, ib=ib, fq=fq, lq=lq, iq=iq, ks=ks, extract_s=extract_s)
+        return dict(fb=fb, lb=lb, ib=ib, fq=fq, lq=lq, iq=iq, ks=ks, extract_s=extract_s, skipped=skipped)
 
     def _index_kind(self, feats: dict, log: Callable[[str], None]) -> tuple[str, Optional[dict]]:
         """The index kind to search with: ``--index`` as given, or for ``auto`` exact or bf16 by measured speed
@@ -399,20 +422,22 @@ class KNNProtocol:
             "settings": settings,
             "timing_s": {"features": round(feats["extract_s"], 3), "search": round(res["search_s"], 3)},
             "approximate": res["approximate"],  # null for the exact search
+            "skipped_images": feats["skipped"],  # --skip-bad-images: how many (and which) were left out
             "classes": [str(c) for c in inputs.classes],
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
 
     def write(self, inputs: EvalInputs, feats: dict, res: dict, results: dict) -> None:
-        """The index (``save_index``), confusion matrix, plots and results.json (last, atomically)."""
-        from simsiam_kit.utils.io import atomic_write_json
+        """The index (``save_index``), confusion matrix, plots, TensorBoard scalars and results.json (last),
+        each atomically (a full disk is one line naming the file)."""
+        from simsiam_kit.utils.io import atomic_save_npy, atomic_write_json
 
         output, classes = inputs.output, inputs.classes
         if self.s.save_index:
             res["index"].save(output / "index")
         main_k, main_t = results["k"], results["temperature"]
         cm = confusion_matrix(res["per_k"][main_k]["pred"], feats["lq"], len(classes))
-        np.save(output / "confusion_matrix.npy", cm)
+        atomic_save_npy(output / "confusion_matrix.npy", cm)
         if self.s.plots:
             plots = output / "plots"
             plots.mkdir(exist_ok=True)
@@ -420,6 +445,7 @@ class KNNProtocol:
             plot_confusion(cm, classes, plots / "confusion_matrix.png", title)
             self._neighbour_grid(inputs, feats, res, plots / "neighbours.png")
             results["plots"] = ["plots/confusion_matrix.png", "plots/neighbours.png"]
+        _to_tensorboard(output, self.s.tensorboard, results)
         atomic_write_json(output / "results.json", results)
 
     def _neighbour_grid(self, inputs: EvalInputs, feats: dict, res: dict, path: Path) -> None:
@@ -439,6 +465,19 @@ class KNNProtocol:
             [str(c) for c in inputs.classes],
             path,
         )
+
+
+def _to_tensorboard(output: Path, tensorboard: Optional[bool], results: dict) -> None:
+    """The results' scalars (every k x T of the grid, recall@K, mAP@R) in ``OUTPUT/tensorboard``, beside the
+    linear probe's and the run's own, so ``tensorboard --logdir runs/`` shows them together."""
+    from simsiam_kit.engine.loggers import closing_all, make_sinks
+
+    with closing_all(make_sinks(output, tensorboard)) as sinks:
+        rec = {"type": "knn", "step": 0, "top1": results["top1"], "top5": results["top5"]}
+        rec.update({f"top1_k{g['k']}_T{g['temperature']:g}": g["top1"] for g in results["grid"]})
+        rec.update({k: results[k] for k in ("recall@1", "recall@5", "recall@10", "map_at_r") if k in results})
+        for sink in sinks:
+            sink.scalars(rec)
 
 
 def results_table(results: dict) -> str:

@@ -42,8 +42,9 @@ from simsiam_kit.engine import Trainer
 from simsiam_kit.engine.hooks import EpochAverages, Hook, LRSchedule, MetricsWriter, ProgressBar, Throughput
 from simsiam_kit.engine.optim import OPTIMIZERS, build_optimizer
 from simsiam_kit.engine.step import OptimStep
-from simsiam_kit.errors import UserError
+from simsiam_kit.errors import UserError, check_number
 from simsiam_kit.evaluation.protocol import EvalInputs, EvalSettings
+from simsiam_kit.utils.io import atomic_savefig
 
 HEAD_FORMAT = "simsiam-kit-linear-head"
 
@@ -261,13 +262,16 @@ class LinearProtocol:
         self.validate()
 
     def validate(self) -> None:
+        from simsiam_kit.config import FLOAT32_MAX
+
         s = self.s
-        if s.epochs < 1:
-            raise UserError(f"--epochs must be at least 1, got {s.epochs}")
-        if s.batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, got {s.batch_size}")
-        if s.lr <= 0:
-            raise UserError(f"--lr must be positive, got {s.lr}")
+        check_number("--epochs", s.epochs, 1, integer=True)
+        check_number("--batch-size", s.batch_size, 1, integer=True)
+        check_number("--workers", s.workers, 0, integer=True)
+        check_number("--seed", s.seed, 0, 2**32 - 1, integer=True)
+        # the optimizer holds lr x batch / 256 and the weight decay as float32 scalars
+        check_number("--lr", s.lr, 0, FLOAT32_MAX * 256 / max(s.batch_size, 1), low_open=True)
+        check_number("--weight-decay", s.weight_decay, 0, FLOAT32_MAX)
         if s.optimizer not in OPTIMIZERS:
             raise UserError(f"unknown --optimizer '{s.optimizer}' (available: {', '.join(OPTIMIZERS)})")
         if s.lr_sweep and not s.cached_features:
@@ -276,31 +280,30 @@ class LinearProtocol:
             raise UserError("--lr-sweep sweeps SGD learning rates: use --optimizer sgd")
 
     def run(self, output: Path, log: Callable[[str], None] = print) -> dict:
-        from simsiam_kit.engine.loggers import make_sinks
-        from simsiam_kit.evaluation.common import prepare_output
+        from simsiam_kit.engine.loggers import closing_all, make_sinks, tensorboard_note
 
         s = self.s
-        prepare_output(Path(output), s.overwrite)
-        sinks = make_sinks(Path(output), s.tensorboard)
-        try:
-            inputs = EvalInputs.build(s, output, log, seed=s.seed)
-            prep = self._prepare(inputs)
-            trained = self._train(inputs, prep, sinks)
-            check_backbone_unchanged(prep["backbone"], prep["reference"])  # the official sanity check
-            results = self._results(inputs, prep, trained)
-            self.write(inputs, prep, trained, results, log)
-            for sk in sinks:  # the test scores next to the curves
-                sk.scalars(
-                    {"type": "eval", "step": s.epochs, "test_top1": results["top1"], "test_top5": results["top5"]}
-                )
-            return results
-        finally:
-            for sk in sinks:
-                sk.close()
+        inputs = EvalInputs.build(s, output, log, seed=s.seed)
+        with inputs.writing_output(s.overwrite):  # locked: one evaluation at a time writes here
+            if tensorboard_note(s.tensorboard):
+                log(tensorboard_note(s.tensorboard))
+            with closing_all(make_sinks(inputs.output, s.tensorboard)) as sinks:
+                prep = self._prepare(inputs, log)
+                trained = self._train(inputs, prep, sinks)
+                check_backbone_unchanged(prep["backbone"], prep["reference"])  # the official sanity check
+                results = self._results(inputs, prep, trained)
+                self.write(inputs, prep, trained, results, log)
+                for sk in sinks:  # the test scores next to the curves
+                    sk.scalars(
+                        {"type": "eval", "step": s.epochs, "test_top1": results["top1"], "test_top5": results["top5"]}
+                    )
+                return results
 
-    def _prepare(self, inputs: EvalInputs) -> dict:
+    def _prepare(self, inputs: EvalInputs, log: Callable[[str], None] = print) -> dict:
         """Frozen backbone and its reference state, test features, and the training batches: cached
-        features or augmented images through the frozen backbone."""
+        features or augmented images through the frozen backbone; what ``--skip-bad-images`` left out of the
+        extracted sets (logged in one line)."""
+        from simsiam_kit.evaluation.common import skipped_images, skipped_line
         from simsiam_kit.features import extract_features
 
         s, device = self.s, inputs.device
@@ -309,13 +312,15 @@ class LinearProtocol:
         torch.manual_seed(s.seed)
         kw = inputs.feature_kwargs(max(s.batch_size, 64), s.workers, normalize=False)
         t0 = time.perf_counter()
-        fq, lq, _ = extract_features(backbone, inputs.test, **kw)
+        fq, lq, iq = extract_features(backbone, inputs.test, **kw)
+        skipped = {"test": skipped_images(inputs.test, iq)}
         bs = min(s.batch_size, len(inputs.train))
         ft = lt = None
         if s.cached_features:
-            ft, lt, _ = extract_features(backbone, inputs.train, **kw)
+            ft, lt, it = extract_features(backbone, inputs.train, **kw)
             if len(ft) == 0:
                 raise UserError(f"no readable images in train dataset '{s.train_data}'")
+            skipped = {"train": skipped_images(inputs.train, it), **skipped}
             loader = TensorLoader(ft, lt, bs, shuffle=True, seed=s.seed)
 
             def features_fn(batch):
@@ -324,9 +329,11 @@ class LinearProtocol:
             loader, features_fn = self._augmented(inputs, backbone, bs)
         if len(fq) == 0:
             raise UserError(f"no readable images in test dataset '{s.test_data}'")
+        if skipped_line(skipped):
+            log(skipped_line(skipped))
         return dict(
             backbone=backbone, reference=reference, fq=fq, lq=lq, ft=ft, lt=lt, bs=bs,
-            loader=loader, features_fn=features_fn, prep_s=time.perf_counter() - t0,
+            loader=loader, features_fn=features_fn, prep_s=time.perf_counter() - t0, skipped=skipped,
         )  # fmt: skip
 
     def _augmented(self, inputs: EvalInputs, backbone, bs: int):
@@ -424,6 +431,9 @@ class LinearProtocol:
             **outcome,
             "settings": settings,
             **_run_record(history, prep["prep_s"], trained["train_s"], inputs.classes, inputs.loaded),
+            # --skip-bad-images: how many test images (and, with cached features, training images) were left out;
+            # in full mode the loader skips unreadable training images again in every epoch
+            "skipped_images": prep["skipped"],
         }
 
     def write(self, inputs: EvalInputs, prep: dict, trained: dict, results: dict, log: Callable[[str], None]) -> None:
@@ -442,7 +452,9 @@ class LinearProtocol:
             results["plots"] = ["plots/lr_sweep.png"]
         elif s.plots:
             title = f"linear probe ({results['settings']['protocol']}), {loaded.arch}/{loaded.stem}"
-            plot_curves(trained["history"], output / "plots" / "linear_curves.png", title)
+            plot_curves(
+                trained["history"], output / "plots" / "linear_curves.png", title, augmented=not s.cached_features
+            )
             results["plots"] = ["plots/linear_curves.png"]
         if sweep is not None:
             from simsiam_kit.evaluation.linear_sweep import sweep_table
@@ -486,7 +498,9 @@ def _run_record(history, prep_s: float, train_s: float, classes, loaded) -> dict
     }
 
 
-def plot_curves(history: Sequence[dict], path: Path, title: str) -> Path:
+def plot_curves(history: Sequence[dict], path: Path, title: str, augmented: bool = True) -> Path:
+    """Loss and accuracy per epoch. ``augmented``: whether the training accuracy is on augmented crops (the
+    full protocol) or on the cached, unaugmented features (``--cached-features``); the legend says which."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -500,7 +514,8 @@ def plot_curves(history: Sequence[dict], path: Path, title: str) -> Path:
     a1.set_ylabel("train loss")
     a1.grid(alpha=0.3)
     marker = "o" if len(ep) < 30 else None
-    a2.plot(ep, [r.get("acc") for r in history], label="train (augmented) top-1", marker=marker, ms=3)
+    train_label = "train top-1 (augmented crops)" if augmented else "train top-1 (cached features, not augmented)"
+    a2.plot(ep, [r.get("acc") for r in history], label=train_label, marker=marker, ms=3)
     a2.plot(ep, [r.get("test_top1") for r in history], label="test top-1", marker=marker, ms=3)
     a2.plot(ep, [r.get("test_top5") for r in history], label="test top-5", ls="--")
     a2.set_xlabel("epoch")
@@ -509,7 +524,7 @@ def plot_curves(history: Sequence[dict], path: Path, title: str) -> Path:
     a2.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_savefig(fig, path)
     plt.close(fig)
     return path
 

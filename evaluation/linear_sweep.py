@@ -20,6 +20,7 @@ import torch
 
 from simsiam_kit.engine import Trainer
 from simsiam_kit.engine.hooks import EpochAverages, Hook, LRSchedule, MetricsWriter, ProgressBar, Throughput
+from simsiam_kit.utils.io import atomic_savefig
 
 SWEEP_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
 SWEEP_WD = 1e-4
@@ -202,7 +203,7 @@ def plot_sweep(grid: list, selected: int, path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_savefig(fig, path)
     plt.close(fig)
 
 

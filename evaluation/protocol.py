@@ -65,18 +65,19 @@ class EvalInputs:
         seed: Optional[int] = None,
         check_train: Optional[Callable[[Any], None]] = None,
     ) -> "EvalInputs":
-        """Refuse an output holding earlier results, load and check both datasets (``check_train`` runs on
-        the training set before the backbone loads), load the backbone (``seed``: its random init), resolve
-        image settings, device and precision. The output directory is not created here."""
+        """Load and check both datasets, then refuse an output holding earlier results (after the data, so a
+        missing dataset is never hidden behind earlier results; ``check_train`` runs on the training set before
+        the backbone loads), load the backbone (``seed``: its random init), resolve image settings, device and
+        precision. The output directory is not created here."""
         from simsiam_kit.evaluation.common import check_output, check_same_classes, eval_image_settings, load_labelled
         from simsiam_kit.features import feature_precision
         from simsiam_kit.utils.device import resolve_device
         from simsiam_kit.weights import load_backbone
 
         output = Path(output)
-        check_output(output, s.overwrite)
         train = load_labelled(s.train_data, "train", s.root, s.download, s.skip_bad_images)
         test = load_labelled(s.test_data, "test", s.root, s.download, s.skip_bad_images)
+        check_output(output, s.overwrite)
         classes = check_same_classes(train, test, s.train_data, s.test_data)
         if check_train is not None:
             check_train(train)
@@ -91,6 +92,14 @@ class EvalInputs:
         from simsiam_kit.evaluation.common import prepare_output
 
         return prepare_output(self.output, overwrite)
+
+    def writing_output(self, overwrite: bool):
+        """``with inputs.writing_output(overwrite):`` the output directory prepared and locked while the protocol
+        writes there (:func:`simsiam_kit.evaluation.common.writing_output`: a second evaluation into it at the
+        same time is refused)."""
+        from simsiam_kit.evaluation.common import writing_output
+
+        return writing_output(self.output, overwrite)
 
     def settings_record(self) -> dict:
         """What the bundle resolved, for the results' ``settings`` (image settings, backbone, device)."""

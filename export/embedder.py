@@ -38,7 +38,7 @@ import numpy as np
 
 from simsiam_kit.config import DEFAULT_CROP_PCT
 from simsiam_kit.errors import UserError, require_extra
-from simsiam_kit.utils.vectors import l2_normalize  # the core's, the one every runtime uses
+from simsiam_kit.utils.vectors import check_finite_embeddings, l2_normalize  # the core's, every runtime uses them
 
 log = logging.getLogger("simsiam_kit.export")
 
@@ -295,7 +295,7 @@ class OnnxEmbedder:
                 f"{self.path}: output '{self.output_name}' has shape {out.shape} for {len(x)} images; "
                 f"an encoder gives ({len(x)}, {self.dim}) (metadata embedding_dim={self.dim})"
             )
-        return out
+        return check_finite_embeddings(out, f"{self.path}: output '{self.output_name}'")
 
     @property
     def chunk(self) -> int:

@@ -426,13 +426,13 @@ def check_run_name(name: str, source: str = "config") -> None:
 def validate(cfg, source: str) -> None:
     """Value ranges (the types are checked while building the dataclasses): one line naming the first
     bad key, its value and what is expected."""
-    if not isinstance(cfg, PretrainConfig):
-        return
     import math
 
-    for key, value in _finite_floats(cfg):
+    for key, value in _finite_floats(cfg):  # every config's floats (pretraining, detection)
         if not math.isfinite(value):
             raise UserError(f"{source}: bad value for '{key}': {value!r} (expected a finite number)")
+    if not isinstance(cfg, PretrainConfig):
+        return
     from simsiam_kit.image_settings import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 
     check_run_name(cfg.name, source)

@@ -22,6 +22,7 @@ from simsiam_kit.config import DEFAULT_FEATURE_BATCH, IMAGENET_MEAN, IMAGENET_ST
 from simsiam_kit.data.datasets import ImageDataset
 from simsiam_kit.data.loaders import make_loader
 from simsiam_kit.data.transforms import EvalTransform
+from simsiam_kit.errors import UserError
 from simsiam_kit.utils.device import Precision, resolve_precision
 
 FEATURE_BATCH = DEFAULT_FEATURE_BATCH  # images per forward: the eval commands' --batch-size default, the monitor's
@@ -95,15 +96,31 @@ def extract_features(
             index.append(batch["index"].to(out_device))
     finally:
         backbone.train(was_training)
-    return torch.cat(feats), torch.cat(labels), torch.cat(index)
+    if not feats:  # every image skipped as unreadable: the callers say so
+        empty = torch.zeros(0, dtype=torch.int64, device=out_device)
+        return torch.zeros((0, 0), device=out_device), empty, empty.clone()
+    out_f, out_l, out_i = torch.cat(feats), torch.cat(labels), torch.cat(index)
+    bad = ~torch.isfinite(out_f).all(dim=1)  # one reduction, one host sync per extraction
+    if bad.any():
+        rows = torch.nonzero(bad).flatten()
+        first = ds.ids[int(out_i[rows[0]])]
+        raise UserError(
+            f"the backbone's output is not finite (NaN or inf) for {len(rows)} of {len(out_f)} images of "
+            f"{ds.name} (first: {first}); refused: NaN features make a NaN index and meaningless neighbours"
+        )
+    return out_f, out_l, out_i
 
 
 def save_features(out_dir, feats: torch.Tensor, labels: torch.Tensor, ids: list) -> None:
+    """``features.npy``, ``labels.npy`` and ``ids.json`` in ``out_dir``, each written atomically (a full disk is
+    one line naming the file)."""
     import json
     from pathlib import Path
 
+    from simsiam_kit.utils.io import atomic_save_npy, atomic_write_text
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    np.save(out_dir / "features.npy", feats.numpy().astype(np.float32))
-    np.save(out_dir / "labels.npy", labels.numpy().astype(np.int64))
-    (out_dir / "ids.json").write_text(json.dumps([i if isinstance(i, (int, str)) else str(i) for i in ids]))
+    atomic_save_npy(out_dir / "features.npy", feats.numpy().astype(np.float32))
+    atomic_save_npy(out_dir / "labels.npy", labels.numpy().astype(np.int64))
+    atomic_write_text(out_dir / "ids.json", json.dumps([i if isinstance(i, (int, str)) else str(i) for i in ids]))

@@ -11,6 +11,8 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
+from simsiam_kit.utils.io import atomic_savefig
+
 KNN_MIN_SPAN = 10.0  # percentage points: the smallest y-range of the kNN plot
 
 
@@ -44,10 +46,15 @@ def _plt():
 
 
 def plot_pretrain_metrics(
-    metrics_path: Path, out_dir: Path, dim: int = 2048, baseline: Optional[float] = None
+    metrics_path: Path,
+    out_dir: Path,
+    dim: int = 2048,
+    baseline: Optional[float] = None,
+    knn_setting: Optional[str] = None,
 ) -> list[Path]:
     """loss.png, std.png (with the 1/sqrt(d) line), knn.png (epoch 0 and the random-init line; ``baseline``
-    when metrics.jsonl has no epoch-0 point), lr.png; returns the files written."""
+    when metrics.jsonl has no epoch-0 point; ``knn_setting``, e.g. ``k=200, T=0.1, val.npz``, in its title),
+    lr.png; returns the files written."""
     from simsiam_kit.engine.hooks import read_metrics
 
     recs = read_metrics(metrics_path)
@@ -74,7 +81,7 @@ def plot_pretrain_metrics(
         ax.grid(alpha=0.3)
         f.tight_layout()
         p = out_dir / name
-        f.savefig(p)
+        atomic_savefig(f, p)
         plt.close(f)
         written.append(p)
 
@@ -108,7 +115,7 @@ def plot_pretrain_metrics(
             ys,
             "epoch (0 = initial weights)",
             "kNN top-1 (%)",
-            "kNN monitor",
+            f"kNN monitor ({knn_setting})" if knn_setting else "kNN monitor",
             hline=base,
             hlabel="random init (epoch 0)" if base is not None else None,
             ylim=knn_ylim(ys, base),

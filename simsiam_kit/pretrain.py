@@ -204,6 +204,7 @@ class PretrainData:
     device_resident: bool
     workers: int
     bank: Optional[ImageDataset] = None  # the kNN monitor's bank: the training images by the evaluation rule
+    monitor_off: Optional[str] = None  # why the kNN monitor is off although train.knn_every asks for it
 
 
 @dataclass
@@ -296,16 +297,21 @@ class Pretrainer:
             device=device if resident else None,
         )
         augment = BatchAugment(cfg.data, crop=not loader.two_views_in_loader)
-        val = None
-        if cfg.train.knn_every > 0 and cfg.data.val and train.has_labels:
+        val, off = None, None
+        if cfg.train.knn_every > 0 and not cfg.data.val:
+            off = "data.val is null (no queries)"
+        elif cfg.train.knn_every > 0 and not train.has_labels:
+            off = f"data.train ({cfg.data.train}) has images without labels (-1), and the bank needs labels"
+        elif cfg.train.knn_every > 0:
+            assert cfg.data.val is not None  # the first branch took a null data.val
             val = eval_resized(  # the kNN monitor's queries and bank: the evaluation rule, as eval knn takes them
                 load_dataset(cfg.data.val, cfg.data.root, cfg.data.download, cfg.data.skip_bad_images),
                 cfg.data.image_size,
             )
             if not val.has_labels:
-                val = None
+                val, off = None, f"data.val ({cfg.data.val}) has images without labels (-1)"
         bank = eval_resized(dataset, cfg.data.image_size) if val is not None else None  # train itself at that size
-        return PretrainData(train, val, loader, augment, resident, workers, bank)
+        return PretrainData(train, val, loader, augment, resident, workers, bank, off)
 
     @classmethod
     def build_model(cls, cfg: PretrainConfig, device: torch.device, channels_last: bool) -> SimSiam:
@@ -442,7 +448,9 @@ class Pretrainer:
                         "epochs); raise optim.epochs with --set to train longer"
                     )
                 self.only_summary_left = True
-        self.epoch_unfinished = dist.on_main(prepare_run_files, self.run, self.cfg, point, trainer.start_epoch)
+        self.epoch_unfinished = dist.on_main(
+            prepare_run_files, self.run, self.cfg, point, trainer.start_epoch, self.log
+        )
         dist.barrier()
 
     def train(self) -> dict:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import pickle
 import zipfile
 from dataclasses import dataclass, field
@@ -38,8 +37,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from simsiam_kit.config import IMAGENET_MEAN, IMAGENET_STD
-from simsiam_kit.engine.run_dir import LOCK_NAME, RunDir
+from simsiam_kit.engine.run_dir import RunDir
 from simsiam_kit.errors import UserError
+from simsiam_kit.utils.dirlock import lock_holder
 from simsiam_kit.utils.io import open_regular, read_bytes_bounded
 from simsiam_kit.weight_formats import is_safetensors
 
@@ -212,50 +212,9 @@ def split_selector(spec: str) -> tuple[str, Optional[str]]:
 
 def run_lock_holder(run_dir: Path) -> Optional[int]:
     """The pid of the live process that holds ``RUN/.lock`` (a run still training), 0 when it is held by a
-    process whose pid cannot be told, None when nobody holds it. Read from ``/proc/locks`` (the lock is
-    not touched); elsewhere a shared, non-blocking probe of the lock."""
-    lock = Path(run_dir) / LOCK_NAME
-    try:
-        st = os.stat(lock)
-    except OSError:
-        return None
-    try:
-        with open("/proc/locks") as f:
-            table = f.read().splitlines()
-    except OSError:
-        table = None
-    if table is not None:
-        want = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
-        for line in table:
-            parts = line.split()
-            if len(parts) < 6 or "FLOCK" not in parts or "->" in parts:
-                continue
-            try:
-                pid = int(parts[4])
-                major, minor, ino = parts[5].split(":")
-                if (int(major, 16), int(minor, 16), int(ino)) == want:
-                    return pid
-            except ValueError:
-                continue
-        return None
-    import fcntl
-
-    try:  # never through a link, and a FIFO must not block the probe
-        fd = os.open(lock, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        try:
-            return int(os.pread(fd, 32, 0).decode().strip() or 0)
-        except (OSError, ValueError):
-            return 0
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
+    process whose pid cannot be told, None when nobody holds it (:func:`simsiam_kit.utils.dirlock.lock_holder`:
+    the lock is not touched)."""
+    return lock_holder(run_dir)
 
 
 @dataclass

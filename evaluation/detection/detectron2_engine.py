@@ -495,6 +495,7 @@ def _save_predictions(cfg, job: D2Job) -> None:
     from detectron2.engine import DefaultPredictor
     from PIL import Image
 
+    from simsiam_kit.data import to_rgb
     from simsiam_kit.evaluation.detection.visualize import save_predictions_png
 
     final = Path(cfg.OUTPUT_DIR) / "model_final.pth"
@@ -510,7 +511,7 @@ def _save_predictions(cfg, job: D2Job) -> None:
     preds = []
     for rec in recs:
         with Image.open(rec["file"]) as im:
-            bgr = np.asarray(im.convert("RGB"))[:, :, ::-1].copy()
+            bgr = np.asarray(to_rgb(im))[:, :, ::-1].copy()  # 16-bit grayscale scaled, not clipped
         inst = predictor(bgr)["instances"].to("cpu")
         preds.append(
             {

@@ -28,7 +28,7 @@ import torch.nn as nn
 from simsiam_kit.config import load_config, load_yaml, resolve_config_path, save_config, to_dict
 from simsiam_kit.engine import Hook, Trainer
 from simsiam_kit.engine.hooks import EpochAverages, MetricsWriter, ProgressBar, Throughput
-from simsiam_kit.engine.loggers import make_sinks
+from simsiam_kit.engine.loggers import make_sinks, tensorboard_note
 from simsiam_kit.engine.step import OptimStep
 from simsiam_kit.errors import TrainingDiverged, UserError
 from simsiam_kit.evaluation.detection.data import DetectionData, DetectionSet
@@ -129,6 +129,19 @@ def load_detection_config(name_or_path: str, overrides=None) -> TorchvisionDetec
         (cfg.solver.iters >= 1, "solver.iters", cfg.solver.iters, ">= 1"),
         (cfg.solver.batch_size >= 1, "solver.batch_size", cfg.solver.batch_size, ">= 1"),
         (cfg.solver.base_lr > 0, "solver.base_lr", cfg.solver.base_lr, "> 0"),
+        (0 <= cfg.solver.momentum < 1, "solver.momentum", cfg.solver.momentum, "in [0, 1)"),
+        (cfg.solver.weight_decay >= 0, "solver.weight_decay", cfg.solver.weight_decay, ">= 0"),
+        (cfg.solver.warmup_iters >= 0, "solver.warmup_iters", cfg.solver.warmup_iters, ">= 0"),
+        (0 < cfg.solver.warmup_factor <= 1, "solver.warmup_factor", cfg.solver.warmup_factor, "in (0, 1]"),
+        (0 < cfg.solver.gamma <= 1, "solver.gamma", cfg.solver.gamma, "in (0, 1]"),
+        (cfg.solver.grad_clip >= 0, "solver.grad_clip", cfg.solver.grad_clip, ">= 0 (0 = off)"),
+        (0 <= cfg.data.hflip_prob <= 1, "data.hflip_prob", cfg.data.hflip_prob, "a probability in [0, 1]"),
+        (cfg.data.workers >= 0, "data.workers", cfg.data.workers, ">= 0"),
+        (0 <= cfg.train.seed <= 2**32 - 1, "train.seed", cfg.train.seed, "in [0, 2**32-1]"),
+        (cfg.test.batch_size >= 1, "test.batch_size", cfg.test.batch_size, ">= 1"),
+        (0 <= cfg.test.score_thresh <= 1, "test.score_thresh", cfg.test.score_thresh, "in [0, 1]"),
+        (0 <= cfg.test.vis_score <= 1, "test.vis_score", cfg.test.vis_score, "in [0, 1]"),
+        (cfg.test.detections_per_img >= 1, "test.detections_per_img", cfg.test.detections_per_img, ">= 1"),
         (all(0 < s <= 1 for s in cfg.solver.steps), "solver.steps", cfg.solver.steps, "fractions in (0, 1]"),
         (
             cfg.model.image_mean is None or len(cfg.model.image_mean) == 3,
@@ -266,9 +279,11 @@ def _read_image(path) -> torch.Tensor:
     from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor
 
+    from simsiam_kit.data import to_rgb  # the one decoding rule (16-bit grayscale scaled, not clipped)
+
     try:
         with Image.open(path) as im:
-            return pil_to_tensor(im.convert("RGB")).float().div_(255)
+            return pil_to_tensor(to_rgb(im)).float().div_(255)
     except OSError as e:
         raise UserError(f"cannot read image {path}: {e}") from None
 
@@ -477,6 +492,8 @@ def run_torchvision_detection(
     save_config(cfg, out_dir / "config.yaml")
     make_readable(out_dir / "config.yaml")
     (out_dir / "metrics.jsonl").write_text("")
+    if tensorboard_note():
+        log(tensorboard_note())
     sinks = make_sinks(out_dir)  # TensorBoard in OUTPUT/tensorboard when installed (simsiam_kit.engine.loggers)
     timer = StepTimes()
     hooks = _build_hooks(cfg, optimizer, lr, timer, out_dir, sinks)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from simsiam_kit.utils.io import atomic_savefig
+
 
 def save_predictions_png(
     records: list, predictions: list, class_names: list, path: Path, score_thresh: float = 0.5, max_images: int = 4
@@ -17,6 +19,8 @@ def save_predictions_png(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from PIL import Image
+
+    from simsiam_kit.data import to_rgb
 
     n = min(max_images, len(records))
     if n == 0:
@@ -30,7 +34,7 @@ def save_predictions_png(
         rec, pred = records[i], predictions[i]
         ax = axes.ravel()[i]
         with Image.open(rec["file"]) as im:
-            ax.imshow(np.asarray(im.convert("RGB")))
+            ax.imshow(np.asarray(to_rgb(im)))  # the one decoding rule (16-bit grayscale scaled)
         for b in rec["boxes"]:
             ax.add_patch(plt.Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, ec="lime", lw=1.2, ls="--"))
         keep = np.asarray(pred["scores"]) >= score_thresh
@@ -49,6 +53,6 @@ def save_predictions_png(
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
+    atomic_savefig(fig, path, dpi=80)
     plt.close(fig)
     return path

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import typer
+
 from simsiam_kit.cli import detection, embed, export, knn, linear, pretrain, serve
 from simsiam_kit.cli import index as index_cli
 from simsiam_kit.cli.options import new_app
@@ -12,6 +14,25 @@ app = new_app(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from simsiam_kit import __version__
+
+        typer.echo(f"simsiam-kit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """SimSiam self-supervised pretraining, evaluation, detection transfer and export."""
+
+
 eval_app = new_app(help="Evaluate pretrained backbones: linear probe, kNN, detection transfer.", no_args_is_help=True)
 
 app.add_typer(pretrain.app)  # simsiam-kit pretrain
@@ -37,7 +58,7 @@ def main() -> None:
 
     argv = sys.argv[1:]
     try:
-        if argv and not {"--help", "-h"} & set(argv):
+        if argv and not {"--help", "-h", "--version"} & set(argv):
             apply_thread_choice()
     except UserError as e:
         err(str(e))

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from simsiam_kit.cli.common import user_errors
-from simsiam_kit.cli.options import Arch, Weights, new_app
+from simsiam_kit.cli.options import ArchNoLike, Weights, check_writable, new_app
 
 eval_app = new_app()  # simsiam-kit eval detection
 
@@ -48,7 +48,7 @@ def eval_detection(
         "-s",
         help="Config override: solver.base_lr=0.01 (torchvision) or SOLVER.BASE_LR=0.01 (detectron2).",
     ),
-    arch: Arch = None,
+    arch: ArchNoLike = None,
     num_gpus: int = typer.Option(
         1,
         "--num-gpus",
@@ -80,14 +80,17 @@ def eval_detection(
     """
     import time
 
-    from simsiam_kit.errors import UserError
+    from simsiam_kit.errors import UserError, check_number
     from simsiam_kit.evaluation.detection.data import resolve_data
     from simsiam_kit.evaluation.detection.engines import ENGINES, DetectionRequest, Launch
 
     if engine not in ENGINES:
         raise UserError(f"--engine {engine!r}: expected {' or '.join(ENGINES)}")
-    if iters is not None and iters < 1:
-        raise UserError(f"--iters {iters}: expected >= 1")
+    if iters is not None:
+        check_number("--iters", iters, 1, integer=True)
+    check_number("--num-gpus", num_gpus, 1, integer=True)
+    check_number("--num-machines", num_machines, 1, integer=True)
+    check_number("--machine-rank", machine_rank, 0, num_machines - 1, integer=True)
     launch = Launch(num_gpus, num_machines, machine_rank, dist_url)
     if not ENGINES[engine].launches and launch != Launch():
         raise UserError(
@@ -95,6 +98,7 @@ def eval_detection(
             f"{engine} engine runs one process (use --engine detectron2)"
         )
     out_dir = output or Path("runs") / f"detection-{engine}-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_writable("--output", out_dir, directory=True)
     data = resolve_data(train_json, train_images, val_json, val_images, voc_root, voc_train, voc_val)
     request = DetectionRequest(
         weights, data, out_dir, config=config, iters=iters, overrides=set_, arch=arch, launch=launch

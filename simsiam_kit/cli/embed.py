@@ -12,7 +12,8 @@ from typing import Optional
 import typer
 
 from simsiam_kit.cli.common import EMBED_REMEDIES, user_errors
-from simsiam_kit.cli.options import SkipBadImages, new_app, precheck
+from simsiam_kit.cli.options import SkipBadImages, check_writable, new_app, precheck
+from simsiam_kit.errors import UserError
 
 app = new_app()  # simsiam-kit embed, simsiam-kit search
 
@@ -25,6 +26,11 @@ RUNTIME_HELP = (
 ENGINE_HELP = (
     "local (this process, decoding in DataLoader workers) or ray (Ray Data: an actor pool, one onnxruntime "
     "session per actor; pip install -e '.[scale]')."
+)
+#: the kinds ``embed --index`` lists (each one it accepts: tests/retrieval/test_embed_cli.py builds them all)
+INDEX_HELP = (
+    "flat (exact), ivf or hnsw (approximate, FAISS), bf16 (approximate, torch: bf16 candidates re-scored in "
+    "fp32), or none (shards only; then `simsiam-kit index build`, which also builds the compressed kinds)."
 )
 RAY_ADDRESS_HELP = "With --engine ray: join this Ray cluster (default: $RAY_ADDRESS, else start a local runtime)."
 ACTORS_HELP = "With --engine ray: actors in the pool (default: one per CPU of the cluster)."
@@ -58,10 +64,14 @@ def embed_cmd(
     index: str = typer.Option(
         "flat",
         "--index",
-        help="flat (exact), ivf or hnsw (approximate, FAISS), bf16 (approximate, --backend torch), or none "
-        "(shards only; then `simsiam-kit index build`).",
+        help=INDEX_HELP,
     ),
-    backend: str = typer.Option("faiss", "--backend", help="faiss, or torch (exact flat search without FAISS)."),
+    backend: Optional[str] = typer.Option(
+        None,
+        "--backend",
+        help="faiss (the default; ivf and hnsw need it), or torch (exact flat search without FAISS; bf16's, and its "
+        "default).",
+    ),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu or cuda."),
     shard_size: Optional[int] = typer.Option(
         None, "--shard-size", help="Input images per shard (default: 10000, pipeline.DEFAULT_SHARD_SIZE)."
@@ -73,6 +83,12 @@ def embed_cmd(
     resume: bool = typer.Option(
         False, "--resume", help="Continue the run in --output from its finished shards (a killed run)."
     ),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Replace an earlier embedding in --output (its own files; without it or --resume a directory that "
+        "holds files is refused before any work).",
+    ),
     skip_bad_images: SkipBadImages = False,
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar (images/s, ETA)."),
     engine: str = typer.Option("local", "--engine", help=ENGINE_HELP),
@@ -81,19 +97,26 @@ def embed_cmd(
 ):
     """Embed a dataset in shards (streamed, resumable) with an exported encoder or the torch one, and build an
     index."""
-    from simsiam_kit.errors import UserError
+    from simsiam_kit.errors import check_number
     from simsiam_kit.retrieval.ray_engine import ENGINES
 
     if engine not in ENGINES:
         raise UserError(f"--engine must be {' or '.join(ENGINES)}, got '{engine}'")
     if engine == "local" and (ray_address or actors is not None):
         raise UserError("--ray-address / --actors apply to --engine ray")
+    check_number("--batch-size", batch_size, 1, integer=True)
+    check_writable("--output", output, directory=True)
+    check_embed_output(output, resume, overwrite)
     precheck(data=[("--data", data)])
     from simsiam_kit.retrieval.pipeline import DEFAULT_SHARD_SIZE, embed_to_dir
     from simsiam_kit.retrieval.shards import DTYPES
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: expected {' or '.join(DTYPES)}")
+    if backend is None:  # each kind's own backend (bf16: torch), else faiss
+        from simsiam_kit.retrieval.index import KIND_BACKEND
+
+        backend = KIND_BACKEND.get(index, "faiss")
     from simsiam_kit.export.runtime_choice import open_runtime
 
     embedder = open_runtime(
@@ -117,6 +140,32 @@ def embed_cmd(
         progress=progress,
         log=typer.echo,
         engine=ray,
+        overwrite=overwrite,
+    )
+
+
+def check_embed_output(output, resume: bool = False, overwrite: bool = False) -> None:
+    """Before any work (cheap, no model): an ``--output`` that already holds files is refused, naming it,
+    unless ``resume`` (continue the run there: the shard writer checks it is the same run) or ``overwrite``
+    (replace it: :data:`simsiam_kit.retrieval.pipeline.EMBED_FILES` are removed once the directory's lock is
+    held, other files are kept)."""
+    if resume and overwrite:
+        raise UserError("--resume continues the run in --output, --overwrite replaces it: give one of them")
+    out = Path(output).expanduser()
+    if resume or overwrite or not out.is_dir():
+        return
+    there = sorted(p.name for p in out.iterdir() if p.name != ".lock")
+    if not there:
+        return
+    if (out / "manifest.json").exists():
+        raise UserError(
+            f"--output {out} already holds embedding shards ({out / 'manifest.json'}); --resume continues that "
+            "run, --overwrite replaces it, or choose another output directory"
+        )
+    shown = ", ".join(there[:3]) + (", ..." if len(there) > 3 else "")
+    raise UserError(
+        f"--output {out} is not empty ({shown}); --overwrite replaces an earlier embedding there (embed's own "
+        "files only), or choose another output directory"
     )
 
 
@@ -148,18 +197,17 @@ def search_cmd(
 ):
     """Nearest indexed images of each query, with cosine similarities: a table, JSON and a picture per query;
     says whether the index is approximate and the recall@10 its build measured."""
-    from simsiam_kit.errors import UserError
-
     if not (index / "embed.json").is_file():
         raise UserError(f"--index {index}: no embed.json there (a directory written by 'simsiam-kit embed')")
     for option, path in (("--query", query), ("--model", model)):
         if path is not None and not path.exists():
             raise UserError(f"{option} {path}: no such file or directory")
+    out = output if output is not None else index / "search.json"
+    check_writable("--output", out)  # before the index and the model load, not after the search
     from simsiam_kit.export.runtime_choice import open_for_index
     from simsiam_kit.retrieval.embed_search import format_search_table
     from simsiam_kit.retrieval.pictures import search_with_pictures
 
-    out = output if output is not None else index / "search.json"
     report = search_with_pictures(
         index,
         query,

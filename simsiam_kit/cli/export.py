@@ -34,10 +34,16 @@ app = new_app(
 @user_errors
 def export_onnx_cmd(
     weights: str = typer.Option(
-        ..., "--weights", "-w", help="Run directory, checkpoint, backbone.pt or ResNet state dict."
+        ...,
+        "--weights",
+        "-w",
+        help="Run directory, checkpoint, backbone.pt, ResNet state dict, or 'random' (random init; needs --arch).",
     ),
     output: Path = typer.Option(
         ..., "--output", "-o", help="ONNX file to write (the parity report goes to <stem>.export.json)."
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing --output file (without it the command stops before any work)."
     ),
     head: str = typer.Option(
         "backbone", "--head", help="backbone (pooled features) or projector (z; needs a full checkpoint)."
@@ -86,7 +92,16 @@ def export_onnx_cmd(
     ),
 ):
     """Export the encoder to ONNX (dynamic batch, preprocessing in metadata_props) and check it against PyTorch."""
+    from simsiam_kit.cli.options import check_writable
+    from simsiam_kit.errors import UserError, require_extra
+
     check_options(quantize, fp16, calibration_data, accuracy_data, calibration_images, calibration_method)
+    check_writable("--output", output)
+    if output.exists() and not overwrite:
+        raise UserError(f"--output {output} exists; --overwrite replaces it (or choose another file)")
+    require_extra(
+        "onnxruntime", "cpu"
+    )  # the parity check runs the model in it: found missing now, not after the export
     specs = [("--parity-data", parity_data)]
     if quantize:  # check_options has made sure both are given
         given = (("--calibration-data", calibration_data), ("--accuracy-data", accuracy_data))
@@ -120,6 +135,9 @@ def export_detectron2_cmd(
     output: Path = typer.Option(..., "--output", "-o", help="Detectron2 checkpoint to write (.pkl)."),
 ):
     """Convert a ResNet backbone (ImageNet stem) to a Detectron2 .pkl (MODEL.WEIGHTS), listing keys left out."""
+    from simsiam_kit.cli.options import check_writable
+
+    check_writable("--output", output)
     precheck(weights)
     from simsiam_kit.export.detectron2 import export_detectron2
 
@@ -151,6 +169,9 @@ def _state_dict_cmd(target: str):
             None, "--image-size", help="Image size recorded in the sidecar (default: as for export onnx)."
         ),
     ):
+        from simsiam_kit.cli.options import check_writable
+
+        check_writable("--output", output)
         precheck(weights, image_size=image_size)
         from simsiam_kit.export.state_dict import export_state_dict
 

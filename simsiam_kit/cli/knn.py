@@ -14,6 +14,8 @@ from simsiam_kit.cli.options import (
     Device,
     Download,
     ImageSize,
+    KnnTestData,
+    KnnTrainData,
     Like,
     Mean,
     Output,
@@ -22,8 +24,6 @@ from simsiam_kit.cli.options import (
     SkipBadImages,
     Std,
     Stem,
-    TestData,
-    TrainData,
     Weights,
     Workers,
     echo_eval_results,
@@ -39,8 +39,8 @@ app = new_app()  # simsiam-kit eval knn
 @user_errors(remedies=EVAL_REMEDIES)
 def knn(
     weights: Weights,
-    train_data: TrainData,
-    test_data: TestData,
+    train_data: KnnTrainData,
+    test_data: KnnTestData,
     k: Optional[List[int]] = typer.Option(
         None,
         "--k",
@@ -91,7 +91,7 @@ def knn(
     """Weighted kNN, every peer's protocol from one search (k 200/10/20/100 x T 0.1/0.07; headline k=200 T=0.1),
     plus recall@1/5/10 and mAP@R. The baseline of a run: --weights random --like RUN."""
     out, mean_v, std_v = eval_inputs(
-        "knn", weights, like, train_data, test_data, output, overwrite, image_size, arch, mean, std
+        "knn", weights, like, train_data, test_data, output, overwrite, image_size, arch, mean, std, data_root, download
     )
     from simsiam_kit.evaluation.knn import KNNSettings, results_table, run_knn_eval
 

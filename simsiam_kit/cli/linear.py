@@ -81,7 +81,19 @@ def linear(
     """Linear probe on a frozen backbone (official main_lincls.py protocol); writes results.json, head.pt, curves.
     The baseline of a run: --weights random --like RUN."""
     out, mean_v, std_v = eval_inputs(
-        "linear", weights, like, train_data, test_data, output, overwrite, image_size, arch, mean, std
+        "linear",
+        weights,
+        like,
+        train_data,
+        test_data,
+        output,
+        overwrite,
+        image_size,
+        arch,
+        mean,
+        std,
+        data_root,
+        download,
     )
     from simsiam_kit.evaluation.linear import LinearSettings, results_table, run_linear_probe
 

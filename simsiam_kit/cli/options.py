@@ -39,19 +39,35 @@ Like = Annotated[
         "before training. Default output RUN/eval/<kind>-random-init.",
     ),
 ]
+KnnTrainData = Annotated[
+    str,
+    typer.Option(
+        "--train-data", help="Labelled training set: the kNN bank (dataset spec, e.g. cifar10:train or PATH.npz)."
+    ),
+]
+KnnTestData = Annotated[
+    str,
+    typer.Option("--test-data", help="Labelled test set: the queries, each scored by its neighbours (dataset spec)."),
+]
 TrainData = Annotated[
     str,
     typer.Option(
-        "--train-data", help="Labelled training set / kNN bank (dataset spec, e.g. cifar10:train or PATH.npz)."
+        "--train-data", help="Labelled training set the head learns on (dataset spec, e.g. cifar10:train or PATH.npz)."
     ),
 ]
-TestData = Annotated[str, typer.Option("--test-data", help="Labelled test set / queries (dataset spec).")]
+TestData = Annotated[
+    str, typer.Option("--test-data", help="Labelled test set the trained head is scored on (dataset spec).")
+]
 Arch = Annotated[
     Optional[str],
     typer.Option(
         "--arch",
         help="Backbone architecture (for --weights random without --like; checked against the weights otherwise).",
     ),
+]
+ArchNoLike = Annotated[
+    Optional[str],
+    typer.Option("--arch", help="Backbone architecture (for --weights random; checked against the weights otherwise)."),
 ]
 Stem = Annotated[
     Optional[str], typer.Option("--stem", help="cifar or imagenet (for --weights random: default imagenet).")
@@ -149,10 +165,13 @@ def precheck(
     overwrite: bool = False,
     image_size: Optional[int] = None,
     arch: Optional[str] = "",
+    data_root: Optional[str] = None,
+    download: bool = True,
 ) -> None:
     """Checks that need no torch: the weights spec (:func:`simsiam_kit.weights.resolve_weights`), the dataset
-    specs (``(option, spec)`` pairs), an output directory that holds earlier results, the image size.
-    ``arch``: the command's --arch, for commands that offer --like (random weights need one or the other)."""
+    specs (``(option, spec)`` pairs; torchvision sets looked for under ``data_root`` unless ``download``), an
+    output directory that can be created and holds no earlier results, the image size. ``arch``: the
+    command's --arch, for commands that offer --like (random weights need one or the other)."""
     from simsiam_kit.data.datasets import check_spec
 
     if image_size is not None:
@@ -175,25 +194,64 @@ def precheck(
         resolve_weights(weights, like)
     for option, spec in data:
         try:
-            check_spec(spec)
+            check_spec(spec, data_root, download)
         except UserError as e:
-            raise UserError(f"{option} {spec}: {e}") from None
+            err = UserError(f"{option} {spec}: {e}")
+            err.remedy = getattr(e, "remedy", None)  # the command's words for what to do about it
+            raise err from None
     if output is not None:
         from simsiam_kit.evaluation.common import check_output
 
+        check_writable("--output", output, directory=True)
         check_output(output, overwrite)
 
 
-def eval_inputs(kind: str, weights, like, train_data, test_data, output, overwrite, image_size, arch, mean, std):
+def check_writable(option: str, path: Path, directory: bool = False) -> None:
+    """Before any work: ``path`` (a file, or a ``directory``, the command will write) can be created there. An
+    existing path of the other kind, or a nearest existing ancestor that is a file or not writable, is one
+    line naming ``option`` (cheap: no torch)."""
+    import os
+
+    p = Path(path).expanduser()
+    if p.exists():
+        if directory and not p.is_dir():
+            raise UserError(f"{option} {path}: exists and is not a directory")
+        if not directory and p.is_dir():
+            raise UserError(f"{option} {path}: is a directory; give a file name such as {p / 'model.onnx'}")
+        return
+    parent = next((a for a in p.parents if a.exists()), None)
+    if parent is None:
+        return
+    if not parent.is_dir():
+        raise UserError(f"{option} {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {path}: cannot create it in {parent} (permission denied)")
+
+
+def eval_inputs(
+    kind: str,
+    weights,
+    like,
+    train_data,
+    test_data,
+    output,
+    overwrite,
+    image_size,
+    arch,
+    mean,
+    std,
+    data_root: Optional[str] = None,
+    download: bool = True,
+):
     """What ``eval knn`` and ``eval linear`` check and resolve before torch loads: the paths and option
-    values (:func:`precheck`), the output directory (default by :func:`default_output`) and ``--mean``/``--std``
-    parsed; returns ``(output, mean, std)``."""
+    values (:func:`precheck`; the data before the output, so a missing dataset is never hidden behind earlier
+    results), the output directory (default by :func:`default_output`) and ``--mean``/``--std`` parsed;
+    returns ``(output, mean, std)``."""
     from simsiam_kit.evaluation.common import default_output
 
     mean_v, std_v = parse_floats(mean, "--mean"), parse_floats(std, "--std")
-    precheck(
-        weights, like, [("--train-data", train_data), ("--test-data", test_data)], None, overwrite, image_size, arch
-    )
+    data = [("--train-data", train_data), ("--test-data", test_data)]
+    precheck(weights, like, data, None, overwrite, image_size, arch, data_root, download)
     out = output or default_output(weights, kind, like)
     precheck(output=out, overwrite=overwrite)
     return out, mean_v, std_v

@@ -37,8 +37,12 @@ def serve_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime threads (default: all cores)."),
 ):
     """Serve nearest-neighbour search over HTTP with a web page at / (FastAPI + uvicorn; the 'serve' extra)."""
-    from simsiam_kit.errors import UserError
+    from simsiam_kit.errors import UserError, check_number
     from simsiam_kit.serve.server import require_serve_extra
+
+    check_number("--port", port, 0, 65535, integer=True)
+    if threads is not None:
+        check_number("--threads", threads, 1, integer=True)
 
     if not (index / "embed.json").is_file():
         raise UserError(f"--index {index}: no embed.json there (a directory written by 'simsiam-kit embed')")

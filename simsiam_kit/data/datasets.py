@@ -40,6 +40,8 @@ TORCHVISION_SETS = {
     "cifar100": ("train", "test"),
     "stl10": ("unlabeled", "train", "test", "train+unlabeled"),
 }
+#: the folder torchvision keeps each set in under its root (what :func:`check_spec` looks for before loading)
+TORCHVISION_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python", "stl10": "stl10_binary"}
 DEMO_SPLITS = ("train", "val", "all")
 _SLICE_RE = re.compile(r"^(?P<base>.*?)\[(?P<a>-?\d*):(?P<b>-?\d*)\]$")
 # labels of a dataset without a class list index score/count tables of max(label) + 1 entries
@@ -216,9 +218,11 @@ def parse_spec(spec: str) -> tuple[str, Optional[slice]]:
     return m.group("base"), slice(int(a) if a else None, int(b) if b else None)
 
 
-def check_spec(spec: str) -> tuple[str, Optional[Path]]:
+def check_spec(spec: str, root: Optional[str] = None, download: bool = True) -> tuple[str, Optional[Path]]:
     """What a spec names, checked without reading it: ``("demo" | "torchvision" | "npz" | "folder", path)``;
-    a :class:`UserError` for an empty spec, a missing path or an unsupported file (cheap: no torch)."""
+    a :class:`UserError` for an empty spec, a missing path or an unsupported file (cheap: no torch). With
+    ``root`` and ``download=False``, a torchvision set whose folder is absent from ``root`` is
+    :class:`DatasetNotFound` too."""
     if not spec or not str(spec).strip():
         raise UserError("empty dataset spec (expected demo, a .npz file, a directory, cifar10, ...)")
     base, _ = parse_spec(str(spec))
@@ -226,6 +230,8 @@ def check_spec(spec: str) -> tuple[str, Optional[Path]]:
     if lname == "demo":
         return "demo", None
     if lname in TORCHVISION_SETS and not Path(base).exists():
+        if root is not None and not download and not (Path(root).expanduser() / TORCHVISION_DIRS[lname]).is_dir():
+            raise DatasetNotFound(f"{lname} not found under {Path(root).expanduser()}")
         return "torchvision", None
     from simsiam_kit.data.webdataset import LIST_SUFFIXES, is_tar_spec  # tar shards, path lists
 

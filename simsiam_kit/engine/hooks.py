@@ -26,7 +26,7 @@ from simsiam_kit.engine.trainer import Hook, Trainer
 from simsiam_kit.errors import TrainingDiverged
 from simsiam_kit.utils import dist
 from simsiam_kit.utils.device import CpuSampler, recheck_threads
-from simsiam_kit.utils.io import defer_sigint
+from simsiam_kit.utils.io import append_text, defer_sigint
 
 
 def _f(v):
@@ -344,8 +344,7 @@ class MetricsWriter(Hook):
         """Append one record to metrics.jsonl and hand it to every sink (rank 0)."""
         if not dist.is_main():
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(obj) + "\n")
+        append_text(self.path, json.dumps(obj) + "\n")
         for s in self.sinks:
             s.scalars(obj)
 
@@ -373,16 +372,38 @@ class MetricsWriter(Hook):
         self.write(rec)
 
 
-def read_metrics(path: Path) -> list[dict]:
+def _metric_record(obj) -> bool:
+    """Whether a decoded ``metrics.jsonl`` line is a record this project wrote: an object whose ``type`` is a
+    string, whose ``epoch`` and ``step`` (when present; an epoch line must have both) are integers and whose
+    other values are numbers, strings, booleans or null (lists of those for a few keys)."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("type", "step"), str):
+        return False
+    if obj.get("type") == "epoch" and not ("epoch" in obj and "step" in obj):
+        return False
+    for key in ("epoch", "step"):
+        if key in obj and (not isinstance(obj[key], int) or isinstance(obj[key], bool)):
+            return False
+    return all(v is None or isinstance(v, (int, float, str, bool, list)) for v in obj.values())
+
+
+def read_metrics(path: Path, rejected: Optional[list] = None) -> list[dict]:
+    """The records of ``metrics.jsonl``. A line cut by a kill, or one that is not a record this project
+    writes (``5``, ``{"type": "epoch"}`` without its epoch), is skipped; ``rejected`` (a list) receives
+    ``(line number, the line's first 60 characters)`` of each skipped line."""
     out: list[dict] = []
     p = Path(path)
     if not p.is_file():
         return out
-    for line in p.read_text().splitlines():
+    for n, line in enumerate(p.read_text(errors="replace").splitlines(), 1):
         line = line.strip()
-        if line:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut by a kill: ignore it
-                continue
+        if not line:
+            continue
+        try:
+            obj = json.loads(line)
+        except (json.JSONDecodeError, RecursionError, ValueError):  # a line cut by a kill, or not JSON
+            obj = None
+        if obj is not None and _metric_record(obj):
+            out.append(obj)
+        elif rejected is not None:
+            rejected.append((n, line[:60]))
     return out

@@ -12,6 +12,7 @@ collapse std and std x sqrt(d), lr, images/s, kNN and online-probe accuracy; eva
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Sequence
@@ -19,6 +20,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from simsiam_kit.errors import UserError
+from simsiam_kit.utils.io import os_error_behind
 
 SKIP_KEYS = ("type", "epoch", "step")
 
@@ -31,29 +33,75 @@ def tensorboard_available() -> bool:
     return True
 
 
+def _quiet_tensorboard_thread() -> None:
+    """TensorBoard writes its event file from a thread of its own. A write that fails there (a full disk)
+    printed that thread's traceback; TensorBoard keeps the error and raises it again at the next write, flush
+    or close in the calling thread, where :class:`TensorBoardSink` makes it one line naming the directory.
+    So the thread's own report of an ``OSError`` is left out (only for TensorBoard's writer thread)."""
+    global _TB_QUIET
+    if _TB_QUIET:
+        return
+    previous = threading.excepthook
+
+    def hook(args):
+        if isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread":
+            return
+        previous(args)
+
+    threading.excepthook = hook
+    _TB_QUIET = True
+
+
+_TB_QUIET = False
+
+
 class TensorBoardSink:
     def __init__(self, logdir: Path):
         from torch.utils.tensorboard import SummaryWriter
 
+        _quiet_tensorboard_thread()
         self.logdir = Path(logdir)
-        self.writer = SummaryWriter(log_dir=str(self.logdir))
+        self.closed = False
+        with self._errors():
+            self.writer = SummaryWriter(log_dir=str(self.logdir))
+
+    @contextmanager
+    def _errors(self):
+        """A failed write (here or, raised again here, in TensorBoard's writer thread) is one line naming the
+        directory."""
+        try:
+            yield
+        except UserError:
+            raise
+        except Exception as e:
+            ose = os_error_behind(e)
+            if ose is None:
+                raise
+            raise UserError(f"cannot write TensorBoard events in {self.logdir}: {ose.strerror or ose}") from None
 
     def scalars(self, rec: dict) -> None:
         kind, step = rec.get("type", "step"), int(rec.get("step", 0))
-        for k, v in rec.items():
-            if k not in SKIP_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None:
-                self.writer.add_scalar(f"{kind}/{k}", float(v), step)
+        with self._errors():
+            for k, v in rec.items():
+                if k not in SKIP_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None:
+                    self.writer.add_scalar(f"{kind}/{k}", float(v), step)
 
     def image(self, tag: str, img: np.ndarray, step: int = 0) -> None:
         """``img``: uint8 (H, W, 3)."""
-        self.writer.add_image(tag, img, step, dataformats="HWC")
+        with self._errors():
+            self.writer.add_image(tag, img, step, dataformats="HWC")
 
     def flush(self) -> None:
-        self.writer.flush()
+        with self._errors():
+            self.writer.flush()
 
     def close(self) -> None:
-        self.writer.flush()
-        self.writer.close()
+        if self.closed:
+            return
+        self.closed = True
+        with self._errors():
+            self.writer.flush()
+            self.writer.close()
 
 
 class WandbSink:
@@ -108,21 +156,51 @@ def make_sinks(
     return sinks
 
 
+def close_all(sinks: Sequence, quiet: bool = False) -> None:
+    """Close every sink. ``quiet``: an error while closing is dropped (another error is already on its way,
+    and it is the one to report); else the first one is raised after every sink has been closed."""
+    first = None
+    for s in sinks:
+        try:
+            s.close()
+        except Exception as e:
+            first = first or e
+    if first is not None and not quiet:
+        raise first
+
+
+def tensorboard_note(tensorboard: Optional[bool] = None, turned_off_by: str = "") -> Optional[str]:
+    """The line a command prints at start when TensorBoard is off, saying why (so a missing ``tensorboard/``
+    folder is never a surprise); None when it is on. ``turned_off_by``: the setting that turned it off
+    (``log.tensorboard=false``)."""
+    if tensorboard is False:
+        return f"note: TensorBoard is off ({turned_off_by or 'turned off'}); metrics.jsonl has every record"
+    if not tensorboard_available():
+        return (
+            "note: TensorBoard is off: the tensorboard package is not installed (pip install -e '.[log]' turns it "
+            "on); metrics.jsonl and results.json have every record"
+        )
+    return None
+
+
 @contextmanager
 def closing_all(sinks: Sequence):
-    """Close every sink when the block ends, however it ends."""
+    """Close every sink when the block ends, however it ends (an error of the block wins over one of closing)."""
     try:
         yield sinks
-    finally:
-        for s in sinks:
-            s.close()
+    except BaseException:
+        close_all(sinks, quiet=True)
+        raise
+    close_all(sinks)
 
 
 def png_to_array(path: Path) -> np.ndarray:
     from PIL import Image
 
+    from simsiam_kit.data.datasets import to_rgb
+
     with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+        return np.asarray(to_rgb(im))
 
 
 def log_images(sinks: Sequence, images: dict, step: int = 0) -> None:

@@ -11,10 +11,11 @@ import torch
 
 from simsiam_kit.config import PretrainConfig, load_config
 from simsiam_kit.engine.hooks import read_metrics
+from simsiam_kit.engine.loggers import tensorboard_note
 from simsiam_kit.engine.run_dir import RunDir
 from simsiam_kit.features import feature_precision
 from simsiam_kit.utils import dist
-from simsiam_kit.utils.device import thread_settings
+from simsiam_kit.utils.device import cpu_facts, thread_settings
 from simsiam_kit.utils.io import atomic_write_json
 
 if TYPE_CHECKING:
@@ -42,7 +43,16 @@ def start_lines(
         + (f"; resuming after epoch {resumed_after}" if resumed_after is not None else "")
         + (f" (amended: {', '.join(f'{k}={v}' for k, v in amendment.items())})" if amendment else "")
     )
-    return [f"run directory: {run}", setup] + start_notes(cfg, p.device)
+    lines = [f"run directory: {run}", setup] + start_notes(cfg, p.device)
+    tb = tensorboard_note(cfg.log.tensorboard, "log.tensorboard=false")
+    if tb:
+        lines.append(tb)
+    if data.monitor_off:
+        lines.append(
+            f"note: the kNN monitor is off: {data.monitor_off}; metrics.jsonl and results/pretrain.json will have "
+            "no kNN top-1 (train.knn_every=0 turns it off without this note)"
+        )
+    return lines
 
 
 def start_notes(cfg: PretrainConfig, device: torch.device) -> list[str]:
@@ -114,6 +124,9 @@ def summarise(p: Pretraining, run: RunDir, elapsed: float, knn_eval: Optional[Ca
         "device": str(p.device),
         "world_size": dist.get_world_size(),
         "threads": thread_settings(),
+        # the last digits of the figures move with the thread count and with the CPU's bf16 kernels (AMX or
+        # AVX512-BF16): both are recorded (README, "the demo's figures")
+        "cpu": cpu_facts(),
         "image_size": cfg.data.image_size,
         "mean": list(cfg.data.mean),
         "std": list(cfg.data.std),
@@ -124,8 +137,13 @@ def summarise(p: Pretraining, run: RunDir, elapsed: float, knn_eval: Optional[Ca
     if cfg.train.plots:
         from simsiam_kit.plots import plot_pretrain_metrics
 
+        knn_setting = f"k={cfg.train.knn_k}, T={cfg.train.knn_temperature:g}, queries {Path(str(cfg.data.val)).name}"
         plot_pretrain_metrics(
-            run.metrics, run.plots, dim=cfg.model.proj_dim, baseline=summary.get("knn_top1_random_init")
+            run.metrics,
+            run.plots,
+            dim=cfg.model.proj_dim,
+            baseline=summary.get("knn_top1_random_init"),
+            knn_setting=knn_setting,
         )
     return summary
 

@@ -186,9 +186,12 @@ def record_amendment(run: RunDir, amendment: dict, after_epoch: int) -> None:
         atomic_write_text(run.amendments, yaml.safe_dump(entries, sort_keys=False))
 
 
-def trim_metrics(path: Path, completed_epochs: int) -> None:
-    """Drop metric lines written after the checkpoint we resume from (they will be written again)."""
-    recs = read_metrics(path)
+def trim_metrics(path: Path, completed_epochs: int) -> list:
+    """Drop metric lines written after the checkpoint we resume from (they will be written again), and lines
+    that are not metric records (a cut line, ``5``, ``{"type": "epoch"}``); returns the latter as
+    ``(line number, text)``."""
+    rejected: list = []
+    recs = read_metrics(path, rejected)
     keep = [
         r
         for r in recs
@@ -196,6 +199,7 @@ def trim_metrics(path: Path, completed_epochs: int) -> None:
         or (r.get("type") != "epoch" and r.get("epoch", 0) < completed_epochs)
     ]
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+    return rejected
 
 
 def epoch_line_missing(run: RunDir, epoch: int) -> bool:
@@ -204,7 +208,9 @@ def epoch_line_missing(run: RunDir, epoch: int) -> bool:
     return epoch > 0 and not any(r.get("type") == "epoch" and r.get("epoch") == epoch for r in lines)
 
 
-def prepare_run_files(run: RunDir, cfg: PretrainConfig, point: Optional[ResumePoint], start_epoch: int) -> bool:
+def prepare_run_files(
+    run: RunDir, cfg: PretrainConfig, point: Optional[ResumePoint], start_epoch: int, log: Callable = print
+) -> bool:
     """The run's files before training (rank 0): a new run writes ``config.yaml`` and an empty
     ``metrics.jsonl``; a resumed one records its amendments and trims ``metrics.jsonl`` to the checkpoint.
     Returns whether the checkpointed epoch ``start_epoch`` still lacks its metrics line (a run killed
@@ -215,5 +221,11 @@ def prepare_run_files(run: RunDir, cfg: PretrainConfig, point: Optional[ResumePo
         atomic_write_text(run.metrics, "")
         return False
     record_amendment(run, point.amendment, start_epoch)
-    trim_metrics(run.metrics, start_epoch)
+    dropped = trim_metrics(run.metrics, start_epoch)
+    if dropped:
+        n, text = dropped[0]
+        log(
+            f"note: {run.metrics}: dropped {len(dropped)} line(s) that are not metric records "
+            f"(line {n}: {text!r}); the other lines are kept"
+        )
     return epoch_line_missing(run, start_epoch)

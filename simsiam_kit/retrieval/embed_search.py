@@ -140,6 +140,7 @@ def load_embeddings_dir(index_dir) -> dict:
     mp = d / MANIFEST
     if not mp.is_file():
         raise UserError(f"{d}: no {MANIFEST}; build the index with `simsiam-kit embed --output {d}`")
+    _check_not_being_written(d)
     manifest = read_json(mp, dict)
     checks = (
         ("model", lambda v: isinstance(v, str), "a string"),
@@ -161,10 +162,52 @@ def load_embeddings_dir(index_dir) -> dict:
         labels = load_npy(d / "labels.npy", "iu", 1)
         if len(labels) != len(ids):
             raise UserError(f"{d / 'labels.npy'}: {len(labels)} labels for the {len(ids)} images of ids.json")
+    count = manifest.get("count")
+    if isinstance(count, int) and not isinstance(count, bool) and count != len(ids):
+        raise UserError(
+            f"{d}: {MANIFEST} counts {count} embeddings but ids.json lists {len(ids)}: the files are of two runs "
+            "(embed again with --overwrite)"
+        )
+    _check_shards_match(d, count)
     index = EmbeddingIndex.load(d)
     if index.ntotal != len(ids):
         raise UserError(f"{d}: index holds {index.ntotal} vectors but ids.json lists {len(ids)}")
     return {"dir": d, "manifest": manifest, "ids": ids, "labels": labels, "index": index}
+
+
+def _check_not_being_written(d: Path) -> None:
+    """An embed (or ``index build``) holding the directory's lock is rewriting it file by file: what a reader
+    would load could mix two runs."""
+    from simsiam_kit.utils.dirlock import lock_holder
+
+    holder = lock_holder(d)
+    if holder is not None:
+        pid = f" (pid {holder})" if holder else ""
+        raise UserError(
+            f"{d}: another process (embed or index build) is writing to this directory{pid}; its files may be of "
+            "two runs until it ends: search it when that run has finished"
+        )
+
+
+def _check_shards_match(d: Path, count) -> None:
+    """The shards (``manifest.json``, when the directory has them) must be the complete run ``embed.json``
+    describes: incomplete shards, or shards of another number of rows, mean they were rewritten after the
+    index was built (the directory mixes two runs)."""
+    from simsiam_kit.retrieval.shards import MANIFEST_NAME, read_manifest
+
+    if not (d / MANIFEST_NAME).is_file():
+        return  # a directory without shards (written before them, or copied without them)
+    m = read_manifest(d)
+    if m is None:
+        return
+    rows = sum(s.rows for s in m["shards"])
+    if not m.get("complete") or (isinstance(count, int) and rows != count):
+        state = "complete" if m.get("complete") else "incomplete"
+        raise UserError(
+            f"{d / MANIFEST_NAME}: {state} shards of {rows} rows, not the {count} embeddings {MANIFEST} and the "
+            "index hold: the shards were rewritten after the index was built (the directory mixes two runs); "
+            "finish that run with `simsiam-kit embed --resume`, or embed again with --overwrite"
+        )
 
 
 def search_images(

@@ -27,6 +27,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from simsiam_kit.data.datasets import to_rgb
 from simsiam_kit.errors import UserError
 
 #: index kinds whose search is exact (the others are approximate; their recall is measured, not guaranteed)
@@ -63,7 +64,7 @@ def open_image(src, max_pixels: int = MAX_IMAGE_PIXELS, what: str = "image"):
             )
         try:
             im.load()
-            return im.convert("RGB")
+            return to_rgb(im)  # the one decoding rule (16-bit grayscale scaled, not clipped)
         except Exception as e:  # truncated or corrupt data: PIL raises OSError, SyntaxError, ValueError, ...
             raise UserError(f"{what} cannot be decoded ({type(e).__name__}: {str(e)[:120]})") from None
 

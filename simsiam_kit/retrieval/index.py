@@ -607,6 +607,10 @@ class EmbeddingIndex:
 
     # ---------------------------------------------------------------- persistence
     def save(self, directory) -> Path:
+        """``index.json`` and the vectors (``index_vectors.npy``) or the FAISS file (``index.faiss``) in
+        ``directory``, each written atomically: a full disk is one line naming the file."""
+        from simsiam_kit.utils.io import atomic_save_npy, atomic_write_bytes, atomic_write_text
+
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         meta = {
@@ -625,14 +629,14 @@ class EmbeddingIndex:
             meta.update(pq_m=self.pq_m, opq_dim=self.opq_dim, approximate=True)
         if self.backend == "torch":
             vec = self._torch_bank().cpu().numpy() if self._parts else np.zeros((0, self.dim), np.float32)
-            np.save(d / "index_vectors.npy", vec)
+            atomic_save_npy(d / "index_vectors.npy", vec)
         else:
             faiss = require_extra("faiss", "cpu")
             idx = self._faiss
             if hasattr(faiss, "index_gpu_to_cpu") and type(idx).__name__.startswith("Gpu"):
                 idx = faiss.index_gpu_to_cpu(idx)
-            faiss.write_index(idx, str(d / "index.faiss"))
-        (d / "index.json").write_text(json.dumps(meta, indent=2))
+            atomic_write_bytes(d / "index.faiss", faiss.serialize_index(idx).tobytes())
+        atomic_write_text(d / "index.json", json.dumps(meta, indent=2))
         return d
 
     @classmethod

@@ -24,6 +24,7 @@ mAP@R, confusion matrix) and reports in ``evaluation/knn.py``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -66,8 +67,9 @@ def check_temperatures(temperature, name: str = "temperature") -> tuple:
     """The one check of kNN temperatures: each as a float without repeats, in order; raises unless all
     are positive (``name`` as for :func:`check_k`)."""
     temps = tuple(dict.fromkeys(float(t) for t in _tuple(temperature)))
-    if not temps or min(temps) <= 0:
-        raise UserError(f"{name} must be positive, got {min(temps) if temps else 'none'}")
+    bad = [t for t in temps if not (math.isfinite(t) and t > 0)]  # NaN passes "<= 0": refused by name
+    if not temps or bad:
+        raise UserError(f"{name} must be positive and finite, got {bad[0] if bad else 'none'}")
     return temps
 
 

@@ -57,6 +57,36 @@ DEFAULT_SHARD_SIZE = 10_000
 PREFETCH = 2  # batches each worker prepares ahead
 MANIFEST = "embed.json"  # the finished directory's manifest (embed_search.MANIFEST)
 SKIPPED_LISTED = 1000  # embed.json lists at most this many skipped images (manifest.json lists all)
+#: what ``embed`` (and ``index build``, ``search``) write in an embedding directory: ``embed --overwrite``
+#: removes these, under the directory's lock, and nothing else (``search-N.png`` pictures too)
+EMBED_FILES = (
+    MANIFEST,
+    "manifest.json",
+    "shards",
+    "embeddings.npy",
+    "ids.json",
+    "labels.npy",
+    "index.json",
+    "index.faiss",
+    "index_vectors.npy",
+    "index.ivfdata",
+    "search.json",
+    "search.png",
+)
+
+
+def clear_embedding_dir(out: Path) -> None:
+    """Remove what an earlier embed wrote in ``out`` (:data:`EMBED_FILES` and its search pictures); the
+    caller holds the directory's lock."""
+    import shutil
+
+    names = [*EMBED_FILES, *(p.name for p in out.glob("search-*.png"))]
+    for name in names:
+        p = out / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
 
 
 # ------------------------------------------------------------------------------------------ sources
@@ -340,12 +370,14 @@ def embed_to_shards(
     source: Optional[RowSource] = None,
     on_complete: Optional[Callable[[dict], None]] = None,
     engine: Optional[Callable] = None,
+    overwrite: bool = False,
 ) -> dict:
     """Embed ``data`` into shards under ``output`` (see the module docstring); return a summary
     (rows, inputs, skipped, seconds, images/s, shards written and kept). ``on_complete(summary)`` runs once
     every shard is written, while the directory's lock is still held (the finishing step). ``engine(source,
     todo, shard_size, total, batch_size, skip_bad)``, when given, yields the encoded batches (``z`` set) in
-    place of this process's loader and encoder (``--engine ray``: :mod:`simsiam_kit.retrieval.ray_engine`)."""
+    place of this process's loader and encoder (``--engine ray``: :mod:`simsiam_kit.retrieval.ray_engine`).
+    ``overwrite``: what an earlier embed wrote in ``output`` is removed first, under the lock."""
     say = log or (lambda s: None)
     out = Path(output).expanduser()
     if out.is_file():
@@ -373,6 +405,7 @@ def embed_to_shards(
             total=total,
             extra={"classes": src.classes, "source": src.name, "int_ids": _int_ids(src)},
             lock=lock,
+            clear=clear_embedding_dir if overwrite else None,
         )
     except BaseException:
         lock.release()
@@ -579,6 +612,7 @@ def embed_to_dir(
     progress: bool = False,
     log=None,
     engine: Optional[Callable] = None,
+    overwrite: bool = False,
 ) -> dict:
     """Embed a dataset spec into shards, then (``index_kind != "none"``) the files ``search`` reads; write
     ``embed.json`` and return its content (see the module docstring)."""
@@ -643,6 +677,7 @@ def embed_to_dir(
         source=src,
         on_complete=finish,
         engine=engine,
+        overwrite=overwrite,
     )
     out = run["dir"]
     if run["skipped"]:

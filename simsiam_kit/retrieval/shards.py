@@ -73,7 +73,7 @@ import hashlib
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -338,7 +338,8 @@ class ShardWriter:
     ``lock``: the directory's :func:`shard_lock` when the caller took it already (``embed`` takes it before
     timing its runtime), released by the writer from then on.
     ``resume=False`` on a directory that already holds a manifest is a :class:`UserError` (nothing is
-    overwritten by accident); ``resume=True`` keeps every listed shard whose files match the manifest
+    overwritten by accident; ``clear(directory)``, called once the lock is held, removes an earlier run's files
+    first: ``embed --overwrite``); ``resume=True`` keeps every listed shard whose files match the manifest
     (sha256), drops the others (``dropped`` says which and why) and refuses a different ``fingerprint``,
     ``dim``, ``dtype`` or ``shard_size``."""
 
@@ -353,6 +354,7 @@ class ShardWriter:
         total: Optional[int] = None,
         extra: Optional[dict] = None,
         lock: Optional[DirLock] = None,
+        clear: Optional[Callable[[Path], None]] = None,
     ):
         if dtype not in DTYPES:
             raise UserError(f"unknown embedding dtype '{dtype}' (available: {', '.join(DTYPES)})")
@@ -369,6 +371,8 @@ class ShardWriter:
         self.dropped: list[str] = []
         self._lock = (lock or shard_lock(self.root)).acquire()  # ``lock``: the directory's, taken by the caller
         try:
+            if clear is not None:  # embed --overwrite: the earlier run's files go, now that no one else writes
+                clear(self.root)
             remove_stale_temp_files(self.root)
             remove_stale_temp_files(self.root / SHARDS_DIR)
             self.shards: dict[int, ShardInfo] = {}

@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from simsiam_kit.errors import UserError
+from simsiam_kit.utils.vectors import check_finite_embeddings
 
 
 class TorchEmbedder:
@@ -72,7 +73,10 @@ class TorchEmbedder:
         z = z.float().cpu().numpy()
         if z.shape != (len(x), self.dim):
             raise UserError(f"{self.path}: the encoder gives shape {z.shape} for {len(x)} images, not (N, {self.dim})")
-        return z
+        what = f"{self.path} ({self.runtime})"
+        if self.source:  # the torch-bf16 runtime of an exported model: its weights are what computed this
+            what = f"{self.source} ({self.runtime} runtime of {self.path})"
+        return check_finite_embeddings(z, what)
 
     def embed(self, images, normalize: Optional[bool] = None) -> np.ndarray:
         """float32 (N, D) embeddings of one image or a batch (what ``preprocess`` takes), l2-normalised unless

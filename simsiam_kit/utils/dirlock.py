@@ -1,12 +1,15 @@
 """One process at a time in a directory: an exclusive ``flock`` on ``DIR/.lock`` (a pretraining run directory,
-:class:`simsiam_kit.engine.run_dir.RunDir`; an embedding directory, embed's shard writer and ``index build``).
+:class:`simsiam_kit.engine.run_dir.RunDir`; an embedding directory, embed's shard writer and ``index build``;
+an evaluation's output directory, ``simsiam_kit.evaluation.common.writing_output``).
 
 The lock is held until the process releases it, exits or dies (the kernel releases it then, so a crashed or
 SIGKILLed process never leaves a stale lock to clear by hand); its pid is written into the file, so a refused
 second process is told who holds it. The lock file is opened without following links and must be a regular
 file with one name: a directory received from someone else whose ``.lock`` is a symbolic link, a hard link or
 a device would make the pid land in some other file, and is refused before anything is written. A forked child
-(a DataLoader worker) closes its inherited copy at fork: only the locking process holds the lock.
+(a DataLoader worker) closes its inherited copy at fork: only the locking process holds the lock. Readers ask
+:func:`lock_holder` who holds it, without touching it (``eval`` notes a run still training; ``search`` refuses an
+embedding directory being written).
 """
 
 from __future__ import annotations
@@ -71,6 +74,54 @@ def read_pid(fd: int) -> Optional[int]:
         return int(os.pread(fd, 32, 0).decode().strip() or 0) or None
     except (OSError, ValueError):
         return None
+
+
+def lock_holder(root: Union[str, Path]) -> Optional[int]:
+    """The pid of the live process that holds ``root``'s lock (a run still training, an embed writing), 0 when
+    it is held by a process whose pid cannot be told, None when nobody holds it. A reader's look: read from
+    ``/proc/locks`` (the lock is not touched); elsewhere a shared, non-blocking probe of the lock."""
+    lock = Path(root) / LOCK_NAME
+    try:
+        st = os.stat(lock)
+    except OSError:
+        return None
+    try:
+        with open("/proc/locks") as f:
+            table = f.read().splitlines()
+    except OSError:
+        table = None
+    if table is not None:
+        want = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+        for line in table:
+            parts = line.split()
+            if len(parts) < 6 or "FLOCK" not in parts or "->" in parts:
+                continue
+            try:
+                pid = int(parts[4])
+                major, minor, ino = parts[5].split(":")
+                if (int(major, 16), int(minor, 16), int(ino)) == want:
+                    return pid
+            except ValueError:
+                continue
+        return None
+    import fcntl
+
+    try:  # never through a link, and a FIFO must not block the probe
+        fd = os.open(lock, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            return int(os.pread(fd, 32, 0).decode().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 class DirLock:

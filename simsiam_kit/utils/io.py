@@ -80,7 +80,7 @@ def defer_sigint():
             signal.raise_signal(signal.SIGINT)  # the restored handler runs: KeyboardInterrupt by default
 
 
-def _os_error(e: Optional[BaseException]) -> Optional[OSError]:
+def os_error_behind(e: Optional[BaseException]) -> Optional[OSError]:
     """The ``OSError`` behind ``e`` (torch.save reports a failed write as a RuntimeError whose context is it)."""
     seen = 0
     while e is not None and seen < 8:
@@ -120,11 +120,12 @@ def atomic_stream(path: Path, mode: str = "wb"):
             os.unlink(tmp)
         except OSError:
             pass
-        ose = _os_error(e)
+        ose = os_error_behind(e)
         if ose is not None:
-            raise UserError(
-                f"cannot write {path}: {ose.strerror or ose}; the previous file, if any, is unchanged"
-            ) from None
+            why = ose.strerror or str(ose)
+            if ose.errno is None and "written" in why:  # numpy's short write ("N requested and M written")
+                why = f"File too large or disk full ({why})"
+            raise UserError(f"cannot write {path}: {why}; the previous file, if any, is unchanged") from None
         raise
 
 
@@ -203,6 +204,29 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     atomic_write(path, lambda f: f.write(data), "wb")
+
+
+def atomic_save_npy(path: Path, array) -> None:
+    """``np.save(path, array)``, atomically (a full disk is one line naming ``path``)."""
+    import numpy as np
+
+    atomic_write(path, lambda f: np.save(f, array), "wb")
+
+
+def atomic_savefig(fig, path: Path, **kw) -> None:
+    """``fig.savefig(path)`` as a PNG, atomically (a full disk is one line naming ``path``)."""
+    kw.setdefault("format", "png")
+    atomic_write(path, lambda f: fig.savefig(f, **kw), "wb")
+
+
+def append_text(path: Path, text: str) -> None:
+    """Append ``text`` to ``path`` (a log such as ``metrics.jsonl``); a failed write (a full disk) is a
+    :class:`UserError` naming ``path``."""
+    try:
+        with open(path, "a") as f:
+            f.write(text)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 # --------------------------------------------------------------------------------------------- reading

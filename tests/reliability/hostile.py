@@ -49,11 +49,17 @@ def yaml_huge(path: Path, size: int = 1 << 20) -> Path:
 
 
 def onnx_encoder(
-    path: Path, size: int = 4, meta: dict | None = None, one_d: bool = False, input_size: int | None = None
+    path: Path,
+    size: int = 4,
+    meta: dict | None = None,
+    one_d: bool = False,
+    input_size: int | None = None,
+    nan: bool = False,
 ) -> Path:
     """A hand-made simsiam-kit 'encoder' (per-channel mean of the input, D = 3). ``meta`` overrides
     metadata_props; ``one_d``: the output is (N,) instead of (N, 3); ``input_size``: the graph's
-    spatial size when it differs from the metadata's."""
+    spatial size when it differs from the metadata's; ``nan``: the output is divided by zero (inf, or NaN
+    where the mean is 0)."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -65,9 +71,12 @@ def onnx_encoder(
     else:
         nodes = [
             helper.make_node("GlobalAveragePool", ["images"], ["pooled"]),
-            helper.make_node("Flatten", ["pooled"], ["embeddings"], axis=1),
+            helper.make_node("Flatten", ["pooled"], ["flat" if nan else "embeddings"], axis=1),
         ]
         out_shape, inits = ["batch", 3], []
+        if nan:
+            inits = [helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])]
+            nodes.append(helper.make_node("Div", ["flat", "zero"], ["embeddings"]))
     g = helper.make_graph(
         nodes,
         "mean_pool",

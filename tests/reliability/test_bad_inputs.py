@@ -368,6 +368,8 @@ def _rows(c: Path, new: Path) -> dict[str, Callable[[], Case]]:
     }
     rows.update(_hostile_rows(c, new))
     rows.update(_issue24_rows(c, new))
+    rows.update(_issue24b_rows(c, new))
+    rows.update(_issue24_embed_rows(c, new))
     return rows
 
 
@@ -816,6 +818,269 @@ def _issue24_rows(c: Path, new: Path) -> dict[str, Callable[[], Case]]:
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# issue 24 (part B): every number an option or a config takes is finite and in range
+
+
+def _eval_args(c: Path, new: Path, kind: str, *extra, output: Optional[Path] = None) -> list[str]:
+    tiny = str(c / "tiny.npz")
+    args = ["eval", kind, "--weights", "random", "--arch", "resnet18", "--stem", "cifar", "--image-size", "16"]
+    args += ["--train-data", tiny, "--test-data", tiny, "--output", str(output or new / kind), "--no-plots"]
+    if kind == "knn":
+        args += ["--k", "5"]
+    else:
+        args += ["--epochs", "1", "--cached-features", "--no-progress"]
+    return args + [str(e) for e in extra]
+
+
+def _issue24b_rows(c: Path, new: Path) -> dict[str, Callable[[], Case]]:
+    def knn(*extra):
+        return _eval_args(c, new, "knn", *extra)
+
+    def linear(*extra):
+        return _eval_args(c, new, "linear", *extra)
+
+    def detection(*extra):
+        return ["eval", "detection", "--weights", "random", "--arch", "resnet18", *_coco_args()] + [
+            "--output",
+            str(new / "det"),
+            *extra,
+        ]
+
+    gone = _absent(new)
+    return {
+        "eval knn: --temperature nan": lambda: Case(knn("--temperature", "nan"), ["--temperature nan"], after=gone),
+        "eval knn: --temperature inf": lambda: Case(knn("--temperature", "inf"), ["--temperature inf"], after=gone),
+        "eval knn: --temperature 0.001": lambda: Case(
+            knn("--temperature", "0.001"), ["--temperature 0.001", ">= 0.02"]
+        ),
+        "eval knn: --batch-size 0": lambda: Case(knn("--batch-size", "0"), ["--batch-size 0", ">= 1"], after=gone),
+        "eval knn: --batch-size -1": lambda: Case(knn("--batch-size", "-1"), ["--batch-size -1"], after=gone),
+        "eval knn: --workers -1": lambda: Case(knn("--workers", "-1"), ["--workers -1", ">= 0"], after=gone),
+        "eval linear: --lr nan": lambda: Case(linear("--lr", "nan"), ["--lr nan", "finite"], after=gone),
+        "eval linear: --lr inf": lambda: Case(linear("--lr", "inf"), ["--lr inf"], after=gone),
+        "eval linear: --weight-decay -1": lambda: Case(
+            linear("--weight-decay", "-1"), ["--weight-decay -1"], after=gone
+        ),
+        "eval linear: --weight-decay nan": lambda: Case(linear("--weight-decay", "nan"), ["--weight-decay nan"]),
+        "eval linear: --workers -1": lambda: Case(linear("--workers", "-1"), ["--workers -1"], after=gone),
+        "eval detection: --set solver.momentum=nan": lambda: Case(
+            detection("--set", "solver.momentum=.nan"), ["'solver.momentum'", "nan", "finite"], after=gone
+        ),
+        "eval detection: --set test.score_thresh=2": lambda: Case(
+            detection("--set", "test.score_thresh=2"), ["'test.score_thresh'", "2"], after=gone
+        ),
+        "eval detection: --machine-rank 3 of 1": lambda: Case(
+            detection("--engine", "detectron2", "--machine-rank", "3"), ["--machine-rank 3", "<= 0"], after=gone
+        ),
+        "serve: --port 70000": lambda: Case(
+            ["serve", "--index", str(new / "none"), "--port", "70000"], ["--port 70000", "<= 65535"]
+        ),
+        # --- two evaluations into one --output at once: the second is refused, the first one's files kept
+        "eval knn: --output in use by another evaluation": lambda: _busy_output_case(new, knn()),
+        "eval linear: --output in use by another evaluation": lambda: _busy_output_case(new, linear()),
+        # --- a full disk (ulimit -f): one line naming the file, no traceback (TensorBoard's thread included)
+        "eval knn: disk full while saving features": lambda: Case(
+            knn(), [str(new / "knn" / "features" / "train" / "features.npy")], subprocess_limit_fsize=50_000
+        ),
+        "eval linear: disk full while appending metrics.jsonl": lambda: Case(
+            linear(), [str(new / "linear" / "metrics.jsonl"), "File too large"], subprocess_limit_fsize=100
+        ),
+        "eval linear: disk full in TensorBoard's writer thread": lambda: _tensorboard_full_case(new, linear()),
+        # --- an encoder whose output is not finite: refused instead of a NaN index
+        "eval knn: backbone output overflows to inf/NaN": lambda: Case(
+            _knn_weights(c, new, str(_overflowing_backbone(c))),
+            ["not finite", "tiny.npz"],
+            after=_absent(new / "knn" / "results.json", new / "knn" / "features"),
+        ),
+        "embed: ONNX encoder output NaN/inf": lambda: Case(
+            [
+                "embed",
+                "--model",
+                str(hostile.onnx_encoder(_issue24_dir(c) / "nan.onnx", nan=True)),
+                "--data",
+                str(c / "tiny.npz"),
+                "--output",
+                str(new / "emb"),
+                "--no-progress",
+            ],
+            [str(_issue24_dir(c) / "nan.onnx"), "not finite"],
+            after=_absent(new / "emb" / "embed.json"),
+        ),
+        # --- a newcomer's edges: --output named and checked first, no silent overwrite, the data before old results
+        "eval linear: --output under a file": lambda: Case(
+            _eval_args(c, new, "linear", output=c / "a_file" / "lin"),
+            ["--output", str(c / "a_file"), "not a directory"],
+        ),
+        "eval detection: --output under a file": lambda: Case(
+            detection()[:-2] + ["--output", str(c / "a_file" / "det")],
+            ["--output", str(c / "a_file"), "not a directory"],
+        ),
+        "export onnx: --output exists, no --overwrite": lambda: _existing_onnx_case(c, new),
+        "eval knn: a missing dataset is not hidden by earlier results": lambda: _earlier_results_case(new, knn()),
+        "export onnx: disk full while writing the model": lambda: Case(
+            ["export", "onnx", "--weights", str(c / "run"), "--output", str(new / "m.onnx")]
+            + ["--parity-data", str(c / "tiny.npz")],
+            [str(new / "m.onnx"), "File too large"],
+            subprocess_limit_fsize=1_000_000,
+            after=_absent(new / "m.onnx", new / "m.export.json"),
+        ),
+    }
+
+
+def _embed_args(c: Path, out: Path, *extra) -> list[str]:
+    return [
+        "embed",
+        "--model",
+        str(_encoder(c)),
+        "--data",
+        str(c / "tiny.npz"),
+        "--output",
+        str(out),
+        "--no-progress",
+    ] + [*extra]
+
+
+def _files_dir(c: Path) -> Path:
+    """An --output holding an earlier embedding without shards (the files search reads) and a file of the user's."""
+    d = c / "copies" / "emb-files"
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    (d / "embeddings.npy").write_bytes(b"an earlier run's")
+    (d / "notes.txt").write_text("mine\n")
+    return d
+
+
+def _rewrite_shards(d: Path) -> None:
+    """As a later embed run redoing a shard leaves the directory: its last shard gone from an incomplete manifest,
+    the index and embed.json still of the finished run."""
+    m = json.loads((d / "manifest.json").read_text())
+    m["shards"], m["complete"] = m["shards"][:-1], False
+    (d / "manifest.json").write_text(json.dumps(m))
+
+
+def _count_another_run(d: Path) -> None:
+    e = json.loads((d / "embed.json").read_text())
+    e["count"] += 7
+    (d / "embed.json").write_text(json.dumps(e))
+
+
+def _issue24_embed_rows(c: Path, new: Path) -> dict[str, Callable[[], Case]]:
+    """Issue 24's embedding-directory cases (its last line, once issue 21's shards landed) and its embed / search
+    items: no silent overwrite, the options named and checked first, a directory being written or mixing two runs
+    refused by search."""
+
+    def search(d: Path, *extra) -> list[str]:
+        return ["search", "--index", str(d), "--query", str(c / "folder" / "a" / "0.png"), "--k", "3", *extra]
+
+    def emb(name: str, mutate=lambda d: None) -> Path:
+        return _emb_copy(c, name, mutate)
+
+    return {
+        "embed: --output holds files, no --resume/--overwrite": lambda: Case(
+            _embed_args(c, _files_dir(c)),
+            [f"--output {c / 'copies' / 'emb-files'} is not empty", "--overwrite"],
+            watch=c / "copies" / "emb-files",
+        ),
+        "embed: --output holds a finished embedding, no --resume/--overwrite": lambda: Case(
+            _embed_args(c, emb("emb-again")),
+            [str(c / "copies" / "emb-again"), "already holds embedding shards", "--resume", "--overwrite"],
+            watch=c / "copies" / "emb-again",
+        ),
+        "embed: --batch-size 0": lambda: Case(
+            _embed_args(c, new / "emb", "--batch-size", "0"), ["--batch-size 0", ">= 1"], after=_absent(new / "emb")
+        ),
+        "embed: --output under a file": lambda: Case(
+            _embed_args(c, c / "a_file" / "emb"), ["--output", str(c / "a_file"), "not a directory"]
+        ),
+        "search: --output under a file": lambda: Case(
+            search(emb("emb-search-out"), "--output", str(c / "a_file" / "s.json")),
+            ["--output", str(c / "a_file"), "not a directory"],
+            watch=c / "copies" / "emb-search-out",
+        ),
+        "embed --resume: the directory's lock held by another embed": lambda: Case(
+            _embed_args(c, emb("emb-locked"), "--resume"),
+            [str(c / "copies" / "emb-locked"), "another embedding run is writing to this directory"],
+            watch=c / "copies" / "emb-locked",
+            hold_lock=True,
+        ),
+        "search: another embed holds the directory's lock": lambda: Case(
+            search(emb("emb-search-locked")),
+            [str(c / "copies" / "emb-search-locked"), "is writing to this directory", "two runs"],
+            watch=c / "copies" / "emb-search-locked",
+            hold_lock=True,
+        ),
+        "search: shards rewritten after the index was built": lambda: Case(
+            search(emb("emb-rewritten", _rewrite_shards)),
+            [str(c / "copies" / "emb-rewritten" / "manifest.json"), "incomplete", "two runs", "--resume"],
+            watch=c / "copies" / "emb-rewritten",
+        ),
+        "search: embed.json of another run than ids.json": lambda: Case(
+            search(emb("emb-mixed", _count_another_run)),
+            ["embed.json counts 55 embeddings but ids.json lists 48", "two runs"],
+            watch=c / "copies" / "emb-mixed",
+        ),
+    }
+
+
+ISSUE24_EMBED_IDS = list(_issue24_embed_rows(Path("/nonexistent"), Path("/nonexistent")).keys())
+
+
+def test_table_covers_issue_24_embedding_directories():
+    """Issue 24's embed / search items and its embedding-directory cases (docs/reliability.md)."""
+    assert len(ISSUE24_EMBED_IDS) >= 9 and set(ISSUE24_EMBED_IDS) <= set(ROW_IDS)
+
+
+def _overflowing_backbone(c: Path) -> Path:
+    """Finite weights whose output is not: every convolution x 1e6 (20 in a row overflow float32)."""
+    p = _issue24_dir(c) / "overflow.pt"
+    bb = torch.load(c / "run" / "backbone.pt", weights_only=True)
+    bb["state_dict"] = {k: v * 1e6 if v.ndim == 4 else v for k, v in bb["state_dict"].items()}
+    torch.save(bb, p)
+    return p
+
+
+def _existing_onnx_case(c: Path, new: Path) -> Case:
+    new.mkdir(parents=True)
+    (new / "m.onnx").write_bytes(b"an earlier model")
+    args = ["export", "onnx", "--weights", str(c / "run"), "--output", str(new / "m.onnx")]
+    return Case(args, ["--output", str(new / "m.onnx"), "exists", "--overwrite"], watch=new)
+
+
+def _earlier_results_case(new: Path, args: list[str]) -> Case:
+    out = Path(args[args.index("--output") + 1])
+    out.mkdir(parents=True)
+    (out / "results.json").write_text("{}\n")
+    i = args.index("--train-data")
+    args = args[: i + 1] + ["cifar10:train"] + args[i + 2 :] + ["--data-root", str(new / "no-data")]
+    return Case(args, ["--train-data cifar10:train", "not found under", "--download"], watch=out)
+
+
+def _busy_output_case(new: Path, args: list[str]) -> Case:
+    out = Path(args[args.index("--output") + 1])
+    out.mkdir(parents=True)
+    (out / "notes.txt").write_text("the other evaluation's\n")
+    return Case(args, [str(out), "another simsiam-kit run is using this directory"], watch=out, hold_lock=True)
+
+
+def _tensorboard_full_case(new: Path, args: list[str]) -> Case:
+    pytest.importorskip("tensorboard")
+    return Case(
+        args,
+        [f"cannot write TensorBoard events in {new / 'linear' / 'tensorboard'}", "File too large"],
+        subprocess_limit_fsize=300,
+    )
+
+
+ISSUE24B_IDS = list(_issue24b_rows(Path("/nonexistent"), Path("/nonexistent")).keys())
+
+
+def test_table_covers_issue_24_part_b():
+    """Issue 24, part B (docs/reliability.md): numbers of options and configs."""
+    assert len(ISSUE24B_IDS) >= 27 and set(ISSUE24B_IDS) <= set(ROW_IDS)
+
+
 def _resume_case(c: Path, name: str, mutate, extra_sets, needles) -> Case:
     run = _copy_run(c, name)
     _poison_checkpoint(run, mutate)
@@ -913,7 +1178,7 @@ PART_B_IDS = list(_hostile_rows(Path("/nonexistent"), Path("/nonexistent")).keys
 
 def test_table_covers_part_a():
     """The figure docs/reliability.md states."""
-    assert len(ROW_IDS) - len(PART_B_IDS) - len(ISSUE24_IDS) >= 40
+    assert len(ROW_IDS) - len(PART_B_IDS) - len(ISSUE24_IDS) - len(ISSUE24B_IDS) - len(ISSUE24_EMBED_IDS) >= 40
 
 
 ISSUE24_IDS = list(_issue24_rows(Path("/nonexistent"), Path("/nonexistent")).keys())
@@ -927,3 +1192,68 @@ def test_table_covers_issue_24():
 def test_table_covers_part_b():
     """Hostile files (docs/reliability.md, "Untrusted files"): all in the table."""
     assert len(PART_B_IDS) >= 30 and set(PART_B_IDS) <= set(ROW_IDS)
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 24 (part B): what is left out is said, not silent
+
+
+def test_eval_knn_skip_bad_images_counts_and_names_what_it_skipped(ctx, tmp_path):
+    folder = str(ctx / "folder")  # 16 PNGs, b/3.png truncated
+    args = ["eval", "knn", "--weights", "random", "--arch", "resnet18", "--stem", "cifar", "--image-size", "16"]
+    args += ["--train-data", folder, "--test-data", folder, "--k", "5", "--no-plots", "--skip-bad-images"]
+    r = runner.invoke(app, args + ["--output", str(tmp_path / "knn")])
+    assert r.exit_code == 0, r.output
+    assert "--skip-bad-images: skipped 2 unreadable images (train 1, test 1; first: b/3.png)" in r.stdout, r.stdout
+    res = json.loads((tmp_path / "knn" / "results.json").read_text())
+    assert res["skipped_images"] == {
+        "train": {"count": 1, "ids": ["b/3.png"]},
+        "test": {"count": 1, "ids": ["b/3.png"]},
+    }
+    assert res["settings"]["bank_size"] == 15 and res["settings"]["queries"] == 15
+
+
+def test_knn_monitor_that_cannot_run_says_why_at_start(ctx, tmp_path):
+    """Unlabelled val data (labels -1) used to turn the kNN monitor off without a word."""
+    unlabelled = tmp_path / "unlabelled.npz"
+    with np.load(ctx / "tiny.npz") as z:
+        np.savez(unlabelled, images=z["images"], labels=np.full(len(z["labels"]), -1, np.int64))
+    overrides = _tiny(ctx) + [f"data.val={unlabelled}", "train.max_steps_per_epoch=1"]
+    r = runner.invoke(app, ["pretrain", "--output", str(tmp_path / "run")] + sets(overrides))
+    assert r.exit_code == 0, r.output
+    note = f"note: the kNN monitor is off: data.val ({unlabelled}) has images without labels (-1)"
+    assert note in r.stdout, r.stdout
+    assert "knn_top1" not in json.loads((tmp_path / "run" / "results" / "pretrain.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 24 (part B): a missing extra is found before the work that needs it, not after
+
+
+def _fail(what: str):
+    def fail(*a, **k):
+        raise AssertionError(f"{what} ran before the missing extra was reported")
+
+    return fail
+
+
+def test_eval_knn_without_faiss_stops_before_extracting_features(ctx, tmp_path, monkeypatch):
+    import simsiam_kit.features
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss -> ImportError
+    monkeypatch.setattr(simsiam_kit.features, "extract_features", _fail("feature extraction"))
+    r = runner.invoke(app, _eval_args(ctx, tmp_path, "knn", "--backend", "faiss"))
+    assert r.exit_code == 2, (r.output, repr(r.exception))
+    assert r.stderr.startswith("error: 'faiss' is not installed") and "pip install" in r.stderr, r.stderr
+    assert not (tmp_path / "knn").exists()
+
+
+def test_export_onnx_without_onnxruntime_stops_before_exporting(ctx, tmp_path, monkeypatch):
+    import simsiam_kit.export.onnx
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    monkeypatch.setattr(simsiam_kit.export.onnx, "load_encoder", _fail("the export"))
+    r = runner.invoke(app, ["export", "onnx", "--weights", str(ctx / "run"), "--output", str(tmp_path / "m.onnx")])
+    assert r.exit_code == 2, (r.output, repr(r.exception))
+    assert r.stderr.startswith("error: 'onnxruntime' is not installed"), r.stderr
+    assert not (tmp_path / "m.onnx").exists()

@@ -500,3 +500,88 @@ def test_ddp_killed_and_resumed_bit_identical(workdir, memory_npz):
     assert r.returncode == 0, r.stderr[-3000:]
     assert _max_diff(_weights(ref), _weights(run)) == 0.0
     _report("ddp_kill_resume", {"kills": 1, "resumed_runs_bit_identical": 1, "lost_bytes": state["lost_bytes"]})
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 24, part B: metrics.jsonl lines that are not records, on --resume
+
+
+def test_resume_skips_metrics_lines_that_are_not_records_with_a_note(tiny_run, shared_tiny_npz, tmp_path):
+    """``5``, ``[1, 2]``, ``{"type": "epoch"}`` and an epoch of the wrong type used to crash ``--resume`` with a
+    traceback; they are dropped with one note naming the file and the first of them, the records are kept."""
+    from helpers import cli
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    good = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('5\n[1, 2]\n{"type": "epoch"}\n{"type": "epoch", "epoch": "1", "step": 3}\n')
+    r = cli("pretrain", "--output", run, "--resume", sets=["optim.epochs=2"])
+    assert r.exit_code == 0, (r.output, repr(r.exception))
+    assert (
+        f"note: {run / 'metrics.jsonl'}: dropped 4 line(s) that are not metric records (line {len(good) + 1}: '5')"
+        in (r.stdout)
+    )
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines[: len(good)] == good
+    assert [x["epoch"] for x in lines if x["type"] == "epoch"] == [0, 1, 2]
+
+
+SAVE_INDEX = r"""
+import sys
+import numpy as np
+from simsiam_kit.errors import UserError
+from simsiam_kit.retrieval.index import EmbeddingIndex
+
+idx = EmbeddingIndex(16, backend=sys.argv[2])
+idx.add(np.random.default_rng(0).standard_normal((2000, 16)).astype(np.float32))
+try:
+    idx.save(sys.argv[1])
+except UserError as e:
+    print(e)
+    sys.exit(2)
+"""
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_saving_an_index_on_a_full_disk_names_the_file(tmp_path, backend):
+    """What ``eval knn --save-index`` writes (``index_vectors.npy`` or ``index.faiss``, 128 KB here) under a
+    64 KB file-size limit: one line naming the file, nothing half-written left behind."""
+    if backend == "faiss":
+        pytest.importorskip("faiss")
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+
+    out = tmp_path / "index"
+    r = subprocess.run(
+        [sys.executable, "-c", SAVE_INDEX, str(out), backend],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        preexec_fn=limit,
+        timeout=300,
+    )
+    name = "index_vectors.npy" if backend == "torch" else "index.faiss"
+    assert r.returncode == 2 and "Traceback" not in r.stderr, (r.returncode, r.stderr[-2000:])
+    assert r.stdout.startswith(f"cannot write {out / name}: File too large"), r.stdout
+    assert r.stdout.count("\n") == 1 and "unchanged" in r.stdout
+    assert sorted(p.name for p in out.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule, identical", [("constant", True), ("cosine", False)])
+def test_resume_set_more_epochs_equals_a_longer_run_only_without_cosine(workdir, memory_npz, schedule, identical):
+    """What docs/reliability.md and the README say of ``--resume --set optim.epochs=N``: the cosine schedule is
+    computed from the total number of epochs, so 1 epoch + 1 more is not a 2-epoch run (its first epoch had
+    another learning rate); with a constant schedule it is, bit for bit."""
+    over = _memory_overrides(memory_npz, epochs=2) + [f"optim.schedule={schedule}", "optim.warmup_epochs=0"]
+    longer, resumed = workdir / f"two-{schedule}", workdir / f"one-plus-one-{schedule}"
+    assert _run(longer, over).returncode == 0
+    r = _run(resumed, over + ["optim.epochs=1"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _resume(resumed, ["optim.epochs=2"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    diff = _max_diff(_weights(longer), _weights(resumed))
+    assert (diff == 0.0) == identical, diff

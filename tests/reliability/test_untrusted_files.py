@@ -896,3 +896,62 @@ def test_amendments_alias_bomb_is_refused_on_resume(tiny_npz, tmp_path):
     r = cli("pretrain", "--output", out, "--resume", sets=["optim.epochs=2"])
     assert r.exit_code == 2, r.output
     assert "config.amendments.yaml" in r.output and "alias" in r.output.lower()
+
+
+# ----------------------------------------------------------------------------------------- issue 24, part B
+# 16-bit images: every place that decodes an image file uses the one rule (simsiam_kit.data.to_rgb)
+_WIDE = np.array([[0, 257, 32896, 65535], [12850, 1000, 8224, 4112]], dtype=np.uint16)  # 0 1 128 255 / 50 4 32 16
+_WIDE_8BIT = [[0, 1, 128, 255], [50, 4, 32, 16]]
+
+
+def _wide_png(path: Path, reps: int = 1) -> Path:
+    from PIL import Image
+
+    Image.fromarray(np.kron(_WIDE, np.ones((reps, reps), np.uint16))).save(path)
+    with Image.open(path) as im:
+        assert im.mode.startswith("I")  # Pillow decodes a 16-bit PNG to a wide mode
+    return path
+
+
+def test_detection_reader_scales_16_bit_images(tmp_path):
+    from simsiam_kit.evaluation.detection.data import DetectionSet
+    from simsiam_kit.evaluation.detection.torchvision_engine import DetectionTorchDataset
+
+    rec = {
+        "image_id": 1,
+        "file": _wide_png(tmp_path / "x.png"),
+        "width": 4,
+        "height": 2,
+        "boxes": np.zeros((0, 4), np.float32),
+        "labels": np.zeros(0, np.int64),
+        "iscrowd": np.zeros(0, np.int64),
+    }
+    img, _ = DetectionTorchDataset(DetectionSet("x", tmp_path, [rec], []), train=False)[0]
+    assert img.shape == (3, 2, 4)
+    assert (img * 255).round().int()[0].tolist() == _WIDE_8BIT and (img[0] == img[2]).all()
+
+
+def test_plot_reader_and_served_images_scale_16_bit_images(tmp_path):
+    from simsiam_kit.engine.loggers import png_to_array
+    from simsiam_kit.retrieval.gallery import open_image
+
+    p = _wide_png(tmp_path / "x.png")
+    assert png_to_array(p)[..., 0].tolist() == _WIDE_8BIT
+    assert np.asarray(open_image(p))[..., 1].tolist() == _WIDE_8BIT
+
+
+def test_detection_predictions_png_shows_16_bit_images_as_they_are(tmp_path):
+    """The predictions figure: a dark 16-bit image (8-bit 16) drawn dark, not clipped to white."""
+    from PIL import Image
+
+    from simsiam_kit.evaluation.detection.visualize import save_predictions_png
+
+    p = tmp_path / "dark.png"
+    Image.fromarray(np.full((48, 64), 4112, np.uint16)).save(p)
+    rec = {"file": p, "boxes": np.zeros((0, 4))}
+    pred = {"boxes": np.zeros((0, 4)), "scores": np.zeros(0), "labels": np.zeros(0, np.int64)}
+    out = save_predictions_png([rec], [pred], ["a"], tmp_path / "pred.png")
+    with Image.open(out) as im:
+        rgb = np.asarray(im.convert("RGB"))
+    h, w = rgb.shape[:2]
+    assert rgb[h // 2, w // 2].tolist() == [16, 16, 16], rgb[h // 2, w // 2]

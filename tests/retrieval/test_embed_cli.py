@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import DATA, cli, conv_onnx_encoder, need
+from helpers import DATA, REPO, cli, conv_onnx_encoder, need
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +64,7 @@ def test_option_checks(encoder, photos, tmp_path):
         (("--dtype", "float8"), "--dtype float8: expected float16 or float32"),
         (("--shard-size", 0), "--shard-size must be >= 1"),
         (("--workers", -1), "--workers must be >= 0"),
+        (("--batch-size", 0), "--batch-size 0: expected an integer >= 1"),  # issue 24: named the option only in part
         (("--runtime", "tvm"), "--runtime tvm: unknown (available: auto, ort-int8, torch-bf16, ort-fp32, torch)"),
         (("--weights", "random"), "give --model FILE.onnx or --weights RUN (--runtime torch), not both"),
         (("--runtime", "torch"), "--runtime torch needs --weights"),
@@ -109,3 +111,69 @@ def test_torch_runtime_matches_the_exported_model(tiny_run, shared_tiny_npz, tmp
     tol = 3e-2 if cpu_supports_bf16() else 1e-4  # bf16 autocast where the CPU has it
     assert a.shape == b.shape == (48, a.shape[1]) and np.abs(a - b).max() < tol
     assert json.loads((tmp_path / "torch" / "embed.json").read_text())["runtime"].startswith("torch-")
+
+
+def test_output_that_holds_files_needs_resume_or_overwrite(encoder, photos, tmp_path):
+    """Issue 24: `embed` wrote over an --output holding an earlier embedding without shards, or the user's own
+    files. Refused before the model loads, naming --output; --overwrite removes embed's own files only."""
+    out = tmp_path / "e"
+    out.mkdir()
+    (out / "embeddings.npy").write_bytes(b"an earlier run's")
+    (out / "notes.txt").write_text("mine\n")
+    r = _embed(encoder, photos, out)
+    assert r.exit_code == 2, r.output
+    assert f"--output {out} is not empty (embeddings.npy, notes.txt); --overwrite replaces" in r.output
+    assert "runtime:" not in r.output and "embedding 10 images" not in r.output  # before any work
+    assert (out / "embeddings.npy").read_bytes() == b"an earlier run's"
+    r = _embed(encoder, photos, out, "--resume", "--overwrite")
+    assert r.exit_code == 2 and "give one of them" in r.output
+    r = _embed(encoder, photos, out, "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert (out / "notes.txt").read_text() == "mine\n" and np.load(out / "embeddings.npy").shape == (10, 8)
+    # a finished run (3 shards of 4), again: refused naming both ways out; --overwrite with shards of 5 replaces
+    # it whole (no shard of the earlier run left behind)
+    r = _embed(encoder, photos, out)
+    assert r.exit_code == 2 and "already holds embedding shards" in r.output and "--overwrite" in r.output
+    r = cli(
+        "embed", "--model", encoder, "--data", photos, "--output", out, "--shard-size", 5, "--batch-size", 5,
+        "--workers", 0, "--no-progress", "--overwrite",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert [s["rows"] for s in json.loads((out / "manifest.json").read_text())["shards"]] == [5, 5]
+    assert sorted(p.name for p in (out / "shards").iterdir()) == [
+        "00000.npy", "00000.parquet", "00001.npy", "00001.parquet",
+    ]  # fmt: skip
+    assert (out / "notes.txt").read_text() == "mine\n"
+
+
+def test_output_is_checked_before_any_work(encoder, photos, tmp_path):
+    """Issue 24: --output errors that did not name --output, or came after the work (search's after the search)."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory\n")
+    r = _embed(encoder, photos, a_file / "e")
+    assert r.exit_code == 2 and f"--output {a_file / 'e'}: {a_file} is not a directory" in r.output, r.output
+    out = tmp_path / "e"
+    assert _embed(encoder, photos, out).exit_code == 0
+    q = next(photos.iterdir())
+    r = cli("search", "--index", out, "--query", q, "--output", a_file / "s.json")
+    assert r.exit_code == 2 and f"--output {a_file / 's.json'}: {a_file} is not a directory" in r.output, r.output
+    assert "onnxruntime provider" not in r.output  # refused before the search
+
+
+def test_every_index_kind_the_help_lists_is_accepted(encoder, photos, tmp_path):
+    """Issue 24: `embed --index` listed bf16, which needed --backend torch and which the README did not list.
+    Each kind the help names builds (its backend by default), and the README's synopsis lists the same."""
+    from simsiam_kit.cli.embed import INDEX_HELP
+    from simsiam_kit.retrieval.index import KINDS
+
+    listed = [k for k in (*KINDS, "none") if re.search(rf"\b{k}\b", INDEX_HELP)]
+    assert listed == ["flat", "bf16", "ivf", "hnsw", "none"]
+    for kind in listed:
+        r = _embed(encoder, photos, tmp_path / kind, "--index", kind)
+        assert r.exit_code == 0, (kind, r.output)
+        index = json.loads((tmp_path / kind / "embed.json").read_text())["index"]
+        assert (index or {}).get("kind") == (None if kind == "none" else kind)
+    synopsis = next(
+        line for line in (REPO / "README.md").read_text().splitlines() if "simsiam-kit embed  --model FILE" in line
+    )
+    assert set(re.search(r"--index ([a-z0-9|]+)", synopsis).group(1).split("|")) == set(listed)

@@ -119,6 +119,15 @@ def test_knn_classify_is_the_classifier_in_one_call():
     assert pred9.tolist() == [2, 2]  # k=4: query b as worked out above
 
 
+@pytest.mark.parametrize("t", [float("nan"), float("inf"), 0.0, -0.1])
+def test_a_temperature_that_is_not_a_positive_finite_number_is_refused(t):
+    """The one check of kNN temperatures (issue 24): NaN passed "<= 0" and voted with exp(s / NaN)."""
+    from simsiam_kit.errors import UserError
+
+    with pytest.raises(UserError, match=f"temperature must be positive and finite, got {t}"):
+        KNNClassifier(k=3, temperature=t)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_knn_classify_searches_on_the_features_device():
     dev = torch.device("cuda")
