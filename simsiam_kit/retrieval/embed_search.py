@@ -210,6 +210,42 @@ def _check_shards_match(d: Path, count) -> None:
         )
 
 
+#: an encoder that takes images this small or smaller ...
+SMALL_ENCODER_PX = 32
+#: ... given images whose shorter side is at least this many times larger: each is shrunk to the encoder's size
+SCALE_MISMATCH = 4
+
+
+def scale_warning(image_size: Optional[int], sides: list[int]) -> Optional[str]:
+    """A warning when the images are much larger than what a small encoder takes (the demo's 16 px digits encoder
+    given photos: every photo shrunk to 16 px, the median cosine similarity of two unrelated coco128 photos is
+    0.80, so the neighbours say little), else None. ``sides``: the shorter sides of a few of the images."""
+    if not image_size or image_size > SMALL_ENCODER_PX or not sides:
+        return None
+    med = sorted(sides)[len(sides) // 2]
+    if med < SCALE_MISMATCH * image_size:
+        return None
+    return (
+        f"warning: this encoder takes {image_size} px images and these are about {med} px (shorter side, median of "
+        f"{len(sides)}): each is shrunk to {image_size} px, so the neighbours will say little about them; an encoder "
+        'trained on images like these fits better (README: "Evaluate a checkpoint you already have")'
+    )
+
+
+def image_sides(files) -> list[int]:
+    """The shorter side of each readable image file among ``files`` (from its header; unreadable ones left out)."""
+    from PIL import Image
+
+    sides = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                sides.append(min(im.size))
+        except Exception:  # noqa: BLE001 - only a hint: the search itself reports unreadable files
+            continue
+    return sides
+
+
 def search_images(
     index_dir,
     query,
@@ -241,6 +277,9 @@ def search_images(
         raise UserError(f"model {model_path} (recorded in {store['dir'] / MANIFEST}) not found; pass --model FILE.onnx")
     files = list_images(query)
     emb = open_embedder(model_path)
+    note = scale_warning(getattr(emb, "image_size", None), image_sides(files[:8]))
+    if note:
+        say(note)
     if emb.dim != index.dim:
         raise UserError(
             f"index {store['dir']} was built with a {index.dim}-d model, but {model_path} gives "

@@ -314,6 +314,15 @@ def default_workers() -> int:
     return max(0, min(usable_cores() - 1, 16))
 
 
+def _shorter_side(im) -> int:
+    """The shorter side in pixels of a decoded image (PIL: ``size``; an array: ``shape`` H, W[, C]), 0 if unknown."""
+    shape = getattr(im, "shape", None)
+    if shape is not None and len(shape) >= 2:
+        return int(min(shape[0], shape[1]))
+    size = getattr(im, "size", None)
+    return int(min(size)) if isinstance(size, tuple) and len(size) == 2 else 0
+
+
 def first_images(source: RowSource, n: int, limit: int) -> list:
     """Up to ``n`` decoded images from the first ``limit`` rows (unreadable ones passed over): the batch an
     embedder that picks its runtime by timing (``choose``) is timed on."""
@@ -392,6 +401,12 @@ def embed_to_shards(
     total = len(src)
     lock = shard_lock(out).acquire()  # first: a run refused because another one writes here times nothing
     try:
+        from simsiam_kit.retrieval.embed_search import scale_warning
+
+        sides = [_shorter_side(im) for im in first_images(src, 8, 32)]
+        note = scale_warning(getattr(embedder, "image_size", None), [v for v in sides if v])
+        if note:
+            say(note)
         choose = getattr(embedder, "choose", None)
         if callable(choose) and engine is None:  # a runtime chosen by timing: first batch, before the fingerprint
             choose(first_images(src, bs, 4 * bs), prefer=_recorded_runtime(out) if resume else None)

@@ -177,3 +177,25 @@ def test_every_index_kind_the_help_lists_is_accepted(encoder, photos, tmp_path):
         line for line in (REPO / "README.md").read_text().splitlines() if "simsiam-kit embed  --model FILE" in line
     )
     assert set(re.search(r"--index ([a-z0-9|]+)", synopsis).group(1).split("|")) == set(listed)
+
+
+def test_a_small_encoder_given_photos_is_warned_about(encoder, photos, tmp_path):
+    from simsiam_kit.retrieval.embed_search import scale_warning
+
+    from helpers import write_tiny_npz
+
+    # the rule: an encoder of <= 32 px, images whose median shorter side is >= 4x its size
+    assert scale_warning(16, [480, 500, 640]) is not None and "about 500 px" in scale_warning(16, [480, 500, 640])
+    assert scale_warning(16, [40, 60, 70]) is None  # 60 < 4 x 16
+    assert scale_warning(224, [640, 640]) is None and scale_warning(None, [640]) is None
+    assert scale_warning(16, []) is None
+    out = tmp_path / "e"
+    r = _embed(encoder, photos, out)  # the 8 px test encoder on the coco128 photos (shorter sides 300-640 px)
+    assert r.exit_code == 0, r.output
+    assert "warning: this encoder takes 8 px images and these are about" in r.output
+    r = cli("search", "--index", out, "--query", next(photos.iterdir()), "--k", 2)
+    assert r.exit_code == 0 and "warning: this encoder takes 8 px images" in r.output
+    npz = write_tiny_npz(tmp_path / "small.npz", n=12, size=16)  # 16 px images, 2x the encoder: no warning
+    r = _embed(encoder, npz, tmp_path / "small")
+    assert r.exit_code == 0, r.output
+    assert "warning: this encoder" not in r.output
