@@ -232,6 +232,12 @@ def scale_warning(image_size: Optional[int], sides: list[int]) -> Optional[str]:
     )
 
 
+def encoder_image_size(embedder) -> Optional[int]:
+    """The image size an embedder takes: its ``image_size``, else its model metadata's (the runtime chooser)."""
+    size = getattr(embedder, "image_size", None) or (getattr(embedder, "meta", None) or {}).get("image_size")
+    return int(size) if size else None
+
+
 def image_sides(files) -> list[int]:
     """The shorter side of each readable image file among ``files`` (from its header; unreadable ones left out)."""
     from PIL import Image
@@ -277,7 +283,7 @@ def search_images(
         raise UserError(f"model {model_path} (recorded in {store['dir'] / MANIFEST}) not found; pass --model FILE.onnx")
     files = list_images(query)
     emb = open_embedder(model_path)
-    note = scale_warning(getattr(emb, "image_size", None), image_sides(files[:8]))
+    note = scale_warning(encoder_image_size(emb), image_sides(files[:8]))
     if note:
         say(note)
     if emb.dim != index.dim:

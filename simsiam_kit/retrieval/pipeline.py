@@ -401,10 +401,10 @@ def embed_to_shards(
     total = len(src)
     lock = shard_lock(out).acquire()  # first: a run refused because another one writes here times nothing
     try:
-        from simsiam_kit.retrieval.embed_search import scale_warning
+        from simsiam_kit.retrieval.embed_search import encoder_image_size, scale_warning
 
         sides = [_shorter_side(im) for im in first_images(src, 8, 32)]
-        note = scale_warning(getattr(embedder, "image_size", None), [v for v in sides if v])
+        note = scale_warning(encoder_image_size(embedder), [v for v in sides if v])
         if note:
             say(note)
         choose = getattr(embedder, "choose", None)
