@@ -403,13 +403,16 @@ def embed_to_shards(
     try:
         from simsiam_kit.retrieval.embed_search import encoder_image_size, scale_warning
 
-        sides = [_shorter_side(im) for im in first_images(src, 8, 32)]
+        choose = getattr(embedder, "choose", None)
+        timed = callable(choose) and engine is None  # a runtime chosen by timing: first batch, before the fingerprint
+        # decoded once: the timing batch, whose first 8 images also feed the scale warning
+        first = first_images(src, bs, 4 * bs) if timed else first_images(src, 8, 32)
+        sides = [_shorter_side(im) for im in first[:8]]
         note = scale_warning(encoder_image_size(embedder), [v for v in sides if v])
         if note:
             say(note)
-        choose = getattr(embedder, "choose", None)
-        if callable(choose) and engine is None:  # a runtime chosen by timing: first batch, before the fingerprint
-            choose(first_images(src, bs, 4 * bs), prefer=_recorded_runtime(out) if resume else None)
+        if timed:
+            choose(first, prefer=_recorded_runtime(out) if resume else None)
         writer = ShardWriter(
             out,
             dim=embedder.dim,
