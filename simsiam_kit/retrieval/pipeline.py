@@ -411,7 +411,7 @@ def embed_to_shards(
         note = scale_warning(encoder_image_size(embedder), [v for v in sides if v])
         if note:
             say(note)
-        if timed:
+        if timed and choose is not None:
             choose(first, prefer=_recorded_runtime(out) if resume else None)
         writer = ShardWriter(
             out,
