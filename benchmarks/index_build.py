@@ -6,19 +6,21 @@ its recall@10 against brute force and its queries/s at recall >= 0.9; autofaiss 
     python benchmarks/index_build.py --kind opq_ivfpq --nlist 4096 --pq-m 64 --vectors 10000000
 
 The vectors: a mixture of ``--clusters`` Gaussian clusters on the unit sphere (centres drawn once, each vector a
-centre plus isotropic noise of ``--noise``, l2-normalised), generated on the fly in chunks of ``--chunk`` rows
-from seeded generators, so every pass (sample, add, ground truth) sees the same vectors without holding them
-(not uniform noise, where nearest neighbours carry no structure and recall means nothing). The queries are
-``--queries`` further draws from the same mixture, not in the index; their exact 10 nearest neighbours come
-from brute force over all vectors (a streamed top-k, ``ExactTopK``).
+centre plus isotropic noise of ``--noise``, l2-normalised), generated in chunks of ``--chunk`` rows from seeded
+generators (not uniform noise, where nearest neighbours carry no structure and recall means nothing) and written
+once as ``.npy`` shards under ``--work`` (4 x n x d bytes of disk: 20 GB for 10M x 512; a later run with the same
+``--work`` and sizes reuses them): the ground truth and both builders read the same files, shard by shard, as
+`index build --embeddings` reads an embedding directory. The queries are ``--queries`` further draws from the same
+mixture, not in the index; their exact 10 nearest neighbours come from brute force over all vectors (a streamed
+top-k, ``ExactTopK``), cached next to the vectors.
 
 Measured, each build in its own process (peak RSS is that process's ``ru_maxrss``): build seconds, peak RSS,
 index bytes on disk, the recall@10 that `index build` recorded (held-out rows of the index), and for the
 external queries a sweep of the search knob (nprobe / ef): recall@10 vs brute force and queries/s (all
 queries in one batch, best of 3), with the fastest setting reaching recall@10 >= 0.9.
 
-Peer: autofaiss ``build_index`` (when installed: ``pip install autofaiss``) on the same vectors written as
-``.npy`` files under ``--work`` (4 x n x d bytes of disk), with the same ``max_index_memory``; its index is
+Peer: autofaiss ``build_index`` (when installed: ``pip install autofaiss``) on the same ``.npy`` files, with the
+same ``max_index_memory``; its index is
 measured the same way. Targets (the issue, 2 cores): build <= 30 min, peak RSS <= 6 GB, >= 500 queries/s at
 recall@10 >= 0.9.
 """
@@ -67,6 +69,42 @@ class Mixture:
     def queries(self, q: int) -> np.ndarray:
         return self.draw(q, (self.seed, 2))
 
+    def spec(self) -> dict:
+        return {
+            "n": self.n,
+            "dim": self.dim,
+            "clusters": self.clusters,
+            "noise": self.noise,
+            "chunk": self.chunk,
+            "seed": self.seed,
+            "version": 2,
+        }
+
+
+def write_vectors(mix: Mixture, work: Path) -> tuple[Path, float]:
+    """The vectors as ``.npy`` shards of ``chunk`` rows under ``work/npy`` (autofaiss's input format), generated
+    once: a directory whose ``spec.json`` matches is reused. Every builder and the ground truth read these files
+    (about 1 GB/s from disk here, where generating a pass of 10M x 512 takes minutes)."""
+    d = work / "npy"
+    spec = d / "spec.json"
+    if spec.is_file() and json.loads(spec.read_text()) == mix.spec():
+        return d, 0.0
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    t0 = time.perf_counter()
+    for i, c in enumerate(mix.chunks()):
+        np.save(d / f"{i:05d}.npy", c)
+        if i % 10 == 9:
+            print(f"{time.strftime('%H:%M:%S')} wrote {(i + 1) * mix.chunk} vectors", flush=True)
+    spec.write_text(json.dumps(mix.spec()))  # last: a directory without it is regenerated
+    return d, time.perf_counter() - t0
+
+
+def read_chunks(d: Path):
+    """The shards in order, each read whole (not memory-mapped: mapped pages would count in the reader's RSS)."""
+    for f in sorted(d.glob("*.npy")):
+        yield np.load(f)
+
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
@@ -75,8 +113,7 @@ def peak_rss_bytes() -> int:
 def _ours(args, out: str, queue) -> None:
     from simsiam_kit.retrieval.index_build import VectorSource, build_index
 
-    mix = Mixture(args.vectors, args.dim, args.clusters, args.noise, args.chunk)
-    src = VectorSource(mix.chunks, mix.n, mix.dim, "synthetic clustered mixture")
+    src = VectorSource(lambda: read_chunks(Path(args.npy)), args.vectors, args.dim, "synthetic clustered mixture")
     t0 = time.perf_counter()
     r = build_index(
         src,
@@ -91,25 +128,54 @@ def _ours(args, out: str, queue) -> None:
     queue.put({"seconds": time.perf_counter() - t0, "peak_rss": peak_rss_bytes(), "meta": r.meta})
 
 
-def _autofaiss(args, out: str, work: str, queue) -> None:
+def _autofaiss_child(npy: str, out: str, max_memory: str, available: str) -> None:
+    """Run in the peer's interpreter (``--peer-python``): autofaiss's build_index, then one JSON line."""
     from autofaiss import build_index as af_build
 
-    mix = Mixture(args.vectors, args.dim, args.clusters, args.noise, args.chunk)
-    emb = Path(work) / "npy"
-    emb.mkdir(parents=True, exist_ok=True)
-    for i, c in enumerate(mix.chunks()):
-        np.save(emb / f"{i:05d}.npy", c)
     t0 = time.perf_counter()
     af_build(
-        embeddings=str(emb),
+        embeddings=npy,
         index_path=str(Path(out) / "knn.index"),
         index_infos_path=str(Path(out) / "infos.json"),
-        max_index_memory_usage=args.max_index_memory,
-        current_memory_available=args.memory_available,
+        max_index_memory_usage=max_memory,
+        current_memory_available=available,
         metric_type="ip",
         save_on_disk=True,
     )
-    queue.put({"seconds": time.perf_counter() - t0, "peak_rss": peak_rss_bytes()})
+    print("RESULT " + json.dumps({"seconds": time.perf_counter() - t0, "peak_rss": peak_rss_bytes()}), flush=True)
+
+
+def run_autofaiss(args, out: Path) -> dict:
+    """autofaiss in its own process, with ``--peer-python`` (autofaiss pins numpy < 2 and its own faiss-cpu, so it
+    lives in a separate environment); ``{"timed_out": s}`` past ``--peer-timeout``, ``{"skipped": why}`` when
+    that interpreter has no autofaiss."""
+    import subprocess
+
+    py = args.peer_python or sys.executable
+    if subprocess.run([py, "-c", "import autofaiss"], capture_output=True).returncode:
+        return {"skipped": f"autofaiss is not installed for {py} (pip install autofaiss; see --peer-python)"}
+    cmd = [
+        py,
+        str(Path(__file__).resolve()),
+        "--autofaiss-child",
+        args.npy,
+        str(out),
+        args.max_index_memory,
+        args.memory_available,
+    ]
+    log = out / "autofaiss.log"
+    with open(log, "w") as f:
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            p.wait(timeout=args.peer_timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+            return {"timed_out": args.peer_timeout}
+    lines = [ln for ln in log.read_text().splitlines() if ln.startswith("RESULT ")]
+    if p.returncode or not lines:
+        raise SystemExit(f"autofaiss failed (exit {p.returncode}); its log: {log}")
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def _in_child(target, *a, timeout: float | None = None) -> dict:
@@ -131,14 +197,19 @@ def _in_child(target, *a, timeout: float | None = None) -> dict:
     return res
 
 
-def ground_truth(args, queries: np.ndarray) -> np.ndarray:
+def ground_truth(args, queries: np.ndarray) -> tuple[np.ndarray, float]:
+    """The exact 10 nearest of each query over all vectors (cached next to the vectors with their spec)."""
     from simsiam_kit.retrieval.index_build import ExactTopK
 
-    mix = Mixture(args.vectors, args.dim, args.clusters, args.noise, args.chunk)
+    cache = Path(args.npy).parent / f"truth_{args.queries}.npy"
+    if cache.is_file() and cache.stat().st_mtime > (Path(args.npy) / "spec.json").stat().st_mtime:
+        return np.load(cache), 0.0
+    t0 = time.perf_counter()
     t = ExactTopK(queries, 10)
-    for c in mix.chunks():
+    for c in read_chunks(Path(args.npy)):
         t.update(c)
-    return t.i
+    np.save(cache, t.i)
+    return t.i, time.perf_counter() - t0
 
 
 def sweep(index, knob: str, values, queries, truth) -> list[dict]:
@@ -171,6 +242,9 @@ def index_bytes(d: Path) -> int:
 
 
 def main() -> None:
+    if len(sys.argv) == 6 and sys.argv[1] == "--autofaiss-child":
+        _autofaiss_child(*sys.argv[2:])
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vectors", type=int, default=10_000_000)
     ap.add_argument("--dim", type=int, default=512)
@@ -186,6 +260,10 @@ def main() -> None:
     ap.add_argument("--memory-available", default="6G", help="autofaiss's current_memory_available")
     ap.add_argument("--no-autofaiss", action="store_true")
     ap.add_argument("--peer-timeout", type=float, default=3600, help="seconds autofaiss may take before it is stopped")
+    ap.add_argument(
+        "--prepare-only", action="store_true", help="write the vectors and the ground truth under --work, then stop"
+    )
+    ap.add_argument("--peer-python", default=None, help="interpreter with autofaiss installed (default: this one)")
     ap.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
     ap.add_argument("--smoke", action="store_true", help="10k x 16, 20 clusters, IVF-PQ, 100 queries; JSON to /tmp")
     ap.add_argument("--out", default=None)
@@ -203,10 +281,16 @@ def main() -> None:
 
     load_before = [round(v, 2) for v in os.getloadavg()]
     mix = Mixture(args.vectors, args.dim, args.clusters, args.noise, args.chunk)
+    npy, gen_seconds = write_vectors(mix, work)
+    args.npy = str(npy)
     queries = mix.queries(args.queries)
-    t0 = time.perf_counter()
-    truth = ground_truth(args, queries)
-    gt_seconds = time.perf_counter() - t0
+    truth, gt_seconds = ground_truth(args, queries)
+    print(
+        f"{time.strftime('%H:%M:%S')} vectors ready ({gen_seconds:.0f} s), ground truth ({gt_seconds:.0f} s)",
+        flush=True,
+    )
+    if args.prepare_only:
+        return
     rows, results = [], {}
 
     ours_dir = work / "ours"
@@ -231,41 +315,38 @@ def main() -> None:
     del index
 
     if not args.no_autofaiss:
-        try:
-            import autofaiss  # noqa: F401
-        except ImportError:
-            results["autofaiss"] = {"skipped": "autofaiss is not installed (pip install autofaiss)"}
-        else:
-            af_dir = work / "autofaiss"
-            af_dir.mkdir(parents=True, exist_ok=True)
-            res = _in_child(_autofaiss, args, str(af_dir), str(work), timeout=args.peer_timeout)
-            import faiss
+        af_dir = work / "autofaiss"
+        af_dir.mkdir(parents=True, exist_ok=True)
+        res = run_autofaiss(args, af_dir)
+        import faiss
 
-            if "timed_out" in res:
-                results["autofaiss"] = {"timed_out_after_seconds": res["timed_out"]}
-                rows.append({"builder": f"autofaiss build_index: stopped after {res['timed_out']:.0f} s"})
-            else:
-                idx = faiss.read_index(str(af_dir / "knn.index"))
-                ivf = faiss.try_extract_index_ivf(idx)
-                params = faiss.ParameterSpace()
-                table = []
-                name = "nprobe" if ivf is not None else "efSearch"
-                for v in _knob("ivf" if ivf is not None else "hnsw", ivf.nlist if ivf is not None else 0)[1]:
-                    params.set_index_parameter(idx, name, v)
-                    r = sweep(_Raw(idx), None, [v], queries, truth)[0]
-                    table.append({name: r.pop("setting"), **r})
-                ok = [r for r in table if r["recall_at_10"] >= 0.9]
-                info = json.loads((af_dir / "infos.json").read_text()) if (af_dir / "infos.json").is_file() else {}
-                results["autofaiss"] = {
-                    "factory": info.get("index_key"),
-                    "build_seconds": round(res["seconds"], 1),
-                    "peak_rss_bytes": res["peak_rss"],
-                    "index_bytes": index_bytes(af_dir),
-                    "infos": info,
-                    "sweep": table,
-                    "best_at_recall_0.9": max(ok, key=lambda r: r["queries_per_s"]) if ok else None,
-                }
-                rows.append(_row("autofaiss build_index", results["autofaiss"]))
+        if "skipped" in res:
+            results["autofaiss"] = res
+        elif "timed_out" in res:
+            results["autofaiss"] = {"timed_out_after_seconds": res["timed_out"]}
+            rows.append({"builder": f"autofaiss build_index: stopped after {res['timed_out']:.0f} s"})
+        else:
+            idx = faiss.read_index(str(af_dir / "knn.index"))
+            ivf = faiss.try_extract_index_ivf(idx)
+            params = faiss.ParameterSpace()
+            table = []
+            name = "nprobe" if ivf is not None else "efSearch"
+            for v in _knob("ivf" if ivf is not None else "hnsw", ivf.nlist if ivf is not None else 0)[1]:
+                params.set_index_parameter(idx, name, v)
+                r = sweep(_Raw(idx), None, [v], queries, truth)[0]
+                table.append({name: r.pop("setting"), **r})
+            ok = [r for r in table if r["recall_at_10"] >= 0.9]
+            info = json.loads((af_dir / "infos.json").read_text()) if (af_dir / "infos.json").is_file() else {}
+            results["autofaiss"] = {
+                "factory": info.get("index_key"),
+                "build_seconds": round(res["seconds"], 1),
+                "peak_rss_bytes": res["peak_rss"],
+                "index_bytes": index_bytes(af_dir),
+                "infos": info,
+                "sweep": table,
+                "best_at_recall_0.9": max(ok, key=lambda r: r["queries_per_s"]) if ok else None,
+            }
+            rows.append(_row("autofaiss build_index", results["autofaiss"]))
     text = print_table(
         rows, ["builder", "factory", "build s", "peak RSS GB", "index GB", "knob", "recall@10", "queries/s"]
     )
@@ -275,7 +356,9 @@ def main() -> None:
             "load_before": load_before,
             "load_after": [round(v, 2) for v in os.getloadavg()],
             "args": vars(args),
+            "generate_seconds": round(gen_seconds, 1),
             "ground_truth_seconds": round(gt_seconds, 1),
+            "vectors_read_from": "npy shards on local disk (written once, read by the ground truth and both builders)",
             "results": results,
             "table": text,
             "targets": {"build_seconds": 1800, "peak_rss_bytes": 6e9, "queries_per_s_at_recall_0.9": 500},
