@@ -22,6 +22,8 @@ Measured, each on all cores, in this order, with the load average before and aft
 * ``pipeline``: :func:`simsiam_kit.retrieval.pipeline.embed_to_dir` with ``--workers`` (default: cores - 1)
   writing shards (``index="none"``: the finishing step is not part of the rate), images/s;
   target: >= 85 % of the bound and above ``today``;
+* ``pipeline (0 workers)``: the same with decoding in the main process (``--workers 0``), when ``--workers`` is
+  not 0 already: whether the decoding workers pay for themselves on this many cores;
 * ``peak RSS``: the pipeline in a fresh process for each size of ``--rss-sizes`` (``wait4``'s ``ru_maxrss``,
   which includes the main process only; the decoding workers' own peaks are reported separately from
   ``RUSAGE_CHILDREN`` of that process); target: within 10 % across sizes.
@@ -221,6 +223,7 @@ def main() -> None:
         encoder = rate_encoder(model, spec, args.batch_size, args.encoder_rounds)
         bound = 1.0 / (1.0 / decode + 1.0 / encoder)
         pipe = rate_pipeline(model, spec, args.batch_size, workers, args.shard_size, tmp / "emb")
+        inproc = rate_pipeline(model, spec, args.batch_size, 0, args.shard_size, tmp / "emb0") if workers else None
         rss = {}
         for n in [int(v) for v in args.rss_sizes.split(",") if v]:
             rss[n] = peak_rss(
@@ -244,6 +247,15 @@ def main() -> None:
             "vs_today": pipe / today,
         },
     ]
+    if inproc is not None:
+        rows.append(
+            {
+                "stage": "pipeline (0 workers: decoding in-process)",
+                "images_per_s": inproc,
+                "of_bound": inproc / bound,
+                "vs_today": inproc / today,
+            }
+        )
     print_table(rows, ["stage", "images_per_s", "of_bound", "vs_today"])
     rss_rows = [{"images": n, **{k: v for k, v in r.items() if k != "count"}} for n, r in rss.items()]
     if rss_rows:
@@ -264,7 +276,14 @@ def main() -> None:
             "workers": workers,
             "cores": cores(),
         },
-        "rates": {"today": today, "decode": decode, "encoder": encoder, "bound": bound, "pipeline": pipe},
+        "rates": {
+            "today": today,
+            "decode": decode,
+            "encoder": encoder,
+            "bound": bound,
+            "pipeline": pipe,
+            "pipeline_0_workers": inproc,
+        },
         "pipeline_of_bound": pipe / bound,
         "pipeline_vs_today": pipe / today,
         "targets": {

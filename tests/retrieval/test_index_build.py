@@ -176,6 +176,7 @@ def test_many_lists_train_two_level_and_search_through_an_hnsw_quantizer(tmp_pat
     ivf = faiss.extract_index_ivf(whole)
     q = faiss.downcast_index(ivf.quantizer)
     assert isinstance(q, faiss.IndexHNSWFlat) and q.ntotal == 4096 and q.metric_type == faiss.METRIC_INNER_PRODUCT
+    assert q.hnsw.efSearch == 128  # searched with efSearch 128 (the vectors were added with faiss's default, 16)
     # every centroid is a unit vector (spherical k-means: the vectors are compared by inner product)
     c = q.storage.reconstruct_n(0, 4096)
     np.testing.assert_allclose(np.linalg.norm(c, axis=1), 1.0, atol=1e-4)
