@@ -9,7 +9,9 @@ The same pipeline as :mod:`simsiam_kit.retrieval.pipeline`, with its read-decode
 
 so a Ray run writes the shards a single-process run writes: the batches are the same row ranges
 (:func:`~simsiam_kit.retrieval.pipeline.batch_ranges`), each encoded by the same embedder code, and
-shards are assembled from batches sorted by their first row, whatever order Ray returns them in.
+shards are assembled from batches sorted by their first row, whatever order Ray returns them in. Each
+actor's onnxruntime session runs as many threads as the CPUs Ray reserves for the actor (1 by default,
+:func:`actor_threads`), not one per core of the machine: a machine full of actors then runs one thread per core.
 
 **Runtime.** A local Ray runtime is started (and shut down at the end) unless ``address`` (or the
 ``RAY_ADDRESS`` environment variable) names a running cluster to join (``ray start --head`` on one
@@ -57,12 +59,19 @@ class EncodeActor:
     """One Ray actor of the pool: opens the input and one encoder session once, then reads, decodes,
     preprocesses and encodes each batch it is given (``shard``, ``start``, ``stop`` columns)."""
 
-    def __init__(self, open_embedder: Callable, data: str, skip_bad: bool, cwd: Optional[str] = None):
+    def __init__(
+        self,
+        open_embedder: Callable,
+        data: str,
+        skip_bad: bool,
+        cwd: Optional[str] = None,
+        threads: Optional[int] = None,
+    ):
         from simsiam_kit.retrieval.pipeline import open_source, stages
 
         if cwd and os.path.isdir(cwd):  # relative paths in the spec (and in path lists) as the command saw them
             os.chdir(cwd)
-        self.embedder = open_embedder()
+        self.embedder = open_embedder(**({"threads": threads} if threads and takes_threads(open_embedder) else {}))
         self.source = open_source(data, skip_bad)
         self.preprocess, self.encode = stages(self.embedder)
         self.skip_bad = skip_bad
@@ -82,6 +91,25 @@ class EncodeActor:
             b.update(shard=int(shard), start=int(start), stop=int(stop))
             out.append(pickle.dumps(b, protocol=pickle.HIGHEST_PROTOCOL))
         return {"start": np.asarray(batch["start"], np.int64), "payload": np.array(out, dtype=object)}
+
+
+def takes_threads(fn: Callable) -> bool:
+    """Whether the encoder opener accepts ``threads`` (and was not given it already)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    given = getattr(fn, "keywords", None) or {}
+    return "threads" in params and "threads" not in given
+
+
+def actor_threads(cpus_per_actor: float) -> int:
+    """Encoder threads of one actor: the CPUs Ray reserves for it (at least 1). onnxruntime would otherwise
+    start a thread per core in every actor, and on a machine full of actors those threads spin against each
+    other (Ray sets ``OMP_NUM_THREADS`` this way for its workers; onnxruntime does not read it)."""
+    return max(1, int(cpus_per_actor))
 
 
 class RayEngine:
@@ -146,7 +174,13 @@ class RayEngine:
             ds = ray.data.from_items(items, override_num_blocks=min(len(items), 4 * size))
             ds = ds.map_batches(
                 EncodeActor,
-                fn_constructor_args=(self.open_embedder, self.data, skip_bad, os.getcwd()),
+                fn_constructor_args=(
+                    self.open_embedder,
+                    self.data,
+                    skip_bad,
+                    os.getcwd(),
+                    actor_threads(self.cpus_per_actor),
+                ),
                 batch_size=1,  # one pipeline batch (batch_size images) per call
                 compute=ray.data.ActorPoolStrategy(size=size),
                 num_cpus=self.cpus_per_actor,

@@ -161,3 +161,30 @@ def test_embed_command_with_engine_ray(ray_local, inputs, tmp_path):
     _same(_shards(out), want)
     r = cli(*args, "--engine", "local", "--actors", "2")
     assert r.exit_code == 2 and "--ray-address / --actors apply to --engine ray" in r.output
+
+
+def test_each_actor_encodes_with_the_cpus_ray_reserves_for_it(inputs):
+    # onnxruntime starts a thread per core unless told: in every actor of a full machine those threads spin
+    # against each other. An actor opens its encoder with as many threads as CPUs it holds (here without Ray:
+    # the actor class is what Ray Data instantiates).
+    from simsiam_kit.retrieval.ray_engine import EncodeActor, actor_threads, takes_threads
+
+    model, npz, _ = inputs
+    data = str(npz)
+    seen = []
+
+    def opener(threads=None):
+        seen.append(threads)
+        return OnnxEmbedder(model, batch_size=4, threads=threads)
+
+    assert actor_threads(1.0) == 1 and actor_threads(2.0) == 2 and actor_threads(0.5) == 1
+    assert takes_threads(opener) and takes_threads(functools.partial(OnnxEmbedder, model, batch_size=4))
+    assert not takes_threads(functools.partial(OnnxEmbedder, model, threads=2))  # the caller's choice stands
+    assert not takes_threads(lambda: None)
+    actor = EncodeActor(opener, data, False, None, 1)
+    assert seen == [1]
+    opts = actor.embedder.session.get_session_options()
+    assert opts.intra_op_num_threads == 1
+    out = actor({"shard": [0], "start": [0], "stop": [4]})
+    assert len(out["payload"]) == 1
+    EncodeActor(lambda: OnnxEmbedder(model, batch_size=4), data, False, None, 1)  # an opener without threads: as is
