@@ -9,7 +9,8 @@
 
 The stages:
 
-1. **Read and decode** in DataLoader worker processes (``workers``; 0 = in this process): each worker
+1. **Read and decode** in DataLoader worker processes (``workers``; 0 = in this process; None = chosen by
+   :func:`choose_workers` from the time one batch takes to decode): each worker
    takes every ``workers``-th batch of the rows still to embed, reads its images (a file, an array row or
    a tar member, :mod:`simsiam_kit.data.webdataset`), decodes them and applies the model's own
    preprocessing (``embedder.preprocess``: for an ONNX model the rule of its metadata, the very function
@@ -314,6 +315,35 @@ def default_workers() -> int:
     return max(0, min(usable_cores() - 1, 16))
 
 
+#: decoding a batch faster than this (seconds, measured in this process) stays in this process: handing a batch
+#: over from a worker costs about 10 ms here, and a decoding process takes cores from the encoder. Measured on 2
+#: cores of an AMD EPYC (benchmarks/embed_pipeline.py, ResNet-18 ONNX, batches of 64): 32 px CIFAR JPEGs (16 ms a
+#: batch to decode) ran at 90 % of the two-stage bound in-process and 67 % with one worker; 640 x 480 photos
+#: resized to 224 px (540 ms a batch) at 83 % in-process and 94 % with one worker
+WORKER_MIN_BATCH_DECODE_S = 0.1
+
+
+def choose_workers(source: RowSource, preprocess: Callable, batch_size: int, probe_rows: int = 16):
+    """``(workers, why)`` for ``workers=None``: none (decoding in this process) when reading, decoding and
+    preprocessing one batch takes less than :data:`WORKER_MIN_BATCH_DECODE_S` (timed on the first
+    ``probe_rows`` rows, scaled to ``batch_size``), else :func:`default_workers` (the cores but one)."""
+    most = default_workers()
+    if most == 0:
+        return 0, "one usable core"
+    n = min(len(source), probe_rows, batch_size)
+    if n == 0:
+        return most, "no rows to time"
+    t0 = time.perf_counter()
+    try:
+        make_batch(source, preprocess, 0, 0, n, True)
+    except Exception:  # the run reports what is wrong with the input; the probe only times it
+        return most, "the first rows could not be timed"
+    per_batch = (time.perf_counter() - t0) / n * batch_size
+    if per_batch < WORKER_MIN_BATCH_DECODE_S:
+        return 0, f"decoding a batch takes {per_batch * 1000:.0f} ms here: faster in this process than handed over"
+    return most, f"decoding a batch takes {per_batch * 1000:.0f} ms here: overlapped with the encoder"
+
+
 def _shorter_side(im) -> int:
     """The shorter side in pixels of a decoded image (PIL: ``size``; an array: ``shape`` H, W[, C]), 0 if unknown."""
     shape = getattr(im, "shape", None)
@@ -394,8 +424,7 @@ def embed_to_shards(
     bs = int(batch_size or embedder.batch_size)
     if bs < 1:
         raise UserError(f"--batch-size must be >= 1 (got {bs})")
-    workers = default_workers() if workers is None else int(workers)
-    if workers < 0:
+    if workers is not None and int(workers) < 0:
         raise UserError(f"--workers must be >= 0 (got {workers})")
     src = source if source is not None else open_source(data, skip_bad_images)
     total = len(src)
@@ -432,6 +461,13 @@ def embed_to_shards(
         for why in writer.dropped:
             say(f"redoing a shard: {why}")
         todo = writer.todo()
+        preprocess, encoder = stages(embedder)
+        why_workers = ""
+        if engine is not None:
+            workers = 0  # the engine reads and decodes
+        elif workers is None:
+            workers, why_workers = choose_workers(src, preprocess, bs) if todo else (0, "")
+        workers = int(workers)
         kept = num_shards(total, shard_size) - len(todo)
         todo_rows = sum(len(range(*shard_range(i, shard_size, total))) for i in todo)
         meta = embedder.meta
@@ -440,7 +476,8 @@ def embed_to_shards(
             f"{meta.get('head')}, {embedder.dim}-d, {meta.get('image_size')}px) on {embedder.provider}: "
             f"{len(todo)} shard(s) of {shard_size} to write"
             + (f", {kept} kept from the previous run" if kept else "")
-            + f", {workers} decoding worker(s)"
+            + ("" if engine is not None else f", {workers} decoding worker(s)")
+            + (f" ({why_workers})" if why_workers else "")
         )
         for d in src.damaged:
             say(f"warning: {d['tar']}: {d['error']}; using its {d['samples']} complete samples")
@@ -453,7 +490,6 @@ def embed_to_shards(
         pending: dict = {}
         expected = {i: math.ceil(len(range(*shard_range(i, shard_size, total))) / bs) for i in todo}
         done_rows = 0
-        preprocess, encoder = stages(embedder)
         try:
             pin = getattr(getattr(embedder, "device", None), "type", None) == "cuda"  # the torch runtime on CUDA
             if engine is not None:
