@@ -453,3 +453,35 @@ def test_a_run_refused_by_the_directory_lock_times_no_runtime(encoder, photos, t
     assert calls == [] and emb.runtime == "auto" and not (tmp_path / "c.json").exists()
     m = embed_to_dir(emb, str(photos), out, shard_size=4, workers=0)
     assert calls and m["runtime"] in runtimes and m["count"] == 12 and (tmp_path / "c.json").exists()
+
+
+def test_workers_are_chosen_from_the_time_a_batch_takes_to_decode(encoder, photos, tmp_path, monkeypatch):
+    # workers=None: decoding stays in this process when a batch decodes faster than the threshold (a hand-off
+    # would cost more than it saves), else the cores but one; the log says which and the time it measured
+    import simsiam_kit.retrieval.pipeline as pl
+
+    monkeypatch.setattr(pl, "default_workers", lambda: 1)  # as on a 2-core machine, whatever this one has
+    src = pl.open_source(str(photos), False)
+    pre, _ = pl.stages(OnnxEmbedder(encoder, batch_size=4))
+    monkeypatch.setattr(pl, "WORKER_MIN_BATCH_DECODE_S", 1e9)
+    n, why = pl.choose_workers(src, pre, 4)
+    assert n == 0 and "faster in this process" in why
+    monkeypatch.setattr(pl, "WORKER_MIN_BATCH_DECODE_S", 0.0)
+    n, why = pl.choose_workers(src, pre, 4)
+    assert n == 1 and "overlapped with the encoder" in why
+    ms = float(re.search(r"takes (\d+) ms", why).group(1))
+    assert ms >= 0
+    lines: list[str] = []
+    m = embed_to_dir(
+        OnnxEmbedder(encoder, batch_size=4), str(photos), tmp_path / "auto", shard_size=5, log=lines.append
+    )
+    assert m["workers"] == 1 and any("1 decoding worker(s) (decoding a batch takes" in s for s in lines)
+    monkeypatch.setattr(pl, "WORKER_MIN_BATCH_DECODE_S", 1e9)
+    m = embed_to_dir(OnnxEmbedder(encoder, batch_size=4), str(photos), tmp_path / "in", shard_size=5, log=lines.append)
+    assert m["workers"] == 0
+    for i in range(3):  # the same files either way
+        a = (tmp_path / "auto" / "shards" / f"{i:05d}.npy").read_bytes()
+        assert a == (tmp_path / "in" / "shards" / f"{i:05d}.npy").read_bytes()
+    assert pl.choose_workers(src, pre, 4)[0] == 0
+    monkeypatch.setattr(pl, "default_workers", lambda: 0)
+    assert pl.choose_workers(src, pre, 4) == (0, "one usable core")
