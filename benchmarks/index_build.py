@@ -263,6 +263,9 @@ def main() -> None:
     ap.add_argument(
         "--prepare-only", action="store_true", help="write the vectors and the ground truth under --work, then stop"
     )
+    ap.add_argument(
+        "--reuse-ours", action="store_true", help="measure the index an earlier run left in --work/ours (no build)"
+    )
     ap.add_argument("--peer-python", default=None, help="interpreter with autofaiss installed (default: this one)")
     ap.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
     ap.add_argument("--smoke", action="store_true", help="10k x 16, 20 clusters, IVF-PQ, 100 queries; JSON to /tmp")
@@ -294,7 +297,11 @@ def main() -> None:
     rows, results = [], {}
 
     ours_dir = work / "ours"
-    res = _in_child(_ours, args, str(ours_dir))
+    if args.reuse_ours and (ours_dir / "index.json").is_file():  # measure the index an earlier run built
+        meta = json.loads((ours_dir / "index.json").read_text())
+        res = {"seconds": meta["seconds"]["total"], "peak_rss": None, "meta": meta}
+    else:
+        res = _in_child(_ours, args, str(ours_dir))
     index = EmbeddingIndex.load(ours_dir, use_gpu=False)
     knob, values = _knob(index.kind, index.nlist)
     table = sweep(index, knob, values, queries, truth)
@@ -303,7 +310,8 @@ def main() -> None:
     results["simsiam_kit"] = {
         "factory": res["meta"]["factory"],
         "build_seconds": round(res["seconds"], 1),
-        "peak_rss_bytes": res["peak_rss"],
+        "peak_rss_bytes": res["peak_rss"],  # None: --reuse-ours, the build ran in an earlier invocation
+        "reused_index": res["peak_rss"] is None,
         "index_bytes": index_bytes(ours_dir),
         "on_disk": res["meta"]["on_disk"],
         "build_recall_at_10": res["meta"]["recall_at_10"],
@@ -322,6 +330,10 @@ def main() -> None:
 
         if "skipped" in res:
             results["autofaiss"] = res
+        elif not (af_dir / "knn.index").is_file():  # autofaiss returned without an index: its log says why
+            errors = [ln for ln in (af_dir / "autofaiss.log").read_text().splitlines() if "[ERROR]" in ln]
+            results["autofaiss"] = {"refused": errors[-1] if errors else "no index written", **res}
+            rows.append({"builder": "autofaiss build_index: wrote no index (see its log)"})
         elif "timed_out" in res:
             results["autofaiss"] = {"timed_out_after_seconds": res["timed_out"]}
             rows.append({"builder": f"autofaiss build_index: stopped after {res['timed_out']:.0f} s"})
@@ -385,7 +397,7 @@ def _row(name: str, r: dict) -> dict:
         "builder": name,
         "factory": r.get("factory"),
         "build s": r["build_seconds"],
-        "peak RSS GB": round(r["peak_rss_bytes"] / 1e9, 2),
+        "peak RSS GB": round(r["peak_rss_bytes"] / 1e9, 2) if r["peak_rss_bytes"] else "-",
         "index GB": round(r["index_bytes"] / 1e9, 3),
         "knob": f"{knob[0]}={knob[1]}" if b else "recall < 0.9",
         "recall@10": b.get("recall_at_10"),

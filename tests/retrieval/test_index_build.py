@@ -151,9 +151,31 @@ def test_each_kind_builds_loads_and_reports_its_measured_recall(tmp_path, kind):
     exact = np.argsort(-(x[rows] @ x.T), axis=1, kind="stable")[:, :11]
     assert recall_at_k(found, exact, rows) == pytest.approx(m["recall_at_10"], abs=1e-4)
     knob = "ef" if kind == "hnsw" else "nprobe"
-    assert [s[knob] for s in m["recall_sweep"]][-1] == (m["ef_search"] if kind == "hnsw" else m["nprobe"])
-    if m["recall_at_10"] < m["target_recall"]:  # the sweep ran to its end
-        assert m["recall_sweep"][-1][knob] == (1024 if kind == "hnsw" else 16)
+    chosen = m["ef_search"] if kind == "hnsw" else m["nprobe"]
+    sw = [(s[knob], s["recall_at_10"]) for s in m["recall_sweep"]]
+    if m["recall_at_10"] < m["target_recall"]:  # to its end, or stopped where two doublings gained < 0.005
+        assert sw[-1][0] == (1024 if kind == "hnsw" else 16) or (m["recall_plateau"] and sw[-1][1] - sw[-3][1] < 0.005)
+        best = max(r for _, r in sw)  # the smallest setting within 0.005 of the best
+        assert chosen == next(v for v, r in sw if r >= best - 0.005)
+    else:
+        assert sw[-1][0] == chosen and not m["recall_plateau"]
+
+
+def test_a_recall_the_codes_cap_stops_the_sweep_and_says_so(tmp_path):
+    # PQ with 2 one-byte codes of 16-d vectors cannot rank the 10 nearest of clustered vectors: recall@10 stops
+    # growing long before every list is probed; the sweep stops there and keeps the smallest nprobe within reach
+    x = clustered(4_000, 16, centres=8, noise=0.5)
+    said: list[str] = []
+    r = build_index(
+        array_source(x, 1_000), tmp_path / "pq", kind="ivfpq", nlist=64, pq_m=2, queries=100, log=said.append
+    )
+    m, sw = r.meta, r.meta["recall_sweep"]
+    assert m["recall_at_10"] < 0.9 and m["recall_plateau"]
+    assert len(sw) < 7 and sw[-1]["nprobe"] < 64  # 1, 2, 4, ... stopped before nlist
+    assert sw[-1]["recall_at_10"] - sw[-3]["recall_at_10"] < 0.005
+    best = max(s["recall_at_10"] for s in sw)
+    assert m["nprobe"] == next(s["nprobe"] for s in sw if s["recall_at_10"] >= best - 0.005)
+    assert any("recall@10 stops at" in s and "the PQ codes limit it" in s for s in said)
 
 
 @pytest.mark.parametrize("kind", ["ivf", "opq_ivfpq"])
