@@ -647,7 +647,7 @@ def build_index(
             if recall is not None and recall < target_recall:  # the smallest setting within reach of the best
                 best = max(x["recall_at_10"] for x in sweep)
                 first = next(x for x in sweep if x["recall_at_10"] >= best - PLATEAU_GAIN)
-                knob, recall = first[name], first["recall_at_10"]
+                knob, recall = int(first[name]), float(first["recall_at_10"])
                 _set_knob(index, plan, knob)
                 say(
                     f"recall@10 stops at {best:.3f}, below the target {target_recall}"
