@@ -320,6 +320,8 @@ def main() -> None:
         "best_at_recall_0.9": best,
     }
     rows.append(_row("simsiam-kit index build", results["simsiam_kit"]))
+    if not args.no_autofaiss:  # ours' figures are on disk before the peer runs (a peer failure loses nothing)
+        save(out_json, rows, results, load_before, args, gen_seconds, gt_seconds, final=False)
     del index
 
     if not args.no_autofaiss:
@@ -359,6 +361,12 @@ def main() -> None:
                 "best_at_recall_0.9": max(ok, key=lambda r: r["queries_per_s"]) if ok else None,
             }
             rows.append(_row("autofaiss build_index", results["autofaiss"]))
+    save(out_json, rows, results, load_before, args, gen_seconds, gt_seconds)
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def save(out_json, rows, results, load_before, args, gen_seconds, gt_seconds, final: bool = True) -> None:
     text = print_table(
         rows, ["builder", "factory", "build s", "peak RSS GB", "index GB", "knob", "recall@10", "queries/s"]
     )
@@ -367,6 +375,7 @@ def main() -> None:
         {
             "load_before": load_before,
             "load_after": [round(v, 2) for v in os.getloadavg()],
+            "complete": final,  # False: written after ours, before the peer
             "args": vars(args),
             "generate_seconds": round(gen_seconds, 1),
             "ground_truth_seconds": round(gt_seconds, 1),
@@ -376,8 +385,6 @@ def main() -> None:
             "targets": {"build_seconds": 1800, "peak_rss_bytes": 6e9, "queries_per_s_at_recall_0.9": 500},
         },
     )
-    if not args.work:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 class _Raw:
