@@ -323,22 +323,23 @@ def default_workers() -> int:
 WORKER_MIN_BATCH_DECODE_S = 0.1
 
 
-def choose_workers(source: RowSource, preprocess: Callable, batch_size: int, probe_rows: int = 16):
+def choose_workers(images: list, read_seconds: float, preprocess: Callable, batch_size: int):
     """``(workers, why)`` for ``workers=None``: none (decoding in this process) when reading, decoding and
-    preprocessing one batch takes less than :data:`WORKER_MIN_BATCH_DECODE_S` (timed on the first
-    ``probe_rows`` rows, scaled to ``batch_size``), else :func:`default_workers` (the cores but one)."""
+    preprocessing one batch takes less than :data:`WORKER_MIN_BATCH_DECODE_S`, else :func:`default_workers` (the
+    cores but one). Timed on what ``embed`` decodes first anyway (``images``, read in ``read_seconds``: the
+    runtime's timing batch or the scale warning's rows, :func:`first_images`) plus their preprocessing here, scaled
+    to ``batch_size``: the choice decodes no image of its own."""
     most = default_workers()
     if most == 0:
         return 0, "one usable core"
-    n = min(len(source), probe_rows, batch_size)
-    if n == 0:
-        return most, "no rows to time"
+    if not images:
+        return most, "no readable image to time"
     t0 = time.perf_counter()
     try:
-        make_batch(source, preprocess, 0, 0, n, True)
+        preprocess(images)
     except Exception:  # the run reports what is wrong with the input; the probe only times it
-        return most, "the first rows could not be timed"
-    per_batch = (time.perf_counter() - t0) / n * batch_size
+        return most, "the first images could not be preprocessed"
+    per_batch = (read_seconds + time.perf_counter() - t0) / len(images) * batch_size
     if per_batch < WORKER_MIN_BATCH_DECODE_S:
         return 0, f"decoding a batch takes {per_batch * 1000:.0f} ms here: faster in this process than handed over"
     return most, f"decoding a batch takes {per_batch * 1000:.0f} ms here: overlapped with the encoder"
@@ -434,8 +435,11 @@ def embed_to_shards(
 
         choose = getattr(embedder, "choose", None)
         timed = callable(choose) and engine is None  # a runtime chosen by timing: first batch, before the fingerprint
-        # decoded once: the timing batch, whose first 8 images also feed the scale warning
-        first = first_images(src, bs, 4 * bs) if timed else first_images(src, 8, 32)
+        # decoded once: the timing batch (or 16 images), whose first 8 also feed the scale warning, and whose reading
+        # time chooses the decoding workers
+        t_read = time.perf_counter()
+        first = first_images(src, bs, 4 * bs) if timed else first_images(src, 16, 64)
+        t_read = time.perf_counter() - t_read
         sides = [_shorter_side(im) for im in first[:8]]
         note = scale_warning(encoder_image_size(embedder), [v for v in sides if v])
         if note:
@@ -466,7 +470,7 @@ def embed_to_shards(
         if engine is not None:
             workers = 0  # the engine reads and decodes
         elif workers is None:
-            workers, why_workers = choose_workers(src, preprocess, bs) if todo else (0, "")
+            workers, why_workers = choose_workers(first, t_read, preprocess, bs) if todo else (0, "")
         workers = int(workers)
         kept = num_shards(total, shard_size) - len(todo)
         todo_rows = sum(len(range(*shard_range(i, shard_size, total))) for i in todo)

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -463,14 +464,23 @@ def test_workers_are_chosen_from_the_time_a_batch_takes_to_decode(encoder, photo
     monkeypatch.setattr(pl, "default_workers", lambda: 1)  # as on a 2-core machine, whatever this one has
     src = pl.open_source(str(photos), False)
     pre, _ = pl.stages(OnnxEmbedder(encoder, batch_size=4))
+    t0 = time.perf_counter()
+    imgs = pl.first_images(src, 16, 64)
+    read_s = time.perf_counter() - t0
+    assert len(imgs) == 12  # every photo of the folder
     monkeypatch.setattr(pl, "WORKER_MIN_BATCH_DECODE_S", 1e9)
-    n, why = pl.choose_workers(src, pre, 4)
+    n, why = pl.choose_workers(imgs, read_s, pre, 4)
     assert n == 0 and "faster in this process" in why
     monkeypatch.setattr(pl, "WORKER_MIN_BATCH_DECODE_S", 0.0)
-    n, why = pl.choose_workers(src, pre, 4)
+    n, why = pl.choose_workers(imgs, read_s, pre, 4)
     assert n == 1 and "overlapped with the encoder" in why
-    ms = float(re.search(r"takes (\d+) ms", why).group(1))
-    assert ms >= 0
+    # worked by hand: 4 images read in 1 s, preprocessing ~0 s -> 0.25 s an image -> 2,000 ms a batch of 8
+    n, why = pl.choose_workers(imgs[:4], 1.0, lambda x: x, 8)
+    assert n == 1 and int(re.search(r"takes (\d+) ms", why).group(1)) == 2000
+    monkeypatch.setattr(pl, "WORKER_MIN_BATCH_DECODE_S", 2.1)  # the same batch under a threshold above it
+    assert pl.choose_workers(imgs[:4], 1.0, lambda x: x, 8)[0] == 0
+    monkeypatch.setattr(pl, "WORKER_MIN_BATCH_DECODE_S", 0.0)
+    assert pl.choose_workers([], 0.0, pre, 4) == (1, "no readable image to time")
     lines: list[str] = []
     m = embed_to_dir(
         OnnxEmbedder(encoder, batch_size=4), str(photos), tmp_path / "auto", shard_size=5, log=lines.append
@@ -482,6 +492,6 @@ def test_workers_are_chosen_from_the_time_a_batch_takes_to_decode(encoder, photo
     for i in range(3):  # the same files either way
         a = (tmp_path / "auto" / "shards" / f"{i:05d}.npy").read_bytes()
         assert a == (tmp_path / "in" / "shards" / f"{i:05d}.npy").read_bytes()
-    assert pl.choose_workers(src, pre, 4)[0] == 0
+    assert pl.choose_workers(imgs, read_s, pre, 4)[0] == 0
     monkeypatch.setattr(pl, "default_workers", lambda: 0)
-    assert pl.choose_workers(src, pre, 4) == (0, "one usable core")
+    assert pl.choose_workers(imgs, read_s, pre, 4) == (0, "one usable core")
