@@ -160,6 +160,8 @@ def _ours(args, out: str, queue) -> None:
         max_index_memory=args.max_index_memory,
         nlist=args.nlist,
         pq_m=args.pq_m,
+        sq_bits=args.sq_bits,
+        on_disk=True if args.on_disk else None,
         queries=args.build_queries,
         log=lambda m: print(f"{time.strftime('%H:%M:%S')} {m}", flush=True),  # a child's stdout is a file: flush
     )
@@ -270,7 +272,7 @@ def sweep(index, knob: str, values, queries, truth) -> list[dict]:
 def _knob(kind: str, nlist: int):
     if kind == "hnsw":
         return "ef", [16, 32, 64, 128, 256, 512]
-    if kind in ("ivf", "ivfpq", "opq_ivfpq"):
+    if kind in ("ivf", "ivfsq", "ivfpq", "opq_ivfpq"):
         return "nprobe", [v for v in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if v <= nlist]
     return None, ["exact"]
 
@@ -296,6 +298,8 @@ def main() -> None:
     ap.add_argument("--kind", default="auto")
     ap.add_argument("--nlist", type=int, default=None)
     ap.add_argument("--pq-m", type=int, default=None)
+    ap.add_argument("--sq-bits", type=int, default=None)
+    ap.add_argument("--on-disk", action="store_true", help="build on-disk inverted lists (default: when over budget)")
     ap.add_argument("--max-index-memory", default="4G")
     ap.add_argument("--memory-available", default="6G", help="autofaiss's current_memory_available")
     ap.add_argument("--no-autofaiss", action="store_true")

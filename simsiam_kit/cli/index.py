@@ -27,7 +27,7 @@ def build_cmd(
         "auto",
         "--index",
         help="auto (autofaiss's rule from the vector count and --max-index-memory), flat (exact), hnsw, ivf, "
-        "ivfpq or opq_ivfpq (approximate).",
+        "ivfsq, ivfpq or opq_ivfpq (approximate).",
     ),
     max_index_memory: str = typer.Option(
         "4G", "--max-index-memory", help="Memory the index may take (e.g. 4G, 512M); larger goes on disk."
@@ -35,6 +35,9 @@ def build_cmd(
     nlist: Optional[int] = typer.Option(None, "--nlist", help="IVF lists (default: autofaiss's rule)."),
     pq_m: Optional[int] = typer.Option(None, "--pq-m", help="PQ code bytes per vector (ivfpq, opq_ivfpq)."),
     hnsw_m: Optional[int] = typer.Option(None, "--hnsw-m", help="HNSW links per vector."),
+    sq_bits: Optional[int] = typer.Option(
+        None, "--sq-bits", help="Bits per dimension of the scalar-quantizer code (ivfsq: 8, 6 or 4; default 8)."
+    ),
     on_disk: Optional[bool] = typer.Option(
         None,
         "--on-disk/--in-memory",
@@ -66,6 +69,7 @@ def build_cmd(
         nlist=nlist,
         pq_m=pq_m,
         hnsw_m=hnsw_m,
+        sq_bits=sq_bits,
         on_disk=on_disk,
         queries=queries,
         target_recall=target_recall,

@@ -15,10 +15,11 @@ own length and against the other files of the directory:
 * :func:`check_faiss_file`: the FAISS index file is parsed before faiss reads it. ``faiss.read_index``
   allocates every vector at the size the file declares (up to 1 TB by default) before it reads the
   vector's bytes, so a few changed bytes in a 43 KB file asked for 15.7 GB. The parser walks the
-  layout faiss writes for the kinds simsiam-kit builds (``IndexFlatIP``, ``IndexIVFFlat`` and ``IndexIVFPQ``
-  over an ``IndexFlatIP`` quantizer, an OPQ ``IndexPreTransform`` around an ``IndexIVFPQ``, ``IndexHNSWFlat``
-  over an ``IndexFlatIP``; inverted lists in the file or on disk in ``index.ivfdata``, whose every list must
-  lie inside that file and hold ids of stored vectors), checks
+  layout faiss writes for the kinds simsiam-kit builds (``IndexFlatIP``, ``IndexIVFFlat``,
+  ``IndexIVFScalarQuantizer`` and ``IndexIVFPQ`` over an ``IndexFlatIP`` quantizer, an OPQ
+  ``IndexPreTransform`` around an ``IndexIVFPQ``, ``IndexHNSWFlat`` over an ``IndexFlatIP``; inverted
+  lists in the file or on disk in ``index.ivfdata``, whose every list must lie inside that file and hold
+  ids of stored vectors), checks
   every declared count against the bytes left in the file and against ``index.json`` (dimension,
   number of vectors, number of lists), bounds the search-time sizes stored in the file (``nprobe`` <=
   ``nlist``, HNSW ``efSearch``/``efConstruction`` <= :data:`MAX_EF`), checks that every id and graph
@@ -27,8 +28,9 @@ own length and against the other files of the directory:
 
 Layout reference: ``faiss/impl/index_write.cpp`` (``write_index_header``, ``WRITEXBVECTOR``,
 ``write_ivf_header``, ``write_direct_map``, ``write_InvertedLists``, ``write_HNSW``,
-``write_ProductQuantizer``, ``write_VectorTransform``; ``OnDiskInvertedListsIOHook::write``), unchanged from
-faiss 1.8 to 1.15 for flat, IVF-Flat and HNSW (IVF-PQ, OPQ and on-disk lists checked against 1.15);
+``write_ProductQuantizer``, ``write_ScalarQuantizer``, ``write_VectorTransform``;
+``OnDiskInvertedListsIOHook::write``), unchanged from
+faiss 1.8 to 1.15 for flat, IVF-Flat and HNSW (IVF-SQ, IVF-PQ, OPQ and on-disk lists checked against 1.15);
 ``tests/reliability/test_untrusted_files.py`` and ``tests/retrieval/test_index_build.py`` round-trip each
 kind through the installed faiss.
 """
@@ -253,6 +255,33 @@ def _ivfpq(r: _Reader, what: str, dim: int, ntotal: int, nlist: int, pq_m: int, 
     _invlists(r, what, n_lists, code_size, ntotal, ivfdata)
 
 
+#: faiss ``ScalarQuantizer::QuantizerType`` of the codes simsiam-kit builds (non-uniform: a range per dimension)
+SQ_QTYPE = {8: 0, 4: 1, 6: 6}
+
+
+def _ivfsq(r: _Reader, dim: int, ntotal: int, nlist: int, sq_bits: int, ivfdata: Optional[Path]) -> None:
+    """``IndexIVFScalarQuantizer``: ivf header, the scalar quantizer (qtype, rangestat, rangestat_arg, d,
+    code_size, the trained ranges: a min and a width per dimension), code_size, by_residual, then inverted
+    lists of ceil(sq_bits x d / 8)-byte codes."""
+    what = "IVF-SQ index"
+    n_lists = _ivf_header(r, what, dim, ntotal, nlist)
+    qtype, _rangestat = r.field("i", f"{what} quantizer type"), r.field("i", f"{what} range statistic")
+    r.skip(4, f"{what} range statistic argument")
+    d, code_size = r.field("Q", f"{what} SQ d"), r.field("Q", f"{what} SQ code size")
+    want = (dim * sq_bits + 7) // 8
+    if sq_bits not in SQ_QTYPE or qtype != SQ_QTYPE[sq_bits] or d != dim or code_size != want:
+        raise _Corrupt(
+            f"{what} scalar quantizer (type {qtype}, d {d}, code size {code_size}) is not the {sq_bits}-bit "
+            f"quantizer of dimension {dim} index.json records"
+        )
+    if r.vector_len(4, f"{what} SQ ranges") != 2 * dim:
+        raise _Corrupt(f"{what} SQ ranges are not 2 x {dim} floats")
+    r.skip(8 * dim, f"{what} SQ ranges")
+    if r.field("Q", f"{what} code size") != code_size or r.field("B", f"{what} by_residual") not in (0, 1):
+        raise _Corrupt(f"{what} code size or by_residual disagrees with its quantizer")
+    _invlists(r, what, n_lists, code_size, ntotal, ivfdata)
+
+
 def _opq_ivfpq(r: _Reader, dim: int, ntotal: int, nlist: int, pq_m: int, opq_dim: int, ivfdata: Optional[Path]) -> None:
     """``IndexPreTransform``: header, one ``LTra`` (the OPQ rotation: have_bias, A, b, d_in, d_out,
     is_trained), then the ``IndexIVFPQ`` of the rotated vectors."""
@@ -403,14 +432,17 @@ def check_faiss_file(
     pq_m: int = 0,
     opq_dim: int = 0,
     ivfdata: Optional[Path] = None,
+    sq_bits: int = 0,
 ) -> None:
     """Raise :class:`UserError` naming ``path`` unless it is a FAISS index of ``kind`` ("flat", "ivf",
-    "hnsw", "ivfpq", "opq_ivfpq") that simsiam-kit writes, with ``dim``, ``ntotal`` (and ``nlist`` lists,
-    ``pq_m`` code bytes, ``opq_dim`` rotated dimensions where they apply) as ``index.json`` records them,
+    "hnsw", "ivfsq", "ivfpq", "opq_ivfpq") that simsiam-kit writes, with ``dim``, ``ntotal`` (and ``nlist``
+    lists, ``pq_m`` code bytes, ``opq_dim`` rotated dimensions, ``sq_bits`` bits per dimension where they apply)
+    as ``index.json`` records them,
     every declared size within the file (see the module docstring). ``ivfdata``: the file of on-disk
     inverted lists (``index.ivfdata``) when ``index.json`` says the lists are on disk."""
     p = Path(path)
-    expect = {"flat": b"IxFI", "ivf": b"IwFl", "hnsw": b"IHNf", "ivfpq": b"IwPQ", "opq_ivfpq": b"IxPT"}[kind]
+    fourcc = {"flat": b"IxFI", "ivf": b"IwFl", "hnsw": b"IHNf", "ivfsq": b"IwSq", "ivfpq": b"IwPQ"}
+    expect = {**fourcc, "opq_ivfpq": b"IxPT"}[kind]
     try:
         with open_regular(p) as f:
             r = _Reader(f, f.seek(0, 2))
@@ -418,13 +450,15 @@ def check_faiss_file(
             got = r.fourcc("index type")
             if got != expect:
                 raise _Corrupt(f"index type {got!r} is not the {kind} index ({expect!r}) index.json records")
-            if ivfdata is not None and kind not in ("ivf", "ivfpq", "opq_ivfpq"):
+            if ivfdata is not None and kind not in ("ivf", "ivfsq", "ivfpq", "opq_ivfpq"):
                 raise _Corrupt(f"index.json says on-disk lists, which a {kind} index does not have")
             if kind == "flat":
                 r.f.seek(0)
                 _flat(r, "flat index", dim, ntotal)
             elif kind == "ivf":
                 _ivf(r, dim, ntotal, nlist, ivfdata)
+            elif kind == "ivfsq":
+                _ivfsq(r, dim, ntotal, nlist, sq_bits, ivfdata)
             elif kind == "ivfpq":
                 _ivfpq(r, "IVF-PQ index", dim, ntotal, nlist, pq_m, ivfdata)
             elif kind == "opq_ivfpq":

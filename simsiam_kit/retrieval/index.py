@@ -15,7 +15,8 @@ Backends:
   centred bank, the candidates around the k-th place re-scored in fp32 (:func:`knn_search_bf16`); its
   recall is measured, not guaranteed (``eval knn`` reports it against the exact search on 500 queries).
 * ``faiss``: ``IndexFlatIP`` (exact), ``IndexIVFFlat`` (``kind="ivf"``), ``IndexHNSWFlat``
-  (``kind="hnsw"``), ``IndexIVFPQ`` (``kind="ivfpq"``) or OPQ + ``IndexIVFPQ`` (``kind="opq_ivfpq"``);
+  (``kind="hnsw"``), ``IndexIVFScalarQuantizer`` (``kind="ivfsq"``), ``IndexIVFPQ`` (``kind="ivfpq"``) or OPQ +
+  ``IndexIVFPQ`` (``kind="opq_ivfpq"``);
   moved to the GPU when faiss-gpu sees one (not HNSW, not on-disk lists). faiss is imported lazily.
   Indexes larger than RAM are built by :mod:`simsiam_kit.retrieval.index_build` (``simsiam-kit index
   build``), which also measures their recall@10 against the exact search and records it in
@@ -53,11 +54,11 @@ import torch
 
 from simsiam_kit.errors import UserError, require_extra
 
-KINDS = ("flat", "bf16", "ivf", "hnsw", "ivfpq", "opq_ivfpq")
+KINDS = ("flat", "bf16", "ivf", "hnsw", "ivfsq", "ivfpq", "opq_ivfpq")
 #: the backend each kind needs (``flat``: either); also what ``auto`` picks for them
-KIND_BACKEND = {"bf16": "torch", "ivf": "faiss", "hnsw": "faiss", "ivfpq": "faiss", "opq_ivfpq": "faiss"}
+KIND_BACKEND = {"bf16": "torch", **dict.fromkeys(("ivf", "hnsw", "ivfsq", "ivfpq", "opq_ivfpq"), "faiss")}
 #: kinds with an inverted-file coarse quantizer (``nprobe`` at search time)
-IVF_KINDS = ("ivf", "ivfpq", "opq_ivfpq")
+IVF_KINDS = ("ivf", "ivfsq", "ivfpq", "opq_ivfpq")
 BACKENDS = ("auto", "faiss", "torch")
 #: What :meth:`EmbeddingIndex.save` writes to ``index.json`` and :meth:`EmbeddingIndex.load` requires.
 INDEX_JSON_KEYS = {"dim": int, "kind": str, "backend": str, "nlist": int, "nprobe": int, "hnsw_m": int, "ntotal": int}
@@ -386,6 +387,7 @@ class EmbeddingIndex:
         self.rerank = rerank
         self.dim, self.kind, self.nlist, self.nprobe, self.hnsw_m = int(dim), kind, nlist, nprobe, hnsw_m
         self.pq_m = self.opq_dim = 0  # code bytes and OPQ output dimension of the ivfpq / opq_ivfpq kinds
+        self.sq_bits = 0  # bits per dimension of the ivfsq kind
         self.use_gpu = use_gpu
         self.backend = self.auto_backend(kind, use_gpu) if backend == "auto" else backend
         if device is not None:
@@ -447,9 +449,10 @@ class EmbeddingIndex:
         knobs = ", ".join(f"{k}={v}" for k, v in self.search_params().items())
         measured = self.meta.get("recall_sweep") or []
         at = ""
-        if measured:
+        if measured:  # the build stores the setting its recall was measured at (not always the sweep's last)
             key = "nprobe" if self.kind in IVF_KINDS else "ef"
-            at = f" at {key}={measured[-1].get(key)}"
+            stored = self.meta.get("nprobe" if key == "nprobe" else "ef_search")
+            at = f" at {key}={stored if stored is not None else measured[-1].get(key)}"
         recall = (
             f"recall@10 {self.recall:.3f} measured on {self.meta.get('recall_queries')} held-out vectors{at}"
             if self.recall is not None
@@ -511,7 +514,7 @@ class EmbeddingIndex:
             idx = faiss.IndexFlatIP(self.dim)
         elif self.kind == "hnsw":
             idx = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        elif self.kind in ("ivfpq", "opq_ivfpq"):  # trained on the first batch added, like ivf
+        elif self.kind in ("ivfsq", "ivfpq", "opq_ivfpq"):  # trained on the first batch added, like ivf
             from simsiam_kit.retrieval.index_build import choose_plan
 
             if train is None:
@@ -519,7 +522,7 @@ class EmbeddingIndex:
             plan = choose_plan(len(train), self.dim, kind=self.kind, nlist=self.nlist or None)
             idx = plan.make()
             idx.train(train)
-            self.nlist, self.pq_m, self.opq_dim = plan.nlist, plan.pq_m, plan.opq_dim
+            self.nlist, self.pq_m, self.opq_dim, self.sq_bits = plan.nlist, plan.pq_m, plan.opq_dim, plan.sq_bits
             faiss.extract_index_ivf(idx).nprobe = min(self.nprobe, plan.nlist)
         else:
             if train is None:
@@ -625,8 +628,8 @@ class EmbeddingIndex:
         }
         if self.on_disk:
             raise UserError("an index with on-disk lists is written by `simsiam-kit index build`, not saved again")
-        if self.kind in ("ivfpq", "opq_ivfpq"):
-            meta.update(pq_m=self.pq_m, opq_dim=self.opq_dim, approximate=True)
+        if self.kind in ("ivfsq", "ivfpq", "opq_ivfpq"):
+            meta.update(pq_m=self.pq_m, opq_dim=self.opq_dim, sq_bits=self.sq_bits, approximate=True)
         if self.backend == "torch":
             vec = self._torch_bank().cpu().numpy() if self._parts else np.zeros((0, self.dim), np.float32)
             atomic_save_npy(d / "index_vectors.npy", vec)
@@ -681,8 +684,11 @@ class EmbeddingIndex:
             raise UserError(f"{meta_p}: {e}") from None
         self.meta, self.recall, self.on_disk = meta, opt["recall_at_10"], opt["on_disk"]
         self.pq_m, self.opq_dim, self.ef_search = opt["pq_m"], opt["opq_dim"], opt["ef_search"]
+        self.sq_bits = opt["sq_bits"]
         if self.kind in ("ivfpq", "opq_ivfpq") and not self.pq_m or self.kind == "opq_ivfpq" and not self.opq_dim:
             raise UserError(f"{meta_p}: a {self.kind} index needs 'pq_m'{' and opq_dim' * (self.kind == 'opq_ivfpq')}")
+        if self.kind == "ivfsq" and self.sq_bits not in (4, 6, 8):
+            raise UserError(f"{meta_p}: an ivfsq index needs 'sq_bits' of 4, 6 or 8, got {self.sq_bits}")
         if self.backend == "torch":
             vec = load_npy(d / "index_vectors.npy", "f", 2, (meta["ntotal"], meta["dim"]))
             if len(vec):
@@ -691,7 +697,9 @@ class EmbeddingIndex:
             faiss = require_extra("faiss", "cpu")
             path = d / "index.faiss"
             ivfdata = d / "index.ivfdata" if self.on_disk else None
-            check_faiss_file(path, self.kind, self.dim, meta["ntotal"], meta["nlist"], self.pq_m, self.opq_dim, ivfdata)
+            check_faiss_file(
+                path, self.kind, self.dim, meta["ntotal"], meta["nlist"], self.pq_m, self.opq_dim, ivfdata, self.sq_bits
+            )
             from simsiam_kit.retrieval.index_build import quiet_stdout
 
             try:  # on-disk lists: their file is found next to the index, whatever path the index file names
@@ -712,6 +720,7 @@ class EmbeddingIndex:
 _OPTIONAL = {
     "pq_m": (int, 0),
     "opq_dim": (int, 0),
+    "sq_bits": (int, 0),
     "ef_search": (int, None),
     "on_disk": (bool, False),
     "recall_at_10": (float, None),

@@ -22,6 +22,8 @@ kind           FAISS index                                     bytes per vector 
 ``flat``       ``IndexFlatIP``: exact                          4 d
 ``hnsw``       ``IndexHNSWFlat`` (M links): ``ef`` at search   4 d + 8 M
 ``ivf``        ``IndexIVFFlat``: ``nprobe`` at search          4 d + 8
+``ivfsq``      ``IndexIVFScalarQuantizer`` (8, 6 or 4 bits     bits x d / 8 + 8
+               per dimension, ``sq_bits``)
 ``ivfpq``      ``IndexIVFPQ`` (m bytes, 8 bits each)           m + 8
 ``opq_ivfpq``  ``OPQ`` rotation, then ``IndexIVFPQ``           m + 8
 =============  ==============================================  =========================================
@@ -30,13 +32,16 @@ kind           FAISS index                                     bytes per vector 
 rule (``get_optimal_index_keys_v2``), restated in :func:`choose_plan`: flat below 1,000 vectors, HNSW
 below 10,000 or whenever an HNSW graph with M >= 8 fits, IVF-Flat below 1M vectors when it fits, else
 OPQ + IVF-PQ with the largest code that fits (without the OPQ rotation when the code has more than d / 4
-bytes, :data:`OPQ_MIN_SUBDIM`: our deviation). The number of lists follows autofaiss too (a power of two
+bytes, :data:`OPQ_MIN_SUBDIM`: our deviation). ``ivfsq`` (scalar-quantizer codes of 8, 6 or 4 bits per
+dimension, larger than autofaiss's largest PQ code of d / 2 bytes) is built when asked for, never by ``auto``
+(see :data:`SQ_BITS`). The number of lists follows autofaiss too (a power of two
 near 4 sqrt(n) below 1M vectors, 16,384 below 10M, 65,536 beyond), never more than n / 39 (faiss's
 minimum of points per centroid) and overridable (``nlist``).
 
 **Many lists.** From :data:`COARSE_HNSW_FROM` (4,096) lists on, the coarse quantizer is an HNSW graph over
 the centroids (``IVF65536_HNSW32``, autofaiss's choice too; its ``efSearch`` :data:`COARSE_EF_SEARCH` at search
-time, never below ``nprobe``, and :data:`COARSE_EF_ADD` while the vectors are added, as autofaiss adds) and
+time, never below ``nprobe``, and :data:`COARSE_EF_ADD` while the vectors are added, above the 16 autofaiss adds
+with, which caps the recall) and
 the centroids come from faiss's two-level k-means (``two_level_clustering``: sqrt(nlist) clusters, then
 each split in proportion to its size, spherical), with no floor of 39 points per list: a flat quantizer costs
 nlist x d per vector added and per k-means point and iteration, which at 65,536 lists
@@ -85,12 +90,21 @@ import numpy as np
 
 from simsiam_kit.errors import UserError, require_extra
 
-BUILD_KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq", "opq_ivfpq")
+BUILD_KINDS = ("auto", "flat", "hnsw", "ivf", "ivfsq", "ivfpq", "opq_ivfpq")
 #: ``auto``'s thresholds (autofaiss ``get_optimal_index_keys_v2``: flat_threshold, quantization_threshold,
 #: ivf_flat_threshold)
 FLAT_BELOW, QUANTIZE_FROM, IVF_FLAT_BELOW = 1_000, 10_000, 1_000_000
 #: PQ code sizes (bytes per vector) tried from the largest, as autofaiss does
 PQ_CODES = (256, 128, 64, 48, 32, 24, 16, 8, 4)
+#: bits per dimension of the scalar-quantizer codes (``ivfsq``, ``--sq-bits``): 8 and 6 make codes of d and 3d/4 bytes,
+#: larger than any PQ code with 8-bit sub-quantizers of >= 2-d sub-vectors (at most d / 2 bytes). Measured on the
+#: clustered 512-d vectors of ``benchmarks/index_build.py``: at 200k (IVF1024, nprobe 16) recall@10 PQ256x8 0.947,
+#: SQ6 0.969, SQ8 0.994, SQ4 (the bytes of PQ256) 0.896; at 10M in 4 GiB, SQ6 reached 0.893 (PQ256 0.891: the list
+#: assignment capped both, :data:`COARSE_EF_ADD`) and its in-RAM build peaked at 6.44 GB (PQ256: 4.82), its lists
+#: growing by doubling. So ``auto`` keeps autofaiss's PQ codes; ``--index ivfsq`` when the memory is there
+SQ_BITS = (8, 6, 4)
+#: the scalar quantizer's ranges (per dimension, min to max of the residuals) come from at most this many vectors
+SQ_TRAIN = 65_536
 #: ``auto`` rotates (OPQ) only when each PQ sub-vector has at least this many dimensions (d / m >= 4): for finer
 #: codes the rotation gains little and its training (about 240 rounds of k-means of all m sub-quantizers) is most of
 #: the build (a deviation from autofaiss, which always rotates)
@@ -102,11 +116,14 @@ MIN_POINTS_PER_LIST = 39  # faiss warns below this many training points per cent
 COARSE_HNSW_FROM = 4_096
 #: efSearch of the HNSW coarse quantizer (at least nprobe at search time: faiss searches it for nprobe lists)
 COARSE_EF_SEARCH = 128
-#: efSearch of the HNSW coarse quantizer while the vectors are added (each vector's nearest list): faiss's default,
-#: which autofaiss adds with too. Measured on 65,536 centroids of 512-d clustered vectors: the nearest list is found
-#: for 87 % of the vectors at 16 (the others go to a near list, which a search probing a few lists still reaches),
-#: 95 % at 32, 99.5 % at 128, at 1 : 1.7 : 6 the time; adding is most of a large build, so the fast setting
-COARSE_EF_ADD = 16
+#: efSearch of the HNSW coarse quantizer while the vectors are added (each vector's nearest list). Measured on the
+#: 65,536 centroids of the 10M clustered 512-d vectors of ``benchmarks/index_build.py`` (2 cores, AMD EPYC): the
+#: nearest list for 91.5 / 95.4 / 97.2 / 99.1 / 99.8 % of the vectors at 16 / 24 / 32 / 64 / 128, at 109 / 147 / 218 /
+#: 297 / 580 us a vector (the assignment is nearly all of the add). faiss's default of 16 (what autofaiss adds with)
+#: capped recall@10 at 0.89 whatever the codes (PQ256 0.891, SQ6 0.893, from nprobe 8 on): only 94.0 % of the
+#: queries' exact 10 nearest sat in the 8 lists nearest the query, 100 % had each vector gone to its nearest list,
+#: and probing more lists barely helps (95.1 % in 32). 24 is the most a 10M build affords within 30 minutes here
+COARSE_EF_ADD = 24
 #: the PQ codebooks are trained on at most this many (residual) vectors per centroid (256 centroids per
 #: sub-quantizer): faiss's default of 256 makes 512-d PQ256 (2-d sub-vectors) train for minutes
 PQ_TRAIN_PER_CENTROID = 64
@@ -177,7 +194,7 @@ def format_bytes(n: float) -> str:
 @dataclass(frozen=True)
 class IndexPlan:
     """What to build: a kind and its sizes (``nlist`` lists, ``pq_m`` code bytes, ``opq_dim`` rotation
-    output, ``hnsw_m`` links)."""
+    output, ``hnsw_m`` links, ``sq_bits`` bits per dimension of a scalar-quantizer code)."""
 
     kind: str
     dim: int
@@ -185,6 +202,7 @@ class IndexPlan:
     pq_m: int = 0
     opq_dim: int = 0
     hnsw_m: int = 32
+    sq_bits: int = 0
 
     @property
     def approximate(self) -> bool:
@@ -192,7 +210,12 @@ class IndexPlan:
 
     @property
     def ivf(self) -> bool:
-        return self.kind in ("ivf", "ivfpq", "opq_ivfpq")
+        return self.kind in ("ivf", "ivfsq", "ivfpq", "opq_ivfpq")
+
+    @property
+    def sq_bytes(self) -> int:
+        """Bytes of one scalar-quantizer code (``ivfsq``): ``sq_bits`` per dimension, rounded up."""
+        return (self.dim * self.sq_bits + 7) // 8
 
     @property
     def coarse_hnsw(self) -> bool:
@@ -207,6 +230,7 @@ class IndexPlan:
             "flat": "Flat",
             "hnsw": f"HNSW{self.hnsw_m},Flat",
             "ivf": f"{ivf},Flat",
+            "ivfsq": f"{ivf},SQ{self.sq_bits}",
             "ivfpq": f"{ivf},PQ{self.pq_m}x8",
             "opq_ivfpq": f"OPQ{self.pq_m}_{self.opq_dim},{ivf},PQ{self.pq_m}x8",
         }[self.kind]
@@ -221,6 +245,8 @@ class IndexPlan:
         coarse = (4 * (self.opq_dim or d) + (8 * 32 if self.coarse_hnsw else 0)) * self.nlist
         if self.kind == "ivf":
             return (4 * d + 8) * n + coarse
+        if self.kind == "ivfsq":  # + the quantizer's range (min, width) per dimension
+            return (self.sq_bytes + 8) * n + coarse + 8 * d
         sub = self.opq_dim or d
         extra = 4 * 256 * sub + (4 * d * self.opq_dim if self.opq_dim else 0)
         return (self.pq_m + 8) * n + coarse + extra
@@ -270,7 +296,7 @@ class IndexPlan:
         ivf.quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
         # the quantizer holds nlist centroids: faiss trains only the codes (PQ) now, on residuals it computes by
         # assigning each vector to a list: a strided subset of the size the PQ training keeps anyway
-        keep = 256 * PQ_TRAIN_PER_CENTROID if self.pq_m else len(xt)
+        keep = 256 * PQ_TRAIN_PER_CENTROID if self.pq_m else SQ_TRAIN if self.sq_bits else len(xt)
         ivf.train(np.ascontiguousarray(xt[:: max(1, len(xt) // keep)]))
         top.is_trained = True
 
@@ -307,6 +333,7 @@ def choose_plan(
     nlist: Optional[int] = None,
     pq_m: Optional[int] = None,
     hnsw_m: Optional[int] = None,
+    sq_bits: Optional[int] = None,
 ) -> IndexPlan:
     """The index to build for n vectors of dimension ``dim`` (see the module docstring for ``auto``)."""
     if kind not in BUILD_KINDS:
@@ -317,6 +344,10 @@ def choose_plan(
     for name, v in (("nlist", nlist), ("pq_m", pq_m), ("hnsw_m", hnsw_m)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+    if sq_bits is not None and (isinstance(sq_bits, bool) or sq_bits not in SQ_BITS):
+        raise UserError(f"--sq-bits must be 4, 6 or 8, got {sq_bits!r}")
+    if sq_bits is not None and kind != "ivfsq":
+        raise UserError(f"--sq-bits applies to --index ivfsq, not {kind}")
     lists = nlist or default_nlist(n)
     if lists > n:
         raise UserError(f"--nlist {lists} is larger than the number of vectors ({n})")
@@ -351,6 +382,8 @@ def choose_plan(
         return IndexPlan("hnsw", dim, hnsw_m=hnsw_m or 32)
     if kind == "ivf":
         return IndexPlan("ivf", dim, nlist=lists)
+    if kind == "ivfsq":
+        return IndexPlan("ivfsq", dim, nlist=lists, sq_bits=sq_bits or 8)
     m = pq_m or next((c for c in PQ_CODES if c <= dim // 4 and dim % c == 0), 0)
     if kind == "ivfpq":
         if not m or dim % m:
@@ -539,6 +572,7 @@ def build_index(
     nlist: Optional[int] = None,
     pq_m: Optional[int] = None,
     hnsw_m: Optional[int] = None,
+    sq_bits: Optional[int] = None,
     on_disk: Optional[bool] = None,
     queries: int = DEFAULT_QUERIES,
     target_recall: float = DEFAULT_TARGET_RECALL,
@@ -558,13 +592,13 @@ def build_index(
     if queries < 0:
         raise UserError(f"--queries must be >= 0, got {queries}")
     n, d = source.n, source.dim
-    plan = choose_plan(n, d, max_index_memory, kind, nlist, pq_m, hnsw_m)
+    plan = choose_plan(n, d, max_index_memory, kind, nlist, pq_m, hnsw_m, sq_bits)
     budget = parse_memory(max_index_memory)
     est = plan.index_bytes(n)
     if on_disk is None:
         on_disk = plan.ivf and est > budget
     if on_disk and not plan.ivf:
-        raise UserError(f"on-disk inverted lists need an IVF kind (ivf, ivfpq, opq_ivfpq), not {plan.kind}")
+        raise UserError(f"on-disk inverted lists need an IVF kind (ivf, ivfsq, ivfpq, opq_ivfpq), not {plan.kind}")
     # the held-out queries first (at most a tenth of the vectors), the training sample from the rest
     n_queries = min(queries, n // 10) if plan.approximate else 0
     n_train = min(train_size(plan, n, max_train), n - n_queries)
@@ -653,8 +687,10 @@ def build_index(
                     f"recall@10 stops at {best:.3f}, below the target {target_recall}"
                     + (f" ({name} {sweep[-1][name]} finds no more than {name} {sweep[-3][name]})" if plateau else "")
                     + (
-                        ": the PQ codes limit it (a larger --pq-m, or --index ivf with more --max-index-memory)"
+                        ": the PQ codes limit it (a larger --pq-m, or --index ivfsq / ivf with more --max-index-memory)"
                         if plan.pq_m
+                        else ": the SQ codes limit it (a larger --sq-bits, or --index ivf with more --max-index-memory)"
+                        if plan.sq_bits
                         else ""
                     )
                 )
@@ -681,6 +717,7 @@ def build_index(
             "factory": plan.factory(),
             "pq_m": plan.pq_m,
             "opq_dim": plan.opq_dim,
+            "sq_bits": plan.sq_bits,
             "approximate": plan.approximate,
             "on_disk": bool(on_disk),
             "recall_at_10": None if recall is None else round(float(recall), 4),
