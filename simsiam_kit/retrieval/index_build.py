@@ -42,7 +42,8 @@ minimum of points per centroid) and overridable (``nlist``).
 the centroids (``IVF65536_HNSW32``, autofaiss's choice too; its ``efSearch`` :data:`COARSE_EF_SEARCH` at search
 time, never below ``nprobe``, and :data:`COARSE_EF_ADD` while the vectors are added, above the 16 autofaiss adds
 with, which caps the recall) and
-the centroids come from faiss's two-level k-means (``two_level_clustering``: sqrt(nlist) clusters, then
+the centroids come from faiss's two-level k-means (``two_level_clustering``, restated in
+:func:`two_level_centroids` with guards against empty clusters: sqrt(nlist) clusters, then
 each split in proportion to its size, spherical), with no floor of 39 points per list: a flat quantizer costs
 nlist x d per vector added and per k-means point and iteration, which at 65,536 lists
 and 10M vectors is hours on a few cores, the HNSW graph about log(nlist) x M x d.
@@ -272,8 +273,6 @@ class IndexPlan:
         if not self.coarse_hnsw:
             index.train(x)
             return
-        from faiss.contrib.clustering import two_level_clustering
-
         top = faiss.downcast_index(index)
         inner, xt = top, x
         if isinstance(top, faiss.IndexPreTransform):
@@ -284,21 +283,47 @@ class IndexPlan:
             inner = faiss.downcast_index(top.index)
         ivf = faiss.extract_index_ivf(inner)
         with quiet_stdout():
-            centroids, _ = two_level_clustering(
-                xt,
-                int(round(math.sqrt(self.nlist))),
-                self.nlist,
-                seed=seed,
-                spherical=True,
-                verbose=False,
-                min_points_per_centroid=1,
-            )
+            centroids = two_level_centroids(xt, self.nlist, seed)
         ivf.quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
         # the quantizer holds nlist centroids: faiss trains only the codes (PQ) now, on residuals it computes by
         # assigning each vector to a list: a strided subset of the size the PQ training keeps anyway
         keep = 256 * PQ_TRAIN_PER_CENTROID if self.pq_m else SQ_TRAIN if self.sq_bits else len(xt)
         ivf.train(np.ascontiguousarray(xt[:: max(1, len(xt) // keep)]))
         top.is_trained = True
+
+
+def two_level_centroids(x: np.ndarray, nlist: int, seed: int = 0) -> np.ndarray:
+    """faiss's ``contrib.clustering.two_level_clustering`` (sqrt(nlist) spherical k-means clusters, then each split
+    into sub-clusters in proportion to its size; the same calls and seeds, so the same centroids), except where it
+    fails: a first-level cluster that gets no point or too small a share for one sub-cluster made faiss's k-means
+    assert (``clus.k > 0``; seen with 4,096 lists over 64 tight clusters). Here an empty cluster is skipped, every
+    other one gets at least one sub-cluster and at most one per point, and the rest moves to the clusters with the
+    most points to spare, so that there are always ``nlist`` centroids (``nlist`` <= the rows of ``x``)."""
+    faiss = require_extra("faiss", "cpu")
+    d = x.shape[1]
+    nc1 = max(1, int(round(math.sqrt(nlist))))
+    common = {"seed": seed, "spherical": True, "verbose": False, "min_points_per_centroid": 1}
+    km = faiss.Kmeans(d, nc1, niter=25, max_points_per_centroid=2000, **common)
+    km.train(x)
+    _, assign1 = km.assign(x)
+    bc = np.bincount(assign1, minlength=nc1)
+    cum = np.cumsum(bc)
+    alloc = cum * nlist // cum[-1]
+    alloc[1:] -= alloc[:-1].copy()
+    alloc = np.clip(alloc, (bc > 0).astype(alloc.dtype), bc)  # faiss's rule, bounded: 1 <= sub-clusters <= points
+    while alloc.sum() < nlist:  # to the clusters with the most points to spare
+        alloc[np.argmax(bc - alloc)] += 1
+    while alloc.sum() > nlist:  # from the clusters with the most sub-clusters
+        alloc[np.argmax(alloc)] -= 1
+    order, i0, parts = assign1.argsort(), 0, []
+    for c1 in range(nc1):
+        i1 = i0 + int(bc[c1])
+        if alloc[c1]:
+            sub = faiss.Kmeans(d, int(alloc[c1]), **common)
+            sub.train(x[order[i0:i1]])
+            parts.append(sub.centroids)
+        i0 = i1
+    return np.vstack(parts)
 
 
 def set_coarse_ef(index, ef: int) -> None:

@@ -30,6 +30,7 @@ from simsiam_kit.retrieval.index_build import (  # noqa: E402
     parse_memory,
     recall_at_k,
     shards_source,
+    two_level_centroids,
 )
 
 G = 1024**3
@@ -223,6 +224,22 @@ def test_many_lists_train_two_level_and_search_through_an_hnsw_quantizer(tmp_pat
         ref = EmbeddingIndex(16, "flat", "torch", device="cpu").add(x)
         qv = clustered(6, 16, centres=200, noise=0.3, seed=4)
         np.testing.assert_array_equal(ix.search(qv, 10)[1], ref.search(qv, 10)[1])
+
+
+def test_two_level_centroids_are_faiss_where_it_works_and_complete_where_it_fails(tmp_path):
+    from faiss.contrib.clustering import two_level_clustering
+
+    x = clustered(5_000, 16, centres=40, noise=0.3)
+    ref, _ = two_level_clustering(x, 8, 64, seed=3, spherical=True, verbose=False, min_points_per_centroid=1)
+    np.testing.assert_array_equal(two_level_centroids(x, 64, seed=3), ref)
+    # 64 tight clusters, 4,096 lists: faiss's version gives a first-level cluster no sub-cluster and asserts
+    y = clustered(30_000, 64, centres=64, noise=0.2, seed=6)
+    with pytest.raises(RuntimeError, match=r"clus\.k > 0"):
+        two_level_clustering(y, 64, 4096, seed=0, spherical=True, verbose=False, min_points_per_centroid=1)
+    c = two_level_centroids(y, 4096)
+    assert c.shape == (4096, 64) and np.isfinite(c).all()
+    r = build_index(array_source(y, 10_000), tmp_path / "i", kind="ivf", nlist=4096, queries=100)
+    assert r.meta["ntotal"] == 30_000 and r.meta["recall_at_10"] >= 0.9
 
 
 def test_search_params_are_checked_and_applied(tmp_path):
