@@ -47,6 +47,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _common import RESULTS, print_table, write_json  # noqa: E402
 
+from simsiam_kit.retrieval.files import IVF_KINDS  # noqa: E402
+
 
 class Mixture:
     """The clustered vectors: chunk i is a function of (seed, i) only.
@@ -272,7 +274,7 @@ def sweep(index, knob: str, values, queries, truth) -> list[dict]:
 def _knob(kind: str, nlist: int):
     if kind == "hnsw":
         return "ef", [16, 32, 64, 128, 256, 512]
-    if kind in ("ivf", "ivfsq", "ivfpq", "opq_ivfpq"):
+    if kind in IVF_KINDS:
         return "nprobe", [v for v in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if v <= nlist]
     return None, ["exact"]
 

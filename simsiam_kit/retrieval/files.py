@@ -51,6 +51,17 @@ from simsiam_kit.utils.io import open_regular, read_bytes_bounded
 MAX_DIM = 1 << 20
 #: HNSW ``efSearch`` / ``efConstruction`` read from a file: each search allocates heaps of this size.
 MAX_EF = 1 << 16
+#: the kinds with inverted lists (``nprobe`` at search time; lists in the file or in ``index.ivfdata``)
+IVF_KINDS = ("ivf", "ivfsq", "ivfpq", "opq_ivfpq")
+#: the type code each kind's FAISS file starts with
+KIND_FOURCC = {
+    "flat": b"IxFI",
+    "ivf": b"IwFl",
+    "hnsw": b"IHNf",
+    "ivfsq": b"IwSq",
+    "ivfpq": b"IwPQ",
+    "opq_ivfpq": b"IxPT",
+}
 NPY_MAX_HEADER = 10_000  # numpy's default for np.load
 #: the largest JSON file of an embedding directory read (``ids.json`` of tens of millions of ids fits)
 MAX_JSON_BYTES = 1 << 30
@@ -441,8 +452,7 @@ def check_faiss_file(
     every declared size within the file (see the module docstring). ``ivfdata``: the file of on-disk
     inverted lists (``index.ivfdata``) when ``index.json`` says the lists are on disk."""
     p = Path(path)
-    fourcc = {"flat": b"IxFI", "ivf": b"IwFl", "hnsw": b"IHNf", "ivfsq": b"IwSq", "ivfpq": b"IwPQ"}
-    expect = {**fourcc, "opq_ivfpq": b"IxPT"}[kind]
+    expect = KIND_FOURCC[kind]
     try:
         with open_regular(p) as f:
             r = _Reader(f, f.seek(0, 2))
@@ -450,7 +460,7 @@ def check_faiss_file(
             got = r.fourcc("index type")
             if got != expect:
                 raise _Corrupt(f"index type {got!r} is not the {kind} index ({expect!r}) index.json records")
-            if ivfdata is not None and kind not in ("ivf", "ivfsq", "ivfpq", "opq_ivfpq"):
+            if ivfdata is not None and kind not in IVF_KINDS:
                 raise _Corrupt(f"index.json says on-disk lists, which a {kind} index does not have")
             if kind == "flat":
                 r.f.seek(0)

@@ -53,12 +53,11 @@ import numpy as np
 import torch
 
 from simsiam_kit.errors import UserError, require_extra
+from simsiam_kit.retrieval.files import IVF_KINDS, SQ_QTYPE
 
 KINDS = ("flat", "bf16", "ivf", "hnsw", "ivfsq", "ivfpq", "opq_ivfpq")
 #: the backend each kind needs (``flat``: either); also what ``auto`` picks for them
 KIND_BACKEND = {"bf16": "torch", **dict.fromkeys(("ivf", "hnsw", "ivfsq", "ivfpq", "opq_ivfpq"), "faiss")}
-#: kinds with an inverted-file coarse quantizer (``nprobe`` at search time)
-IVF_KINDS = ("ivf", "ivfsq", "ivfpq", "opq_ivfpq")
 BACKENDS = ("auto", "faiss", "torch")
 #: What :meth:`EmbeddingIndex.save` writes to ``index.json`` and :meth:`EmbeddingIndex.load` requires.
 INDEX_JSON_KEYS = {"dim": int, "kind": str, "backend": str, "nlist": int, "nprobe": int, "hnsw_m": int, "ntotal": int}
@@ -687,7 +686,7 @@ class EmbeddingIndex:
         self.sq_bits = opt["sq_bits"]
         if self.kind in ("ivfpq", "opq_ivfpq") and not self.pq_m or self.kind == "opq_ivfpq" and not self.opq_dim:
             raise UserError(f"{meta_p}: a {self.kind} index needs 'pq_m'{' and opq_dim' * (self.kind == 'opq_ivfpq')}")
-        if self.kind == "ivfsq" and self.sq_bits not in (4, 6, 8):
+        if self.kind == "ivfsq" and self.sq_bits not in SQ_QTYPE:
             raise UserError(f"{meta_p}: an ivfsq index needs 'sq_bits' of 4, 6 or 8, got {self.sq_bits}")
         if self.backend == "torch":
             vec = load_npy(d / "index_vectors.npy", "f", 2, (meta["ntotal"], meta["dim"]))

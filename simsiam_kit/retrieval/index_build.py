@@ -90,6 +90,7 @@ from typing import Callable, Iterable, Iterator, Optional, Union
 import numpy as np
 
 from simsiam_kit.errors import UserError, require_extra
+from simsiam_kit.retrieval.files import IVF_KINDS
 
 BUILD_KINDS = ("auto", "flat", "hnsw", "ivf", "ivfsq", "ivfpq", "opq_ivfpq")
 #: ``auto``'s thresholds (autofaiss ``get_optimal_index_keys_v2``: flat_threshold, quantization_threshold,
@@ -211,7 +212,7 @@ class IndexPlan:
 
     @property
     def ivf(self) -> bool:
-        return self.kind in ("ivf", "ivfsq", "ivfpq", "opq_ivfpq")
+        return self.kind in IVF_KINDS
 
     @property
     def sq_bytes(self) -> int:
