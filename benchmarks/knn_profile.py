@@ -15,7 +15,11 @@ timed in alternation (every row once per round, the order rotating), one untimed
 * ``gemm+select/chunk C``: the GEMM and the selection of the k + rerank candidates (two-stage, ``select_topk``),
   ``gemm+topk/chunk C``: the same with a plain ``torch.topk`` over every column (the selection before issue 25);
 * ``search/chunk C/rerank R``: ``knn_search_bf16`` itself (GEMM, selection, fp32 re-scoring of the band,
-  ordering), what ``eval knn --index bf16`` runs after building the index.
+  ordering), what ``eval knn --index bf16`` runs after building the index;
+* where numba is installed (the ``cpu`` extra), the selection and the search run in its compiled kernels
+  (:mod:`simsiam_kit.retrieval.select_kernels`), and ``gemm+select torch form/chunk C`` and
+  ``torch-form search/chunk C/rerank R`` time the torch forms of the same steps (``compiled=False``, what runs
+  without numba) in the same alternation.
 
 * ``baseline search/chunk C/rerank R`` (with ``--baseline REV``): ``knn_search_bf16`` as it was at git revision
   REV (``simsiam_kit/retrieval/index.py`` read with ``git show``), timed in the same alternation: before and
@@ -47,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common
 
 from _common import cpu_record  # noqa: E402
 
-from simsiam_kit.retrieval.index import EmbeddingIndex, knn_search_bf16, select_topk  # noqa: E402
+from simsiam_kit.retrieval.index import EmbeddingIndex, kernels, knn_search_bf16, select_topk  # noqa: E402
 from simsiam_kit.utils.io import atomic_write_json  # noqa: E402
 
 TARGET_OVERHEAD = 0.5  # the issue: the time above the bare bf16 GEMM at most 50 % of the GEMM
@@ -147,31 +151,41 @@ def main(argv=None) -> None:
         return run
 
     base = baseline_module(a.baseline) if a.baseline else None
-    fns = {}
+    compiled = kernels() is not None  # the numba kernels: their rows and the torch forms' rows, in one alternation
+    fns: dict = {}
+    searches: dict = {}
     for c in chunks:
         fns[f"gemm_bf16/chunk {c}"] = gemm(c)
         kc = min(len(fb), k + max(reranks))
         fns[f"gemm+select/chunk {c}"] = gemm(c, lambda sim, kc=kc: select_topk(sim, kc))
+        if compiled:
+            fns[f"gemm+select torch form/chunk {c}"] = gemm(c, lambda sim, kc=kc: select_topk(sim, kc, compiled=False))
         fns[f"gemm+topk/chunk {c}"] = gemm(c, lambda sim, kc=kc: torch.topk(sim, kc, dim=1))
         for r in reranks:
-            fns[f"search/chunk {c}/rerank {r}"] = lambda c=c, r=r: knn_search_bf16(fb, c16, mean, fq, k, r, chunk=c)
+            searches[f"search/chunk {c}/rerank {r}"] = lambda c=c, r=r: knn_search_bf16(
+                fb, c16, mean, fq, k, r, chunk=c
+            )
+            if compiled:
+                searches[f"torch-form search/chunk {c}/rerank {r}"] = lambda c=c, r=r: knn_search_bf16(
+                    fb, c16, mean, fq, k, r, chunk=c, compiled=False
+                )
             if base is not None:
-                fns[f"baseline search/chunk {c}/rerank {r}"] = lambda c=c, r=r: base.knn_search_bf16(
+                searches[f"baseline search/chunk {c}/rerank {r}"] = lambda c=c, r=r: base.knn_search_bf16(
                     fb, c16, mean, fq, k, r, chunk=c
                 )
+    fns.update(searches)
     med = alternate(fns, a.reps)
 
     _, exact = EmbeddingIndex(fb.shape[1], "flat", "torch").add(fb).search(fq, k)
     rows = []
-    print(f"\n{'row':43s} {'median s':>9s} {'above GEMM':>11s} {'recall@k':>9s} {'rows = exact':>12s}")
+    print(f"\n{'row':48s} {'median s':>9s} {'above GEMM':>11s} {'recall@k':>9s} {'rows = exact':>12s}")
     for name, sec in med.items():
         c = int(name.split("chunk ")[1].split("/")[0])
         g = med[f"gemm_bf16/chunk {c}"]
         row = {"row": name, "chunk": c, "median_s": sec, "overhead_vs_gemm": (sec - g) / g}
-        if "search/" in name:
+        if name in searches:
             r = int(name.split("rerank ")[1])
-            search = base.knn_search_bf16 if name.startswith("baseline") else knn_search_bf16
-            sims, ids = search(fb, c16, mean, fq, k, r, chunk=c)
+            sims, ids = searches[name]()
             hit = (ids.unsqueeze(2) == exact.unsqueeze(1)).any(2).float().mean(1)
             row.update(
                 rerank=r,
@@ -181,11 +195,11 @@ def main(argv=None) -> None:
                 meets_overhead_target=(sec - g) / g <= TARGET_OVERHEAD,
             )
             if base is not None and not name.startswith("baseline"):
-                bs, bi = base.knn_search_bf16(fb, c16, mean, fq, k, r, chunk=c)
+                bs, bi = searches[f"baseline search/chunk {c}/rerank {r}"]()
                 row["identical_to_baseline"] = bool(torch.equal(bs, sims) and torch.equal(bi, ids))
         rows.append(row)
         extra = f" {row['recall_at_k']:9.4f} {row['rows_identical_to_exact']:12.3f}" if "recall_at_k" in row else ""
-        print(f"{name:43s} {sec:9.4f} {100 * row['overhead_vs_gemm']:10.1f}%{extra}")
+        print(f"{name:48s} {sec:9.4f} {100 * row['overhead_vs_gemm']:10.1f}%{extra}")
     result = {
         "benchmark": "knn_profile",
         "features": a.features if a.features == "synthetic" else f"cifar ({a.backbone})",
@@ -194,6 +208,7 @@ def main(argv=None) -> None:
         "k": k,
         "reps": a.reps,
         "baseline": a.baseline,
+        "compiled_kernels": compiled,
         "target_overhead_vs_gemm": TARGET_OVERHEAD,
         "rows": rows,
         "machine": {**before, "torch": torch.__version__, "threads": torch.get_num_threads()},

@@ -195,6 +195,7 @@ def knn_search_bf16(
     chunk: Optional[int] = None,
     sub: int = 256,
     memory: int = CHUNK_MEMORY,
+    compiled: bool = True,
 ):
     """Approximate inner-product top-k (the ``bf16`` index kind): (similarities, indices), each (Q, k).
 
@@ -224,6 +225,11 @@ def knn_search_bf16(
     (:data:`CHUNK_MEMORY`, 256 MiB); the chunk is :data:`BF16_CHUNK` (2,048, where the selection's overhead above
     the GEMM measured lowest) when it fits, halved until it does for larger banks: 2,048 up to 65,536 bank
     rows, 1,024 for 100,000, 64 for ImageNet's 1,281,167. Results do not depend on the chunk.
+
+    On the CPU where numba is installed (``compiled``), the selection and step 2 run row by row in compiled
+    kernels (:mod:`simsiam_kit.retrieval.select_kernels`): the same candidates, cut and order, with two
+    differences of no consequence: equal bf16 similarities are taken by increasing id where torch takes any of
+    them, and the fp32 re-scoring sums in another order (within a few ulp of ``torch.bmm``).
     """
     n, nq = bank.shape[0], queries.shape[0]
     if chunk is None:
@@ -240,8 +246,13 @@ def knn_search_bf16(
     bank_t = bank_c16.t()
     approx_out = _buffer(min(chunk, nq), n, bank_c16)
     rows_out = _buffer(min(sub, nq) * band, bank.shape[1], bank) if kc < n else None
-    select = select_topk if bank.device.type == "cpu" else lambda x, kk: torch.topk(x, kk, dim=1)
+    if bank.device.type == "cpu":
+        select: Callable = lambda x, kk: select_topk(x, kk, compiled=compiled)  # noqa: E731
+    else:
+        select = lambda x, kk: torch.topk(x, kk, dim=1)  # noqa: E731
     q16 = queries.to(torch.bfloat16) if kc < n else None  # once, not per chunk
+    finish = kernels() if compiled and bank.dtype == torch.float32 and _compiled_ok(bank) else None
+    bank_np = bank.numpy() if finish is not None else None
     for s in range(0, nq, chunk):
         q = queries[s : s + chunk]
         ov, oi = out_v[s : s + len(q)], out_i[s : s + len(q)]  # each chunk's results go straight in: no cat
@@ -252,6 +263,11 @@ def knn_search_bf16(
         assert q16 is not None  # set whenever the candidates are not the whole bank
         approx = torch.matmul(q16[s : s + len(q)], bank_t, out=approx_out[: q.shape[0]])
         av, cand = select(approx, kc)  # sorted by bf16 similarity, descending
+        if finish is not None and q.dtype == torch.float32:
+            qc = q.contiguous()
+            args = (av.float().numpy(), cand.numpy(), (qc @ mean).numpy(), bank_np, qc.numpy(), keep, k)
+            run_rows(finish.finish_rows, len(q), args, (ov.numpy(), oi.numpy()))
+            continue
         if keep:
             torch.add(av[:, :keep], (q @ mean).unsqueeze(1), out=ov[:, :keep])  # in fp32, as av.float() + q.mean
             oi[:, :keep] = cand[:, :keep]
@@ -307,12 +323,53 @@ def _buffer(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
 
 BLOCK = 16
 
+_KERNELS: Any = None  # the compiled kernels module once looked for; False: numba is not installed
 
-def select_topk(sim: torch.Tensor, kk: int, block: int = BLOCK):
+
+def kernels():
+    """:mod:`simsiam_kit.retrieval.select_kernels` (numba, the ``cpu`` extra), or None where numba cannot be
+    imported: then the torch forms of the same steps run (the same values; slower on the CPU)."""
+    global _KERNELS
+    if _KERNELS is None:
+        try:
+            from simsiam_kit.retrieval import select_kernels
+
+            _KERNELS = select_kernels
+        except ImportError:
+            _KERNELS = False
+    return _KERNELS or None
+
+
+def run_rows(fn: Callable, rows: int, before: tuple, after: tuple) -> None:
+    """``fn(*before, lo, hi, *after)`` over rows ``[0, rows)``, split into ``torch.get_num_threads()`` contiguous
+    ranges run on as many Python threads (the kernels release the GIL); one range runs in this thread."""
+    threads = max(1, min(torch.get_num_threads(), rows // 64))
+    if threads == 1:
+        fn(*before, 0, rows, *after)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    step = -(-rows // threads)
+    with ThreadPoolExecutor(threads) as pool:
+        futures = [pool.submit(fn, *before, a, min(a + step, rows), *after) for a in range(0, rows, step)]
+        for f in futures:
+            f.result()
+
+
+def _compiled_ok(x: torch.Tensor) -> bool:
+    """Whether the compiled kernels can read ``x`` in place: on the CPU, rows of unit stride, below 2^31 columns."""
+    return x.device.type == "cpu" and x.dim() == 2 and x.stride(1) == 1 and x.shape[1] < 2**31
+
+
+def select_topk(sim: torch.Tensor, kk: int, block: int = BLOCK, compiled: bool = True):
     """``torch.topk(sim, kk, dim=1)`` (the same values, sorted descending; equal values at the cut may come from
     other columns, which :func:`settle_ties` settles) in two exact stages, faster on the CPU for kk << columns
-    (docs/benchmarks.md, "Figures behind design choices"; ``benchmarks/knn_profile.py`` times it); any dtype
-    (the bf16 kind selects on its bf16 similarities):
+    (docs/benchmarks.md; ``benchmarks/knn_profile.py`` times it); any dtype (the bf16 kind selects on its bf16
+    similarities).
+
+    On the CPU, for bf16 and float32 and where numba is installed (``compiled``), the stages run one row at a time
+    in :func:`simsiam_kit.retrieval.select_kernels.select_rows` (candidates: the entries >= the kk-th largest
+    block maximum; equal values ordered by increasing column); otherwise in torch, as follows:
 
     1. the columns are grouped into ``nb = n // block`` blocks, block j holding columns j, j + nb,
        j + 2 nb, ... (a strided grouping: the block maxima are ``block`` element-wise maxima of
@@ -328,6 +385,14 @@ def select_topk(sim: torch.Tensor, kk: int, block: int = BLOCK):
     nb = n // block
     if nb < 4 * kk:  # too few blocks to gain anything
         return torch.topk(sim, kk, dim=1)
+    compiled_kernels = kernels() if compiled else None
+    if compiled_kernels is not None and sim.dtype in (torch.bfloat16, torch.float32) and _compiled_ok(sim):
+        bf16 = sim.dtype == torch.bfloat16
+        bits = sim.view(torch.int16 if bf16 else torch.int32).numpy()
+        out = np.empty((rows, kk), np.int64)
+        run_rows(compiled_kernels.select_rows, rows, (bits, kk, block, 15 if bf16 else 31), (out,))
+        col = torch.from_numpy(out)
+        return torch.gather(sim, 1, col), col
     head = sim.as_strided((rows, block, nb), (sim.stride(0), nb * sim.stride(1), sim.stride(1)))
     bmax = head.amax(1)  # (rows, nb)
     ib = torch.topk(bmax, kk, dim=1, sorted=False).indices  # (rows, kk)
