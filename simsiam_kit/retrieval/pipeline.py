@@ -18,7 +18,8 @@ The stages:
 2. **Encode** in this process (``embedder.run``: onnxruntime on the CPU or CUDA, or the torch backbone),
    then l2-normalise.
 3. **Write** each shard of ``shard_size`` input rows as soon as its last batch is encoded, atomically,
-   with :class:`simsiam_kit.retrieval.shards.ShardWriter` (the format is documented there).
+   with :class:`simsiam_kit.retrieval.shards.ShardWriter` (the format is documented there), in a writer thread
+   while the encoder goes on with the next shard (checksums, file writes and fsync release the GIL).
 4. **Finish** (``index != "none"``): the directory layout ``search`` reads, streamed from the verified
    shards: ``embeddings.npy`` (float32), ``ids.json``, ``labels.npy`` (when every image is labelled), the
    index and ``embed.json`` (see :mod:`simsiam_kit.retrieval.embed_search`).
@@ -30,7 +31,8 @@ byte for byte, as an uninterrupted one on the same machine: finished shards are 
 is checked), the others are embedded again.
 
 **Memory** does not grow with the number of images while shards are written: the rows of the shard
-being filled (``shard_size x dim`` float32 embeddings and their ids) plus the batches in flight
+being filled and of the one being written meanwhile by the writer thread (each ``shard_size x dim`` float32
+embeddings and their ids, plus the bytes of its two files while they are written) plus the batches in flight
 (``workers x prefetch x batch_size`` preprocessed images of ``3 x S x S`` float32) plus the encoder, plus
 what the input keeps per item (nothing for tar shards beyond one count per tar; the file list of an
 ImageFolder or path list; the arrays of an npz). The finishing step streams the shards into
@@ -44,6 +46,7 @@ import contextlib
 import json
 import math
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -494,6 +497,10 @@ def embed_to_shards(
         pending: dict = {}
         expected = {i: math.ceil(len(range(*shard_range(i, shard_size, total))) / bs) for i in todo}
         done_rows = 0
+        # a finished shard is written (checksums, files, fsync, manifest) by one writer thread while the next one is
+        # encoded; one shard in flight at most (its write is awaited before the next is handed over)
+        write_pool = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
+        writing: Optional[Future] = None
         try:
             pin = getattr(getattr(embedder, "device", None), "type", None) == "cuda"  # the torch runtime on CUDA
             if engine is not None:
@@ -514,9 +521,14 @@ def embed_to_shards(
                 if bar is not None:
                     bar.update(b["stop"] - b["start"])
                 if len(parts) == expected[b["shard"]]:
-                    _write(writer, pending.pop(b["shard"]), shard_size, total)
+                    if writing is not None:
+                        writing.result()  # the previous shard's write: its error (a full disk) surfaces here
+                    writing = write_pool.submit(_write, writer, pending.pop(b["shard"]), shard_size, total)
                     done_rows += len(range(*shard_range(b["shard"], shard_size, total)))
+            if writing is not None:
+                writing.result()
         finally:
+            write_pool.shutdown(wait=True)  # a shard in flight is finished (or fails) before the lock is released
             if bar is not None:
                 bar.close()
         secs = time.perf_counter() - t0
