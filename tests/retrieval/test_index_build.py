@@ -476,6 +476,59 @@ def test_sigkilled_build_leaves_no_index_and_a_rerun_gives_the_same_bytes(tmp_pa
     assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
 
 
+def test_build_sigkilled_at_random_moments_ends_as_an_uninterrupted_build(tmp_path):
+    """A build killed at seeded random moments of its work (after its imports: training, adding, merging,
+    committing), each time continued by the next run into the same directory, until 3 kills landed inside a build
+    (its temporary directory left): after every kill the directory holds no index.json, or a complete one equal to
+    the uninterrupted build's; the last run ends byte for byte as that build."""
+    import random
+
+    (tmp_path / "retrieval_index_build_data.py").write_text(
+        "import numpy as np\n"
+        "def data():\n"
+        "    rng = np.random.default_rng(1)\n"
+        "    c = rng.standard_normal((20, 16)).astype(np.float32)\n"
+        "    x = c[rng.integers(0, 20, 4000)] + 0.25 * rng.standard_normal((4000, 16)).astype(np.float32)\n"
+        "    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = tmp_path / "build.py"
+    code = textwrap.dedent(BUILD.format(tests=str(tmp_path), slow=False))
+    script.write_text(code.replace("x = data()\n", "x = data()\nprint('ready', flush=True)\n"))
+
+    def start(directory):
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(directory)], env=env, stdout=subprocess.PIPE, text=True
+        )
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        return proc
+
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    proc = start(ref)
+    t0 = time.perf_counter()
+    assert proc.wait() == 0
+    work = time.perf_counter() - t0  # the build itself, imports excluded
+    ref_bytes = {n: (ref / n).read_bytes() for n in ("index.faiss", "index.ivfdata")}
+    ref_meta = {k: v for k, v in json.loads((ref / "index.json").read_text()).items() if k != "seconds"}
+    rng = random.Random(25)
+    inside = rounds = 0
+    while inside < 3 and rounds < 12:  # until 3 kills landed inside the build (the others: after it finished)
+        rounds += 1
+        proc = start(out)
+        time.sleep(rng.uniform(0.0, work))
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        inside += bool(list(out.glob(".index-build-*")))  # killed mid-build: its temporary directory is left
+        if (out / "index.json").exists():  # finished (or committed) before the kill: the uninterrupted build's
+            assert {n: (out / n).read_bytes() for n in ref_bytes} == ref_bytes
+    assert inside == 3, (inside, rounds, work)
+    subprocess.run([sys.executable, str(script), str(out)], check=True, env=env, capture_output=True)
+    assert not list(out.glob(".index-build-*"))
+    assert {n: (out / n).read_bytes() for n in ref_bytes} == ref_bytes
+    assert {k: v for k, v in json.loads((out / "index.json").read_text()).items() if k != "seconds"} == ref_meta
+
+
 # ------------------------------------------------------------------------------------------ the command
 def test_index_build_command(tmp_path):
     from helpers import cli
