@@ -135,3 +135,29 @@ def conv_onnx_encoder(path: Path, size: int = 8, dim: int = 8, seed: int = 0) ->
         helper.make_node("Flatten", ["p"], ["embeddings"], axis=1),
     ]
     return _save_onnx_encoder(path, nodes, "conv_pool", size, dim, "conv-pool", [numpy_helper.from_array(w, "w")])
+
+
+def run_ranks(target, args: tuple = (), world: int = 2, timeout: float = 240) -> dict:
+    """Run ``target(rank, port, *args, queue)`` in ``world`` spawned processes (a free loopback port for their gloo
+    group) and return ``{rank: rest}`` of the tuple ``(rank, *rest)`` each puts on ``queue``; processes still alive
+    after the results (or a timeout) are joined, then killed."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(r, port, *args, q)) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        return {r[0]: r[1:] for r in (q.get(timeout=timeout) for _ in range(world))}
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()

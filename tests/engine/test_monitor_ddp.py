@@ -3,12 +3,12 @@ a full disk, ...) every rank raises with it, at once, instead of the other ranks
 that stopped (until the process group's timeout)."""
 
 import os
-import socket
 from datetime import timedelta
 from types import SimpleNamespace
 
 import torch.distributed as tdist
-import torch.multiprocessing as mp
+
+from helpers import run_ranks
 
 NAN = "the backbone's output is not finite (NaN or inf) for 3 of 48 images of demo:val (first: 7)"
 
@@ -53,22 +53,7 @@ def _worker(rank, port, q):
 
 
 def test_a_monitor_error_on_rank_0_stops_every_rank_at_once():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, port, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        res = {r[0]: r[1:] for r in (q.get(timeout=240) for _ in range(2))}
-    finally:
-        for p in procs:
-            p.join(30)
-            if p.is_alive():
-                p.kill()
+    res = run_ranks(_worker)
     for rank in (0, 1):
         out, said, metrics = res[rank]
         # the NaN error: the same UserError (one line from the command) on both ranks; a rank left waiting would

@@ -1,14 +1,14 @@
 """GlooSyncBatchNorm: 2 CPU processes with half a batch each match plain BatchNorm on the full batch."""
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 from simsiam_kit.utils.syncbn import GlooSyncBatchNorm, convert_sync_batchnorm
+
+from helpers import run_ranks
 
 
 def _worker(rank, port, x, w_grad_out, q):
@@ -40,18 +40,7 @@ def test_sync_bn_matches_full_batch():
     yr = ref(xr)
     (yr * g).sum().backward()
 
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, port, x, g, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    res = {r[0]: [torch.from_numpy(a) for a in r[1:]] for r in (q.get(timeout=120) for _ in range(2))}
-    for p in procs:
-        p.join(60)
+    res = {rank: [torch.from_numpy(a) for a in rest] for rank, rest in run_ranks(_worker, (x, g), timeout=120).items()}
     y = torch.cat([res[0][0], res[1][0]])
     gx = torch.cat([res[0][1], res[1][1]])
     assert torch.allclose(y, yr.detach(), atol=1e-5)
