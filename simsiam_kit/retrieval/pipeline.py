@@ -43,6 +43,7 @@ ImageFolder or path list; the arrays of an npz). The finishing step streams the 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import time
@@ -266,8 +267,18 @@ def iter_batches(
         prefetch_factor=PREFETCH,
         pin_memory=pin_memory,
     )
+    # Forking with garbage about: a dead onnxruntime session (an earlier run's embedder, freed only by the cycle
+    # collector) collected inside a forked worker runs its destructor there, which waits on a condition variable of
+    # threads the fork did not copy, for ever (seen: a second embed in one process hung in its first worker). So the
+    # garbage is collected here, and what exists at the fork is frozen, never collected in the workers.
+    gc.collect()
+    gc.freeze()
+    try:
+        batches = iter(loader)  # forks the workers
+    finally:
+        gc.unfreeze()  # in this process only: the workers keep their copy frozen
     # with every worker yielding every n-th batch, the loader's round robin returns them in batch order
-    yield from loader
+    yield from batches
 
 
 def fork_is_unsafe() -> bool:

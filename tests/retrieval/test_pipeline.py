@@ -495,3 +495,39 @@ def test_workers_are_chosen_from_the_time_a_batch_takes_to_decode(encoder, photo
     assert pl.choose_workers(imgs, read_s, pre, 4)[0] == 0
     monkeypatch.setattr(pl, "default_workers", lambda: 0)
     assert pl.choose_workers(imgs, read_s, pre, 4) == (0, "one usable core")
+
+
+FORK_AFTER_GARBAGE = """
+import sys
+from simsiam_kit.export.embedder import OnnxEmbedder
+from simsiam_kit.retrieval.pipeline import embed_to_dir
+enc, data, out = sys.argv[1:4]
+for run in range(3):
+    emb = OnnxEmbedder(enc, batch_size=4, threads=2)  # a session with a pool of 2 intra-op threads
+    emb.cycle = emb  # garbage only the cycle collector frees, as a real embedder can become
+    embed_to_dir(emb, data, f"{out}/{run}", index_kind="none", shard_size=8, workers=1)
+    del emb
+    print("run", run, "done", flush=True)
+"""
+
+
+def test_decoding_workers_forked_after_an_earlier_run_do_not_hang(encoder, photos, tmp_path):
+    """Three embeds with a decoding worker in one process, each leaving its onnxruntime session as cyclic garbage:
+    collected inside a forked worker, such a session's destructor waited for ever on threads the fork had not copied
+    (the second embed hung). The pipeline collects the garbage before it forks and freezes what is left."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "three_runs.py"
+    script.write_text(FORK_AFTER_GARBAGE)
+    r = subprocess.run(
+        [sys.executable, str(script), str(encoder), str(photos), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["run", "0", "done", "run", "1", "done", "run", "2", "done"]
+    first = (tmp_path / "out" / "0" / "shards").iterdir()
+    for f in sorted(first):  # and the three runs wrote the same shards
+        assert (tmp_path / "out" / "2" / "shards" / f.name).read_bytes() == f.read_bytes()
