@@ -480,4 +480,7 @@ def check_faiss_file(
     except FileNotFoundError:
         raise UserError(f"{p}: missing") from None
     except _Corrupt as e:
-        raise UserError(f"{p}: corrupt or foreign FAISS index ({e}); rebuild it with `simsiam-kit embed`") from None
+        raise UserError(
+            f"{p}: corrupt or foreign FAISS index ({e}); rebuild it from the embeddings with "
+            f"`simsiam-kit index build --embeddings {p.parent}` (or embed again with `simsiam-kit embed`)"
+        ) from None

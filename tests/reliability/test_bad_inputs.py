@@ -556,7 +556,12 @@ def _hostile_rows(c: Path, new: Path) -> dict[str, Callable[[], Case]]:
             c,
             "faiss-count",
             lambda d: hostile.patch_bytes(faiss_file(d), hostile.FLAT_COUNT_OFFSET + 4, b"\x01\x00\x00\x00"),
-            ["/index.faiss", "corrupt or foreign FAISS index", "declares 4294967440 elements"],
+            [
+                "/index.faiss",
+                "corrupt or foreign FAISS index",
+                "declares 4294967440 elements",
+                "simsiam-kit index build --embeddings",  # the remedy names the command that rebuilds it in place
+            ],
         ),
         "search: index.faiss ntotal changed": lambda: _search_case(
             c,
