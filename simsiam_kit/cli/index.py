@@ -58,9 +58,9 @@ def build_cmd(
         raise UserError(f"--embeddings {embeddings}: no such directory (a directory written by `simsiam-kit embed`)")
     if block_rows < 1:
         raise UserError(f"--block-rows must be >= 1 (got {block_rows})")
-    from simsiam_kit.retrieval.index_build import build_index, parse_memory, shards_source
+    from simsiam_kit.retrieval.index_build import build_index, check_options, shards_source
 
-    parse_memory(max_index_memory)  # a bad size before reading anything
+    check_options(index, max_index_memory, nlist, pq_m, hnsw_m, sq_bits)  # bad options before reading anything
     r = build_index(
         shards_source(embeddings, verify=not no_verify),
         output or embeddings,

@@ -351,6 +351,28 @@ def _opq_dim(d: int, m: int) -> int:
     return (min(d // m, 6) + 1) * m
 
 
+def check_options(
+    kind: str = "auto",
+    max_index_memory: Union[str, int] = DEFAULT_MAX_MEMORY,
+    nlist: Optional[int] = None,
+    pq_m: Optional[int] = None,
+    hnsw_m: Optional[int] = None,
+    sq_bits: Optional[int] = None,
+) -> None:
+    """The options of a build that can be judged without the vectors (``index build`` checks them before it reads a
+    shard): one :class:`UserError` line naming the first bad one."""
+    if kind not in BUILD_KINDS:
+        raise UserError(f"unknown index kind '{kind}' (available: {', '.join(BUILD_KINDS)})")
+    parse_memory(max_index_memory)
+    for name, v in (("nlist", nlist), ("pq_m", pq_m), ("hnsw_m", hnsw_m)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+    if sq_bits is not None and (isinstance(sq_bits, bool) or sq_bits not in SQ_BITS):
+        raise UserError(f"--sq-bits must be 4, 6 or 8, got {sq_bits!r}")
+    if sq_bits is not None and kind != "ivfsq":
+        raise UserError(f"--sq-bits applies to --index ivfsq, not {kind}")
+
+
 def choose_plan(
     n: int,
     dim: int,
@@ -362,18 +384,10 @@ def choose_plan(
     sq_bits: Optional[int] = None,
 ) -> IndexPlan:
     """The index to build for n vectors of dimension ``dim`` (see the module docstring for ``auto``)."""
-    if kind not in BUILD_KINDS:
-        raise UserError(f"unknown index kind '{kind}' (available: {', '.join(BUILD_KINDS)})")
+    check_options(kind, max_index_memory, nlist, pq_m, hnsw_m, sq_bits)
     if n < 1:
         raise UserError("no vectors to index")
     budget = parse_memory(max_index_memory)
-    for name, v in (("nlist", nlist), ("pq_m", pq_m), ("hnsw_m", hnsw_m)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
-    if sq_bits is not None and (isinstance(sq_bits, bool) or sq_bits not in SQ_BITS):
-        raise UserError(f"--sq-bits must be 4, 6 or 8, got {sq_bits!r}")
-    if sq_bits is not None and kind != "ivfsq":
-        raise UserError(f"--sq-bits applies to --index ivfsq, not {kind}")
     lists = nlist or default_nlist(n)
     if lists > n:
         raise UserError(f"--nlist {lists} is larger than the number of vectors ({n})")

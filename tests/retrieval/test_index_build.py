@@ -554,6 +554,15 @@ def test_index_build_command(tmp_path):
         assert r.exit_code == 2 and msg in r.output, r.output
     r = cli("index", "build", "--embeddings", str(tmp_path / "none"))
     assert r.exit_code == 2 and "no such directory" in r.output
+    # options judged before any shard is read: in a directory without shards they are named, not the missing manifest
+    (tmp_path / "empty").mkdir()
+    for args, msg in [
+        (["--index", "ivfsq", "--sq-bits", "5"], "--sq-bits must be 4, 6 or 8, got 5"),
+        (["--sq-bits", "6"], "--sq-bits applies to --index ivfsq, not auto"),
+        (["--nlist", "0"], "--nlist must be a positive integer, got 0"),
+    ]:
+        r = cli("index", "build", "--embeddings", str(tmp_path / "empty"), *args)
+        assert r.exit_code == 2 and msg in r.output, r.output
 
 
 @pytest.mark.parametrize("kind", ["ivfpq", "opq_ivfpq"])
