@@ -245,14 +245,15 @@ def knn_search_bf16(
         return out_v, out_i
     bank_t = bank_c16.t()
     approx_out = _buffer(min(chunk, nq), n, bank_c16)
-    rows_out = _buffer(min(sub, nq) * band, bank.shape[1], bank) if kc < n else None
     if bank.device.type == "cpu":
         select: Callable = lambda x, kk: select_topk(x, kk, compiled=compiled)  # noqa: E731
     else:
         select = lambda x, kk: torch.topk(x, kk, dim=1)  # noqa: E731
     q16 = queries.to(torch.bfloat16) if kc < n else None  # once, not per chunk
-    finish = kernels() if compiled and bank.dtype == torch.float32 and _compiled_ok(bank) else None
+    fp32 = bank.dtype == queries.dtype == torch.float32
+    finish = kernels() if compiled and fp32 and _compiled_ok(bank) else None  # step 2 compiled (else in torch)
     bank_np = bank.numpy() if finish is not None else None
+    rows_out = _buffer(min(sub, nq) * band, bank.shape[1], bank) if kc < n and finish is None else None
     for s in range(0, nq, chunk):
         q = queries[s : s + chunk]
         ov, oi = out_v[s : s + len(q)], out_i[s : s + len(q)]  # each chunk's results go straight in: no cat
@@ -263,7 +264,7 @@ def knn_search_bf16(
         assert q16 is not None  # set whenever the candidates are not the whole bank
         approx = torch.matmul(q16[s : s + len(q)], bank_t, out=approx_out[: q.shape[0]])
         av, cand = select(approx, kc)  # sorted by bf16 similarity, descending
-        if finish is not None and q.dtype == torch.float32:
+        if finish is not None:
             qc = q.contiguous()
             args = (av.float().numpy(), cand.numpy(), (qc @ mean).numpy(), bank_np, qc.numpy(), keep, k)
             run_rows(finish.finish_rows, len(q), args, (ov.numpy(), oi.numpy()))
@@ -273,7 +274,7 @@ def knn_search_bf16(
             oi[:, :keep] = cand[:, :keep]
         if band:
             band_ids = cand[:, keep:]
-            assert rows_out is not None  # a band exists only when the candidates are not the whole bank
+            assert rows_out is not None  # set for torch's step 2 whenever the candidates are not the whole bank
             for u in range(0, q.shape[0], sub):
                 ids = band_ids[u : u + sub]
                 rows = torch.index_select(bank, 0, ids.reshape(-1), out=rows_out[: ids.numel()])

@@ -34,15 +34,9 @@ _ID_MASK = 2**31 - 1
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
-def _ordered(b, sh, low):
-    """The bits ``b`` of a float (int16 for bf16, int32 for float32; ``sh`` = bits - 1, ``low`` = 2**sh - 1) as an
-    integer in the float's order."""
-    return b ^ ((b >> sh) & low)
-
-
-@numba.njit(nogil=True, cache=True, inline="always")
 def _key(row, i, sh, low):
-    """Entry ``i`` of ``row`` (float bits) as an ordered integer (int64)."""
+    """Entry ``i`` of ``row``, the bits of a float (int16 for bf16, int32 for float32; ``sh`` = bits - 1, ``low`` =
+    2**sh - 1), as an int64 in the float's order."""
     b = np.int64(row[i])
     return b ^ ((b >> sh) & low)
 
@@ -71,7 +65,7 @@ def _kth_largest(u, count, kk, nbits, hist):
 
 @numba.njit(nogil=True, cache=True)
 def select_rows(bits, kk, block, sh, lo, hi, out):
-    """The kk best columns of rows ``[lo, hi)`` of ``bits`` (a similarity matrix's bits, see :func:`_ordered`),
+    """The kk best columns of rows ``[lo, hi)`` of ``bits`` (a similarity matrix's bits, see :func:`_key`),
     written to ``out[r]`` best first, by value then increasing column. Exact, in two stages (the same argument as
     :func:`~simsiam_kit.retrieval.index.select_topk`): block j holds columns j, j + nb, ..., j + (block - 1) nb
     (nb = n // block; every column after nb x block is a block of its own); m = the kk-th largest block maximum;
@@ -183,7 +177,7 @@ def finish_rows(av, cols, qm, bank, q, keep, k, lo, hi, out_v, out_i):
             vals[i] = av[r, i] + qm[r]
             ids[i] = cols[r, i]
             zbits[0] = vals[i] + np.float32(0.0)  # -0.0 ranks as 0.0
-            keys[i] = (np.int64(_ordered(np.int64(zint[0]), 31, 0x7FFFFFFF)) << 31) | (_ID_MASK - ids[i])
+            keys[i] = (_key(zint, 0, 31, 0x7FFFFFFF) << 31) | (_ID_MASK - ids[i])
         if band:
             for i in range(band):
                 c = cols[r, keep + i]
@@ -192,7 +186,7 @@ def finish_rows(av, cols, qm, bank, q, keep, k, lo, hi, out_v, out_i):
                     acc += bank[c, x] * q[r, x]
                 bvals[i] = acc
                 zbits[0] = acc + np.float32(0.0)
-                bkeys[i] = (np.int64(_ordered(np.int64(zint[0]), 31, 0x7FFFFFFF)) << 31) | (_ID_MASK - c)
+                bkeys[i] = (_key(zint, 0, 31, 0x7FFFFFFF) << 31) | (_ID_MASK - c)
             o = np.argsort(bkeys[:band])
             for i in range(m):
                 j = o[band - 1 - i]

@@ -528,6 +528,7 @@ def test_decoding_workers_forked_after_an_earlier_run_do_not_hang(encoder, photo
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == ["run", "0", "done", "run", "1", "done", "run", "2", "done"]
-    first = (tmp_path / "out" / "0" / "shards").iterdir()
-    for f in sorted(first):  # and the three runs wrote the same shards
+    first = sorted((tmp_path / "out" / "0" / "shards").iterdir())
+    assert len(first) == 4  # 12 photos in shards of 8: two shards, a .npy and a .parquet each
+    for f in first:  # and the three runs wrote the same shards
         assert (tmp_path / "out" / "2" / "shards" / f.name).read_bytes() == f.read_bytes()
